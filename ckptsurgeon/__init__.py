@@ -1,0 +1,42 @@
+"""ckpt-surgeon: PyTorch checkpoint surgery.
+
+Importing this package does not import torch. Surgeries provided by plugins are reachable as
+attributes (``ckptsurgeon.strip_prefix``, ``ckptsurgeon.diff`` ...), resolved through the plugin
+manager on first use.
+
+Example::
+
+    import ckptsurgeon as cs
+    ck = cs.load("model_dp.pt")
+    new, report = cs.strip_prefix(ck)
+    cs.save(new, "model.safetensors")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .checkpoint import Checkpoint
+from .errors import CkptSurgeonError
+from .hookspecs import hookimpl
+from .loading import load
+from .saving import save
+
+__all__ = ["Checkpoint", "CkptSurgeonError", "hookimpl", "load", "save", "__version__"]
+
+
+def __getattr__(name: str):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    from .manager import get_manager
+
+    ops = get_manager().operations()
+    if name in ops:
+        return ops[name][0].func
+    raise AttributeError(f"module 'ckptsurgeon' has no attribute {name!r}")
+
+
+def __dir__():
+    from .manager import get_manager
+
+    return sorted(set(globals()) | set(get_manager().operations()))

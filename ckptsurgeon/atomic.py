@@ -1,0 +1,100 @@
+"""Atomic output: a temp file in the target directory, fsync, ``os.replace``.
+
+A crash at any moment leaves either the previous file (or none) or the complete new one; the
+temp file is removed on any error. The same-directory temp is what makes ``os.replace`` atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator
+
+from .errors import OutputError
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output_path(path: str, inputs: tuple = (), in_place: bool = False) -> str:
+    path = os.fspath(path)
+    if not path:
+        raise OutputError("no output path given", hint="use -o/--output")
+    for inp in inputs:
+        if inp and os.path.exists(path) and same_file(path, inp) and not in_place:
+            raise OutputError(f"refusing to overwrite the input {path}",
+                              hint="choose another -o, or pass --in-place")
+    if os.path.isdir(path):
+        raise OutputError(f"output {path} is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(f"output directory {parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[int]:
+    """Yield a writable fd; on success the data appears at ``path`` atomically."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    except FileNotFoundError:
+        raise OutputError(f"output directory {parent} does not exist") from None
+    except OSError as e:
+        raise OutputError(f"cannot create a file in {parent}: {e.strerror}") from None
+    try:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+        yield fd
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(parent)
+    except OSError as e:
+        if e.errno == 28:
+            raise OutputError(f"no space left on device while writing {path}") from None
+        if isinstance(e, PermissionError):
+            raise OutputError(f"permission denied writing {path}") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Like :func:`atomic_output` for writers that want a path (torch.save)."""
+    with atomic_output(path) as fd:
+        tmp = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else None
+        if tmp is None:  # pragma: no cover - non-Linux
+            raise OutputError("atomic_path needs /proc")
+        yield tmp
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

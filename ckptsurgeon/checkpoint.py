@@ -1,0 +1,277 @@
+"""The in-memory model of a checkpoint: wrapper + where its state dict sits + the state dict.
+
+``Checkpoint`` is immutable by convention: operations build a new one with :meth:`replace`.
+State-dict values are :class:`~ckptsurgeon.refs.TensorRef` (lazy, file-backed), real torch tensors
+(computed by a surgery, or loaded by torch for formats we cannot read lazily), or, rarely, other
+values (``_extra_state``). Renaming keys never touches tensor bytes.
+
+Example::
+
+    ck = ckptsurgeon.load("model.pt")
+    print(ck.summary()["tensors"], ck.sd_path)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace as dc_replace
+from typing import Any, Iterator, Mapping
+
+from . import dtypes
+from .errors import AmbiguousStateDictError, SelectionError
+from .refs import CallRef, GlobalRef, TensorRef, is_tensor_like
+
+# Where people put the model's weights inside a wrapper dict, most specific first.
+PRIMARY_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network", "weights", "params")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict")
+KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "_forward_module.", "_fsdp_wrapped_module.")
+
+
+@dataclass
+class Source:
+    """Where a checkpoint came from."""
+
+    path: str
+    format: str  # "torch-zip", "torch-legacy", "safetensors", "hf-folder", or a plugin's name
+    size: int = 0
+    files: tuple = ()
+    lazy: bool = True  # tensors still on disk (False: torch.load materialised them)
+    zip_prefix: str = "archive"
+    byteorder: bytes = b"little"
+    version: bytes = b"3\n"
+    notes: tuple = ()
+
+
+@dataclass
+class Checkpoint:
+    state: "OrderedDict[str, Any]"
+    wrapper: Any = None
+    sd_path: tuple = ()
+    metadata: Any = None
+    source: Source | None = None
+    st_metadata: dict = field(default_factory=dict)
+    candidates: tuple = ()
+    transforms: tuple = ()
+    notes: tuple = ()
+
+    # ---- construction helpers
+    def replace(self, **changes) -> "Checkpoint":
+        return dc_replace(self, **changes)
+
+    def with_state(self, state: Mapping[str, Any], **changes) -> "Checkpoint":
+        return self.replace(state=OrderedDict(state), **changes)
+
+    # ---- facts
+    def tensor_items(self) -> Iterator[tuple[str, Any]]:
+        for k, v in self.state.items():
+            if is_tensor_like(v):
+                yield k, v
+
+    def info(self, name: str) -> dict:
+        v = self.state[name]
+        return tensor_info(v)
+
+    def summary(self) -> dict:
+        n_tensors = n_params = n_bytes = 0
+        by_dtype: dict[str, int] = {}
+        for _, v in self.tensor_items():
+            i = tensor_info(v)
+            n_tensors += 1
+            n_params += i["numel"]
+            n_bytes += i["nbytes"]
+            by_dtype[i["dtype"]] = by_dtype.get(i["dtype"], 0) + i["nbytes"]
+        return {"tensors": n_tensors, "parameters": n_params, "bytes": n_bytes, "bytes_by_dtype": by_dtype}
+
+    def wrapper_keys(self) -> list[str]:
+        if isinstance(self.wrapper, Mapping) and self.sd_path:
+            return [str(k) for k in self.wrapper.keys()]
+        return []
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        where = "/".join(map(str, self.sd_path)) or "<bare>"
+        fmt = self.source.format if self.source else "memory"
+        return (f"<Checkpoint {fmt} state_dict@{where}: {s['tensors']} tensors, "
+                f"{s['parameters']:,} parameters, {s['bytes']:,} bytes>")
+
+    # ---- assembling the object to write
+    def state_dict_object(self) -> OrderedDict:
+        sd = OrderedDict(self.state)
+        if self.metadata is not None:
+            sd._metadata = self.metadata
+        return sd
+
+    def assemble(self) -> Any:
+        """The full object to pickle: the wrapper with the (new) state dict put back in place."""
+        sd = self.state_dict_object()
+        if not self.sd_path:
+            return sd
+        return _put(self.wrapper, self.sd_path, sd)
+
+    def torch_state_dict(self) -> "OrderedDict[str, Any]":
+        """name -> real torch tensor (zero-copy over the file where possible), with _metadata."""
+        out = OrderedDict((k, v.to_torch() if isinstance(v, TensorRef) else v) for k, v in self.state.items())
+        if self.metadata is not None:
+            out._metadata = copy.deepcopy(materialize(self.metadata))
+        return out
+
+
+def _put(container, path: tuple, value):
+    """Copy of ``container`` with ``value`` at ``path``; only the dicts on the path are copied."""
+    head, rest = path[0], path[1:]
+    new = copy.copy(container)
+    new[head] = value if not rest else _put(container[head], rest, value)
+    return new
+
+
+def tensor_info(v) -> dict:
+    if isinstance(v, TensorRef):
+        return {"dtype": v.dtype, "shape": list(v.shape), "numel": v.numel, "nbytes": v.nbytes}
+    name = dtypes.dtype_name(v.dtype)
+    return {"dtype": name, "shape": list(v.shape), "numel": v.numel(), "nbytes": v.numel() * v.element_size()}
+
+
+# --------------------------------------------------------------------------- state dict location
+def is_state_dict(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    n_tensor = 0
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            return False
+        if is_tensor_like(v):
+            n_tensor += 1
+    return n_tensor > 0 and n_tensor * 2 >= len(obj)
+
+
+def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
+    """Every path (tuple of keys) inside ``obj`` that holds a state dict."""
+    if is_state_dict(obj):
+        return [()]
+    found: list[tuple] = []
+
+    def walk(node, path):
+        if len(path) >= max_depth or not isinstance(node, Mapping):
+            return
+        for k, v in node.items():
+            if is_state_dict(v):
+                found.append(path + (k,))
+            elif isinstance(v, Mapping):
+                walk(v, path + (k,))
+
+    walk(obj, ())
+    return found
+
+
+def path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path) if path else "<bare>"
+
+
+def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tuple]]:
+    """(chosen path, all candidates). ``key`` ('state_dict', 'model/ema', 'a.b') chooses explicitly."""
+    candidates = find_candidates(obj)
+    if key is not None:
+        for sep in ("/", "."):
+            parts = tuple(p for p in key.split(sep) if p) if key not in ("", "<bare>") else ()
+            node = obj
+            try:
+                for p in parts:
+                    node = node[p]
+            except (KeyError, TypeError, IndexError):
+                continue
+            if is_state_dict(node):
+                return parts, candidates
+            raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
+                                 hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
+        raise SelectionError(f"--key {key!r} is not in the checkpoint",
+                             hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
+    if not candidates:
+        top = list(obj.keys())[:12] if isinstance(obj, Mapping) else type(obj).__name__
+        raise SelectionError(f"no state dict (mapping of names to tensors) found; top level: {top}")
+    if len(candidates) == 1:
+        return candidates[0], candidates
+    if () in candidates:
+        return (), candidates
+    top_level = [c for c in candidates if len(c) == 1]
+    primary = [c for c in candidates if str(c[-1]) in PRIMARY_KEYS]
+    if len(primary) > 1:
+        # prefer the shallowest, then the most specific name
+        primary.sort(key=lambda c: (len(c), PRIMARY_KEYS.index(str(c[-1]))))
+        if len(primary[0]) < len(primary[1]):
+            primary = primary[:1]
+    if len(primary) == 1:
+        return primary[0], candidates
+    ema = [c for c in candidates if str(c[-1]) in EMA_KEYS]
+    if not primary and len(ema) == 1 and len(top_level) <= 1:
+        return ema[0], candidates
+    names = [path_str(c) for c in candidates]
+    raise AmbiguousStateDictError(
+        f"several state dicts in the checkpoint: {', '.join(names)}",
+        candidates=names, hint="choose one with --key (API: key=...)")
+
+
+# --------------------------------------------------------------------------- materialising
+def materialize(obj: Any, memo: dict | None = None) -> Any:
+    """Replace stand-ins (TensorRef, GlobalRef, CallRef) by real torch objects, recursively."""
+    memo = {} if memo is None else memo
+    oid = id(obj)
+    if oid in memo:
+        return memo[oid]
+    if isinstance(obj, TensorRef):
+        out = obj.to_torch()
+    elif isinstance(obj, GlobalRef):
+        out = obj.resolve()
+    elif isinstance(obj, CallRef):
+        func = obj.func.resolve()
+        out = func(*[materialize(a, memo) for a in obj.args])
+        if obj.state is not None:
+            state = materialize(obj.state, memo)
+            if hasattr(out, "__setstate__"):
+                out.__setstate__(state)
+            else:
+                out.__dict__.update(state)
+    elif isinstance(obj, dict):
+        out = type(obj)() if type(obj) in (dict, OrderedDict) else copy.copy(obj)
+        memo[oid] = out
+        for k, v in obj.items():
+            out[k] = materialize(v, memo)
+        if getattr(obj, "__dict__", None):
+            for k, v in vars(obj).items():
+                setattr(out, k, materialize(v, memo))
+        return out
+    elif isinstance(obj, list):
+        out = []
+        memo[oid] = out
+        out.extend(materialize(v, memo) for v in obj)
+        return out
+    elif isinstance(obj, tuple):
+        out = tuple(materialize(v, memo) for v in obj)
+    elif isinstance(obj, (set, frozenset)):
+        out = type(obj)(materialize(v, memo) for v in obj)
+    else:
+        out = obj
+    memo[oid] = out
+    return out
+
+
+def plain(obj: Any, memo: dict | None = None) -> Any:
+    """A JSON-able / deepdiff-able view of non-tensor content: tensors become summaries."""
+    if isinstance(obj, TensorRef) or is_tensor_like(obj):
+        i = tensor_info(obj)
+        return {"<tensor>": f"{i['dtype']}{i['shape']}"}
+    if isinstance(obj, GlobalRef):
+        return f"<{obj.qualname}>"
+    if isinstance(obj, CallRef):
+        return f"<{obj.func.qualname}{tuple(plain(a) for a in obj.args)!r}>"
+    if isinstance(obj, Mapping):
+        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((plain(v) for v in obj), key=repr)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, bytes):
+        return f"<{len(obj)} bytes>"
+    return repr(obj)

@@ -1,0 +1,107 @@
+"""The one error hierarchy of ckpt-surgeon.
+
+Every user-facing failure is a :class:`CkptSurgeonError`; the CLI prints its message on one
+line and exits with :data:`EXIT_ERROR` (2), like diff(1). Exit code 1 is reserved for a
+*negative finding* (diff found differences, verify found divergence, scan found unsafe globals).
+Messages say what is wrong and, where there is one, what to do about it.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FINDING = 1
+EXIT_ERROR = 2
+
+
+class CkptSurgeonError(Exception):
+    """Base class: a problem the user can understand and fix."""
+
+    exit_code = EXIT_ERROR
+    kind = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        return " ".join(text.split())
+
+
+class InputNotFoundError(CkptSurgeonError):
+    """A path that should exist does not, or cannot be read."""
+
+    kind = "not-found"
+
+
+class NotACheckpointError(CkptSurgeonError):
+    """The file is readable but is no checkpoint format we know."""
+
+    kind = "not-a-checkpoint"
+
+
+class CorruptCheckpointError(CkptSurgeonError):
+    """The file claims a known format but is truncated, inconsistent or damaged."""
+
+    kind = "corrupt"
+
+
+class UnsafePickleError(CkptSurgeonError):
+    """Loading would import globals outside the allowlist; nothing was executed."""
+
+    kind = "unsafe-pickle"
+
+    def __init__(self, message: str, *, globals_: list[str] | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.globals = list(globals_ or [])
+
+
+class AmbiguousStateDictError(CkptSurgeonError):
+    """Several state-dict candidates exist and none is clearly the model's."""
+
+    kind = "ambiguous"
+
+    def __init__(self, message: str, *, candidates: list[str] | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.candidates = list(candidates or [])
+
+
+class SelectionError(CkptSurgeonError):
+    """A pattern, key or layer selection matched nothing or was malformed."""
+
+    kind = "selection"
+
+
+class KeyCollisionError(CkptSurgeonError):
+    """A rename would map two keys onto one name."""
+
+    kind = "collision"
+
+    def __init__(self, message: str, *, collisions: dict | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.collisions = dict(collisions or {})
+
+
+class OutputError(CkptSurgeonError):
+    """The output cannot be written (refused overwrite, missing directory, disk full...)."""
+
+    kind = "output"
+
+
+class UnsupportedError(CkptSurgeonError):
+    """The input is valid but uses something this tool cannot handle (yet)."""
+
+    kind = "unsupported"
+
+
+class ModelError(CkptSurgeonError):
+    """A model factory could not be imported, called, or loaded with the weights."""
+
+    kind = "model"
+
+
+class PluginError(CkptSurgeonError):
+    """A plugin is broken or two plugins conflict."""
+
+    kind = "plugin"

@@ -1,0 +1,22 @@
+"""Built-in formats, registered through the same hook as a third-party format plugin."""
+
+from __future__ import annotations
+
+from ..hookspecs import hookimpl
+from ..types import FormatSpec
+from . import hf, safetensors, torchfile
+
+
+@hookimpl
+def ckptsurgeon_formats():
+    return [
+        FormatSpec("torch-zip", (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl"), torchfile.sniff_zip,
+                   torchfile.load_zip, torchfile.save_torch, priority=0,
+                   description="torch.save zip format (read lazily, without torch)"),
+        FormatSpec("torch-legacy", (), torchfile.sniff_legacy, torchfile.load_legacy, None, priority=0,
+                   description="torch.save legacy pickle format (read with torch.load, weights-only)"),
+        FormatSpec("safetensors", (".safetensors",), safetensors.sniff, safetensors.load, safetensors.save,
+                   priority=1, description="safetensors (read lazily; written zero-copy)"),
+        FormatSpec("hf-folder", (), hf.sniff, hf.load, hf.save_sharded, priority=0,
+                   description="Hugging Face folder: single file or sharded with *.index.json"),
+    ]

@@ -1,0 +1,154 @@
+"""Hugging Face folders: ``save_pretrained`` output, single-file or sharded with an index JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+
+from ..atomic import atomic_output
+from ..checkpoint import Checkpoint, Source
+from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
+from . import safetensors as st
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
+               "diffusion_pytorch_model.safetensors.index.json")
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.bin", "model.pt", "model.pth")
+WEIGHT_EXT = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def sniff(path: str, head: bytes) -> bool:
+    return os.path.isdir(path) or path.endswith(".index.json")
+
+
+def find_index(folder: str) -> str | None:
+    for name in INDEX_NAMES:
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            return p
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".index.json"))
+    return os.path.join(folder, found[0]) if len(found) == 1 else None
+
+
+def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
+    from ..loading import load_file
+
+    if os.path.isdir(path):
+        index = find_index(path)
+        if index is None:
+            for name in SINGLE_NAMES:
+                p = os.path.join(path, name)
+                if os.path.isfile(p):
+                    return load_file(p, key=key, trust_pickle=trust_pickle)
+            weights = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_EXT))
+            if len(weights) == 1:
+                return load_file(os.path.join(path, weights[0]), key=key, trust_pickle=trust_pickle)
+            raise NotACheckpointError(
+                f"{path} is a directory without a weights index or a single weights file",
+                hint="pass the file itself" if weights else "expected model.safetensors or an *.index.json")
+    else:
+        index = path
+    return load_index(index, trust_pickle=trust_pickle)
+
+
+def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:
+    from ..loading import load_file
+
+    folder = os.path.dirname(os.path.abspath(index))
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{index}: not a valid weights index ({e})") from None
+    real_folder = os.path.realpath(folder)
+    shards: "OrderedDict[str, list[str]]" = OrderedDict()
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CorruptCheckpointError(f"{index}: tensor {name!r} maps to an invalid shard {shard!r}")
+        full = os.path.realpath(os.path.join(folder, shard))
+        if os.path.isabs(shard) or os.path.commonpath([real_folder, full]) != real_folder:
+            raise CorruptCheckpointError(f"{index}: shard {shard!r} points outside the folder {folder}")
+        shards.setdefault(shard, []).append(name)
+    state: OrderedDict = OrderedDict()
+    files, notes, formats = [], [], set()
+    for shard, names in shards.items():
+        p = os.path.join(folder, shard)
+        if not os.path.isfile(p):
+            raise CorruptCheckpointError(f"{index}: shard {shard} is missing")
+        part = load_file(p, trust_pickle=trust_pickle)
+        formats.add(part.source.format)
+        files.append(p)
+        wanted = set(names)
+        for k in names:
+            if k not in part.state:
+                raise CorruptCheckpointError(f"{index}: tensor {k!r} is not in shard {shard}")
+        for k, v in part.state.items():
+            if k in wanted:
+                state[k] = v
+        extra = [k for k in part.state if k not in wanted]
+        if extra:
+            notes.append(f"shard {shard} holds {len(extra)} tensor(s) the index does not list; ignored")
+    meta = {k: str(v) for k, v in (data.get("metadata") or {}).items()} if isinstance(data.get("metadata"), dict) else {}
+    size = sum(os.path.getsize(f) for f in files)
+    src = Source(index, "hf-folder", size, tuple(files), notes=tuple(notes))
+    return Checkpoint(state=state, source=src, st_metadata=meta, notes=tuple(notes))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
+
+
+def parse_size(text) -> int:
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise OutputError(f"cannot read the size {text!r}", hint="use e.g. 5GB, 500MB or 2GiB")
+    num, unit = float(m.group(1)), m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.replace("I", "").replace("B", "") or ""]
+    return int(num * base ** power)
+
+
+def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run: bool = False,
+                 dedupe_tied: bool = False, progress=None, **_) -> dict:
+    """safetensors shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``."""
+    limit = parse_size(max_shard_size)
+    items, notes, tied = st.plan(ck, dedupe_tied=dedupe_tied)
+    groups, cur, cur_size = [], [], 0
+    for name, ref in items:
+        if cur and cur_size + ref.nbytes > limit:
+            groups.append(cur)
+            cur, cur_size = [], 0
+        cur.append((name, ref))
+        cur_size += ref.nbytes
+    if cur or not groups:
+        groups.append(cur)
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(r.nbytes for _, r in items)
+    report = {"output": out_dir, "format": "hf-sharded", "shards": names, "tensors": len(items),
+              "bytes": total, "tied": tied, "notes": notes}
+    if dry_run:
+        return report
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise OutputError(f"output directory {parent} does not exist")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"format": "pt"}
+    weight_map = {}
+    for fname, group in zip(names, groups):
+        header, order = st.build_header(group, meta)
+        with atomic_output(os.path.join(out_dir, fname)) as fd:  # one shard in flight at a time
+            st.write_data(fd, header, order, progress=progress)
+        for name, _ in group:
+            weight_map[name] = fname
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with atomic_output(os.path.join(out_dir, "model.safetensors.index.json")) as fd:
+            os.write(fd, json.dumps(index, indent=2).encode())
+    return report

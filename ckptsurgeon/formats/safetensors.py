@@ -1,0 +1,128 @@
+"""safetensors: lazy read from the header, zero-copy write (header + byte-range copies)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+from ..atomic import atomic_output
+from ..checkpoint import Checkpoint, Source
+from ..errors import UnsupportedError
+from ..refs import FileRange, TensorRef, as_ref, is_tensor_like
+from ..stfmt import build_header, load_entries
+from ..zipfmt import _copy_range, _pwrite_all
+
+TRANSFORMS_KEY = "ckpt_surgeon.transforms"
+
+
+def sniff(path: str, head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= 100_000_000 and head[8:9] == b"{"
+
+
+def load(path: str, **_) -> Checkpoint:
+    entries, meta = load_entries(path)
+    transforms = ()
+    if TRANSFORMS_KEY in meta:
+        try:
+            transforms = tuple(json.loads(meta[TRANSFORMS_KEY]))
+        except ValueError:
+            pass
+    meta = {k: v for k, v in meta.items() if k != TRANSFORMS_KEY}
+    return Checkpoint(state=OrderedDict(entries), source=Source(path, "safetensors", os.path.getsize(path), (path,)),
+                      st_metadata=meta, transforms=transforms)
+
+
+def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
+    """(items, notes, tied) for writing ``ck`` as safetensors."""
+    items, notes, tied, dropped = [], [], [], []
+    seen: dict[tuple, str] = {}
+    storages: dict = {}
+    for name, v in ck.state.items():
+        if not is_tensor_like(v):
+            dropped.append(name)
+            continue
+        ref = as_ref(v, storages)
+        sig = (id(ref.storage), ref.offset, ref.shape, ref.stride, ref.dtype)
+        if sig in seen:
+            tied.append([name, seen[sig]])
+            if dedupe_tied:
+                continue
+        else:
+            seen[sig] = name
+        if not ref.is_contiguous():
+            ref = TensorRef.from_torch(ref.to_torch().contiguous())
+        items.append((name, ref))
+    if dropped:
+        notes.append(f"non-tensor state-dict entries not carried: {', '.join(dropped)}")
+    if tied:
+        how = "kept once (dropped aliases)" if dedupe_tied else "written as separate copies"
+        notes.append(f"{len(tied)} tied tensor(s) {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8]))
+    other = [k for k in ck.wrapper_keys() if k != (str(ck.sd_path[0]) if ck.sd_path else None)]
+    if other:
+        notes.append(f"safetensors holds only tensors: wrapper content not carried: {', '.join(other)}")
+    if ck.metadata is not None:
+        notes.append("state_dict._metadata (module versions) not carried: safetensors has no place for it")
+    return items, notes, tied
+
+
+def save(ck: Checkpoint, path: str, *, dry_run: bool = False, dedupe_tied: bool = False, progress=None, **_) -> dict:
+    items, notes, tied = plan(ck, dedupe_tied=dedupe_tied)
+    meta = {"format": "pt"}
+    meta.update(ck.st_metadata or {})
+    if ck.transforms:
+        meta[TRANSFORMS_KEY] = json.dumps(list(ck.transforms))
+    header, order = build_header(items, meta)
+    total = sum(r.nbytes for _, r in order)
+    report = {"output": path, "format": "safetensors", "tensors": len(order), "bytes": total,
+              "tied": tied, "notes": notes}
+    if dry_run:
+        return report
+    with atomic_output(path) as fd:
+        write_data(fd, header, order, progress=progress)
+    return report
+
+
+def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) -> int:
+    """Header then each tensor's bytes; file-backed ranges go through copy_file_range."""
+    _pwrite_all(fd, header, start)
+    pos = start + len(header)
+    src_fds: dict[str, int] = {}
+    checks = {id(r.storage.source): r.storage.source for _, r in order
+              if isinstance(r.storage.source, FileRange) and r.storage.source.crc is not None}
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = [pool.submit(src.check_crc) for src in checks.values()]
+            for _name, ref in order:
+                n = ref.nbytes
+                span = ref.byte_span()
+                src = ref.storage.source
+                if n and isinstance(src, FileRange) and span is not None:
+                    sfd = src_fds.get(src.path)
+                    if sfd is None:
+                        sfd = src_fds[src.path] = os.open(src.path, os.O_RDONLY)
+                    _copy_range(sfd, fd, src.offset + span[0], n, pos)
+                elif n:
+                    _pwrite_all(fd, ref.read_bytes(), pos)
+                pos += n
+                if progress:
+                    progress(n)
+            for fut in pending:
+                fut.result()
+    finally:
+        for sfd in src_fds.values():
+            os.close(sfd)
+    return pos
+
+
+def ensure_storable(ck: Checkpoint) -> None:
+    from .. import dtypes
+
+    for name, v in ck.tensor_items():
+        d = v.dtype if isinstance(v, TensorRef) else dtypes.dtype_name(v.dtype)
+        if d not in dtypes.DTYPE_TO_SAFETENSORS:
+            raise UnsupportedError(f"safetensors cannot store dtype {d} (tensor {name!r})")

@@ -1,0 +1,146 @@
+"""torch checkpoints: the zip format (lazy, torch-free) and the legacy pickle format (torch.load)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from ..atomic import atomic_output, atomic_path
+from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
+from ..errors import UnsupportedError
+from ..pickle_io import NotFastPath, dump_refs, load_refs
+from ..refs import FileRange
+from ..safety import torch_load
+from ..zipfmt import TorchZip, write_torch_zip
+
+SURGEON_RECORD = ".data/ckpt_surgeon.json"
+
+
+def sniff_zip(path: str, head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04"
+
+
+LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch/serialization.py MAGIC_NUMBER
+
+
+def sniff_legacy(path: str, head: bytes) -> bool:
+    return head[:1] == b"\x80" and LEGACY_MAGIC in head[:32]
+
+
+def load_zip(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
+    z = TorchZip(path)
+    data = z.read("data.pkl")
+    notes = []
+    lazy = True
+    try:
+        graph = load_refs(data, lambda k, dtype, nbytes: z.source(f"data/{k}", nbytes, label=f"storage data/{k}"))
+    except NotFastPath as e:
+        # outside the torch-free subset: torch's own weights-only unpickler decides
+        _check_all_crcs(z)
+        graph = torch_load(path, trust_pickle=trust_pickle, mmap=True)
+        lazy = False
+        notes.append(f"read with torch.load (uses {e})")
+    transforms = ()
+    if z.has(SURGEON_RECORD):
+        try:
+            transforms = tuple(json.loads(z.read(SURGEON_RECORD)).get("transforms", []))
+        except (ValueError, AttributeError):
+            notes.append("ignored an unreadable ckpt-surgeon record")
+    source = Source(path=path, format="torch-zip", size=z.size, files=(path,), lazy=lazy,
+                    zip_prefix=z.prefix,
+                    byteorder=z.read("byteorder") if z.has("byteorder") else b"little",
+                    version=z.read("version") if z.has("version") else b"3\n", notes=tuple(notes))
+    return from_object(graph, source, key=key, trusted=trust_pickle and not lazy, transforms=transforms)
+
+
+def _check_all_crcs(z: TorchZip) -> None:
+    for name, info in z.infos.items():
+        if name.startswith("data/") and info.file_size:
+            src = z.source(name, info.file_size)
+            if isinstance(src, FileRange):
+                src.check_crc()
+
+
+def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
+    graph = torch_load(path, trust_pickle=trust_pickle, mmap=False)
+    note = "legacy (non-zip) torch format: loaded fully into memory; re-save as .pt or .safetensors for fast, lazy access"
+    source = Source(path=path, format="torch-legacy", size=os.path.getsize(path), files=(path,), lazy=False,
+                    notes=(note,))
+    return from_object(graph, source, key=key, trusted=trust_pickle)
+
+
+def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms=()) -> Checkpoint:
+    notes = list(source.notes)
+    if trusted:
+        obj, converted = _modules_to_state_dicts(obj)
+        if converted:
+            notes.append(f"whole-model pickle: took the state dict of {', '.join(converted)}")
+    path, candidates = choose_state_dict(obj, key)
+    sd = obj
+    for p in path:
+        sd = sd[p]
+    return Checkpoint(
+        state=OrderedDict(sd.items()), wrapper=obj if path else None, sd_path=path,
+        metadata=getattr(sd, "_metadata", None), source=source,
+        candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes))
+
+
+def _modules_to_state_dicts(obj):
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict(), [type(obj).__name__]
+    if isinstance(obj, Mapping):
+        converted, out = [], type(obj)() if type(obj) in (dict, OrderedDict) else dict()
+        for k, v in obj.items():
+            if isinstance(v, torch.nn.Module):
+                out[k] = v.state_dict()
+                converted.append(f"{k} ({type(v).__name__})")
+            else:
+                out[k] = v
+        return (out, converted) if converted else (obj, [])
+    return obj, []
+
+
+def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=None, **_) -> dict:
+    obj = ck.assemble()
+    notes = []
+    try:
+        pkl, storages = dump_refs(obj)
+        fast = True
+    except (NotFastPath, UnsupportedError) as e:
+        fast, storages = False, []
+        notes.append(f"written with torch.save ({e})")
+    total = sum(s.nbytes for s in storages)
+    report = {"output": path, "format": "torch-zip", "tensors": sum(1 for _ in ck.tensor_items()),
+              "storages": len(storages), "bytes": total, "notes": notes}
+    if dry_run:
+        return report
+    extra = []
+    if ck.transforms:
+        extra.append((SURGEON_RECORD, json.dumps({"transforms": list(ck.transforms)}).encode()))
+    if fast:
+        src = ck.source
+        same_order = src is None or src.byteorder in (b"little", b"little\n")
+        if not same_order and any(not isinstance(s.source, FileRange) for s in storages):
+            raise UnsupportedError("mixing a big-endian checkpoint with new tensors is not supported")
+        with atomic_output(path) as fd:
+            write_torch_zip(fd, pkl, storages, prefix=(src.zip_prefix if src else "archive") or "archive",
+                            byteorder=src.byteorder if src else b"little",
+                            version=src.version if src else b"3\n", extra_records=extra, progress=progress)
+    else:
+        import torch
+
+        real = materialize(obj)
+        with atomic_path(path) as tmp:
+            torch.save(real, tmp)
+            if extra:
+                import zipfile
+
+                with zipfile.ZipFile(tmp, "a") as zf:
+                    prefix = zf.namelist()[0].split("/", 1)[0]
+                    for name, data in extra:
+                        zf.writestr(f"{prefix}/{name}", data)
+    return report

@@ -1,0 +1,101 @@
+"""``load()``: any checkpoint path -> :class:`Checkpoint`, through the format registry."""
+
+from __future__ import annotations
+
+import os
+
+from .checkpoint import Checkpoint
+from .errors import CkptSurgeonError, CorruptCheckpointError, InputNotFoundError, NotACheckpointError, PluginError
+from .manager import get_manager
+
+
+def load(path, *, key: str | None = None, trust_pickle: bool = False, format: str | None = None) -> Checkpoint:
+    """Read a checkpoint to CPU, lazily where the format allows.
+
+    ``path`` may be a torch file (zip or legacy), a safetensors file, a Hugging Face folder or its
+    ``*.index.json``. ``key`` picks the state dict inside a wrapper ('state_dict', 'model/ema');
+    ``trust_pickle=True`` allows globals outside torch's weights-only allowlist (executes code
+    from the file: only for files you trust).
+
+    Example::
+
+        ck = load("runs/epoch10.ckpt")          # Lightning: state dict found under 'state_dict'
+        print(ck.sd_path, len(ck.state))
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        spec = _pick(path, b"", format)
+        return _run_load(spec, path, key=key, trust_pickle=trust_pickle)
+    return load_file(path, key=key, trust_pickle=trust_pickle, format=format)
+
+
+def load_file(path: str, *, key=None, trust_pickle=False, format=None) -> Checkpoint:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except IsADirectoryError:
+        raise InputNotFoundError(f"{path} is a directory, a file was expected") from None
+    except PermissionError:
+        raise InputNotFoundError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise InputNotFoundError(f"{path}: cannot read ({e.strerror})") from None
+    if not head:
+        raise NotACheckpointError(f"{path} is empty")
+    spec = _pick(path, head, format)
+    return _run_load(spec, path, key=key, trust_pickle=trust_pickle)
+
+
+def _run_load(spec, path, **options) -> Checkpoint:
+    try:
+        return spec.load(path, **options)
+    except CkptSurgeonError:
+        raise
+    except (MemoryError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{path}: too large or too deeply nested to read ({type(e).__name__})") from e
+    except Exception as e:  # a format reader tripping over a damaged file
+        raise CorruptCheckpointError(f"{path}: cannot be read as {spec.name}: {type(e).__name__}: {e}") from e
+
+
+def _pick(path: str, head: bytes, format: str | None):
+    formats = get_manager().formats()
+    if format:
+        if format not in formats:
+            raise PluginError(f"unknown format {format!r}", hint=f"known: {', '.join(sorted(formats))}")
+        spec = formats[format][0]
+        if spec.load is None:
+            raise PluginError(f"format {format!r} cannot be read")
+        return spec
+    claims = []
+    for spec, _plugin in formats.values():
+        if spec.load is None or spec.sniff is None:
+            continue
+        try:
+            if spec.sniff(path, head):
+                claims.append(spec)
+        except Exception:
+            continue
+    if not claims:
+        raise NotACheckpointError(f"{path} is not a checkpoint ({describe(head)})",
+                                  hint="expected a torch file, safetensors or a Hugging Face folder")
+    claims.sort(key=lambda s: -s.priority)  # stable: registration order breaks ties
+    return claims[0]
+
+
+def describe(head: bytes) -> str:
+    if head.startswith(b"\x89PNG"):
+        return "it is a PNG image"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "it is a JPEG image"
+    if head.startswith(b"\x1f\x8b"):
+        return "it is gzip-compressed"
+    if head.startswith(b"PK"):
+        return "it is a zip archive of another kind"
+    try:
+        text = head.decode("utf-8")
+        if all(c.isprintable() or c.isspace() for c in text):
+            return "it looks like a text file"
+    except UnicodeDecodeError:
+        pass
+    return "unrecognised bytes at the start"

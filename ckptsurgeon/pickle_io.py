@@ -1,0 +1,291 @@
+"""Read and write torch's ``data.pkl`` without importing torch and without executing anything.
+
+``load_refs`` unpickles with an allowlist that is a strict subset of torch's weights-only
+allowlist: torch globals become inert :class:`~ckptsurgeon.refs.GlobalRef` stand-ins, tensor
+rebuild calls become :class:`~ckptsurgeon.refs.TensorRef`, and persistent ids become
+:class:`~ckptsurgeon.refs.StorageRef`. Anything outside the subset raises :class:`NotFastPath`, and
+the caller hands the file to ``torch.load(weights_only=True)``, which has the final say.
+
+``dump_refs`` pickles such a graph back (protocol 2, the globals and persistent ids torch writes),
+numbering storages ``0..n-1`` in first-use order as ``torch.save`` does.
+
+``scan_globals`` lists every global a pickle would import, by reading opcodes only.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+from collections import OrderedDict
+from typing import Any, Callable
+
+from . import dtypes
+from .errors import CorruptCheckpointError
+from .refs import CallRef, GlobalRef, StorageRef, TensorRef
+
+
+class NotFastPath(Exception):
+    """The pickle uses something outside the torch-free subset; use torch.load instead."""
+
+
+def _latin1_encode(text, encoding="latin1"):
+    # protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); nothing else is allowed
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise NotFastPath("_codecs.encode with unexpected arguments")
+    return text.encode("latin1")
+
+
+_REAL = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+_KEPT = {("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage")}
+_KEPT |= {("torch", name) for name in dtypes.ITEMSIZE}
+_KEPT |= {("torch", name) for name in dtypes.STORAGE_TO_DTYPE}
+
+
+def _check_view(storage, offset, size, stride):
+    if not isinstance(storage, StorageRef):
+        raise NotFastPath("tensor without a storage record")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and isinstance(offset, int)):
+        raise NotFastPath("tensor with unusual size/stride")
+    if len(size) != len(stride) or not all(isinstance(x, int) for x in size + stride):
+        raise CorruptCheckpointError("tensor size and stride do not match")
+
+
+def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    _check_view(storage, offset, size, stride)
+    return TensorRef(storage, offset, size, stride, storage.dtype, requires_grad=bool(requires_grad),
+                     hooks=hooks, metadata=metadata)
+
+
+def _rebuild_v1(storage, offset, size, stride):
+    return _rebuild_v2(storage, offset, size, stride)
+
+
+def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    _check_view(storage, offset, size, stride)
+    if not isinstance(dtype, GlobalRef) or dtype.module != "torch" or dtype.name not in dtypes.ITEMSIZE:
+        raise NotFastPath("tensor with unknown dtype")
+    return TensorRef(storage, offset, size, stride, dtype.name, requires_grad=bool(requires_grad),
+                     hooks=hooks, metadata=metadata)
+
+
+def _rebuild_param(data, requires_grad, hooks, state=None):
+    if not isinstance(data, TensorRef):
+        raise NotFastPath("parameter around a non-plain tensor")
+    data.param = (bool(requires_grad), hooks, state)
+    return data
+
+
+def _rebuild_param_state(data, requires_grad, hooks, state):
+    return _rebuild_param(data, requires_grad, hooks, state)
+
+
+_BUILDERS: dict[tuple[str, str], Callable] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_v1,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_param,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_param_state,
+}
+
+
+class _RefUnpickler(pickle.Unpickler):
+    def __init__(self, file, storage_source: Callable[[str, str, int], Any]):
+        super().__init__(file)
+        self._source = storage_source
+        self._storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module, name):
+        key = (module, name)
+        if key in _REAL:
+            return _REAL[key]
+        if key in _BUILDERS:
+            return _BUILDERS[key]
+        if key in _KEPT:
+            return GlobalRef(module, name)
+        raise NotFastPath(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) != 5:
+            raise NotFastPath("unusual persistent id")
+        typename, stype, key, location, numel = pid
+        if isinstance(typename, bytes):
+            typename = typename.decode("ascii", "replace")
+        if typename != "storage" or not isinstance(stype, GlobalRef) or not isinstance(key, str):
+            raise NotFastPath("unusual persistent id")
+        if not isinstance(numel, int) or numel < 0:
+            raise CorruptCheckpointError(f"storage {key!r} has an invalid size {numel!r}")
+        if stype.name == "UntypedStorage":
+            dtype = "uint8"
+        else:
+            dtype = dtypes.STORAGE_TO_DTYPE.get(stype.name)
+            if dtype is None:
+                raise NotFastPath(f"storage type {stype.qualname}")
+        ref = self._storages.get(key)
+        if ref is None:
+            nbytes = numel * dtypes.itemsize(dtype)
+            ref = StorageRef(dtype, numel, self._source(key, dtype, nbytes), storage_type=stype,
+                             location=str(location), key=key)
+            self._storages[key] = ref
+        return ref
+
+
+def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any]) -> Any:
+    """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError."""
+    try:
+        return _RefUnpickler(io.BytesIO(data), storage_source).load()
+    except (NotFastPath, CorruptCheckpointError):
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, UnicodeDecodeError, OverflowError) as e:
+        raise CorruptCheckpointError(f"the pickle is malformed ({type(e).__name__}: {e})") from None
+    except (RecursionError, MemoryError) as e:
+        raise CorruptCheckpointError(f"the pickle is too deeply nested or too large ({type(e).__name__})") from None
+
+
+_V2 = GlobalRef("torch._utils", "_rebuild_tensor_v2")
+_V3 = GlobalRef("torch._utils", "_rebuild_tensor_v3")
+_PARAM = GlobalRef("torch._utils", "_rebuild_parameter")
+_PARAM_STATE = GlobalRef("torch._utils", "_rebuild_parameter_with_state")
+_UNTYPED = GlobalRef("torch.storage", "UntypedStorage")
+
+
+class _RefPickler(pickle._Pickler):  # the pure-Python pickler lets us emit raw GLOBAL opcodes
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+        self.storages: list[StorageRef] = []
+        self._keys: dict[int, str] = {}
+        self._torch_storages: dict = {}
+        self._torch_refs: dict = {}
+        self._keepalive: list = []
+
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageRef):
+            key = self._keys.get(id(obj))
+            if key is None:
+                key = str(len(self.storages))
+                self._keys[id(obj)] = key
+                self.storages.append(obj)
+            legacy = dtypes.DTYPE_TO_STORAGE.get(obj.dtype)
+            if legacy is not None:
+                return ("storage", GlobalRef("torch", legacy), key, "cpu", obj.numel)
+            return ("storage", _UNTYPED, key, "cpu", obj.nbytes)
+        return None
+
+    def save(self, obj, save_persistent_id=True):
+        if type(obj).__module__.startswith("torch"):
+            import torch
+
+            if isinstance(obj, torch.Tensor):
+                # a real tensor inside a stand-in graph (computed by a surgery): same wire form
+                ref = self._torch_refs.get(id(obj))
+                if ref is None:
+                    ref = TensorRef.from_torch(obj, self._torch_storages)
+                    self._torch_refs[id(obj)] = ref
+                    self._keepalive.append(obj)
+                obj = ref
+        return super().save(obj, save_persistent_id)
+
+    def save_globalref(self, obj: GlobalRef):
+        self.write(pickle.GLOBAL + obj.module.encode("utf-8") + b"\n" + obj.name.encode("utf-8") + b"\n")
+        self.memoize(obj)
+
+    dispatch[GlobalRef] = save_globalref
+
+    def save_callref(self, obj: CallRef):
+        self.save_reduce(obj.func, tuple(obj.args), obj.state, obj=obj)
+
+    dispatch[CallRef] = save_callref
+
+    def save_tensorref(self, obj: TensorRef):
+        hooks = obj.hooks if obj.hooks is not None else OrderedDict()
+        legacy = dtypes.DTYPE_TO_STORAGE.get(obj.storage.dtype)
+        if legacy is not None and obj.storage.dtype == obj.dtype:
+            args = (obj.storage, obj.offset, obj.shape, obj.stride, obj.requires_grad, hooks)
+            func = _V2
+        else:
+            # new dtypes (and dtype-reinterpreting views) use an untyped storage plus a dtype
+            if obj.storage.dtype != "uint8" and legacy is not None:
+                raise NotFastPath("tensor viewing a typed storage as another dtype")
+            args = (obj.storage, obj.offset, obj.shape, obj.stride, obj.requires_grad, hooks,
+                    GlobalRef("torch", obj.dtype))
+            func = _V3
+        if obj.metadata is not None:
+            args = args + (obj.metadata,)
+        if obj.param is None:
+            self.save_reduce(func, args, obj=obj)
+            return
+        inner = CallRef(func, args)
+        rg, phooks, state = obj.param
+        phooks = phooks if phooks is not None else OrderedDict()
+        if state is None:
+            self.save_reduce(_PARAM, (inner, rg, phooks), obj=obj)
+        else:
+            self.save_reduce(_PARAM_STATE, (inner, rg, phooks, state), obj=obj)
+
+    dispatch[TensorRef] = save_tensorref
+
+
+def dump_refs(obj: Any) -> tuple[bytes, list[StorageRef]]:
+    """Pickle a stand-in graph; returns the bytes and the storages in key order."""
+    buf = io.BytesIO()
+    p = _RefPickler(buf)
+    p.dump(obj)
+    return buf.getvalue(), p.storages
+
+
+# --------------------------------------------------------------------------- static scan
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+               "BINSTRING", "SHORT_BINSTRING"}
+
+
+def scan_globals(data: bytes) -> list[str]:
+    """Every ``module.name`` the pickle would import, in order, without executing it.
+
+    Raises CorruptCheckpointError when the opcode stream cannot be parsed.
+    """
+    found: list[str] = []
+    memo: dict[int, Any] = {}
+    recent: list[Any] = []
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
+            if name in _STRING_OPS:
+                recent.append(arg if isinstance(arg, str) else str(arg))
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                if recent:
+                    memo[int(arg)] = recent[-1]
+            elif name == "MEMOIZE":
+                if recent:
+                    memo[len(memo)] = recent[-1]
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                recent.append(memo.get(int(arg)))
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                found.append(f"{module}.{attr}")
+                recent.append(None)
+            elif name == "STACK_GLOBAL":
+                if len(recent) >= 2 and isinstance(recent[-1], str) and isinstance(recent[-2], str):
+                    found.append(f"{recent[-2]}.{recent[-1]}")
+                else:
+                    found.append("<unresolved STACK_GLOBAL>")
+                recent.append(None)
+            elif name == "STOP":
+                break
+            else:
+                recent.append(None)
+            if len(recent) > 64:
+                del recent[:-8]
+    except Exception as e:  # genops raises ValueError and friends on garbage
+        raise CorruptCheckpointError(f"the pickle cannot be parsed ({e})") from None
+    return found

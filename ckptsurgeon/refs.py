@@ -1,0 +1,362 @@
+"""Lazy, torch-free references to tensors and the bytes behind them.
+
+A checkpoint's object graph is held with these stand-ins in place of torch objects:
+``TensorRef`` knows a tensor's dtype, shape, stride and where its bytes live (``StorageRef`` ->
+a byte source) without reading them; ``GlobalRef``/``CallRef`` keep any other allowlisted torch
+global exactly as the pickle named it, so the graph can be pickled back byte-compatibly without
+importing torch. Only :meth:`TensorRef.to_torch` imports torch.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import dtypes
+from .errors import CorruptCheckpointError, InputNotFoundError
+
+
+# --------------------------------------------------------------------------- byte sources
+class _MapCache:
+    """One private (copy-on-write) mapping per file, shared by every range read from it."""
+
+    def __init__(self):
+        self._maps: dict[tuple, mmap.mmap] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> mmap.mmap:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InputNotFoundError(f"cannot read {path}: {e.strerror}") from None
+        key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            m = self._maps.get(key)
+            if m is None:
+                with open(path, "rb") as f:
+                    # ACCESS_COPY: writable for torch.frombuffer, never written back to the file.
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if st.st_size else None
+                self._maps[key] = m
+            return m
+
+
+MAPS = _MapCache()
+
+
+@dataclass(eq=False)
+class FileRange:
+    """``length`` bytes at ``offset`` of ``path``; ``crc`` (zip CRC-32) is checked on first read."""
+
+    path: str
+    offset: int
+    length: int
+    crc: int | None = None
+    label: str = ""
+    _checked: bool = field(default=False, repr=False)
+
+    def raw(self) -> memoryview:
+        """The bytes, unchecked."""
+        if self.length == 0:
+            return memoryview(bytearray(0))
+        m = MAPS.get(self.path)
+        if m is None or self.offset + self.length > len(m):
+            raise CorruptCheckpointError(
+                f"{self.path}: {self.label or 'tensor data'} runs past the end of the file (truncated?)"
+            )
+        return memoryview(m)[self.offset:self.offset + self.length]
+
+    def buffer(self) -> memoryview:
+        view = self.raw()
+        if self.crc is not None and not self._checked:
+            self.check_crc(view)
+        return view
+
+    def check_crc(self, view: memoryview | None = None) -> None:
+        if self.crc is None or self._checked:
+            return
+        if view is None:
+            view = self.raw()
+        got = zlib.crc32(view) & 0xFFFFFFFF
+        if got != self.crc:
+            raise CorruptCheckpointError(
+                f"{self.path}: CRC-32 mismatch in {self.label or 'a data record'} "
+                f"(stored {self.crc:08x}, computed {got:08x}): the tensor bytes are damaged",
+                hint="torch.load would silently return wrong values; restore the file from a good copy",
+            )
+        self._checked = True
+
+
+@dataclass(eq=False)
+class MemoryBytes:
+    """Bytes already in memory (a re-pickled record, or a tensor computed by a surgery)."""
+
+    data: Any  # bytes, bytearray, memoryview or anything exporting the buffer protocol
+    crc: int | None = None
+    label: str = ""
+
+    @property
+    def length(self) -> int:
+        return memoryview(self.data).nbytes
+
+    def buffer(self) -> memoryview:
+        return memoryview(self.data).cast("B")
+
+
+# --------------------------------------------------------------------------- pickle stand-ins
+@dataclass(frozen=True)
+class GlobalRef:
+    """A global a pickle named (``module.name``), kept as a name: never imported here."""
+
+    module: str
+    name: str
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __call__(self, *args):
+        return CallRef(self, args)
+
+    def resolve(self):
+        """The real object (imports its module: only for allowlisted torch globals)."""
+        import importlib
+
+        obj = importlib.import_module(self.module)
+        for part in self.name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+class CallRef:
+    """``func(*args)`` recorded by the unpickler instead of executed (plus BUILD state)."""
+
+    __slots__ = ("func", "args", "state")
+
+    def __init__(self, func: GlobalRef, args: tuple, state: Any = None):
+        self.func, self.args, self.state = func, args, state
+
+    def __setstate__(self, state):  # BUILD on a recorded call: remember it
+        self.state = state
+
+    def __repr__(self):
+        return f"{self.func.qualname}(...)"
+
+
+class StorageRef:
+    """One storage record: raw bytes of ``numel`` elements of ``dtype`` from ``source``."""
+
+    __slots__ = ("dtype", "numel", "storage_type", "location", "source", "key", "_torch", "__weakref__")
+
+    def __init__(self, dtype: str, numel: int, source, *, storage_type: GlobalRef | None = None,
+                 location: str = "cpu", key: str | None = None):
+        self.dtype = dtype
+        self.numel = int(numel)
+        self.storage_type = storage_type or _storage_type_for(dtype)
+        self.location = location
+        self.source = source
+        self.key = key
+        self._torch = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+    def untyped_storage(self):
+        """A torch UntypedStorage over the bytes (zero-copy over an mmap where possible)."""
+        if self._torch is None:
+            import torch
+
+            buf = self.source.buffer()
+            if len(buf) != self.nbytes:
+                raise CorruptCheckpointError(
+                    f"storage {self.key or ''} holds {len(buf)} bytes, its header says {self.nbytes}"
+                )
+            if self.nbytes == 0:
+                self._torch = torch.UntypedStorage(0)
+            else:
+                self._torch = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+        return self._torch
+
+
+def _storage_type_for(dtype: str) -> GlobalRef:
+    name = dtypes.DTYPE_TO_STORAGE.get(dtype)
+    return GlobalRef("torch", name) if name else GlobalRef("torch.storage", "UntypedStorage")
+
+
+class TensorRef:
+    """A tensor as a view (offset, shape, stride) on a :class:`StorageRef`; no bytes read."""
+
+    __slots__ = ("storage", "offset", "shape", "stride", "dtype", "requires_grad", "hooks",
+                 "metadata", "param", "__weakref__")
+
+    def __init__(self, storage: StorageRef, offset: int, shape, stride, dtype: str | None = None, *,
+                 requires_grad: bool = False, hooks: Any = None, metadata: Any = None, param=None):
+        self.storage = storage
+        self.offset = int(offset)
+        self.shape = tuple(int(s) for s in shape)
+        self.stride = tuple(int(s) for s in stride)
+        self.dtype = dtype or storage.dtype
+        self.requires_grad = bool(requires_grad)
+        self.hooks = hooks
+        self.metadata = metadata
+        # None for a plain tensor; (requires_grad, hooks, state_or_None) for an nn.Parameter
+        self.param = param
+
+    # ---- facts, no data
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, st in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and st != expected:
+                return False
+            expected *= size
+        return True
+
+    def byte_span(self) -> tuple[int, int] | None:
+        """(start, length) of this tensor's bytes inside its storage, if laid out contiguously."""
+        if not self.is_contiguous():
+            return None
+        start = self.offset * self.itemsize
+        return start, self.nbytes
+
+    def check_bounds(self) -> None:
+        """Raise if the view reaches outside its storage (a hostile or corrupt pickle)."""
+        if any(s < 0 for s in self.shape) or any(s < 0 for s in self.stride) or self.offset < 0:
+            raise CorruptCheckpointError("tensor with negative size, stride or offset")
+        if self.numel == 0:
+            return
+        last = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
+        storage_bytes = self.storage.nbytes
+        if (last + 1) * self.itemsize > storage_bytes:
+            raise CorruptCheckpointError(
+                f"tensor of shape {list(self.shape)} reaches past its storage "
+                f"({(last + 1) * self.itemsize} > {storage_bytes} bytes)"
+            )
+
+    def read_bytes(self) -> memoryview:
+        """This tensor's bytes in row-major order (zero-copy when contiguous)."""
+        span = self.byte_span()
+        if span is not None:
+            start, length = span
+            return self.storage.source.buffer()[start:start + length]
+        t = self.to_torch().contiguous()
+        return tensor_bytes(t)
+
+    # ---- data
+    def to_torch(self):
+        """Materialise as a CPU torch tensor (imports torch; zero-copy from an mmap)."""
+        import torch
+
+        self.check_bounds()
+        dt = dtypes.torch_dtype(self.dtype)
+        t = torch.empty(0, dtype=dt)
+        if self.storage.nbytes:
+            t.set_(self.storage.untyped_storage(), self.offset, self.shape, self.stride)
+        else:
+            t = torch.empty(self.shape, dtype=dt)
+        if self.param is not None:
+            t = torch.nn.Parameter(t, requires_grad=bool(self.param[0]))
+        elif self.requires_grad and t.is_floating_point():
+            t.requires_grad_(True)
+        return t
+
+    def __repr__(self):
+        return f"TensorRef({self.dtype}, {list(self.shape)})"
+
+    # ---- construction from torch
+    @staticmethod
+    def from_torch(t, _storages: dict | None = None) -> "TensorRef":
+        """Wrap a real CPU tensor; tensors sharing a storage share one StorageRef."""
+        import torch
+
+        from .errors import UnsupportedError
+
+        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
+            raise UnsupportedError(f"cannot store a {t.layout} / quantized / meta tensor without torch.save")
+        if t.device.type != "cpu":
+            t = t.cpu()
+        us = t.untyped_storage()
+        key = (us.data_ptr(), us.nbytes())
+        storages = _storages if _storages is not None else {}
+        sref = storages.get(key)
+        dname = dtypes.dtype_name(t.dtype)
+        if sref is None or sref.dtype != dname:
+            n_elems = us.nbytes() // max(t.element_size(), 1)
+            sref = StorageRef(dname, n_elems, TorchStorageBytes(us))
+            storages[key] = sref
+        param = None
+        if isinstance(t, torch.nn.Parameter):
+            param = (t.requires_grad, None, None)
+        return TensorRef(sref, t.storage_offset(), tuple(t.shape), tuple(t.stride()), dname,
+                         requires_grad=t.requires_grad and param is None, param=param)
+
+
+class TorchStorageBytes:
+    """Bytes of a live torch UntypedStorage (CPU)."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.crc = None
+        self.label = ""
+
+    @property
+    def length(self) -> int:
+        return self.storage.nbytes()
+
+    def buffer(self) -> memoryview:
+        import torch
+
+        if self.storage.nbytes() == 0:
+            return memoryview(bytearray(0))
+        t = torch.empty(0, dtype=torch.uint8).set_(self.storage)
+        return memoryview(t.numpy()).cast("B")
+
+
+def tensor_bytes(t) -> memoryview:
+    """Raw bytes of a contiguous CPU tensor, any dtype."""
+    import torch
+
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return memoryview(bytearray(0))
+    flat = t.reshape(-1)
+    u8 = flat.view(torch.uint8) if flat.element_size() > 0 else flat
+    return memoryview(u8.numpy()).cast("B")
+
+
+def is_tensor_like(v) -> bool:
+    if isinstance(v, TensorRef):
+        return True
+    mod = type(v).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        return isinstance(v, torch.Tensor)
+    return False
+
+
+def as_ref(v, storages: dict | None = None) -> TensorRef:
+    """TensorRef for either a TensorRef or a torch tensor."""
+    return v if isinstance(v, TensorRef) else TensorRef.from_torch(v, storages)
+
+
+def to_torch(v):
+    return v.to_torch() if isinstance(v, TensorRef) else v

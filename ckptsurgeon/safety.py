@@ -1,0 +1,127 @@
+"""Safe loading with torch: weights-only always passed explicitly, never an automatic unsafe retry.
+
+``pickle_globals`` lists what a file's pickles would import (opcodes only, nothing executed);
+``unsafe_globals`` keeps those outside torch's weights-only allowlist (plus anything the user
+registered with ``torch.serialization.add_safe_globals``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickletools
+
+from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
+from .pickle_io import scan_globals
+
+TRUST_HINT = "only if you trust where the file came from, re-run with --trust-pickle (API: trust_pickle=True)"
+
+
+def _legacy_pickles(data: bytes, max_pickles: int = 5) -> list[bytes]:
+    """The leading pickles of a legacy torch file (magic, protocol, sys info, object, keys)."""
+    out, pos = [], 0
+    for _ in range(max_pickles):
+        if pos >= len(data) or data[pos:pos + 1] != b"\x80":
+            break
+        end = None
+        try:
+            for op, _arg, p in pickletools.genops(data[pos:]):
+                if op.name == "STOP":
+                    end = pos + p + 1
+                    break
+        except Exception:
+            out.append(data[pos:])
+            break
+        if end is None:
+            out.append(data[pos:])
+            break
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+def pickle_globals(path: str) -> dict[str, list[str]]:
+    """{pickle name: [module.name, ...]} for every pickle stream in a torch file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    result: dict[str, list[str]] = {}
+    if head == b"PK\x03\x04":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.filename.endswith(".pkl"):
+                        result[info.filename] = scan_globals(zf.read(info))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise CorruptCheckpointError(f"{path}: damaged zip container ({e})") from None
+        return result
+    if head[:1] == b"\x80":
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read(min(size, 512 << 20))
+        for i, chunk in enumerate(_legacy_pickles(data)):
+            result[f"pickle#{i}"] = scan_globals(chunk)
+        return result
+    raise NotACheckpointError(f"{path} is not a pickle-based torch file")
+
+
+def allowed_globals() -> set[str]:
+    """torch's weights-only allowlist (this torch version) plus user-registered safe globals."""
+    import torch  # noqa: F401
+    from torch import _weights_only_unpickler as wou
+
+    names = set(wou._get_allowed_globals().keys())
+    try:
+        names |= set(wou._get_user_allowed_globals().keys())
+    except Exception:
+        pass
+    return names
+
+
+def unsafe_globals(path: str) -> list[str]:
+    allowed = allowed_globals()
+    found: list[str] = []
+    for names in pickle_globals(path).values():
+        for n in names:
+            if n not in allowed and n not in found:
+                found.append(n)
+    return found
+
+
+def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
+    """torch.load to CPU, weights-only; unsafe files fail with the offending globals named."""
+    import torch
+
+    try:
+        return _load(torch, path, True, mmap)
+    except Exception as first:
+        unsafe = unsafe_globals(path)
+        if unsafe:
+            if not trust_pickle:
+                raise UnsafePickleError(
+                    f"{path} would import globals outside the weights-only allowlist: {', '.join(unsafe)}; "
+                    "nothing was executed", globals_=unsafe, hint=TRUST_HINT) from None
+            try:
+                return _load(torch, path, False, mmap)
+            except Exception as e:
+                raise CorruptCheckpointError(f"{path}: torch.load failed even with --trust-pickle: {_first_line(e)}") from None
+        if trust_pickle and "weights only" in str(first).lower():
+            try:
+                return _load(torch, path, False, mmap)
+            except Exception as e:
+                raise CorruptCheckpointError(f"{path}: torch.load failed: {_first_line(e)}") from None
+        raise CorruptCheckpointError(f"{path}: torch cannot read it: {_first_line(first)}") from None
+
+
+def _load(torch, path, weights_only, mmap):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e).lower():
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=False)
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

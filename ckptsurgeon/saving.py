@@ -1,0 +1,58 @@
+"""``save()``: Checkpoint -> file, format chosen by extension (or forced), always atomic."""
+
+from __future__ import annotations
+
+import os
+
+from .atomic import check_output_path
+from .checkpoint import Checkpoint
+from .errors import OutputError, PluginError
+from .manager import get_manager
+
+
+def output_format(path: str, format: str | None = None, max_shard_size=None) -> str:
+    if format:
+        return format
+    if max_shard_size or str(path).endswith(os.sep) or os.path.isdir(path):
+        return "hf-folder"
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext == ".safetensors":
+        return "safetensors"
+    for name, (spec, _p) in get_manager().formats().items():
+        if spec.save is not None and ext in spec.extensions and name != "torch-zip":
+            return name
+    return "torch-zip"
+
+
+def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = False, dry_run: bool = False,
+         max_shard_size=None, dedupe_tied: bool = False, progress=None) -> dict:
+    """Write ``ck`` to ``path`` atomically and return a report (what was written, what was not).
+
+    The format follows the extension (``.safetensors``; anything else is a torch zip) unless
+    ``format`` says otherwise; ``max_shard_size`` ('5GB') writes a Hugging Face sharded folder.
+    The input file is never overwritten unless ``in_place=True``.
+
+    Example::
+
+        save(load("model_dp.pt"), "model.safetensors")
+    """
+    path = os.fspath(path)
+    fmt = output_format(path, format, max_shard_size)
+    formats = get_manager().formats()
+    if fmt not in formats or formats[fmt][0].save is None:
+        writable = sorted(n for n, (s, _) in formats.items() if s.save is not None)
+        raise PluginError(f"cannot write format {fmt!r}", hint=f"writable formats: {', '.join(writable)}")
+    inputs = ck.source.files if ck.source else ()
+    if fmt == "hf-folder":
+        path = path.rstrip(os.sep) or path
+        if os.path.isfile(path):
+            raise OutputError(f"{path} is a file; a sharded checkpoint needs a directory")
+        for inp in inputs:
+            if os.path.dirname(os.path.abspath(inp)) == os.path.abspath(path) and not in_place:
+                raise OutputError(f"refusing to write shards into the input's folder {path}", hint="choose another -o")
+    else:
+        check_output_path(path, inputs, in_place)
+    options = {"dry_run": dry_run, "dedupe_tied": dedupe_tied, "progress": progress}
+    if max_shard_size is not None:
+        options["max_shard_size"] = max_shard_size
+    return formats[fmt][0].save(ck, path, **options)

@@ -1,0 +1,122 @@
+"""safetensors read and written without torch: an 8-byte header length, a JSON header, raw bytes.
+
+The header is validated the way the reference implementation does (size limit, known dtypes,
+shapes that fit, offsets sorted, contiguous and covering the data exactly), so a damaged file is
+a clear error here rather than a crash later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterable
+
+from . import dtypes
+from .errors import CorruptCheckpointError
+from .refs import FileRange, StorageRef, TensorRef
+
+MAX_HEADER = 100_000_000
+
+
+def read_header(path: str) -> tuple[dict, dict, int]:
+    """(tensors, metadata, data_start) for a safetensors file; tensors keep file order."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(f"{path}: too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER:
+            raise CorruptCheckpointError(f"{path}: safetensors header of {n} bytes exceeds the 100 MB limit")
+        if 8 + n > size:
+            raise CorruptCheckpointError(f"{path}: safetensors header length {n} runs past the end of the file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptCheckpointError(f"{path}: safetensors __metadata__ must map strings to strings")
+    data_len = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise CorruptCheckpointError(f"{path}: header entry {name!r} is not an object")
+        code, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        dt = dtypes.SAFETENSORS_TO_DTYPE.get(code)
+        if dt is None:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and o >= 0 for o in offs)):
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+        numel = 1
+        for s in shape:
+            numel *= s
+            if numel * dtypes.itemsize(dt) > data_len:
+                raise CorruptCheckpointError(f"{path}: tensor {name!r} shape {shape} overflows the file")
+        begin, end = offs
+        if end < begin or end - begin != numel * dtypes.itemsize(dt):
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} data_offsets {offs} do not match shape {shape} of {code}")
+        spans.append((begin, end, name))
+    spans.sort()
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            what = "overlaps another tensor" if begin < cursor else "leaves a gap before it"
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} {what} (offset {begin}, expected {cursor})")
+        cursor = end
+    if cursor != data_len:
+        raise CorruptCheckpointError(
+            f"{path}: header describes {cursor} data bytes but the file holds {data_len}"
+            + (" (trailing bytes)" if data_len > cursor else " (truncated)"))
+    return header, meta, 8 + n
+
+
+def load_entries(path: str) -> tuple[dict, dict]:
+    """name -> TensorRef over the file's bytes (nothing read), plus the string metadata."""
+    header, meta, start = read_header(path)
+    out = {}
+    for name, info in header.items():
+        dt = dtypes.SAFETENSORS_TO_DTYPE[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        storage = StorageRef(dt, (end - begin) // dtypes.itemsize(dt),
+                             FileRange(path, start + begin, end - begin, label=f"tensor {name!r}"))
+        stride = _contiguous_stride(shape)
+        out[name] = TensorRef(storage, 0, shape, stride, dt)
+    return out, meta
+
+
+def _contiguous_stride(shape) -> tuple:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
+def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None) -> tuple[bytes, list]:
+    """(header bytes incl. length prefix, [(name, ref)] in data order)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    order, cursor = [], 0
+    for name, ref in items:
+        code = dtypes.DTYPE_TO_SAFETENSORS.get(ref.dtype)
+        if code is None:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(f"safetensors cannot store dtype {ref.dtype} (tensor {name!r})",
+                                   hint="write a torch file instead (.pt)")
+        header[name] = {"dtype": code, "shape": list(ref.shape), "data_offsets": [cursor, cursor + ref.nbytes]}
+        cursor += ref.nbytes
+        order.append((name, ref))
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-(8 + len(raw))) % 8)  # data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, order
