@@ -20,7 +20,7 @@ def _legacy_pickles(data: bytes, max_pickles: int = 5) -> list[bytes]:
     """The leading pickles of a legacy torch file (magic, protocol, sys info, object, keys)."""
     out, pos = [], 0
     for _ in range(max_pickles):
-        if pos >= len(data) or data[pos:pos + 1] != b"\x80":
+        if pos >= len(data):
             break
         end = None
         try:
@@ -55,10 +55,14 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})") from None
         return result
-    if head[:1] == b"\x80":
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            data = f.read(min(size, 512 << 20))
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data = f.read(min(size, 512 << 20))
+    try:
+        next(pickletools.genops(data))
+    except Exception:
+        data = b""
+    if data:
         for i, chunk in enumerate(_legacy_pickles(data)):
             result[f"pickle#{i}"] = scan_globals(chunk)
         return result

@@ -22,11 +22,13 @@ def sniff_zip(path: str, head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04"
 
 
-LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch/serialization.py MAGIC_NUMBER
+_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+LEGACY_MAGIC = _MAGIC.to_bytes(10, "little")  # as pickled with protocol >= 2 (LONG1)
+LEGACY_MAGIC_TEXT = str(_MAGIC).encode()  # as pickled with protocol 0/1 (LONG)
 
 
 def sniff_legacy(path: str, head: bytes) -> bool:
-    return head[:1] == b"\x80" and LEGACY_MAGIC in head[:32]
+    return LEGACY_MAGIC in head[:32] or LEGACY_MAGIC_TEXT in head[:40]
 
 
 def load_zip(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:

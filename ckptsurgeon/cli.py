@@ -1,0 +1,219 @@
+"""The ``ckpt-surgeon`` command line: a thin layer over the Python API.
+
+Core commands (inspect, convert, plugins) live here; every surgery command comes from a plugin,
+loaded lazily the first time the CLI lists or runs commands (Flask style), so ``--help`` stays
+fast and a broken plugin only costs its own commands.
+
+Exit codes: 0 success; 1 a negative finding (diff: differences, verify: not equivalent, scan:
+unsafe globals); 2 any error, reported as one line on stderr (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from . import __version__
+from .cliutil import emit, human_bytes, json_option, load_options, state, write_options
+from .errors import EXIT_ERROR, CkptSurgeonError
+
+CORE_COMMANDS = ("inspect", "convert", "plugins")
+
+
+class LazyGroup(click.Group):
+    def _plugin_commands(self) -> dict:
+        from .manager import get_manager
+
+        m = get_manager()
+        cmds = {}
+        for name, (cmd, _plugin) in m.commands().items():
+            if name in self.commands:
+                m.conflicts.append(f"command {name!r} from plugin {_plugin!r} hides nothing: a core command has that name")
+                continue
+            cmds[name] = cmd
+        return cmds
+
+    def list_commands(self, ctx):
+        return sorted(set(self.commands) | set(self._plugin_commands()))
+
+    def get_command(self, ctx, name):
+        if name in self.commands:
+            return self.commands[name]
+        return self._plugin_commands().get(name)
+
+    def invoke(self, ctx):
+        debug = ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except CkptSurgeonError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"ckpt-surgeon: error: {e.one_line()}", err=True)
+            ctx.exit(e.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("ckpt-surgeon: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # a bug: still one line unless --debug
+            if debug:
+                traceback.print_exc()
+            msg = " ".join(str(e).split())[:400]
+            click.echo(f"ckpt-surgeon: internal error: {type(e).__name__}: {msg} (re-run with --debug for details)",
+                       err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="ckpt-surgeon")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def main_group(ctx, debug, quiet):
+    """PyTorch checkpoint surgery: inspect, strip prefixes, rename, extract, convert, diff, verify.
+
+    \b
+    Examples:
+      ckpt-surgeon inspect model_dp.pt
+      ckpt-surgeon strip-prefix model_dp.pt -o model.pt
+      ckpt-surgeon extract resnet.pt -o backbone.pt --layers conv1,layer1
+      ckpt-surgeon diff a.pt b.safetensors
+    """
+    obj = state(ctx)
+    obj["debug"], obj["quiet"] = debug, quiet
+    from .manager import get_manager
+
+    m = get_manager()
+    for p in m.problems:
+        click.echo(f"ckpt-surgeon: warning: {p}", err=True)
+
+
+@main_group.command("inspect")
+@click.argument("path")
+@load_options
+@json_option
+@click.option("--depth", default=2, show_default=True, help="Module tree depth.")
+@click.option("--values", is_flag=True, help="Also read tensors and report NaN/Inf (reads all data).")
+def inspect_cmd(path, key, trust_pickle, as_json, depth, values):
+    """Summarise a checkpoint without reading tensor data.
+
+    \b
+    Example:
+      ckpt-surgeon inspect samples/out/seednet_dp.pt --json
+    """
+    from .summary import inspect
+
+    info = inspect(path, depth=depth, values=values, key=key, trust_pickle=trust_pickle)
+    emit(info, as_json, _print_inspect)
+
+
+def _print_inspect(info: dict) -> None:
+    from rich.table import Table
+
+    from .cliutil import console
+
+    c = console()
+    c.print(f"[bold]{info['path']}[/bold]  {info['format']}, {human_bytes(info['file_size'] or 0)}"
+            + ("" if info["lazy"] else " (loaded fully)"))
+    if info["wrapper"]:
+        c.print("wrapper:")
+        for k, v in info["wrapper"].items():
+            mark = "  <- state dict" if k == info["state_dict_at"].split("/")[0] else ""
+            c.print(f"  {k}: {v}{mark}")
+    c.print(f"state dict at: {info['state_dict_at']}"
+            + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
+    c.print(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
+    c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
+    if info["prefix"]:
+        c.print(f"wrapper prefix on every key: [bold]{info['prefix']}[/bold]  (strip with: ckpt-surgeon strip-prefix)")
+    elif info["prefixes_seen"]:
+        c.print("prefixes on some keys: " + ", ".join(f"{p['prefix']} ({p['keys']}/{p['of']})" for p in info["prefixes_seen"]))
+    if info["norm_layers"]:
+        kinds: dict = {}
+        for n in info["norm_layers"]:
+            kinds[n["kind"]] = kinds.get(n["kind"], 0) + 1
+        c.print("norm layers: " + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
+    if info["non_tensor_entries"]:
+        c.print(f"non-tensor entries: {', '.join(info['non_tensor_entries'])}")
+    if info.get("nonfinite") is not None:
+        bad = info["nonfinite"]
+        c.print("NaN/Inf: none" if not bad else "NaN/Inf in: " + ", ".join(
+            f"{b['tensor']} (nan {b['nan']}, inf {b['inf']})" for b in bad))
+    t = Table("module", "tensors", "parameters", box=None, pad_edge=False)
+    for node in info["modules"]:
+        t.add_row("  " * (node["depth"] - 1) + node["module"], str(node["tensors"]), f"{node['parameters']:,}")
+    c.print(t)
+    for n in info["notes"]:
+        c.print(f"note: {n}")
+
+
+@main_group.command("convert")
+@click.argument("path")
+@load_options
+@write_options
+@json_option
+def convert_cmd(path, key, trust_pickle, output, out_format, dry_run, in_place, max_shard_size, dedupe_tied, as_json):
+    """Re-write a checkpoint in another format (torch zip, safetensors, sharded folder).
+
+    \b
+    Example:
+      ckpt-surgeon convert model.pt -o model.safetensors
+      ckpt-surgeon convert big.pt -o big_hf/ --max-shard-size 2GB
+    """
+    from . import cliutil
+
+    ck = cliutil.load(path, key, trust_pickle)
+    rep = cliutil.save(ck, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
+                       max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    emit(rep, as_json, cliutil.echo_save)
+
+
+@main_group.command("plugins")
+@json_option
+def plugins_cmd(as_json):
+    """List loaded plugins, where they come from, and the hooks they implement."""
+    from .manager import get_manager
+
+    m = get_manager()
+    provided = {
+        "formats": {k: p for k, (_, p) in m.formats().items()},
+        "commands": {k: p for k, (_, p) in m.commands().items()},
+        "operations": {k: p for k, (_, p) in m.operations().items()},
+        "model_transforms": {k: p for k, (_, p) in m.model_transforms().items()},
+    }
+    report = {
+        "plugins": [vars(i) for i in m.infos],
+        "provides": provided,
+        "conflicts": list(m.conflicts),
+        "problems": list(m.problems),
+    }
+
+    def human(r):
+        from rich.table import Table
+
+        from .cliutil import console
+
+        t = Table("plugin", "module", "distribution", "status", "hooks")
+        for p in r["plugins"]:
+            dist = f"{p['distribution']} {p['version']}".strip()
+            hooks = ", ".join(h.replace("ckptsurgeon_", "") for h in p["hooks"])
+            t.add_row(p["name"], p["module"], dist, p["status"] + (f": {p['error']}" if p["error"] else ""), hooks)
+        c = console()
+        c.print(t)
+        for kind, items in r["provides"].items():
+            c.print(f"{kind}: " + ", ".join(f"{k} ({v})" for k, v in sorted(items.items())))
+        for x in r["conflicts"]:
+            c.print(f"conflict: {x}")
+
+    emit(report, as_json, human)
+
+
+def main(argv=None):
+    """Console-script entry point."""
+    return main_group.main(args=argv, prog_name="ckpt-surgeon")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Pieces every CLI command shares: options, loading/saving with progress, printing reports.
+
+Plugins use these so that every command has the same conventions (``-o``, ``--dry-run``,
+``--json``, ``--key``, ``--trust-pickle``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+
+def state(ctx: click.Context | None = None) -> dict:
+    ctx = ctx or click.get_current_context()
+    root = ctx.find_root()
+    root.ensure_object(dict)
+    return root.obj
+
+
+def load_options(f: Callable) -> Callable:
+    f = click.option("--key", default=None, metavar="PATH",
+                     help="Where the state dict sits in a wrapper (e.g. state_dict, model/ema).")(f)
+    f = click.option("--trust-pickle", is_flag=True,
+                     help="Allow pickle globals outside torch's weights-only allowlist (runs code from the file).")(f)
+    return f
+
+
+def write_options(f: Callable) -> Callable:
+    f = click.option("--dedupe-tied", is_flag=True,
+                     help="safetensors: keep one copy of tied tensors instead of writing each name.")(f)
+    f = click.option("--max-shard-size", default=None, metavar="SIZE",
+                     help="Write a Hugging Face sharded folder with shards of at most SIZE (e.g. 5GB).")(f)
+    f = click.option("--in-place", is_flag=True, help="Allow -o to be the input file (replaced atomically).")(f)
+    f = click.option("--dry-run", is_flag=True, help="Report what would be written; write nothing.")(f)
+    f = click.option("--format", "out_format", default=None, metavar="NAME",
+                     help="Output format (torch-zip, safetensors, hf-folder); default: by extension.")(f)
+    f = click.option("-o", "--output", default=None, metavar="PATH",
+                     help="Output file (.pt/.pth/.bin/.ckpt: torch; .safetensors; a folder with --max-shard-size).")(f)
+    return f
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")(f)
+
+
+def model_options(f: Callable) -> Callable:
+    f = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                     help="Argument for the model factory (repeatable; values parsed as Python literals).")(f)
+    f = click.option("--model", "model_spec", default=None, metavar="MODULE:CALLABLE",
+                     help="Model factory: package.module:callable or path/to/file.py:callable.")(f)
+    return f
+
+
+def load(path: str, key=None, trust_pickle=False):
+    from .loading import load as _load
+
+    return _load(path, key=key, trust_pickle=trust_pickle)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, description: str):
+    """A rich progress bar on stderr for byte counts; silent with --quiet or when not a tty."""
+    quiet = state().get("quiet", False)
+    if quiet or total < (256 << 20) or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from rich.console import Console
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=Console(stderr=True), transient=True) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n: prog.advance(task, n)
+
+
+def save(ck, output: str | None, *, out_format=None, dry_run=False, in_place=False, max_shard_size=None,
+         dedupe_tied=False) -> dict:
+    from .errors import OutputError
+    from .saving import save as _save
+
+    if not output:
+        if dry_run:
+            return {"output": None, "dry_run": True}
+        raise OutputError("no output given", hint="add -o OUTPUT (or --dry-run)")
+    total = ck.summary()["bytes"]
+    with progress_bar(total, f"writing {output}") as cb:
+        rep = _save(ck, output, format=out_format, in_place=in_place, dry_run=dry_run,
+                    max_shard_size=max_shard_size, dedupe_tied=dedupe_tied, progress=cb)
+    rep["dry_run"] = dry_run
+    return rep
+
+
+def emit(report: dict, as_json: bool, human: Callable[[dict], None] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=_json_default))
+    elif human is not None:
+        human(report)
+    else:
+        click.echo(json.dumps(report, indent=2, default=_json_default))
+
+
+def _json_default(o: Any):
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if isinstance(o, bytes):
+        return o.decode("utf-8", "replace")
+    return str(o)
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def echo_save(rep: dict) -> None:
+    if rep.get("output") is None:
+        return
+    verb = "would write" if rep.get("dry_run") else "wrote"
+    click.echo(f"{verb} {rep['output']} ({rep.get('format')}, {rep.get('tensors', 0)} tensors, "
+               f"{human_bytes(rep.get('bytes', 0))})")
+    for n in rep.get("notes", []):
+        click.echo(f"  note: {n}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def parse_model_args(items) -> dict:
+    import ast
+
+    from .errors import SelectionError
+
+    out = {}
+    for item in items or ():
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SelectionError(f"--model-arg {item!r} is not KEY=VALUE")
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out

@@ -1,0 +1,208 @@
+"""Facts about state-dict key names: wrapper prefixes, module tree, norm layers (no torch)."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Iterable
+
+from .checkpoint import KNOWN_PREFIXES
+
+BN_KEYS = {"running_mean", "running_var", "num_batches_tracked"}
+
+
+def detect_prefix(keys: Iterable[str], known: tuple = KNOWN_PREFIXES, partial: bool = False) -> str:
+    """The stack of wrapper prefixes every key carries ('module._orig_mod.'), or ''.
+
+    With ``partial=True`` a prefix counts when it is the most common known first component,
+    even if not every key has it (Lightning checkpoints with extra top-level modules).
+    """
+    keys = list(keys)
+    if not keys:
+        return ""
+    stack = ""
+    while True:
+        found = None
+        for p in known:
+            full = stack + p
+            hits = sum(1 for k in keys if k.startswith(full))
+            if hits == len(keys) or (partial and hits and not stack and hits * 2 >= len(keys)):
+                found = p
+                break
+            if partial and stack and hits:
+                # under a partial first prefix, stack further prefixes only when all its keys agree
+                under = [k for k in keys if k.startswith(stack)]
+                if hits == len(under):
+                    found = p
+                    break
+        if not found:
+            return stack
+        stack += found
+
+
+def prefix_report(keys: Iterable[str]) -> list[dict]:
+    """For each known prefix seen at the start of keys: how many keys carry it."""
+    keys = list(keys)
+    out = []
+    for p in KNOWN_PREFIXES:
+        n = sum(1 for k in keys if k.startswith(p))
+        if n:
+            out.append({"prefix": p, "keys": n, "of": len(keys)})
+    return out
+
+
+def module_of(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def group_by_module(keys: Iterable[str]) -> "OrderedDict[str, list[str]]":
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for k in keys:
+        groups.setdefault(module_of(k), []).append(k.rsplit(".", 1)[-1])
+    return groups
+
+
+_IN_NAME = re.compile(r"(^|[._])(in\d*|inorm|instance_?norm\d*|instnorm\d*)($|[._])", re.I)
+_BN_NAME = re.compile(r"(^|[._])(bn\d*|batch_?norm\d*|downsample\.1|norm\d*)($|[._])", re.I)
+_GN_NAME = re.compile(r"(^|[._])(gn\d*|group_?norm\d*)($|[._])", re.I)
+_LN_NAME = re.compile(r"(^|[._])(ln\w*|layer_?norm\w*|norm\w*|ln_f|ln_\d+)($|[._])", re.I)
+
+
+def detect_norms(shapes: "OrderedDict[str, tuple]") -> list[dict]:
+    """Norm layers inferred from key sets and shapes; ``kind`` is BatchNorm, InstanceNorm,
+    BatchNorm-or-InstanceNorm (tracked statistics, name gives no hint), LayerNorm, GroupNorm or
+    norm (affine 1-D weight+bias with a name that says no more)."""
+    out = []
+    for mod, leaves in group_by_module(shapes.keys()).items():
+        leafset = set(leaves)
+        full = (mod + ".") if mod else ""
+        if {"running_mean", "running_var"} <= leafset:
+            channels = (shapes[full + "running_mean"] or [0])[0]
+            tail = mod.rsplit(".", 1)[-1] if mod else mod
+            if _IN_NAME.search(tail or ""):
+                kind = "InstanceNorm"
+            elif _BN_NAME.search(tail or "") or "bn" in (tail or "").lower():
+                kind = "BatchNorm"
+            else:
+                kind = "BatchNorm-or-InstanceNorm"
+            out.append({"module": mod, "kind": kind, "channels": channels, "affine": "weight" in leafset})
+        elif leafset == {"weight", "bias"} or leafset == {"weight"}:
+            w = shapes[full + "weight"]
+            b = shapes.get(full + "bias")
+            if b is not None and tuple(w) != tuple(b):
+                continue
+            if len(w) != 1 and not (_LN_NAME.search(mod.rsplit(".", 1)[-1] if mod else "") and len(w) >= 1):
+                continue
+            tail = mod.rsplit(".", 1)[-1] if mod else ""
+            if _GN_NAME.search(tail):
+                kind = "GroupNorm"
+            elif _IN_NAME.search(tail):
+                kind = "InstanceNorm"
+            elif _LN_NAME.search(tail) or len(w) > 1:
+                kind = "LayerNorm"
+            elif _BN_NAME.search(tail):
+                kind = "norm"
+            else:
+                continue  # 1-D weight with an uninformative name: could be anything (e.g. a scale)
+            out.append({"module": mod, "kind": kind, "channels": w[0] if w else 0, "affine": True})
+    return out
+
+
+def module_tree(sizes: "OrderedDict[str, int]", depth: int = 2) -> list[dict]:
+    """Parameter counts aggregated by module path down to ``depth`` components, in key order."""
+    agg: OrderedDict[str, dict] = OrderedDict()
+    for key, numel in sizes.items():
+        parts = key.split(".")
+        for d in range(1, min(depth, len(parts) - 1) + 1):
+            path = ".".join(parts[:d])
+            node = agg.setdefault(path, {"module": path, "depth": d, "tensors": 0, "parameters": 0})
+            node["tensors"] += 1
+            node["parameters"] += numel
+        if len(parts) == 1:
+            node = agg.setdefault(key, {"module": key, "depth": 1, "tensors": 0, "parameters": 0})
+            node["tensors"] += 1
+            node["parameters"] += numel
+    return list(agg.values())
+
+
+# --------------------------------------------------------------------------- layer patterns
+class Pattern:
+    """A layer selector: module path (whole components), glob, or ``re:`` regex."""
+
+    def __init__(self, text: str):
+        import fnmatch
+
+        self.text = text
+        if text.startswith("re:"):
+            try:
+                rx = re.compile(text[3:])
+            except re.error as e:
+                from .errors import SelectionError
+
+                raise SelectionError(f"invalid regex {text!r}: {e}") from None
+            self._match = lambda k: rx.search(k) is not None
+        elif any(c in text for c in "*?["):
+            glob = text
+            self._match = lambda k: fnmatch.fnmatchcase(k, glob) or fnmatch.fnmatchcase(k, glob + ".*")
+        else:
+            path = text.rstrip(".")
+            self._match = lambda k: k == path or k.startswith(path + ".")
+
+    def matches(self, key: str) -> bool:
+        return self._match(key)
+
+    def __repr__(self):
+        return f"Pattern({self.text!r})"
+
+
+def parse_patterns(values) -> list[Pattern]:
+    """Repeatable, comma-separated selectors -> Patterns (a regex may hold commas only via re:)."""
+    out = []
+    for v in values or ():
+        if v.startswith("re:"):
+            out.append(Pattern(v))
+            continue
+        for part in v.split(","):
+            part = part.strip()
+            if part:
+                out.append(Pattern(part))
+    return out
+
+
+def select(keys, patterns: list[Pattern], strip: str = "") -> tuple[list[str], dict]:
+    """Keys matched by any pattern (tried on the key and on the key without ``strip``),
+    plus {pattern text: match count}."""
+    counts = {p.text: 0 for p in patterns}
+    chosen = []
+    for k in keys:
+        bare = k[len(strip):] if strip and k.startswith(strip) else k
+        hit = False
+        for p in patterns:
+            if p.matches(k) or (bare is not k and p.matches(bare)):
+                counts[p.text] += 1
+                hit = True
+        if hit:
+            chosen.append(k)
+    return chosen, counts
+
+
+def rename_metadata(metadata, fn):
+    """Apply a key-renaming function to ``_metadata``'s module paths (renamed entries win)."""
+    if metadata is None:
+        return None
+    out: OrderedDict = OrderedDict()
+    changed: set = set()
+    for mod, value in metadata.items():
+        probe = (mod + "." if mod else "") + "__leaf__"
+        new = fn(probe)
+        if new is None:
+            continue
+        new_mod = new[: -len("__leaf__")].rstrip(".") if new.endswith("__leaf__") else None
+        if new_mod is None:
+            continue
+        if new_mod in out and new_mod in changed and new == probe:
+            continue  # an unchanged entry never overrides one that was renamed onto it
+        out[new_mod] = value
+        if new != probe:
+            changed.add(new_mod)
+    return out

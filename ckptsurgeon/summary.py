@@ -1,0 +1,94 @@
+"""``inspect()``: what a checkpoint holds, from headers and the pickle only (no tensor bytes).
+
+Example::
+
+    info = ckptsurgeon.inspect("model_dp.pt")
+    info["prefix"]        # 'module.'
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from .checkpoint import Checkpoint, plain, tensor_info
+from .keys import detect_norms, detect_prefix, module_tree, prefix_report
+from .refs import is_tensor_like
+
+
+def describe_value(v: Any) -> str:
+    if is_tensor_like(v):
+        i = tensor_info(v)
+        return f"tensor {i['dtype']}{i['shape']}"
+    if isinstance(v, Mapping):
+        return f"dict ({len(v)} keys)"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} ({len(v)} items)"
+    if isinstance(v, (int, float, bool, str)) or v is None:
+        text = repr(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return type(v).__name__
+
+
+def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pickle=False) -> dict:
+    """A JSON-able summary of a checkpoint (path or Checkpoint). ``values=True`` also reads the
+    tensors to count NaN/Inf (the only option that touches tensor bytes)."""
+    from .loading import load
+
+    ck = source if isinstance(source, Checkpoint) else load(source, key=key, trust_pickle=trust_pickle)
+    src = ck.source
+    shapes = OrderedDict((k, tuple(tensor_info(v)["shape"])) for k, v in ck.tensor_items())
+    sizes = OrderedDict((k, tensor_info(v)["numel"]) for k, v in ck.tensor_items())
+    wrapper = {}
+    if isinstance(ck.wrapper, Mapping):
+        for k, v in ck.wrapper.items():
+            wrapper[str(k)] = describe_value(v)
+    summ = ck.summary()
+    out = {
+        "path": src.path if src else None,
+        "format": src.format if src else None,
+        "file_size": src.size if src else None,
+        "files": list(src.files) if src else [],
+        "lazy": src.lazy if src else False,
+        "state_dict_at": "/".join(map(str, ck.sd_path)) or "<bare>",
+        "candidates": list(ck.candidates),
+        "wrapper": wrapper,
+        "tensors": summ["tensors"],
+        "parameters": summ["parameters"],
+        "bytes": summ["bytes"],
+        "bytes_by_dtype": summ["bytes_by_dtype"],
+        "non_tensor_entries": [k for k, v in ck.state.items() if not is_tensor_like(v)],
+        "prefix": detect_prefix(shapes.keys()),
+        "prefixes_seen": prefix_report(shapes.keys()),
+        "norm_layers": detect_norms(shapes),
+        "modules": module_tree(sizes, depth),
+        "has_module_metadata": ck.metadata is not None,
+        "safetensors_metadata": dict(ck.st_metadata),
+        "transforms": list(ck.transforms),
+        "notes": list(ck.notes),
+    }
+    if values:
+        out["nonfinite"] = nonfinite(ck)
+    return out
+
+
+def nonfinite(ck: Checkpoint) -> list[dict]:
+    """Tensors holding NaN or Inf (reads floating tensors once each)."""
+    import torch
+
+    found = []
+    for name, v in ck.tensor_items():
+        t = v.to_torch() if hasattr(v, "to_torch") else v
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+            continue
+        t = t.detach()
+        if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128):
+            t = t.float()
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        if n_nan or n_inf:
+            found.append({"tensor": name, "nan": n_nan, "inf": n_inf, "numel": t.numel()})
+    return found
+
+
+__all__ = ["inspect", "nonfinite", "plain"]

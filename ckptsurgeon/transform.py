@@ -1,0 +1,52 @@
+"""Generic, surgery-agnostic changes to a Checkpoint: rename keys, keep a subset of keys.
+
+Both keep tensor references as they are (no bytes read or copied) and carry ``_metadata``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+from .checkpoint import Checkpoint
+from .errors import KeyCollisionError
+from .keys import module_of, rename_metadata
+
+
+def rename_keys(ck: Checkpoint, fn: Callable[[str], str]) -> tuple[Checkpoint, "OrderedDict[str, str]"]:
+    """New checkpoint with every key ``k`` renamed to ``fn(k)``; collisions are an error.
+
+    Returns (checkpoint, {old: new} for the keys that changed).
+    """
+    new_state: OrderedDict = OrderedDict()
+    origin: dict[str, list[str]] = {}
+    changed: OrderedDict = OrderedDict()
+    for k, v in ck.state.items():
+        nk = fn(k)
+        origin.setdefault(nk, []).append(k)
+        new_state[nk] = v
+        if nk != k:
+            changed[k] = nk
+    collisions = {nk: olds for nk, olds in origin.items() if len(olds) > 1}
+    if collisions:
+        sample = "; ".join(f"{' + '.join(o)} -> {n}" for n, o in list(collisions.items())[:5])
+        more = f" (and {len(collisions) - 5} more)" if len(collisions) > 5 else ""
+        raise KeyCollisionError(f"{len(collisions)} key collision(s), nothing written: {sample}{more}",
+                                collisions=collisions)
+    return ck.replace(state=new_state, metadata=rename_metadata(ck.metadata, fn)), changed
+
+
+def keep_keys(ck: Checkpoint, keys: Iterable[str]) -> Checkpoint:
+    """New checkpoint holding only ``keys`` (in the original order)."""
+    wanted = set(keys)
+    state = OrderedDict((k, v) for k, v in ck.state.items() if k in wanted)
+    meta = None
+    if ck.metadata is not None:
+        modules = {module_of(k) for k in state}
+        prefixes = set()
+        for m in modules:
+            parts = m.split(".") if m else []
+            for i in range(len(parts) + 1):
+                prefixes.add(".".join(parts[:i]))
+        meta = OrderedDict((m, v) for m, v in ck.metadata.items() if m in prefixes)
+    return ck.replace(state=state, metadata=meta)

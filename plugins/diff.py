@@ -1,0 +1,352 @@
+"""diff: what changed between two checkpoints, in numbers; deepdiff for everything but tensors.
+
+JSON schema ``ckpt-surgeon.diff/1`` (see README): keys only in A/B, renames (same shape, dtype
+and content under another name), shape/dtype changes, tensors equal/close/changed with
+max|a-b|, mean|a-b|, relative L2 and cosine, a per-module roll-up, NaN/Inf found, and the
+deepdiff of the non-tensor content (epoch, hyper-parameters, optimizer param_groups...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.checkpoint import Checkpoint, plain
+from ckptsurgeon.errors import EXIT_FINDING, SelectionError
+from ckptsurgeon.keys import detect_prefix
+from ckptsurgeon.refs import TensorRef, is_tensor_like
+from ckptsurgeon.types import Operation
+
+SCHEMA = "ckpt-surgeon.diff/1"
+
+
+def _info(v) -> tuple:
+    if isinstance(v, TensorRef):
+        return tuple(v.shape), v.dtype
+    from ckptsurgeon.dtypes import dtype_name
+
+    return tuple(v.shape), dtype_name(v.dtype)
+
+
+def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:
+    """({a_key: common}, {b_key: common}, alignment report): strip each side's wrapper prefix
+    when that makes more names meet than comparing them as they are."""
+    plain_a = {k: k for k in a_keys}
+    plain_b = {k: k for k in b_keys}
+    report = {"applied": False, "a_prefix": "", "b_prefix": ""}
+    if not enabled:
+        return plain_a, plain_b, report
+    same = len(set(a_keys) & set(b_keys))
+    pa, pb = detect_prefix(a_keys), detect_prefix(b_keys)
+    if pa == pb:
+        return plain_a, plain_b, report
+    # strip only the part of the prefix stacks that differs
+    common = 0
+    while common < min(len(pa), len(pb)) and pa[common] == pb[common]:
+        common += 1
+    common = pa[:common].rfind(".") + 1 if common else 0
+    sa, sb = pa[common:], pb[common:]
+    na = {k: pa[:common] + k[len(pa):] if k.startswith(pa) else k for k in a_keys}
+    nb = {k: pb[:common] + k[len(pb):] if k.startswith(pb) else k for k in b_keys}
+    aligned = len(set(na.values()) & set(nb.values()))
+    if aligned > same:
+        report = {"applied": True, "a_prefix": sa, "b_prefix": sb,
+                  "note": f"aligned keys by stripping {sa or 'nothing'!r} from A and {sb or 'nothing'!r} from B"}
+        return na, nb, report
+    return plain_a, plain_b, report
+
+
+def _module(name: str, depth: int) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:max(1, min(depth, len(parts) - 1))])
+
+
+def _other_content(ck: Checkpoint, with_hashes: bool) -> Any:
+    """Non-tensor content for deepdiff: the wrapper minus the state dict, tensors as summaries."""
+    from ckptsurgeon.compare import digest
+
+    def summarise(obj, memo):
+        if is_tensor_like(obj):
+            shape, dtype = _info(obj)
+            s = {"<tensor>": f"{dtype}{list(shape)}"}
+            if with_hashes:
+                s["xxh3"] = digest(obj)
+            return s
+        if isinstance(obj, Mapping):
+            return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): summarise(v, memo)
+                    for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [summarise(v, memo) for v in obj]
+        return plain(obj)
+
+    out = {}
+    if isinstance(ck.wrapper, Mapping) and ck.sd_path:
+        for k, v in ck.wrapper.items():
+            if (k,) == tuple(ck.sd_path[:1]) and len(ck.sd_path) == 1:
+                continue
+            out[str(k)] = summarise(v, {})
+    if ck.st_metadata:
+        out["__safetensors_metadata__"] = {k: v for k, v in ck.st_metadata.items() if k != "format"}
+    non_tensor = {k: plain(v) for k, v in ck.state.items() if not is_tensor_like(v)}
+    if non_tensor:
+        out["__state_dict_non_tensor__"] = non_tensor
+    return out
+
+
+def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_a=None, key_b=None,
+         trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True) -> dict:
+    """Compare two checkpoints (paths or Checkpoints), tensor by tensor, each pair read once.
+
+    Equal bytes (xxh3-128) short-circuit; statistics are computed only for pairs that differ.
+
+    Example::
+
+        rep = diff("epoch10.pt", "epoch20.safetensors")
+        rep["identical"], rep["changed"][0]["name"], rep["modules"][0]
+    """
+    from ckptsurgeon.compare import digest, stats
+    from ckptsurgeon.loading import load
+
+    ca = a if isinstance(a, Checkpoint) else load(a, key=key_a, trust_pickle=trust_pickle)
+    cb = b if isinstance(b, Checkpoint) else load(b, key=key_b, trust_pickle=trust_pickle)
+    ta = OrderedDict((k, v) for k, v in ca.state.items() if is_tensor_like(v))
+    tb = OrderedDict((k, v) for k, v in cb.state.items() if is_tensor_like(v))
+    ma, mb, alignment = align_keys(list(ta), list(tb), align)
+    inv_b = {c: k for k, c in mb.items()}
+    common = [(k, ma[k], inv_b[ma[k]]) for k in ta if ma[k] in inv_b]
+    matched_b = {kb for _, _, kb in common}
+    only_a = [k for k in ta if ma[k] not in inv_b]
+    only_b = [k for k in tb if k not in matched_b]
+
+    renamed = []
+    if only_a and only_b:
+        index: dict = {}
+        for k in only_b:
+            shape, dtype = _info(tb[k])
+            index.setdefault((shape, dtype), []).append(k)
+        by_hash: dict = {}
+        for k in only_a:
+            shape, dtype = _info(ta[k])
+            cands = index.get((shape, dtype))
+            if not cands:
+                continue
+            h = digest(ta[k])
+            for kb in list(cands):
+                hb = by_hash.get(kb)
+                if hb is None:
+                    hb = by_hash[kb] = digest(tb[kb])
+                if hb == h:
+                    renamed.append({"a": k, "b": kb})
+                    cands.remove(kb)
+                    break
+        ra = {r["a"] for r in renamed}
+        rb = {r["b"] for r in renamed}
+        only_a = [k for k in only_a if k not in ra]
+        only_b = [k for k in only_b if k not in rb]
+
+    shape_changed, dtype_changed, changed, close, nonfinite = [], [], [], [], []
+    equal = 0
+    mods: "OrderedDict[str, dict]" = OrderedDict()
+    for ka, name, kb in common:
+        va, vb = ta[ka], tb[kb]
+        (sa, da), (sb, db) = _info(va), _info(vb)
+        mod = mods.setdefault(_module(name, depth), {"module": _module(name, depth), "tensors": 0, "changed": 0,
+                                                      "diff_sq": 0.0, "ref_sq": 0.0})
+        mod["tensors"] += 1
+        if sa != sb:
+            shape_changed.append({"name": name, "a": list(sa), "b": list(sb)})
+            mod["changed"] += 1
+            continue
+        if da != db:
+            dtype_changed.append({"name": name, "a": da, "b": db})
+            mod["changed"] += 1
+            continue
+        if digest(va) == digest(vb):
+            equal += 1
+            continue
+        s = stats(va, vb, atol, rtol)
+        nf = s.pop("nonfinite", None)
+        if nf:
+            nonfinite.append({"name": name, **nf})
+        entry = {"name": name, "shape": list(sa), "dtype": da, **{k: _num(v) for k, v in s.items()
+                                                                   if k not in ("diff_sq", "ref_sq", "close")}}
+        mod["diff_sq"] += s["diff_sq"]
+        mod["ref_sq"] += s["ref_sq"]
+        if s["close"] and (atol or rtol):
+            close.append(entry)
+            continue
+        changed.append(entry)
+        mod["changed"] += 1
+    changed.sort(key=lambda e: (-(e["rel_l2"] if e["rel_l2"] is not None else math.inf), e["name"]))
+    modules = []
+    for m in mods.values():
+        rel = math.sqrt(m["diff_sq"]) / math.sqrt(m["ref_sq"]) if m["ref_sq"] > 0 else (0.0 if m["diff_sq"] == 0 else None)
+        modules.append({"module": m["module"], "tensors": m["tensors"], "changed": m["changed"], "rel_l2": _num(rel)})
+    modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
+
+    from deepdiff import DeepDiff
+
+    dd = DeepDiff(_other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes), verbose_level=2)
+    meta = json.loads(dd.to_json()) if dd else {}
+
+    differences = bool(only_a or only_b or renamed or shape_changed or dtype_changed or changed or meta)
+    identical = not differences and not close
+    if identical:
+        verdict = "identical: every tensor is bitwise equal and the other content matches"
+    elif not differences:
+        verdict = f"equal within tolerance (atol={atol}, rtol={rtol}): {len(close)} tensor(s) differ slightly"
+    else:
+        bits = []
+        if changed:
+            bits.append(f"{len(changed)} tensor(s) changed")
+        if shape_changed:
+            bits.append(f"{len(shape_changed)} shape change(s)")
+        if dtype_changed:
+            bits.append(f"{len(dtype_changed)} dtype change(s)")
+        if renamed:
+            bits.append(f"{len(renamed)} rename(s)")
+        if only_a:
+            bits.append(f"{len(only_a)} only in A")
+        if only_b:
+            bits.append(f"{len(only_b)} only in B")
+        if meta:
+            bits.append("other content differs")
+        verdict = "different: " + ", ".join(bits)
+    return {
+        "schema": SCHEMA,
+        "a": _side(ca, len(ta)), "b": _side(cb, len(tb)),
+        "alignment": alignment,
+        "tolerance": {"atol": atol, "rtol": rtol},
+        "only_in_a": only_a, "only_in_b": only_b, "renamed": renamed,
+        "shape_changed": shape_changed, "dtype_changed": dtype_changed,
+        "equal": equal, "close": close, "changed": changed,
+        "modules": modules, "nonfinite": nonfinite, "metadata": meta,
+        "differences": differences, "identical": identical, "verdict": verdict,
+    }
+
+
+def _num(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    return v
+
+
+def _side(ck: Checkpoint, n: int) -> dict:
+    return {"path": ck.source.path if ck.source else None, "format": ck.source.format if ck.source else None,
+            "state_dict_at": "/".join(map(str, ck.sd_path)) or "<bare>", "tensors": n}
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SelectionError("--plot needs matplotlib", hint="pip install 'ckpt-surgeon[plot]'") from None
+    mods = [m for m in report["modules"]]
+    names = [m["module"] for m in mods]
+    vals = [100 * (m["rel_l2"] or 0) for m in mods]
+    fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names)), 4))
+    ax.bar(range(len(names)), vals, color="tab:blue")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("relative L2 change (%)")
+    ax.set_title("change per module")
+    fig.tight_layout()
+    from ckptsurgeon.atomic import check_output_path
+
+    check_output_path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _human(r: dict) -> None:
+    from rich.table import Table
+
+    c = cliutil.console()
+    c.print(f"A: {r['a']['path']} ({r['a']['format']}, {r['a']['tensors']} tensors)")
+    c.print(f"B: {r['b']['path']} ({r['b']['format']}, {r['b']['tensors']} tensors)")
+    if r["alignment"]["applied"]:
+        c.print(f"note: {r['alignment']['note']}")
+    for label, items in (("only in A", r["only_in_a"]), ("only in B", r["only_in_b"])):
+        if items:
+            c.print(f"{label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    for x in r["renamed"]:
+        c.print(f"renamed: {x['a']} -> {x['b']} (same content)")
+    for x in r["shape_changed"]:
+        c.print(f"shape: {x['name']}: {x['a']} -> {x['b']}")
+    for x in r["dtype_changed"]:
+        c.print(f"dtype: {x['name']}: {x['a']} -> {x['b']}")
+    if r["changed"]:
+        t = Table("tensor", "max|a-b|", "mean|a-b|", "rel L2", "cosine", "differing", title="changed tensors (most first)")
+        for e in r["changed"][:30]:
+            t.add_row(e["name"], f"{e['max_abs']:.3g}", f"{e['mean_abs']:.3g}",
+                      "n/a" if e["rel_l2"] is None else f"{100 * e['rel_l2']:.3g}%",
+                      f"{e['cosine']:.6f}", f"{e['n_diff']}/{e['numel']}")
+        c.print(t)
+        if len(r["changed"]) > 30:
+            c.print(f"... and {len(r['changed']) - 30} more")
+    touched = [m for m in r["modules"] if m["changed"]]
+    if touched:
+        t = Table("module", "changed", "rel L2", title="per module")
+        for m in touched:
+            t.add_row(m["module"], f"{m['changed']}/{m['tensors']}",
+                      "n/a" if m["rel_l2"] is None else f"{100 * m['rel_l2']:.3g}%")
+        c.print(t)
+    for x in r["nonfinite"]:
+        c.print(f"NaN/Inf: {x['name']}: " + ", ".join(f"{s} nan={v['nan']} inf={v['inf']}" for s, v in x.items() if s != "name"))
+    if r["metadata"]:
+        c.print("other content:")
+        for kind, items in r["metadata"].items():
+            if isinstance(items, dict):
+                for path, val in list(items.items())[:30]:
+                    c.print(f"  {kind}: {path}: {json.dumps(val, default=str)[:160]}")
+            else:
+                c.print(f"  {kind}: {json.dumps(items, default=str)[:200]}")
+    c.print(f"[bold]{r['verdict']}[/bold]")
+
+
+@click.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--atol", default=0.0, show_default=True, help="Absolute tolerance for 'equal'.")
+@click.option("--rtol", default=0.0, show_default=True, help="Relative tolerance for 'equal'.")
+@click.option("--no-align", is_flag=True, help="Do not align keys across wrapper prefixes.")
+@click.option("--depth", default=1, show_default=True, help="Module depth of the roll-up.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Bar chart of change per module (matplotlib).")
+@click.option("--key-a", default=None, help="State-dict location in A.")
+@click.option("--key-b", default=None, help="State-dict location in B.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unsafe pickle globals (runs code from the files).")
+@cliutil.json_option
+def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_pickle, as_json):
+    """Compare two checkpoints. Exit 0: no differences, 1: differences, 2: error.
+
+    \b
+    Examples:
+      ckpt-surgeon diff a.pt b.pt
+      ckpt-surgeon diff epoch10.pt epoch20.safetensors --json > report.json
+      ckpt-surgeon diff base/ finetuned/ --atol 1e-6 --plot change.png
+    """
+    report = diff(a, b, atol=atol, rtol=rtol, align=not no_align, key_a=key_a, key_b=key_b,
+                  trust_pickle=trust_pickle, depth=depth)
+    if plot_path:
+        plot(report, plot_path)
+    cliutil.emit(report, as_json, _human)
+    if report["differences"]:
+        click.get_current_context().exit(EXIT_FINDING)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [diff_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("diff", diff, "compare two checkpoints")]

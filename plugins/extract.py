@@ -1,0 +1,136 @@
+"""extract --layers: keep some modules' weights (and their buffers), optionally re-rooted."""
+
+from __future__ import annotations
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.errors import SelectionError
+from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select
+from ckptsurgeon.transform import keep_keys, rename_keys
+from ckptsurgeon.types import Operation
+
+
+def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
+            keep_optimizer: bool = False) -> tuple[Checkpoint, dict]:
+    """Keep the tensors of the selected layers.
+
+    ``layers``/``exclude``: module paths matched on whole components (``layer1`` matches
+    ``layer1.0.conv1.weight``, not ``layer10``), globs (``*.bn*``) or regexes (``re:^enc\\.``),
+    tried with and without the checkpoint's wrapper prefix. Every pattern must match something.
+    A selected module's other tensors (BN running stats...) come along. ``reroot`` removes a
+    prefix from the kept names. Optimizer state in the wrapper is dropped (it no longer matches).
+
+    Example::
+
+        new, rep = extract(ck, ["backbone"], reroot="backbone.")
+    """
+    inc = parse_patterns(layers)
+    if not inc:
+        raise SelectionError("no --layers given")
+    exc = parse_patterns(exclude)
+    keys = list(ck.state)
+    strip = detect_prefix(keys)
+    chosen, counts = select(keys, inc, strip)
+    missing = [p for p, n in counts.items() if n == 0]
+    if missing:
+        raise SelectionError(f"layer pattern(s) matched nothing: {', '.join(map(repr, missing))}",
+                             hint=f"top-level modules: {', '.join(_top_modules(keys, strip)[:12])}")
+    # a selected module brings all of its own tensors (buffers included)
+    modules = {module_of(k) for k in chosen}
+    chosen_set = set(chosen) | {k for k in keys if module_of(k) in modules}
+    if exc:
+        dropped, ecounts = select(sorted(chosen_set), exc, strip)
+        emissing = [p for p, n in ecounts.items() if n == 0]
+        if emissing:
+            raise SelectionError(f"--exclude pattern(s) matched nothing selected: {', '.join(map(repr, emissing))}")
+        chosen_set -= set(dropped)
+    if not chosen_set:
+        raise SelectionError("the selection is empty after --exclude")
+    new = keep_keys(ck, chosen_set)
+    notes = []
+    if reroot:
+        pre = reroot if reroot.endswith(".") else reroot + "."
+        kept = list(new.state)
+        bad = [k for k in kept if not (k.startswith(pre) or k.startswith(strip + pre))]
+        if bad:
+            raise SelectionError(f"--reroot {pre!r}: {len(bad)} extracted key(s) do not start with it, e.g. {bad[0]!r}")
+        full = pre if all(k.startswith(pre) for k in kept) else strip + pre
+        new, _ = rename_keys(new, lambda k: k[len(full):] if k.startswith(full) else k)
+    dropped_wrapper = []
+    if new.sd_path and isinstance(new.wrapper, dict) and not keep_optimizer:
+        wrapper = dict(new.wrapper) if type(new.wrapper) is dict else new.wrapper.copy()
+        for k in list(wrapper):
+            if "optim" in str(k).lower() and k != new.sd_path[0]:
+                del wrapper[k]
+                dropped_wrapper.append(str(k))
+        new = new.replace(wrapper=wrapper)
+        if dropped_wrapper:
+            notes.append(f"dropped optimizer state ({', '.join(dropped_wrapper)}): it no longer matches a partial model")
+    summ = new.summary()
+    left = [k for k in keys if k not in chosen_set]
+    report = {
+        "operation": "extract",
+        "patterns": counts,
+        "kept": summ["tensors"], "parameters": summ["parameters"], "bytes": summ["bytes"],
+        "left_out": len(left), "left_out_modules": sorted({module_of(k) for k in left})[:50],
+        "reroot": reroot, "dropped_wrapper_keys": dropped_wrapper, "notes": notes,
+        "keys": list(new.state),
+    }
+    return new, report
+
+
+def _top_modules(keys, strip):
+    seen = []
+    for k in keys:
+        bare = k[len(strip):] if strip and k.startswith(strip) else k
+        top = bare.split(".", 1)[0]
+        if top not in seen:
+            seen.append(top)
+    return seen
+
+
+def _human(r: dict) -> None:
+    click.echo(f"kept {r['kept']} tensors ({r['parameters']:,} parameters, {cliutil.human_bytes(r['bytes'])}); "
+               f"left out {r['left_out']}")
+    for p, n in r["patterns"].items():
+        click.echo(f"  {p!r}: {n} keys")
+    for n in r["notes"]:
+        click.echo(f"note: {n}")
+    cliutil.echo_save(r["save"])
+
+
+@click.command("extract")
+@click.argument("path")
+@click.option("--layers", multiple=True, required=True, help="Module paths, globs or re:regex (repeatable, comma-separated).")
+@click.option("--exclude", multiple=True, help="Patterns to leave out of the selection.")
+@click.option("--reroot", default=None, metavar="PREFIX", help="Remove PREFIX from extracted names.")
+@click.option("--keep-optimizer", is_flag=True, help="Keep optimizer state in the wrapper anyway.")
+@cliutil.load_options
+@cliutil.write_options
+@cliutil.json_option
+def extract_cmd(path, layers, exclude, reroot, keep_optimizer, key, trust_pickle, output, out_format, dry_run,
+                in_place, max_shard_size, dedupe_tied, as_json):
+    """Extract some layers' weights (for finetuning a backbone).
+
+    \b
+    Examples:
+      ckpt-surgeon extract resnet.pt -o backbone.pt --layers conv1 --layers 'layer1,layer2' --exclude 'layer2.1'
+      ckpt-surgeon extract ckpt.pth -o enc.safetensors --layers 're:^encoder\\.layer\\.[0-5]\\.' --reroot encoder.
+    """
+    ck = cliutil.load(path, key, trust_pickle)
+    new, report = extract(ck, layers, exclude=exclude, reroot=reroot, keep_optimizer=keep_optimizer)
+    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
+                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    cliutil.emit(report, as_json, _human)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [extract_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("extract", extract, "keep the tensors of selected layers")]

@@ -1,0 +1,128 @@
+"""strip-prefix / add-prefix: the wrapper prefixes of DataParallel/DDP, torch.compile, Lightning."""
+
+from __future__ import annotations
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.errors import SelectionError
+from ckptsurgeon.keys import detect_prefix, prefix_report
+from ckptsurgeon.transform import rename_keys
+from ckptsurgeon.types import Operation
+
+
+def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = False) -> tuple[Checkpoint, dict]:
+    """Remove a wrapper prefix from state-dict keys.
+
+    Without ``prefix`` the stack of known wrapper prefixes carried by every key is detected
+    (``module.``, ``_orig_mod.``, ``model.``, ``module._orig_mod.`` ...). A given prefix must be on
+    every key unless ``partial=True``. Tensors are not read; ``_metadata`` follows.
+
+    Example::
+
+        new, report = strip_prefix(load("model_dp.pt"))     # report["prefix"] == "module."
+    """
+    keys = list(ck.state)
+    detected = prefix is None
+    if detected:
+        prefix = detect_prefix(keys, partial=partial)
+        if not prefix:
+            seen = ", ".join(f"{p['prefix']} ({p['keys']}/{p['of']})" for p in prefix_report(keys)) or "none"
+            raise SelectionError("no wrapper prefix is carried by every key (known prefixes seen: " + seen + ")",
+                                 hint="pass --prefix, or --partial to strip where present")
+    n = sum(1 for k in keys if k.startswith(prefix))
+    if n == 0:
+        raise SelectionError(f"no key starts with {prefix!r}", hint=f"first key: {keys[0]!r}" if keys else None)
+    if n < len(keys) and not partial:
+        raise SelectionError(f"only {n} of {len(keys)} keys start with {prefix!r}",
+                             hint="pass --partial to strip it where present")
+    new, changed = rename_keys(ck, lambda k: k[len(prefix):] if k.startswith(prefix) else k)
+    report = {"operation": "strip-prefix", "prefix": prefix, "detected": detected, "renamed": len(changed),
+              "unchanged": len(keys) - len(changed), "wrapper_untouched": ck.wrapper_keys()}
+    return new, report
+
+
+def add_prefix(ck: Checkpoint, prefix: str) -> tuple[Checkpoint, dict]:
+    """Put ``prefix`` in front of every state-dict key (``module.`` to load into DataParallel).
+
+    Example::
+
+        new, report = add_prefix(load("model.pt"), "module.")
+    """
+    if not prefix:
+        raise SelectionError("an empty prefix changes nothing", hint="e.g. --prefix module.")
+    notes = []
+    if not prefix.endswith("."):
+        prefix += "."
+        notes.append(f"prefix normalised to {prefix!r}")
+    new, changed = rename_keys(ck, lambda k: prefix + k)
+    return new, {"operation": "add-prefix", "prefix": prefix, "renamed": len(changed), "notes": notes}
+
+
+def _human(report: dict) -> None:
+    op = report["operation"]
+    if op == "strip-prefix":
+        how = "detected" if report["detected"] else "given"
+        click.echo(f"stripped {how} prefix {report['prefix']!r} from {report['renamed']} keys"
+                   + (f" ({report['unchanged']} keys without it kept)" if report["unchanged"] else ""))
+    else:
+        click.echo(f"added prefix {report['prefix']!r} to {report['renamed']} keys")
+    for n in report.get("notes", []):
+        click.echo(f"note: {n}")
+    cliutil.echo_save(report["save"])
+
+
+@click.command("strip-prefix")
+@click.argument("path")
+@click.option("--prefix", default=None, help="Prefix to strip (default: detect module./_orig_mod./model. stacks).")
+@click.option("--partial", is_flag=True, help="Strip from the keys that carry it, keep the others.")
+@cliutil.load_options
+@cliutil.write_options
+@cliutil.json_option
+def strip_cmd(path, prefix, partial, key, trust_pickle, output, out_format, dry_run, in_place, max_shard_size,
+              dedupe_tied, as_json):
+    """Strip a wrapper prefix (module., _orig_mod., model.) from every key.
+
+    \b
+    Examples:
+      ckpt-surgeon strip-prefix model_dp.pt -o model.pt
+      ckpt-surgeon strip-prefix model.ckpt -o model.safetensors --prefix model.
+    """
+    ck = cliutil.load(path, key, trust_pickle)
+    new, report = strip_prefix(ck, prefix, partial=partial)
+    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
+                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    cliutil.emit(report, as_json, _human)
+
+
+@click.command("add-prefix")
+@click.argument("path")
+@click.option("--prefix", required=True, help="Prefix to add, e.g. module.")
+@cliutil.load_options
+@cliutil.write_options
+@cliutil.json_option
+def add_cmd(path, prefix, key, trust_pickle, output, out_format, dry_run, in_place, max_shard_size, dedupe_tied,
+            as_json):
+    """Add a prefix to every key (e.g. module. for DataParallel).
+
+    \b
+    Example:
+      ckpt-surgeon add-prefix model.pt -o model_dp.pt --prefix module.
+    """
+    ck = cliutil.load(path, key, trust_pickle)
+    new, report = add_prefix(ck, prefix)
+    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
+                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    cliutil.emit(report, as_json, _human)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [strip_cmd, add_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("strip_prefix", strip_prefix, "remove a wrapper prefix from keys"),
+            Operation("add_prefix", add_prefix, "add a prefix to every key")]

@@ -1,0 +1,169 @@
+"""rename: ordered regex rules over state-dict keys, with an undo map in the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.errors import SelectionError
+from ckptsurgeon.transform import rename_keys
+from ckptsurgeon.types import Operation
+
+
+def parse_rule(text: str) -> tuple[str, str]:
+    """'PATTERN=>REPLACEMENT' (Python re syntax, \\1 for groups)."""
+    pattern, sep, repl = text.partition("=>")
+    if not sep or not pattern:
+        raise SelectionError(f"rename rule {text!r} is not PATTERN=>REPLACEMENT")
+    return pattern, repl
+
+
+def load_rules(path: str) -> list[tuple[str, str]]:
+    """Rules from .json/.yaml/.toml: {pattern: replacement}, [[pattern, replacement], ...]
+    or {"rules": [...]}; order is kept."""
+    if not os.path.isfile(path):
+        raise SelectionError(f"map file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise SelectionError("YAML map files need PyYAML", hint="pip install pyyaml, or use .json/.toml") from None
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        elif ext == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python < 3.11
+                import tomli as tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        else:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+    except SelectionError:
+        raise
+    except Exception as e:
+        raise SelectionError(f"cannot read map file {path}: {e}") from None
+    if isinstance(data, dict) and "rules" in data:
+        data = data["rules"]
+    if isinstance(data, dict):
+        return [(str(k), str(v)) for k, v in data.items()]
+    if isinstance(data, list):
+        rules = []
+        for item in data:
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                rules.append((str(item[0]), str(item[1])))
+            elif isinstance(item, dict) and "pattern" in item:
+                rules.append((str(item["pattern"]), str(item.get("replacement", item.get("repl", "")))))
+            else:
+                raise SelectionError(f"map file {path}: cannot read rule {item!r}")
+        return rules
+    raise SelectionError(f"map file {path}: expected a mapping or a list of rules")
+
+
+def rename(ck: Checkpoint, rules, *, allow_unmatched: bool = False) -> tuple[Checkpoint, dict]:
+    """Apply regex rules in order to every key (each rule sees the result of the previous).
+
+    A rule that matches no key is an error (a typo must not pass silently) unless
+    ``allow_unmatched``; collisions are errors. The report's ``inverse`` undoes the rename.
+
+    Example::
+
+        new, rep = rename(ck, [(r"^backbone\\.(.*)", r"encoder.\\1"), (r"fc\\.", "head.")])
+    """
+    compiled = []
+    for pattern, repl in rules:
+        try:
+            compiled.append((pattern, re.compile(pattern), repl))
+        except re.error as e:
+            raise SelectionError(f"invalid pattern {pattern!r}: {e}") from None
+    if not compiled:
+        raise SelectionError("no rename rules given", hint="--map 'PATTERN=>REPLACEMENT' or --map-file")
+    hits = {p: 0 for p, _, _ in compiled}
+
+    def apply(key: str, count: bool = True) -> str:
+        for pattern, rx, repl in compiled:
+            try:
+                new, n = rx.subn(repl, key)
+            except (re.error, IndexError) as e:
+                raise SelectionError(f"replacement {repl!r} for {pattern!r} is invalid: {e}") from None
+            if n and count:
+                hits[pattern] += 1
+            key = new
+        return key
+
+    mapping = {k: apply(k) for k in ck.state}
+    unmatched = [p for p, n in hits.items() if n == 0]
+    if unmatched and not allow_unmatched:
+        raise SelectionError(f"rename rule(s) matched no key: {', '.join(map(repr, unmatched))}",
+                             hint="check the pattern, or pass --allow-unmatched")
+    new, changed = rename_keys(ck, lambda k: mapping[k] if k in mapping else apply(k, count=False))
+    report = {
+        "operation": "rename",
+        "rules": [{"pattern": p, "replacement": r, "matched": hits[p]} for p, _, r in compiled],
+        "unmatched_rules": unmatched,
+        "renamed": len(changed),
+        "mapping": dict(changed),
+        "inverse": [["^" + re.escape(n) + "$", o.replace("\\", "\\\\")] for o, n in changed.items()],
+    }
+    return new, report
+
+
+def _human(report: dict) -> None:
+    for r in report["rules"]:
+        click.echo(f"rule {r['pattern']!r} => {r['replacement']!r}: {r['matched']} keys")
+    for old, new in report["mapping"].items():
+        click.echo(f"  {old} -> {new}")
+    click.echo(f"{report['renamed']} keys renamed")
+    cliutil.echo_save(report["save"])
+
+
+@click.command("rename")
+@click.argument("path")
+@click.option("--map", "maps", multiple=True, metavar="'PATTERN=>REPL'", help="Regex rule (repeatable, applied in order).")
+@click.option("--map-file", default=None, help="Rules from a .json, .yaml or .toml file.")
+@click.option("--allow-unmatched", is_flag=True, help="A rule that matches nothing is a note, not an error.")
+@click.option("--save-inverse", default=None, metavar="FILE", help="Write the undo rules as JSON (usable with --map-file).")
+@cliutil.load_options
+@cliutil.write_options
+@cliutil.json_option
+def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, key, trust_pickle, output, out_format, dry_run,
+               in_place, max_shard_size, dedupe_tied, as_json):
+    """Rename keys with ordered regex rules.
+
+    \b
+    Examples:
+      ckpt-surgeon rename in.pt -o out.pt --map '^backbone\\.(.*)=>encoder.\\1' --map 'fc\\.=>head.'
+      ckpt-surgeon rename in.pt -o out.pt --map-file renames.json
+      ckpt-surgeon rename in.pt --map 'old=>new' --dry-run
+    """
+    rules = [parse_rule(m) for m in maps]
+    if map_file:
+        rules += load_rules(map_file)
+    ck = cliutil.load(path, key, trust_pickle)
+    new, report = rename(ck, rules, allow_unmatched=allow_unmatched)
+    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
+                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    if save_inverse and not dry_run:
+        from ckptsurgeon.atomic import atomic_output
+
+        with atomic_output(save_inverse) as fd:
+            os.write(fd, json.dumps({"rules": report["inverse"]}, indent=1).encode())
+    cliutil.emit(report, as_json, _human)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [rename_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("rename", rename, "rename keys with ordered regex rules")]

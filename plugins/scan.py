@@ -1,0 +1,105 @@
+"""scan: list the globals a checkpoint's pickles would import, without executing anything."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.errors import EXIT_ERROR, EXIT_FINDING, CkptSurgeonError, InputNotFoundError
+from ckptsurgeon.types import Operation
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path)
+                      if os.path.isfile(os.path.join(path, f)) and not f.endswith(".json"))
+    return [path]
+
+
+def scan(path: str) -> dict:
+    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...]}], 'unsafe': [...]}.
+
+    Every pickle inside a torch zip is read (a second ``.pkl`` record is a classic hiding
+    place), a legacy file's leading pickles too; safetensors files hold no pickle and are only
+    header-checked. A global counts as unsafe when it is outside torch's weights-only
+    allowlist (plus globals registered with ``torch.serialization.add_safe_globals``).
+
+    Example::
+
+        rep = scan("download.bin"); rep["unsafe"]   # ['posix.system']
+    """
+    from ckptsurgeon.safety import allowed_globals, pickle_globals
+    from ckptsurgeon.stfmt import read_header
+
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{path}: no such file or directory")
+    allowed = allowed_globals()
+    files, unsafe_all = [], []
+    for f in _files(path):
+        entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None}
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(16)
+            from ckptsurgeon.formats.safetensors import sniff as st_sniff
+
+            if st_sniff(f, head):
+                read_header(f)
+                entry["format"] = "safetensors"
+            else:
+                entry["pickles"] = pickle_globals(f)
+                entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"
+                for names in entry["pickles"].values():
+                    for n in names:
+                        if n not in allowed and n not in entry["unsafe"]:
+                            entry["unsafe"].append(n)
+        except CkptSurgeonError as e:
+            if not os.path.isdir(path):
+                raise
+            entry["error"] = e.one_line()
+        except OSError as e:
+            raise InputNotFoundError(f"{f}: cannot read ({e.strerror})") from None
+        unsafe_all += [n for n in entry["unsafe"] if n not in unsafe_all]
+        files.append(entry)
+    return {"path": path, "files": files, "unsafe": unsafe_all}
+
+
+@click.command("scan")
+@click.argument("paths", nargs=-1, required=True)
+@cliutil.json_option
+def scan_cmd(paths, as_json):
+    """List the globals a pickle would import (nothing is executed); exit 1 if any is unsafe.
+
+    \b
+    Example:
+      ckpt-surgeon scan downloaded.bin other.pt
+    """
+    reports = [scan(p) for p in paths]
+    unsafe = any(r["unsafe"] for r in reports)
+    errors = any(f["error"] for r in reports for f in r["files"])
+    if as_json:
+        cliutil.emit({"reports": reports, "unsafe": unsafe}, True)
+    else:
+        for r in reports:
+            for f in r["files"]:
+                status = "ERROR " + f["error"] if f["error"] else ("UNSAFE" if f["unsafe"] else "ok")
+                click.echo(f"{f['file']}: {status} ({f['format']})")
+                for pkl, names in f["pickles"].items():
+                    click.echo(f"  {pkl}: {len(names)} global(s), {len(set(names))} distinct")
+                for n in f["unsafe"]:
+                    click.echo(f"  unsafe global: {n}")
+    if unsafe:
+        click.get_current_context().exit(EXIT_FINDING)
+    if errors:
+        click.get_current_context().exit(EXIT_ERROR)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [scan_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("scan", scan, "list the globals a pickle would import")]
