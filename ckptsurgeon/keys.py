@@ -206,3 +206,75 @@ def rename_metadata(metadata, fn):
         if new != probe:
             changed.add(new_mod)
     return out
+
+
+def align_to_model(ck_keys: list[str], model_keys: list[str]):
+    """The key mapping (checkpoint name -> model name) that matches the most names.
+
+    Tries: as is; stripping the checkpoint's wrapper prefix; adding the model's wrapper
+    prefix; and re-rooting under one of the model's top-level modules (a backbone-only file
+    loaded into a full model).
+    """
+    model_set = set(model_keys)
+    ck_prefix = detect_prefix(ck_keys, partial=True)
+    m_prefix = detect_prefix(model_keys)
+    candidates = [("as is", lambda k: k)]
+    if ck_prefix:
+        candidates.append((f"strip {ck_prefix!r}", lambda k, p=ck_prefix: k[len(p):] if k.startswith(p) else k))
+    if m_prefix:
+        candidates.append((f"add {m_prefix!r}", lambda k, p=m_prefix: p + k))
+        if ck_prefix:
+            candidates.append((f"strip {ck_prefix!r}, add {m_prefix!r}",
+                               lambda k, a=ck_prefix, b=m_prefix: b + (k[len(a):] if k.startswith(a) else k)))
+    tops = []
+    for k in model_keys:
+        t = k.split(".", 1)[0]
+        if t not in tops and "." in k:
+            tops.append(t)
+    for t in tops[:50]:
+        candidates.append((f"under {t + '.'!r}", lambda k, p=t + ".": p + k))
+        if ck_prefix:
+            candidates.append((f"strip {ck_prefix!r}, under {t + '.'!r}",
+                               lambda k, a=ck_prefix, p=t + ".": p + (k[len(a):] if k.startswith(a) else k)))
+    best = max(candidates, key=lambda c: sum(1 for k in ck_keys if c[1](k) in model_set))
+    return best
+
+
+def load_into_model(model, ck, *, strict: bool = True) -> str:
+    """Load a Checkpoint into ``model`` with automatic prefix alignment; returns how it aligned.
+
+    With ``strict`` every model key must be present with the right shape and no checkpoint
+    tensor may be left over: otherwise a ModelError lists missing/unexpected/mismatched keys.
+    """
+    from .errors import ModelError
+    from .refs import is_tensor_like
+
+    model_sd = model.state_dict()
+    ck_keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
+    how, fn = align_to_model(ck_keys, list(model_sd))
+    sub, unexpected, mismatched = {}, [], []
+    for k in ck_keys:
+        mk = fn(k)
+        if mk not in model_sd:
+            unexpected.append(k)
+            continue
+        v = ck.state[k]
+        if tuple(v.shape) != tuple(model_sd[mk].shape):
+            mismatched.append(f"{mk} {list(v.shape)} vs model {list(model_sd[mk].shape)}")
+            continue
+        sub[mk] = v.to_torch() if hasattr(v, "to_torch") else v
+    missing = [k for k in model_sd if k not in sub]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:6])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:6])}")
+        if mismatched:
+            parts.append(f"shape mismatch {len(mismatched)}: {', '.join(mismatched[:4])}")
+        raise ModelError(f"checkpoint does not load strictly into the model ({how}): " + "; ".join(parts))
+    import torch
+
+    with torch.no_grad():
+        model.load_state_dict(sub, strict=False)
+    return how

@@ -37,6 +37,9 @@ class ModelTransform:
     name: str
     apply: Callable[[Any, dict], Any]
     description: str = ""
+    #: modules whose own output changes by design (e.g. a conv that absorbed a BN); verify
+    #: compares them but does not count them as divergent
+    affected: Callable[[dict], list] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, SelectionError
-from ckptsurgeon.keys import detect_prefix, parse_patterns, select
+from ckptsurgeon.keys import align_to_model, detect_prefix, parse_patterns, select
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import Operation
 
@@ -20,38 +20,6 @@ class PartialLoadError(CkptSurgeonError):
     def __init__(self, message, report, **kw):
         super().__init__(message, **kw)
         self.report = report
-
-
-def _align(ck_keys: list[str], model_keys: list[str]):
-    """The key mapping (checkpoint name -> model name) that matches the most names.
-
-    Tries: as is; stripping the checkpoint's wrapper prefix; adding the model's wrapper
-    prefix; and re-rooting under one of the model's top-level modules (a backbone-only file
-    loaded into a full model).
-    """
-    model_set = set(model_keys)
-    ck_prefix = detect_prefix(ck_keys, partial=True)
-    m_prefix = detect_prefix(model_keys)
-    candidates = [("as is", lambda k: k)]
-    if ck_prefix:
-        candidates.append((f"strip {ck_prefix!r}", lambda k, p=ck_prefix: k[len(p):] if k.startswith(p) else k))
-    if m_prefix:
-        candidates.append((f"add {m_prefix!r}", lambda k, p=m_prefix: p + k))
-        if ck_prefix:
-            candidates.append((f"strip {ck_prefix!r}, add {m_prefix!r}",
-                               lambda k, a=ck_prefix, b=m_prefix: b + (k[len(a):] if k.startswith(a) else k)))
-    tops = []
-    for k in model_keys:
-        t = k.split(".", 1)[0]
-        if t not in tops and "." in k:
-            tops.append(t)
-    for t in tops[:50]:
-        candidates.append((f"under {t + '.'!r}", lambda k, p=t + ".": p + k))
-        if ck_prefix:
-            candidates.append((f"strip {ck_prefix!r}, under {t + '.'!r}",
-                               lambda k, a=ck_prefix, p=t + ".": p + (k[len(a):] if k.startswith(a) else k)))
-    best = max(candidates, key=lambda c: sum(1 for k in ck_keys if c[1](k) in model_set))
-    return best
 
 
 def load_partial(model, source, *, layers=None, freeze: bool = False, min_match: float = 0.9, key=None,
@@ -83,7 +51,7 @@ def load_partial(model, source, *, layers=None, freeze: bool = False, min_match:
             raise SelectionError(f"layer pattern(s) match nothing in the model: {', '.join(map(repr, missing_pats))}")
     requested_set = set(requested)
     ck_keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
-    how, fn = _align(ck_keys, model_keys)
+    how, fn = align_to_model(ck_keys, model_keys)
     loaded, mismatched, used = {}, [], set()
     for k in ck_keys:
         mk = fn(k)

@@ -1,0 +1,62 @@
+"""Inputs for running a model: seeded random tensors of a given shape, or a tensor file."""
+
+from __future__ import annotations
+
+from .errors import SelectionError
+
+
+def parse_shape(text: str | None):
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in str(text).replace("x", ",").split(",") if x.strip())
+    except ValueError:
+        raise SelectionError(f"cannot read the input shape {text!r}", hint="e.g. 3,224,224 or 8,3,224,224") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise SelectionError(f"invalid input shape {text!r}")
+    return shape
+
+
+def infer_sample_shape(model):
+    """A plausible per-sample input shape from the first conv / linear / embedding layer."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+            return (m.in_channels,) + (32,) * spatial
+        if isinstance(m, nn.Linear):
+            return (m.in_features,)
+    raise SelectionError("cannot infer the model's input shape", hint="pass --input-shape (e.g. 3,224,224)")
+
+
+def random_inputs(shape, n: int | None = None, seed: int = 0, dtype=None):
+    """Seeded normal inputs. ``shape`` is per-sample when ``n`` is given, else the full batch shape."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    full = (n,) + tuple(shape) if n is not None else tuple(shape)
+    x = torch.randn(full, generator=g)
+    return x.to(dtype) if dtype is not None else x
+
+
+def load_inputs(path: str):
+    """A tensor (or tuple/list/dict of tensors) saved with torch.save / safetensors, loaded safely."""
+    from .loading import load
+
+    import os
+
+    if path.endswith(".safetensors"):
+        ck = load(path)
+        tensors = [v.to_torch() for v in ck.state.values()]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+    import torch
+
+    if not os.path.isfile(path):
+        from .errors import InputNotFoundError
+
+        raise InputNotFoundError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SelectionError(f"cannot load inputs from {path}: {str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,229 @@
+"""fold-bn: fold eval-mode BatchNorm into the conv/linear that feeds it (forward-equivalent)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.errors import ModelError, SelectionError
+from ckptsurgeon.keys import align_to_model
+from ckptsurgeon.refs import is_tensor_like
+from ckptsurgeon.types import ModelTransform, Operation
+
+
+def find_pairs(model) -> tuple[list[tuple[str, str]], list[dict], str]:
+    """(conv/linear, bn) pairs where the BN directly and only consumes the layer's output;
+    BNs left alone with the reason; how pairs were found (torch.fx graph or module order)."""
+    from torch import nn
+
+    feeders = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    pairs, method = [], "torch.fx graph"
+    try:
+        import torch.fx
+
+        gm = torch.fx.symbolic_trace(model)
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or node.target not in bns:
+                continue
+            src = node.args[0] if node.args else None
+            if (getattr(src, "op", None) == "call_module" and isinstance(model.get_submodule(src.target), feeders)
+                    and len(src.users) == 1):
+                pairs.append((src.target, node.target))
+    except Exception:
+        method = "module order (torch.fx could not trace the model)"
+        pairs = []
+        for _parent_name, parent in model.named_modules():
+            if not isinstance(parent, nn.Sequential):
+                continue
+            children = list(parent.named_children())
+            for (n1, m1), (n2, m2) in zip(children, children[1:]):
+                if isinstance(m1, feeders) and isinstance(m2, nn.modules.batchnorm._BatchNorm):
+                    prefix = f"{_parent_name}." if _parent_name else ""
+                    pairs.append((prefix + n1, prefix + n2))
+    # a layer may feed only one BN; each BN folds once
+    seen_bn, seen_src, clean = set(), set(), []
+    for src, bn in pairs:
+        if bn in seen_bn or src in seen_src:
+            continue
+        seen_bn.add(bn)
+        seen_src.add(src)
+        clean.append((src, bn))
+    skipped = []
+    for bn in sorted(bns - seen_bn):
+        m = model.get_submodule(bn)
+        reason = "no running statistics" if not m.track_running_stats else "does not directly follow a conv/linear"
+        skipped.append({"bn": bn, "reason": reason})
+    ok = []
+    for src, bn in clean:
+        m = model.get_submodule(bn)
+        layer = model.get_submodule(src)
+        out = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+        if not m.track_running_stats or m.running_mean is None:
+            skipped.append({"bn": bn, "reason": "no running statistics"})
+        elif out != m.num_features:
+            skipped.append({"bn": bn, "reason": f"channel mismatch with {src}"})
+        else:
+            ok.append((src, bn))
+    return ok, skipped, method
+
+
+def _apply_transform(model, params: dict):
+    """Rebuild the folded architecture: BN -> Identity, a bias on every folded layer."""
+    import torch
+    from torch import nn
+
+    for src, bn in params["pairs"]:
+        layer = model.get_submodule(src)
+        if layer.bias is None:
+            out = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
+        parent_name, _, child = bn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Identity())
+    return model
+
+
+def fold_bn(ck: Checkpoint, model) -> tuple[Checkpoint, dict]:
+    """Fold every foldable BN of ``model`` (W' = W·γ/σ, b' = (b−μ)·γ/σ + β) in the checkpoint.
+
+    Example::
+
+        new, rep = fold_bn(ck, bnnet())      # rep["pairs"] lists (conv, bn) pairs
+    """
+    import torch
+
+    if model is None:
+        raise SelectionError("fold-bn needs --model: pairs come from the model's graph")
+    keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
+    how, fn = align_to_model(keys, list(model.state_dict()))
+    inv = {fn(k): k for k in keys}
+    pairs, skipped, method = find_pairs(model)
+    if not pairs:
+        raise SelectionError("no BatchNorm directly follows a conv/linear layer in this model",
+                             hint=f"looked with {method}")
+    state = OrderedDict(ck.state)
+    dropped_modules = set()
+
+    def get(name):
+        if name not in inv:
+            raise ModelError(f"{name} is not in the checkpoint ({how})")
+        v = ck.state[inv[name]]
+        return (v.to_torch() if hasattr(v, "to_torch") else v).detach()
+
+    folded = []
+    for src, bn in pairs:
+        w = get(f"{src}.weight")
+        b = get(f"{src}.bias") if f"{src}.bias" in inv else None
+        mean, var = get(f"{bn}.running_mean"), get(f"{bn}.running_var")
+        eps = model.get_submodule(bn).eps
+        gamma = get(f"{bn}.weight") if f"{bn}.weight" in inv else torch.ones_like(mean)
+        beta = get(f"{bn}.bias") if f"{bn}.bias" in inv else torch.zeros_like(mean)
+        work = torch.float64
+        scale = gamma.to(work) / torch.sqrt(var.to(work) + eps)
+        w_new = (w.to(work) * scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype)
+        b0 = b.to(work) if b is not None else torch.zeros_like(mean, dtype=work)
+        b_new = ((b0 - mean.to(work)) * scale + beta.to(work)).to(w.dtype)
+        wkey = inv[f"{src}.weight"]
+        state[wkey] = w_new
+        bkey = inv.get(f"{src}.bias") or wkey[: -len("weight")] + "bias"
+        if bkey in state:
+            state[bkey] = b_new
+        else:  # insert right after the weight so the key order stays natural
+            items = list(state.items())
+            i = [k for k, _ in items].index(wkey)
+            items.insert(i + 1, (bkey, b_new))
+            state = OrderedDict(items)
+        ck_bn = inv[f"{bn}.running_mean"][: -len(".running_mean")]
+        dropped_modules.add(ck_bn)
+        for leaf in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            state.pop(f"{ck_bn}.{leaf}", None)
+        folded.append({"layer": src, "bn": bn, "added_bias": b is None})
+    meta = None
+    if ck.metadata is not None:
+        meta = OrderedDict((m, v) for m, v in ck.metadata.items() if m not in dropped_modules)
+    transform = {"name": "fold-bn", "params": {"pairs": [[p["layer"], p["bn"]] for p in folded]}}
+    report = {"operation": "fold-bn", "method": method, "alignment": how, "folded": folded, "skipped": skipped}
+    return ck.replace(state=state, metadata=meta, transforms=tuple(ck.transforms) + (transform,)), report
+
+
+def _check(ck, new, model, input_shape) -> dict:
+    import copy
+
+    import torch
+
+    from ckptsurgeon.inputs import infer_sample_shape, random_inputs
+    from ckptsurgeon.keys import load_into_model
+
+    ref = copy.deepcopy(model).eval()
+    load_into_model(ref, ck)
+    folded = _apply_transform(copy.deepcopy(model), new.transforms[-1]["params"]).eval()
+    load_into_model(folded, new)
+    x = random_inputs(input_shape or infer_sample_shape(model), 4, seed=0)
+    with torch.no_grad():
+        a, b = ref(x), folded(x)
+    return {"max_abs_error": float((a - b).abs().max()),
+            "relative_error": float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12))}
+
+
+def _human(r: dict) -> None:
+    click.echo(f"pairs found by {r['method']}:")
+    for p in r["folded"]:
+        click.echo(f"  folded {p['bn']} into {p['layer']}" + (" (bias added)" if p["added_bias"] else ""))
+    for s in r["skipped"]:
+        click.echo(f"  left {s['bn']}: {s['reason']}")
+    if "check" in r:
+        click.echo(f"check on random inputs: max |error| {r['check']['max_abs_error']:.3g}, "
+                   f"relative {r['check']['relative_error']:.3g} (run `ckpt-surgeon verify` for the full check)")
+    cliutil.echo_save(r["save"])
+
+
+@click.command("fold-bn")
+@click.argument("path")
+@click.option("--input-shape", default=None, help="Per-sample input shape for the quick equivalence check.")
+@cliutil.model_options
+@cliutil.load_options
+@cliutil.write_options
+@cliutil.json_option
+def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, output, out_format, dry_run, in_place,
+             max_shard_size, dedupe_tied, as_json):
+    """Fold BatchNorm into the preceding conv/linear layers.
+
+    \b
+    Example:
+      ckpt-surgeon fold-bn model.pt -o folded.pt --model 'samples/models.py:bnnet'
+    """
+    from ckptsurgeon.inputs import parse_shape
+    from ckptsurgeon.modelspec import build_model
+
+    if not model_spec:
+        raise SelectionError("fold-bn needs --model", hint="e.g. --model samples/models.py:bnnet")
+    model = build_model(model_spec, cliutil.parse_model_args(model_args))
+    ck = cliutil.load(path, key, trust_pickle)
+    new, report = fold_bn(ck, model)
+    try:
+        report["check"] = _check(ck, new, model, parse_shape(input_shape))
+    except SelectionError as e:
+        report["check_skipped"] = e.one_line()
+    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
+                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    cliutil.emit(report, as_json, _human)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [fold_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("fold_bn", fold_bn, "fold BatchNorm into conv/linear weights")]
+
+
+@hookimpl
+def ckptsurgeon_model_transforms():
+    return [ModelTransform("fold-bn", _apply_transform, "BatchNorm -> Identity, biases on the folded layers",
+                           affected=lambda params: [src for src, _bn in params["pairs"]])]
