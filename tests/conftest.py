@@ -1,0 +1,83 @@
+"""Shared fixtures: real checkpoints written by torch and safetensors, built once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+
+
+def _load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def models():
+    """samples/models.py as a module."""
+    return _load_module("ckpt_samples_models", SAMPLES / "models.py")
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory, models):
+    """The sample checkpoints (samples/build.py) in a fresh session directory."""
+    out = tmp_path_factory.mktemp("samples")
+    build = _load_module("ckpt_samples_build", SAMPLES / "build.py")
+    build.main(str(out))
+    return out
+
+
+@pytest.fixture
+def fresh_manager():
+    """A freshly built plugin manager for plugin tests (and the cached one restored after)."""
+    from ckptsurgeon import manager
+
+    old = manager._MANAGER
+    manager.reset_manager(None)
+    yield manager.get_manager
+    manager.reset_manager(old)
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process with click's CliRunner; returns (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from ckptsurgeon.cli import main_group
+
+    def run(*args):
+        try:
+            runner = CliRunner(mix_stderr=False)
+        except TypeError:  # click >= 8.2 keeps stderr apart by default
+            runner = CliRunner()
+        res = runner.invoke(main_group, [str(a) for a in args], catch_exceptions=False)
+        return res.exit_code, res.stdout, res.stderr
+
+    return run
+
+
+def run_cli(*args, env=None, timeout=120):
+    """The installed entry point in a subprocess."""
+    exe = Path(sys.executable).with_name("ckpt-surgeon")
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def seednet_sd(models):
+    import torch
+
+    torch.manual_seed(0)
+    m = models.randomize_norm_stats(models.seednet(), seed=3)
+    return m.state_dict()

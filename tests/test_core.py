@@ -1,0 +1,265 @@
+"""Core: loading every format to CPU, lazily; writing atomically; wrapper detection; safety."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import ckptsurgeon as cs
+from ckptsurgeon.errors import (AmbiguousStateDictError, InputNotFoundError, NotACheckpointError, OutputError,
+                                SelectionError, UnsafePickleError)
+from ckptsurgeon.refs import TensorRef
+
+
+def _equal_sd(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_import_and_help_do_not_import_torch():
+    code = ("import sys, ckptsurgeon, ckptsurgeon.cli\n"
+            "try:\n    ckptsurgeon.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "NO-TORCH", out.stdout + out.stderr
+    assert "strip-prefix" in out.stdout  # plugin commands are listed
+
+
+def test_inspect_and_strip_read_no_torch_on_zip(sample_dir, tmp_path):
+    code = ("import sys, ckptsurgeon as cs\n"
+            f"ck = cs.load({str(sample_dir / 'seednet_dp.pt')!r})\n"
+            "new, rep = cs.strip_prefix(ck)\n"
+            f"cs.save(new, {str(tmp_path / 'o.pt')!r})\n"
+            f"cs.save(new, {str(tmp_path / 'o.safetensors')!r})\n"
+            "from ckptsurgeon.summary import inspect\n"
+            f"inspect({str(sample_dir / 'seednet_lightning.ckpt')!r})\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "NO-TORCH", out.stderr
+
+
+def test_zip_is_lazy_and_knows_shapes(sample_dir, seednet_sd):
+    ck = cs.load(sample_dir / "seednet.pt")
+    assert ck.source.format == "torch-zip" and ck.source.lazy
+    v = ck.state["conv1.weight"]
+    assert isinstance(v, TensorRef)
+    assert v.shape == (16, 3, 3, 3) and v.dtype == "float32" and v.nbytes == 16 * 27 * 4
+    assert ck.metadata is not None and "bn1" in ck.metadata
+
+
+@pytest.mark.parametrize("name,where", [
+    ("seednet.pt", ()), ("seednet_dp.pt", ()), ("seednet_resume.pt", ("model_state_dict",)),
+    ("seednet_lightning.ckpt", ("state_dict",)), ("seednet_legacy.pt", ()), ("seednet.safetensors", ()),
+    ("seednet_compiled.pt", ()), ("seednet_hf", ()), ("seednet_hf/model.safetensors.index.json", ()),
+])
+def test_every_sample_loads_with_same_tensors(sample_dir, name, where):
+    ref = torch.load(sample_dir / "seednet.pt", weights_only=True)
+    ck = cs.load(sample_dir / name)
+    assert ck.sd_path == where
+    sd = ck.torch_state_dict()
+    strip = next((p for p in ("module.", "_orig_mod.", "model.") if all(k.startswith(p) for k in sd)), "")
+    got = OrderedDict((k[len(strip):], v) for k, v in sd.items())
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_gpu_saved_file_loads_on_cpu(tmp_path):
+    """A file whose storages say 'cuda:0' (as a GPU save writes) loads to CPU; bare torch.load does not."""
+    def tagger(obj):
+        return "cuda:0"
+
+    torch.serialization.register_package(0, tagger, lambda obj, loc: None)
+    try:
+        torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "gpu.pt")
+    finally:
+        torch.serialization._package_registry[:] = [
+            e for e in torch.serialization._package_registry if e[1] is not tagger]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):
+            torch.load(tmp_path / "gpu.pt", weights_only=True)
+    ck = cs.load(tmp_path / "gpu.pt")
+    assert torch.equal(ck.state["w"].to_torch(), torch.arange(6.0).reshape(2, 3))
+    cs.save(ck, tmp_path / "cpu.pt")
+    assert torch.equal(torch.load(tmp_path / "cpu.pt", weights_only=True)["w"], torch.arange(6.0).reshape(2, 3))
+
+
+def _odd_state():
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    sd = OrderedDict([
+        ("bf16", torch.randn(5, 3).to(torch.bfloat16)), ("fp16", torch.randn(4).half()),
+        ("i8", torch.randint(-5, 5, (7,), dtype=torch.int8)), ("flag", torch.tensor([True, False])),
+        ("scalar", torch.tensor(3.5)), ("empty", torch.zeros(0, 4)), ("param", p),
+        ("view_row", base[2]), ("view_t", base.t()), ("base", base),
+        ("tied_a", torch.ones(2, 2)), ("i64", torch.tensor([1, 2, 3])),
+        ("f8", torch.randn(6).to(torch.float8_e4m3fn)), ("u16", torch.arange(5, dtype=torch.int32).to(torch.uint16)),
+    ])
+    sd["tied_b"] = sd["tied_a"]
+    sd._metadata = OrderedDict([("", {"version": 1})])
+    return sd
+
+
+def test_torch_roundtrip_odd_tensors_mmap_and_offsets(tmp_path, monkeypatch):
+    sd = _odd_state()
+    torch.save({"model": sd, "epoch": 4, "note": "x", "opt": {"state": {0: {"m": sd["base"] * 2}}}}, tmp_path / "a.pt")
+    ck = cs.load(tmp_path / "a.pt")
+    assert ck.sd_path == ("model",)
+    new, _ = cs.rename(ck, [("^base$", "renamed_base")])
+    cs.save(new, tmp_path / "b.pt")
+    from torch.utils.serialization import config
+
+    monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")  # torch asserts its offset arithmetic holds
+    for mmap, offsets in ((False, False), (True, False), (True, True)):
+        saved = config.load.calculate_storage_offsets
+        config.load.calculate_storage_offsets = offsets
+        try:
+            out = torch.load(tmp_path / "b.pt", weights_only=True, mmap=mmap)
+        finally:
+            config.load.calculate_storage_offsets = saved
+        got = out["model"]
+        assert out["epoch"] == 4 and out["note"] == "x"
+        assert torch.equal(out["opt"]["state"][0]["m"], sd["base"] * 2)
+        assert got._metadata == sd._metadata
+        for k, v in sd.items():
+            k2 = "renamed_base" if k == "base" else k
+            assert got[k2].dtype == v.dtype and got[k2].shape == v.shape, k
+            assert torch.equal(got[k2].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else got[k2],
+                               v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v), k
+        assert isinstance(got["param"], torch.nn.Parameter)
+        # tied tensors and views still share storage
+        assert got["tied_a"].data_ptr() == got["tied_b"].data_ptr()
+        assert got["view_row"].untyped_storage().data_ptr() == got["renamed_base"].untyped_storage().data_ptr()
+
+
+def test_safetensors_output_ties_views_and_notes(tmp_path):
+    sd = _odd_state()
+    sd.pop("f8")
+    torch.save(sd, tmp_path / "a.pt")
+    ck = cs.load(tmp_path / "a.pt")
+    rep = cs.save(ck, tmp_path / "a.safetensors")
+    assert ["tied_b", "tied_a"] in rep["tied"]
+    assert any("tied" in n for n in rep["notes"]) and any("_metadata" in n for n in rep["notes"])
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "a.safetensors")
+    for k, v in sd.items():
+        assert torch.equal(got[k], v.detach()), k
+    rep2 = cs.save(ck, tmp_path / "d.safetensors", dedupe_tied=True)
+    assert "tied_b" not in load_file(tmp_path / "d.safetensors")
+    assert rep2["tensors"] == len(sd) - 1
+
+
+def test_safetensors_to_torch_and_back(sample_dir, tmp_path):
+    ck = cs.load(sample_dir / "seednet.safetensors")
+    cs.save(ck, tmp_path / "x.pt")
+    _equal_sd(OrderedDict(sorted(torch.load(tmp_path / "x.pt", weights_only=True).items())),
+              OrderedDict(sorted(torch.load(sample_dir / "seednet.pt", weights_only=True).items())))
+    cs.save(cs.load(tmp_path / "x.pt"), tmp_path / "y.safetensors")
+    assert (tmp_path / "y.safetensors").read_bytes()[8:] != b""
+    from safetensors.torch import load_file
+
+    _equal_sd(OrderedDict(sorted(load_file(tmp_path / "y.safetensors").items())),
+              OrderedDict(sorted(load_file(sample_dir / "seednet.safetensors").items())))
+
+
+def test_sharded_output_streams_shards(sample_dir, tmp_path):
+    ck = cs.load(sample_dir / "seednet.pt")
+    rep = cs.save(ck, tmp_path / "hf", max_shard_size="40KB")
+    assert len(rep["shards"]) > 1
+    back = cs.load(tmp_path / "hf")
+    assert back.source.format == "hf-folder"
+    _equal_sd(back.torch_state_dict(), OrderedDict((k, v) for k, v in torch.load(sample_dir / "seednet.pt", weights_only=True).items()))
+
+
+def test_wrapper_detection_and_key(tmp_path):
+    sd = OrderedDict(w=torch.ones(2))
+    torch.save({"state_dict": sd, "state_dict_ema": OrderedDict(w=torch.zeros(2)), "epoch": 1}, tmp_path / "ema.pt")
+    ck = cs.load(tmp_path / "ema.pt")
+    assert ck.sd_path == ("state_dict",) and set(ck.candidates) == {"state_dict", "state_dict_ema"}
+    assert torch.equal(cs.load(tmp_path / "ema.pt", key="state_dict_ema").state["w"].to_torch(), torch.zeros(2))
+    torch.save({"generator": sd, "discriminator": OrderedDict(v=torch.ones(1))}, tmp_path / "gan.pt")
+    with pytest.raises(AmbiguousStateDictError) as e:
+        cs.load(tmp_path / "gan.pt")
+    assert "generator" in str(e.value) and "discriminator" in str(e.value)
+    assert list(cs.load(tmp_path / "gan.pt", key="discriminator").state) == ["v"]
+    with pytest.raises(SelectionError):
+        cs.load(tmp_path / "gan.pt", key="nothere")
+
+
+def test_whole_model_pickle_needs_trust(tmp_path, models):
+    net = models.seednet()
+    torch.save(net, tmp_path / "whole.pt")
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(tmp_path / "whole.pt")
+    assert "SeedNet" in str(e.value) or "ckpt_samples_models" in str(e.value)
+    ck = cs.load(tmp_path / "whole.pt", trust_pickle=True)
+    assert set(ck.state) == set(net.state_dict())
+
+
+def test_never_overwrites_input_and_leaves_no_temp(sample_dir, tmp_path):
+    src = tmp_path / "in.pt"
+    src.write_bytes((sample_dir / "seednet.pt").read_bytes())
+    before = src.read_bytes()
+    ck = cs.load(src)
+    with pytest.raises(OutputError):
+        cs.save(ck, src)
+    cs.save(ck, src, in_place=True)  # allowed explicitly, replaced atomically
+    assert torch.load(src, weights_only=True).keys() == torch.load(sample_dir / "seednet.pt", weights_only=True).keys()
+    assert before  # input content read before
+    assert [p.name for p in tmp_path.iterdir()] == ["in.pt"]
+    with pytest.raises(OutputError):
+        cs.save(ck, tmp_path / "missing_dir" / "x.pt")
+
+
+def test_missing_and_non_checkpoints(tmp_path):
+    with pytest.raises(InputNotFoundError):
+        cs.load(tmp_path / "nope.pt")
+    (tmp_path / "img.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    with pytest.raises(NotACheckpointError, match="PNG"):
+        cs.load(tmp_path / "img.pt")
+    os.mkdir(tmp_path / "emptydir")
+    with pytest.raises(NotACheckpointError):
+        cs.load(tmp_path / "emptydir")
+
+
+def test_metadata_preserved_in_torch_output(sample_dir, tmp_path):
+    ck = cs.load(sample_dir / "seednet_resume.pt")
+    cs.save(ck, tmp_path / "same.pt")
+    a = torch.load(sample_dir / "seednet_resume.pt", weights_only=True)
+    b = torch.load(tmp_path / "same.pt", weights_only=True)
+    assert a.keys() == b.keys() and a["epoch"] == b["epoch"]
+    assert a["model_state_dict"]._metadata == b["model_state_dict"]._metadata
+    assert a["scheduler_state_dict"] == b["scheduler_state_dict"]
+    assert a["optimizer_state_dict"]["param_groups"] == b["optimizer_state_dict"]["param_groups"]
+    for i, st in a["optimizer_state_dict"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["optimizer_state_dict"]["state"][i][k])
+
+
+def test_inspect_reports(sample_dir):
+    from ckptsurgeon.summary import inspect
+
+    info = inspect(sample_dir / "seednet_dp.pt")
+    assert info["prefix"] == "module." and info["tensors"] == 28
+    kinds = {n["module"]: n["kind"] for n in info["norm_layers"]}
+    assert kinds["module.bn1"] == "BatchNorm" and kinds["module.in2"] == "InstanceNorm"
+    assert kinds["module.gn3"] == "GroupNorm" and kinds["module.ln"] == "LayerNorm"
+    info = inspect(sample_dir / "seednet_resume.pt")
+    assert info["state_dict_at"] == "model_state_dict" and "optimizer_state_dict" in info["wrapper"]
+    assert info["bytes_by_dtype"]["float32"] > 0
+
+
+def test_nonfinite_reported(tmp_path):
+    from ckptsurgeon.summary import inspect
+
+    torch.save({"ok": torch.ones(3), "bad": torch.tensor([1.0, float("nan"), float("inf")])}, tmp_path / "nf.pt")
+    info = inspect(tmp_path / "nf.pt", values=True)
+    assert info["nonfinite"] == [{"tensor": "bad", "nan": 1, "inf": 1, "numel": 3}]
