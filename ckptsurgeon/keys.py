@@ -236,6 +236,13 @@ def align_to_model(ck_keys: list[str], model_keys: list[str]):
         if ck_prefix:
             candidates.append((f"strip {ck_prefix!r}, under {t + '.'!r}",
                                lambda k, a=ck_prefix, p=t + ".": p + (k[len(a):] if k.startswith(a) else k)))
+    ck_tops = []
+    for k in ck_keys:
+        t = k.split(".", 1)[0]
+        if t not in ck_tops and "." in k:
+            ck_tops.append(t)
+    for t in ck_tops[:50]:
+        candidates.append((f"strip {t + '.'!r}", lambda k, p=t + ".": k[len(p):] if k.startswith(p) else k))
     best = max(candidates, key=lambda c: sum(1 for k in ck_keys if c[1](k) in model_set))
     return best
 

@@ -81,3 +81,9 @@ def seednet_sd(models):
     torch.manual_seed(0)
     m = models.randomize_norm_stats(models.seednet(), seed=3)
     return m.state_dict()
+
+
+@pytest.fixture(scope="session")
+def models_py():
+    """'path/to/samples/models.py' for --model specs."""
+    return str(SAMPLES / "models.py")

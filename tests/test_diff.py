@@ -1,0 +1,97 @@
+"""diff: planted changes are exactly what is reported; alignment; formats; JSON schema; exit codes."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import ckptsurgeon as cs
+
+SCHEMA_KEYS = {"schema", "a", "b", "alignment", "tolerance", "only_in_a", "only_in_b", "renamed", "shape_changed",
+               "dtype_changed", "equal", "close", "changed", "modules", "nonfinite", "metadata", "differences",
+               "identical", "verdict"}
+CHANGED_KEYS = {"name", "shape", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "n_diff", "numel"}
+
+
+def test_diff_self_is_empty(sample_dir, cli):
+    rep = cs.diff(sample_dir / "seednet_resume.pt", sample_dir / "seednet_resume.pt")
+    assert rep["identical"] and not rep["differences"] and rep["equal"] == 28
+    code, out, _ = cli("diff", sample_dir / "seednet_resume.pt", sample_dir / "seednet_resume.pt")
+    assert code == 0 and "identical" in out
+
+
+@pytest.mark.parametrize("other", ["seednet.safetensors", "seednet_hf", "seednet_legacy.pt", "seednet_dp.pt",
+                                   "seednet_compiled.pt"])
+def test_diff_across_formats_and_prefixes(sample_dir, other, cli):
+    rep = cs.diff(sample_dir / "seednet.pt", sample_dir / other)
+    assert not rep["differences"], rep["verdict"]
+    if other in ("seednet_dp.pt", "seednet_compiled.pt"):
+        assert rep["alignment"]["applied"]
+    code, _, _ = cli("diff", sample_dir / "seednet.pt", sample_dir / other)
+    assert code == 0
+
+
+def test_no_align_reports_keys(sample_dir):
+    rep = cs.diff(sample_dir / "seednet.pt", sample_dir / "seednet_dp.pt", align=False)
+    assert rep["differences"] and len(rep["only_in_a"]) + len(rep["renamed"]) == 28
+
+
+def test_planted_changes_exactly(sample_dir, tmp_path, cli):
+    sd = torch.load(sample_dir / "seednet.pt", weights_only=True)
+    b = OrderedDict((k, v.clone()) for k, v in sd.items())
+    b["conv3.weight"] += 0.05
+    b["ln.bias"][0] = 1e6
+    b["fc.weight"] = b["fc.weight"].half().float()  # tiny change: within atol 1e-2
+    b["extra.w"] = torch.ones(2)
+    del b["gn3.bias"]
+    b["conv4.bias"] = b["conv4.bias"].double()
+    b["bn1.weight"] = torch.cat([b["bn1.weight"], torch.ones(1)])
+    b["renamed.bn4.weight"] = b.pop("bn4.weight")
+    torch.save({"state_dict": b, "epoch": 9, "hparams": {"lr": 0.1}}, tmp_path / "b.pt")
+    torch.save({"state_dict": sd, "epoch": 3, "hparams": {"lr": 0.01}}, tmp_path / "a.pt")
+    rep = cs.diff(tmp_path / "a.pt", tmp_path / "b.pt", atol=1e-2)
+    assert set(SCHEMA_KEYS) <= set(rep) and rep["schema"] == "ckpt-surgeon.diff/1"
+    assert [c["name"] for c in rep["changed"]] == ["ln.bias", "conv3.weight"]  # most changed first
+    assert set(CHANGED_KEYS) <= set(rep["changed"][0])
+    assert rep["changed"][1]["max_abs"] == pytest.approx(0.05, rel=1e-3)
+    assert [c["name"] for c in rep["close"]] == ["fc.weight"]
+    assert rep["only_in_a"] == ["gn3.bias"] and rep["only_in_b"] == ["extra.w"]
+    assert rep["renamed"] == [{"a": "bn4.weight", "b": "renamed.bn4.weight"}]
+    assert rep["shape_changed"] == [{"name": "bn1.weight", "a": [16], "b": [17]}]
+    assert rep["dtype_changed"] == [{"name": "conv4.bias", "a": "float32", "b": "float64"}]
+    mods = {m["module"]: m for m in rep["modules"]}
+    assert mods["conv3"]["changed"] == 1 and mods["conv1"]["changed"] == 0
+    assert mods["ln"]["rel_l2"] > mods["conv3"]["rel_l2"] > 0
+    meta = rep["metadata"]["values_changed"]
+    assert meta["root['epoch']"] == {"new_value": 9, "old_value": 3}
+    assert meta["root['hparams']['lr']"]["new_value"] == 0.1
+    code, out, _ = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt", "--json")
+    assert code == 1
+    parsed = json.loads(out)
+    assert set(SCHEMA_KEYS) <= set(parsed)
+
+
+def test_nan_reported(tmp_path):
+    torch.save({"w": torch.ones(3)}, tmp_path / "a.pt")
+    torch.save({"w": torch.tensor([1.0, float("nan"), 1.0])}, tmp_path / "b.pt")
+    rep = cs.diff(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert rep["nonfinite"] == [{"name": "w", "b": {"nan": 1, "inf": 0}}]
+
+
+def test_diff_errors_exit_2(tmp_path, cli):
+    code, out, err = cli("diff", tmp_path / "missing.pt", tmp_path / "missing2.pt")
+    assert code == 2 and err.count("\n") == 1 and "no such file" in err
+
+
+def test_plot_needs_matplotlib_or_writes(sample_dir, tmp_path, cli):
+    code, out, err = cli("diff", sample_dir / "seednet_resume.pt", sample_dir / "seednet_finetuned.pt",
+                         "--plot", tmp_path / "c.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert code == 2 and "matplotlib" in err
+    else:
+        assert code == 1 and (tmp_path / "c.png").stat().st_size > 1000

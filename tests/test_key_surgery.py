@@ -1,0 +1,176 @@
+"""strip-prefix, add-prefix, rename, extract and partial loading on real torch/safetensors files."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import ckptsurgeon as cs
+from ckptsurgeon.errors import KeyCollisionError, SelectionError
+
+
+def _bytes_of(path):
+    ck = cs.load(path)
+    return {k: bytes(v.read_bytes()) for k, v in ck.tensor_items()}
+
+
+@pytest.mark.parametrize("name,prefix", [
+    ("seednet_dp.pt", "module."), ("seednet_compiled.pt", "_orig_mod."), ("seednet_lightning.ckpt", "model."),
+])
+def test_strip_detects_wrapper_prefix(sample_dir, tmp_path, models, name, prefix):
+    ck = cs.load(sample_dir / name)
+    new, rep = cs.strip_prefix(ck)
+    assert rep["prefix"] == prefix and rep["detected"] and rep["renamed"] == 28
+    cs.save(new, tmp_path / "out.pt")
+    net = models.seednet()
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    sd = out["state_dict"] if name.endswith(".ckpt") else out
+    net.load_state_dict(sd, strict=True)
+    if name.endswith(".ckpt"):  # wrapper content untouched
+        orig = torch.load(sample_dir / name, weights_only=True)
+        assert out["epoch"] == orig["epoch"] and out["hyper_parameters"] == orig["hyper_parameters"]
+        assert out["optimizer_states"][0]["param_groups"] == orig["optimizer_states"][0]["param_groups"]
+
+
+def test_stacked_prefix_ddp_of_compiled(tmp_path, seednet_sd):
+    sd = OrderedDict(("module._orig_mod." + k, v) for k, v in seednet_sd.items())
+    torch.save(sd, tmp_path / "ddp_compiled.pt")
+    new, rep = cs.strip_prefix(cs.load(tmp_path / "ddp_compiled.pt"))
+    assert rep["prefix"] == "module._orig_mod."
+    assert list(new.state) == list(seednet_sd)
+
+
+def test_strip_then_add_round_trips_bytes_and_wrapper(sample_dir, tmp_path):
+    resume = torch.load(sample_dir / "seednet_resume.pt", weights_only=True)
+    resume["model_state_dict"] = OrderedDict(("module." + k, v) for k, v in resume["model_state_dict"].items())
+    torch.save(resume, tmp_path / "dp_resume.pt")
+    a = cs.load(tmp_path / "dp_resume.pt")
+    stripped, _ = cs.strip_prefix(a)
+    cs.save(stripped, tmp_path / "s.pt")
+    back, _ = cs.add_prefix(cs.load(tmp_path / "s.pt"), "module.")
+    cs.save(back, tmp_path / "r.pt")
+    assert _bytes_of(tmp_path / "r.pt") == _bytes_of(tmp_path / "dp_resume.pt")
+    x, y = torch.load(tmp_path / "dp_resume.pt", weights_only=True), torch.load(tmp_path / "r.pt", weights_only=True)
+    assert x["epoch"] == y["epoch"] and x["scheduler_state_dict"] == y["scheduler_state_dict"]
+    for i in x["optimizer_state_dict"]["state"]:
+        assert torch.equal(x["optimizer_state_dict"]["state"][i]["exp_avg"], y["optimizer_state_dict"]["state"][i]["exp_avg"])
+    # and through safetensors the other way round
+    cs.save(stripped, tmp_path / "s.safetensors")
+    back2, _ = cs.add_prefix(cs.load(tmp_path / "s.safetensors"), "module")  # '.' added
+    assert set(back2.state) == set(a.state)
+
+
+def test_metadata_follows_strip(sample_dir):
+    new, _ = cs.strip_prefix(cs.load(sample_dir / "seednet_dp.pt"))
+    assert "bn1" in new.metadata and "module.bn1" not in new.metadata and "" in new.metadata
+
+
+def test_strip_errors(sample_dir, tmp_path):
+    with pytest.raises(SelectionError, match="no wrapper prefix"):
+        cs.strip_prefix(cs.load(sample_dir / "seednet.pt"))
+    with pytest.raises(SelectionError, match="no key starts"):
+        cs.strip_prefix(cs.load(sample_dir / "seednet.pt"), "module.")
+    sd = OrderedDict([("module.a", torch.ones(1)), ("b", torch.ones(1))])
+    torch.save(sd, tmp_path / "mixed.pt")
+    with pytest.raises(SelectionError, match="only 1 of 2"):
+        cs.strip_prefix(cs.load(tmp_path / "mixed.pt"), "module.")
+    new, rep = cs.strip_prefix(cs.load(tmp_path / "mixed.pt"), "module.", partial=True)
+    assert list(new.state) == ["a", "b"] and rep["unchanged"] == 1
+    sd = OrderedDict([("module.a", torch.ones(1)), ("a", torch.zeros(1))])
+    torch.save(sd, tmp_path / "collide.pt")
+    with pytest.raises(KeyCollisionError) as e:
+        cs.strip_prefix(cs.load(tmp_path / "collide.pt"), "module.", partial=True)
+    assert "module.a + a -> a" in str(e.value)
+
+
+def test_rename_rules_inverse_and_dry_run(sample_dir, tmp_path, cli):
+    ck = cs.load(sample_dir / "seednet.pt")
+    new, rep = cs.rename(ck, [(r"^conv(\d)\.", r"features.conv\1."), (r"^fc\.", "head.")])
+    assert "features.conv1.weight" in new.state and "head.bias" in new.state
+    assert rep["mapping"]["fc.weight"] == "head.weight"
+    undone, _ = cs.rename(new, rep["inverse"])
+    assert list(undone.state) == list(ck.state)
+    with pytest.raises(SelectionError, match="matched no key"):
+        cs.rename(ck, [("^nothing", "x")])
+    with pytest.raises(KeyCollisionError):
+        cs.rename(ck, [(r"\.weight$", ".bias")])
+    (tmp_path / "map.json").write_text(json.dumps({"^fc\\.": "classifier."}))
+    code, out, err = cli("rename", sample_dir / "seednet.pt", "--map-file", tmp_path / "map.json", "--dry-run")
+    assert code == 0 and "fc.weight -> classifier.weight" in out and not list(tmp_path.glob("*.pt"))
+    (tmp_path / "map.toml").write_text('rules = [["^fc\\\\.", "out."]]\n')
+    code, out, err = cli("rename", sample_dir / "seednet.pt", "--map-file", tmp_path / "map.toml",
+                         "-o", tmp_path / "r.safetensors", "--save-inverse", tmp_path / "undo.json")
+    assert code == 0, err
+    assert "out.weight" in cs.load(tmp_path / "r.safetensors").state
+    code, out, err = cli("rename", tmp_path / "r.safetensors", "--map-file", tmp_path / "undo.json", "-o", tmp_path / "u.pt")
+    assert code == 0, err
+    assert sorted(cs.load(tmp_path / "u.pt").state) == sorted(cs.load(sample_dir / "seednet.pt").state)
+
+
+def test_extract_layers_buffers_reroot(sample_dir, tmp_path, models):
+    ck = cs.load(sample_dir / "seednet_resume.pt")
+    new, rep = cs.extract(ck, ["conv1", "bn1,conv2"], exclude=["conv2.bias"])
+    assert set(new.state) == {"conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                              "bn1.num_batches_tracked", "conv2.weight"}
+    assert rep["dropped_wrapper_keys"] == ["optimizer_state_dict"]
+    cs.save(new, tmp_path / "part.pt")
+    out = torch.load(tmp_path / "part.pt", weights_only=True)
+    assert "optimizer_state_dict" not in out and out["epoch"] == 3
+    # buffers come with the layer even when only its weight is matched
+    new, _ = cs.extract(ck, ["re:^bn4\\.weight$"])
+    assert "bn4.running_var" in new.state
+    # component matching: 'conv' is no prefix of 'conv1'
+    with pytest.raises(SelectionError, match="'conv'"):
+        cs.extract(ck, ["conv"])
+    new, _ = cs.extract(ck, ["*.running_*"])
+    assert all("running" in k or k.endswith(("weight", "bias", "num_batches_tracked")) for k in new.state)
+
+
+def test_extract_reroot_loads_into_submodel(tmp_path, models):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = models.seednet()
+            self.head = nn.Linear(10, 3)
+
+    net = Net()
+    torch.save(nn.DataParallel(net).state_dict(), tmp_path / "full.pt")
+    new, rep = cs.extract(cs.load(tmp_path / "full.pt"), ["backbone"], reroot="backbone.")
+    cs.save(new, tmp_path / "bb.safetensors")
+    sub = models.seednet()
+    from safetensors.torch import load_file
+
+    sub.load_state_dict(load_file(tmp_path / "bb.safetensors"), strict=True)
+    assert torch.equal(sub.fc.weight, net.backbone.fc.weight)
+
+
+def test_load_partial_head_differs_and_min_match(sample_dir, models):
+    from ckptsurgeon.plugins.partial import PartialLoadError
+
+    model = models.seednet(num_classes=7)  # head shape differs from the checkpoint's
+    before = model.fc.weight.detach().clone()
+    rep = cs.load_partial(model, sample_dir / "seednet_dp.pt", freeze=True, min_match=0.9)
+    assert rep["alignment"].startswith("strip") and rep["loaded"] == 26
+    assert {m["key"] for m in rep["shape_mismatched"]} == {"fc.weight", "fc.bias"}
+    assert not model.conv1.weight.requires_grad and model.fc.weight.requires_grad
+    assert torch.equal(model.fc.weight, before)
+    ref = torch.load(sample_dir / "seednet.pt", weights_only=True)
+    assert torch.equal(model.conv1.weight, ref["conv1.weight"])
+    other = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(PartialLoadError) as e:
+        cs.load_partial(other, sample_dir / "seednet.pt", min_match=0.5)
+    assert e.value.report["loaded"] == 0
+    only_bb = models.seednet(num_classes=7)
+    rep = cs.load_partial(only_bb, sample_dir / "seednet.pt", layers=["conv1", "bn1"], min_match=1.0)
+    assert rep["requested"] == 6 and rep["loaded"] == 6
+
+
+def test_check_cli(sample_dir, cli, models_py):
+    code, out, err = cli("check", sample_dir / "seednet_lightning.ckpt", "--model", f"{models_py}:seednet")
+    assert code == 0 and "loaded 28 of 28" in out
+    code, out, err = cli("check", sample_dir / "seednet.pt", "--model", f"{models_py}:bnnet", "--json")
+    assert code == 1 and json.loads(out)["loaded"] == 0

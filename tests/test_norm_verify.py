@@ -1,0 +1,182 @@
+"""bn-to-gn, fold-bn and verify on models with non-trivial statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import ckptsurgeon as cs
+from ckptsurgeon.errors import ModelError, SelectionError
+
+
+def test_choose_groups_policies():
+    from ckptsurgeon.plugins.norm import choose_groups
+
+    assert choose_groups(64, 32, "strict") == 32
+    assert choose_groups(48, 32, "nearest") == 24
+    assert choose_groups(100, 32, "nearest") == 25
+    assert choose_groups(7, 32, "nearest") == 7
+    with pytest.raises(SelectionError, match="layer bn4 has 48 channels"):
+        choose_groups(48, 32, "strict", "bn4")
+
+
+def test_swap_bn_for_gn_model(models):
+    net = models.randomize_norm_stats(models.seednet(), seed=4)
+    replaced = cs.swap_bn_for_gn(net, groups=32, policy="nearest")
+    assert [r["layer"] for r in replaced] == ["bn1", "bn4"]
+    assert isinstance(net.bn1, nn.GroupNorm) and net.bn4.num_groups == 24
+    assert isinstance(net.in2, nn.InstanceNorm2d)  # never converted
+    nested = nn.Sequential(nn.Sequential(nn.BatchNorm2d(8), nn.BatchNorm2d(8)), nn.BatchNorm1d(4))
+    assert len(cs.swap_bn_for_gn(nested, groups=4)) == 3
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in nested.modules())
+
+
+def test_bn_to_gn_checkpoint_only_loads_strictly(sample_dir, tmp_path, models):
+    ck = cs.load(sample_dir / "seednet_dp.pt")
+    new, rep = cs.bn_to_gn(ck, groups=32, policy="nearest")
+    assert [(l["layer"], l["groups"]) for l in rep["layers"]] == [("bn1", 16), ("bn4", 24)]
+    assert "module.bn1.running_mean" not in new.state and "module.in2.running_mean" in new.state
+    cs.save(new, tmp_path / "gn.pt")
+    net = models.seednet()
+    cs.swap_bn_for_gn(net, groups=32, policy="nearest")
+    sd = torch.load(tmp_path / "gn.pt", weights_only=True)
+    net.load_state_dict({k[len("module."):]: v for k, v in sd.items()}, strict=True)
+    with pytest.raises(SelectionError, match="layer bn1 has 16 channels, not divisible by 32"):
+        cs.bn_to_gn(ck, groups=32, policy="strict")
+    with pytest.raises(SelectionError, match="layer bn4 has 48 channels"):
+        cs.bn_to_gn(ck, groups=32, policy="strict", layers=["bn4"])
+
+
+def test_tracked_instancenorm_ambiguity(tmp_path, models):
+    class Amb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.n1 = nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+            self.n2 = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.n2(self.n1(self.conv(x)))
+
+    torch.save(models.randomize_norm_stats(Amb()).state_dict(), tmp_path / "amb.pt")
+    ck = cs.load(tmp_path / "amb.pt")
+    with pytest.raises(SelectionError, match="cannot tell BatchNorm from InstanceNorm"):
+        cs.bn_to_gn(ck, groups=4)
+    new, rep = cs.bn_to_gn(ck, groups=4, model=Amb())
+    assert [l["layer"] for l in rep["layers"]] == ["n2"]
+    assert "n1.running_mean" in new.state
+    new, rep = cs.bn_to_gn(ck, groups=4, layers=["n2"])
+    assert [l["layer"] for l in rep["layers"]] == ["n2"]
+
+
+def test_calibration_reduces_error(sample_dir, models):
+    ck = cs.load(sample_dir / "seednet.pt")
+    _, plain = cs.bn_to_gn(ck, groups=32, policy="nearest", model=models.seednet(), input_shape=(3, 16, 16))
+    new, cal = cs.bn_to_gn(ck, groups=32, policy="nearest", model=models.seednet(), calibrate=64,
+                           input_shape=(3, 16, 16))
+    assert cal["calibrated"] and cal["error_plain"] == pytest.approx(plain["error_plain"])
+    assert cal["error_calibrated"] < 0.5 * cal["error_plain"]
+    assert cal["error_plain"] > 0.05  # default statistics would hide this; ours are randomised
+
+
+def test_fold_bn_equivalent_and_verify(sample_dir, tmp_path, models, models_py, cli):
+    ck = cs.load(sample_dir / "bnnet.pt")
+    new, rep = cs.fold_bn(ck, models.bnnet())
+    assert [(p["layer"], p["bn"]) for p in rep["folded"]] == [
+        ("stem.0", "stem.1"), ("block.0", "block.1"), ("block.3", "block.4"), ("fc1", "bn_fc")]
+    assert rep["method"] == "torch.fx graph"
+    cs.save(new, tmp_path / "folded.pt")
+    code, out, err = cli("verify", sample_dir / "bnnet.pt", tmp_path / "folded.pt", "--model", f"{models_py}:bnnet",
+                         "--json")
+    r = json.loads(out)
+    assert code == 0 and r["equivalent"] and r["transforms_b"] == ["fold-bn"] and r["first_divergent"] is None
+    assert r["outputs"][0]["max_abs"] < 1e-4
+
+
+def test_fold_bn_skips_bn_not_after_conv(tmp_path, models):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn_pre = nn.BatchNorm2d(3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(self.bn_pre(x)))
+
+    net = models.randomize_norm_stats(Net()).eval()
+    torch.save(net.state_dict(), tmp_path / "n.pt")
+    new, rep = cs.fold_bn(cs.load(tmp_path / "n.pt"), Net())
+    assert [p["bn"] for p in rep["folded"]] == ["bn"]
+    assert rep["skipped"] == [{"bn": "bn_pre", "reason": "does not directly follow a conv/linear"}]
+
+
+def test_verify_after_key_surgery(sample_dir, tmp_path, models_py, cli):
+    m = f"{models_py}:seednet"
+    cs.save(cs.strip_prefix(cs.load(sample_dir / "seednet_dp.pt"))[0], tmp_path / "s.pt")
+    cs.save(cs.rename(cs.load(tmp_path / "s.pt"), [("^fc", "fc")])[0], tmp_path / "r.safetensors")
+    for a, b in [(sample_dir / "seednet_dp.pt", tmp_path / "s.pt"), (sample_dir / "seednet_lightning.ckpt", tmp_path / "r.safetensors"),
+                 (sample_dir / "seednet_compiled.pt", sample_dir / "seednet_hf")]:
+        r = cs.verify(a, b, model=m, device="auto")
+        assert r["equivalent"] and r["device"] == "cpu", (a, b)
+
+
+def test_verify_extract_reroot(tmp_path, models):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = models.bnnet()
+
+    torch.save(models.randomize_norm_stats(Net()).state_dict(), tmp_path / "full.pt")
+    new, _ = cs.extract(cs.load(tmp_path / "full.pt"), ["backbone"], reroot="backbone")
+    cs.save(new, tmp_path / "bb.pt")
+    ref = Net().backbone
+    cs.load_partial(ref, tmp_path / "full.pt", min_match=1.0)
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")
+    assert cs.verify(tmp_path / "ref.pt", tmp_path / "bb.pt", model=models.bnnet)["equivalent"]
+
+
+def test_verify_names_planted_layer(sample_dir, tmp_path, models_py, cli):
+    sd = torch.load(sample_dir / "seednet.pt", weights_only=True)
+    sd["conv3.weight"] = sd["conv3.weight"] * 1.01
+    torch.save(sd, tmp_path / "bad.pt")
+    code, out, err = cli("verify", sample_dir / "seednet.pt", tmp_path / "bad.pt", "--model", f"{models_py}:seednet",
+                         "--json")
+    r = json.loads(out)
+    assert code == 1 and not r["equivalent"] and r["first_divergent"] == "conv3"
+    ok = [m["module"] for m in r["modules"] if m["ok"]]
+    assert ok[:4] == ["conv1", "bn1", "conv2", "in2"]
+
+
+def test_verify_bn_to_gn_reports_divergence(sample_dir, tmp_path, models_py, cli):
+    new, _ = cs.bn_to_gn(cs.load(sample_dir / "seednet.pt"), groups=32, policy="nearest")
+    cs.save(new, tmp_path / "gn.safetensors")
+    code, out, err = cli("verify", sample_dir / "seednet.pt", tmp_path / "gn.safetensors", "--model",
+                         f"{models_py}:seednet", "--json")
+    r = json.loads(out)
+    assert code == 1 and r["transforms_b"] == ["bn-to-gn"] and r["first_divergent"] == "bn1"
+    assert r["notes"] and r["outputs"][0]["max_abs"] > 0
+
+
+def test_verify_dtype_and_device_errors(sample_dir, models_py, cli):
+    r = cs.verify(sample_dir / "seednet.pt", sample_dir / "seednet.safetensors", model=f"{models_py}:seednet",
+                  dtype="bfloat16")
+    assert r["equivalent"] and "0.05" in r["outputs"][0]["rule"]
+    if not torch.cuda.is_available():
+        code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
+                             f"{models_py}:seednet", "--device", "cuda")
+        assert code == 2 and "CUDA is not available" in err
+        code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
+                             f"{models_py}:seednet", "--cross-device")
+        assert code == 2
+
+
+def test_verify_strict_failure_lists_keys(sample_dir, tmp_path, models_py):
+    sd = torch.load(sample_dir / "seednet.pt", weights_only=True)
+    del sd["fc.bias"]
+    torch.save(sd, tmp_path / "short.pt")
+    with pytest.raises(ModelError, match="missing 1: fc.bias"):
+        cs.verify(sample_dir / "seednet.pt", tmp_path / "short.pt", model=f"{models_py}:seednet")
