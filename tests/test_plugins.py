@@ -1,0 +1,127 @@
+"""The plugin contract: third-party plugins add commands/formats/operations; broken ones only warn."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ckptsurgeon
+from ckptsurgeon.hookspecs import HOOK_NAMES
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    """The two test plugin packages, pip-installed into a private directory."""
+    target = tmp_path_factory.mktemp("site")
+    for pkg in ("plugin_pkg", "broken_plugin"):
+        build = tmp_path_factory.mktemp("build")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(HERE / pkg)],
+                       check=True, capture_output=True, cwd=build, timeout=300)
+    return target
+
+
+def _cli(site, *args, extra_env=None):
+    env = dict(os.environ, PYTHONPATH=str(site))
+    env.update(extra_env or {})
+    exe = Path(sys.executable).with_name("ckpt-surgeon")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_third_party_command_format_operation(plugin_site, sample_dir, tmp_path):
+    out = _cli(plugin_site, "plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    info = {p["name"]: p for p in rep["plugins"]}
+    assert info["npz_demo"]["status"] == "loaded"
+    assert info["npz_demo"]["distribution"] == "ckpt-surgeon-npz-demo"
+    assert set(info["npz_demo"]["hooks"]) == {"ckptsurgeon_commands", "ckptsurgeon_formats", "ckptsurgeon_operations"}
+    assert rep["provides"]["formats"]["npz"] == "npz_demo"
+    assert rep["provides"]["commands"]["count"] == "npz_demo"
+    # the command
+    res = _cli(plugin_site, "count", sample_dir / "seednet.pt")
+    assert res.returncode == 0 and res.stdout.strip() == "28 tensors"
+    # the format: written by extension, read back by sniffing, compared with the original
+    res = _cli(plugin_site, "convert", sample_dir / "seednet.pt", "-o", tmp_path / "w.npz")
+    assert res.returncode == 0, res.stderr
+    res = _cli(plugin_site, "diff", sample_dir / "seednet.pt", tmp_path / "w.npz")
+    assert res.returncode == 0, res.stdout + res.stderr
+    # the operation, through the API
+    code = ("import ckptsurgeon as cs; print(cs.tensor_count(cs.load(%r)))" % str(sample_dir / "seednet.pt"))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(plugin_site)), timeout=60)
+    assert res.stdout.strip() == "28"
+
+
+def test_broken_plugins_warn_but_cli_works(plugin_site, sample_dir):
+    res = _cli(plugin_site, "inspect", sample_dir / "seednet.pt", "--json")
+    assert res.returncode == 0
+    assert json.loads(res.stdout)["tensors"] == 28
+    assert "broken_import" in res.stderr and "broken on purpose" in res.stderr
+    assert "bad_hook" in res.stderr and "unknown hook" in res.stderr
+    rep = json.loads(_cli(plugin_site, "plugins", "--json").stdout)
+    status = {p["name"]: p["status"] for p in rep["plugins"]}
+    assert status["broken_import"] == "broken" and status["bad_hook"] == "broken"
+
+
+def test_disable_autoload_env(plugin_site):
+    res = _cli(plugin_site, "plugins", "--json", extra_env={"CKPT_SURGEON_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    rep = json.loads(res.stdout)
+    status = {p["name"]: p["status"] for p in rep["plugins"]}
+    assert status["npz_demo"] == "disabled" and status["prefix"] == "loaded"
+    assert "count" not in rep["provides"]["commands"] and "broken on purpose" not in res.stderr
+
+
+def test_explicit_plugin_module_and_conflicts(fresh_manager, monkeypatch, tmp_path):
+    mod = tmp_path / "dup_plugin.py"
+    mod.write_text(
+        "import click\nfrom ckptsurgeon import hookimpl\nfrom ckptsurgeon.types import ModelTransform\n"
+        "@click.command('strip-prefix')\ndef c():\n    pass\n"
+        "@hookimpl\ndef ckptsurgeon_commands():\n    return [c]\n"
+        "@hookimpl\ndef ckptsurgeon_model_transforms():\n    return [ModelTransform('noop', lambda m, p: m)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CKPT_SURGEON_PLUGINS", "dup_plugin")
+    m = fresh_manager()
+    cmds = m.commands()
+    assert cmds["strip-prefix"][1] == "prefix"  # first registration wins
+    assert any("strip-prefix" in c and "dup_plugin" in c for c in m.conflicts)
+    assert m.transform("noop").apply("x", {}) == "x"
+    assert "bn-to-gn" in m.model_transforms() and "fold-bn" in m.model_transforms()
+
+
+def test_every_hook_is_documented():
+    readme = (REPO / "README.md").read_text()
+    for name in HOOK_NAMES:
+        assert name in readme, f"{name} is not documented in README.md"
+        spec = getattr(ckptsurgeon.hookspecs.CkptSurgeonSpecs, name)
+        assert "Example" in (spec.__doc__ or ""), f"{name} has no example"
+
+
+def test_every_hook_has_a_test():
+    text = "".join(p.read_text() for p in HERE.glob("test_*.py") if p.name != "test_plugins.py")
+    text += (HERE / "plugin_pkg" / "ckpt_surgeon_npz_demo.py").read_text()
+    here = Path(__file__).read_text()
+    for name in HOOK_NAMES:
+        short = name.replace("ckptsurgeon_", "")
+        assert name in text or re.search(short, here), f"no test exercises {name}"
+
+
+def test_builtin_plugins_are_entry_points():
+    """First-party plugins are registered exactly like third-party ones: through the entry points."""
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="ckptsurgeon")}
+    for name in ("prefix", "rename", "extract", "partial", "diff", "norm", "fold", "verify", "scan"):
+        assert eps[name] == f"ckptsurgeon.plugins.{name}"
+    res = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('plugins'))"],
+                         capture_output=True, text=True, cwd="/", timeout=60)
+    assert res.stdout.strip() == "None"  # no bare 'plugins' import name leaks into site-packages
