@@ -249,10 +249,23 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRI
                "BINSTRING", "SHORT_BINSTRING"}
 
 
+def _py3_name(module: str, name: str) -> str:
+    """The global an unpickler really imports (protocol < 3 pickles use Python 2 names)."""
+    import _compat_pickle
+
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
 def scan_globals(data: bytes) -> list[str]:
     """Every ``module.name`` the pickle would import, in order, without executing it.
 
-    Raises CorruptCheckpointError when the opcode stream cannot be parsed.
+    Python 2 names in old-protocol pickles (``__builtin__.eval``) are reported as the Python 3
+    global they resolve to (``builtins.eval``). Raises CorruptCheckpointError when the opcode
+    stream cannot be parsed.
     """
     found: list[str] = []
     memo: dict[int, Any] = {}
@@ -272,11 +285,11 @@ def scan_globals(data: bytes) -> list[str]:
                 recent.append(memo.get(int(arg)))
             elif name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
-                found.append(f"{module}.{attr}")
+                found.append(_py3_name(module, attr))
                 recent.append(None)
             elif name == "STACK_GLOBAL":
                 if len(recent) >= 2 and isinstance(recent[-1], str) and isinstance(recent[-2], str):
-                    found.append(f"{recent[-2]}.{recent[-1]}")
+                    found.append(_py3_name(recent[-2], recent[-1]))
                 else:
                     found.append("<unresolved STACK_GLOBAL>")
                 recent.append(None)

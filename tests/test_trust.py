@@ -1,0 +1,497 @@
+"""Trust: hostile pickles never run, corrupt files never crash, a killed write never tears a file.
+
+Every hostile case carries a canary (a file its payload would create) that must not appear; every
+corrupt case must end in one line on stderr, exit code 2 and no output file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptsurgeon as cs
+from ckptsurgeon.errors import CkptSurgeonError, UnsafePickleError
+
+
+# --------------------------------------------------------------------------- hostile pickles
+class Reduce:
+    """An object that pickles as ``func(*args)`` for any importable ``func``."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _g(module, name):
+    """Pickle-able reference to module.name (a real object of that module)."""
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _touch_cmd(canary):
+    return f"touch {canary}"
+
+
+def _py_touch(canary):
+    return f"open({str(canary)!r}, 'w').write('pwned')"
+
+
+def _raw(protocol0_text: str) -> bytes:
+    return protocol0_text.encode()
+
+
+HOSTILE = {
+    # name: (expected global in the message, builder(canary) -> object to torch.save, or raw pickle bytes)
+    "os.system": ("system", lambda c: {"w": torch.ones(1), "x": Reduce(os.system, (_touch_cmd(c),))}),
+    "posix.system": ("posix.system", lambda c: Reduce(_g("posix", "system"), (_touch_cmd(c),))),
+    "builtins.eval": ("builtins.eval", lambda c: Reduce(eval, (_py_touch(c),))),
+    "builtins.exec": ("builtins.exec", lambda c: Reduce(exec, (_py_touch(c),))),
+    "builtins.__import__ chain": ("builtins.getattr", lambda c: _raw(
+        f"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(S'os'\ntRS'system'\ntR(S'{_touch_cmd(c)}'\ntR.")),
+    "builtins.getattr on __import__": ("builtins.getattr", lambda c: Reduce(getattr, (Reduce(__import__, ("os",)), "system"))),
+    "subprocess.call": ("subprocess.call", lambda c: Reduce(_g("subprocess", "call"), (["touch", str(c)],))),
+    "subprocess.Popen": ("subprocess.Popen", lambda c: Reduce(_g("subprocess", "Popen"), (["touch", str(c)],))),
+    "subprocess.check_output": ("subprocess.check_output",
+                                lambda c: Reduce(_g("subprocess", "check_output"), (["touch", str(c)],))),
+    "runpy._run_code": ("runpy._run_code", lambda c: Reduce(_g("runpy", "_run_code"), (_py_touch(c), {}))),
+    "pty.spawn": ("pty.spawn", lambda c: Reduce(_g("pty", "spawn"), (["touch", str(c)],))),
+    "pydoc.pipepager": ("pydoc.pipepager", lambda c: Reduce(_g("pydoc", "pipepager"), ("x", _touch_cmd(c)))),
+    "ctypes.CDLL": ("ctypes.CDLL", lambda c: Reduce(_g("ctypes", "CDLL"), (None,))),
+    "importlib.import_module": ("importlib.import_module",
+                                lambda c: Reduce(_g("importlib", "import_module"), ("os",))),
+    "webbrowser.open": ("webbrowser.open", lambda c: Reduce(_g("webbrowser", "open"), (f"file://{c}",))),
+    "operator.methodcaller": ("operator.methodcaller",
+                              lambda c: Reduce(_g("operator", "methodcaller"), ("system", _touch_cmd(c)))),
+    "functools.partial": ("functools.partial", lambda c: Reduce(_g("functools", "partial"), (os.system, _touch_cmd(c)))),
+    "operator.attrgetter": ("operator.attrgetter", lambda c: Reduce(_g("operator", "attrgetter"), ("system",))),
+    "shutil.rmtree": ("shutil.rmtree", lambda c: Reduce(_g("shutil", "rmtree"), (str(c) + ".dir",))),
+    "cProfile.run": ("cProfile.run", lambda c: Reduce(_g("cProfile", "run"), (_py_touch(c),))),
+    "timeit.timeit": ("timeit.timeit", lambda c: Reduce(_g("timeit", "timeit"), (_py_touch(c),), )),
+    "pickle.loads nested": ("pickle.loads", lambda c: Reduce(pickle.loads, (pickle.dumps(Reduce(os.system, (_touch_cmd(c),))),))),
+    "code.InteractiveInterpreter": ("code.InteractiveInterpreter", lambda c: Reduce(_g("code", "InteractiveInterpreter"), ())),
+    "os.putenv env canary": ("putenv", lambda c: Reduce(os.putenv, ("CKPT_CANARY", "1"))),
+    "torch.load recursion": ("torch.serialization.load", lambda c: Reduce(torch.load, (str(c) + ".other",))),
+    "nested in containers": ("system", lambda c: {"a": [1, {"b": (Reduce(os.system, (_touch_cmd(c),)),)}]}),
+    "in optimizer state": ("system", lambda c: {"model_state_dict": {"w": torch.ones(2)},
+                                                 "optimizer_state_dict": {"state": {0: {"step": Reduce(os.system, (_touch_cmd(c),))}}}}),
+    "inside tensor rebuild args": ("system", lambda c: {"w": Reduce(torch._utils._rebuild_tensor_v2, (
+        torch.storage.TypedStorage(wrap_storage=torch.ones(4).untyped_storage(), dtype=torch.float32, _internal=True),
+        0, (4,), (1,), False, OrderedDict(), Reduce(os.system, (_touch_cmd(c),))))}),
+    "INST opcode": ("os.system", lambda c: _raw(f"(S'{_touch_cmd(c)}'\nios\nsystem\n.")),
+    "benign unknown global": ("fractions.Fraction", lambda c: {"w": torch.ones(1), "ratio": _g("fractions", "Fraction")(1, 3)}),
+}
+PROTOCOLS = [0, 1, 2, 3, 4, 5]
+
+
+def _write_hostile(path: Path, obj, *, legacy=False, protocol=2):
+    if isinstance(obj, bytes):  # a raw pickle as data.pkl of an otherwise valid torch zip
+        buf = io.BytesIO()
+        torch.save({"w": torch.ones(1)}, buf)
+        with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                data = obj if info.filename.endswith("/data.pkl") else src.read(info)
+                dst.writestr(info.filename, data)
+        return
+    torch.save(obj, path, pickle_protocol=protocol, _use_new_zipfile_serialization=not legacy)
+
+
+def _assert_refused(path, expected, canary, cli=None):
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(path)
+    assert expected in str(e.value), str(e.value)
+    assert "--trust-pickle" in e.value.one_line()
+    assert e.value.globals
+    assert not Path(canary).exists(), "payload ran"
+    assert os.environ.get("CKPT_CANARY") is None
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_zip_never_runs(tmp_path, case):
+    expected, build = HOSTILE[case]
+    canary = tmp_path / "canary"
+    p = tmp_path / "evil.pt"
+    _write_hostile(p, build(canary))
+    assert not canary.exists()  # writing it ran nothing
+    _assert_refused(p, expected, canary)
+    rep = cs.scan(str(p))
+    assert rep["unsafe"] and not canary.exists()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_hostile_every_protocol(tmp_path, protocol):
+    canary = tmp_path / "canary"
+    p = tmp_path / "evil.pt"
+    _write_hostile(p, {"w": torch.ones(2), "x": Reduce(os.system, (_touch_cmd(canary),))}, protocol=protocol)
+    _assert_refused(p, "system", canary)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_hostile_legacy_format(tmp_path, protocol):
+    canary = tmp_path / "canary"
+    p = tmp_path / "evil_legacy.pt"
+    _write_hostile(p, {"w": torch.ones(2), "x": Reduce(os.system, (_touch_cmd(canary),))}, legacy=True,
+                   protocol=protocol)
+    _assert_refused(p, "system", canary)
+    assert cs.scan(str(p))["unsafe"]
+
+
+def test_second_data_pkl_in_zip(tmp_path, cli):
+    canary = tmp_path / "canary"
+    p = tmp_path / "two.pt"
+    torch.save({"w": torch.ones(3)}, p)
+    with zipfile.ZipFile(p, "a") as zf:
+        zf.writestr("two/extra/data.pkl", pickle.dumps(Reduce(os.system, (_touch_cmd(canary),)), protocol=2))
+        zf.writestr("evil/data.pkl", pickle.dumps(Reduce(os.system, (_touch_cmd(canary),)), protocol=4))
+    ck = cs.load(p)  # the pickle torch reads is benign
+    assert list(ck.state) == ["w"] and not canary.exists()
+    code, out, err = cli("scan", p)
+    assert code == 1 and "posix.system" in out or "os.system" in out
+    assert not canary.exists()
+
+
+def test_hostile_hf_shard(tmp_path):
+    canary = tmp_path / "canary"
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save({"a": torch.ones(2)}, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save({"b": torch.ones(2), "x": Reduce(os.system, (_touch_cmd(canary),))},
+               folder / "pytorch_model-00002-of-00002.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    _assert_refused(folder, "system", canary)
+
+
+def test_env_var_cannot_flip_weights_only(tmp_path):
+    canary = tmp_path / "canary"
+    p = tmp_path / "evil.pt"
+    _write_hostile(p, {"w": torch.ones(2), "x": Reduce(os.system, (_touch_cmd(canary),))})
+    exe = Path(sys.executable).with_name("ckpt-surgeon")
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    for args in (["inspect", p], ["strip-prefix", p, "--prefix", "w", "-o", tmp_path / "o.pt"], ["diff", p, p]):
+        res = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 2 and "unsafe" in res.stderr.lower() or "allowlist" in res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not canary.exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_trust_pickle_is_explicit(tmp_path):
+    p = tmp_path / "frac.pt"
+    import fractions
+
+    torch.save({"w": torch.ones(1), "ratio": fractions.Fraction(1, 3)}, p)
+    with pytest.raises(UnsafePickleError, match="fractions.Fraction"):
+        cs.load(p)
+    ck = cs.load(p, trust_pickle=True)
+    assert ck.wrapper is None or True
+    assert torch.equal(ck.state["w"].to_torch() if hasattr(ck.state["w"], "to_torch") else ck.state["w"], torch.ones(1))
+
+
+def test_hostile_corpus_size():
+    assert len(HOSTILE) + len(PROTOCOLS) + 2 + 3 >= 30
+
+
+# --------------------------------------------------------------------------- corrupt inputs
+def _valid_zip(tmp_path) -> bytes:
+    p = tmp_path / "valid.pt"
+    torch.manual_seed(0)
+    torch.save(OrderedDict((f"layer{i}.weight", torch.randn(64, 64)) for i in range(6)), p)
+    return p.read_bytes()
+
+
+def _st(header: dict, data: bytes = b"", raw_len: int | None = None) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", raw_len if raw_len is not None else len(h)) + h + data
+
+
+def _zip_edit(blob: bytes, fn) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(blob)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = fn(info.filename, src.read(info))
+            if data is not None:
+                dst.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def _corrupt_cases(tmp_path):
+    z = _valid_zip(tmp_path)
+    cases = {
+        "empty": b"",
+        "random 1 KiB": random.Random(1).randbytes(1024),
+        "random 64 KiB": random.Random(2).randbytes(65536),
+        "random with zip magic": b"PK\x03\x04" + random.Random(3).randbytes(4000),
+        "random with pickle magic": b"\x80\x02" + random.Random(4).randbytes(4000),
+        "PNG named .pt": b"\x89PNG\r\n\x1a\n" + b"\0" * 200,
+        "text named .pt": b"this is not a checkpoint\n" * 10,
+        "gzip": b"\x1f\x8b\x08\x00" + b"\0" * 100,
+        "bad central directory": z[:-60] + b"\xff" * 38 + z[-22:],
+        "bad end of central directory": z[:-22] + b"PK\x05\x06" + b"\xff" * 18,
+        "data.pkl garbage": _zip_edit(z, lambda n, d: b"\x80\x02garbage" if n.endswith("data.pkl") else d),
+        "data.pkl truncated": _zip_edit(z, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d),
+        "missing storage record": _zip_edit(z, lambda n, d: None if n.endswith("data/3") else d),
+        "storage record too short": _zip_edit(z, lambda n, d: d[:100] if n.endswith("data/2") else d),
+        "zip without data.pkl": _zip_edit(z, lambda n, d: None if n.endswith("data.pkl") else d),
+        "legacy truncated": None,  # filled below
+        "legacy garbage after magic": None,
+        "st header past EOF": _st({}, raw_len=10_000),
+        "st header > 100 MB": struct.pack("<Q", 200_000_000) + b"{" + b" " * 64,
+        "st invalid JSON": struct.pack("<Q", 12) + b"{not json!!}",
+        "st header is a list": _st([1, 2]),  # type: ignore[arg-type]
+        "st overlapping offsets": _st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12),
+        "st out-of-range offsets": _st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4),
+        "st gap": _st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+        "st unknown dtype": _st({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "st shape overflow": _st({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "st negative shape": _st({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "st offsets disagree with shape": _st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "st trailing bytes": _st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9),
+        "st truncated data": _st({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 7),
+        "st metadata not strings": _st({"__metadata__": {"a": 1}}),
+        "st entry not an object": _st({"a": 5}),
+    }
+    buf = io.BytesIO()
+    torch.save({"w": torch.randn(100)}, buf, _use_new_zipfile_serialization=False)
+    leg = buf.getvalue()
+    cases["legacy truncated"] = leg[: len(leg) // 2]
+    cases["legacy garbage after magic"] = leg[:40] + random.Random(5).randbytes(300)
+    for frac in (0.05, 0.3, 0.5, 0.7, 0.95):
+        cases[f"zip truncated at {int(frac * 100)}%"] = z[: int(len(z) * frac)]
+    cases["zip minus last byte"] = z[:-1]
+    return cases
+
+
+def _one_line_error(code, out, err):
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckpt-surgeon: error:"), err
+    assert "Traceback" not in err and "internal error" not in err, err
+
+
+def test_corrupt_inputs_clean_errors(tmp_path, cli):
+    cases = _corrupt_cases(tmp_path)
+    ext = {True: ".safetensors", False: ".pt"}
+    n = 0
+    for name, blob in cases.items():
+        p = tmp_path / ("bad" + ext[name.startswith("st ")])
+        p.write_bytes(blob)
+        for cmd in (["convert", p, "-o", tmp_path / "out.pt"], ["strip-prefix", p, "--prefix", "x", "-o", tmp_path / "o2.safetensors"],
+                    ["diff", p, p]):
+            code, out, err = cli(*cmd)
+            _one_line_error(code, out, err)
+            n += 1
+        assert not (tmp_path / "out.pt").exists() and not (tmp_path / "o2.safetensors").exists(), name
+        assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith(".")) == [], name
+    assert len(cases) >= 40
+
+
+def test_flipped_tensor_byte_is_caught(tmp_path, cli):
+    z = bytearray(_valid_zip(tmp_path))
+    with zipfile.ZipFile(io.BytesIO(bytes(z))) as zf:
+        info = zf.getinfo("valid/data/2")
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    hdr = struct.unpack("<IHHHHHIIIHH", bytes(z[info.header_offset:info.header_offset + 30]))
+    start = info.header_offset + 30 + hdr[9] + hdr[10]
+    z[start + 100] ^= 0x40
+    p = tmp_path / "flip.pt"
+    p.write_bytes(bytes(z))
+    for cmd in (["convert", p, "-o", tmp_path / "o.pt"], ["convert", p, "-o", tmp_path / "o.safetensors"],
+                ["strip-prefix", p, "--prefix", "layer", "--partial", "-o", tmp_path / "o3.pt"]):
+        code, out, err = cli(*cmd)
+        _one_line_error(code, out, err)
+        assert "CRC" in err
+    code, out, err = cli("diff", p, tmp_path / "valid.pt")
+    _one_line_error(code, out, err)
+    assert not list(tmp_path.glob("o*"))
+
+
+def test_sharded_index_errors(tmp_path, cli):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, folder / "s1.safetensors")
+    secret = tmp_path / "secret.safetensors"
+    save_file({"b": torch.ones(2)}, secret)
+    cases = {
+        "missing shard": {"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}},
+        "outside the folder": {"weight_map": {"a": "s1.safetensors", "b": "../secret.safetensors"}},
+        "absolute path": {"weight_map": {"b": str(secret)}},
+        "no weight_map": {"metadata": {}},
+        "tensor not in shard": {"weight_map": {"zz": "s1.safetensors"}},
+    }
+    for name, index in cases.items():
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        code, out, err = cli("convert", folder, "-o", tmp_path / "o.pt")
+        _one_line_error(code, out, err)
+    (folder / "model.safetensors.index.json").write_text("{oops")
+    _one_line_error(*cli("inspect", folder))
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_path_and_output_errors(tmp_path, sample_dir, cli, monkeypatch):
+    good = sample_dir / "seednet.pt"
+    _one_line_error(*cli("inspect", tmp_path / "missing.pt"))
+    (tmp_path / "d").mkdir()
+    _one_line_error(*cli("inspect", tmp_path / "d"))  # a directory without weights
+    _one_line_error(*cli("convert", good, "-o", tmp_path / "no" / "such" / "dir.pt"))
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(*cli("convert", good, "-o", tmp_path / "afile" / "x.pt"))
+    _one_line_error(*cli("convert", good, "-o", tmp_path / "d"))  # output is a directory
+    _one_line_error(*cli("convert", good, "-o", good))  # the input itself
+    _one_line_error(*cli("extract", good, "--layers", "nothere", "-o", tmp_path / "e.pt"))
+    _one_line_error(*cli("rename", good, "--map", "zzz=>y", "-o", tmp_path / "e.pt"))
+    _one_line_error(*cli("rename", good, "--map", r"\.weight$=>.bias", "-o", tmp_path / "e.pt"))  # collision
+    assert not (tmp_path / "e.pt").exists()
+
+
+def test_disk_full_leaves_nothing(tmp_path, sample_dir, cli, monkeypatch):
+    """A writer that runs out of space mid-file: a clean error, no output, no temp file."""
+    import ckptsurgeon.zipfmt as zf
+
+    real = os.pwrite
+    written = {"n": 0}
+
+    def full_disk(fd, data, offset):
+        written["n"] += 1
+        if written["n"] > 5:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(zf.os, "pwrite", full_disk)
+    for out in ("o.pt", "o.safetensors"):
+        written["n"] = 0
+        code, o, err = cli("convert", sample_dir / "seednet_resume.pt", "-o", tmp_path / out)
+        _one_line_error(code, o, err)
+        assert "space" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_debug_shows_traceback(tmp_path, cli):
+    code, out, err = cli("--debug", "inspect", tmp_path / "missing.pt")
+    assert code == 2 and "Traceback" in err
+
+
+# --------------------------------------------------------------------------- killed writes
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sigkill_never_tears_output(tmp_path):
+    big = tmp_path / "big_dp.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save(OrderedDict((f"module.layer{i}.weight", torch.randn(128, 256, generator=g)) for i in range(600)), big)
+    src_hash = _sha(big)
+    exe = Path(sys.executable).with_name("ckpt-surgeon")
+    out = tmp_path / "out.pt"
+
+    def run_once(kill_after=None):
+        proc = subprocess.Popen([str(exe), "-q", "strip-prefix", str(big), "-o", str(out), "--in-place"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kill_after is None:
+            return proc.wait(timeout=120)
+        time.sleep(kill_after)
+        proc.send_signal(signal.SIGKILL)
+        return proc.wait(timeout=60)
+
+    t0 = time.perf_counter()
+    assert run_once() == 0
+    duration = time.perf_counter() - t0
+    expected = 600
+    assert len(torch.load(out, weights_only=True, mmap=True)) == expected
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # a normal run leaves no temp
+    rng = random.Random(1234)
+    trials = torn = 0
+    for trial in range(50):
+        if trial < 25 and out.exists():
+            out.unlink()  # first half: no previous output; second half: -o onto an existing file
+        previous = _sha(out) if out.exists() else None
+        run_once(rng.uniform(0, duration * 1.1))
+        trials += 1
+        if out.exists():
+            try:
+                sd = torch.load(out, weights_only=True, mmap=True)
+                assert len(sd) == expected and all(k.startswith("layer") for k in sd)
+            except Exception:
+                torn += 1
+            if previous is not None and _sha(out) != previous:
+                # replaced: must be a complete file (checked above)
+                pass
+        assert _sha(big) == src_hash
+        for tmp in tmp_path.glob(".out.pt.*.tmp"):
+            tmp.unlink()  # leftovers of a killed process are never at the output path
+    assert trials == 50 and torn == 0
+
+
+# --------------------------------------------------------------------------- fuzzing
+FUZZ_EXAMPLES = int(os.environ.get("CKPT_FUZZ_EXAMPLES", "150"))
+
+
+def _seeds(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzzseeds")
+    torch.manual_seed(0)
+    sd = OrderedDict([("a.weight", torch.randn(4, 3)), ("a.bias", torch.randn(4)), ("n", torch.tensor(3))])
+    torch.save({"model": sd, "epoch": 1}, d / "z.pt")
+    from safetensors.torch import save_file
+
+    save_file(dict(sd), d / "s.safetensors")
+    torch.save(sd, d / "l.pt", _use_new_zipfile_serialization=False)
+    return {k: (d / f).read_bytes() for k, f in (("zip", "z.pt"), ("st", "s.safetensors"), ("legacy", "l.pt"))}
+
+
+@pytest.fixture(scope="module")
+def fuzz_seeds(tmp_path_factory):
+    return _seeds(tmp_path_factory)
+
+
+@pytest.mark.parametrize("kind", ["zip", "st", "legacy"])
+def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seed = fuzz_seeds[kind]
+    work = tmp_path_factory.mktemp(f"fuzz_{kind}")
+    path = work / ("f.safetensors" if kind == "st" else "f.pt")
+
+    @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, len(seed) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+           st.one_of(st.none(), st.integers(1, len(seed))))
+    def check(flips, cut):
+        blob = bytearray(seed)
+        for pos, val in flips:
+            blob[pos] = val
+        if cut is not None:
+            blob = blob[:cut]
+        path.write_bytes(bytes(blob))
+        try:
+            ck = cs.load(path)
+            for _name, v in ck.tensor_items():
+                t = v.to_torch() if hasattr(v, "to_torch") else v
+                t.sum()
+        except CkptSurgeonError:
+            pass
+
+    check()
