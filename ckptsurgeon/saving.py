@@ -13,9 +13,11 @@ from .manager import get_manager
 def output_format(path: str, format: str | None = None, max_shard_size=None) -> str:
     if format:
         return format
+    ext = os.path.splitext(str(path))[1].lower()
+    if os.path.isdir(path) and ext in (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"):
+        raise OutputError(f"output {path} is a directory", hint="name a file, or a folder for sharded output")
     if max_shard_size or str(path).endswith(os.sep) or os.path.isdir(path):
         return "hf-folder"
-    ext = os.path.splitext(str(path))[1].lower()
     if ext == ".safetensors":
         return "safetensors"
     for name, (spec, _p) in get_manager().formats().items():

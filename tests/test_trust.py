@@ -245,7 +245,8 @@ def _corrupt_cases(tmp_path):
         "text named .pt": b"this is not a checkpoint\n" * 10,
         "gzip": b"\x1f\x8b\x08\x00" + b"\0" * 100,
         "bad central directory": z[:-60] + b"\xff" * 38 + z[-22:],
-        "bad end of central directory": z[:-22] + b"PK\x05\x06" + b"\xff" * 18,
+        "central directory signature damaged": z.replace(b"PK\x01\x02", b"XY\x01\x02", 1),
+        "end of central directory missing": z[:-22],
         "data.pkl garbage": _zip_edit(z, lambda n, d: b"\x80\x02garbage" if n.endswith("data.pkl") else d),
         "data.pkl truncated": _zip_edit(z, lambda n, d: d[: len(d) // 2] if n.endswith("data.pkl") else d),
         "missing storage record": _zip_edit(z, lambda n, d: None if n.endswith("data/3") else d),
@@ -274,6 +275,10 @@ def _corrupt_cases(tmp_path):
     torch.save({"w": torch.randn(100)}, buf, _use_new_zipfile_serialization=False)
     leg = buf.getvalue()
     cases["legacy truncated"] = leg[: len(leg) // 2]
+    cases["legacy magic only"] = leg[:16]
+    cases["st zero-length header"] = struct.pack("<Q", 0) + b"\0" * 32
+    fourth = [i for i in range(len(z)) if z.startswith(b"PK\x03\x04", i)][5]
+    cases["local header of a storage damaged"] = z[:fourth] + b"XXXX" + z[fourth + 4:]
     cases["legacy garbage after magic"] = leg[:40] + random.Random(5).randbytes(300)
     for frac in (0.05, 0.3, 0.5, 0.7, 0.95):
         cases[f"zip truncated at {int(frac * 100)}%"] = z[: int(len(z) * frac)]
@@ -298,6 +303,7 @@ def test_corrupt_inputs_clean_errors(tmp_path, cli):
         for cmd in (["convert", p, "-o", tmp_path / "out.pt"], ["strip-prefix", p, "--prefix", "x", "-o", tmp_path / "o2.safetensors"],
                     ["diff", p, p]):
             code, out, err = cli(*cmd)
+            assert code == 2, (name, cmd[0], out)
             _one_line_error(code, out, err)
             n += 1
         assert not (tmp_path / "out.pt").exists() and not (tmp_path / "o2.safetensors").exists(), name
@@ -357,7 +363,8 @@ def test_path_and_output_errors(tmp_path, sample_dir, cli, monkeypatch):
     _one_line_error(*cli("convert", good, "-o", tmp_path / "no" / "such" / "dir.pt"))
     (tmp_path / "afile").write_text("x")
     _one_line_error(*cli("convert", good, "-o", tmp_path / "afile" / "x.pt"))
-    _one_line_error(*cli("convert", good, "-o", tmp_path / "d"))  # output is a directory
+    (tmp_path / "dir.pt").mkdir()
+    _one_line_error(*cli("convert", good, "-o", tmp_path / "dir.pt"))  # output is a directory
     _one_line_error(*cli("convert", good, "-o", good))  # the input itself
     _one_line_error(*cli("extract", good, "--layers", "nothere", "-o", tmp_path / "e.pt"))
     _one_line_error(*cli("rename", good, "--map", "zzz=>y", "-o", tmp_path / "e.pt"))
@@ -369,16 +376,24 @@ def test_disk_full_leaves_nothing(tmp_path, sample_dir, cli, monkeypatch):
     """A writer that runs out of space mid-file: a clean error, no output, no temp file."""
     import ckptsurgeon.zipfmt as zf
 
-    real = os.pwrite
+    real_write, real_copy = os.pwrite, os.copy_file_range
     written = {"n": 0}
 
-    def full_disk(fd, data, offset):
+    def count():
         written["n"] += 1
-        if written["n"] > 5:
+        if written["n"] > 3:
             raise OSError(28, "No space left on device")
-        return real(fd, data, offset)
 
-    monkeypatch.setattr(zf.os, "pwrite", full_disk)
+    def full_write(fd, data, offset):
+        count()
+        return real_write(fd, data, offset)
+
+    def full_copy(src, dst, n, offset_src=None, offset_dst=None):
+        count()
+        return real_copy(src, dst, n, offset_src, offset_dst)
+
+    monkeypatch.setattr(zf.os, "pwrite", full_write)
+    monkeypatch.setattr(zf.os, "copy_file_range", full_copy)
     for out in ("o.pt", "o.safetensors"):
         written["n"] = 0
         code, o, err = cli("convert", sample_dir / "seednet_resume.pt", "-o", tmp_path / out)
