@@ -173,7 +173,12 @@ def convert_cmd(path, key, trust_pickle, output, out_format, dry_run, in_place, 
 @main_group.command("plugins")
 @json_option
 def plugins_cmd(as_json):
-    """List loaded plugins, where they come from, and the hooks they implement."""
+    """List loaded plugins, where they come from, and the hooks they implement.
+
+    \b
+    Example:
+      ckpt-surgeon plugins --json
+    """
     from .manager import get_manager
 
     m = get_manager()
