@@ -1,10 +1,22 @@
-"""Comparing tensors: a fast content digest first, statistics only when the bytes differ."""
+"""Comparing tensors: a fast content digest first, statistics only when the bytes differ.
+
+Statistics run in chunks over the mapped bytes with numpy (float64 accumulation), so comparing
+two multi-GiB checkpoints neither imports torch nor holds more than a few chunks in memory.
+Dtypes numpy cannot read (float8, complex32...) go through torch.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .refs import TensorRef, tensor_bytes
+
+CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
+
+_NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8", "int32": "<i4",
+          "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1", "uint16": "<u2", "uint32": "<u4",
+          "uint64": "<u8", "complex64": "<c8", "complex128": "<c16"}
 
 
 def digest(v: Any) -> str:
@@ -15,44 +27,128 @@ def digest(v: Any) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def _as_numpy(v):
+    """A flat numpy view of the tensor's bytes, or None when numpy cannot express the dtype."""
+    import numpy as np
+
+    dtype = v.dtype if isinstance(v, TensorRef) else str(v.dtype).replace("torch.", "")
+    code = _NUMPY.get(dtype)
+    if code is None:
+        return None, dtype
+    raw = v.read_bytes() if isinstance(v, TensorRef) else tensor_bytes(v)
+    return np.frombuffer(raw, dtype=code), dtype
+
+
+def _to_f64(chunk, dtype):
+    import numpy as np
+
+    if dtype == "bfloat16":
+        return (chunk.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    if dtype.startswith("complex"):
+        return chunk.view(np.float32 if dtype == "complex64" else np.float64).astype(np.float64)
+    return chunk.astype(np.float64)
+
+
 def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict:
-    """Difference statistics of two same-shape tensors (torch tensors or TensorRefs)."""
+    """Difference statistics of two same-shape, same-dtype tensors (TensorRefs or torch tensors):
+    max|a-b|, mean|a-b|, relative L2 ‖a−b‖/‖a‖, cosine, number of differing elements, NaN/Inf
+    counts, and whether they are close within atol + rtol·|b| elementwise."""
+    import numpy as np
+
+    xa, dtype = _as_numpy(a)
+    xb, _ = _as_numpy(b)
+    if xa is None or xb is None:
+        return _stats_torch(a, b, atol, rtol)
+    floating = dtype.startswith(("float", "bfloat", "complex"))
+    n = xa.size
+    max_abs = sum_abs = d2 = a2 = b2 = ab = 0.0
+    n_diff = n_finite = 0
+    close = True
+    nonfinite = {"a": [0, 0], "b": [0, 0]}
+    with np.errstate(all="ignore"):
+        for start in range(0, n, CHUNK):
+            ca = _to_f64(xa[start:start + CHUNK], dtype)
+            cb = _to_f64(xb[start:start + CHUNK], dtype)
+            if floating:
+                for side, c in (("a", ca), ("b", cb)):
+                    nonfinite[side][0] += int(np.isnan(c).sum())
+                    nonfinite[side][1] += int(np.isinf(c).sum())
+                both_nan = np.isnan(ca) & np.isnan(cb)
+                same = (ca == cb) | both_nan
+                fin = np.isfinite(ca) & np.isfinite(cb)
+            else:
+                same = ca == cb
+                fin = np.ones(ca.shape, dtype=bool)
+            n_diff += int((~same).sum())
+            fa, fb = ca[fin], cb[fin]
+            d = np.abs(fa - fb)
+            if d.size:
+                max_abs = max(max_abs, float(d.max()))
+                sum_abs += float(d.sum())
+            n_finite += int(d.size)
+            d2 += float(np.dot(d, d))
+            a2 += float(np.dot(fa, fa))
+            b2 += float(np.dot(fb, fb))
+            ab += float(np.dot(fa, fb))
+            if close and (atol or rtol):
+                ok = np.abs(ca - cb) <= atol + rtol * np.abs(cb)
+                close = bool((ok | same).all())
+    if complex_dtype(dtype):
+        n_diff //= 2
+    na, nb, nd = math.sqrt(a2), math.sqrt(b2), math.sqrt(d2)
+    out = {
+        "max_abs": max_abs,
+        "mean_abs": sum_abs / n_finite if n_finite else 0.0,
+        "rel_l2": nd / na if na > 0 else (0.0 if nd == 0 else float("inf")),
+        "cosine": ab / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0),
+        "n_diff": n_diff,
+        "numel": n // 2 if complex_dtype(dtype) else n,
+        "diff_sq": d2,
+        "ref_sq": a2,
+        "close": close if (atol or rtol) else n_diff == 0,
+    }
+    nf = {side: {"nan": v[0], "inf": v[1]} for side, v in nonfinite.items() if v[0] or v[1]}
+    if nf:
+        out["nonfinite"] = nf
+    return out
+
+
+def complex_dtype(dtype: str) -> bool:
+    return dtype.startswith("complex")
+
+
+def _stats_torch(a, b, atol, rtol) -> dict:
     import torch
 
-    ta = a.to_torch() if isinstance(a, TensorRef) else a
-    tb = b.to_torch() if isinstance(b, TensorRef) else b
-    ta, tb = ta.detach(), tb.detach()
-    floating = ta.is_floating_point() or ta.is_complex()
-    work = torch.float64 if ta.dtype in (torch.float64, torch.int64, torch.complex128) else torch.float32
+    ta = (a.to_torch() if isinstance(a, TensorRef) else a).detach().reshape(-1)
+    tb = (b.to_torch() if isinstance(b, TensorRef) else b).detach().reshape(-1)
     if ta.is_complex():
-        xa, xb = torch.view_as_real(ta).to(work), torch.view_as_real(tb.to(ta.dtype)).to(work)
-    else:
-        xa, xb = ta.to(work), tb.to(work)
-    d = xa - xb
-    absd = d.abs()
-    finite = torch.isfinite(absd)
-    n_diff = int((ta != tb).sum()) if not floating else int((~(xa == xb) & ~(torch.isnan(xa) & torch.isnan(xb))).sum())
-    na = float(torch.linalg.vector_norm(xa[torch.isfinite(xa)])) if xa.numel() else 0.0
-    nd = float(torch.linalg.vector_norm(absd[finite])) if absd.numel() else 0.0
-    nb = float(torch.linalg.vector_norm(xb[torch.isfinite(xb)])) if xb.numel() else 0.0
-    dot = float((xa[finite] * xb[finite]).sum()) if absd.numel() else 0.0
+        ta, tb = torch.view_as_real(ta).reshape(-1), torch.view_as_real(tb).reshape(-1)
+    xa, xb = ta.to(torch.float64), tb.to(torch.float64)
+    same = (xa == xb) | (torch.isnan(xa) & torch.isnan(xb))
+    fin = torch.isfinite(xa) & torch.isfinite(xb)
+    d = (xa - xb).abs()[fin]
+    fa, fb = xa[fin], xb[fin]
+    na, nb, nd = float(fa.norm()), float(fb.norm()), float(d.norm())
     out = {
-        "max_abs": float(absd[finite].max()) if bool(finite.any()) else 0.0,
-        "mean_abs": float(absd[finite].mean()) if bool(finite.any()) else 0.0,
+        "max_abs": float(d.max()) if d.numel() else 0.0,
+        "mean_abs": float(d.mean()) if d.numel() else 0.0,
         "rel_l2": nd / na if na > 0 else (0.0 if nd == 0 else float("inf")),
-        "cosine": dot / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0),
-        "n_diff": n_diff,
-        "numel": int(ta.numel()),
+        "cosine": float((fa * fb).sum()) / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0),
+        "n_diff": int((~same).sum()),
+        "numel": int(xa.numel()),
         "diff_sq": nd * nd,
         "ref_sq": na * na,
     }
-    if floating and (atol or rtol):
-        out["close"] = bool(torch.allclose(xa, xb, rtol=rtol, atol=atol, equal_nan=True))
+    if atol or rtol:
+        out["close"] = bool(((xa - xb).abs() <= atol + rtol * xb.abs()).logical_or(same).all())
     else:
-        out["close"] = n_diff == 0
+        out["close"] = out["n_diff"] == 0
+    nf = {}
     for side, t in (("a", xa), ("b", xb)):
-        if floating:
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            if nan or inf:
-                out.setdefault("nonfinite", {})[side] = {"nan": nan, "inf": inf}
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            nf[side] = {"nan": nan, "inf": inf}
+    if nf:
+        out["nonfinite"] = nf
     return out

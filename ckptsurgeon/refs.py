@@ -76,11 +76,26 @@ class FileRange:
         return view
 
     def check_crc(self, view: memoryview | None = None) -> None:
+        """Verify the stored CRC-32. Without ``view`` the bytes are streamed with pread in
+        chunks (constant memory, no mapping: copy paths stay flat in RSS)."""
         if self.crc is None or self._checked:
             return
-        if view is None:
-            view = self.raw()
-        got = zlib.crc32(view) & 0xFFFFFFFF
+        if view is not None:
+            got = zlib.crc32(view) & 0xFFFFFFFF
+        else:
+            got = 0
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                done = 0
+                while done < self.length:
+                    chunk = os.pread(fd, min(8 << 20, self.length - done), self.offset + done)
+                    if not chunk:
+                        raise CorruptCheckpointError(f"{self.path}: {self.label or 'tensor data'} is truncated")
+                    got = zlib.crc32(chunk, got)
+                    done += len(chunk)
+            finally:
+                os.close(fd)
+            got &= 0xFFFFFFFF
         if got != self.crc:
             raise CorruptCheckpointError(
                 f"{self.path}: CRC-32 mismatch in {self.label or 'a data record'} "

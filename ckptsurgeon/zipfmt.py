@@ -128,6 +128,17 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: 
         done += len(chunk)
 
 
+def _crc_of_file_range(fd: int, offset: int, length: int) -> int:
+    crc, done = 0, 0
+    while done < length:
+        chunk = os.pread(fd, min(8 << 20, length - done), offset + done)
+        if not chunk:
+            raise CorruptCheckpointError("source ended early while computing its CRC (file truncated?)")
+        crc = zlib.crc32(chunk, crc)
+        done += len(chunk)
+    return crc & _U32
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -176,7 +187,7 @@ class ZipWriter:
             _copy_range(src_fd, self.fd, source.offset, size, self.pos)
             self.pos += size
             if crc is None:
-                crc = zlib.crc32(source.raw()) & _U32
+                crc = _crc_of_file_range(src_fd, source.offset, size)
         elif size:
             buf = source.buffer()
             self._write(buf)

@@ -1,0 +1,289 @@
+"""Speed and memory of ckpt-surgeon against `cp` and the naive torch path, in one table.
+
+    python benchmarks/run.py --sizes 0.5,2,8 [--repeat 3] [--naive-max 4] [--mem-cap 1GiB] [--out bench-out]
+
+For each size it writes a torch zip checkpoint of ~300 float32 tensors with `module.` keys (an
+OrderedDict with `_metadata`, like a DataParallel state dict) plus a safetensors copy and a
+"finetuned" copy with three tensors changed, warms the page cache, then runs every operation as
+its own process: wall time (median of --repeat) and peak memory from wait4 (RSS, which counts
+mapped file pages) and from sampling /proc/PID/status (RssAnon: the process's own memory).
+Ratios are against `cp` (or reading both files once, for diff) measured in the same run.
+With a writable cgroup-v1 memory controller it also runs strip-prefix and diff on the largest
+file under a memory cap several times smaller than the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PY = sys.executable
+CLI = str(Path(PY).with_name("ckpt-surgeon"))
+CGROUP = Path("/sys/fs/cgroup/memory/ckpt_surgeon_bench")
+
+NAIVE_STRIP = """
+import sys, torch
+from collections import OrderedDict
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=sys.argv[3] == "mmap")
+new = OrderedDict((k[len("module."):], v) for k, v in sd.items())
+new._metadata = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in sd._metadata.items())
+torch.save(new, sys.argv[2])
+"""
+NAIVE_ST = """
+import sys
+from safetensors.torch import load_file, save_file
+sd = load_file(sys.argv[1])
+save_file({k[len("module."):]: v for k, v in sd.items()}, sys.argv[2])
+"""
+NAIVE_DIFF = """
+import sys, torch
+a = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+b = torch.load(sys.argv[2], map_location="cpu", weights_only=True)
+print(sum(1 for k in a if not torch.equal(a[k], b[k])))
+"""
+GEN = """
+import sys, torch
+from collections import OrderedDict
+size, path = float(sys.argv[1]), sys.argv[2]
+n = 300
+per = int(size * (1 << 30) / 4 / n)
+side = int(per ** 0.5)
+g = torch.Generator().manual_seed(0)
+sd = OrderedDict()
+for i in range(n):
+    sd[f"module.layer{i // 3}.block{i % 3}.weight"] = torch.randn(side, side, generator=g)
+sd._metadata = OrderedDict([("", {"version": 1}), ("module", {"version": 1})])
+torch.save(sd, path)
+"""
+FINETUNE = """
+import sys, torch, ckptsurgeon as cs
+ck = cs.load(sys.argv[1])
+state = dict(ck.state)
+for k in list(state)[10:13]:
+    state[k] = state[k].to_torch() + 0.01
+cs.save(ck.with_state(state), sys.argv[2])
+"""
+
+
+def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None) -> tuple[float, int, int, int]:
+    """(wall seconds, peak RSS KiB from wait4, peak RssAnon KiB sampled, exit code)."""
+    if cgroup is not None:
+        cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    peak_anon = [0]
+    stop = threading.Event()
+
+    def sample():
+        status = f"/proc/{proc.pid}/status"
+        while not stop.is_set():
+            try:
+                with open(status) as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+            except OSError:
+                pass
+            stop.wait(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        print(f"  ! {' '.join(map(str, cmd))[:160]} exited {code}: {err.strip()[-300:]}", file=sys.stderr)
+    return wall, usage.ru_maxrss, peak_anon[0], code
+
+
+def measure(name, cmd, repeat, cleanup=None, **kw) -> dict:
+    walls, rss, anon, code = [], 0, 0, 0
+    for _ in range(repeat):
+        if cleanup:
+            cleanup()
+        w, r, a, code = run(cmd, **kw)
+        walls.append(w)
+        rss, anon = max(rss, r), max(anon, a)
+    return {"op": name, "wall": statistics.median(walls), "rss_mib": rss / 1024, "anon_mib": anon / 1024, "code": code}
+
+
+def mib(n):
+    return f"{n:,.0f}"
+
+
+def cgroup_cap(limit_bytes: int) -> Path | None:
+    try:
+        CGROUP.mkdir(exist_ok=True)
+        (CGROUP / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        try:
+            (CGROUP / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+        except OSError:
+            pass
+        return CGROUP
+    except OSError:
+        return None
+
+
+def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[dict]:
+    a = work / f"a_{size}g.pt"
+    b = work / f"b_{size}g.pt"
+    st = work / f"a_{size}g.safetensors"
+    out = work / "out.pt"
+    out_st = work / "out.safetensors"
+    print(f"[{size} GiB] generating ...", file=sys.stderr)
+    subprocess.run([PY, "-c", GEN, str(size), str(a)], check=True)
+    subprocess.run([CLI, "-q", "convert", str(a), "-o", str(st)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([PY, "-c", FINETUNE, str(a), str(b)], check=True)
+    for p in (a, b, st):
+        subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    nbytes = a.stat().st_size
+
+    def rm():
+        for p in (out, out_st):
+            if p.exists():
+                p.unlink()
+
+    rows = []
+    naive = size <= naive_max
+    r = lambda name, cmd, **kw: rows.append({"size": size, **measure(name, cmd, repeat, cleanup=rm, **kw)})  # noqa
+    r("cp .pt", ["cp", str(a), str(out)])
+    r("strip-prefix .pt (ckpt-surgeon)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)])
+    r("rename .pt (ckpt-surgeon)", [CLI, "-q", "rename", str(a), "--map", r"^module\.=>", "-o", str(out)])
+    if naive:
+        r("strip-prefix .pt naive torch.load/save", [PY, "-c", NAIVE_STRIP, str(a), str(out), "full"])
+        r("strip-prefix .pt naive, mmap=True", [PY, "-c", NAIVE_STRIP, str(a), str(out), "mmap"])
+    r("cp .safetensors", ["cp", str(st), str(out_st)])
+    r("strip-prefix .safetensors (ckpt-surgeon)", [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)])
+    if naive:
+        r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)])
+    half = nbytes // 2
+    r("copy half the bytes (dd)", ["dd", f"if={a}", f"of={out}", "bs=1M", f"count={half >> 20}", "status=none"])
+    layers = ",".join(f"module.layer{i}" for i in range(50))
+    r("extract half the layers (ckpt-surgeon)", [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)])
+    r("read both files (cat)", ["cat", str(a), str(b)])
+    r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"])
+    if naive:
+        r("diff naive load both + torch.equal", [PY, "-c", NAIVE_DIFF, str(a), str(b)])
+    r("inspect (ckpt-surgeon)", [CLI, "inspect", str(a), "--json"])
+    r("ckpt-surgeon --help", [CLI, "--help"])
+    for row in rows:
+        row["bytes"] = nbytes
+    return rows
+
+
+def memcap(size: float, work: Path, cap: int) -> list[dict]:
+    group = cgroup_cap(cap)
+    if group is None:
+        return [{"size": size, "op": f"memory cap {cap >> 20} MiB", "note": "no writable cgroup-v1 memory controller"}]
+    a, b = work / f"a_{size}g.pt", work / f"b_{size}g.pt"
+    out = work / "capped.pt"
+    rows = []
+    for name, cmd in ((f"strip-prefix under a {cap >> 20} MiB cap", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)]),
+                      (f"diff under a {cap >> 20} MiB cap", [CLI, "-q", "diff", str(a), str(b), "--json"])):
+        w, rss, anon, code = run(cmd, cgroup=group)
+        ok = code in (0, 1) and (name.startswith("diff") or out.exists())
+        rows.append({"size": size, "op": name, "wall": w, "rss_mib": rss / 1024, "anon_mib": anon / 1024,
+                     "code": code, "ok": ok, "bytes": a.stat().st_size})
+        if out.exists():
+            out.unlink()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| size | operation | wall s | × baseline | peak RSS MiB | peak anon MiB |", "|---|---|---|---|---|---|"]
+    base = {}
+    for row in rows:
+        op = row["op"]
+        if op.startswith("cp .pt"):
+            base[(row["size"], "pt")] = row["wall"]
+        elif op.startswith("cp .safetensors"):
+            base[(row["size"], "st")] = row["wall"]
+        elif op.startswith("copy half"):
+            base[(row["size"], "half")] = row["wall"]
+        elif op.startswith("read both"):
+            base[(row["size"], "read")] = row["wall"]
+    for row in rows:
+        if "wall" not in row:
+            lines.append(f"| {row['size']} GiB | {row['op']} | n/a: {row.get('note', '')} | | | |")
+            continue
+        op, s = row["op"], row["size"]
+        if "safetensors" in op:
+            ref = base.get((s, "st"))
+        elif "extract" in op:
+            ref = base.get((s, "half"))
+        elif op.startswith("diff"):
+            ref = base.get((s, "read"))
+        elif "help" in op or "inspect" in op or "cap" in op:
+            ref = None
+        else:
+            ref = base.get((s, "pt"))
+        ratio = f"{row['wall'] / ref:.2f}×" if ref else ""
+        status = "" if row.get("ok", True) else " (FAILED)"
+        lines.append(f"| {s} GiB | {op}{status} | {row['wall']:.2f} | {ratio} | {mib(row['rss_mib'])} | {mib(row['anon_mib'])} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    import platform
+
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.5,2", help="checkpoint sizes in GiB, comma-separated")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--naive-max", type=float, default=4.0, help="skip the naive paths above this size (GiB)")
+    ap.add_argument("--mem-cap", default="1GiB", help="memory cap for the larger-than-memory run")
+    ap.add_argument("--out", default="bench-out", help="working directory (deleted afterwards)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    sizes = [float(s) for s in args.sizes.split(",") if s]
+    work = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for s in sizes:
+            rows += bench_size(s, work, args.repeat, args.naive_max)
+            if s == max(sizes):
+                cap = int(float(args.mem_cap.rstrip("GiB").rstrip("MiB")) * ((1 << 30) if "G" in args.mem_cap else (1 << 20)))
+                rows += memcap(s, work, cap)
+            for p in work.glob(f"*_{s}g.*"):
+                p.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if CGROUP.exists():
+            try:
+                CGROUP.rmdir()
+            except OSError:
+                pass
+    print(f"Machine: {machine()}")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
