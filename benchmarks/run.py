@@ -74,12 +74,12 @@ cs.save(ck.with_state(state), sys.argv[2])
 """
 
 
-def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None) -> tuple[float, int, int, int]:
+def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None) -> tuple[float, int, int, int]:
     """(wall seconds, peak RSS KiB from wait4, peak RssAnon KiB sampled, exit code)."""
     if cgroup is not None:
         cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=dict(os.environ, **(env or {})))
     peak_anon = [0]
     stop = threading.Event()
 
@@ -161,12 +161,16 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     r = lambda name, cmd, **kw: rows.append({"size": size, **measure(name, cmd, repeat, cleanup=rm, **kw)})  # noqa
     r("cp .pt", ["cp", str(a), str(out)])
     r("strip-prefix .pt (ckpt-surgeon)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)])
+    r("strip-prefix .pt (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)],
+      env={"CKPT_SURGEON_FSYNC": "0"})
     r("rename .pt (ckpt-surgeon)", [CLI, "-q", "rename", str(a), "--map", r"^module\.=>", "-o", str(out)])
     if naive:
         r("strip-prefix .pt naive torch.load/save", [PY, "-c", NAIVE_STRIP, str(a), str(out), "full"])
         r("strip-prefix .pt naive, mmap=True", [PY, "-c", NAIVE_STRIP, str(a), str(out), "mmap"])
     r("cp .safetensors", ["cp", str(st), str(out_st)])
     r("strip-prefix .safetensors (ckpt-surgeon)", [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)])
+    r("strip-prefix .safetensors (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
+      [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)], env={"CKPT_SURGEON_FSYNC": "0"})
     if naive:
         r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)])
     half = nbytes // 2
