@@ -21,7 +21,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -158,29 +157,41 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
 
     rows = []
     naive = size <= naive_max
-    r = lambda name, cmd, **kw: rows.append({"size": size, **measure(name, cmd, repeat, cleanup=rm, **kw)})  # noqa
+
+    def r(name, cmd, base=None, **kw):
+        rows.append({"size": size, "base": base, **measure(name, cmd, repeat, cleanup=rm, **kw)})
+
+    cp_sync = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh"]
+    nofsync = {"CKPT_SURGEON_FSYNC": "0"}
     r("cp .pt", ["cp", str(a), str(out)])
-    r("strip-prefix .pt (ckpt-surgeon)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)])
+    r("cp .pt + fsync", cp_sync + [str(a), str(out)])
+    r("strip-prefix .pt (ckpt-surgeon, fsync: default)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)],
+      base="cp .pt + fsync")
     r("strip-prefix .pt (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)],
-      env={"CKPT_SURGEON_FSYNC": "0"})
-    r("rename .pt (ckpt-surgeon)", [CLI, "-q", "rename", str(a), "--map", r"^module\.=>", "-o", str(out)])
+      base="cp .pt", env=nofsync)
+    r("rename .pt (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)", [CLI, "-q", "rename", str(a), "--map", r"^module\.=>", "-o",
+                                                           str(out)], base="cp .pt", env=nofsync)
     if naive:
-        r("strip-prefix .pt naive torch.load/save", [PY, "-c", NAIVE_STRIP, str(a), str(out), "full"])
-        r("strip-prefix .pt naive, mmap=True", [PY, "-c", NAIVE_STRIP, str(a), str(out), "mmap"])
+        r("strip-prefix .pt naive torch.load/save", [PY, "-c", NAIVE_STRIP, str(a), str(out), "full"], base="cp .pt")
+        r("strip-prefix .pt naive, mmap=True", [PY, "-c", NAIVE_STRIP, str(a), str(out), "mmap"], base="cp .pt")
     r("cp .safetensors", ["cp", str(st), str(out_st)])
-    r("strip-prefix .safetensors (ckpt-surgeon)", [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)])
+    r("cp .safetensors + fsync", cp_sync + [str(st), str(out_st)])
+    r("strip-prefix .safetensors (ckpt-surgeon, fsync: default)", [CLI, "-q", "strip-prefix", str(st), "-o",
+                                                                   str(out_st)], base="cp .safetensors + fsync")
     r("strip-prefix .safetensors (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
-      [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)], env={"CKPT_SURGEON_FSYNC": "0"})
+      [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)], base="cp .safetensors", env=nofsync)
     if naive:
-        r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)])
+        r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)],
+          base="cp .safetensors")
     half = nbytes // 2
     r("copy half the bytes (dd)", ["dd", f"if={a}", f"of={out}", "bs=1M", f"count={half >> 20}", "status=none"])
     layers = ",".join(f"module.layer{i}" for i in range(50))
-    r("extract half the layers (ckpt-surgeon)", [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)])
+    r("extract half the layers (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
+      [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)], base="copy half the bytes (dd)", env=nofsync)
     r("read both files (cat)", ["cat", str(a), str(b)])
-    r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"])
+    r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
     if naive:
-        r("diff naive load both + torch.equal", [PY, "-c", NAIVE_DIFF, str(a), str(b)])
+        r("diff naive load both + torch.equal", [PY, "-c", NAIVE_DIFF, str(a), str(b)], base="read both files (cat)")
     r("inspect (ckpt-surgeon)", [CLI, "inspect", str(a), "--json"])
     r("ckpt-surgeon --help", [CLI, "--help"])
     for row in rows:
@@ -200,43 +211,25 @@ def memcap(size: float, work: Path, cap: int) -> list[dict]:
         w, rss, anon, code = run(cmd, cgroup=group)
         ok = code in (0, 1) and (name.startswith("diff") or out.exists())
         rows.append({"size": size, "op": name, "wall": w, "rss_mib": rss / 1024, "anon_mib": anon / 1024,
-                     "code": code, "ok": ok, "bytes": a.stat().st_size})
+                     "code": code, "ok": ok, "bytes": a.stat().st_size, "base": None})
         if out.exists():
             out.unlink()
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | operation | wall s | × baseline | peak RSS MiB | peak anon MiB |", "|---|---|---|---|---|---|"]
-    base = {}
-    for row in rows:
-        op = row["op"]
-        if op.startswith("cp .pt"):
-            base[(row["size"], "pt")] = row["wall"]
-        elif op.startswith("cp .safetensors"):
-            base[(row["size"], "st")] = row["wall"]
-        elif op.startswith("copy half"):
-            base[(row["size"], "half")] = row["wall"]
-        elif op.startswith("read both"):
-            base[(row["size"], "read")] = row["wall"]
+    lines = ["| size | operation | wall s | × its baseline | peak RSS MiB | peak anon MiB |",
+             "|---|---|---|---|---|---|"]
+    walls = {(row["size"], row["op"]): row.get("wall") for row in rows}
     for row in rows:
         if "wall" not in row:
             lines.append(f"| {row['size']} GiB | {row['op']} | n/a: {row.get('note', '')} | | | |")
             continue
-        op, s = row["op"], row["size"]
-        if "safetensors" in op:
-            ref = base.get((s, "st"))
-        elif "extract" in op:
-            ref = base.get((s, "half"))
-        elif op.startswith("diff"):
-            ref = base.get((s, "read"))
-        elif "help" in op or "inspect" in op or "cap" in op:
-            ref = None
-        else:
-            ref = base.get((s, "pt"))
-        ratio = f"{row['wall'] / ref:.2f}×" if ref else ""
+        ref = walls.get((row["size"], row.get("base"))) if row.get("base") else None
+        ratio = f"{row['wall'] / ref:.2f}× {row['base']}" if ref else ""
         status = "" if row.get("ok", True) else " (FAILED)"
-        lines.append(f"| {s} GiB | {op}{status} | {row['wall']:.2f} | {ratio} | {mib(row['rss_mib'])} | {mib(row['anon_mib'])} |")
+        lines.append(f"| {row['size']} GiB | {row['op']}{status} | {row['wall']:.2f} | {ratio} | "
+                     f"{mib(row['rss_mib'])} | {mib(row['anon_mib'])} |")
     return "\n".join(lines)
 
 

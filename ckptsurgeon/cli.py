@@ -154,7 +154,7 @@ def _print_inspect(info: dict) -> None:
 @load_options
 @write_options
 @json_option
-def convert_cmd(path, key, trust_pickle, output, out_format, dry_run, in_place, max_shard_size, dedupe_tied, as_json):
+def convert_cmd(path, key, trust_pickle, as_json, **write):
     """Re-write a checkpoint in another format (torch zip, safetensors, sharded folder).
 
     \b
@@ -165,8 +165,7 @@ def convert_cmd(path, key, trust_pickle, output, out_format, dry_run, in_place, 
     from . import cliutil
 
     ck = cliutil.load(path, key, trust_pickle)
-    rep = cliutil.save(ck, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                       max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    rep = cliutil.save(ck, **write)
     emit(rep, as_json, cliutil.echo_save)
 
 

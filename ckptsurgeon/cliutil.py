@@ -56,9 +56,14 @@ def model_options(f: Callable) -> Callable:
 
 
 def load(path: str, key=None, trust_pickle=False):
+    """Load for a command; the loader's notes (legacy format, torch.load fallback) go to stderr."""
     from .loading import load as _load
 
-    return _load(path, key=key, trust_pickle=trust_pickle)
+    ck = _load(path, key=key, trust_pickle=trust_pickle)
+    if not state().get("quiet", False):
+        for note in ck.notes:
+            click.echo(f"ckpt-surgeon: note: {note}", err=True)
+    return ck
 
 
 @contextlib.contextmanager

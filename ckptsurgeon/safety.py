@@ -71,7 +71,6 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
 
 def allowed_globals() -> set[str]:
     """torch's weights-only allowlist (this torch version) plus user-registered safe globals."""
-    import torch  # noqa: F401
     from torch import _weights_only_unpickler as wou
 
     names = set(wou._get_allowed_globals().keys())

@@ -110,8 +110,7 @@ def _human(r: dict) -> None:
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option
-def extract_cmd(path, layers, exclude, reroot, keep_optimizer, key, trust_pickle, output, out_format, dry_run,
-                in_place, max_shard_size, dedupe_tied, as_json):
+def extract_cmd(path, layers, exclude, reroot, keep_optimizer, key, trust_pickle, as_json, **write):
     """Extract some layers' weights (for finetuning a backbone).
 
     \b
@@ -121,8 +120,7 @@ def extract_cmd(path, layers, exclude, reroot, keep_optimizer, key, trust_pickle
     """
     ck = cliutil.load(path, key, trust_pickle)
     new, report = extract(ck, layers, exclude=exclude, reroot=reroot, keep_optimizer=keep_optimizer)
-    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    report["save"] = cliutil.save(new, **write)
     cliutil.emit(report, as_json, _human)
 
 

@@ -188,8 +188,7 @@ def _human(r: dict) -> None:
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option
-def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, output, out_format, dry_run, in_place,
-             max_shard_size, dedupe_tied, as_json):
+def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, as_json, **write):
     """Fold BatchNorm into the preceding conv/linear layers.
 
     \b
@@ -208,8 +207,7 @@ def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, outpu
         report["check"] = _check(ck, new, model, parse_shape(input_shape))
     except SelectionError as e:
         report["check_skipped"] = e.one_line()
-    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    report["save"] = cliutil.save(new, **write)
     cliutil.emit(report, as_json, _human)
 
 

@@ -312,7 +312,7 @@ def _human(r: dict) -> None:
 @cliutil.write_options
 @cliutil.json_option
 def bn_to_gn_cmd(path, groups, groups_policy, layers, calibrate, input_shape, inputs, model_spec, model_args, key,
-                 trust_pickle, output, out_format, dry_run, in_place, max_shard_size, dedupe_tied, as_json):
+                 trust_pickle, as_json, **write):
     """Swap BatchNorm for GroupNorm (plain, or calibrated with --calibrate N).
 
     \b
@@ -331,8 +331,7 @@ def bn_to_gn_cmd(path, groups, groups_policy, layers, calibrate, input_shape, in
     ck = cliutil.load(path, key, trust_pickle)
     new, report = bn_to_gn(ck, groups=groups, policy=groups_policy, model=model, layers=layers, calibrate=calibrate,
                            inputs=inputs, input_shape=parse_shape(input_shape))
-    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    report["save"] = cliutil.save(new, **write)
     cliutil.emit(report, as_json, _human)
 
 

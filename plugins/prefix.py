@@ -80,8 +80,7 @@ def _human(report: dict) -> None:
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option
-def strip_cmd(path, prefix, partial, key, trust_pickle, output, out_format, dry_run, in_place, max_shard_size,
-              dedupe_tied, as_json):
+def strip_cmd(path, prefix, partial, key, trust_pickle, as_json, **write):
     """Strip a wrapper prefix (module., _orig_mod., model.) from every key.
 
     \b
@@ -91,8 +90,7 @@ def strip_cmd(path, prefix, partial, key, trust_pickle, output, out_format, dry_
     """
     ck = cliutil.load(path, key, trust_pickle)
     new, report = strip_prefix(ck, prefix, partial=partial)
-    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    report["save"] = cliutil.save(new, **write)
     cliutil.emit(report, as_json, _human)
 
 
@@ -102,8 +100,7 @@ def strip_cmd(path, prefix, partial, key, trust_pickle, output, out_format, dry_
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option
-def add_cmd(path, prefix, key, trust_pickle, output, out_format, dry_run, in_place, max_shard_size, dedupe_tied,
-            as_json):
+def add_cmd(path, prefix, key, trust_pickle, as_json, **write):
     """Add a prefix to every key (e.g. module. for DataParallel).
 
     \b
@@ -112,8 +109,7 @@ def add_cmd(path, prefix, key, trust_pickle, output, out_format, dry_run, in_pla
     """
     ck = cliutil.load(path, key, trust_pickle)
     new, report = add_prefix(ck, prefix)
-    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+    report["save"] = cliutil.save(new, **write)
     cliutil.emit(report, as_json, _human)
 
 

@@ -134,8 +134,7 @@ def _human(report: dict) -> None:
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option
-def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, key, trust_pickle, output, out_format, dry_run,
-               in_place, max_shard_size, dedupe_tied, as_json):
+def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, key, trust_pickle, as_json, **write):
     """Rename keys with ordered regex rules.
 
     \b
@@ -149,9 +148,8 @@ def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, key, trust_p
         rules += load_rules(map_file)
     ck = cliutil.load(path, key, trust_pickle)
     new, report = rename(ck, rules, allow_unmatched=allow_unmatched)
-    report["save"] = cliutil.save(new, output, out_format=out_format, dry_run=dry_run, in_place=in_place,
-                                  max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
-    if save_inverse and not dry_run:
+    report["save"] = cliutil.save(new, **write)
+    if save_inverse and not write["dry_run"]:
         from ckptsurgeon.atomic import atomic_output
 
         with atomic_output(save_inverse) as fd:

@@ -286,7 +286,6 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         if spec.affected is not None:
             by_design |= set(spec.affected(t.get("params", {})))
     if localize:
-        b_keys = list(rec_b.outputs)
         for i, key in enumerate(rec_a.order):
             kind, ta = rec_a.outputs[key]
             if key in rec_b.outputs:
@@ -305,7 +304,6 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
             modules.append(entry)
             if not c["ok"] and first is None and key[0] not in by_design:
                 first = entry["module"]
-        del b_keys
     notes = []
     for t in cb.transforms:
         if t["name"] in NON_PRESERVING and not equivalent:

@@ -180,3 +180,38 @@ def test_verify_strict_failure_lists_keys(sample_dir, tmp_path, models_py):
     torch.save(sd, tmp_path / "short.pt")
     with pytest.raises(ModelError, match="missing 1: fc.bias"):
         cs.verify(sample_dir / "seednet.pt", tmp_path / "short.pt", model=f"{models_py}:seednet")
+
+
+def test_bn_without_affine_and_inputs_file(tmp_path, models):
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8, affine=False)
+            self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
+
+    torch.manual_seed(0)
+    net = models.randomize_norm_stats(Plain()).eval()
+    torch.save(net.state_dict(), tmp_path / "p.pt")
+    ck = cs.load(tmp_path / "p.pt")
+    new, rep = cs.bn_to_gn(ck, groups=4, model=Plain())
+    assert {l["layer"] for l in rep["layers"]} == {"bn", "bn2"}
+    assert "bn.weight" not in new.state and "bn.running_mean" not in new.state
+    gn = Plain()
+    cs.swap_bn_for_gn(gn, groups=4)
+    assert gn.bn.affine is False and gn.bn2.affine is True
+    cs.save(new, tmp_path / "gn.pt")
+    gn.load_state_dict(torch.load(tmp_path / "gn.pt", weights_only=True), strict=True)
+    # calibration inputs from a tensor file; BN without affine cannot be calibrated
+    torch.save(torch.randn(16, 3, 8, 8), tmp_path / "x.pt")
+    with pytest.raises(SelectionError, match="without affine"):
+        cs.bn_to_gn(ck, groups=4, model=Plain(), calibrate=16, inputs=str(tmp_path / "x.pt"))
+    new, rep = cs.bn_to_gn(ck, groups=4, model=Plain(), layers=["bn2"], calibrate=16, inputs=str(tmp_path / "x.pt"))
+    assert rep["calibration_inputs"] == 16 and rep["error_calibrated"] <= rep["error_plain"]
+    # verify with the same inputs file
+    r = cs.verify(tmp_path / "p.pt", tmp_path / "p.pt", model=Plain, inputs=str(tmp_path / "x.pt"))
+    assert r["equivalent"] and r["inputs"].endswith("x.pt")

@@ -21,11 +21,14 @@ REPO = HERE.parent
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     """The two test plugin packages, pip-installed into a private directory."""
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
     for pkg in ("plugin_pkg", "broken_plugin"):
         build = tmp_path_factory.mktemp("build")
+        shutil.copytree(HERE / pkg, build / pkg)  # pip builds in the source tree: keep the repo clean
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(HERE / pkg)],
+                        "--no-index", "--target", str(target), str(build / pkg)],
                        check=True, capture_output=True, cwd=build, timeout=300)
     return target
 

@@ -122,7 +122,11 @@ def _assert_refused(path, expected, canary, cli=None):
     assert "--trust-pickle" in e.value.one_line()
     assert e.value.globals
     assert not Path(canary).exists(), "payload ran"
-    assert os.environ.get("CKPT_CANARY") is None
+    import ctypes
+
+    getenv = ctypes.CDLL(None).getenv
+    getenv.restype = ctypes.c_char_p  # putenv changes the C environment, not os.environ
+    assert os.environ.get("CKPT_CANARY") is None and getenv(b"CKPT_CANARY") is None
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

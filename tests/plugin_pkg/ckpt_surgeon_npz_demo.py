@@ -1,7 +1,6 @@
 """A tiny third-party plugin: a 'count' command, an 'npz' format and an operation."""
 
 import os
-import zipfile
 from collections import OrderedDict
 
 import click
