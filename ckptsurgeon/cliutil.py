@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -89,9 +90,13 @@ def save(ck, output: str | None, *, out_format=None, dry_run=False, in_place=Fal
     from .saving import save as _save
 
     if not output:
-        if dry_run:
-            return {"output": None, "dry_run": True}
-        raise OutputError("no output given", hint="add -o OUTPUT (or --dry-run)")
+        if not dry_run:
+            raise OutputError("no output given", hint="add -o OUTPUT (or --dry-run)")
+        # a dry run without -o still reports what a torch file would hold
+        rep = _save(ck, os.path.join(os.getcwd(), "dry-run.pt"), format=out_format, dry_run=True,
+                    max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+        rep.update(output=None, dry_run=True)
+        return rep
     total = ck.summary()["bytes"]
     with progress_bar(total, f"writing {output}") as cb:
         rep = _save(ck, output, format=out_format, in_place=in_place, dry_run=dry_run,
@@ -125,6 +130,9 @@ def console():
 
 def echo_save(rep: dict) -> None:
     if rep.get("output") is None:
+        if rep.get("dry_run"):
+            click.echo(f"dry run: would write {rep.get('tensors', 0)} tensors ({human_bytes(rep.get('bytes', 0))}); "
+                       "no -o given")
         return
     verb = "would write" if rep.get("dry_run") else "wrote"
     click.echo(f"{verb} {rep['output']} ({rep.get('format')}, {rep.get('tensors', 0)} tensors, "

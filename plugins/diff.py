@@ -99,7 +99,7 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> Any:
 
 
 def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_a=None, key_b=None,
-         trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True) -> dict:
+         trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True, progress=None) -> dict:
     """Compare two checkpoints (paths or Checkpoints), tensor by tensor, each pair read once.
 
     Equal bytes (xxh3-128) short-circuit; statistics are computed only for pairs that differ.
@@ -151,10 +151,15 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
 
     shape_changed, dtype_changed, changed, close, nonfinite = [], [], [], [], []
     equal = 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
     mods: "OrderedDict[str, dict]" = OrderedDict()
     for ka, name, kb in common:
         va, vb = ta[ka], tb[kb]
         (sa, da), (sb, db) = _info(va), _info(vb)
+        if progress is not None:
+            progress(_nbytes(va))
         mod = mods.setdefault(_module(name, depth), {"module": _module(name, depth), "tensors": 0, "changed": 0,
                                                       "diff_sq": 0.0, "ref_sq": 0.0})
         mod["tensors"] += 1
@@ -166,7 +171,9 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             dtype_changed.append({"name": name, "a": da, "b": db})
             mod["changed"] += 1
             continue
-        if digest(va) == digest(vb):
+        pending = pool.submit(digest, va)  # A and B hashed (and CRC-checked) on both cores
+        same = digest(vb) == pending.result()
+        if same:
             equal += 1
             continue
         s = stats(va, vb, atol, rtol)
@@ -182,6 +189,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             continue
         changed.append(entry)
         mod["changed"] += 1
+    pool.shutdown()
     changed.sort(key=lambda e: (-(e["rel_l2"] if e["rel_l2"] is not None else math.inf), e["name"]))
     modules = []
     for m in mods.values():
@@ -228,6 +236,12 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         "modules": modules, "nonfinite": nonfinite, "metadata": meta,
         "differences": differences, "identical": identical, "verdict": verdict,
     }
+
+
+def _nbytes(v) -> int:
+    from ckptsurgeon.checkpoint import tensor_info
+
+    return tensor_info(v)["nbytes"]
 
 
 def _num(v):
@@ -333,8 +347,10 @@ def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_p
       ckpt-surgeon diff epoch10.pt epoch20.safetensors --json > report.json
       ckpt-surgeon diff base/ finetuned/ --atol 1e-6 --plot change.png
     """
-    report = diff(a, b, atol=atol, rtol=rtol, align=not no_align, key_a=key_a, key_b=key_b,
-                  trust_pickle=trust_pickle, depth=depth)
+    ca = cliutil.load(a, key_a, trust_pickle)
+    cb = cliutil.load(b, key_b, trust_pickle)
+    with cliutil.progress_bar(ca.summary()["bytes"], "comparing") as cb_progress:
+        report = diff(ca, cb, atol=atol, rtol=rtol, align=not no_align, depth=depth, progress=cb_progress)
     if plot_path:
         plot(report, plot_path)
     cliutil.emit(report, as_json, _human)
