@@ -30,7 +30,9 @@ class LazyGroup(click.Group):
         cmds = {}
         for name, (cmd, _plugin) in m.commands().items():
             if name in self.commands:
-                m.conflicts.append(f"command {name!r} from plugin {_plugin!r} hides nothing: a core command has that name")
+                msg = f"command {name!r} from plugin {_plugin!r} clashes with a core command; core kept"
+                if msg not in m.conflicts:
+                    m.conflicts.append(msg)
                 continue
             cmds[name] = cmd
         return cmds
