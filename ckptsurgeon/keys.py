@@ -270,7 +270,15 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
             mismatched.append(f"{mk} {list(v.shape)} vs model {list(model_sd[mk].shape)}")
             continue
         sub[mk] = v.to_torch() if hasattr(v, "to_torch") else v
-    missing = [k for k in model_sd if k not in sub]
+    # a key tied to one that loads (GPT-2's lm_head.weight = wte.weight, dropped by save_pretrained)
+    # is not missing: the module shares the parameter
+    ties: dict = {}
+    for k, t in model_sd.items():
+        if t.numel():
+            ties.setdefault((t.data_ptr(), tuple(t.shape)), []).append(k)
+    tied_ok = {k for group in ties.values() if len(group) > 1 and any(g in sub for g in group)
+               for k in group}
+    missing = [k for k in model_sd if k not in sub and k not in tied_ok]
     if strict and (missing or unexpected or mismatched):
         parts = []
         if missing:

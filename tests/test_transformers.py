@@ -91,3 +91,14 @@ def test_extract_encoder_layers_reroot(tmp_path):
 
     layer.load_state_dict(load_file(tmp_path / "layer0.safetensors"), strict=True)
     assert torch.equal(layer.output.dense.weight, model.encoder.layer[0].output.dense.weight)
+
+
+def test_verify_gpt2_save_pretrained_without_tied_head(tmp_path, cli):
+    model = _gpt2()
+    model.save_pretrained(tmp_path / "gpt2")  # drops lm_head.weight: tied to transformer.wte.weight
+    assert "lm_head.weight" not in cs.load(tmp_path / "gpt2").state
+    stripped, _ = cs.add_prefix(cs.load(tmp_path / "gpt2"), "_orig_mod.")
+    cs.save(stripped, tmp_path / "compiled.safetensors")
+    code, out, err = cli("verify", tmp_path / "gpt2", tmp_path / "compiled.safetensors", "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["equivalent"]
