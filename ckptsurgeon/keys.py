@@ -51,6 +51,16 @@ def prefix_report(keys: Iterable[str]) -> list[dict]:
     return out
 
 
+def top_modules(keys, strip: str = "") -> list[str]:
+    """First path components of dotted keys (after removing ``strip``), in first-seen order."""
+    seen: dict = {}
+    for k in keys:
+        bare = k[len(strip):] if strip and k.startswith(strip) else k
+        if "." in bare:
+            seen.setdefault(bare.split(".", 1)[0], None)
+    return list(seen)
+
+
 def module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 
@@ -226,22 +236,12 @@ def align_to_model(ck_keys: list[str], model_keys: list[str]):
         if ck_prefix:
             candidates.append((f"strip {ck_prefix!r}, add {m_prefix!r}",
                                lambda k, a=ck_prefix, b=m_prefix: b + (k[len(a):] if k.startswith(a) else k)))
-    tops = []
-    for k in model_keys:
-        t = k.split(".", 1)[0]
-        if t not in tops and "." in k:
-            tops.append(t)
-    for t in tops[:50]:
+    for t in top_modules(model_keys)[:50]:
         candidates.append((f"under {t + '.'!r}", lambda k, p=t + ".": p + k))
         if ck_prefix:
             candidates.append((f"strip {ck_prefix!r}, under {t + '.'!r}",
                                lambda k, a=ck_prefix, p=t + ".": p + (k[len(a):] if k.startswith(a) else k)))
-    ck_tops = []
-    for k in ck_keys:
-        t = k.split(".", 1)[0]
-        if t not in ck_tops and "." in k:
-            ck_tops.append(t)
-    for t in ck_tops[:50]:
+    for t in top_modules(ck_keys)[:50]:
         candidates.append((f"strip {t + '.'!r}", lambda k, p=t + ".": k[len(p):] if k.startswith(p) else k))
     best = max(candidates, key=lambda c: sum(1 for k in ck_keys if c[1](k) in model_set))
     return best

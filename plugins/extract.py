@@ -7,7 +7,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import SelectionError
-from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select
+from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select, top_modules
 from ckptsurgeon.transform import keep_keys, rename_keys
 from ckptsurgeon.types import Operation
 
@@ -36,7 +36,7 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
     missing = [p for p, n in counts.items() if n == 0]
     if missing:
         raise SelectionError(f"layer pattern(s) matched nothing: {', '.join(map(repr, missing))}",
-                             hint=f"top-level modules: {', '.join(_top_modules(keys, strip)[:12])}")
+                             hint=f"top-level modules: {', '.join(top_modules(keys, strip)[:12])}")
     # a selected module brings all of its own tensors (buffers included)
     modules = {module_of(k) for k in chosen}
     chosen_set = set(chosen) | {k for k in keys if module_of(k) in modules}
@@ -79,16 +79,6 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
         "keys": list(new.state),
     }
     return new, report
-
-
-def _top_modules(keys, strip):
-    seen = []
-    for k in keys:
-        bare = k[len(strip):] if strip and k.startswith(strip) else k
-        top = bare.split(".", 1)[0]
-        if top not in seen:
-            seen.append(top)
-    return seen
 
 
 def _human(r: dict) -> None:
