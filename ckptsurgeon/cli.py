@@ -143,7 +143,8 @@ def _print_inspect(info: dict) -> None:
         bad = info["nonfinite"]
         c.print("NaN/Inf: none" if not bad else "NaN/Inf in: " + ", ".join(
             f"{b['tensor']} (nan {b['nan']}, inf {b['inf']})" for b in bad))
-    t = Table("module", "tensors", "parameters", box=None, pad_edge=False)
+    label = f"module (below {info['modules_below']})" if info.get("modules_below") else "module"
+    t = Table(label, "tensors", "parameters", box=None, pad_edge=False)
     for node in info["modules"]:
         t.add_row("  " * (node["depth"] - 1) + node["module"], str(node["tensors"]), f"{node['parameters']:,}")
     c.print(t)

@@ -44,6 +44,8 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         for k, v in ck.wrapper.items():
             wrapper[str(k)] = describe_value(v)
     summ = ck.summary()
+    prefix = detect_prefix(shapes.keys())
+    tree_sizes = OrderedDict((k[len(prefix):], n) for k, n in sizes.items()) if prefix else sizes
     out = {
         "path": src.path if src else None,
         "format": src.format if src else None,
@@ -58,10 +60,11 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "bytes": summ["bytes"],
         "bytes_by_dtype": summ["bytes_by_dtype"],
         "non_tensor_entries": [k for k, v in ck.state.items() if not is_tensor_like(v)],
-        "prefix": detect_prefix(shapes.keys()),
+        "prefix": prefix,
         "prefixes_seen": prefix_report(shapes.keys()),
         "norm_layers": detect_norms(shapes),
-        "modules": module_tree(sizes, depth),
+        "modules": module_tree(tree_sizes, depth),  # below the wrapper prefix, if any
+        "modules_below": prefix,
         "has_module_metadata": ck.metadata is not None,
         "safetensors_metadata": dict(ck.st_metadata),
         "transforms": list(ck.transforms),
