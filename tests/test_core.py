@@ -263,3 +263,20 @@ def test_nonfinite_reported(tmp_path):
     torch.save({"ok": torch.ones(3), "bad": torch.tensor([1.0, float("nan"), float("inf")])}, tmp_path / "nf.pt")
     info = inspect(tmp_path / "nf.pt", values=True)
     assert info["nonfinite"] == [{"tensor": "bad", "nan": 1, "inf": 1, "numel": 3}]
+
+
+def test_legacy_resume_dict_converts_with_wrapper(sample_dir, tmp_path, cli):
+    """The torch.load fallback (legacy format) feeds the same writer: wrapper and optimizer kept."""
+    resume = torch.load(sample_dir / "seednet_resume.pt", weights_only=True)
+    torch.save(resume, tmp_path / "legacy_resume.pt", _use_new_zipfile_serialization=False)
+    code, out, err = cli("strip-prefix", tmp_path / "legacy_resume.pt", "--prefix", "conv", "--partial",
+                         "-o", tmp_path / "new.pt")
+    assert code == 0, err
+    assert "legacy" in err  # the CLI says the file was loaded fully and suggests re-saving
+    got = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert got["epoch"] == resume["epoch"] and got["scheduler_state_dict"] == resume["scheduler_state_dict"]
+    assert torch.equal(got["model_state_dict"]["1.weight"], resume["model_state_dict"]["conv1.weight"])
+    for i, st in resume["optimizer_state_dict"]["state"].items():
+        assert torch.equal(got["optimizer_state_dict"]["state"][i]["exp_avg"], st["exp_avg"])
+    code, out, err = cli("convert", tmp_path / "legacy_resume.pt", "-o", tmp_path / "x.safetensors")
+    assert code == 0 and not cs.diff(tmp_path / "legacy_resume.pt", tmp_path / "new.pt", align=False)["shape_changed"]
