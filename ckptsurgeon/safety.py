@@ -13,7 +13,32 @@ import pickletools
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
 from .pickle_io import scan_globals
 
-TRUST_HINT = "only if you trust where the file came from, re-run with --trust-pickle (API: trust_pickle=True)"
+TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
+              "types, or, only if you trust where the file came from, re-run with --trust-pickle (API: trust_pickle=True)")
+SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
+
+
+def extra_safe_globals() -> list[str]:
+    """Globals the user allowlisted by name (``CKPT_SURGEON_SAFE_GLOBALS``), like torch's add_safe_globals."""
+    return [g.strip() for g in os.environ.get(SAFE_GLOBALS_ENV, "").split(",") if g.strip()]
+
+
+def _resolve_safe_globals() -> list:
+    import importlib
+
+    from .errors import SelectionError
+
+    objs = []
+    for name in extra_safe_globals():
+        module, _, attr = name.rpartition(".")
+        try:
+            obj = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError, ValueError):
+            raise SelectionError(f"{SAFE_GLOBALS_ENV}: cannot import {name!r}") from None
+        objs.append(obj)
+    return objs
 
 
 def _legacy_pickles(data: bytes, max_pickles: int = 5) -> list[bytes]:
@@ -78,7 +103,7 @@ def allowed_globals() -> set[str]:
         names |= set(wou._get_user_allowed_globals().keys())
     except Exception:
         pass
-    return names
+    return names | set(extra_safe_globals())
 
 
 def unsafe_globals(path: str) -> list[str]:
@@ -118,6 +143,9 @@ def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
 
 def _load(torch, path, weights_only, mmap):
     try:
+        if weights_only and extra_safe_globals():
+            with torch.serialization.safe_globals(_resolve_safe_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except RuntimeError as e:
         if mmap and "mmap" in str(e).lower():

@@ -514,3 +514,21 @@ def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
             pass
 
     check()
+
+
+def test_safe_globals_env_allows_named_data_types(tmp_path, monkeypatch):
+    import fractions
+
+    p = tmp_path / "frac.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "ratio": fractions.Fraction(1, 3)}, p)
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(p)
+    assert "CKPT_SURGEON_SAFE_GLOBALS" in e.value.one_line()
+    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", "fractions.Fraction")
+    ck = cs.load(p)
+    assert ck.wrapper["ratio"] == fractions.Fraction(1, 3)
+    assert cs.scan(str(p))["unsafe"] == []
+    # other globals stay refused, and nothing runs
+    canary = tmp_path / "canary"
+    _write_hostile(tmp_path / "evil.pt", {"w": torch.ones(1), "x": Reduce(os.system, (_touch_cmd(canary),))})
+    _assert_refused(tmp_path / "evil.pt", "system", canary)
