@@ -68,10 +68,6 @@ class Checkpoint:
             if is_tensor_like(v):
                 yield k, v
 
-    def info(self, name: str) -> dict:
-        v = self.state[name]
-        return tensor_info(v)
-
     def summary(self) -> dict:
         n_tensors = n_params = n_bytes = 0
         by_dtype: dict[str, int] = {}

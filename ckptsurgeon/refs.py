@@ -384,6 +384,3 @@ def as_ref(v, storages: dict | None = None) -> TensorRef:
     """TensorRef for either a TensorRef or a torch tensor."""
     return v if isinstance(v, TensorRef) else TensorRef.from_torch(v, storages)
 
-
-def to_torch(v):
-    return v.to_torch() if isinstance(v, TensorRef) else v

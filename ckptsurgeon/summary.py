@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from .checkpoint import Checkpoint, plain, tensor_info
+from .checkpoint import Checkpoint, tensor_info
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import is_tensor_like
 
@@ -94,4 +94,4 @@ def nonfinite(ck: Checkpoint) -> list[dict]:
     return found
 
 
-__all__ = ["inspect", "nonfinite", "plain"]
+__all__ = ["inspect", "nonfinite"]

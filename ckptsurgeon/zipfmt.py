@@ -18,7 +18,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from .errors import CorruptCheckpointError, OutputError
+from .errors import CorruptCheckpointError
 from .refs import FileRange, MemoryBytes
 
 ALIGN = 64
@@ -54,7 +54,6 @@ class TorchZip:
                 self.infos[rest] = info
         if "data.pkl" not in self.infos:
             raise CorruptCheckpointError(f"{path}: zip archive without {self.prefix}/data.pkl; not a torch checkpoint")
-        self.pickle_names = [i.filename for i in infos if i.filename.endswith(".pkl")]
 
     def read(self, name: str) -> bytes:
         """A small record's bytes (CRC checked by zipfile)."""
@@ -64,12 +63,6 @@ class TorchZip:
             raise CorruptCheckpointError(f"{self.path}: missing record {self.prefix}/{name}") from None
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, struct.error, ValueError) as e:
             raise CorruptCheckpointError(f"{self.path}: record {name} is damaged ({e})") from None
-
-    def read_any(self, full_name: str) -> bytes:
-        try:
-            return self._zf.read(full_name)
-        except Exception as e:
-            raise CorruptCheckpointError(f"{self.path}: record {full_name} is damaged ({e})") from None
 
     def has(self, name: str) -> bool:
         return name in self.infos
@@ -107,7 +100,7 @@ class TorchZip:
 
 
 # --------------------------------------------------------------------------- writing
-def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
     done = 0
     try:
         while done < length:
@@ -124,7 +117,7 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: 
         chunk = os.pread(src_fd, min(16 << 20, length - done), offset + done)
         if not chunk:
             raise CorruptCheckpointError("source ended early while copying (file truncated?)")
-        _pwrite_all(dst_fd, chunk, dst_offset + done)
+        pwrite_all(dst_fd, chunk, dst_offset + done)
         done += len(chunk)
 
 
@@ -139,7 +132,7 @@ def _crc_of_file_range(fd: int, offset: int, length: int) -> int:
     return crc & _U32
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
+def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
         n = os.pwrite(fd, view, offset)
@@ -158,7 +151,7 @@ class ZipWriter:
         self._src_fds: dict[str, int] = {}
 
     def _write(self, data) -> None:
-        _pwrite_all(self.fd, data, self.pos)
+        pwrite_all(self.fd, data, self.pos)
         self.pos += memoryview(data).nbytes
 
     def add(self, name: str, source, crc: int | None = None) -> None:
@@ -184,7 +177,7 @@ class ZipWriter:
             src_fd = self._src_fds.get(source.path)
             if src_fd is None:
                 src_fd = self._src_fds[source.path] = os.open(source.path, os.O_RDONLY)
-            _copy_range(src_fd, self.fd, source.offset, size, self.pos)
+            copy_range(src_fd, self.fd, source.offset, size, self.pos)
             self.pos += size
             if crc is None:
                 crc = _crc_of_file_range(src_fd, source.offset, size)
@@ -266,9 +259,3 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     sid = serialization_id or str(uuid.uuid4().int).encode()[:20].rjust(20, b"0")
     w.add(".data/serialization_id", MemoryBytes(sid))
     w.finish()
-
-
-def ensure_writable(err: OSError, path: str) -> OutputError:
-    if err.errno == 28:
-        return OutputError(f"no space left on the device while writing {path}")
-    return OutputError(f"cannot write {path}: {err.strerror or err}")

@@ -209,22 +209,11 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     elif not differences:
         verdict = f"equal within tolerance (atol={atol}, rtol={rtol}): {len(close)} tensor(s) differ slightly"
     else:
-        bits = []
-        if changed:
-            bits.append(f"{len(changed)} tensor(s) changed")
-        if shape_changed:
-            bits.append(f"{len(shape_changed)} shape change(s)")
-        if dtype_changed:
-            bits.append(f"{len(dtype_changed)} dtype change(s)")
-        if renamed:
-            bits.append(f"{len(renamed)} rename(s)")
-        if only_a:
-            bits.append(f"{len(only_a)} only in A")
-        if only_b:
-            bits.append(f"{len(only_b)} only in B")
-        if meta:
-            bits.append("other content differs")
-        verdict = "different: " + ", ".join(bits)
+        found = [(changed, "tensor(s) changed"), (shape_changed, "shape change(s)"),
+                 (dtype_changed, "dtype change(s)"), (renamed, "rename(s)"), (only_a, "only in A"),
+                 (only_b, "only in B")]
+        bits = [f"{len(items)} {label}" for items, label in found if items]
+        verdict = "different: " + ", ".join(bits + (["other content differs"] if meta else []))
     return {
         "schema": SCHEMA,
         "a": _side(ca, len(ta)), "b": _side(cb, len(tb)),

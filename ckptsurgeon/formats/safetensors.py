@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, Source
-from ..errors import UnsupportedError
 from ..refs import FileRange, TensorRef, as_ref, is_tensor_like
 from ..stfmt import build_header, load_entries
-from ..zipfmt import _copy_range, _pwrite_all
+from ..zipfmt import copy_range, pwrite_all
 
 TRANSFORMS_KEY = "ckpt_surgeon.transforms"
 
@@ -89,7 +88,7 @@ def save(ck: Checkpoint, path: str, *, dry_run: bool = False, dedupe_tied: bool 
 
 def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) -> int:
     """Header then each tensor's bytes; file-backed ranges go through copy_file_range."""
-    _pwrite_all(fd, header, start)
+    pwrite_all(fd, header, start)
     pos = start + len(header)
     src_fds: dict[str, int] = {}
     checks = {id(r.storage.source): r.storage.source for _, r in order
@@ -105,9 +104,9 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) 
                     sfd = src_fds.get(src.path)
                     if sfd is None:
                         sfd = src_fds[src.path] = os.open(src.path, os.O_RDONLY)
-                    _copy_range(sfd, fd, src.offset + span[0], n, pos)
+                    copy_range(sfd, fd, src.offset + span[0], n, pos)
                 elif n:
-                    _pwrite_all(fd, ref.read_bytes(), pos)
+                    pwrite_all(fd, ref.read_bytes(), pos)
                 pos += n
                 if progress:
                     progress(n)
@@ -117,12 +116,3 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) 
         for sfd in src_fds.values():
             os.close(sfd)
     return pos
-
-
-def ensure_storable(ck: Checkpoint) -> None:
-    from .. import dtypes
-
-    for name, v in ck.tensor_items():
-        d = v.dtype if isinstance(v, TensorRef) else dtypes.dtype_name(v.dtype)
-        if d not in dtypes.DTYPE_TO_SAFETENSORS:
-            raise UnsupportedError(f"safetensors cannot store dtype {d} (tensor {name!r})")

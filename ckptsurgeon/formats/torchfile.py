@@ -33,6 +33,13 @@ def sniff_legacy(path: str, head: bytes) -> bool:
 
 def load_zip(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
     z = TorchZip(path)
+    try:
+        return _load_zip(z, path, key, trust_pickle)
+    finally:
+        z.close()  # every tensor's byte range is located by now; data is read through its own fds
+
+
+def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
     data = z.read("data.pkl")
     notes = []
     lazy = True
