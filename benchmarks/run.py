@@ -7,7 +7,10 @@ OrderedDict with `_metadata`, like a DataParallel state dict) plus a safetensors
 "finetuned" copy with three tensors changed, warms the page cache, then runs every operation as
 its own process: wall time (median of --repeat) and peak memory from wait4 (RSS, which counts
 mapped file pages) and from sampling /proc/PID/status (RssAnon: the process's own memory).
-Ratios are against `cp` (or reading both files once, for diff) measured in the same run.
+Ratios are against `cp` (or reading both files once, for diff) measured in the same run: every
+operation runs once per round, round after round, and an operation's ratio is the median of its
+per-round ratios, so a noisy neighbour slows an operation and its baseline alike. Pass
+`--out /dev/shm/bench` to take the disk (and its write-back) out of the comparison.
 With a writable cgroup-v1 memory controller it also runs strip-prefix and diff on the largest
 file under a memory cap several times smaller than the file.
 """
@@ -108,15 +111,27 @@ def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None)
     return wall, usage.ru_maxrss, peak_anon[0], code
 
 
-def measure(name, cmd, repeat, cleanup=None, **kw) -> dict:
-    walls, rss, anon, code = [], 0, 0, 0
+def interleaved(ops, repeat: int, cleanup=None) -> list[dict]:
+    """Run every op once per round, ``repeat`` rounds, so a noisy neighbour slows an op and its
+    baseline alike; an op's ratio is the median of its per-round ratios to its baseline."""
+    walls = {name: [] for name, *_ in ops}
+    peak = {name: [0, 0, 0] for name, *_ in ops}
     for _ in range(repeat):
-        if cleanup:
-            cleanup()
-        w, r, a, code = run(cmd, **kw)
-        walls.append(w)
-        rss, anon = max(rss, r), max(anon, a)
-    return {"op": name, "wall": statistics.median(walls), "rss_mib": rss / 1024, "anon_mib": anon / 1024, "code": code}
+        for name, cmd, _base, kw in ops:
+            if cleanup:
+                cleanup()
+            w, rss, anon, code = run(cmd, **kw)
+            walls[name].append(w)
+            p = peak[name]
+            p[0], p[1], p[2] = max(p[0], rss), max(p[1], anon), code
+    rows = []
+    for name, _cmd, base, _kw in ops:
+        ratio = None
+        if base:
+            ratio = statistics.median(w / b for w, b in zip(walls[name], walls[base]))
+        rows.append({"op": name, "base": base, "wall": statistics.median(walls[name]), "ratio": ratio,
+                     "rss_mib": peak[name][0] / 1024, "anon_mib": peak[name][1] / 1024, "code": peak[name][2]})
+    return rows
 
 
 def mib(n):
@@ -149,17 +164,19 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     for p in (a, b, st):
         subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     nbytes = a.stat().st_size
+    tiny = work / "tiny.pt"
+    subprocess.run([PY, "-c", GEN, str(300 * 64 * 4 / (1 << 30)), str(tiny)], check=True)
 
     def rm():
         for p in (out, out_st):
             if p.exists():
                 p.unlink()
 
-    rows = []
+    ops = []
     naive = size <= naive_max
 
     def r(name, cmd, base=None, **kw):
-        rows.append({"size": size, "base": base, **measure(name, cmd, repeat, cleanup=rm, **kw)})
+        ops.append((name, cmd, base, kw))
 
     cp_sync = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh"]
     nofsync = {"CKPT_SURGEON_FSYNC": "0"}
@@ -183,17 +200,25 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     if naive:
         r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)],
           base="cp .safetensors")
-    half = nbytes // 2
-    r("copy half the bytes (dd)", ["dd", f"if={a}", f"of={out}", "bs=1M", f"count={half >> 20}", "status=none"])
     layers = ",".join(f"module.layer{i}" for i in range(50))
+    extracted = work / f"extracted_{size}g.pt"
+    subprocess.run([CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(extracted)], check=True,
+                   stdout=subprocess.DEVNULL)
+    r("cp of a file the size of the extracted part", ["cp", str(extracted), str(out)])
     r("extract half the layers (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
-      [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)], base="copy half the bytes (dd)", env=nofsync)
+      [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)],
+      base="cp of a file the size of the extracted part", env=nofsync)
     r("read both files (cat)", ["cat", str(a), str(b)])
     r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
     if naive:
         r("diff naive load both + torch.equal", [PY, "-c", NAIVE_DIFF, str(a), str(b)], base="read both files (cat)")
     r("inspect (ckpt-surgeon)", [CLI, "inspect", str(a), "--json"])
     r("ckpt-surgeon --help", [CLI, "--help"])
+    r("strip-prefix of a tiny checkpoint (fixed cost per run)", [CLI, "-q", "strip-prefix", str(tiny), "-o",
+                                                                  str(out)], env=nofsync)
+    rows = interleaved(ops, repeat, cleanup=rm)
+    for row in rows:
+        row["size"] = size
     for row in rows:
         row["bytes"] = nbytes
     return rows
@@ -220,13 +245,11 @@ def memcap(size: float, work: Path, cap: int) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = ["| size | operation | wall s | × its baseline | peak RSS MiB | peak anon MiB |",
              "|---|---|---|---|---|---|"]
-    walls = {(row["size"], row["op"]): row.get("wall") for row in rows}
     for row in rows:
         if "wall" not in row:
             lines.append(f"| {row['size']} GiB | {row['op']} | n/a: {row.get('note', '')} | | | |")
             continue
-        ref = walls.get((row["size"], row.get("base"))) if row.get("base") else None
-        ratio = f"{row['wall'] / ref:.2f}× {row['base']}" if ref else ""
+        ratio = f"{row['ratio']:.2f}× {row['base']}" if row.get("ratio") else ""
         status = "" if row.get("ok", True) else " (FAILED)"
         lines.append(f"| {row['size']} GiB | {row['op']}{status} | {row['wall']:.2f} | {ratio} | "
                      f"{mib(row['rss_mib'])} | {mib(row['anon_mib'])} |")
@@ -248,6 +271,20 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def compile_bytecode() -> None:
+    """Measure what an installed package runs: its modules' bytecode compiled. (An editable
+    checkout under PYTHONDONTWRITEBYTECODE=1 would otherwise recompile every module on every
+    run: ~0.1 s per process that no installed copy pays.)"""
+    import compileall
+
+    import ckptsurgeon
+    import ckptsurgeon.plugins
+
+    for pkg in (ckptsurgeon, ckptsurgeon.plugins):
+        for d in getattr(pkg, "__path__", []):
+            compileall.compile_dir(d, quiet=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.5,2", help="checkpoint sizes in GiB, comma-separated")
@@ -260,6 +297,7 @@ def main(argv=None):
     sizes = [float(s) for s in args.sizes.split(",") if s]
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
+    compile_bytecode()
     rows = []
     try:
         for s in sizes:

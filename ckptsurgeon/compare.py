@@ -8,10 +8,9 @@ Dtypes numpy cannot read (float8, complex32...) go through torch.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any
 
-from .refs import FileRange, TensorRef, tensor_bytes
+from .refs import FileRange, TensorRef, crc32, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 
@@ -39,9 +38,9 @@ def digest(v: Any) -> str:
             for chunk in src.chunks(span[0], span[1]):
                 h.update(chunk)
                 if whole:
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
             if whole:
-                src.verify_crc_value(crc & 0xFFFFFFFF)
+                src.verify_crc_value(crc)
             return h.hexdigest()
         return xxhash.xxh3_128_hexdigest(v.read_bytes())
     return xxhash.xxh3_128_hexdigest(tensor_bytes(v))

@@ -14,12 +14,12 @@ import os
 import struct
 import uuid
 import zipfile
-import zlib
+import zlib  # noqa: F401  (zlib.error is caught below)
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from .errors import CorruptCheckpointError
-from .refs import FileRange, MemoryBytes
+from .refs import FileRange, MemoryBytes, crc32, pread_chunks
 
 ALIGN = 64
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -121,17 +121,6 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: i
         done += len(chunk)
 
 
-def _crc_of_file_range(fd: int, offset: int, length: int) -> int:
-    crc, done = 0, 0
-    while done < length:
-        chunk = os.pread(fd, min(8 << 20, length - done), offset + done)
-        if not chunk:
-            raise CorruptCheckpointError("source ended early while computing its CRC (file truncated?)")
-        crc = zlib.crc32(chunk, crc)
-        done += len(chunk)
-    return crc & _U32
-
-
 def pwrite_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -141,36 +130,40 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 
 
 class ZipWriter:
-    """Writes records in torch's layout to an open file descriptor, front to back."""
+    """Writes records in torch's layout to an open file descriptor, front to back.
+
+    A record's CRC may be given, computed here, or *deferred*: a callable resolved in
+    :meth:`finish` (the data descriptor is patched in place), so a CRC computed on another thread
+    never holds up the copy.
+    """
 
     def __init__(self, fd: int, prefix: str):
         self.fd = fd
         self.prefix = prefix
         self.pos = 0
-        self.central: list[bytes] = []
+        self.entries: list[list] = []  # [name bytes, size, header offset, crc or callable, descriptor offset]
         self._src_fds: dict[str, int] = {}
 
     def _write(self, data) -> None:
         pwrite_all(self.fd, data, self.pos)
         self.pos += memoryview(data).nbytes
 
-    def add(self, name: str, source, crc: int | None = None) -> None:
+    def add(self, name: str, source, crc=None) -> None:
         full = f"{self.prefix}/{name}".encode("utf-8")
-        size = source.length if not isinstance(source, (bytes, bytearray)) else len(source)
+        if isinstance(source, (bytes, bytearray)):
+            source = MemoryBytes(source)
+        size = source.length
         header_offset = self.pos
         zip64 = size >= _U32 or header_offset >= _U32
         z64 = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         base = header_offset + _LOCAL.size + len(full) + len(z64) + 4
         pad = (-base) % ALIGN
         extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
-        flags = 0x0808 if size else 0x0800
-        version = 45 if zip64 else 0
         lsize = _U32 if zip64 else 0
-        self._write(_LOCAL.pack(0x04034B50, version, flags, 0, 0, 0, 0, lsize, lsize, len(full), len(extra)))
+        self._write(_LOCAL.pack(0x04034B50, 45 if zip64 else 0, 0x0808 if size else 0x0800, 0, 0, 0, 0,
+                                lsize, lsize, len(full), len(extra)))
         self._write(full)
         self._write(extra)
-        if isinstance(source, (bytes, bytearray)):
-            source = MemoryBytes(source)
         if crc is None:
             crc = source.crc
         if isinstance(source, FileRange) and size:
@@ -180,40 +173,49 @@ class ZipWriter:
             copy_range(src_fd, self.fd, source.offset, size, self.pos)
             self.pos += size
             if crc is None:
-                crc = _crc_of_file_range(src_fd, source.offset, size)
+                crc = 0
+                for chunk in pread_chunks(src_fd, source.offset, size, what=f"{source.path}: {source.label}"):
+                    crc = crc32(chunk, crc)
         elif size:
             buf = source.buffer()
             self._write(buf)
             if crc is None:
-                crc = zlib.crc32(buf) & _U32
-        crc = crc or 0
+                crc = crc32(buf)
+        descriptor = None
         if size:
-            if zip64:
-                self._write(struct.pack("<IIQQ", 0x08074B50, crc, size, size))
-            else:
-                self._write(struct.pack("<IIII", 0x08074B50, crc, size, size))
-        cextra = b""
-        c_size = size
-        c_off = header_offset
+            descriptor = self.pos
+            fmt = "<IIQQ" if zip64 else "<IIII"
+            self._write(struct.pack(fmt, 0x08074B50, 0 if callable(crc) else crc, size, size))
+        self.entries.append([full, size, header_offset, crc or 0, descriptor])
+
+    def _central(self, full: bytes, size: int, header_offset: int, crc: int) -> bytes:
+        zip64 = size >= _U32 or header_offset >= _U32
         fields = []
+        c_size, c_off = size, header_offset
         if size >= _U32:
             fields += [size, size]
             c_size = _U32
         if header_offset >= _U32:
             fields.append(header_offset)
             c_off = _U32
+        cextra = b""
         if fields:
             cextra = struct.pack("<HH", 1, 8 * len(fields)) + struct.pack(f"<{len(fields)}Q", *fields)
-        self.central.append(
-            _CENTRAL.pack(0x02014B50, 45 if zip64 else 0, version, flags, 0, 0, 0, crc, c_size, c_size,
-                          len(full), len(cextra), 0, 0, 0, 0, c_off) + full + cextra)
+        flags = 0x0808 if size else 0x0800
+        version = 45 if zip64 else 0
+        return _CENTRAL.pack(0x02014B50, version, version, flags, 0, 0, 0, crc, c_size, c_size,
+                             len(full), len(cextra), 0, 0, 0, 0, c_off) + full + cextra
 
     def finish(self) -> None:
+        for entry in self.entries:  # resolve deferred CRCs, patching their data descriptors
+            if callable(entry[3]):
+                entry[3] = entry[3]()
+                pwrite_all(self.fd, struct.pack("<I", entry[3]), entry[4] + 4)
         cd_offset = self.pos
-        for entry in self.central:
-            self._write(entry)
+        for full, size, header_offset, crc, _ in self.entries:
+            self._write(self._central(full, size, header_offset, crc))
         cd_size = self.pos - cd_offset
-        n = len(self.central)
+        n = len(self.entries)
         if n >= 0xFFFF or cd_offset >= _U32 or cd_size >= _U32:
             eocd64_offset = self.pos
             self._write(_EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_offset))
@@ -222,6 +224,9 @@ class ZipWriter:
                                    min(cd_size, _U32), min(cd_offset, _U32), 0))
         else:
             self._write(_EOCD.pack(0x06054B50, 0, 0, n, n, cd_size, cd_offset, 0))
+        self.close()
+
+    def close(self) -> None:
         for fd in self._src_fds.values():
             os.close(fd)
         self._src_fds.clear()
@@ -235,27 +240,43 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     """Write a complete torch checkpoint: ``data.pkl`` + one record per storage (in key order).
 
     Source CRCs are verified on a second thread while the kernel copies the bytes, so damaged
-    input is caught at (nearly) no extra wall time; a mismatch aborts the write.
+    input is caught at (nearly) no extra wall time; a mismatch aborts the write. Byte ranges
+    without a stored CRC (a safetensors source) get theirs computed on that thread too.
     """
     w = ZipWriter(fd, prefix)
     w.add("data.pkl", MemoryBytes(pickle_bytes))
     w.add(".format_version", MemoryBytes(b"1"))
     w.add(".storage_alignment", MemoryBytes(str(ALIGN).encode()))
     w.add("byteorder", MemoryBytes(byteorder))
-    checks = [s.source for s in storages if isinstance(s.source, FileRange) and s.source.crc is not None]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(src.check_crc) for src in checks]
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        checks = []
         for key, storage in enumerate(storages):
             src = storage.source
-            # a surgery may have built this storage from a torch tensor: its crc is computed here
-            w.add(f"data/{key}", src, crc=getattr(src, "crc", None))
+            crc = getattr(src, "crc", None)
+            if isinstance(src, FileRange) and src.length:
+                if crc is not None:
+                    checks.append(pool.submit(src.check_crc))
+                else:
+                    crc = pool.submit(_crc_of, src).result  # resolved when the zip is finished
+            w.add(f"data/{key}", src, crc=crc)
             if progress:
                 progress(storage.nbytes)
-        for fut in pending:
+        for fut in checks:
             fut.result()  # re-raises CorruptCheckpointError from the checker thread
-    w.add("version", MemoryBytes(version))
-    for name, data in extra_records:
-        w.add(name, MemoryBytes(data))
-    sid = serialization_id or str(uuid.uuid4().int).encode()[:20].rjust(20, b"0")
-    w.add(".data/serialization_id", MemoryBytes(sid))
-    w.finish()
+        w.add("version", MemoryBytes(version))
+        for name, data in extra_records:
+            w.add(name, MemoryBytes(data))
+        sid = serialization_id or str(uuid.uuid4().int).encode()[:20].rjust(20, b"0")
+        w.add(".data/serialization_id", MemoryBytes(sid))
+        w.finish()
+    finally:
+        w.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _crc_of(src: FileRange) -> int:
+    crc = 0
+    for chunk in src.chunks():
+        crc = crc32(chunk, crc)
+    return crc

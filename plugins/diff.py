@@ -98,6 +98,21 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> Any:
     return out
 
 
+def _same(a, b) -> bool:
+    """Strict equality of two summaries (types too: 1 vs 1.0 vs True count as different, as for
+    deepdiff). False only sends the pair to deepdiff, which has the last word."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
 def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_a=None, key_b=None,
          trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True, progress=None) -> dict:
     """Compare two checkpoints (paths or Checkpoints), tensor by tensor, each pair read once.
@@ -197,10 +212,13 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         modules.append({"module": m["module"], "tensors": m["tensors"], "changed": m["changed"], "rel_l2": _num(rel)})
     modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
 
-    from deepdiff import DeepDiff
+    oa, ob = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
+    meta = {}
+    if not _same(oa, ob):  # importing deepdiff costs ~0.2 s: only pay it to describe a difference
+        from deepdiff import DeepDiff
 
-    dd = DeepDiff(_other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes), verbose_level=2)
-    meta = json.loads(dd.to_json()) if dd else {}
+        dd = DeepDiff(oa, ob, verbose_level=2)
+        meta = json.loads(dd.to_json()) if dd else {}
 
     differences = bool(only_a or only_b or renamed or shape_changed or dtype_changed or changed or meta)
     identical = not differences and not close

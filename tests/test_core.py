@@ -170,6 +170,27 @@ def test_safetensors_to_torch_and_back(sample_dir, tmp_path):
               OrderedDict(sorted(load_file(sample_dir / "seednet.safetensors").items())))
 
 
+def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
+    """Records copied from a zip keep their CRC (checked on the way); records copied from a
+    safetensors file get theirs computed on a second thread and patched into the descriptor."""
+    import zipfile
+
+    from ckptsurgeon.refs import crc32
+
+    for src in ("seednet.safetensors", "seednet_dp.pt"):
+        out = tmp_path / f"{src}.pt"
+        cs.save(cs.load(sample_dir / src), out)
+        with zipfile.ZipFile(out) as zf:
+            assert zf.testzip() is None  # every CRC-32 (central directory) matches the bytes
+            for info in zf.infolist():
+                assert crc32(zf.read(info)) == info.CRC
+        torch.load(out, weights_only=True, mmap=True)
+    import zlib
+
+    data = os.urandom(100_000)
+    assert crc32(data) == zlib.crc32(data) and crc32(data[50:], crc32(data[:50])) == zlib.crc32(data)
+
+
 def test_sharded_output_streams_shards(sample_dir, tmp_path):
     ck = cs.load(sample_dir / "seednet.pt")
     rep = cs.save(ck, tmp_path / "hf", max_shard_size="40KB")

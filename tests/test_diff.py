@@ -34,6 +34,24 @@ def test_diff_across_formats_and_prefixes(sample_dir, other, cli):
     assert code == 0
 
 
+def test_deepdiff_only_imported_to_describe_a_difference(sample_dir, tmp_path):
+    """Equal non-tensor content is settled without importing deepdiff (~0.2 s); types still count."""
+    import subprocess
+    import sys
+
+    sd = torch.load(sample_dir / "seednet.pt", weights_only=True)
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "a.pt")
+    torch.save({"state_dict": sd, "epoch": 3.0}, tmp_path / "b.pt")
+    code = ("import sys, ckptsurgeon as cs; r = cs.diff(sys.argv[1], sys.argv[2]); "
+            "print(int(r['differences']), int('deepdiff' in sys.modules))")
+    run = lambda a, b: subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True,  # noqa: E731
+                                      text=True, check=True).stdout.split()
+    assert run(tmp_path / "a.pt", tmp_path / "a.pt") == ["0", "0"]
+    assert run(tmp_path / "a.pt", tmp_path / "b.pt") == ["1", "1"]  # 3 vs 3.0: a type change
+    rep = cs.diff(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert "type_changes" in rep["metadata"]
+
+
 def test_no_align_reports_keys(sample_dir):
     rep = cs.diff(sample_dir / "seednet.pt", sample_dir / "seednet_dp.pt", align=False)
     assert rep["differences"] and len(rep["only_in_a"]) + len(rep["renamed"]) == 28
