@@ -148,7 +148,9 @@ class ZipWriter:
         pwrite_all(self.fd, data, self.pos)
         self.pos += memoryview(data).nbytes
 
-    def add(self, name: str, source, crc=None) -> None:
+    def add(self, name: str, source, crc=None) -> list:
+        """Append a record; returns its entry ``[name, size, header offset, crc, descriptor offset,
+        data offset]`` (``entry[3]`` may be replaced by a callable until :meth:`finish`)."""
         full = f"{self.prefix}/{name}".encode("utf-8")
         if isinstance(source, (bytes, bytearray)):
             source = MemoryBytes(source)
@@ -166,6 +168,7 @@ class ZipWriter:
         self._write(extra)
         if crc is None:
             crc = source.crc
+        data_offset = self.pos
         if isinstance(source, FileRange) and size:
             src_fd = self._src_fds.get(source.path)
             if src_fd is None:
@@ -186,7 +189,9 @@ class ZipWriter:
             descriptor = self.pos
             fmt = "<IIQQ" if zip64 else "<IIII"
             self._write(struct.pack(fmt, 0x08074B50, 0 if callable(crc) else crc, size, size))
-        self.entries.append([full, size, header_offset, crc or 0, descriptor])
+        entry = [full, size, header_offset, crc or 0, descriptor, data_offset]
+        self.entries.append(entry)
+        return entry
 
     def _central(self, full: bytes, size: int, header_offset: int, crc: int) -> bytes:
         zip64 = size >= _U32 or header_offset >= _U32
@@ -212,7 +217,7 @@ class ZipWriter:
                 entry[3] = entry[3]()
                 pwrite_all(self.fd, struct.pack("<I", entry[3]), entry[4] + 4)
         cd_offset = self.pos
-        for full, size, header_offset, crc, _ in self.entries:
+        for full, size, header_offset, crc, *_ in self.entries:
             self._write(self._central(full, size, header_offset, crc))
         cd_size = self.pos - cd_offset
         n = len(self.entries)
@@ -239,9 +244,11 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
                     progress: Callable[[int], None] | None = None) -> None:
     """Write a complete torch checkpoint: ``data.pkl`` + one record per storage (in key order).
 
-    Source CRCs are verified on a second thread while the kernel copies the bytes, so damaged
-    input is caught at (nearly) no extra wall time; a mismatch aborts the write. Byte ranges
-    without a stored CRC (a safetensors source) get theirs computed on that thread too.
+    Copied records are checked on a second thread against the source's stored CRC-32 *as
+    written*: the checker reads the output's just-written (page-cached) bytes, so a damaged input
+    or a bad copy aborts the write, and the source is read only once (by the kernel's copy) --
+    which matters when it does not fit in the page cache. Records copied from a range without a
+    stored CRC (a safetensors source) get theirs computed the same way, patched in at the end.
     """
     w = ZipWriter(fd, prefix)
     w.add("data.pkl", MemoryBytes(pickle_bytes))
@@ -253,17 +260,19 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
         checks = []
         for key, storage in enumerate(storages):
             src = storage.source
-            crc = getattr(src, "crc", None)
-            if isinstance(src, FileRange) and src.length:
-                if crc is not None:
-                    checks.append(pool.submit(src.check_crc))
+            copied = isinstance(src, FileRange) and src.length > 0
+            stored = getattr(src, "crc", None)
+            entry = w.add(f"data/{key}", src, crc=stored if stored is not None or not copied else _deferred)
+            if copied:
+                fut = pool.submit(_crc_of_written, fd, entry[5], entry[1])
+                if stored is not None:
+                    checks.append((src, fut))
                 else:
-                    crc = pool.submit(_crc_of, src).result  # resolved when the zip is finished
-            w.add(f"data/{key}", src, crc=crc)
+                    entry[3] = fut.result  # resolved (and patched in) when the zip is finished
             if progress:
                 progress(storage.nbytes)
-        for fut in checks:
-            fut.result()  # re-raises CorruptCheckpointError from the checker thread
+        for src, fut in checks:
+            src.verify_crc_value(fut.result())  # raises CorruptCheckpointError on a mismatch
         w.add("version", MemoryBytes(version))
         for name, data in extra_records:
             w.add(name, MemoryBytes(data))
@@ -275,8 +284,12 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _crc_of(src: FileRange) -> int:
+def _deferred() -> int:  # placeholder until write_torch_zip installs the real callable
+    raise AssertionError("deferred CRC never resolved")
+
+
+def _crc_of_written(fd: int, offset: int, length: int) -> int:
     crc = 0
-    for chunk in src.chunks():
+    for chunk in pread_chunks(fd, offset, length, what="output"):
         crc = crc32(chunk, crc)
     return crc
