@@ -101,8 +101,14 @@ def _contiguous_stride(shape) -> tuple:
     return tuple(reversed(stride))
 
 
-def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None) -> tuple[bytes, list]:
-    """(header bytes incl. length prefix, [(name, ref)] in data order)."""
+def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None,
+                 data_start_like: int | None = None) -> tuple[bytes, list]:
+    """(header bytes incl. length prefix, [(name, ref)] in data order).
+
+    ``data_start_like``: pad the JSON with spaces (the format allows trailing whitespace) so the
+    data section starts at this offset modulo 4096 -- the source's, when the data is copied from
+    a file: the kernel then copies whole pages.
+    """
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -119,4 +125,6 @@ def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None) 
         order.append((name, ref))
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * ((-(8 + len(raw))) % 8)  # data section starts 8-byte aligned
+    if data_start_like is not None and data_start_like % 8 == 0:
+        raw += b" " * ((data_start_like - 8 - len(raw)) % 4096)
     return struct.pack("<Q", len(raw)) + raw, order

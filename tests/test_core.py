@@ -191,6 +191,42 @@ def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
     assert crc32(data) == zlib.crc32(data) and crc32(data[50:], crc32(data[:50])) == zlib.crc32(data)
 
 
+def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
+    """strip-prefix output: every tensor's bytes sit at the same offset modulo 4096 as in the
+    source (fast whole-page kernel copies), with torch's minimal padding after data/0 intact."""
+    import struct
+
+    from torch.utils.serialization import config
+
+    from ckptsurgeon.zipfmt import TorchZip
+
+    new, _ = cs.strip_prefix(cs.load(sample_dir / "seednet_dp.pt"))
+    cs.save(new, tmp_path / "o.pt")
+    a, b = TorchZip(str(sample_dir / "seednet_dp.pt")), TorchZip(str(tmp_path / "o.pt"))
+    for name, info in a.infos.items():
+        if name.startswith("data/"):
+            assert (a.data_offset(info) - b.data_offset(b.infos[name])) % 4096 == 0, name
+    saved = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = True
+    try:
+        got = torch.load(tmp_path / "o.pt", weights_only=True, mmap=True)
+    finally:
+        config.load.calculate_storage_offsets = saved
+    ref = torch.load(sample_dir / "seednet_dp.pt", weights_only=True)
+    assert all(torch.equal(ref["module." + k], v) for k, v in got.items())
+
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.contiguous() for k, v in ref.items()}, tmp_path / "dp.safetensors")
+    new, _ = cs.strip_prefix(cs.load(tmp_path / "dp.safetensors"))
+    cs.save(new, tmp_path / "o.safetensors")
+    heads = [8 + struct.unpack("<Q", open(p, "rb").read(8))[0]
+             for p in (tmp_path / "dp.safetensors", tmp_path / "o.safetensors")]
+    assert heads[0] % 4096 == heads[1] % 4096
+    _equal_sd(OrderedDict(sorted(load_file(tmp_path / "o.safetensors").items())),
+              OrderedDict(sorted((k[len("module."):], v) for k, v in ref.items())))
+
+
 def test_sharded_output_streams_shards(sample_dir, tmp_path):
     ck = cs.load(sample_dir / "seednet.pt")
     rep = cs.save(ck, tmp_path / "hf", max_shard_size="40KB")

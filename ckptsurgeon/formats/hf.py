@@ -142,7 +142,7 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     meta = {"format": "pt"}
     weight_map = {}
     for fname, group in zip(names, groups):
-        header, order = st.build_header(group, meta)
+        header, order = st.build_header(group, meta, data_start_like=st.first_file_offset(group))
         with atomic_output(os.path.join(out_dir, fname)) as fd:  # one shard in flight at a time
             st.write_data(fd, header, order, progress=progress)
         for name, _ in group:

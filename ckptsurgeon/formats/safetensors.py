@@ -75,7 +75,7 @@ def save(ck: Checkpoint, path: str, *, dry_run: bool = False, dedupe_tied: bool 
     meta.update(ck.st_metadata or {})
     if ck.transforms:
         meta[TRANSFORMS_KEY] = json.dumps(list(ck.transforms))
-    header, order = build_header(items, meta)
+    header, order = build_header(items, meta, data_start_like=first_file_offset(items))
     total = sum(r.nbytes for _, r in order)
     report = {"output": path, "format": "safetensors", "tensors": len(order), "bytes": total,
               "tied": tied, "notes": notes}
@@ -86,8 +86,26 @@ def save(ck: Checkpoint, path: str, *, dry_run: bool = False, dedupe_tied: bool 
     return report
 
 
+RUN_MAX = 1 << 30  # one copy call per GiB at most, so progress still moves
+
+
+def first_file_offset(items) -> int | None:
+    """Where the first tensor's bytes sit in its source file (for page-congruent copies)."""
+    items = list(items)
+    if not items:
+        return None
+    ref = items[0][1]
+    span = ref.byte_span() if isinstance(ref, TensorRef) else None
+    src = ref.storage.source if isinstance(ref, TensorRef) else None
+    if isinstance(src, FileRange) and span is not None:
+        return src.offset + span[0]
+    return None
+
+
 def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) -> int:
-    """Header then each tensor's bytes; file-backed ranges go through copy_file_range."""
+    """Header then each tensor's bytes; file-backed ranges go through copy_file_range, and
+    ranges that follow each other in both files (a rename) as one call: measured faster on ext4
+    than one call per tensor."""
     pwrite_all(fd, header, start)
     pos = start + len(header)
     src_fds: dict[str, int] = {}
@@ -96,6 +114,13 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) 
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = [pool.submit(src.check_crc) for src in checks.values()]
+            run = None  # [source fd, source offset, output offset, length] of a pending copy
+
+            def flush():
+                copy_range(run[0], fd, run[1], run[3], run[2])
+                if progress:
+                    progress(run[3])
+
             for _name, ref in order:
                 n = ref.nbytes
                 span = ref.byte_span()
@@ -104,12 +129,21 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) 
                     sfd = src_fds.get(src.path)
                     if sfd is None:
                         sfd = src_fds[src.path] = os.open(src.path, os.O_RDONLY)
-                    copy_range(sfd, fd, src.offset + span[0], n, pos)
+                    s_off = src.offset + span[0]
+                    if (run and run[0] == sfd and run[1] + run[3] == s_off and run[2] + run[3] == pos
+                            and run[3] < RUN_MAX):
+                        run[3] += n
+                    else:
+                        if run:
+                            flush()
+                        run = [sfd, s_off, pos, n]
                 elif n:
                     pwrite_all(fd, ref.read_bytes(), pos)
+                    if progress:
+                        progress(n)
                 pos += n
-                if progress:
-                    progress(n)
+            if run:
+                flush()
             for fut in pending:
                 fut.result()
     finally:
