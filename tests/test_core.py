@@ -107,6 +107,18 @@ def _odd_state():
     return sd
 
 
+def _torch_load(path, mmap: bool, calculate_storage_offsets: bool):
+    """torch.load(weights_only=True) with torch's offset-arithmetic shortcut switched as asked."""
+    from torch.utils.serialization import config
+
+    saved = config.load.calculate_storage_offsets
+    config.load.calculate_storage_offsets = calculate_storage_offsets
+    try:
+        return torch.load(path, weights_only=True, mmap=mmap)
+    finally:
+        config.load.calculate_storage_offsets = saved
+
+
 def test_torch_roundtrip_odd_tensors_mmap_and_offsets(tmp_path, monkeypatch):
     sd = _odd_state()
     torch.save({"model": sd, "epoch": 4, "note": "x", "opt": {"state": {0: {"m": sd["base"] * 2}}}}, tmp_path / "a.pt")
@@ -114,16 +126,9 @@ def test_torch_roundtrip_odd_tensors_mmap_and_offsets(tmp_path, monkeypatch):
     assert ck.sd_path == ("model",)
     new, _ = cs.rename(ck, [("^base$", "renamed_base")])
     cs.save(new, tmp_path / "b.pt")
-    from torch.utils.serialization import config
-
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")  # torch asserts its offset arithmetic holds
     for mmap, offsets in ((False, False), (True, False), (True, True)):
-        saved = config.load.calculate_storage_offsets
-        config.load.calculate_storage_offsets = offsets
-        try:
-            out = torch.load(tmp_path / "b.pt", weights_only=True, mmap=mmap)
-        finally:
-            config.load.calculate_storage_offsets = saved
+        out = _torch_load(tmp_path / "b.pt", mmap=mmap, calculate_storage_offsets=offsets)
         got = out["model"]
         assert out["epoch"] == 4 and out["note"] == "x"
         assert torch.equal(out["opt"]["state"][0]["m"], sd["base"] * 2)
@@ -196,8 +201,6 @@ def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
     source (fast whole-page kernel copies), with torch's minimal padding after data/0 intact."""
     import struct
 
-    from torch.utils.serialization import config
-
     from ckptsurgeon.zipfmt import TorchZip
 
     new, _ = cs.strip_prefix(cs.load(sample_dir / "seednet_dp.pt"))
@@ -206,12 +209,7 @@ def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
     for name, info in a.infos.items():
         if name.startswith("data/"):
             assert (a.data_offset(info) - b.data_offset(b.infos[name])) % 4096 == 0, name
-    saved = config.load.calculate_storage_offsets
-    config.load.calculate_storage_offsets = True
-    try:
-        got = torch.load(tmp_path / "o.pt", weights_only=True, mmap=True)
-    finally:
-        config.load.calculate_storage_offsets = saved
+    got = _torch_load(tmp_path / "o.pt", mmap=True, calculate_storage_offsets=True)
     ref = torch.load(sample_dir / "seednet_dp.pt", weights_only=True)
     assert all(torch.equal(ref["module." + k], v) for k, v in got.items())
 
