@@ -124,8 +124,16 @@ def _put(container, path: tuple, value):
 def tensor_info(v) -> dict:
     if isinstance(v, TensorRef):
         return {"dtype": v.dtype, "shape": list(v.shape), "numel": v.numel, "nbytes": v.nbytes}
+    from .refs import special_kind
+
     name = dtypes.dtype_name(v.dtype)
-    return {"dtype": name, "shape": list(v.shape), "numel": v.numel(), "nbytes": v.numel() * v.element_size()}
+    kind = special_kind(v)
+    if kind == "nested":  # no single shape
+        return {"dtype": name, "shape": [], "numel": 0, "nbytes": 0, "layout": kind}
+    info = {"dtype": name, "shape": list(v.shape), "numel": v.numel(), "nbytes": v.numel() * v.element_size()}
+    if kind:
+        info["layout"] = kind
+    return info
 
 
 # --------------------------------------------------------------------------- state dict location

@@ -347,8 +347,9 @@ class TensorRef:
 
         from .errors import UnsupportedError
 
-        if t.layout != torch.strided or t.is_quantized or t.is_meta or t.is_nested:
-            raise UnsupportedError(f"cannot store a {t.layout} / quantized / meta tensor without torch.save")
+        kind = special_kind(t)
+        if kind:
+            raise UnsupportedError(f"cannot store a {kind} tensor without torch.save")
         if t.device.type != "cpu":
             t = t.cpu()
         us = t.untyped_storage()
@@ -388,10 +389,34 @@ class TorchStorageBytes:
         return memoryview(t.numpy()).cast("B")
 
 
+def special_kind(t) -> str | None:
+    """'sparse_coo', 'nested', 'quantized', 'meta'... for a tensor that is not plain strided
+    memory (no flat bytes to hash or copy); None for an ordinary tensor."""
+    import torch
+
+    if getattr(t, "is_nested", False):
+        return "nested"
+    if t.layout != torch.strided:
+        return str(t.layout).replace("torch.", "")
+    if t.is_quantized:
+        return "quantized"
+    if t.is_meta:
+        return "meta"
+    return None
+
+
 def tensor_bytes(t) -> memoryview:
     """Raw bytes of a contiguous CPU tensor, any dtype."""
     import torch
 
+    kind = special_kind(t)
+    if kind:
+        from .errors import UnsupportedError
+
+        how = {"quantized": ".dequantize()", "nested": ".to_padded_tensor(0)",
+               "meta": "real data (a meta tensor has none)"}.get(kind, ".to_dense()")
+        raise UnsupportedError(f"a {kind} tensor has no flat bytes to compare or copy",
+                               hint=f"convert it to a plain tensor first ({how})")
     t = t.detach().contiguous()
     if t.numel() == 0:
         return memoryview(bytearray(0))

@@ -28,9 +28,10 @@ SCHEMA = "ckpt-surgeon.diff/1"
 def _info(v) -> tuple:
     if isinstance(v, TensorRef):
         return tuple(v.shape), v.dtype
-    from ckptsurgeon.dtypes import dtype_name
+    from ckptsurgeon.checkpoint import tensor_info
 
-    return tuple(v.shape), dtype_name(v.dtype)
+    info = tensor_info(v)
+    return tuple(info["shape"]), info["dtype"]
 
 
 def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:

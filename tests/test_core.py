@@ -335,3 +335,38 @@ def test_legacy_resume_dict_converts_with_wrapper(sample_dir, tmp_path, cli):
         assert torch.equal(got["optimizer_state_dict"]["state"][i]["exp_avg"], st["exp_avg"])
     code, out, err = cli("convert", tmp_path / "legacy_resume.pt", "-o", tmp_path / "x.safetensors")
     assert code == 0 and not cs.diff(tmp_path / "legacy_resume.pt", tmp_path / "new.pt", align=False)["shape_changed"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["sparse_coo", "nested", "quantized"])
+def test_special_tensors_pass_through_torch_output_and_fail_cleanly_elsewhere(tmp_path, cli, kind):
+    """Sparse, nested and quantized tensors survive a key surgery into a torch file; where they
+    have no flat bytes (diff, safetensors) the CLI says so in one line, exit 2."""
+    if kind == "sparse_coo":
+        special = torch.randn(4, 4).to_sparse()
+    elif kind == "nested":
+        special = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    else:
+        special = torch.quantize_per_tensor(torch.randn(3, 3), 0.1, 0, torch.qint8)
+    lin = torch.nn.Linear(4, 3)
+    sd = {f"module.{k}": v for k, v in lin.state_dict().items()}
+    sd["module.special"] = special
+    torch.save(sd, tmp_path / "a.pt")
+    code, out, err = cli("inspect", tmp_path / "a.pt", "--json")
+    assert code == 0, err
+    code, _, err = cli("strip-prefix", tmp_path / "a.pt", "-o", tmp_path / "b.pt")
+    assert code == 0, err
+    got = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.equal(got["weight"], lin.weight.detach())
+    if kind == "nested":
+        assert all(torch.equal(x, y) for x, y in zip(got["special"].unbind(), special.unbind()))
+    elif kind == "quantized":
+        assert torch.equal(got["special"].int_repr(), special.int_repr()) and got["special"].q_scale() == 0.1
+    else:
+        assert torch.equal(got["special"].to_dense(), special.to_dense())
+    for args in (("diff", tmp_path / "a.pt", tmp_path / "a.pt"),
+                 ("convert", tmp_path / "a.pt", "-o", tmp_path / "c.safetensors")):
+        code, _, err = cli(*args)
+        lines = [x for x in err.splitlines() if "error" in x]
+        assert code == 2 and len(lines) == 1 and kind in lines[0] and "internal" not in lines[0], err
+    assert not (tmp_path / "c.safetensors").exists()
