@@ -138,6 +138,12 @@ def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
                 return _load(torch, path, False, mmap)
             except Exception as e:
                 raise CorruptCheckpointError(f"{path}: torch.load failed: {_first_line(e)}") from None
+        refused = _refused_by_torch(first)
+        if refused:
+            raise UnsafePickleError(
+                f"{path}: torch's weights-only loader refuses {', '.join(refused)} (a type the pickle "
+                "builds, not one it imports by name); nothing was executed", globals_=refused,
+                hint=TRUST_HINT) from None
         raise CorruptCheckpointError(f"{path}: torch cannot read it: {_first_line(first)}") from None
 
 
@@ -151,6 +157,16 @@ def _load(torch, path, weights_only, mmap):
         if mmap and "mmap" in str(e).lower():
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=False)
         raise
+
+
+def _refused_by_torch(e: BaseException) -> list[str]:
+    """The types torch's weights-only unpickler names as refused (e.g. numpy's Float64DType,
+    which a pickle builds from numpy.dtype without a GLOBAL of its own)."""
+    import re
+
+    text = str(e)
+    found = re.findall(r"but got <class '([\w.]+)'>", text) + re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    return list(dict.fromkeys(found))
 
 
 def _first_line(e: BaseException) -> str:

@@ -532,3 +532,23 @@ def test_safe_globals_env_allows_named_data_types(tmp_path, monkeypatch):
     canary = tmp_path / "canary"
     _write_hostile(tmp_path / "evil.pt", {"w": torch.ones(1), "x": Reduce(os.system, (_touch_cmd(canary),))})
     _assert_refused(tmp_path / "evil.pt", "system", canary)
+
+
+def test_types_torch_refuses_without_a_global_of_their_own_are_named(tmp_path, monkeypatch):
+    """A numpy float64 metric pickles numpy.dtype and builds numpy.dtypes.Float64DType from it:
+    the static scan cannot see the second name, torch's loader refuses it, and the one-line
+    error names it so it can be allowed too."""
+    import numpy as np
+
+    p = tmp_path / "metric.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "best_acc": np.float64(0.93)}, p)
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(p)
+    scanned = e.value.one_line().split("allowlist: ", 1)[1].split(";", 1)[0]
+    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", scanned.replace(" ", ""))
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(p)
+    assert "numpy.dtypes.Float64DType" in e.value.one_line()
+    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", scanned.replace(" ", "") + ",numpy.dtypes.Float64DType")
+    ck = cs.load(p)
+    assert float(ck.wrapper["best_acc"]) == 0.93
