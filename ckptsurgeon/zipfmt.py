@@ -86,9 +86,13 @@ class TorchZip:
         return FileRange(self.path, offset, nbytes, crc=crc, label=label or f"record {name}")
 
     def data_offset(self, info: zipfile.ZipInfo) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(_LOCAL.size)
+        fp = getattr(self._zf, "fp", None)
+        if fp is not None:  # the archive's own open file: no open() per record
+            head = os.pread(fp.fileno(), _LOCAL.size, info.header_offset)
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(info.header_offset)
+                head = f.read(_LOCAL.size)
         if len(head) != _LOCAL.size:
             raise CorruptCheckpointError(f"{self.path}: local header of {info.filename} is truncated")
         sig, *_rest, name_len, extra_len = _LOCAL.unpack(head)
@@ -170,9 +174,7 @@ class ZipWriter:
         extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
         lsize = _U32 if zip64 else 0
         self._write(_LOCAL.pack(0x04034B50, 45 if zip64 else 0, 0x0808 if size else 0x0800, 0, 0, 0, 0,
-                                lsize, lsize, len(full), len(extra)))
-        self._write(full)
-        self._write(extra)
+                                lsize, lsize, len(full), len(extra)) + full + extra)
         if crc is None:
             crc = source.crc
         data_offset = self.pos
