@@ -22,8 +22,8 @@ _NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2
 def digest(v: Any) -> str:
     """xxh3-128 of a tensor's bytes in row-major order (≈30 GiB/s).
 
-    File-backed contiguous tensors are streamed with pread in 8 MiB chunks: faster than faulting
-    in an mmap page by page, and flat in memory (it also works under a tight memory cap).
+    File-backed contiguous tensors are streamed with pread in 1 MiB chunks of one reused buffer:
+    faster than faulting in an mmap page by page, and flat in memory (works under a memory cap).
     """
     import xxhash
 
