@@ -16,6 +16,7 @@ import uuid
 import zipfile
 import zlib  # noqa: F401  (zlib.error is caught below)
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import CorruptCheckpointError
@@ -134,6 +135,16 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
+@dataclass
+class _Entry:
+    name: bytes  # full record name, archive prefix included
+    size: int
+    header_offset: int
+    crc: int | Callable[[], int]
+    descriptor: int | None  # offset of the data descriptor (None for an empty record)
+    data_offset: int
+
+
 class ZipWriter:
     """Writes records in torch's layout to an open file descriptor, front to back.
 
@@ -146,16 +157,16 @@ class ZipWriter:
         self.fd = fd
         self.prefix = prefix
         self.pos = 0
-        self.entries: list[list] = []  # [name bytes, size, header offset, crc or callable, descriptor offset]
+        self.entries: list[_Entry] = []
         self._src_fds: dict[str, int] = {}
 
     def _write(self, data) -> None:
         pwrite_all(self.fd, data, self.pos)
         self.pos += memoryview(data).nbytes
 
-    def add(self, name: str, source, crc=None, page_like: int | None = None) -> list:
-        """Append a record; returns its entry ``[name, size, header offset, crc, descriptor offset,
-        data offset]`` (``entry[3]`` may be replaced by a callable until :meth:`finish`).
+    def add(self, name: str, source, crc=None, page_like: int | None = None) -> "_Entry":
+        """Append a record; returns its entry (whose ``crc`` may be set to a callable until
+        :meth:`finish`).
 
         ``page_like``: pad (more than the 64-byte minimum) so the data lands at this offset
         modulo the page size.
@@ -198,7 +209,7 @@ class ZipWriter:
             descriptor = self.pos
             fmt = "<IIQQ" if zip64 else "<IIII"
             self._write(struct.pack(fmt, 0x08074B50, 0 if callable(crc) else crc, size, size))
-        entry = [full, size, header_offset, crc or 0, descriptor, data_offset]
+        entry = _Entry(full, size, header_offset, crc or 0, descriptor, data_offset)
         self.entries.append(entry)
         return entry
 
@@ -221,13 +232,13 @@ class ZipWriter:
                              len(full), len(cextra), 0, 0, 0, 0, c_off) + full + cextra
 
     def finish(self) -> None:
-        for entry in self.entries:  # resolve deferred CRCs, patching their data descriptors
-            if callable(entry[3]):
-                entry[3] = entry[3]()
-                pwrite_all(self.fd, struct.pack("<I", entry[3]), entry[4] + 4)
+        for e in self.entries:  # resolve deferred CRCs, patching their data descriptors
+            if callable(e.crc):
+                e.crc = e.crc()
+                pwrite_all(self.fd, struct.pack("<I", e.crc), e.descriptor + 4)
         cd_offset = self.pos
-        for full, size, header_offset, crc, *_ in self.entries:
-            self._write(self._central(full, size, header_offset, crc))
+        for e in self.entries:
+            self._write(self._central(e.name, e.size, e.header_offset, e.crc))
         cd_size = self.pos - cd_offset
         n = len(self.entries)
         if n >= 0xFFFF or cd_offset >= _U32 or cd_size >= _U32:
@@ -279,11 +290,11 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             entry = w.add(f"data/{key}", src, crc=stored if stored is not None or not copied else _deferred,
                           page_like=src.offset if first else None)
             if copied:
-                fut = pool.submit(_crc_of_written, fd, entry[5], entry[1])
+                fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
                 if stored is not None:
                     checks.append((src, fut))
                 else:
-                    entry[3] = fut.result  # resolved (and patched in) when the zip is finished
+                    entry.crc = fut.result  # resolved (and patched in) when the zip is finished
             if progress:
                 progress(storage.nbytes)
         for src, fut in checks:

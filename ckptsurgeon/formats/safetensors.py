@@ -89,9 +89,8 @@ def save(ck: Checkpoint, path: str, *, dry_run: bool = False, dedupe_tied: bool 
 RUN_MAX = 1 << 30  # one copy call per GiB at most, so progress still moves
 
 
-def first_file_offset(items) -> int | None:
+def first_file_offset(items: list) -> int | None:
     """Where the first tensor's bytes sit in its source file (for page-congruent copies)."""
-    items = list(items)
     if not items:
         return None
     ref = items[0][1]
@@ -103,9 +102,9 @@ def first_file_offset(items) -> int | None:
 
 
 def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) -> int:
-    """Header then each tensor's bytes; file-backed ranges go through copy_file_range, and
-    ranges that follow each other in both files (a rename) as one call: measured faster on ext4
-    than one call per tensor."""
+    """Header then each tensor's bytes; file-backed ranges go through copy_file_range, ranges
+    that follow each other in both files (a rename) as one call (fewer syscalls; speed was the
+    same as per-tensor calls once the offsets are page-congruent, see build_header)."""
     pwrite_all(fd, header, start)
     pos = start + len(header)
     src_fds: dict[str, int] = {}
