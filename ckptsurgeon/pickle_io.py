@@ -260,6 +260,26 @@ def _py3_name(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
+_DTYPE = object()  # scan marker: the value on the stack is the numpy.dtype global
+
+
+def _numpy_dtype_class(code) -> str | None:
+    """numpy.dtype('f8') is rebuilt as numpy.dtypes.Float64DType, a class torch's weights-only
+    loader also wants allowed although no GLOBAL names it: name it, without running the pickle
+    (numpy parses the type code string; nothing else). None without numpy or for odd codes."""
+    if not isinstance(code, str) or len(code) > 16:
+        return None
+    try:
+        import numpy
+
+        cls = type(numpy.dtype(code))
+    except Exception:
+        return None
+    if cls is numpy.dtype:  # numpy < 1.25: no per-type classes
+        return None
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def scan_globals(data: bytes) -> list[str]:
     """Every ``module.name`` the pickle would import, in order, without executing it.
 
@@ -270,9 +290,16 @@ def scan_globals(data: bytes) -> list[str]:
     found: list[str] = []
     memo: dict[int, Any] = {}
     recent: list[Any] = []
+    dtype_next = False
     try:
         for op, arg, _pos in pickletools.genops(data):
             name = op.name
+            if dtype_next and name in _STRING_OPS | {"BINGET", "LONG_BINGET", "GET"}:
+                dtype_next = False
+                code = arg if name in _STRING_OPS else memo.get(int(arg))
+                cls = _numpy_dtype_class(code)
+                if cls and cls not in found:
+                    found.append(cls)
             if name in _STRING_OPS:
                 recent.append(arg if isinstance(arg, str) else str(arg))
             elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
@@ -283,13 +310,19 @@ def scan_globals(data: bytes) -> list[str]:
                     memo[len(memo)] = recent[-1]
             elif name in ("BINGET", "LONG_BINGET", "GET"):
                 recent.append(memo.get(int(arg)))
+                dtype_next = recent[-1] is _DTYPE
             elif name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
                 found.append(_py3_name(module, attr))
-                recent.append(None)
+                dtype_next = found[-1] == "numpy.dtype"
+                recent.append(_DTYPE if dtype_next else None)
             elif name == "STACK_GLOBAL":
                 if len(recent) >= 2 and isinstance(recent[-1], str) and isinstance(recent[-2], str):
                     found.append(_py3_name(recent[-2], recent[-1]))
+                    dtype_next = found[-1] == "numpy.dtype"
+                    if dtype_next:
+                        recent.append(_DTYPE)
+                        continue
                 else:
                     found.append("<unresolved STACK_GLOBAL>")
                 recent.append(None)

@@ -534,21 +534,29 @@ def test_safe_globals_env_allows_named_data_types(tmp_path, monkeypatch):
     _assert_refused(tmp_path / "evil.pt", "system", canary)
 
 
-def test_types_torch_refuses_without_a_global_of_their_own_are_named(tmp_path, monkeypatch):
-    """A numpy float64 metric pickles numpy.dtype and builds numpy.dtypes.Float64DType from it:
-    the static scan cannot see the second name, torch's loader refuses it, and the one-line
-    error names it so it can be allowed too."""
+def test_numpy_dtype_classes_are_named_before_torch_refuses_them(tmp_path, monkeypatch):
+    """A numpy float64 metric pickles numpy.dtype('f8'), which numpy rebuilds as
+    numpy.dtypes.Float64DType: no GLOBAL names that class, but torch's loader refuses it. The
+    static scan names it (and Int64DType of an int array, reached through a memo GET), so one
+    CKPT_SURGEON_SAFE_GLOBALS line suffices; if a class is ever missed, torch's own refusal is
+    reported as an unsafe-pickle error naming it, not as a corrupt file."""
     import numpy as np
 
+    from ckptsurgeon import pickle_io
+
     p = tmp_path / "metric.pt"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "best_acc": np.float64(0.93)}, p)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "best_acc": np.float64(0.93), "ids": np.arange(3)}, p)
     with pytest.raises(UnsafePickleError) as e:
         cs.load(p)
-    scanned = e.value.one_line().split("allowlist: ", 1)[1].split(";", 1)[0]
-    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", scanned.replace(" ", ""))
-    with pytest.raises(UnsafePickleError) as e:
-        cs.load(p)
-    assert "numpy.dtypes.Float64DType" in e.value.one_line()
-    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", scanned.replace(" ", "") + ",numpy.dtypes.Float64DType")
+    scanned = e.value.one_line().split("allowlist: ", 1)[1].split(";", 1)[0].replace(" ", "")
+    assert {"numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType"} <= set(scanned.split(","))
+    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", scanned)
     ck = cs.load(p)
-    assert float(ck.wrapper["best_acc"]) == 0.93
+    assert float(ck.wrapper["best_acc"]) == 0.93 and list(ck.wrapper["ids"]) == [0, 1, 2]
+
+    monkeypatch.setattr(pickle_io, "_numpy_dtype_class", lambda code: None)  # a scan that misses them
+    allowed = ",".join(n for n in scanned.split(",") if not n.startswith("numpy.dtypes."))
+    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", allowed)
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(p)
+    assert "numpy.dtypes." in e.value.one_line() and "refuses" in e.value.one_line()
