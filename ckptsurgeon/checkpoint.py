@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 from . import dtypes
 from .errors import AmbiguousStateDictError, SelectionError
-from .refs import CallRef, GlobalRef, TensorRef, is_tensor_like
+from .refs import CallRef, GlobalRef, TensorRef, is_tensor_like, special_kind
 
 # Where people put the model's weights inside a wrapper dict, most specific first.
 PRIMARY_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network", "weights", "params")
@@ -124,8 +124,6 @@ def _put(container, path: tuple, value):
 def tensor_info(v) -> dict:
     if isinstance(v, TensorRef):
         return {"dtype": v.dtype, "shape": list(v.shape), "numel": v.numel, "nbytes": v.nbytes}
-    from .refs import special_kind
-
     name = dtypes.dtype_name(v.dtype)
     kind = special_kind(v)
     if kind == "nested":  # no single shape

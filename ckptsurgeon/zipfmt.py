@@ -196,9 +196,7 @@ class ZipWriter:
             copy_range(src_fd, self.fd, source.offset, size, self.pos)
             self.pos += size
             if crc is None:
-                crc = 0
-                for chunk in pread_chunks(src_fd, source.offset, size, what=f"{source.path}: {source.label}"):
-                    crc = crc32(chunk, crc)
+                crc = _crc_of_written(self.fd, data_offset, size)
         elif size:
             buf = source.buffer()
             self._write(buf)
@@ -287,7 +285,8 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             # that follow as in the source stay page-congruent with it too: the kernel then
             # copies whole pages, measured ~20% faster than shifted copies (ext4, 2 GiB).
             first = key == 0 and copied
-            entry = w.add(f"data/{key}", src, crc=stored if stored is not None or not copied else _deferred,
+            placeholder = 0 if copied and stored is None else None  # patched in by finish()
+            entry = w.add(f"data/{key}", src, crc=stored if stored is not None else placeholder,
                           page_like=src.offset if first else None)
             if copied:
                 fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
@@ -308,10 +307,6 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     finally:
         w.close()
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _deferred() -> int:  # placeholder until write_torch_zip installs the real callable
-    raise AssertionError("deferred CRC never resolved")
 
 
 def _crc_of_written(fd: int, offset: int, length: int) -> int:
