@@ -54,6 +54,7 @@ class Checkpoint:
     candidates: tuple = ()
     transforms: tuple = ()
     notes: tuple = ()
+    plain_dict: bool = False  # the source's state dict was a dict, not an OrderedDict: write it back so
 
     # ---- construction helpers
     def replace(self, **changes) -> "Checkpoint":
@@ -92,7 +93,9 @@ class Checkpoint:
                 f"{s['parameters']:,} parameters, {s['bytes']:,} bytes>")
 
     # ---- assembling the object to write
-    def state_dict_object(self) -> OrderedDict:
+    def state_dict_object(self) -> dict:
+        if self.plain_dict and self.metadata is None:
+            return dict(self.state)
         sd = OrderedDict(self.state)
         if self.metadata is not None:
             sd._metadata = self.metadata

@@ -144,6 +144,34 @@ def test_torch_roundtrip_odd_tensors_mmap_and_offsets(tmp_path, monkeypatch):
         assert got["view_row"].untyped_storage().data_ptr() == got["renamed_base"].untyped_storage().data_ptr()
 
 
+def test_repickled_data_pkl_is_byte_identical_to_torch_save(tmp_path):
+    """The writer reproduces torch.save's pickle exactly (globals, memo, storage keys), and the
+    temporary names it registers to let the C pickler emit torch's globals are gone after."""
+    import zipfile
+
+    import ckptsurgeon.refs as refs
+    from ckptsurgeon.pickle_io import dump_refs
+
+    sd = _odd_state()
+    objs = {
+        "plain": sd,
+        "resume": {"model": sd, "epoch": 3, "best": 0.5, "dtype": torch.float16, "size": torch.Size([2, 3]),
+                   "device": torch.device("cpu"), "tags": {"a", "b"}, "blob": b"\x00\xff", "none": None,
+                   "opt": {"state": {0: {"step": torch.tensor(7.0), "m": sd["base"] * 2}}, "param_groups": [
+                       {"lr": 0.1, "params": [0]}]}},
+        "params": {"w": torch.nn.Parameter(torch.ones(2, 2)), "b": torch.nn.Parameter(torch.zeros(2), requires_grad=False)},
+    }
+    for name, obj in objs.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with zipfile.ZipFile(tmp_path / f"{name}.pt") as z:
+            original = z.read(f"{name}/data.pkl")
+            records = sum(1 for n in z.namelist() if "/data/" in n)
+        data, storages = dump_refs(cs.load(tmp_path / f"{name}.pt").assemble())
+        assert data == original, name
+        assert len(storages) == records
+    assert not [k for k in vars(refs) if k.startswith("_G")]
+
+
 def test_safetensors_output_ties_views_and_notes(tmp_path):
     sd = _odd_state()
     sd.pop("f8")

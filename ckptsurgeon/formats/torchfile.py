@@ -93,7 +93,8 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
     return Checkpoint(
         state=OrderedDict(sd.items()), wrapper=obj if path else None, sd_path=path,
         metadata=getattr(sd, "_metadata", None), source=source,
-        candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes))
+        candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes),
+        plain_dict=type(sd) is dict)
 
 
 def _modules_to_state_dicts(obj):
