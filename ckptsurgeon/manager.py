@@ -7,6 +7,8 @@ import or registers a hook nobody specified becomes a *problem* (a warning on st
 Environment:
   ``CKPT_SURGEON_DISABLE_PLUGIN_AUTOLOAD=1``  load only ckpt-surgeon's own plugins
   ``CKPT_SURGEON_PLUGINS=mod_a,mod_b``        also register these modules (for trying a plugin)
+  ``CKPT_SURGEON_CACHE_DIR=off``               scan installed distributions on every run
+                                              (see :mod:`ckptsurgeon.entrypoints`)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .entrypoints import entry_points
 from .errors import CkptSurgeonError, PluginError
 from .types import PluginInfo
 
@@ -27,15 +30,6 @@ OWN_DIST = "ckpt-surgeon"
 DISABLE_ENV = "CKPT_SURGEON_DISABLE_PLUGIN_AUTOLOAD"
 EXTRA_ENV = "CKPT_SURGEON_PLUGINS"
 BUILTIN = ("ckptsurgeon.formats",)
-
-
-def _entry_points():
-    from importlib.metadata import entry_points
-
-    eps = entry_points()
-    if hasattr(eps, "select"):
-        return list(eps.select(group=GROUP))
-    return list(eps.get(GROUP, []))  # Python < 3.10
 
 
 class Manager:
@@ -61,9 +55,8 @@ class Manager:
     def _load_entry_points(self) -> None:
         only_own = os.environ.get(DISABLE_ENV, "").strip() not in ("", "0", "false", "no")
         seen = set()
-        dists: dict[int, tuple[str, str]] = {}
-        for ep in _entry_points():
-            dist, version = _dist_of(ep, dists)
+        for ep in entry_points(GROUP):
+            dist, version = ep.dist, ep.version
             if (ep.name, ep.value) in seen:
                 continue
             seen.add((ep.name, ep.value))
@@ -154,23 +147,6 @@ class Manager:
         except KeyError:
             known = ", ".join(sorted(self.model_transforms())) or "none"
             raise PluginError(f"no plugin provides the model transform {name!r} (known: {known})") from None
-
-
-def _dist_of(ep, cache: dict) -> tuple[str, str]:
-    """(name, version) of the distribution behind an entry point. Each ``.name``/``.version``
-    access parses the METADATA file again (email parser, ~1.5 ms): once per distribution here."""
-    d = getattr(ep, "dist", None)
-    if d is None:
-        return "", ""
-    got = cache.get(id(d))
-    if got is None:
-        try:
-            md = d.metadata
-            got = (md["Name"] or "", md["Version"] or "")
-        except Exception:
-            got = ("", "")
-        cache[id(d)] = got
-    return got
 
 
 def _env_list(var: str) -> list[str]:

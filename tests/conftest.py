@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """The entry-point index goes to a session folder, not ~/.cache (subprocesses inherit it)."""
+    old = os.environ.get("CKPT_SURGEON_CACHE_DIR")
+    os.environ["CKPT_SURGEON_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CKPT_SURGEON_CACHE_DIR", None)
+    else:
+        os.environ["CKPT_SURGEON_CACHE_DIR"] = old
+
+
 def _load_module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)

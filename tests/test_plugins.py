@@ -84,6 +84,56 @@ def test_disable_autoload_env(plugin_site):
     assert "count" not in rep["provides"]["commands"] and "broken on purpose" not in res.stderr
 
 
+def _pip_install(pkg: str, target: Path, tmp_path: Path) -> None:
+    import shutil
+
+    build = tmp_path / f"build-{pkg}"
+    shutil.copytree(HERE / pkg, build / pkg)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(build / pkg)],
+                   check=True, capture_output=True, cwd=build, timeout=300)
+
+
+def _plugin_names(site, cache_dir) -> set:
+    res = _cli(site, "plugins", "--json", extra_env={"CKPT_SURGEON_CACHE_DIR": str(cache_dir)})
+    assert res.returncode == 0, res.stderr
+    return {p["name"] for p in json.loads(res.stdout)["plugins"]}
+
+
+def test_entry_point_index_is_reused_and_rebuilt_when_sys_path_changes(tmp_path):
+    """The index of entry points saves importing importlib.metadata on every run; installing a
+    plugin into any sys.path folder (its mtime changes) makes the next run scan again."""
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    before = _plugin_names(site, cache)
+    assert "prefix" in before and "npz_demo" not in before
+    (index,) = cache.glob("entry-points-*.json")
+    # the index is what the next run believes: an entry only it lists shows up (as broken)
+    data = json.loads(index.read_text())
+    data["entry_points"].append(["from_the_index", "no_such_module_xyz", "nobody", "1"])
+    index.write_text(json.dumps(data))
+    assert "from_the_index" in _plugin_names(site, cache)
+    # a damaged index is ignored, never fatal
+    index.write_text("{not json")
+    assert _plugin_names(site, cache) == before
+    # an install into a sys.path folder invalidates it
+    data["entry_points"].append(["from_the_index", "no_such_module_xyz", "nobody", "1"])
+    index.write_text(json.dumps(data))
+    _pip_install("plugin_pkg", site, tmp_path)
+    after = _plugin_names(site, cache)
+    assert "npz_demo" in after and "from_the_index" not in after
+    # switched off: no file written, same answer
+    xdg = tmp_path / "xdg"
+    res = _cli(site, "plugins", "--json", extra_env={"CKPT_SURGEON_CACHE_DIR": "off", "XDG_CACHE_HOME": str(xdg)})
+    assert {p["name"] for p in json.loads(res.stdout)["plugins"]} == after and not xdg.exists()
+    res = _cli(site, "plugins", "--json", extra_env={"CKPT_SURGEON_CACHE_DIR": "", "XDG_CACHE_HOME": str(xdg)})
+    assert len(list(xdg.glob("ckpt-surgeon/entry-points-*.json"))) == 1  # unset: the XDG default
+    # an unwritable cache folder only means scanning every time
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    assert _plugin_names(site, blocker / "sub") == after
+
+
 def test_explicit_plugin_module_and_conflicts(fresh_manager, monkeypatch, tmp_path):
     mod = tmp_path / "dup_plugin.py"
     mod.write_text(

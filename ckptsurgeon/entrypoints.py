@@ -1,0 +1,133 @@
+"""The ``ckptsurgeon`` entry points, remembered between runs.
+
+Finding entry points means importing :mod:`importlib.metadata` (which pulls in the email
+package) and reading every installed distribution's metadata: ~30-40 ms, a tenth of what a whole
+surgery on a small file costs. The result only changes when something is installed or removed,
+and an install or removal always adds, renames or deletes a ``*.dist-info`` folder in a
+``sys.path`` folder, which changes that folder's modification time. So the list is kept in a
+small JSON file keyed on the interpreter and ``sys.path``, and trusted only while every
+``sys.path`` entry still has the modification time it had when the list was made; any change
+means a fresh scan. (stevedore keeps an entry-point cache on the same principle.)
+
+Environment:
+  ``CKPT_SURGEON_CACHE_DIR``  where the file lives (default ``$XDG_CACHE_HOME/ckpt-surgeon`` or
+                              ``~/.cache/ckpt-surgeon``); ``off`` never reads or writes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+CACHE_ENV = "CKPT_SURGEON_CACHE_DIR"
+_OFF = ("off", "0", "no", "false", "none")
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """What the manager needs of an entry point: where it points and who installed it."""
+
+    name: str
+    value: str  # "module" or "module:attr.path"
+    dist: str = ""
+    version: str = ""
+
+    def load(self):
+        module, _, attrs = self.value.partition("[")[0].partition(":")
+        obj = importlib.import_module(module.strip())
+        for attr in attrs.strip().split(".") if attrs.strip() else ():
+            obj = getattr(obj, attr)
+        return obj
+
+
+def entry_points(group: str) -> list[EntryPoint]:
+    """Every entry point of ``group`` in the installed distributions (from the cache when valid)."""
+    path = cache_file(group)
+    stamp = _stamp()
+    if path:
+        cached = _read(path, stamp)
+        if cached is not None:
+            return cached
+    found = _scan(group)
+    if path:
+        _write(path, stamp, found)
+    return found
+
+
+def cache_file(group: str) -> str | None:
+    folder = os.environ.get(CACHE_ENV, "").strip()
+    if folder.lower() in _OFF:
+        return None
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "ckpt-surgeon")
+    key = json.dumps([group, sys.executable, sys.version, sys.path])
+    return os.path.join(folder, f"entry-points-{zlib.crc32(key.encode()):08x}.json")
+
+
+def _stamp() -> list:
+    """The key and the modification time of every sys.path entry (None where it is missing)."""
+    out = []
+    for entry in sys.path:
+        try:
+            out.append([entry, os.stat(entry or ".").st_mtime_ns])
+        except OSError:
+            out.append([entry, None])
+    return [_FORMAT, sys.executable, sys.version, out]
+
+
+def _read(path: str, stamp: list) -> list[EntryPoint] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("stamp") != stamp:
+            return None
+        return [EntryPoint(*map(str, row)) for row in data["entry_points"]]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _write(path: str, stamp: list, eps: list[EntryPoint]) -> None:
+    """Best effort: an unwritable cache folder only means the next run scans again."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"stamp": stamp, "entry_points": [[e.name, e.value, e.dist, e.version] for e in eps]}, f)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _scan(group: str) -> list[EntryPoint]:
+    from importlib.metadata import entry_points as _eps
+
+    eps = _eps()
+    selected = eps.select(group=group) if hasattr(eps, "select") else eps.get(group, [])  # < 3.10: dict
+    dists: dict[int, tuple[str, str]] = {}
+    return [EntryPoint(ep.name, ep.value, *_dist_of(ep, dists)) for ep in selected]
+
+
+def _dist_of(ep, cache: dict) -> tuple[str, str]:
+    """(name, version) of the distribution behind an entry point. Each ``.name``/``.version``
+    access parses the METADATA file again (email parser, ~1.5 ms): once per distribution here."""
+    d = getattr(ep, "dist", None)
+    if d is None:
+        return "", ""
+    got = cache.get(id(d))
+    if got is None:
+        try:
+            md = d.metadata
+            got = (md["Name"] or "", md["Version"] or "")
+        except Exception:
+            got = ("", "")
+        cache[id(d)] = got
+    return got
