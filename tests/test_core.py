@@ -210,9 +210,15 @@ def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
 
     from ckptsurgeon.refs import crc32
 
-    for src in ("seednet.safetensors", "seednet_dp.pt"):
-        out = tmp_path / f"{src}.pt"
-        cs.save(cs.load(sample_dir / src), out)
+    from safetensors.torch import save_file
+
+    # small records are read and written inline, big ones (> 64 KiB) copied by the kernel
+    mixed = {"big": torch.randn(300, 300), "small": torch.randn(10), "big2": torch.arange(70_000.0)}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    torch.save(mixed, tmp_path / "mixed.pt")
+    for src in ("seednet.safetensors", "seednet_dp.pt", tmp_path / "mixed.safetensors", tmp_path / "mixed.pt"):
+        out = tmp_path / f"{os.path.basename(src)}.out.pt"
+        cs.save(cs.load(sample_dir / src), out)  # (an absolute src ignores sample_dir)
         with zipfile.ZipFile(out) as zf:
             assert zf.testzip() is None  # every CRC-32 (central directory) matches the bytes
             for info in zf.infolist():

@@ -215,10 +215,10 @@ def test_hostile_corpus_size():
 
 
 # --------------------------------------------------------------------------- corrupt inputs
-def _valid_zip(tmp_path) -> bytes:
+def _valid_zip(tmp_path, side: int = 64) -> bytes:
     p = tmp_path / "valid.pt"
     torch.manual_seed(0)
-    torch.save(OrderedDict((f"layer{i}.weight", torch.randn(64, 64)) for i in range(6)), p)
+    torch.save(OrderedDict((f"layer{i}.weight", torch.randn(side, side)) for i in range(6)), p)
     return p.read_bytes()
 
 
@@ -315,8 +315,9 @@ def test_corrupt_inputs_clean_errors(tmp_path, cli):
     assert len(cases) >= 40
 
 
-def test_flipped_tensor_byte_is_caught(tmp_path, cli):
-    z = bytearray(_valid_zip(tmp_path))
+@pytest.mark.parametrize("side", [64, 256])  # 16 KiB records are read and checked inline, 256 KiB kernel-copied
+def test_flipped_tensor_byte_is_caught(tmp_path, cli, side):
+    z = bytearray(_valid_zip(tmp_path, side))
     with zipfile.ZipFile(io.BytesIO(bytes(z))) as zf:
         info = zf.getinfo("valid/data/2")
         start = info.header_offset + 30 + len(info.filename) + len(info.extra)
@@ -383,17 +384,17 @@ def test_disk_full_leaves_nothing(tmp_path, sample_dir, cli, monkeypatch):
     real_write, real_copy = os.pwrite, os.copy_file_range
     written = {"n": 0}
 
-    def count():
-        written["n"] += 1
-        if written["n"] > 3:
+    def count(nbytes):  # the "disk" fills up after 64 KiB
+        written["n"] += nbytes
+        if written["n"] > 64 << 10:
             raise OSError(28, "No space left on device")
 
     def full_write(fd, data, offset):
-        count()
+        count(memoryview(data).nbytes)
         return real_write(fd, data, offset)
 
     def full_copy(src, dst, n, offset_src=None, offset_dst=None):
-        count()
+        count(n)
         return real_copy(src, dst, n, offset_src, offset_dst)
 
     monkeypatch.setattr(zf.os, "pwrite", full_write)
