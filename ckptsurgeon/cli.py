@@ -11,7 +11,6 @@ unsafe globals); 2 any error, reported as one line on stderr (``--debug`` shows 
 from __future__ import annotations
 
 import sys
-import traceback
 
 import click
 
@@ -51,6 +50,8 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except CkptSurgeonError as e:
             if debug:
+                import traceback
+
                 traceback.print_exc()
             click.echo(f"ckpt-surgeon: error: {e.one_line()}", err=True)
             ctx.exit(e.exit_code)
@@ -61,6 +62,8 @@ class LazyGroup(click.Group):
             ctx.exit(130)
         except Exception as e:  # a bug: still one line unless --debug
             if debug:
+                import traceback
+
                 traceback.print_exc()
             msg = " ".join(str(e).split())[:400]
             click.echo(f"ckpt-surgeon: internal error: {type(e).__name__}: {msg} (re-run with --debug for details)",

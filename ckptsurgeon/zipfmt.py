@@ -15,7 +15,6 @@ import struct
 import uuid
 import zipfile
 import zlib  # noqa: F401  (zlib.error is caught below)
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -302,7 +301,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     w.add(".format_version", MemoryBytes(b"1"))
     w.add(".storage_alignment", MemoryBytes(str(ALIGN).encode()))
     w.add("byteorder", MemoryBytes(byteorder))
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = None  # the checking thread, started by the first kernel-copied record
     try:
         checks = []
         for key, storage in enumerate(storages):
@@ -318,6 +317,10 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             if copied and entry.inline_crc is not None:  # small: read (not kernel-copied) and checked here
                 src.verify_crc_value(entry.inline_crc)
             elif copied:
+                if pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    pool = ThreadPoolExecutor(max_workers=1)
                 fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
                 if stored is not None:
                     checks.append((src, fut))
@@ -335,7 +338,8 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
         w.finish()
     finally:
         w.close()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _crc_of_written(fd: int, offset: int, length: int) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 from ..atomic import atomic_output
 from ..checkpoint import Checkpoint, Source
@@ -110,6 +109,8 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0) 
     src_fds: dict[str, int] = {}
     checks = {id(r.storage.source): r.storage.source for _, r in order
               if isinstance(r.storage.source, FileRange) and r.storage.source.crc is not None}
+    from concurrent.futures import ThreadPoolExecutor
+
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = [pool.submit(src.check_crc) for src in checks.values()]
