@@ -171,6 +171,7 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
         for p in (out, out_st):
             if p.exists():
                 p.unlink()
+        os.sync()  # untimed: no run starts while the previous one's dirty pages are written back
 
     ops = []
     naive = size <= naive_max

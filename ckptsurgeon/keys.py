@@ -143,6 +143,7 @@ class Pattern:
         import fnmatch
 
         self.text = text
+        self.path: str | None = None  # set for a plain module path (matched by lookup in select)
         if text.startswith("re:"):
             try:
                 rx = re.compile(text[3:])
@@ -155,7 +156,7 @@ class Pattern:
             glob = text
             self._match = lambda k: fnmatch.fnmatchcase(k, glob) or fnmatch.fnmatchcase(k, glob + ".*")
         else:
-            path = text.rstrip(".")
+            path = self.path = text.rstrip(".")
             self._match = lambda k: k == path or k.startswith(path + ".")
 
     def matches(self, key: str) -> bool:
@@ -183,15 +184,27 @@ def select(keys, patterns: list[Pattern], strip: str = "") -> tuple[list[str], d
     """Keys matched by any pattern (tried on the key and on the key without ``strip``),
     plus {pattern text: match count}."""
     counts = {p.text: 0 for p in patterns}
+    by_path: dict[str, list[str]] = {}  # plain module paths: one dict lookup per key prefix
+    others = []
+    for p in patterns:
+        if p.path is not None:
+            by_path.setdefault(p.path, []).append(p.text)
+        else:
+            others.append(p)
     chosen = []
     for k in keys:
         bare = k[len(strip):] if strip and k.startswith(strip) else k
-        hit = False
-        for p in patterns:
-            if p.matches(k) or (bare is not k and p.matches(bare)):
-                counts[p.text] += 1
-                hit = True
-        if hit:
+        hits: set[str] = set()
+        for cand in (k, bare) if bare is not k else (k,):
+            if by_path:
+                for i, c in enumerate(cand):
+                    if c == "." and cand[:i] in by_path:
+                        hits.update(by_path[cand[:i]])
+                hits.update(by_path.get(cand, ()))
+            hits.update(p.text for p in others if p.matches(cand))
+        for text in hits:
+            counts[text] += 1
+        if hits:
             chosen.append(k)
     return chosen, counts
 

@@ -31,6 +31,7 @@ _U32 = 0xFFFFFFFF
 PAGE = 4096
 SMALL_RECORD = 64 << 10  # records up to this size are read and written, not kernel-copied
 PENDING_MAX = 1 << 20
+COPY_ALIGN = 64 << 10  # kernel copies start on this destination boundary (see copy_range)
 
 
 class TorchZip:
@@ -108,10 +109,19 @@ class TorchZip:
 
 # --------------------------------------------------------------------------- writing
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
+    """Copy bytes in the kernel (copy_file_range), falling back to pread/pwrite.
+
+    A call whose destination does not start on a 64 KiB boundary made the whole call slow on
+    ext4 (2 GiB in 300 record-sized calls: 1.23-1.37 s, against 0.92-0.97 s for the same calls
+    with the first bytes up to the boundary split off, and 0.9-1.0 s for cp's one call): so the
+    head up to that boundary is copied by a call of its own.
+    """
     done = 0
     try:
+        head = min(length, (-dst_offset) % COPY_ALIGN)
         while done < length:
-            n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, dst_offset + done)
+            want = (head - done) if done < head else (length - done)
+            n = os.copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)
             if n == 0:
                 raise CorruptCheckpointError("source ended early while copying (file truncated?)")
             done += n
