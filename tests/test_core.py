@@ -230,6 +230,36 @@ def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
     assert crc32(data) == zlib.crc32(data) and crc32(data[50:], crc32(data[:50])) == zlib.crc32(data)
 
 
+def test_copy_range_is_exact_and_starts_kernel_copies_on_64k_boundaries(tmp_path, monkeypatch):
+    """copy_range splits off the head up to the next 64 KiB destination boundary (calls starting
+    elsewhere measured ~30% slower on ext4); the bytes land exactly, whatever the offsets."""
+    import ckptsurgeon.zipfmt as zf
+
+    data = os.urandom(600_000)
+    (tmp_path / "src").write_bytes(data)
+    calls = []
+    real = os.copy_file_range
+
+    def spy(src, dst, n, off_src, off_dst):
+        calls.append((off_dst, n))
+        return real(src, dst, n, off_src, off_dst)
+
+    monkeypatch.setattr(zf.os, "copy_file_range", spy)
+    for off, length, dst_off in ((0, 600_000, 0), (123, 300_000, 4096 + 64), (1, 10, 65_530), (7, 70_000, 65_536)):
+        out = tmp_path / "dst"
+        out.write_bytes(b"")
+        calls.clear()
+        src_fd, dst_fd = os.open(tmp_path / "src", os.O_RDONLY), os.open(out, os.O_RDWR)
+        try:
+            zf.copy_range(src_fd, dst_fd, off, length, dst_off)
+        finally:
+            os.close(src_fd)
+            os.close(dst_fd)
+        assert out.read_bytes()[dst_off:] == data[off:off + length]
+        assert all(o % (64 << 10) == 0 for o, _ in calls[1:]), calls
+        assert sum(n for _, n in calls) == length
+
+
 def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
     """strip-prefix output: every tensor's bytes sit at the same offset modulo 4096 as in the
     source (fast whole-page kernel copies), with torch's minimal padding after data/0 intact."""
