@@ -9,7 +9,9 @@ its own process: wall time (median of --repeat) and peak memory from wait4 (RSS,
 mapped file pages) and from sampling /proc/PID/status (RssAnon: the process's own memory).
 Ratios are against `cp` (or reading both files once, for diff) measured in the same run: every
 operation runs once per round, round after round, and an operation's ratio is the median of its
-per-round ratios, so a noisy neighbour slows an operation and its baseline alike. Pass
+per-round ratios, so a noisy neighbour slows an operation and its baseline alike. Every run starts
+after a sync (untimed), and each group of operations runs with only the files it reads in the
+page cache (see cache_only). Pass
 `--out /dev/shm/bench` to take the disk (and its write-back) out of the comparison.
 With a writable cgroup-v1 memory controller it also runs strip-prefix and diff on the largest
 file under a memory cap several times smaller than the file.
@@ -129,8 +131,8 @@ def interleaved(ops, repeat: int, cleanup=None) -> list[dict]:
         ratio = None
         if base:
             ratio = statistics.median(w / b for w, b in zip(walls[name], walls[base]))
-        rows.append({"op": name, "base": base, "wall": statistics.median(walls[name]), "ratio": ratio,
-                     "rss_mib": peak[name][0] / 1024, "anon_mib": peak[name][1] / 1024, "code": peak[name][2]})
+        rows.append({"op": name, "base": base, "wall": statistics.median(walls[name]), "walls": walls[name],
+                     "ratio": ratio, "rss_mib": peak[name][0] / 1024, "anon_mib": peak[name][1] / 1024, "code": peak[name][2]})
     return rows
 
 
@@ -151,6 +153,24 @@ def cgroup_cap(limit_bytes: int) -> Path | None:
         return None
 
 
+def cache_only(work: Path, keep) -> None:
+    """Page cache holds exactly ``keep`` (read once) among the benchmark's files: others are
+    dropped (written back, then POSIX_FADV_DONTNEED). On this kind of VM a page-cache footprint
+    of ~8 GiB made a 2 GiB cp swing between 1.0 and 4.4 s (the host does not back all of the
+    guest's RAM), so each phase keeps only the files it reads."""
+    os.sync()
+    keep = {Path(k) for k in keep}
+    for p in work.iterdir():
+        if p.is_file() and p not in keep:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    for p in keep:
+        subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
+
+
 def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[dict]:
     a = work / f"a_{size}g.pt"
     b = work / f"b_{size}g.pt"
@@ -161,11 +181,13 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     subprocess.run([PY, "-c", GEN, str(size), str(a)], check=True)
     subprocess.run([CLI, "-q", "convert", str(a), "-o", str(st)], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([PY, "-c", FINETUNE, str(a), str(b)], check=True)
-    for p in (a, b, st):
-        subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     nbytes = a.stat().st_size
     tiny = work / "tiny.pt"
     subprocess.run([PY, "-c", GEN, str(300 * 64 * 4 / (1 << 30)), str(tiny)], check=True)
+    layers = ",".join(f"module.layer{i}" for i in range(50))
+    extracted = work / f"extracted_{size}g.pt"
+    subprocess.run([CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(extracted)], check=True,
+                   stdout=subprocess.DEVNULL)
 
     def rm():
         for p in (out, out_st):
@@ -173,14 +195,18 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
                 p.unlink()
         os.sync()  # untimed: no run starts while the previous one's dirty pages are written back
 
-    ops = []
     naive = size <= naive_max
-
-    def r(name, cmd, base=None, **kw):
-        ops.append((name, cmd, base, kw))
-
     cp_sync = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh"]
     nofsync = {"CKPT_SURGEON_FSYNC": "0"}
+    phases = []  # (files the phase reads, its ops)
+
+    def phase(*files):
+        phases.append((files, []))
+
+    def r(name, cmd, base=None, **kw):
+        phases[-1][1].append((name, cmd, base, kw))
+
+    phase(a, tiny)
     r("cp .pt", ["cp", str(a), str(out)])
     r("cp .pt + fsync", cp_sync + [str(a), str(out)])
     r("strip-prefix .pt (ckpt-surgeon, fsync: default)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)],
@@ -192,6 +218,11 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     if naive:
         r("strip-prefix .pt naive torch.load/save", [PY, "-c", NAIVE_STRIP, str(a), str(out), "full"], base="cp .pt")
         r("strip-prefix .pt naive, mmap=True", [PY, "-c", NAIVE_STRIP, str(a), str(out), "mmap"], base="cp .pt")
+    r("inspect (ckpt-surgeon)", [CLI, "inspect", str(a), "--json"])
+    r("ckpt-surgeon --help", [CLI, "--help"])
+    r("strip-prefix of a tiny checkpoint (fixed cost per run)", [CLI, "-q", "strip-prefix", str(tiny), "-o",
+                                                                  str(out)], env=nofsync)
+    phase(st)
     r("cp .safetensors", ["cp", str(st), str(out_st)])
     r("cp .safetensors + fsync", cp_sync + [str(st), str(out_st)])
     r("strip-prefix .safetensors (ckpt-surgeon, fsync: default)", [CLI, "-q", "strip-prefix", str(st), "-o",
@@ -201,26 +232,22 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     if naive:
         r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)],
           base="cp .safetensors")
-    layers = ",".join(f"module.layer{i}" for i in range(50))
-    extracted = work / f"extracted_{size}g.pt"
-    subprocess.run([CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(extracted)], check=True,
-                   stdout=subprocess.DEVNULL)
+    phase(a, extracted)
     r("cp of a file the size of the extracted part", ["cp", str(extracted), str(out)])
     r("extract half the layers (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
       [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)],
       base="cp of a file the size of the extracted part", env=nofsync)
+    phase(a, b)
     r("read both files (cat)", ["cat", str(a), str(b)])
     r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
     if naive:
         r("diff naive load both + torch.equal", [PY, "-c", NAIVE_DIFF, str(a), str(b)], base="read both files (cat)")
-    r("inspect (ckpt-surgeon)", [CLI, "inspect", str(a), "--json"])
-    r("ckpt-surgeon --help", [CLI, "--help"])
-    r("strip-prefix of a tiny checkpoint (fixed cost per run)", [CLI, "-q", "strip-prefix", str(tiny), "-o",
-                                                                  str(out)], env=nofsync)
-    rows = interleaved(ops, repeat, cleanup=rm)
+    rows = []
+    for files, ops in phases:
+        cache_only(work, files)
+        rows += interleaved(ops, repeat, cleanup=rm)
     for row in rows:
         row["size"] = size
-    for row in rows:
         row["bytes"] = nbytes
     return rows
 

@@ -59,13 +59,13 @@ def atomic_output(path: str) -> Iterator[int]:
             mode = 0o666 & ~umask
         os.fchmod(fd, mode)
         yield fd
-        if _want_fsync():
+        if fsync_wanted():
             os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
         tmp = None
-        if _want_fsync():
+        if fsync_wanted():
             _fsync_dir(parent)
     except OSError as e:
         if e.errno == 28:
@@ -91,7 +91,8 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
 
 
-def _want_fsync() -> bool:
+def fsync_wanted() -> bool:
+    """Whether outputs are fsynced before the rename (CKPT_SURGEON_FSYNC, default yes)."""
     return os.environ.get("CKPT_SURGEON_FSYNC", "1").strip().lower() not in ("0", "false", "no")
 
 

@@ -146,6 +146,31 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
+class EarlyWriteback:
+    """When the output will be fsynced anyway, start writing finished regions to disk while the
+    copy goes on, so the final fsync finds little left to do: POSIX_FADV_DONTNEED on dirty pages
+    starts asynchronous write-back (and drops nothing: only clean pages are dropped). A region
+    is handed over only once ``ready`` (the thread reading it back for its CRC) is done.
+    Measured: 2 GiB copy + fsync 4.1-4.4 s -> 3.5-3.6 s (cp + sync: 3.9-4.5 s)."""
+
+    def __init__(self, fd: int, enabled: bool):
+        self.fd = fd
+        self.enabled = enabled and hasattr(os, "posix_fadvise")
+        self._queue: list = []
+
+    def written(self, offset: int, length: int, ready=None) -> None:
+        if not self.enabled or length <= 0:
+            return
+        self._queue.append((offset, length, ready))
+        while self._queue and (self._queue[0][2] is None or self._queue[0][2].done()):
+            off, n, _ = self._queue.pop(0)
+            try:
+                os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                self.enabled = False
+                return
+
+
 @dataclass
 class _Entry:
     name: bytes  # full record name, archive prefix included
@@ -295,7 +320,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
                     byteorder: bytes = b"little", version: bytes = b"3\n",
                     serialization_id: bytes | None = None,
                     extra_records: Iterable[tuple[str, bytes]] = (),
-                    progress: Callable[[int], None] | None = None) -> None:
+                    progress: Callable[[int], None] | None = None, writeback: bool = False) -> None:
     """Write a complete torch checkpoint: ``data.pkl`` + one record per storage (in key order).
 
     Copied records are checked on a second thread against the source's stored CRC-32 *as
@@ -305,8 +330,10 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     stored CRC (a safetensors source) get theirs computed the same way, patched in at the end.
     Records of at most SMALL_RECORD bytes are read and written with the headers around them
     instead, and checked as they are read (300 tiny copy_file_range calls cost ~10 ms).
+    ``writeback``: the caller will fsync; start write-back early (:class:`EarlyWriteback`).
     """
     w = ZipWriter(fd, prefix)
+    early = EarlyWriteback(fd, writeback)
     w.add("data.pkl", MemoryBytes(pickle_bytes))
     w.add(".format_version", MemoryBytes(b"1"))
     w.add(".storage_alignment", MemoryBytes(str(ALIGN).encode()))
@@ -332,6 +359,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
 
                     pool = ThreadPoolExecutor(max_workers=1)
                 fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
+                early.written(entry.data_offset, entry.size, ready=fut)
                 if stored is not None:
                     checks.append((src, fut))
                 else:

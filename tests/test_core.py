@@ -260,6 +260,30 @@ def test_copy_range_is_exact_and_starts_kernel_copies_on_64k_boundaries(tmp_path
         assert sum(n for _, n in calls) == length
 
 
+def test_early_writeback_only_when_fsyncing(tmp_path, monkeypatch):
+    """With fsync on (the default) finished copies are handed to the disk early (fadvise
+    DONTNEED on dirty pages); with CKPT_SURGEON_FSYNC=0 nothing is. Output is the same."""
+    import ckptsurgeon.zipfmt as zf
+    from safetensors.torch import load_file
+
+    sd = OrderedDict((f"module.w{i}", torch.randn(200, 200)) for i in range(4))  # 160 KiB: kernel-copied
+    torch.save(sd, tmp_path / "a.pt")
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(zf.os, "posix_fadvise", lambda fd, off, n, advice: (calls.append((off, n)), real(fd, off, n, advice))[1])
+    for fsync in ("1", "0"):
+        monkeypatch.setenv("CKPT_SURGEON_FSYNC", fsync)
+        calls.clear()
+        new, _ = cs.strip_prefix(cs.load(tmp_path / "a.pt"))
+        cs.save(new, tmp_path / f"b{fsync}.pt")
+        cs.save(new, tmp_path / f"b{fsync}.safetensors")
+        assert bool(calls) == (fsync == "1")
+        got = torch.load(tmp_path / f"b{fsync}.pt", weights_only=True)
+        got_st = load_file(tmp_path / f"b{fsync}.safetensors")
+        for k, v in sd.items():
+            assert torch.equal(got[k[len("module."):]], v) and torch.equal(got_st[k[len("module."):]], v)
+
+
 def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
     """strip-prefix output: every tensor's bytes sit at the same offset modulo 4096 as in the
     source (fast whole-page kernel copies), with torch's minimal padding after data/0 intact."""

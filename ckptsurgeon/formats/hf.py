@@ -7,7 +7,7 @@ import os
 import re
 from collections import OrderedDict
 
-from ..atomic import atomic_output
+from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
 from . import safetensors as st
@@ -144,7 +144,7 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     for fname, group in zip(names, groups):
         header, order = st.build_header(group, meta, data_start_like=st.first_file_offset(group))
         with atomic_output(os.path.join(out_dir, fname)) as fd:  # one shard in flight at a time
-            st.write_data(fd, header, order, progress=progress)
+            st.write_data(fd, header, order, progress=progress, writeback=fsync_wanted())
         for name, _ in group:
             weight_map[name] = fname
     if n > 1:

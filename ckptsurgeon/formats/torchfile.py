@@ -7,7 +7,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from ..atomic import atomic_output, atomic_path
+from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
 from ..errors import UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_refs
@@ -139,7 +139,8 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
         with atomic_output(path) as fd:
             write_torch_zip(fd, pkl, storages, prefix=(src.zip_prefix if src else "archive") or "archive",
                             byteorder=src.byteorder if src else b"little",
-                            version=src.version if src else b"3\n", extra_records=extra, progress=progress)
+                            version=src.version if src else b"3\n", extra_records=extra, progress=progress,
+                            writeback=fsync_wanted())
     else:
         import torch
 
