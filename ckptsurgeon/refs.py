@@ -23,7 +23,8 @@ try:  # ISA-L's CRC-32 (same polynomial as zlib/zip) runs ~3x faster than zlib's
 except ImportError:  # pragma: no cover - platforms without an isal wheel
     from zlib import crc32 as _crc32
 
-CHUNK = 1 << 20  # pread chunk: fits in L2, so checksumming it does not go back to RAM
+CHUNK = 128 << 10  # pread chunk. Reading 2 GiB of page cache + CRC-32 here: 0.50 s with 128 KiB,
+# 1.3-1.5 s with 256 KiB-1 MiB (the copy into a buffer larger than L2 goes back to RAM)
 
 
 def crc32(data, value: int = 0) -> int:
