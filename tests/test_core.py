@@ -282,6 +282,15 @@ def test_early_writeback_only_when_fsyncing(tmp_path, monkeypatch):
         got_st = load_file(tmp_path / f"b{fsync}.safetensors")
         for k, v in sd.items():
             assert torch.equal(got[k[len("module."):]], v) and torch.equal(got_st[k[len("module."):]], v)
+    # safetensors -> safetensors crossing a 64 MiB write-back piece boundary, fsync on
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("CKPT_SURGEON_FSYNC", "1")
+    big = {"a.x": torch.arange(17_000_000, dtype=torch.float32), "a.y": torch.ones(3)}  # 68 MB
+    save_file(big, tmp_path / "big.safetensors")
+    cs.save(cs.rename(cs.load(tmp_path / "big.safetensors"), [("^a\\.", "b.")])[0], tmp_path / "big2.safetensors")
+    got = load_file(tmp_path / "big2.safetensors")
+    assert torch.equal(got["b.x"], big["a.x"]) and torch.equal(got["b.y"], big["a.y"])
 
 
 def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):

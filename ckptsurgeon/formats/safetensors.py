@@ -120,10 +120,9 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
 
             def flush():
                 sfd, s_off, d_off, n = run
-                step = WRITEBACK_RUN if early.enabled else n
                 done = 0
-                while done < n:  # pieces end on multiples of step in the output (aligned starts)
-                    piece = min(n - done, step - (d_off + done) % step)
+                while done < n:  # with write-back: pieces end on multiples of WRITEBACK_RUN in the output
+                    piece = min(n - done, WRITEBACK_RUN - (d_off + done) % WRITEBACK_RUN) if early.enabled else n
                     copy_range(sfd, fd, s_off + done, piece, d_off + done)
                     early.written(d_off + done, piece)
                     done += piece
