@@ -234,6 +234,10 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
           base="cp .safetensors")
     phase(a, extracted)
     r("cp of a file the size of the extracted part", ["cp", str(extracted), str(out)])
+    r("cp + fsync of a file the size of the extracted part", cp_sync + [str(extracted), str(out)])
+    r("extract half the layers (ckpt-surgeon, fsync: default)",
+      [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)],
+      base="cp + fsync of a file the size of the extracted part")
     r("extract half the layers (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
       [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)],
       base="cp of a file the size of the extracted part", env=nofsync)
