@@ -210,12 +210,12 @@ class ZipWriter:
             pwrite_all(self.fd, self._pending, self.pos - len(self._pending))
             self._pending = bytearray()
 
-    def add(self, name: str, source, crc=None, page_like: int | None = None, defer: bool = False) -> "_Entry":
+    def add(self, name: str, source, crc=None, page_like: int | None = None) -> "_Entry":
         """Append a record; returns its entry.
 
-        ``crc=None``: computed here -- over the bytes read for a small or in-memory record, over
-        the written output for a kernel-copied one, unless ``defer``: then the descriptor gets a
-        placeholder and the caller sets ``entry.crc`` to a callable resolved in :meth:`finish`.
+        ``crc=None``: computed here over the bytes of a small or in-memory record; a
+        kernel-copied record gets a placeholder in its descriptor, and the caller sets
+        ``entry.crc`` to a callable (its read-back on another thread), resolved in :meth:`finish`.
         ``page_like``: pad (more than the 64-byte minimum) so the data lands at this offset
         modulo the page size.
         """
@@ -252,10 +252,8 @@ class ZipWriter:
                 self.flush()
                 copy_range(src_fd, self.fd, source.offset, size, self.pos)
                 self.pos += size
-            if crc is None and inline_crc is not None:
-                crc = inline_crc
-            elif crc is None:
-                crc = 0 if defer else _crc_of_written(self.fd, data_offset, size)
+            if crc is None:
+                crc = inline_crc if inline_crc is not None else 0  # 0: placeholder, see docstring
         elif size:
             buf = source.buffer()
             self._write(buf)
@@ -350,7 +348,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             # that follow as in the source stay page-congruent with it too: the kernel then
             # copies whole pages, measured ~20% faster than shifted copies (ext4, 2 GiB).
             first = key == 0 and copied
-            entry = w.add(f"data/{key}", src, crc=stored, page_like=src.offset if first else None, defer=True)
+            entry = w.add(f"data/{key}", src, crc=stored, page_like=src.offset if first else None)
             if copied and entry.inline_crc is not None:  # small: read (not kernel-copied) and checked here
                 src.verify_crc_value(entry.inline_crc)
             elif copied:
