@@ -221,9 +221,47 @@ def plugins_cmd(as_json):
 
 
 def main(argv=None):
-    """Console-script entry point."""
+    """Run the CLI in this process (raises SystemExit like any click program)."""
     return main_group.main(args=argv, prog_name="ckpt-surgeon")
 
 
+def console_main() -> None:
+    """Console-script entry point: :func:`main`, then a fast exit.
+
+    Tearing the interpreter down (clearing ~150 modules, a last garbage collection) cost 35-40 ms
+    per run here, a sixth of a whole strip-prefix of a small checkpoint. By the time a command
+    returns, its outputs are written, closed and renamed into place, so once stdout and stderr
+    are flushed and anything registered with :mod:`atexit` has run, nothing is left for the
+    teardown to do. A process with other threads still running (a plugin's) exits normally.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    import threading
+
+    if threading.active_count() > 1:
+        sys.exit(code)
+    import atexit
+    import os
+
+    try:
+        atexit._run_exitfuncs()  # what Python's own shutdown would run first
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except BrokenPipeError:  # stdout closed by a reader (| head): nothing more to say
+        code = code or 1
+    except Exception:  # an exit hook or a stream that misbehaves: let Python report it
+        sys.exit(code)
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -54,6 +54,49 @@ def test_installed_entry_point(sample_dir):
     assert info["prefix"] == "module." and info["tensors"] == 28
 
 
+def test_console_exit_keeps_outputs_codes_and_hooks(sample_dir, tmp_path):
+    """The console script skips interpreter teardown: outputs, exit codes, piped stdout, atexit
+    hooks and a plugin's still-running thread must all come out as with a normal exit."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    exe = str(Path(sys.executable).with_name("ckpt-surgeon"))
+    out = tmp_path / "stripped.pt"
+    res = subprocess.run([exe, "-q", "strip-prefix", str(sample_dir / "seednet_dp.pt"), "-o", str(out), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["save"]["tensors"] == 28
+    sd = torch.load(out, weights_only=True)
+    assert "conv1.weight" in sd and not any(k.startswith("module.") for k in sd)
+
+    res = subprocess.run([exe, "diff", str(sample_dir / "seednet.pt"), str(sample_dir / "seednet_finetuned.pt"),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and json.loads(res.stdout)["identical"] is False
+    res = subprocess.run([exe, "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+    (tmp_path / "lingering.py").write_text(
+        "import atexit, threading, time\n"
+        f"OUT = {str(tmp_path)!r}\n"
+        "atexit.register(lambda: open(OUT + '/atexit-ran', 'w').close())\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    open(OUT + '/thread-finished', 'w').close()\n"
+        "threading.Thread(target=late).start()\n")
+    env = dict(os.environ, CKPT_SURGEON_PLUGINS="lingering", PYTHONPATH=str(tmp_path))
+    res = subprocess.run([exe, "inspect", str(sample_dir / "seednet.pt"), "--json"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "atexit-ran").exists() and (tmp_path / "thread-finished").exists()
+    env.pop("CKPT_SURGEON_PLUGINS")
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import atexit\natexit.register(lambda: open({str(tmp_path)!r} + '/atexit2-ran', 'w').close())\n")
+    res = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0 and (tmp_path / "atexit2-ran").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["strip-prefix", "{s}/seednet_dp.pt"],
     ["add-prefix", "{s}/seednet.pt", "--prefix", "module."],
