@@ -7,9 +7,9 @@ OrderedDict with `_metadata`, like a DataParallel state dict) plus a safetensors
 "finetuned" copy with three tensors changed, warms the page cache, then runs every operation as
 its own process: wall time (median of --repeat) and peak memory from wait4 (RSS, which counts
 mapped file pages) and from sampling /proc/PID/status (RssAnon: the process's own memory).
-Ratios are against `cp` (or reading both files once, for diff) measured in the same run: every
-operation runs once per round, round after round, and an operation's ratio is the median of its
-per-round ratios, so a noisy neighbour slows an operation and its baseline alike. Every run starts
+Ratios are against `cp` (or reading both files once, for diff) measured in the same run: each
+run of an operation is paired with a run of its baseline right before or after it (alternating),
+and an operation's ratio is the median of its per-pair ratios (see interleaved). Every run starts
 after a sync (untimed), and each group of operations runs with only the files it reads in the
 page cache (see cache_only). Pass
 `--out /dev/shm/bench` to take the disk (and its write-back) out of the comparison.
@@ -114,25 +114,55 @@ def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None)
 
 
 def interleaved(ops, repeat: int, cleanup=None) -> list[dict]:
-    """Run every op once per round, ``repeat`` rounds, so a noisy neighbour slows an op and its
-    baseline alike; an op's ratio is the median of its per-round ratios to its baseline."""
+    """Run every op ``repeat`` times, each run of an op right next to a run of its baseline.
+
+    Each round runs an op and its baseline as a pair, baseline first in even rounds and second in
+    odd ones, and an op's ratio is the median of its per-pair ratios. On these VMs where a run
+    stands matters as much as what it does: memory freed a few seconds earlier has been handed
+    back to the host (virtio-balloon free page reporting), and the next process to fill the page
+    cache pays the host's page faults -- a 2 GiB cp took 1.0-1.8 s right after another 2 GiB
+    file was deleted and 2.0-2.2 s when it started 5 s later. A baseline measured once per round
+    at another place in the sequence made the same strip-prefix read 1.3x or 2.5x cp.
+    Baselines (ops named as some op's ``base``) only run in those pairs; their row gives the
+    median of all their runs.
+    """
+    by_name = {name: (cmd, kw) for name, cmd, _base, kw in ops}
+    bases = {base for _n, _c, base, _k in ops if base}
     walls = {name: [] for name, *_ in ops}
+    paired = {name: [] for name, *_ in ops}  # the baseline run next to each run of an op
     peak = {name: [0, 0, 0] for name, *_ in ops}
-    for _ in range(repeat):
-        for name, cmd, _base, kw in ops:
-            if cleanup:
-                cleanup()
-            w, rss, anon, code = run(cmd, **kw)
-            walls[name].append(w)
-            p = peak[name]
-            p[0], p[1], p[2] = max(p[0], rss), max(p[1], anon), code
+
+    def once(name, cmd, kw):
+        if cleanup:
+            cleanup()
+        w, rss, anon, code = run(cmd, **kw)
+        p = peak[name]
+        p[0], p[1], p[2] = max(p[0], rss), max(p[1], anon), code
+        return w
+
+    for rnd in range(repeat):
+        for name, cmd, base, kw in ops:
+            if name in bases:
+                continue
+            if not base:
+                walls[name].append(once(name, cmd, kw))
+                continue
+            order = [name, base] if rnd % 2 else [base, name]
+            got = {}
+            for n in order:
+                got[n] = once(n, *by_name[n])
+            walls[name].append(got[name])
+            walls[base].append(got[base])
+            paired[name].append(got[base])
     rows = []
     for name, _cmd, base, _kw in ops:
-        ratio = None
+        ratio = base_wall = None
         if base:
-            ratio = statistics.median(w / b for w, b in zip(walls[name], walls[base]))
+            ratio = statistics.median(w / b for w, b in zip(walls[name], paired[name]))
+            base_wall = statistics.median(paired[name])
         rows.append({"op": name, "base": base, "wall": statistics.median(walls[name]), "walls": walls[name],
-                     "ratio": ratio, "rss_mib": peak[name][0] / 1024, "anon_mib": peak[name][1] / 1024, "code": peak[name][2]})
+                     "base_walls": paired[name], "base_wall": base_wall, "ratio": ratio,
+                     "rss_mib": peak[name][0] / 1024, "anon_mib": peak[name][1] / 1024, "code": peak[name][2]})
     return rows
 
 
@@ -275,13 +305,13 @@ def memcap(size: float, work: Path, cap: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | operation | wall s | × its baseline | peak RSS MiB | peak anon MiB |",
+    lines = ["| size | operation | wall s | × its baseline (paired baseline's wall) | peak RSS MiB | peak anon MiB |",
              "|---|---|---|---|---|---|"]
     for row in rows:
         if "wall" not in row:
             lines.append(f"| {row['size']} GiB | {row['op']} | n/a: {row.get('note', '')} | | | |")
             continue
-        ratio = f"{row['ratio']:.2f}× {row['base']}" if row.get("ratio") else ""
+        ratio = f"{row['ratio']:.2f}× {row['base']} ({row['base_wall']:.2f} s)" if row.get("ratio") else ""
         status = "" if row.get("ok", True) else " (FAILED)"
         lines.append(f"| {row['size']} GiB | {row['op']}{status} | {row['wall']:.2f} | {ratio} | "
                      f"{mib(row['rss_mib'])} | {mib(row['anon_mib'])} |")
