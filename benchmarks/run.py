@@ -113,7 +113,7 @@ def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None)
     return wall, usage.ru_maxrss, peak_anon[0], code
 
 
-def interleaved(ops, repeat: int, cleanup=None) -> list[dict]:
+def interleaved(ops, repeat: int, cleanup=None, primer=None) -> list[dict]:
     """Run every op ``repeat`` times, each run of an op right next to a run of its baseline.
 
     Each round runs an op and its baseline as a pair, baseline first in even rounds and second in
@@ -121,8 +121,10 @@ def interleaved(ops, repeat: int, cleanup=None) -> list[dict]:
     stands matters as much as what it does: memory freed a few seconds earlier has been handed
     back to the host (virtio-balloon free page reporting), and the next process to fill the page
     cache pays the host's page faults -- a 2 GiB cp took 1.0-1.8 s right after another 2 GiB
-    file was deleted and 2.0-2.2 s when it started 5 s later. A baseline measured once per round
-    at another place in the sequence made the same strip-prefix read 1.3x or 2.5x cp.
+    file was deleted and 2.0-2.2 s when it started 5 s later; in a pair, whichever ran first
+    after a different kind of operation took 2.1-3.1 s and the second 0.9-1.5 s. So ``primer``
+    (an untimed cp of the same size, deleted at once) runs before each pair: both runs then
+    start with freshly freed memory, the faster state and the stricter test of the fixed costs.
     Baselines (ops named as some op's ``base``) only run in those pairs; their row gives the
     median of all their runs.
     """
@@ -148,6 +150,8 @@ def interleaved(ops, repeat: int, cleanup=None) -> list[dict]:
                 walls[name].append(once(name, cmd, kw))
                 continue
             order = [name, base] if rnd % 2 else [base, name]
+            if primer:
+                primer()
             got = {}
             for n in order:
                 got[n] = once(n, *by_name[n])
@@ -276,10 +280,18 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
     if naive:
         r("diff naive load both + torch.equal", [PY, "-c", NAIVE_DIFF, str(a), str(b)], base="read both files (cat)")
+    def primer(src):
+        def prime():
+            scratch = work / "primer.tmp"
+            subprocess.run(["cp", str(src), str(scratch)], check=True)
+            scratch.unlink()
+            os.sync()
+        return prime
+
     rows = []
     for files, ops in phases:
         cache_only(work, files)
-        rows += interleaved(ops, repeat, cleanup=rm)
+        rows += interleaved(ops, repeat, cleanup=rm, primer=primer(files[0]))
     for row in rows:
         row["size"] = size
         row["bytes"] = nbytes
