@@ -1,6 +1,6 @@
 """Speed and memory of ckpt-surgeon against `cp` and the naive torch path, in one table.
 
-    python benchmarks/run.py --sizes 0.5,2,8 [--repeat 3] [--naive-max 4] [--mem-cap 1GiB] [--out bench-out]
+    python benchmarks/run.py --sizes 0.5,2,8 [--repeat 4] [--naive-max 4] [--mem-cap 1GiB] [--out bench-out]
 
 For each size it writes a torch zip checkpoint of ~300 float32 tensors with `module.` keys (an
 OrderedDict with `_metadata`, like a DataParallel state dict) plus a safetensors copy and a
@@ -9,7 +9,8 @@ its own process: wall time (median of --repeat) and peak memory from wait4 (RSS,
 mapped file pages) and from sampling /proc/PID/status (RssAnon: the process's own memory).
 Ratios are against `cp` (or reading both files once, for diff) measured in the same run: each
 run of an operation is paired with a run of its baseline right before or after it (alternating),
-and an operation's ratio is the median of its per-pair ratios (see interleaved). Every run starts
+and an operation's ratio is the geometric mean of its per-pair ratios over an even number of
+rounds (see interleaved; use an even --repeat). Every run starts
 after a sync (untimed), and each group of operations runs with only the files it reads in the
 page cache (see cache_only). Pass
 `--out /dev/shm/bench` to take the disk (and its write-back) out of the comparison.
@@ -117,7 +118,9 @@ def interleaved(ops, repeat: int, cleanup=None, primer=None) -> list[dict]:
     """Run every op ``repeat`` times, each run of an op right next to a run of its baseline.
 
     Each round runs an op and its baseline as a pair, baseline first in even rounds and second in
-    odd ones, and an op's ratio is the median of its per-pair ratios. On these VMs where a run
+    odd ones, and an op's ratio is the geometric mean of its per-pair ratios over an even number
+    of rounds: if running first (or second) slows a process by some factor, that factor cancels
+    between the two orders (the median would pick whichever order had more rounds). On these VMs where a run
     stands matters as much as what it does: memory freed a few seconds earlier has been handed
     back to the host (virtio-balloon free page reporting), and the next process to fill the page
     cache pays the host's page faults -- a 2 GiB cp took 1.0-1.8 s right after another 2 GiB
@@ -162,7 +165,9 @@ def interleaved(ops, repeat: int, cleanup=None, primer=None) -> list[dict]:
     for name, _cmd, base, _kw in ops:
         ratio = base_wall = None
         if base:
-            ratio = statistics.median(w / b for w, b in zip(walls[name], paired[name]))
+            ratios = [w / b for w, b in zip(walls[name], paired[name])]
+            balanced = ratios[: len(ratios) // 2 * 2] or ratios  # as many rounds with the op first as second
+            ratio = statistics.geometric_mean(balanced)
             base_wall = statistics.median(paired[name])
         rows.append({"op": name, "base": base, "wall": statistics.median(walls[name]), "walls": walls[name],
                      "base_walls": paired[name], "base_wall": base_wall, "ratio": ratio,
@@ -362,7 +367,7 @@ def compile_bytecode() -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.5,2", help="checkpoint sizes in GiB, comma-separated")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=4, help="rounds (even: half with the baseline first)")
     ap.add_argument("--naive-max", type=float, default=4.0, help="skip the naive paths above this size (GiB)")
     ap.add_argument("--mem-cap", default="1GiB", help="memory cap for the larger-than-memory run")
     ap.add_argument("--out", default="bench-out", help="working directory (deleted afterwards)")

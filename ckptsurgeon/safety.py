@@ -8,7 +8,6 @@ registered with ``torch.serialization.add_safe_globals``).
 from __future__ import annotations
 
 import os
-import pickletools
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
 from .pickle_io import scan_globals
@@ -43,6 +42,8 @@ def _resolve_safe_globals() -> list:
 
 def _legacy_pickles(data: bytes, max_pickles: int = 5) -> list[bytes]:
     """The leading pickles of a legacy torch file (magic, protocol, sys info, object, keys)."""
+    import pickletools
+
     out, pos = [], 0
     for _ in range(max_pickles):
         if pos >= len(data):
@@ -83,6 +84,8 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         data = f.read(min(size, 512 << 20))
+    import pickletools
+
     try:
         next(pickletools.genops(data))
     except Exception:
