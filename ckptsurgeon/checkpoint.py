@@ -169,6 +169,24 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
     return found
 
 
+def _actual_key(node: Any, part: str):
+    """The key or index that ``part`` (text from --key) names in ``node``: optimizer states are
+    keyed by int parameter ids, Lightning keeps optimizer states in a list."""
+    if isinstance(node, Mapping):
+        if part in node:
+            return part
+        try:
+            number = int(part)
+        except ValueError:
+            raise KeyError(part) from None
+        if number in node:
+            return number
+        raise KeyError(part)
+    if isinstance(node, (list, tuple)):
+        return int(part)
+    raise TypeError(type(node).__name__)
+
+
 def path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path) if path else "<bare>"
 
@@ -179,14 +197,16 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     if key is not None:
         for sep in ("/", "."):
             parts = tuple(p for p in key.split(sep) if p) if key not in ("", "<bare>") else ()
-            node = obj
+            node, path = obj, []
             try:
                 for p in parts:
+                    p = _actual_key(node, p)
                     node = node[p]
-            except (KeyError, TypeError, IndexError):
+                    path.append(p)
+            except (KeyError, TypeError, IndexError, ValueError):
                 continue
             if is_state_dict(node):
-                return parts, candidates
+                return tuple(path), candidates
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
         raise SelectionError(f"--key {key!r} is not in the checkpoint",

@@ -122,13 +122,24 @@ def _print_inspect(info: dict) -> None:
     c = console()
     c.print(f"[bold]{info['path']}[/bold]  {info['format']}, {human_bytes(info['file_size'] or 0)}"
             + ("" if info["lazy"] else " (loaded fully)"))
+    at = info["state_dict_at"]
     if info["wrapper"]:
         c.print("wrapper:")
         for k, v in info["wrapper"].items():
-            mark = "  <- state dict" if k == info["state_dict_at"].split("/")[0] else ""
+            mark = "  <- state dict" if at is not None and k == at.split("/")[0] else ""
             c.print(f"  {k}: {v}{mark}")
-    c.print(f"state dict at: {info['state_dict_at']}"
-            + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
+    if at is None:
+        c.print(f"state dict at: not chosen ({len(info['candidates'])} candidates; pick one with --key):")
+        for cand in info["candidate_sizes"][:20]:
+            c.print(f"  {cand['at']}: {cand['tensors']} tensors, {human_bytes(cand['bytes'])}")
+        if len(info["candidate_sizes"]) > 20:
+            c.print(f"  ... and {len(info['candidate_sizes']) - 20} more")
+        for n in info["notes"]:
+            c.print(f"note: {n}")
+        return
+    else:
+        c.print(f"state dict at: {at}"
+                + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
     c.print(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
     c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["prefix"]:

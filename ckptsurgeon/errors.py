@@ -65,6 +65,9 @@ class AmbiguousStateDictError(CkptSurgeonError):
     def __init__(self, message: str, *, candidates: list[str] | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.candidates = list(candidates or [])
+        #: the whole file read, without a state dict chosen (``state`` empty, ``wrapper`` the
+        #: top-level object): what ``inspect`` shows instead of failing
+        self.overview = None
 
 
 class SelectionError(CkptSurgeonError):

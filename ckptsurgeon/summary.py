@@ -12,6 +12,7 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from .checkpoint import Checkpoint, tensor_info
+from .errors import AmbiguousStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import is_tensor_like
 
@@ -35,7 +36,13 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
     tensors to count NaN/Inf (the only option that touches tensor bytes)."""
     from .loading import load
 
-    ck = source if isinstance(source, Checkpoint) else load(source, key=key, trust_pickle=trust_pickle)
+    chosen = True
+    try:
+        ck = source if isinstance(source, Checkpoint) else load(source, key=key, trust_pickle=trust_pickle)
+    except AmbiguousStateDictError as e:
+        if e.overview is None:
+            raise
+        ck, chosen = e.overview, False  # an optimizer state, several models: show the whole file
     src = ck.source
     shapes = OrderedDict((k, tuple(tensor_info(v)["shape"])) for k, v in ck.tensor_items())
     sizes = OrderedDict((k, tensor_info(v)["numel"]) for k, v in ck.tensor_items())
@@ -52,8 +59,9 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "file_size": src.size if src else None,
         "files": list(src.files) if src else [],
         "lazy": src.lazy if src else False,
-        "state_dict_at": "/".join(map(str, ck.sd_path)) or "<bare>",
+        "state_dict_at": ("/".join(map(str, ck.sd_path)) or "<bare>") if chosen else None,
         "candidates": list(ck.candidates),
+        "candidate_sizes": [] if chosen else candidate_sizes(ck.wrapper, ck.candidates),
         "wrapper": wrapper,
         "tensors": summ["tensors"],
         "parameters": summ["parameters"],
@@ -68,10 +76,28 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "has_module_metadata": ck.metadata is not None,
         "safetensors_metadata": dict(ck.st_metadata),
         "transforms": list(ck.transforms),
-        "notes": list(ck.notes),
+        "notes": list(ck.notes) + ([] if chosen else [
+            f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"]),
     }
     if values:
         out["nonfinite"] = nonfinite(ck)
+    return out
+
+
+def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
+    """Tensors and bytes under each candidate path (from the pickle only)."""
+    from .checkpoint import _actual_key
+
+    out = []
+    for name in candidates:
+        node = wrapper
+        try:
+            for part in name.split("/"):
+                node = node[_actual_key(node, part)]
+        except (KeyError, TypeError, IndexError, ValueError):
+            continue
+        infos = [tensor_info(v) for v in node.values() if is_tensor_like(v)]
+        out.append({"at": name, "tensors": len(infos), "bytes": sum(i["nbytes"] for i in infos)})
     return out
 
 

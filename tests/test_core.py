@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -344,6 +345,46 @@ def test_wrapper_detection_and_key(tmp_path):
     assert list(cs.load(tmp_path / "gan.pt", key="discriminator").state) == ["v"]
     with pytest.raises(SelectionError):
         cs.load(tmp_path / "gan.pt", key="nothere")
+
+
+def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
+    """Optimizer states are keyed by int parameter ids (and Lightning keeps them in a list):
+    --key reaches them, writing back keeps the ints, and inspect of a file with many equal
+    candidates summarises it instead of failing."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    osd = opt.state_dict()
+    torch.save(osd, tmp_path / "optim.pt")
+    torch.save({"state_dict": net.state_dict(), "optimizer_states": [osd]}, tmp_path / "light.ckpt")
+
+    ck = cs.load(tmp_path / "optim.pt", key="state/2")
+    assert ck.sd_path == ("state", 2) and set(ck.state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert torch.equal(ck.state["exp_avg"].to_torch(), osd["state"][2]["exp_avg"])
+    ck = cs.load(tmp_path / "light.ckpt", key="optimizer_states/0/state/1")
+    assert torch.equal(ck.state["exp_avg_sq"].to_torch(), osd["state"][1]["exp_avg_sq"])
+
+    code, _, err = cli("rename", tmp_path / "optim.pt", "--key", "state/0", "--map", "exp_avg=>m1",
+                       "-o", tmp_path / "renamed.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "renamed.pt", weights_only=True)
+    assert set(back["state"]) == {0, 1, 2, 3} and back["param_groups"] == osd["param_groups"]
+    assert "m1" in back["state"][0] and "exp_avg" in back["state"][1]
+    assert torch.equal(back["state"][0]["m1"], osd["state"][0]["exp_avg"])
+
+    code, text, err = cli("inspect", tmp_path / "optim.pt", "--json")
+    assert code == 0, err
+    info = json.loads(text)
+    assert info["state_dict_at"] is None and info["tensors"] == 0
+    sizes = {c["at"]: c for c in info["candidate_sizes"]}
+    assert sizes["state/0"]["tensors"] == 3 and sizes["state/0"]["bytes"] == 4 + 2 * 4 * 12
+    code, text, _ = cli("inspect", tmp_path / "optim.pt")
+    assert code == 0 and "pick one with --key" in text and "state/3: 3 tensors" in text
+    code, _, err = cli("strip-prefix", tmp_path / "optim.pt", "-o", tmp_path / "x.pt")
+    assert code == 2 and "several state dicts" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("inspect", tmp_path / "optim.pt", "--key", "state/9")
+    assert code == 2 and "is not in the checkpoint" in err
 
 
 def test_whole_model_pickle_needs_trust(tmp_path, models):

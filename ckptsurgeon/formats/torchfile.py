@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
-from ..errors import UnsupportedError
+from ..errors import AmbiguousStateDictError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_refs
 from ..refs import FileRange
 from ..safety import torch_load
@@ -86,7 +86,12 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
         obj, converted = _modules_to_state_dicts(obj)
         if converted:
             notes.append(f"whole-model pickle: took the state dict of {', '.join(converted)}")
-    path, candidates = choose_state_dict(obj, key)
+    try:
+        path, candidates = choose_state_dict(obj, key)
+    except AmbiguousStateDictError as e:
+        e.overview = Checkpoint(state=OrderedDict(), wrapper=obj, source=source, candidates=tuple(e.candidates),
+                                transforms=tuple(transforms), notes=tuple(notes))
+        raise
     sd = obj
     for p in path:
         sd = sd[p]
