@@ -88,11 +88,20 @@ def main_group(ctx, debug, quiet):
     """
     obj = state(ctx)
     obj["debug"], obj["quiet"] = debug, quiet
+    if not debug:  # a library's warning (torch deprecations...) as one line, not a source dump
+        import warnings
+
+        warnings.showwarning = _one_line_warning
     from .manager import get_manager
 
     m = get_manager()
     for p in m.problems:
         click.echo(f"ckpt-surgeon: warning: {p}", err=True)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    print(f"ckpt-surgeon: warning: {text[:300]}", file=file or sys.stderr)
 
 
 @main_group.command("inspect")

@@ -151,6 +151,15 @@ def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
 
 
 def _load(torch, path, weights_only, mmap):
+    import warnings
+
+    with warnings.catch_warnings():
+        # raised by torch's own loader (quantized tensors go through typed storages), not by the file
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+        return _load_inner(torch, path, weights_only, mmap)
+
+
+def _load_inner(torch, path, weights_only, mmap):
     try:
         if weights_only and extra_safe_globals():
             with torch.serialization.safe_globals(_resolve_safe_globals()):

@@ -97,6 +97,28 @@ def test_console_exit_keeps_outputs_codes_and_hooks(sample_dir, tmp_path):
     assert res.returncode == 0 and (tmp_path / "atexit2-ran").exists()
 
 
+def test_library_warnings_are_one_line(tmp_path):
+    """torch's own warnings while loading (a quantized tensor: a deprecation, and the TypedStorage
+    notice torch's loader triggers itself) reach stderr as single ckpt-surgeon lines."""
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)
+    torch.save({"module.q": q, "module.w": torch.randn(2)}, tmp_path / "q.pt")
+    exe = str(Path(sys.executable).with_name("ckpt-surgeon"))
+    res = subprocess.run([exe, "inspect", str(tmp_path / "q.pt"), "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tensors"] == 2
+    lines = res.stderr.strip().splitlines()
+    assert all(line.startswith("ckpt-surgeon: ") for line in lines), lines
+    assert "TypedStorage" not in res.stderr
+
+
 @pytest.mark.parametrize("args", [
     ["strip-prefix", "{s}/seednet_dp.pt"],
     ["add-prefix", "{s}/seednet.pt", "--prefix", "module."],
