@@ -169,6 +169,17 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
     return found
 
 
+def node_at(obj: Any, parts) -> tuple[Any, tuple]:
+    """(object, path of actual keys) that the text parts of a --key name inside ``obj``.
+    Raises KeyError, IndexError, TypeError or ValueError when they name nothing."""
+    node, path = obj, []
+    for part in parts:
+        part = _actual_key(node, part)
+        node = node[part]
+        path.append(part)
+    return node, tuple(path)
+
+
 def _actual_key(node: Any, part: str):
     """The key or index that ``part`` (text from --key) names in ``node``: optimizer states are
     keyed by int parameter ids, Lightning keeps optimizer states in a list."""
@@ -197,16 +208,12 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     if key is not None:
         for sep in ("/", "."):
             parts = tuple(p for p in key.split(sep) if p) if key not in ("", "<bare>") else ()
-            node, path = obj, []
             try:
-                for p in parts:
-                    p = _actual_key(node, p)
-                    node = node[p]
-                    path.append(p)
+                node, path = node_at(obj, parts)
             except (KeyError, TypeError, IndexError, ValueError):
                 continue
             if is_state_dict(node):
-                return tuple(path), candidates
+                return path, candidates
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
         raise SelectionError(f"--key {key!r} is not in the checkpoint",

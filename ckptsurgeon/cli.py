@@ -146,9 +146,8 @@ def _print_inspect(info: dict) -> None:
         for n in info["notes"]:
             c.print(f"note: {n}")
         return
-    else:
-        c.print(f"state dict at: {at}"
-                + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
+    c.print(f"state dict at: {at}"
+            + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
     c.print(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
     c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["prefix"]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from .checkpoint import Checkpoint, tensor_info
+from .checkpoint import Checkpoint, node_at, tensor_info
 from .errors import AmbiguousStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import is_tensor_like
@@ -86,14 +86,10 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
 
 def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
     """Tensors and bytes under each candidate path (from the pickle only)."""
-    from .checkpoint import _actual_key
-
     out = []
     for name in candidates:
-        node = wrapper
         try:
-            for part in name.split("/"):
-                node = node[_actual_key(node, part)]
+            node, _ = node_at(wrapper, name.split("/"))
         except (KeyError, TypeError, IndexError, ValueError):
             continue
         infos = [tensor_info(v) for v in node.values() if is_tensor_like(v)]
