@@ -17,26 +17,46 @@ TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Na
 SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
 
 
+#: Plain data types that training scripts put next to the weights and that torch's weights-only
+#: allowlist lacks: timm's train.py saves its argparse ``args``, configs carry paths. Building one
+#: runs no code of the file's choosing (``Namespace`` gets attributes set, a pure or POSIX path
+#: object is made from strings without touching the filesystem), so they are allowed by default.
+#: (``pathlib._local`` is where Python 3.13 pickles them from.)
+DATA_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
+                "pathlib._local.PosixPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath")
+
+
 def extra_safe_globals() -> list[str]:
     """Globals the user allowlisted by name (``CKPT_SURGEON_SAFE_GLOBALS``), like torch's add_safe_globals."""
     return [g.strip() for g in os.environ.get(SAFE_GLOBALS_ENV, "").split(",") if g.strip()]
 
 
-def _resolve_safe_globals() -> list:
+def _import_global(name: str):
     import importlib
 
+    module, _, attr = name.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve_safe_globals() -> list:
+    """DATA_GLOBALS (those this Python has) and the user's CKPT_SURGEON_SAFE_GLOBALS, as
+    torch.serialization.safe_globals takes them: (object, the name the pickle uses)."""
     from .errors import SelectionError
 
     objs = []
-    for name in extra_safe_globals():
-        module, _, attr = name.rpartition(".")
+    for name in DATA_GLOBALS:
         try:
-            obj = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
+            objs.append((_import_global(name), name))
+        except (ImportError, AttributeError, ValueError):
+            continue
+    for name in extra_safe_globals():
+        try:
+            objs.append((_import_global(name), name))
         except (ImportError, AttributeError, ValueError):
             raise SelectionError(f"{SAFE_GLOBALS_ENV}: cannot import {name!r}") from None
-        objs.append(obj)
     return objs
 
 
@@ -106,7 +126,7 @@ def allowed_globals() -> set[str]:
         names |= set(wou._get_user_allowed_globals().keys())
     except Exception:
         pass
-    return names | set(extra_safe_globals())
+    return names | set(DATA_GLOBALS) | set(extra_safe_globals())
 
 
 def unsafe_globals(path: str) -> list[str]:
@@ -161,7 +181,7 @@ def _load(torch, path, weights_only, mmap):
 
 def _load_inner(torch, path, weights_only, mmap):
     try:
-        if weights_only and extra_safe_globals():
+        if weights_only and hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
             with torch.serialization.safe_globals(_resolve_safe_globals()):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)

@@ -535,6 +535,33 @@ def test_safe_globals_env_allows_named_data_types(tmp_path, monkeypatch):
     _assert_refused(tmp_path / "evil.pt", "system", canary)
 
 
+def test_plain_data_types_of_training_scripts_load_by_default(tmp_path, cli):
+    """timm's train.py saves argparse args beside the weights, configs carry paths: read by
+    default (nothing of the file's choosing runs), kept when written back; other globals in the
+    same file are still refused and never run."""
+    import argparse
+    import pathlib
+
+    sd = OrderedDict((f"module.l{i}.weight", torch.randn(2, 2)) for i in range(3))
+    p = tmp_path / "checkpoint-3.pth.tar"
+    torch.save({"epoch": 3, "state_dict": sd, "state_dict_ema": sd, "metric": 0.5,
+                "args": argparse.Namespace(lr=0.1, model="resnet50", out=pathlib.PurePosixPath("/runs/a"))}, p)
+    ck = cs.load(p)
+    assert ck.sd_path == ("state_dict",) and ck.wrapper["args"].model == "resnet50"
+    assert cs.scan(str(p))["unsafe"] == []
+    code, _, err = cli("strip-prefix", p, "-o", tmp_path / "stripped.pth.tar")
+    assert code == 0, err
+    back = torch.load(tmp_path / "stripped.pth.tar", weights_only=False)
+    assert back["args"] == argparse.Namespace(lr=0.1, model="resnet50", out=pathlib.PurePosixPath("/runs/a"))
+    assert list(back["state_dict"]) == ["l0.weight", "l1.weight", "l2.weight"]
+    assert torch.equal(back["state_dict"]["l1.weight"], sd["module.l1.weight"])
+
+    canary = tmp_path / "canary"
+    _write_hostile(tmp_path / "evil.pt", {"w": torch.ones(1), "args": argparse.Namespace(lr=0.1),
+                                          "x": Reduce(os.system, (_touch_cmd(canary),))})
+    _assert_refused(tmp_path / "evil.pt", "system", canary)
+
+
 def test_numpy_dtype_classes_are_named_before_torch_refuses_them(tmp_path, monkeypatch):
     """A numpy float64 metric pickles numpy.dtype('f8'), which numpy rebuilds as
     numpy.dtypes.Float64DType: no GLOBAL names that class, but torch's loader refuses it. The
