@@ -387,6 +387,17 @@ def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     assert code == 2 and "is not in the checkpoint" in err
 
 
+def test_torchscript_archive_is_named_not_misread(tmp_path, cli):
+    """A torch.jit.save archive is a zip with data.pkl too, but its pickles name __torch__ classes:
+    say what it is and how to get a state dict, instead of an allowlist hint that cannot help."""
+    torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())).save(str(tmp_path / "scripted.pt"))
+    with pytest.raises(NotACheckpointError) as e:
+        cs.load(tmp_path / "scripted.pt")
+    assert "TorchScript" in e.value.one_line() and "torch.jit.load" in e.value.one_line()
+    code, _, err = cli("inspect", tmp_path / "scripted.pt")
+    assert code == 2 and "TorchScript archive" in err and len(err.strip().splitlines()) == 1
+
+
 def test_whole_model_pickle_needs_trust(tmp_path, models):
     net = models.seednet()
     torch.save(net, tmp_path / "whole.pt")

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
-from ..errors import AmbiguousStateDictError, UnsupportedError
+from ..errors import AmbiguousStateDictError, NotACheckpointError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_refs
 from ..refs import FileRange
 from ..safety import torch_load
@@ -33,6 +33,12 @@ def sniff_legacy(path: str, head: bytes) -> bool:
 
 def load_zip(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
     z = TorchZip(path)
+    if z.has("constants.pkl") or any(name.startswith("code/") for name in z.infos):
+        z.close()
+        raise NotACheckpointError(
+            f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint: its weights live inside a "
+            "compiled module", hint="export them with torch.jit.load(path, map_location='cpu').state_dict() and "
+            "torch.save, then run ckpt-surgeon on that file")
     try:
         return _load_zip(z, path, key, trust_pickle)
     finally:
