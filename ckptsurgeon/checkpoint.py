@@ -218,6 +218,8 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
         raise SelectionError(f"--key {key!r} is not in the checkpoint",
                              hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
+    if not candidates and isinstance(obj, Mapping) and not obj:
+        return (), candidates  # an empty state dict (a module without parameters): nothing to choose
     if not candidates:
         top = list(obj.keys())[:12] if isinstance(obj, Mapping) else type(obj).__name__
         raise SelectionError(f"no state dict (mapping of names to tensors) found; top level: {top}")

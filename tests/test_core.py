@@ -398,6 +398,27 @@ def test_torchscript_archive_is_named_not_misread(tmp_path, cli):
     assert code == 2 and "TorchScript archive" in err and len(err.strip().splitlines()) == 1
 
 
+def test_empty_state_dict_is_a_state_dict(tmp_path, cli):
+    """A module without parameters saves an empty state dict: it loads, inspects and converts."""
+    from safetensors.torch import load_file
+
+    torch.save(torch.nn.ReLU().state_dict(), tmp_path / "empty.pt")
+    ck = cs.load(tmp_path / "empty.pt")
+    assert ck.sd_path == () and len(ck.state) == 0
+    code, text, err = cli("inspect", tmp_path / "empty.pt", "--json")
+    assert code == 0, err
+    assert json.loads(text)["tensors"] == 0
+    code, _, err = cli("convert", tmp_path / "empty.pt", "-o", tmp_path / "empty.safetensors")
+    assert code == 0, err
+    assert load_file(tmp_path / "empty.safetensors") == {}
+    code, _, err = cli("convert", tmp_path / "empty.safetensors", "-o", tmp_path / "back.pt")
+    assert code == 0, err
+    assert len(torch.load(tmp_path / "back.pt", weights_only=True)) == 0
+    torch.save({"epoch": 1, "note": "no tensors"}, tmp_path / "none.pt")
+    code, _, err = cli("inspect", tmp_path / "none.pt")
+    assert code == 2 and "no state dict" in err
+
+
 def test_whole_model_pickle_needs_trust(tmp_path, models):
     net = models.seednet()
     torch.save(net, tmp_path / "whole.pt")
