@@ -237,10 +237,10 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     naive = size <= naive_max
     cp_sync = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh"]
     nofsync = {"CKPT_SURGEON_FSYNC": "0"}
-    phases = []  # (files the phase reads, its ops)
+    phases = []  # (files the phase reads, its ops, whether they write outputs)
 
-    def phase(*files):
-        phases.append((files, []))
+    def phase(*files, writes=True):
+        phases.append((files, [], writes))
 
     def r(name, cmd, base=None, **kw):
         phases[-1][1].append((name, cmd, base, kw))
@@ -280,7 +280,7 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     r("extract half the layers (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
       [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)],
       base="cp of a file the size of the extracted part", env=nofsync)
-    phase(a, b)
+    phase(a, b, writes=False)  # diff reads only: no page cache to fill, no primer needed
     r("read both files (cat)", ["cat", str(a), str(b)])
     r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
     if naive:
@@ -294,9 +294,9 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
         return prime
 
     rows = []
-    for files, ops in phases:
+    for files, ops, writes in phases:
         cache_only(work, files)
-        rows += interleaved(ops, repeat, cleanup=rm, primer=primer(files[0]))
+        rows += interleaved(ops, repeat, cleanup=rm, primer=primer(files[0]) if writes else None)
     for row in rows:
         row["size"] = size
         row["bytes"] = nbytes
