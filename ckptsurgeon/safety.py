@@ -25,6 +25,45 @@ SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
 DATA_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
                 "pathlib._local.PosixPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath")
 
+#: numpy numbers, which resume checkpoints are full of: ``np.random.get_state()`` (a uint32
+#: array), metrics and epochs as numpy scalars. An array is rebuilt from a shape, a dtype and raw
+#: bytes, a scalar from a dtype and bytes, a dtype from a type-code string: no code of the file's
+#: choosing runs (accelerate allows arrays by default for the same reason). Object dtype stays
+#: refused (its elements are arbitrary objects), as does everything else under numpy. numpy 2
+#: moved ``numpy.core`` to ``numpy._core``; files from either name the one they were written with.
+NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype",
+                 "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                 "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar")
+_NUMPY_REFUSED_DTYPES = ("ObjectDType", "StringDType")
+
+
+def _numpy_globals() -> list[tuple[object, str]]:
+    """NUMPY_GLOBALS and numpy's per-type dtype classes (which torch's loader checks when it
+    BUILDs a dtype), as (object, name) pairs; [] without numpy. torch imports numpy already."""
+    try:
+        import numpy
+    except ImportError:
+        return []
+    core = getattr(numpy, "_core", None) or numpy.core
+    multiarray = core.multiarray
+    objs = {"numpy.ndarray": numpy.ndarray, "numpy.dtype": numpy.dtype}
+    for sub in ("core", "_core"):
+        objs[f"numpy.{sub}.multiarray._reconstruct"] = multiarray._reconstruct
+        objs[f"numpy.{sub}.multiarray.scalar"] = multiarray.scalar
+    classes = getattr(numpy, "dtypes", None)
+    if classes is not None:  # numpy >= 1.25: numpy.dtypes.Float64DType, ...
+        for name in dir(classes):
+            cls = getattr(classes, name)
+            if name.endswith("DType") and isinstance(cls, type) and name not in _NUMPY_REFUSED_DTYPES:
+                objs[f"{cls.__module__}.{name}"] = cls
+    else:  # older numpy: the classes are numpy.dtype[float64], ... with no importable name
+        for code in numpy.typecodes["All"]:
+            if code != "O":
+                cls = type(numpy.dtype(code))
+                if cls is not numpy.dtype:
+                    objs[f"numpy.{cls.__name__}"] = cls
+    return [(obj, name) for name, obj in objs.items()]
+
 
 def extra_safe_globals() -> list[str]:
     """Globals the user allowlisted by name (``CKPT_SURGEON_SAFE_GLOBALS``), like torch's add_safe_globals."""
@@ -42,7 +81,7 @@ def _import_global(name: str):
 
 
 def _resolve_safe_globals() -> list:
-    """DATA_GLOBALS (those this Python has) and the user's CKPT_SURGEON_SAFE_GLOBALS, as
+    """DATA_GLOBALS (those this Python has), numpy's numbers and the user's CKPT_SURGEON_SAFE_GLOBALS, as
     torch.serialization.safe_globals takes them: (object, the name the pickle uses)."""
     from .errors import SelectionError
 
@@ -52,6 +91,7 @@ def _resolve_safe_globals() -> list:
             objs.append((_import_global(name), name))
         except (ImportError, AttributeError, ValueError):
             continue
+    objs += _numpy_globals()
     for name in extra_safe_globals():
         try:
             objs.append((_import_global(name), name))
@@ -126,7 +166,7 @@ def allowed_globals() -> set[str]:
         names |= set(wou._get_user_allowed_globals().keys())
     except Exception:
         pass
-    return names | set(DATA_GLOBALS) | set(extra_safe_globals())
+    return names | set(DATA_GLOBALS) | {name for _, name in _numpy_globals()} | set(extra_safe_globals())
 
 
 def unsafe_globals(path: str) -> list[str]:

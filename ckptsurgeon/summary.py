@@ -25,6 +25,10 @@ def describe_value(v: Any) -> str:
         return f"dict ({len(v)} keys)"
     if isinstance(v, (list, tuple)):
         return f"{type(v).__name__} ({len(v)} items)"
+    if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        v = v.item()  # a numpy scalar (np.float64(0.91), np.int64(3)): show its value
+    elif type(v).__name__ == "ndarray" and hasattr(v, "shape"):
+        return f"ndarray {v.dtype}{list(v.shape)}"
     if isinstance(v, (int, float, bool, str)) or v is None:
         text = repr(v)
         return text if len(text) <= 60 else text[:57] + "..."

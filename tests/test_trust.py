@@ -562,29 +562,63 @@ def test_plain_data_types_of_training_scripts_load_by_default(tmp_path, cli):
     _assert_refused(tmp_path / "evil.pt", "system", canary)
 
 
-def test_numpy_dtype_classes_are_named_before_torch_refuses_them(tmp_path, monkeypatch):
-    """A numpy float64 metric pickles numpy.dtype('f8'), which numpy rebuilds as
-    numpy.dtypes.Float64DType: no GLOBAL names that class, but torch's loader refuses it. The
-    static scan names it (and Int64DType of an int array, reached through a memo GET), so one
-    CKPT_SURGEON_SAFE_GLOBALS line suffices; if a class is ever missed, torch's own refusal is
-    reported as an unsafe-pickle error naming it, not as a corrupt file."""
+def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monkeypatch):
+    """Resume checkpoints carry numpy numbers: np.random.get_state() (a uint32 array), metrics
+    and epochs as numpy scalars, structured arrays. They load by default (numpy.dtype('f8') is
+    rebuilt as numpy.dtypes.Float64DType, a class no GLOBAL names, so those classes are allowed
+    too), scan calls them safe, and strip-prefix carries them through. An object array (arbitrary
+    elements) stays refused: the static scan names numpy.dtypes.ObjectDType, and if a scan ever
+    missed such a class, torch's own refusal is reported as an unsafe pickle naming it."""
     import numpy as np
 
     from ckptsurgeon import pickle_io
 
-    p = tmp_path / "metric.pt"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "best_acc": np.float64(0.93), "ids": np.arange(3)}, p)
-    with pytest.raises(UnsafePickleError) as e:
-        cs.load(p)
-    scanned = e.value.one_line().split("allowlist: ", 1)[1].split(";", 1)[0].replace(" ", "")
-    assert {"numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType"} <= set(scanned.split(","))
-    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", scanned)
+    sd = OrderedDict((f"module.l{i}.weight", torch.randn(2, 2)) for i in range(2))
+    rng = np.random.RandomState(0).get_state()
+    p = tmp_path / "resume.pt"
+    torch.save({"state_dict": sd, "epoch": np.int64(7), "best_acc": np.float64(0.93), "lr": np.float32(0.5),
+                "np_rng": rng, "ids": np.arange(3), "rec": np.zeros(2, dtype=[("x", "f4"), ("y", "i2")]),
+                "flag": np.bool_(True), "when": np.datetime64("2026-11-27")}, p)
     ck = cs.load(p)
-    assert float(ck.wrapper["best_acc"]) == 0.93 and list(ck.wrapper["ids"]) == [0, 1, 2]
+    assert ck.sd_path == ("state_dict",)
+    assert ck.wrapper["epoch"] == 7 and float(ck.wrapper["best_acc"]) == 0.93
+    assert np.array_equal(ck.wrapper["np_rng"][1], rng[1]) and ck.wrapper["np_rng"][1].dtype == np.uint32
+    assert cs.scan(str(p))["unsafe"] == []
+    from ckptsurgeon.summary import inspect
 
-    monkeypatch.setattr(pickle_io, "_numpy_dtype_class", lambda code: None)  # a scan that misses them
-    allowed = ",".join(n for n in scanned.split(",") if not n.startswith("numpy.dtypes."))
-    monkeypatch.setenv("CKPT_SURGEON_SAFE_GLOBALS", allowed)
+    summary = inspect(p)
+    assert summary["wrapper"]["epoch"] == "7" and summary["wrapper"]["best_acc"] == "0.93"
+    assert summary["wrapper"]["ids"] == "ndarray int64[3]"
+    code, _, err = cli("strip-prefix", p, "-o", tmp_path / "out.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert list(back["state_dict"]) == ["l0.weight", "l1.weight"]
+    assert type(back["epoch"]) is np.int64 and back["rec"].dtype.names == ("x", "y")
+    assert np.array_equal(back["np_rng"][1], rng[1]) and back["when"] == np.datetime64("2026-11-27")
+
+    # numpy < 2 writes the same functions as numpy.core.multiarray.*
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "best": np.float64(0.5), "ids": np.arange(2)}, buf)
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(tmp_path / "numpy1.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+                assert b"numpy.core.multiarray" in data
+            dst.writestr(info.filename, data)
+    ck = cs.load(tmp_path / "numpy1.pt")
+    assert float(ck.wrapper["best"]) == 0.5 and list(ck.wrapper["ids"]) == [0, 1]
+
+    obj = tmp_path / "objects.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "meta": np.array([{"a": 1}, None], dtype=object)}, obj)
     with pytest.raises(UnsafePickleError) as e:
-        cs.load(p)
-    assert "numpy.dtypes." in e.value.one_line() and "refuses" in e.value.one_line()
+        cs.load(obj)
+    assert "numpy.dtypes.ObjectDType" in e.value.one_line() and "nothing was executed" in e.value.one_line()
+    assert cs.scan(str(obj))["unsafe"] == ["numpy.dtypes.ObjectDType"]
+    code, _, err = cli("inspect", obj)
+    assert code != 0 and "ObjectDType" in err and "Traceback" not in err
+
+    monkeypatch.setattr(pickle_io, "_numpy_dtype_class", lambda code: None)  # a scan that misses it
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(obj)
+    assert "numpy.dtypes.ObjectDType" in e.value.one_line() and "refuses" in e.value.one_line()
