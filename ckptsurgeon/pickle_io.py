@@ -47,6 +47,47 @@ _REAL = {
     ("_codecs", "encode"): _latin1_encode,
 }
 
+def _data_global(module: str, name: str):
+    """safety's plain data types (argparse.Namespace, pathlib paths, numpy numbers) as the real
+    objects: building them runs nothing of the file's choosing (the set torch.load is allowed
+    too), so timm's train checkpoints and resume files stay on the fast path. They pickle back
+    the way torch.save writes them. numpy dtypes holding objects are left to torch.load, which
+    refuses them."""
+    from .safety import data_global  # safety imports this module
+
+    return data_global(f"{module}.{name}")
+
+
+def _refuse_numpy_objects(root) -> None:
+    """NotFastPath if the graph holds a numpy array, scalar or dtype of objects (or numpy 2's
+    variable-width strings): torch.load refuses those, and so must the fast path."""
+    import numpy
+
+    stack, seen = [root], set()
+    while stack:
+        o = stack.pop()
+        if id(o) in seen or isinstance(o, (str, bytes, int, float, StorageRef, GlobalRef)) or o is None:
+            continue
+        seen.add(id(o))
+        dt = o if isinstance(o, numpy.dtype) else getattr(o, "dtype", None) if isinstance(
+            o, (numpy.ndarray, numpy.generic)) else None
+        if dt is not None:
+            if dt.hasobject or type(dt).__name__ == "StringDType":
+                raise NotFastPath(f"numpy.dtypes.{type(dt).__name__}")
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif isinstance(o, TensorRef):
+            stack.extend((o.hooks, o.metadata, o.param))
+        elif isinstance(o, CallRef):
+            stack.extend(o.args)
+            stack.append(o.state)
+        elif hasattr(o, "__dict__"):
+            stack.extend(vars(o).values())
+
+
 _KEPT = {("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage")}
 _KEPT |= {("torch", name) for name in dtypes.ITEMSIZE}
 _KEPT |= {("torch", name) for name in dtypes.STORAGE_TO_DTYPE}
@@ -104,6 +145,7 @@ class _RefUnpickler(pickle.Unpickler):
         super().__init__(file)
         self._source = storage_source
         self._storages: dict[str, StorageRef] = {}
+        self.numpy_seen = False
 
     def find_class(self, module, name):
         key = (module, name)
@@ -113,6 +155,10 @@ class _RefUnpickler(pickle.Unpickler):
             return _BUILDERS[key]
         if key in _KEPT:
             return GlobalRef(module, name)
+        data = _data_global(module, name)
+        if data is not None:
+            self.numpy_seen |= module.startswith("numpy")
+            return data
         raise NotFastPath(f"{module}.{name}")
 
     def persistent_load(self, pid):
@@ -143,7 +189,11 @@ class _RefUnpickler(pickle.Unpickler):
 def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any]) -> Any:
     """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError."""
     try:
-        return _RefUnpickler(io.BytesIO(data), storage_source).load()
+        unpickler = _RefUnpickler(io.BytesIO(data), storage_source)
+        obj = unpickler.load()
+        if unpickler.numpy_seen:
+            _refuse_numpy_objects(obj)
+        return obj
     except (NotFastPath, CorruptCheckpointError):
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,

@@ -80,6 +80,19 @@ def _import_global(name: str):
     return obj
 
 
+def data_global(qualname: str):
+    """The real object for one of DATA_GLOBALS / NUMPY_GLOBALS (which the torch-free unpickler
+    may call too), or None for any other name. numpy is imported only for numpy's names."""
+    if qualname in DATA_GLOBALS:
+        try:
+            return _import_global(qualname)
+        except (ImportError, AttributeError, ValueError):
+            return None
+    if qualname in NUMPY_GLOBALS:
+        return dict((name, obj) for obj, name in _numpy_globals()).get(qualname)
+    return None
+
+
 def _resolve_safe_globals() -> list:
     """DATA_GLOBALS (those this Python has), numpy's numbers and the user's CKPT_SURGEON_SAFE_GLOBALS, as
     torch.serialization.safe_globals takes them: (object, the name the pickle uses)."""

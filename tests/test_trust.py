@@ -548,7 +548,14 @@ def test_plain_data_types_of_training_scripts_load_by_default(tmp_path, cli):
                 "args": argparse.Namespace(lr=0.1, model="resnet50", out=pathlib.PurePosixPath("/runs/a"))}, p)
     ck = cs.load(p)
     assert ck.sd_path == ("state_dict",) and ck.wrapper["args"].model == "resnet50"
+    assert ck.source.lazy  # the torch-free fast path, not torch.load
     assert cs.scan(str(p))["unsafe"] == []
+    code = ("import sys, ckptsurgeon as cs\n"
+            f"new, _ = cs.strip_prefix(cs.load({str(p)!r}))\n"
+            f"cs.save(new, {str(tmp_path / 'fast.pth.tar')!r})\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "NO-TORCH", out.stderr
     code, _, err = cli("strip-prefix", p, "-o", tmp_path / "stripped.pth.tar")
     assert code == 0, err
     back = torch.load(tmp_path / "stripped.pth.tar", weights_only=False)
@@ -578,9 +585,10 @@ def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monke
     p = tmp_path / "resume.pt"
     torch.save({"state_dict": sd, "epoch": np.int64(7), "best_acc": np.float64(0.93), "lr": np.float32(0.5),
                 "np_rng": rng, "ids": np.arange(3), "rec": np.zeros(2, dtype=[("x", "f4"), ("y", "i2")]),
-                "flag": np.bool_(True), "when": np.datetime64("2026-11-27")}, p)
+                "flag": np.bool_(True), "when": np.datetime64("2026-11-27"), "kind": np.dtype("float16"),
+                "cls": np.dtype}, p)
     ck = cs.load(p)
-    assert ck.sd_path == ("state_dict",)
+    assert ck.sd_path == ("state_dict",) and ck.source.lazy  # torch-free fast path
     assert ck.wrapper["epoch"] == 7 and float(ck.wrapper["best_acc"]) == 0.93
     assert np.array_equal(ck.wrapper["np_rng"][1], rng[1]) and ck.wrapper["np_rng"][1].dtype == np.uint32
     assert cs.scan(str(p))["unsafe"] == []
@@ -593,8 +601,10 @@ def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monke
     assert code == 0, err
     back = torch.load(tmp_path / "out.pt", weights_only=False)
     assert list(back["state_dict"]) == ["l0.weight", "l1.weight"]
+    assert torch.equal(back["state_dict"]["l1.weight"], sd["module.l1.weight"])
     assert type(back["epoch"]) is np.int64 and back["rec"].dtype.names == ("x", "y")
     assert np.array_equal(back["np_rng"][1], rng[1]) and back["when"] == np.datetime64("2026-11-27")
+    assert back["kind"] == np.float16 and back["cls"] is np.dtype
 
     # numpy < 2 writes the same functions as numpy.core.multiarray.*
     buf = io.BytesIO()
