@@ -1,7 +1,7 @@
 """Read and write torch's ``data.pkl`` without importing torch and without executing anything.
 
-``load_refs`` unpickles with an allowlist that is a strict subset of torch's weights-only
-allowlist: torch globals become inert :class:`~ckptsurgeon.refs.GlobalRef` stand-ins, tensor
+``load_refs`` unpickles with an allowlist that is a subset of what our ``torch.load`` call allows
+(torch's weights-only allowlist plus ``safety``'s plain data types): torch globals become inert :class:`~ckptsurgeon.refs.GlobalRef` stand-ins, tensor
 rebuild calls become :class:`~ckptsurgeon.refs.TensorRef`, and persistent ids become
 :class:`~ckptsurgeon.refs.StorageRef`. Anything outside the subset raises :class:`NotFastPath`, and
 the caller hands the file to ``torch.load(weights_only=True)``, which has the final say.
@@ -14,12 +14,13 @@ numbering storages ``0..n-1`` in first-use order as ``torch.save`` does.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import os
 import pickle
 import re
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from . import dtypes
@@ -41,9 +42,9 @@ def _latin1_encode(text, encoding="latin1"):
 _REAL = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
+    ("builtins", "bytearray"): bytearray,
+    ("collections", "Counter"): Counter,
     ("_codecs", "encode"): _latin1_encode,
 }
 
@@ -149,6 +150,10 @@ class _RefUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         key = (module, name)
+        if key in _compat_pickle.NAME_MAPPING:  # protocol-2 pickles name Python 2's builtins
+            key = module, name = _compat_pickle.NAME_MAPPING[key]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            key = module, name = _compat_pickle.IMPORT_MAPPING[module], name
         if key in _REAL:
             return _REAL[key]
         if key in _BUILDERS:

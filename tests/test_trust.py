@@ -569,6 +569,25 @@ def test_plain_data_types_of_training_scripts_load_by_default(tmp_path, cli):
     _assert_refused(tmp_path / "evil.pt", "system", canary)
 
 
+def test_builtin_containers_stay_on_the_fast_path(tmp_path):
+    """Protocol-2 pickles (torch.save's) name builtins the Python 2 way (``__builtin__ set``): the
+    torch-free unpickler maps them as pickle does, so sets, Counters, bytearrays, complex numbers
+    and slices in a wrapper keep the lazy path, round-trip, and torch.load reads the result."""
+    import collections
+
+    p = tmp_path / "containers.pt"
+    extra = {"s": {1, 2}, "fs": frozenset([3]), "c": collections.Counter(a=2), "ba": bytearray(b"xy"),
+             "z": 1 + 2j, "sl": slice(1, 8, 2)}
+    torch.save({"state_dict": {"module.w": torch.arange(3.0)}, **extra}, p)
+    ck = cs.load(p)
+    assert ck.source.lazy and {k: ck.wrapper[k] for k in extra} == extra
+    new, _ = cs.strip_prefix(ck)
+    cs.save(new, tmp_path / "out.pt")
+    back = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert {k: back[k] for k in extra} == extra and torch.equal(back["state_dict"]["w"], torch.arange(3.0))
+    assert cs.load(tmp_path / "out.pt").source.lazy
+
+
 def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monkeypatch):
     """Resume checkpoints carry numpy numbers: np.random.get_state() (a uint32 array), metrics
     and epochs as numpy scalars, structured arrays. They load by default (numpy.dtype('f8') is
