@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 from . import dtypes
 from .errors import AmbiguousStateDictError, SelectionError
-from .refs import CallRef, GlobalRef, TensorRef, is_tensor_like, special_kind
+from .refs import CallRef, GlobalRef, InertCall, InertObject, TensorRef, is_tensor_like, special_kind
 
 # Where people put the model's weights inside a wrapper dict, most specific first.
 PRIMARY_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network", "weights", "params")
@@ -308,4 +308,20 @@ def plain(obj: Any, memo: dict | None = None) -> Any:
         return obj
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"
+    if isinstance(obj, InertObject):  # compared by how the pickle builds it
+        rec = obj._inert
+        out = {f"<inert {obj.inert_module}.{obj.inert_name}>": plain(list(rec["args"]))}
+        out.update({k: plain(rec[k]) for k in ("kwargs", "state", "items", "dictitems") if rec[k]})
+        return out
+    if isinstance(obj, InertCall):
+        return {"<inert call>": plain(obj.func), "args": plain(list(obj.args)), "state": plain(obj.state)}
+    if isinstance(obj, type) and issubclass(obj, InertObject):
+        return f"<{obj.inert_module}.{obj.inert_name}>"
+    if type(obj).__module__ == "numpy" and hasattr(obj, "dtype") and hasattr(obj, "tobytes"):
+        if obj.size <= 16:  # small arrays and scalars: their values
+            return obj.tolist()
+        import hashlib
+
+        data = obj.tobytes()  # a large array: dtype, shape and a hash of its bytes
+        return {"<ndarray>": f"{obj.dtype}{list(obj.shape)}", "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
     return repr(obj)

@@ -22,12 +22,20 @@ def state(ctx: click.Context | None = None) -> dict:
     return root.obj
 
 
+def pickle_options(f: Callable) -> Callable:
+    """--trust-pickle / --inert-pickle, both setting ``trust_pickle`` (False, True or "inert")."""
+    f = click.option("--inert-pickle", "trust_pickle", flag_value="inert", type=click.UNPROCESSED,
+                     help="Read pickle globals outside the allowlist as inert records: nothing imported or run, "
+                          "carried unchanged into torch-format outputs (torch zip files).")(f)
+    f = click.option("--trust-pickle", "trust_pickle", flag_value=True, default=False, type=click.UNPROCESSED,
+                     help="Allow pickle globals outside torch's weights-only allowlist (runs code from the file).")(f)
+    return f
+
+
 def load_options(f: Callable) -> Callable:
     f = click.option("--key", default=None, metavar="PATH",
                      help="Where the state dict sits in a wrapper (e.g. state_dict, model/ema).")(f)
-    f = click.option("--trust-pickle", is_flag=True,
-                     help="Allow pickle globals outside torch's weights-only allowlist (runs code from the file).")(f)
-    return f
+    return pickle_options(f)
 
 
 def write_options(f: Callable) -> Callable:

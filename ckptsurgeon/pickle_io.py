@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from . import dtypes
 from .errors import CorruptCheckpointError
-from .refs import CallRef, GlobalRef, StorageRef, TensorRef
+from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
 
 
 class NotFastPath(Exception):
@@ -142,14 +142,15 @@ _BUILDERS: dict[tuple[str, str], Callable] = {
 
 
 class _RefUnpickler(pickle.Unpickler):
-    def __init__(self, file, storage_source: Callable[[str, str, int], Any]):
+    def __init__(self, file, storage_source: Callable[[str, str, int], Any], inert: frozenset = frozenset()):
         super().__init__(file)
         self._source = storage_source
         self._storages: dict[str, StorageRef] = {}
         self.numpy_seen = False
+        self._inert = inert
 
     def find_class(self, module, name):
-        key = (module, name)
+        key = as_written = (module, name)
         if key in _compat_pickle.NAME_MAPPING:  # protocol-2 pickles name Python 2's builtins
             key = module, name = _compat_pickle.NAME_MAPPING[key]
         elif module in _compat_pickle.IMPORT_MAPPING:
@@ -164,6 +165,8 @@ class _RefUnpickler(pickle.Unpickler):
         if data is not None:
             self.numpy_seen |= module.startswith("numpy")
             return data
+        if f"{module}.{name}" in self._inert:  # --inert-pickle: record it (as written), import nothing
+            return inert_class(*as_written)
         raise NotFastPath(f"{module}.{name}")
 
     def persistent_load(self, pid):
@@ -191,12 +194,15 @@ class _RefUnpickler(pickle.Unpickler):
         return ref
 
 
-def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any]) -> Any:
-    """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError."""
+def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset()) -> Any:
+    """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError.
+
+    ``inert``: names of globals (outside every allowlist) to record as :class:`InertObject`
+    stand-ins instead of refusing them; nothing of theirs is imported or run."""
     try:
-        unpickler = _RefUnpickler(io.BytesIO(data), storage_source)
+        unpickler = _RefUnpickler(io.BytesIO(data), storage_source, frozenset(inert))
         obj = unpickler.load()
-        if unpickler.numpy_seen:
+        if unpickler.numpy_seen and not inert:
             _refuse_numpy_objects(obj)
         return obj
     except (NotFastPath, CorruptCheckpointError):
@@ -261,8 +267,15 @@ class _RefPickler(pickle.Pickler):
             setattr(sys.modules[_REFS_MODULE], name, obj)
             self.names[name.encode()] = obj
             return name  # pickled as GLOBAL <_REFS_MODULE> <name>, rewritten in dump_refs
-        if t is CallRef:
+        if t is CallRef or t is InertCall:
             return (obj.func, tuple(obj.args)) if obj.state is None else (obj.func, tuple(obj.args), obj.state)
+        if isinstance(obj, InertObject):
+            return _inert_reduce(obj)
+        if isinstance(obj, type) and issubclass(obj, InertObject):  # the class itself: its global
+            name = f"_G{self.token}_{len(self.names)}"
+            setattr(sys.modules[_REFS_MODULE], name, obj)
+            self.names[name.encode()] = GlobalRef(obj.inert_module, obj.inert_name)
+            return name
         if t.__module__.startswith("torch"):
             import torch
 
@@ -296,6 +309,24 @@ class _RefPickler(pickle.Pickler):
         if state is None:
             return _PARAM, (CallRef(func, args), rg, phooks)
         return _PARAM_STATE, (CallRef(func, args), rg, phooks, state)
+
+
+def _inert_reduce(obj: InertObject):
+    """The reduce tuple that re-emits an inert object's opcodes: NEWOBJ or a call, then its
+    appended and set items, then BUILD, as pickle's own save_reduce orders them."""
+    import copyreg
+
+    rec = obj._inert
+    if rec["kwargs"]:
+        from .errors import UnsupportedError
+
+        raise UnsupportedError(f"{obj.inert_module}.{obj.inert_name} was built with keyword arguments "
+                               "(pickle protocol 4), which torch's protocol-2 pickle cannot carry")
+    items = iter(rec["items"]) if rec["items"] else None
+    dictitems = iter(rec["dictitems"]) if rec["dictitems"] else None
+    if rec["newobj"]:
+        return copyreg.__newobj__, (type(obj),) + tuple(rec["args"]), rec["state"], items, dictitems
+    return type(obj), tuple(rec["args"]), rec["state"], items, dictitems
 
 
 def dump_refs(obj: Any) -> tuple[bytes, list[StorageRef]]:

@@ -13,7 +13,10 @@ from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleErr
 from .pickle_io import scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
-              "types, or, only if you trust where the file came from, re-run with --trust-pickle (API: trust_pickle=True)")
+              "types; or read them as inert records with --inert-pickle (nothing imported or run; torch zip files); "
+              "or, only if you trust where the file came from, re-run with --trust-pickle (API: trust_pickle=True)")
+#: ``trust_pickle=INERT`` (``--inert-pickle``): globals outside the allowlists are recorded, not built.
+INERT = "inert"
 SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
 
 
@@ -198,6 +201,7 @@ def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
     """torch.load to CPU, weights-only; unsafe files fail with the offending globals named."""
     import torch
 
+    trust_pickle = trust_pickle is True  # INERT is not trust: torch.load never runs unsafe globals for it
     try:
         return _load(torch, path, True, mmap)
     except Exception as first:

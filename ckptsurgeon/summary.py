@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from .checkpoint import Checkpoint, node_at, tensor_info
 from .errors import AmbiguousStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
-from .refs import is_tensor_like
+from .refs import InertObject, is_tensor_like
 
 
 def describe_value(v: Any) -> str:
@@ -25,6 +25,9 @@ def describe_value(v: Any) -> str:
         return f"dict ({len(v)} keys)"
     if isinstance(v, (list, tuple)):
         return f"{type(v).__name__} ({len(v)} items)"
+    if isinstance(v, InertObject) or (isinstance(v, type) and issubclass(v, InertObject)):
+        what = v if isinstance(v, type) else type(v)
+        return f"{what.inert_module}.{what.inert_name} ({'class, ' if v is what else ''}inert)"
     if type(v).__module__ == "numpy" and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
         v = v.item()  # a numpy scalar (np.float64(0.91), np.int64(3)): show its value
     elif type(v).__name__ == "ndarray" and hasattr(v, "shape"):

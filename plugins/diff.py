@@ -344,7 +344,7 @@ def _human(r: dict) -> None:
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Bar chart of change per module (matplotlib).")
 @click.option("--key-a", default=None, help="State-dict location in A.")
 @click.option("--key-b", default=None, help="State-dict location in B.")
-@click.option("--trust-pickle", is_flag=True, help="Allow unsafe pickle globals (runs code from the files).")
+@cliutil.pickle_options
 @cliutil.json_option
 def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_pickle, as_json):
     """Compare two checkpoints. Exit 0: no differences, 1: differences, 2: error.

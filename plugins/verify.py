@@ -354,7 +354,7 @@ def _human(r: dict) -> None:
 @click.option("--cross-device", is_flag=True, help="Run A on CPU and B on CUDA (CPU vs GPU agreement).")
 @click.option("--key-a", default=None)
 @click.option("--key-b", default=None)
-@click.option("--trust-pickle", is_flag=True, help="Allow unsafe pickle globals (runs code from the files).")
+@cliutil.pickle_options
 @cliutil.json_option
 def verify_cmd(a, b, model_spec, model_args, input_shape, inputs, device, dtype, atol, rtol, cross_device, key_a,
                key_b, trust_pickle, as_json):

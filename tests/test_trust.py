@@ -651,3 +651,148 @@ def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monke
     with pytest.raises(UnsafePickleError) as e:
         cs.load(obj)
     assert "numpy.dtypes.ObjectDType" in e.value.one_line() and "refuses" in e.value.one_line()
+
+
+_FOREIGN = '''
+import dataclasses, enum
+class HistoryBuffer:
+    def __init__(self, vals):
+        self._log = list(vals)
+        self.max_length = 10
+class Mode(enum.Enum):
+    TRAIN = "train"
+@dataclasses.dataclass
+class Cfg:
+    lr: float
+    layers: list
+class Tags(list):
+    pass
+class Meta(dict):
+    pass
+class Slotted:
+    __slots__ = ("a", "b")
+    def __init__(self, a):
+        self.a, self.b = a, [2]
+'''
+
+
+def _foreign_module(tmp_path, monkeypatch, name="foreignlib"):
+    """A library the checkpoint was written with, importable only while the test writes files."""
+    import importlib
+
+    (tmp_path / f"{name}.py").write_text(_FOREIGN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module(name)
+    monkeypatch.delitem(sys.modules, name)
+    sys.path.remove(str(tmp_path))  # gone (monkeypatch restores sys.path): nothing can import it now
+    return mod
+
+
+def _foreign_checkpoint(lib, path, loss=(1.0, 2.0)):
+    import functools
+
+    sd = OrderedDict((f"model.l{i}.weight", torch.randn(3, 3, generator=torch.Generator().manual_seed(i)))
+                     for i in range(3))
+    sys.modules[lib.__name__] = lib  # importable while torch.save writes, as on the training machine
+    try:
+        _save_foreign(lib, sd, path, loss)
+    finally:
+        del sys.modules[lib.__name__]
+    return sd
+
+
+def _save_foreign(lib, sd, path, loss):
+    import functools
+
+    torch.save({"state_dict": sd, "epoch": 2,
+                "hyper_parameters": {"cfg": lib.Cfg(0.1, [1, 2]), "mode": lib.Mode.TRAIN},
+                "message_hub": {"loss": lib.HistoryBuffer(loss), "tags": lib.Tags(["a", "b"]),
+                                "meta": lib.Meta(seed=3), "slots": lib.Slotted(1)},
+                "fn": functools.partial(max, 3), "cls": lib.Cfg,
+                "buffered": lib.HistoryBuffer([torch.ones(2)])}, path)
+
+
+def _data_pkl(path):
+    with zipfile.ZipFile(path) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+def test_inert_pickle_reads_foreign_objects_without_importing_them(tmp_path, monkeypatch, cli):
+    """Checkpoints of mmengine, Hydra/omegaconf Lightning runs and the like pickle their own
+    classes beside the weights; without the library even --trust-pickle cannot read them.
+    --inert-pickle records every global outside the allowlists instead of importing it: the file
+    reads lazily, surgeries work, and a torch-format output carries those objects unchanged (the
+    re-written data.pkl of an unchanged checkpoint is byte-identical). Safe loading stays the
+    default: without the flag the file is refused."""
+    lib = _foreign_module(tmp_path, monkeypatch)
+    p = tmp_path / "run.ckpt"
+    sd = _foreign_checkpoint(lib, p)
+
+    code, _, err = cli("inspect", p)
+    assert code == 2 and "--inert-pickle" in err and "foreignlib.HistoryBuffer" in err
+    with pytest.raises(UnsafePickleError):
+        cs.load(p)
+
+    ck = cs.load(p, trust_pickle="inert")
+    assert "foreignlib" not in sys.modules  # recorded, never imported
+    assert ck.source.lazy and ck.sd_path == ("state_dict",) and len(ck.state) == 3
+    assert any("read inert" in n and "foreignlib.Cfg" in n for n in ck.notes)
+    code, out, err = cli("inspect", "--inert-pickle", p)
+    assert code == 0, err
+    assert "foreignlib.HistoryBuffer (inert)" in out and "foreignlib.Cfg (class, inert)" in out
+
+    code, _, err = cli("convert", "--inert-pickle", p, "-o", tmp_path / "same.ckpt")
+    assert code == 0, err
+    assert _data_pkl(tmp_path / "same.ckpt") == _data_pkl(p)
+    code, _, err = cli("strip-prefix", "--inert-pickle", p, "-o", tmp_path / "out.ckpt")
+    assert code == 0, err
+    assert "foreignlib" not in sys.modules
+
+    monkeypatch.setitem(sys.modules, "foreignlib", lib)  # a machine with the library, to check the output
+    orig = torch.load(p, weights_only=False)
+    back = torch.load(tmp_path / "out.ckpt", weights_only=False)
+    assert list(back["state_dict"]) == ["l0.weight", "l1.weight", "l2.weight"]
+    assert all(torch.equal(back["state_dict"][k[len("model."):]], v) for k, v in sd.items())
+    assert back["hyper_parameters"] == orig["hyper_parameters"] and back["hyper_parameters"]["mode"] is lib.Mode.TRAIN
+    hub = back["message_hub"]
+    assert vars(hub["loss"]) == {"_log": [1.0, 2.0], "max_length": 10}
+    assert type(hub["tags"]) is lib.Tags and hub["tags"] == ["a", "b"]
+    assert type(hub["meta"]) is lib.Meta and hub["meta"] == {"seed": 3}
+    assert (hub["slots"].a, hub["slots"].b) == (1, [2])
+    assert back["fn"](1) == 3 and back["cls"] is lib.Cfg
+    assert torch.equal(back["buffered"]._log[0], torch.ones(2))
+    monkeypatch.delitem(sys.modules, "foreignlib")
+
+    # diff compares inert objects by their records
+    _foreign_checkpoint(lib, tmp_path / "later.ckpt", loss=(1.0, 3.0))
+    code, out, err = cli("diff", "--inert-pickle", p, tmp_path / "same.ckpt")
+    assert code == 0, out + err
+    code, out, err = cli("diff", "--inert-pickle", p, tmp_path / "later.ckpt")
+    assert code == 1 and "message_hub" in out and "loss" in out, out
+
+
+def test_inert_pickle_never_runs_a_payload(tmp_path, cli):
+    """A hostile file read with --inert-pickle: the payload is recorded, not called, shown for
+    what it is; an output keeps it (scan still calls that output unsafe). Files that need torch's
+    own rebuilding besides, and legacy files, are still refused in one line."""
+    canary = tmp_path / "canary"
+    sd = OrderedDict((f"module.l{i}.weight", torch.randn(2, 2)) for i in range(2))
+    _write_hostile(tmp_path / "evil.pt", {"state_dict": sd, "x": Reduce(os.system, (_touch_cmd(canary),))})
+    code, out, err = cli("inspect", "--inert-pickle", tmp_path / "evil.pt")
+    assert code == 0 and "posix.system (inert)" in out, err
+    code, _, err = cli("strip-prefix", "--inert-pickle", tmp_path / "evil.pt", "-o", tmp_path / "out.pt")
+    assert code == 0, err
+    assert not canary.exists()
+    assert cs.scan(str(tmp_path / "out.pt"))["unsafe"] == ["posix.system"]
+    assert list(cs.load(tmp_path / "out.pt", trust_pickle="inert").state) == ["l0.weight", "l1.weight"]
+    assert not canary.exists()
+
+    _write_hostile(tmp_path / "evil_legacy.pt", {"w": torch.ones(1), "x": Reduce(os.system, (_touch_cmd(canary),))},
+                   legacy=True)
+    code, _, err = cli("inspect", "--inert-pickle", tmp_path / "evil_legacy.pt")
+    assert code == 2 and "system" in err and len(err.strip().splitlines()) == 1
+    q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
+    _write_hostile(tmp_path / "evil_q.pt", {"w": q, "x": Reduce(os.system, (_touch_cmd(canary),))})
+    code, _, err = cli("inspect", "--inert-pickle", tmp_path / "evil_q.pt")
+    assert code == 2 and "cannot be read inert" in err and "Traceback" not in err
+    assert not canary.exists()

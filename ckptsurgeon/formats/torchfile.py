@@ -9,10 +9,10 @@ from typing import Any, Mapping
 
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
-from ..errors import AmbiguousStateDictError, NotACheckpointError, UnsupportedError
+from ..errors import AmbiguousStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_refs
 from ..refs import FileRange
-from ..safety import torch_load
+from ..safety import INERT, torch_load, unsafe_globals
 from ..zipfmt import TorchZip, write_torch_zip
 
 SURGEON_RECORD = ".data/ckpt_surgeon.json"
@@ -49,14 +49,30 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
     data = z.read("data.pkl")
     notes = []
     lazy = True
+    def source(k, dtype, nbytes):
+        return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
+
     try:
-        graph = load_refs(data, lambda k, dtype, nbytes: z.source(f"data/{k}", nbytes, label=f"storage data/{k}"))
+        graph = load_refs(data, source)
     except NotFastPath as e:
-        # outside the torch-free subset: torch's own weights-only unpickler decides
-        _check_all_crcs(z)
-        graph = torch_load(path, trust_pickle=trust_pickle, mmap=True)
-        lazy = False
-        notes.append(f"read with torch.load (uses {e})")
+        inert = unsafe_globals(path) if trust_pickle == INERT else []
+        if inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
+            try:
+                graph = load_refs(data, source, inert=inert)
+            except NotFastPath as other:
+                raise UnsafePickleError(
+                    f"{path}: cannot be read inert (it also uses {other}, which only torch.load rebuilds) and "
+                    f"would import globals outside the weights-only allowlist: {', '.join(inert)}",
+                    globals_=inert, hint="only if you trust where the file came from, re-run with --trust-pickle"
+                ) from None
+            notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing imported "
+                         "or run; outputs in torch format carry them unchanged")
+        else:
+            # outside the torch-free subset: torch's own weights-only unpickler decides
+            _check_all_crcs(z)
+            graph = torch_load(path, trust_pickle=trust_pickle is True, mmap=True)
+            lazy = False
+            notes.append(f"read with torch.load (uses {e})")
     transforms = ()
     if z.has(SURGEON_RECORD):
         try:
@@ -67,7 +83,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
                     zip_prefix=z.prefix,
                     byteorder=z.read("byteorder") if z.has("byteorder") else b"little",
                     version=z.read("version") if z.has("version") else b"3\n", notes=tuple(notes))
-    return from_object(graph, source, key=key, trusted=trust_pickle and not lazy, transforms=transforms)
+    return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
 
 
 def _check_all_crcs(z: TorchZip) -> None:
@@ -79,11 +95,11 @@ def _check_all_crcs(z: TorchZip) -> None:
 
 
 def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
-    graph = torch_load(path, trust_pickle=trust_pickle, mmap=False)
+    graph = torch_load(path, trust_pickle=trust_pickle is True, mmap=False)
     note = "legacy (non-zip) torch format: loaded fully into memory; re-save as .pt or .safetensors for fast, lazy access"
     source = Source(path=path, format="torch-legacy", size=os.path.getsize(path), files=(path,), lazy=False,
                     notes=(note,))
-    return from_object(graph, source, key=key, trusted=trust_pickle)
+    return from_object(graph, source, key=key, trusted=trust_pickle is True)
 
 
 def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms=()) -> Checkpoint:
