@@ -796,3 +796,64 @@ def test_inert_pickle_never_runs_a_payload(tmp_path, cli):
     code, _, err = cli("inspect", "--inert-pickle", tmp_path / "evil_q.pt")
     assert code == 2 and "cannot be read inert" in err and "Traceback" not in err
     assert not canary.exists()
+
+
+_FOREIGN_MODEL = '''
+import torch, torch.nn as nn
+class Conv(nn.Module):
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = nn.SiLU()
+        self.register_buffer("anchors", torch.arange(4.0), persistent=False)
+class DetectionModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(Conv(3, 8), Conv(8, 16), nn.ModuleList([nn.Linear(16, 4), nn.Identity()]))
+        self.stride = torch.tensor([8.0, 16.0])  # an attribute, not a buffer: not in the state dict
+        self.scale = nn.Parameter(torch.ones(1))
+        self.names = {0: "person"}
+'''
+
+
+def test_inert_whole_model_pickle_gives_its_state_dict(tmp_path, monkeypatch, cli):
+    """Ultralytics-style files pickle the whole model (its own classes) under 'model'. Read
+    inert, the module's recorded attributes give exactly what model.state_dict() returns (order,
+    dtypes, persistent buffers only), without the library; the output is then a plain, safe file."""
+    import importlib
+
+    (tmp_path / "detlib.py").write_text(_FOREIGN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lib = importlib.import_module("detlib")
+    torch.manual_seed(0)
+    model = lib.DetectionModel()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_()
+            m.num_batches_tracked += 5
+    model = model.half()
+    torch.save({"epoch": -1, "model": model, "ema": None, "optimizer": None, "train_args": {"imgsz": 640},
+                "version": "8.3.0"}, tmp_path / "best.pt")
+    ref = model.state_dict()
+    monkeypatch.delitem(sys.modules, "detlib")
+    sys.path.remove(str(tmp_path))
+
+    ck = cs.load(tmp_path / "best.pt", trust_pickle="inert")
+    assert "detlib" not in sys.modules
+    assert ck.sd_path == ("model",) and list(ck.state) == list(ref)
+    assert any("whole-model pickle read inert" in n for n in ck.notes)
+    code, _, err = cli("extract", "--inert-pickle", tmp_path / "best.pt", "-o", tmp_path / "backbone.pt",
+                       "--layers", "model.0,model.1")
+    assert code == 0, err
+    out = torch.load(tmp_path / "backbone.pt", weights_only=True)  # nothing foreign left
+    assert out["train_args"] == {"imgsz": 640}
+    assert list(out["model"]) == [k for k in ref if k.startswith(("model.0.", "model.1."))]
+    for k, v in out["model"].items():
+        assert torch.equal(v, ref[k]) and v.dtype == ref[k].dtype and not v.requires_grad
+    code, _, err = cli("convert", "--inert-pickle", tmp_path / "best.pt", "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    st = load_file(tmp_path / "m.safetensors")
+    assert list(st) == list(ref) and all(torch.equal(st[k], ref[k]) for k in ref)

@@ -11,7 +11,7 @@ from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
 from ..errors import AmbiguousStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_refs
-from ..refs import FileRange
+from ..refs import FileRange, InertObject, TensorRef
 from ..safety import INERT, torch_load, unsafe_globals
 from ..zipfmt import TorchZip, write_torch_zip
 
@@ -108,6 +108,11 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
         obj, converted = _modules_to_state_dicts(obj)
         if converted:
             notes.append(f"whole-model pickle: took the state dict of {', '.join(converted)}")
+    else:  # modules read with --inert-pickle: their state dicts, from the recorded attributes
+        obj, converted = _modules_to_state_dicts(obj, is_module=_is_inert_module, state_dict=_inert_state_dict)
+        if converted:
+            notes.append(f"whole-model pickle read inert: took the state dict of {', '.join(converted)} "
+                         "(parameters and persistent buffers, in torch's order)")
     try:
         path, candidates = choose_state_dict(obj, key)
     except AmbiguousStateDictError as e:
@@ -124,21 +129,65 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
         plain_dict=type(sd) is dict)
 
 
-def _modules_to_state_dicts(obj):
-    import torch
+def _modules_to_state_dicts(obj, is_module=None, state_dict=None):
+    """A whole pickled module (or modules as wrapper values) replaced by its state dict."""
+    if is_module is None:
+        import torch
 
-    if isinstance(obj, torch.nn.Module):
-        return obj.state_dict(), [type(obj).__name__]
+        def is_module(v):
+            return isinstance(v, torch.nn.Module)
+
+        def state_dict(v):
+            return v.state_dict()
+
+    def name(v):
+        return getattr(type(v), "inert_name", type(v).__name__)
+
+    if is_module(obj):
+        return state_dict(obj), [name(obj)]
     if isinstance(obj, Mapping):
         converted, out = [], type(obj)() if type(obj) in (dict, OrderedDict) else dict()
         for k, v in obj.items():
-            if isinstance(v, torch.nn.Module):
-                out[k] = v.state_dict()
-                converted.append(f"{k} ({type(v).__name__})")
+            if is_module(v):
+                out[k] = state_dict(v)
+                converted.append(f"{k} ({name(v)})")
             else:
                 out[k] = v
         return (out, converted) if converted else (obj, [])
     return obj, []
+
+
+_MODULE_ATTRS = ("_parameters", "_buffers", "_modules")
+
+
+def _is_inert_module(v) -> bool:
+    """An nn.Module read inert: its recorded state is the module's __dict__."""
+    if not isinstance(v, InertObject):
+        return False
+    state = v._inert["state"]
+    return isinstance(state, Mapping) and all(isinstance(state.get(a), Mapping) for a in _MODULE_ATTRS)
+
+
+def _inert_state_dict(module, prefix: str = "", out=None) -> "OrderedDict[str, Any]":
+    """What module.state_dict() returns, from an inert module's recorded attributes: each
+    module's parameters, then its persistent buffers, then its children, depth first."""
+    out = OrderedDict() if out is None else out
+    state = module._inert["state"]
+    skip = state.get("_non_persistent_buffers_set") or ()
+    for kind in ("_parameters", "_buffers"):
+        for name, t in state[kind].items():
+            if t is not None and not (kind == "_buffers" and name in skip):
+                out[prefix + name] = _detached(t)
+    for name, child in state["_modules"].items():
+        if _is_inert_module(child):
+            _inert_state_dict(child, f"{prefix}{name}.", out)
+    return out
+
+
+def _detached(t):
+    if isinstance(t, TensorRef) and (t.param is not None or t.requires_grad):
+        return TensorRef(t.storage, t.offset, t.shape, t.stride, t.dtype, hooks=None, metadata=t.metadata)
+    return t
 
 
 def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=None, **_) -> dict:
