@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace as dc_replace
 from typing import Any, Iterator, Mapping
 
 from . import dtypes
-from .errors import AmbiguousStateDictError, SelectionError
+from .errors import AmbiguousStateDictError, NoStateDictError, SelectionError
 from .refs import CallRef, GlobalRef, InertCall, InertObject, TensorRef, is_tensor_like, special_kind
 
 # Where people put the model's weights inside a wrapper dict, most specific first.
@@ -222,7 +222,7 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
         return (), candidates  # an empty state dict (a module without parameters): nothing to choose
     if not candidates:
         top = list(obj.keys())[:12] if isinstance(obj, Mapping) else type(obj).__name__
-        raise SelectionError(f"no state dict (mapping of names to tensors) found; top level: {top}")
+        raise NoStateDictError(f"no state dict (mapping of names to tensors) found; top level: {top}")
     if len(candidates) == 1:
         return candidates[0], candidates
     if () in candidates:

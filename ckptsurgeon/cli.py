@@ -138,7 +138,10 @@ def _print_inspect(info: dict) -> None:
             mark = "  <- state dict" if at is not None and k == at.split("/")[0] else ""
             c.print(f"  {k}: {v}{mark}")
     if at is None:
-        c.print(f"state dict at: not chosen ({len(info['candidates'])} candidates; pick one with --key):")
+        if info["candidates"]:
+            c.print(f"state dict at: not chosen ({len(info['candidates'])} candidates; pick one with --key):")
+        else:
+            c.print("state dict at: none")
         for cand in info["candidate_sizes"][:20]:
             c.print(f"  {cand['at']}: {cand['tensors']} tensors, {human_bytes(cand['bytes'])}")
         if len(info["candidate_sizes"]) > 20:

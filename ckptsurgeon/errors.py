@@ -76,6 +76,15 @@ class SelectionError(CkptSurgeonError):
     kind = "selection"
 
 
+class NoStateDictError(SelectionError):
+    """The file holds no mapping of names to tensors (an RNG state, a bare optimizer step...)."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        #: the whole file read (``state`` empty): what ``inspect`` shows instead of failing
+        self.overview = None
+
+
 class KeyCollisionError(CkptSurgeonError):
     """A rename would map two keys onto one name."""
 

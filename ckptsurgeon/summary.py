@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from .checkpoint import Checkpoint, node_at, tensor_info
-from .errors import AmbiguousStateDictError
+from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import InertObject, is_tensor_like
 
@@ -43,13 +43,16 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
     tensors to count NaN/Inf (the only option that touches tensor bytes)."""
     from .loading import load
 
-    chosen = True
+    chosen, why = True, ""
     try:
         ck = source if isinstance(source, Checkpoint) else load(source, key=key, trust_pickle=trust_pickle)
-    except AmbiguousStateDictError as e:
+    except (AmbiguousStateDictError, NoStateDictError) as e:
         if e.overview is None:
             raise
-        ck, chosen = e.overview, False  # an optimizer state, several models: show the whole file
+        ck, chosen = e.overview, False  # an optimizer state, several models, an RNG state: the whole file
+        why = (f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"
+               if isinstance(e, AmbiguousStateDictError) else
+               "no state dict (mapping of names to tensors) in this file: nothing here for surgeries")
     src = ck.source
     shapes = OrderedDict((k, tuple(tensor_info(v)["shape"])) for k, v in ck.tensor_items())
     sizes = OrderedDict((k, tensor_info(v)["numel"]) for k, v in ck.tensor_items())
@@ -83,8 +86,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "has_module_metadata": ck.metadata is not None,
         "safetensors_metadata": dict(ck.st_metadata),
         "transforms": list(ck.transforms),
-        "notes": list(ck.notes) + ([] if chosen else [
-            f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"]),
+        "notes": list(ck.notes) + ([why] if why else []),
     }
     if values:
         out["nonfinite"] = nonfinite(ck)

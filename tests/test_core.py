@@ -540,3 +540,23 @@ def test_special_tensors_pass_through_torch_output_and_fail_cleanly_elsewhere(tm
         lines = [x for x in err.splitlines() if "error" in x]
         assert code == 2 and len(lines) == 1 and kind in lines[0] and "internal" not in lines[0], err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_inspect_shows_a_file_without_a_state_dict(tmp_path, cli):
+    """An RNG-state file (HF Trainer's rng_state.pth) holds tensors but no state dict: inspect
+    shows what it holds (exit 0, state_dict_at null); surgeries stop with one line."""
+    import json
+    import random
+
+    import numpy as np
+
+    p = tmp_path / "rng_state.pth"
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, p)
+    code, out, err = cli("inspect", p)
+    assert code == 0, err
+    assert "cpu: tensor uint8" in out and "state dict at: none" in out and "no state dict" in out
+    code, out, _ = cli("inspect", "--json", p)
+    info = json.loads(out)
+    assert code == 0 and info["state_dict_at"] is None and info["candidates"] == [] and info["tensors"] == 0
+    code, _, err = cli("strip-prefix", p, "-o", tmp_path / "out.pt")
+    assert code == 2 and "no state dict" in err and len(err.strip().splitlines()) == 1

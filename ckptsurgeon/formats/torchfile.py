@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
-from ..errors import AmbiguousStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..errors import AmbiguousStateDictError, NoStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_refs
 from ..refs import FileRange, InertObject, TensorRef
 from ..safety import INERT, torch_load, unsafe_globals
@@ -115,8 +115,8 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
                          "(parameters and persistent buffers, in torch's order)")
     try:
         path, candidates = choose_state_dict(obj, key)
-    except AmbiguousStateDictError as e:
-        e.overview = Checkpoint(state=OrderedDict(), wrapper=obj, source=source, candidates=tuple(e.candidates),
+    except (AmbiguousStateDictError, NoStateDictError) as e:
+        e.overview = Checkpoint(state=OrderedDict(), wrapper=obj, source=source, candidates=tuple(getattr(e, "candidates", ())),
                                 transforms=tuple(transforms), notes=tuple(notes))
         raise
     sd = obj
