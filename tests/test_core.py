@@ -415,7 +415,9 @@ def test_empty_state_dict_is_a_state_dict(tmp_path, cli):
     assert code == 0, err
     assert len(torch.load(tmp_path / "back.pt", weights_only=True)) == 0
     torch.save({"epoch": 1, "note": "no tensors"}, tmp_path / "none.pt")
-    code, _, err = cli("inspect", tmp_path / "none.pt")
+    code, out, err = cli("inspect", tmp_path / "none.pt")  # shown, but it is not a state dict
+    assert code == 0 and "state dict at: none" in out and "epoch: 1" in out, err
+    code, _, err = cli("convert", tmp_path / "none.pt", "-o", tmp_path / "none.safetensors")
     assert code == 2 and "no state dict" in err
 
 
