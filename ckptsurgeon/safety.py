@@ -229,6 +229,21 @@ def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
         raise CorruptCheckpointError(f"{path}: torch cannot read it: {_first_line(first)}") from None
 
 
+def torch_load_buffer(buf, label: str, *, trust_pickle: bool = False):
+    """torch.load of an in-memory torch.save output (one value of a DCP folder), weights-only
+    unless the user trusts the file; refusals name what torch refused."""
+    import torch
+
+    try:
+        return _load(torch, buf, trust_pickle is not True, False)
+    except Exception as e:
+        refused = _refused_by_torch(e)
+        if refused:
+            raise UnsafePickleError(f"{label}: would import {', '.join(refused)}; nothing was executed",
+                                    globals_=refused, hint=TRUST_HINT) from None
+        raise CorruptCheckpointError(f"{label}: torch cannot read it: {_first_line(e)}") from None
+
+
 def _load(torch, path, weights_only, mmap):
     import warnings
 

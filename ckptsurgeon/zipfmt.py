@@ -10,6 +10,7 @@ assumes, so matching it keeps that mode correct (a plain zip writer would silent
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import uuid
@@ -34,17 +35,62 @@ PENDING_MAX = 1 << 20
 COPY_ALIGN = 64 << 10  # kernel copies start on this destination boundary (see copy_range)
 
 
-class TorchZip:
-    """An open torch zip checkpoint: its records, their byte ranges and CRCs."""
+class _Window(io.RawIOBase):
+    """Bytes [base, base+length) of an open file as a file of their own (a torch.save output
+    embedded in a bigger file, as torch.distributed.checkpoint writes them)."""
 
-    def __init__(self, path: str):
+    def __init__(self, f, base: int, length: int):
+        super().__init__()
+        self._f, self._base, self._len, self._pos = f, base, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        self._pos = max(0, {0: pos, 1: self._pos + pos, 2: self._len + pos}[whence])
+        return self._pos
+
+    def readinto(self, buf):
+        want = max(0, min(len(buf), self._len - self._pos))
+        data = os.pread(self._f.fileno(), want, self._base + self._pos) if want else b""
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def fileno(self):
+        return self._f.fileno()
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+class TorchZip:
+    """An open torch zip checkpoint: its records, their byte ranges and CRCs.
+
+    ``base``/``length``: the archive is that byte range of ``path`` (offsets reported stay
+    offsets in ``path``)."""
+
+    def __init__(self, path: str, base: int = 0, length: int | None = None):
         self.path = path
-        self.size = os.path.getsize(path)
+        self.base = base
+        self.size = os.path.getsize(path) - base if length is None else length
+        self._window = None
         try:
-            zf = zipfile.ZipFile(path)
+            if length is not None:
+                self._window = _Window(open(path, "rb"), base, length)
+            zf = zipfile.ZipFile(self._window or path)
             infos = zf.infolist()
         except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
                 struct.error, NotImplementedError) as e:
+            if self._window is not None:
+                self._window.close()
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})",
                                          hint="the file is truncated or not a torch checkpoint") from None
         if not infos:
@@ -83,28 +129,31 @@ class TorchZip:
             data = self.read(name)
             return MemoryBytes(data[:nbytes], label=label or name)
         offset = self.data_offset(info)
-        if offset + info.file_size > self.size:
+        if offset + info.file_size > self.base + self.size:
             raise CorruptCheckpointError(f"{self.path}: record {name} runs past the end of the file (truncated?)")
         crc = info.CRC if nbytes == info.file_size else None
         return FileRange(self.path, offset, nbytes, crc=crc, label=label or f"record {name}")
 
     def data_offset(self, info: zipfile.ZipInfo) -> int:
         fp = getattr(self._zf, "fp", None)
+        start = self.base + info.header_offset
         if fp is not None:  # the archive's own open file: no open() per record
-            head = os.pread(fp.fileno(), _LOCAL.size, info.header_offset)
+            head = os.pread(fp.fileno(), _LOCAL.size, start)
         else:
             with open(self.path, "rb") as f:
-                f.seek(info.header_offset)
+                f.seek(start)
                 head = f.read(_LOCAL.size)
         if len(head) != _LOCAL.size:
             raise CorruptCheckpointError(f"{self.path}: local header of {info.filename} is truncated")
         sig, *_rest, name_len, extra_len = _LOCAL.unpack(head)
         if sig != 0x04034B50:
             raise CorruptCheckpointError(f"{self.path}: bad local header for {info.filename}")
-        return info.header_offset + _LOCAL.size + name_len + extra_len
+        return start + _LOCAL.size + name_len + extra_len
 
     def close(self):
         self._zf.close()
+        if self._window is not None:  # zipfile leaves a file object it was given open
+            self._window.close()
 
 
 # --------------------------------------------------------------------------- writing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from ..types import FormatSpec
-from . import hf, safetensors, torchfile
+from . import dcp, hf, safetensors, torchfile
 
 
 @hookimpl
@@ -17,6 +17,8 @@ def ckptsurgeon_formats():
                    description="torch.save legacy pickle format (read with torch.load, weights-only)"),
         FormatSpec("safetensors", (".safetensors",), safetensors.sniff, safetensors.load, safetensors.save,
                    priority=1, description="safetensors (read lazily; written zero-copy)"),
+        FormatSpec("dcp", (), dcp.sniff, dcp.load, None, priority=1,
+                   description="torch.distributed.checkpoint folder (.metadata + .distcp; read-only, no process group)"),
         FormatSpec("hf-folder", (), hf.sniff, hf.load, hf.save_sharded, priority=0,
                    description="Hugging Face folder: single file or sharded with *.index.json"),
     ]

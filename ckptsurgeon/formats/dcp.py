@@ -1,0 +1,298 @@
+"""torch.distributed.checkpoint (DCP) folders, read safely and lazily, without a process group.
+
+FSDP, torchtitan and Lightning's sharded strategies save a folder: ``.metadata`` (a pickle of
+DCP's dataclasses: every entry's dtype, shape and chunks, and where each chunk's bytes are)
+plus ``__<rank>_<n>.distcp`` files holding each chunk as a complete ``torch.save`` archive at a
+byte offset, and each non-tensor value as the ``torch.save`` bytes of that value.
+
+torch's own reader ``pickle.load``\\ s ``.metadata`` (anything in it runs). Here its globals are
+checked against DCP's own classes first and then unpickled inert (:class:`~ckptsurgeon.refs.InertObject`):
+nothing in the file is imported or called. A tensor saved in one chunk stays on disk (a lazy
+:class:`~ckptsurgeon.refs.TensorRef` into the ``.distcp`` file, copied zero-copy by the
+writers); a tensor sharded over ranks is assembled from its chunks with torch. The nested
+structure (``{"model": ..., "optim": ...}``) is rebuilt from the planner's key paths, so the
+model's state dict is found as in any wrapper. DCP is read-only here: write .pt, .safetensors or
+a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from ..checkpoint import Source
+from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..pickle_io import NotFastPath, load_refs, scan_globals
+from ..refs import CallRef, FileRange, GlobalRef, InertObject, StorageRef, TensorRef
+from ..zipfmt import TorchZip
+
+METADATA = ".metadata"
+_DCP_MODULE = "torch.distributed.checkpoint."
+#: what DCP's .metadata pickles besides its own classes (checked before anything is unpickled)
+_OTHER_GLOBALS = {"torch.Size", "torch.serialization._get_layout", "collections.OrderedDict",
+                  "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.WindowsPath", "pathlib.PureWindowsPath",
+                  "pathlib._local.PosixPath", "builtins.set", "builtins.frozenset"}
+
+
+def sniff(path: str, head: bytes) -> bool:
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, METADATA))
+    return os.path.basename(path) == METADATA
+
+
+def load(path: str, *, key=None, trust_pickle=False, **_):
+    from .torchfile import from_object
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    meta_path = os.path.join(folder, METADATA)
+    meta = _fields(_read_metadata(meta_path))
+    entries = meta.get("state_dict_metadata")
+    storage = meta.get("storage_data")
+    if not isinstance(entries, Mapping) or not isinstance(storage, Mapping):
+        raise CorruptCheckpointError(f"{meta_path}: not DCP metadata (no state_dict_metadata / storage_data)")
+    where: dict[str, list] = {}
+    for index, info in storage.items():
+        fqn = _fields(index).get("fqn")
+        where.setdefault(fqn, []).append((_fields(index), _fields(info)))
+
+    files: set[str] = set()
+    flat: dict[str, Any] = {}
+    assembled = []
+    for fqn, entry in entries.items():
+        kind = getattr(type(entry), "inert_name", "")
+        chunks = where.get(fqn, [])
+        if kind == "BytesStorageMetadata":
+            if len(chunks) != 1:
+                raise CorruptCheckpointError(f"{meta_path}: {fqn!r} has {len(chunks)} storage entries, expected one")
+            flat[fqn] = _read_bytes_item(folder, fqn, chunks[0][1], files, trust_pickle)
+        elif kind == "TensorStorageMetadata":
+            value, whole = _read_tensor(folder, fqn, _fields(entry), chunks, files)
+            flat[fqn] = value
+            if not whole:
+                assembled.append(fqn)
+        else:
+            raise UnsupportedError(f"{meta_path}: entry {fqn!r} is a {kind or type(entry).__name__}, "
+                                   "which this DCP reader does not know")
+    obj = _unflatten(flat, meta.get("planner_data"))
+    notes = ["torch.distributed.checkpoint folder: read-only here (write .pt, .safetensors or a folder)"]
+    if assembled:
+        notes.append(f"{len(assembled)} tensor(s) sharded over ranks were assembled in memory "
+                     f"(e.g. {assembled[0]})")
+    size = sum(os.path.getsize(f) for f in files | {meta_path})
+    source = Source(path=folder, format="dcp", size=size, files=tuple(sorted(files | {meta_path})),
+                    lazy=not assembled, notes=tuple(notes))
+    return from_object(obj, source, key=key)
+
+
+# --------------------------------------------------------------------------- metadata
+def _read_metadata(meta_path: str):
+    try:
+        with open(meta_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise NotACheckpointError(f"{meta_path}: cannot read DCP metadata ({e.strerror})") from None
+    names = set(scan_globals(data))
+    foreign = sorted(n for n in names if not n.startswith(_DCP_MODULE) and n not in _OTHER_GLOBALS
+                     and not _is_torch_dtype(n))
+    if foreign:
+        raise UnsafePickleError(f"{meta_path}: DCP metadata that would import {', '.join(foreign)}; "
+                                "nothing was executed", globals_=foreign,
+                                hint="a DCP .metadata holds only torch.distributed.checkpoint's own classes")
+
+    def no_storages(*_):
+        raise CorruptCheckpointError(f"{meta_path}: DCP metadata with tensor storages")
+
+    try:
+        return load_refs(data, no_storages, inert=names)  # inert: nothing in the file runs
+    except NotFastPath as e:
+        raise CorruptCheckpointError(f"{meta_path}: unexpected DCP metadata ({e})") from None
+
+
+def _is_torch_dtype(name: str) -> bool:
+    from .. import dtypes
+
+    module, _, attr = name.rpartition(".")
+    return module == "torch" and attr in dtypes.ITEMSIZE
+
+
+def _fields(obj) -> dict:
+    """A dataclass instance's attributes from its inert record (BUILD state; dataclasses with
+    slots pickle (None, slots) or (dict, slots))."""
+    if not isinstance(obj, InertObject):
+        return {}
+    state = obj._inert["state"]
+    if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+        out = dict(state[0] or {})
+        out.update(state[1] or {})
+        return out
+    return dict(state) if isinstance(state, dict) else {}
+
+
+def _size(v) -> tuple:
+    """torch.Size(...) as recorded (a CallRef of torch.Size) or a plain sequence -> tuple of ints."""
+    if isinstance(v, CallRef) and v.func == GlobalRef("torch", "Size"):
+        v = v.args[0] if v.args else ()
+    try:
+        return tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise CorruptCheckpointError(f"DCP metadata: {v!r} is not a tensor size") from None
+
+
+def _dtype_of(properties) -> str:
+    props = properties
+    state = props._inert["state"] if isinstance(props, InertObject) else None
+    dtype = state[0] if isinstance(state, tuple) and state else _fields(props).get("dtype")
+    if not isinstance(dtype, GlobalRef) or dtype.module != "torch":
+        raise CorruptCheckpointError(f"DCP metadata: unknown tensor dtype {dtype!r}")
+    return dtype.name
+
+
+# --------------------------------------------------------------------------- data
+def _data_file(folder: str, info: dict, files: set) -> tuple[str, int, int]:
+    rel = info.get("relative_path")
+    offset, length = info.get("offset"), info.get("length")
+    if not isinstance(rel, str) or not isinstance(offset, int) or not isinstance(length, int) or offset < 0 \
+            or length < 0:
+        raise CorruptCheckpointError(f"DCP metadata: bad storage entry {info!r}")
+    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
+        raise CorruptCheckpointError(f"DCP metadata points outside its folder: {rel!r}")
+    if info.get("transform_descriptors"):
+        raise UnsupportedError(f"DCP data stored with transforms {info['transform_descriptors']!r} "
+                               "(compression or another extension) is not supported")
+    path = os.path.join(folder, rel)
+    if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"{path}: DCP data file is missing")
+    if offset + length > os.path.getsize(path):
+        raise CorruptCheckpointError(f"{path}: DCP data file is truncated")
+    files.add(path)
+    return path, offset, length
+
+
+def _embedded(path: str, offset: int, length: int):
+    """The object a torch.save archive at [offset, offset+length) of ``path`` holds, lazily."""
+    z = TorchZip(path, base=offset, length=length)
+    try:
+        return load_refs(z.read("data.pkl"), lambda k, dtype, n: z.source(f"data/{k}", n, label=f"{path}@{offset}"))
+    finally:
+        z.close()
+
+
+def _read_bytes_item(folder, fqn, info, files, trust_pickle):
+    path, offset, length = _data_file(folder, info, files)
+    try:
+        return _embedded(path, offset, length)
+    except NotFastPath:
+        pass
+    import io
+
+    from ..safety import torch_load_buffer
+
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), length, offset)
+    return torch_load_buffer(io.BytesIO(data), f"{path} ({fqn})", trust_pickle=trust_pickle is True)
+
+
+def _read_tensor(folder, fqn, entry, chunks, files):
+    shape = _size(entry.get("size"))
+    dtype = _dtype_of(entry.get("properties"))
+    if not chunks:
+        raise CorruptCheckpointError(f"DCP metadata: tensor {fqn!r} has no stored chunks")
+    pieces = []
+    for index, info in chunks:
+        path, offset, length = _data_file(folder, info, files)
+        with open(path, "rb") as f:
+            head = os.pread(f.fileno(), 4, offset)
+        if head == b"PK\x03\x04":
+            t = _embedded(path, offset, length)
+            if not isinstance(t, TensorRef):
+                raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is not a tensor")
+        else:  # raw bytes (DCP's safetensors-style serialization)
+            sizes = _size(_chunk_sizes(entry, index) or shape)
+            numel = 1
+            for d in sizes:
+                numel *= d
+            storage = StorageRef(dtype, numel, FileRange(path, offset, length, label=f"{fqn} chunk"))
+            if storage.nbytes != length:
+                raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} holds {length} bytes, expected {storage.nbytes}")
+            t = TensorRef(storage, 0, sizes, _contiguous_stride(sizes), dtype)
+        pieces.append((_size(index.get("offset")) if index.get("offset") is not None else (0,) * len(shape), t))
+    if len(pieces) == 1 and tuple(pieces[0][1].shape) == shape and not any(pieces[0][0]):
+        t = pieces[0][1]
+        if t.dtype != dtype:
+            raise CorruptCheckpointError(f"DCP chunk of {fqn!r} is {t.dtype}, the metadata says {dtype}")
+        return t, True
+    return _assemble(fqn, shape, dtype, pieces), False
+
+
+def _chunk_sizes(entry: dict, index: dict):
+    want = index.get("offset")
+    for chunk in entry.get("chunks") or ():
+        f = _fields(chunk)
+        if want is not None and _size(f.get("offsets")) == _size(want):
+            return f.get("sizes")
+    return None
+
+
+def _contiguous_stride(shape) -> tuple:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))
+
+
+def _assemble(fqn, shape, dtype, pieces):
+    """A tensor sharded over ranks: placed chunk by chunk into one tensor (in memory)."""
+    import torch
+
+    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    covered = 0
+    for offsets, ref in pieces:
+        t = ref.to_torch()
+        if len(offsets) != len(shape) or any(o < 0 or o + s > d for o, s, d in zip(offsets, t.shape, shape)):
+            raise CorruptCheckpointError(f"DCP chunk of {fqn!r} at {list(offsets)} does not fit {list(shape)}")
+        out[tuple(slice(o, o + s) for o, s in zip(offsets, t.shape))] = t
+        covered += t.numel()
+    if covered != out.numel():
+        raise CorruptCheckpointError(f"DCP tensor {fqn!r}: its chunks cover {covered} of {out.numel()} elements "
+                                     "(a rank's file missing from the folder?)")
+    return out
+
+
+def _unflatten(flat: dict, mapping) -> Any:
+    """DCP's nested structure back from the planner's key paths (ints index lists)."""
+    if not isinstance(mapping, Mapping) or not mapping:
+        return OrderedDict(flat)
+    root: dict = {}
+    for fqn, value in flat.items():
+        path = mapping.get(fqn, (fqn,))
+        if not isinstance(path, tuple) or not path:
+            path = (fqn,)
+        node = root
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            node = _child(node, part, list if isinstance(nxt, int) else dict)
+        _set(node, path[-1], value)
+    return root
+
+
+def _child(node, part, kind):
+    if isinstance(node, list):
+        while len(node) <= part:
+            node.append(None)
+        if node[part] is None:
+            node[part] = kind()
+        return node[part]
+    if part not in node:
+        node[part] = kind()
+    return node[part]
+
+
+def _set(node, part, value):
+    if isinstance(node, list):
+        while len(node) <= part:
+            node.append(None)
+        node[part] = value
+    else:
+        node[part] = value

@@ -1,0 +1,167 @@
+"""torch.distributed.checkpoint folders: read safely (nothing in .metadata runs), lazily where a
+tensor is one chunk, assembled where it was sharded over ranks; same result as torch's own
+dcp_to_torch_save. Files are written by real torch.distributed.checkpoint saves (one process, and
+two gloo ranks with sharded DTensors)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptsurgeon as cs
+from ckptsurgeon.errors import CorruptCheckpointError, UnsafePickleError
+
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+
+
+def _save(state, folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=str(folder))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    folder = tmp_path / "step7"
+    _save({"model": net.state_dict(), "optim": opt.state_dict(), "step": 7, "name": "run1"}, folder)
+    return net, folder
+
+
+def _equal(a, b, where=""):
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_dcp_folder_reads_lazily_like_torchs_own_converter(trained, tmp_path, cli):
+    net, folder = trained
+    ck = cs.load(folder)
+    assert ck.source.format == "dcp" and ck.source.lazy and ck.sd_path == ("model",)
+    assert list(ck.state) == list(net.state_dict())
+    assert cs.load(folder / ".metadata").sd_path == ("model",)  # the metadata file names the folder too
+    code, out, err = cli("inspect", folder)
+    assert code == 0 and "dcp" in out and "state dict at: model" in out, err
+
+    code, _, err = cli("convert", folder, "-o", tmp_path / "ours.pt")
+    assert code == 0, err
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(str(folder), str(tmp_path / "theirs.pt"))
+    _equal(torch.load(tmp_path / "theirs.pt", weights_only=False), torch.load(tmp_path / "ours.pt", weights_only=True))
+
+    code, _, err = cli("extract", folder, "-o", tmp_path / "first.safetensors", "--layers", "0")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "first.safetensors")
+    assert list(got) == ["0.weight", "0.bias"] and torch.equal(got["0.weight"], net[0].weight.detach())
+    code, _, err = cli("convert", folder, "-o", tmp_path / "again", "--format", "dcp")
+    assert code == 2 and "Traceback" not in err
+
+
+def _sharded_rank(rank, world, out, initfile):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{initfile}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)
+        w, e = torch.randn(7, 5, generator=g), torch.randn(6, 3, generator=g).to(torch.bfloat16)
+        state = {"model": {"layers.0.weight": distribute_tensor(w, mesh, [Shard(0)]),  # 4 + 3 rows
+                           "embed.weight": distribute_tensor(e, mesh, [Shard(1)]),     # 2 + 1 columns
+                           "norm.weight": distribute_tensor(torch.ones(5), mesh, [Replicate()])},
+                 "step": 3}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, checkpoint_id=out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
+    """Two gloo ranks save row- and column-sharded DTensors (uneven shards, bf16) and a
+    replicated one: the reader puts each tensor together from its chunks."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not built")
+    out = tmp_path / "sharded"
+    mp.spawn(_sharded_rank, args=(2, str(out), str(tmp_path / "init")), nprocs=2)
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    g = torch.Generator().manual_seed(0)
+    w, e = torch.randn(7, 5, generator=g), torch.randn(6, 3, generator=g).to(torch.bfloat16)
+
+    ck = cs.load(out)
+    assert not ck.source.lazy and any("assembled" in n for n in ck.notes)
+    sd = ck.torch_state_dict()
+    assert torch.equal(sd["layers.0.weight"], w) and torch.equal(sd["embed.weight"], e)
+    assert sd["embed.weight"].dtype == torch.bfloat16 and torch.equal(sd["norm.weight"], torch.ones(5))
+    assert ck.wrapper["step"] == 3
+    code, _, err = cli("convert", out, "-o", tmp_path / "full.pt")
+    assert code == 0, err
+    assert torch.equal(torch.load(tmp_path / "full.pt", weights_only=True)["model"]["layers.0.weight"], w)
+
+    os.unlink(out / "__1_0.distcp")  # a rank's file missing
+    code, _, err = cli("inspect", out)
+    assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1
+
+
+class _Payload:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def test_dcp_metadata_never_runs_code(trained, tmp_path, cli):
+    """torch's reader pickle.load()s .metadata; here its globals are checked first and it is
+    unpickled inert. A payload is refused with nothing run; a storage entry pointing out of the
+    folder is refused."""
+    _, folder = trained
+    with open(folder / ".metadata", "rb") as f:
+        meta = pickle.load(f)  # the test trusts its own file
+    canary = tmp_path / "canary"
+    meta.planner_data = {"x": _Payload(f"touch {canary}")}
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(folder)
+    assert "system" in str(e.value) and not canary.exists()
+    code, _, err = cli("inspect", folder)
+    assert code == 2 and "nothing was executed" in err and not canary.exists()
+
+    meta.planner_data = {}
+    index = next(iter(meta.storage_data))
+    info = meta.storage_data[index]
+    info.relative_path = "../../etc/passwd"
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+    with pytest.raises(CorruptCheckpointError) as e:
+        cs.load(folder)
+    assert "outside its folder" in str(e.value)
