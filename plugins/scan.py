@@ -37,6 +37,13 @@ def scan(path: str) -> dict:
         raise InputNotFoundError(f"{path}: no such file or directory")
     allowed = allowed_globals()
     files, unsafe_all = [], []
+    from ckptsurgeon.formats import dcp
+
+    if dcp.sniff(path, b""):  # a torch.distributed.checkpoint folder (or its .metadata)
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        files = dcp.scan_folder(folder, allowed)
+        unsafe_all = list(dict.fromkeys(n for f in files for n in f["unsafe"]))
+        return {"path": path, "files": files, "unsafe": unsafe_all}
     for f in _files(path):
         entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None}
         try:

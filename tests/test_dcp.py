@@ -165,3 +165,26 @@ def test_dcp_metadata_never_runs_code(trained, tmp_path, cli):
     with pytest.raises(CorruptCheckpointError) as e:
         cs.load(folder)
     assert "outside its folder" in str(e.value)
+
+
+def test_dcp_scan_reads_every_embedded_archive(tmp_path, cli):
+    """A .distcp file is many torch.save archives end to end: scan reads each one the metadata
+    points to, so a payload saved as a non-tensor value is found; loading refuses it unrun."""
+    canary = tmp_path / "canary"
+    folder = tmp_path / "ck"
+    _save({"model": {"w": torch.ones(2, 2), "b": torch.zeros(2)}, "evil": _Payload(f"touch {canary}"), "step": 1},
+          folder)
+    rep = cs.scan(str(folder))
+    kinds = [f["format"] for f in rep["files"]]
+    assert kinds[0] == "dcp-metadata" and "dcp-data" in kinds
+    assert rep["files"][0]["unsafe"] == []  # DCP's own classes are expected in .metadata
+    data = next(f for f in rep["files"] if f["format"] == "dcp-data")
+    assert len(data["pickles"]) == 4  # w, b, evil, step: one archive each
+    assert rep["unsafe"] == ["posix.system"]
+    code, out, _ = cli("scan", folder)
+    assert code == 1 and "posix.system" in out
+    code, _, err = cli("inspect", folder)
+    assert code == 2 and "system" in err and "nothing was executed" in err
+    code, out, err = cli("inspect", "--inert-pickle", folder)
+    assert code == 0 and "evil: posix.system (inert)" in out, err
+    assert not canary.exists()

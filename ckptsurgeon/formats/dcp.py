@@ -85,6 +85,45 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
     return from_object(obj, source, key=key)
 
 
+def scan_folder(folder: str, allowed: set) -> list[dict]:
+    """scan's entries for a DCP folder: the metadata's globals (DCP's own classes are expected
+    there: it is read inert) and the globals of every torch.save archive the metadata points to
+    (a .distcp file is many archives end to end; zipfile alone would see only the last one)."""
+    meta_path = os.path.join(folder, METADATA)
+    with open(meta_path, "rb") as f:
+        names = scan_globals(f.read())
+    foreign = _foreign(set(names))
+    entries = [{"file": meta_path, "format": "dcp-metadata", "pickles": {METADATA: names}, "unsafe": foreign,
+                "error": None}]
+    if foreign:
+        entries[0]["error"] = "unsafe DCP metadata: its data files were not scanned"
+        return entries
+    meta = _fields(_read_metadata(meta_path))
+    per_file: dict[str, dict] = {}
+    for _index, info in (meta.get("storage_data") or {}).items():
+        path, offset, length = _data_file(folder, _fields(info), set())
+        entry = per_file.setdefault(path, {"file": path, "format": "dcp-data", "pickles": {}, "unsafe": [],
+                                           "error": None})
+        with open(path, "rb") as f:
+            if os.pread(f.fileno(), 4, offset) != b"PK\x03\x04":
+                continue  # raw tensor bytes: no pickle
+        z = TorchZip(path, base=offset, length=length)
+        try:
+            for name in z.infos:
+                if name.endswith(".pkl"):
+                    found = scan_globals(z.read(name))
+                    entry["pickles"][f"@{offset}/{name}"] = found
+                    entry["unsafe"] += [n for n in found if n not in allowed and n not in entry["unsafe"]]
+        finally:
+            z.close()
+    return entries + [per_file[p] for p in sorted(per_file)]
+
+
+def _foreign(names: set) -> list[str]:
+    return sorted(n for n in names if not n.startswith(_DCP_MODULE) and n not in _OTHER_GLOBALS
+                  and not _is_torch_dtype(n))
+
+
 # --------------------------------------------------------------------------- metadata
 def _read_metadata(meta_path: str):
     try:
@@ -93,8 +132,7 @@ def _read_metadata(meta_path: str):
     except OSError as e:
         raise NotACheckpointError(f"{meta_path}: cannot read DCP metadata ({e.strerror})") from None
     names = set(scan_globals(data))
-    foreign = sorted(n for n in names if not n.startswith(_DCP_MODULE) and n not in _OTHER_GLOBALS
-                     and not _is_torch_dtype(n))
+    foreign = _foreign(names)
     if foreign:
         raise UnsafePickleError(f"{meta_path}: DCP metadata that would import {', '.join(foreign)}; "
                                 "nothing was executed", globals_=foreign,
@@ -169,11 +207,12 @@ def _data_file(folder: str, info: dict, files: set) -> tuple[str, int, int]:
     return path, offset, length
 
 
-def _embedded(path: str, offset: int, length: int):
+def _embedded(path: str, offset: int, length: int, inert=()):
     """The object a torch.save archive at [offset, offset+length) of ``path`` holds, lazily."""
     z = TorchZip(path, base=offset, length=length)
     try:
-        return load_refs(z.read("data.pkl"), lambda k, dtype, n: z.source(f"data/{k}", n, label=f"{path}@{offset}"))
+        return load_refs(z.read("data.pkl"), lambda k, dtype, n: z.source(f"data/{k}", n, label=f"{path}@{offset}"),
+                         inert=inert)
     finally:
         z.close()
 
@@ -186,7 +225,24 @@ def _read_bytes_item(folder, fqn, info, files, trust_pickle):
         pass
     import io
 
-    from ..safety import torch_load_buffer
+    from ..safety import INERT, TRUST_HINT, allowed_globals, torch_load_buffer
+
+    if trust_pickle is not True:
+        z = TorchZip(path, base=offset, length=length)
+        try:
+            allowed = allowed_globals()
+            unsafe = [n for n in dict.fromkeys(scan_globals(z.read("data.pkl"))) if n not in allowed]
+        finally:
+            z.close()
+        if unsafe and trust_pickle == INERT:
+            try:
+                return _embedded(path, offset, length, inert=unsafe)
+            except NotFastPath:
+                pass
+        if unsafe:
+            raise UnsafePickleError(f"{path}: the value {fqn!r} would import globals outside the weights-only "
+                                    f"allowlist: {', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                    hint=TRUST_HINT)
 
     with open(path, "rb") as f:
         data = os.pread(f.fileno(), length, offset)
