@@ -148,6 +148,7 @@ class _RefUnpickler(pickle.Unpickler):
         self._storages: dict[str, StorageRef] = {}
         self.numpy_seen = False
         self._inert = inert
+        self.inert_seen: set[str] = set()
 
     def find_class(self, module, name):
         key = as_written = (module, name)
@@ -166,6 +167,7 @@ class _RefUnpickler(pickle.Unpickler):
             self.numpy_seen |= module.startswith("numpy")
             return data
         if f"{module}.{name}" in self._inert:  # --inert-pickle: record it (as written), import nothing
+            self.inert_seen.add(f"{module}.{name}")
             return inert_class(*as_written)
         raise NotFastPath(f"{module}.{name}")
 
@@ -194,14 +196,28 @@ class _RefUnpickler(pickle.Unpickler):
         return ref
 
 
-def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset()) -> Any:
+class _Everything:
+    def __contains__(self, name):
+        return True
+
+
+#: ``inert=INERT_ALL``: every global outside the allowlists is recorded inert (pass ``seen`` to learn which)
+INERT_ALL = _Everything()
+
+
+def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset(),
+              seen: set | None = None) -> Any:
     """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError.
 
     ``inert``: names of globals (outside every allowlist) to record as :class:`InertObject`
-    stand-ins instead of refusing them; nothing of theirs is imported or run."""
+    stand-ins instead of refusing them, or INERT_ALL; nothing of theirs is imported or run.
+    ``seen`` receives the names recorded inert."""
     try:
-        unpickler = _RefUnpickler(io.BytesIO(data), storage_source, frozenset(inert))
+        unpickler = _RefUnpickler(io.BytesIO(data), storage_source,
+                                  inert if isinstance(inert, _Everything) else frozenset(inert))
         obj = unpickler.load()
+        if seen is not None:
+            seen |= unpickler.inert_seen
         if unpickler.numpy_seen and not inert:
             _refuse_numpy_objects(obj)
         return obj

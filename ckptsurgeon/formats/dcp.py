@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from ..checkpoint import Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
-from ..pickle_io import NotFastPath, load_refs, scan_globals
+from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
 from ..refs import CallRef, FileRange, GlobalRef, InertObject, StorageRef, TensorRef
 from ..zipfmt import TorchZip
 
@@ -131,20 +131,21 @@ def _read_metadata(meta_path: str):
             data = f.read()
     except OSError as e:
         raise NotACheckpointError(f"{meta_path}: cannot read DCP metadata ({e.strerror})") from None
-    names = set(scan_globals(data))
-    foreign = _foreign(names)
-    if foreign:
-        raise UnsafePickleError(f"{meta_path}: DCP metadata that would import {', '.join(foreign)}; "
-                                "nothing was executed", globals_=foreign,
-                                hint="a DCP .metadata holds only torch.distributed.checkpoint's own classes")
 
     def no_storages(*_):
         raise CorruptCheckpointError(f"{meta_path}: DCP metadata with tensor storages")
 
-    try:
-        return load_refs(data, no_storages, inert=names)  # inert: nothing in the file runs
+    names: set[str] = set()
+    try:  # every global recorded inert: nothing in the file is imported or runs, whatever it names
+        meta = load_refs(data, no_storages, inert=INERT_ALL, seen=names)
     except NotFastPath as e:
         raise CorruptCheckpointError(f"{meta_path}: unexpected DCP metadata ({e})") from None
+    foreign = _foreign(names)
+    if foreign:  # then refused all the same: what else would such a file be for
+        raise UnsafePickleError(f"{meta_path}: DCP metadata that would import {', '.join(foreign)}; "
+                                "nothing was executed", globals_=foreign,
+                                hint="a DCP .metadata holds only torch.distributed.checkpoint's own classes")
+    return meta
 
 
 def _is_torch_dtype(name: str) -> bool:
