@@ -322,6 +322,15 @@ def _storage_type_for(dtype: str) -> GlobalRef:
     return GlobalRef("torch", name) if name else GlobalRef("torch.storage", "UntypedStorage")
 
 
+def contiguous_stride(shape) -> tuple:
+    """Row-major strides (in elements) of a tensor of ``shape``."""
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
 class TensorRef:
     """A tensor as a view (offset, shape, stride) on a :class:`StorageRef`; no bytes read."""
 

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from . import dtypes
 from .errors import CorruptCheckpointError
-from .refs import FileRange, StorageRef, TensorRef
+from .refs import FileRange, StorageRef, TensorRef, contiguous_stride
 
 MAX_HEADER = 100_000_000
 
@@ -88,17 +88,9 @@ def load_entries(path: str) -> tuple[dict, dict]:
         shape = tuple(info["shape"])
         storage = StorageRef(dt, (end - begin) // dtypes.itemsize(dt),
                              FileRange(path, start + begin, end - begin, label=f"tensor {name!r}"))
-        stride = _contiguous_stride(shape)
+        stride = contiguous_stride(shape)
         out[name] = TensorRef(storage, 0, shape, stride, dt)
     return out, meta
-
-
-def _contiguous_stride(shape) -> tuple:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(stride))
 
 
 def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None,

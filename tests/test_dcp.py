@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

@@ -689,8 +689,6 @@ def _foreign_module(tmp_path, monkeypatch, name="foreignlib"):
 
 
 def _foreign_checkpoint(lib, path, loss=(1.0, 2.0)):
-    import functools
-
     sd = OrderedDict((f"model.l{i}.weight", torch.randn(3, 3, generator=torch.Generator().manual_seed(i)))
                      for i in range(3))
     sys.modules[lib.__name__] = lib  # importable while torch.save writes, as on the training machine

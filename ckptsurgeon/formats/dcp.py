@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from ..checkpoint import Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
-from ..refs import CallRef, FileRange, GlobalRef, InertObject, StorageRef, TensorRef
+from ..refs import CallRef, FileRange, GlobalRef, InertObject, StorageRef, TensorRef, contiguous_stride
 from ..zipfmt import TorchZip
 
 METADATA = ".metadata"
@@ -272,7 +272,7 @@ def _read_tensor(folder, fqn, entry, chunks, files):
             storage = StorageRef(dtype, numel, FileRange(path, offset, length, label=f"{fqn} chunk"))
             if storage.nbytes != length:
                 raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} holds {length} bytes, expected {storage.nbytes}")
-            t = TensorRef(storage, 0, sizes, _contiguous_stride(sizes), dtype)
+            t = TensorRef(storage, 0, sizes, contiguous_stride(sizes), dtype)
         pieces.append((_size(index.get("offset")) if index.get("offset") is not None else (0,) * len(shape), t))
     if len(pieces) == 1 and tuple(pieces[0][1].shape) == shape and not any(pieces[0][0]):
         t = pieces[0][1]
@@ -289,14 +289,6 @@ def _chunk_sizes(entry: dict, index: dict):
         if want is not None and _size(f.get("offsets")) == _size(want):
             return f.get("sizes")
     return None
-
-
-def _contiguous_stride(shape) -> tuple:
-    stride, acc = [], 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= max(d, 1)
-    return tuple(reversed(stride))
 
 
 def _assemble(fqn, shape, dtype, pieces):
