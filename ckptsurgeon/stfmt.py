@@ -19,10 +19,13 @@ from .refs import FileRange, StorageRef, TensorRef, contiguous_stride
 MAX_HEADER = 100_000_000
 
 
-def read_header(path: str) -> tuple[dict, dict, int]:
-    """(tensors, metadata, data_start) for a safetensors file; tensors keep file order."""
-    size = os.path.getsize(path)
+def read_header(path: str, base: int = 0) -> tuple[dict, dict, int]:
+    """(tensors, metadata, data_start) for a safetensors file; tensors keep file order.
+    ``base``: the safetensors bytes start there and run to the end of ``path`` (offsets
+    returned are offsets in ``path``)."""
+    size = os.path.getsize(path) - base
     with open(path, "rb") as f:
+        f.seek(base)
         head = f.read(8)
         if len(head) < 8:
             raise CorruptCheckpointError(f"{path}: too short for a safetensors file")
@@ -75,12 +78,12 @@ def read_header(path: str) -> tuple[dict, dict, int]:
         raise CorruptCheckpointError(
             f"{path}: header describes {cursor} data bytes but the file holds {data_len}"
             + (" (trailing bytes)" if data_len > cursor else " (truncated)"))
-    return header, meta, 8 + n
+    return header, meta, base + 8 + n
 
 
-def load_entries(path: str) -> tuple[dict, dict]:
+def load_entries(path: str, base: int = 0) -> tuple[dict, dict]:
     """name -> TensorRef over the file's bytes (nothing read), plus the string metadata."""
-    header, meta, start = read_header(path)
+    header, meta, start = read_header(path, base)
     out = {}
     for name, info in header.items():
         dt = dtypes.SAFETENSORS_TO_DTYPE[info["dtype"]]

@@ -94,11 +94,31 @@ def _sharded_rank(rank, world, out, initfile):
                            "embed.weight": distribute_tensor(e, mesh, [Shard(1)]),     # 2 + 1 columns
                            "norm.weight": distribute_tensor(torch.ones(5), mesh, [Replicate()])},
                  "step": 3}
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.save(state, checkpoint_id=out)
+            dcp.save(state, storage_writer=FileSystemWriter(out + "_st", serialization_format=SerializationFormat.SAFETENSORS))
     finally:
         dist.destroy_process_group()
+
+
+def test_dcp_safetensors_data_files(tmp_path):
+    """SerializationFormat.SAFETENSORS: non-tensor values' archives first, then one safetensors
+    blob whose start the metadata gives as every tensor's offset (reading raw bytes there would
+    return the header as data)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"a": a, "b": b}, "step": 5, "cfg": {"lr": 0.1}},
+                 storage_writer=FileSystemWriter(str(tmp_path / "st"), serialization_format=SerializationFormat.SAFETENSORS))
+    ck = cs.load(tmp_path / "st")
+    assert ck.source.lazy and ck.wrapper["step"] == 5 and ck.wrapper["cfg"] == {"lr": 0.1}
+    sd = ck.torch_state_dict()
+    assert torch.equal(sd["a"], a) and torch.equal(sd["b"], b) and sd["b"].dtype == torch.int32
 
 
 def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
@@ -114,12 +134,13 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
     g = torch.Generator().manual_seed(0)
     w, e = torch.randn(7, 5, generator=g), torch.randn(6, 3, generator=g).to(torch.bfloat16)
 
-    ck = cs.load(out)
-    assert not ck.source.lazy and any("assembled" in n for n in ck.notes)
-    sd = ck.torch_state_dict()
-    assert torch.equal(sd["layers.0.weight"], w) and torch.equal(sd["embed.weight"], e)
-    assert sd["embed.weight"].dtype == torch.bfloat16 and torch.equal(sd["norm.weight"], torch.ones(5))
-    assert ck.wrapper["step"] == 3
+    for folder in (out, tmp_path / "sharded_st"):  # torch.save archives; safetensors data files
+        ck = cs.load(folder)
+        assert not ck.source.lazy and any("assembled" in n for n in ck.notes)
+        sd = ck.torch_state_dict()
+        assert torch.equal(sd["layers.0.weight"], w) and torch.equal(sd["embed.weight"], e)
+        assert sd["embed.weight"].dtype == torch.bfloat16 and torch.equal(sd["norm.weight"], torch.ones(5))
+        assert ck.wrapper["step"] == 3
     code, _, err = cli("convert", out, "-o", tmp_path / "full.pt")
     assert code == 0, err
     assert torch.equal(torch.load(tmp_path / "full.pt", weights_only=True)["model"]["layers.0.weight"], w)

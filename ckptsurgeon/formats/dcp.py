@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from ..checkpoint import Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
-from ..refs import CallRef, FileRange, GlobalRef, InertObject, StorageRef, TensorRef, contiguous_stride
+from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..zipfmt import TorchZip
 
 METADATA = ".metadata"
@@ -57,6 +57,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         where.setdefault(fqn, []).append((_fields(index), _fields(info)))
 
     files: set[str] = set()
+    st_cache: dict = {}  # safetensors-format data files: their entries, read once
     flat: dict[str, Any] = {}
     assembled = []
     for fqn, entry in entries.items():
@@ -67,7 +68,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
                 raise CorruptCheckpointError(f"{meta_path}: {fqn!r} has {len(chunks)} storage entries, expected one")
             flat[fqn] = _read_bytes_item(folder, fqn, chunks[0][1], files, trust_pickle)
         elif kind == "TensorStorageMetadata":
-            value, whole = _read_tensor(folder, fqn, _fields(entry), chunks, files)
+            value, whole = _read_tensor(folder, fqn, _fields(entry), chunks, files, st_cache)
             flat[fqn] = value
             if not whole:
                 assembled.append(fqn)
@@ -250,7 +251,7 @@ def _read_bytes_item(folder, fqn, info, files, trust_pickle):
     return torch_load_buffer(io.BytesIO(data), f"{path} ({fqn})", trust_pickle=trust_pickle is True)
 
 
-def _read_tensor(folder, fqn, entry, chunks, files):
+def _read_tensor(folder, fqn, entry, chunks, files, st_cache):
     shape = _size(entry.get("size"))
     dtype = _dtype_of(entry.get("properties"))
     if not chunks:
@@ -264,15 +265,12 @@ def _read_tensor(folder, fqn, entry, chunks, files):
             t = _embedded(path, offset, length)
             if not isinstance(t, TensorRef):
                 raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is not a tensor")
-        else:  # raw bytes (DCP's safetensors-style serialization)
-            sizes = _size(_chunk_sizes(entry, index) or shape)
-            numel = 1
-            for d in sizes:
-                numel *= d
-            storage = StorageRef(dtype, numel, FileRange(path, offset, length, label=f"{fqn} chunk"))
-            if storage.nbytes != length:
-                raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} holds {length} bytes, expected {storage.nbytes}")
-            t = TensorRef(storage, 0, sizes, contiguous_stride(sizes), dtype)
+        else:  # SerializationFormat.SAFETENSORS: the file is one safetensors file, tensors by name
+            t = _safetensors_chunk(path, offset, fqn, st_cache)
+            want = _chunk_sizes(entry, index)
+            if want is not None and tuple(t.shape) != _size(want):
+                raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is {list(t.shape)}, the metadata says "
+                                             f"{list(_size(want))}")
         pieces.append((_size(index.get("offset")) if index.get("offset") is not None else (0,) * len(shape), t))
     if len(pieces) == 1 and tuple(pieces[0][1].shape) == shape and not any(pieces[0][0]):
         t = pieces[0][1]
@@ -280,6 +278,25 @@ def _read_tensor(folder, fqn, entry, chunks, files):
             raise CorruptCheckpointError(f"DCP chunk of {fqn!r} is {t.dtype}, the metadata says {dtype}")
         return t, True
     return _assemble(fqn, shape, dtype, pieces), False
+
+
+def _safetensors_chunk(path: str, offset: int, fqn: str, cache: dict) -> TensorRef:
+    """A tensor of a data file written with SerializationFormat.SAFETENSORS: the non-tensor
+    values' archives first, then one safetensors blob to the end of the file, starting where
+    the metadata says each of its tensors is."""
+    from .. import stfmt
+    from .safetensors import sniff as st_sniff
+
+    with open(path, "rb") as f:
+        head = os.pread(f.fileno(), 16, offset)
+    if not st_sniff(path, head):
+        raise UnsupportedError(f"{path}: DCP data that is neither torch.save archives nor safetensors")
+    entries = cache.get((path, offset))
+    if entries is None:
+        entries = cache[(path, offset)] = stfmt.load_entries(path, offset)[0]
+    if fqn not in entries:
+        raise CorruptCheckpointError(f"{path}: no tensor {fqn!r} in this DCP safetensors file")
+    return entries[fqn]
 
 
 def _chunk_sizes(entry: dict, index: dict):
