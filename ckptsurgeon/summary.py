@@ -51,8 +51,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
             raise
         ck, chosen = e.overview, False  # an optimizer state, several models, an RNG state: the whole file
         why = (f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"
-               if isinstance(e, AmbiguousStateDictError) else
-               "no state dict (mapping of names to tensors) in this file: nothing here for surgeries")
+               if isinstance(e, AmbiguousStateDictError) else e.one_line())
     src = ck.source
     shapes = OrderedDict((k, tuple(tensor_info(v)["shape"])) for k, v in ck.tensor_items())
     sizes = OrderedDict((k, tensor_info(v)["numel"]) for k, v in ck.tensor_items())

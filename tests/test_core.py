@@ -562,3 +562,34 @@ def test_inspect_shows_a_file_without_a_state_dict(tmp_path, cli):
     assert code == 0 and info["state_dict_at"] is None and info["candidates"] == [] and info["tensors"] == 0
     code, _, err = cli("strip-prefix", p, "-o", tmp_path / "out.pt")
     assert code == 2 and "no state dict" in err and len(err.strip().splitlines()) == 1
+
+
+def _deepspeed_states(module_sd, stage):
+    return {"module": module_sd, "buffer_names": [], "optimizer": None,
+            "param_shapes": [OrderedDict((k, torch.Size([2, 2])) for k in module_sd)],
+            "ds_config": {"zero_optimization": {"stage": stage}}, "ds_version": "0.14.0", "global_steps": 5}
+
+
+def test_deepspeed_folder_and_zero3_placeholders(tmp_path, cli):
+    """A DeepSpeed checkpoint folder is read through its 'latest' tag; ZeRO-3 model states,
+    whose tensors are empty placeholders, are shown by inspect but refused by surgeries with the
+    way out (zero_to_fp32.py) instead of writing empty weights."""
+    sd = OrderedDict((f"module.l{i}.weight", torch.randn(2, 2)) for i in range(3))
+    ds = tmp_path / "ds"
+    (ds / "global_step5").mkdir(parents=True)
+    (ds / "latest").write_text("global_step5\n")
+    torch.save(_deepspeed_states(sd, 2), ds / "global_step5" / "mp_rank_00_model_states.pt")
+    (ds / "zero_to_fp32.py").write_text("# DeepSpeed's script\n")
+    ck = cs.load(ds)
+    assert ck.sd_path == ("module",) and any("DeepSpeed folder" in n for n in ck.notes)
+    code, _, err = cli("strip-prefix", ds, "-o", tmp_path / "model.pt")
+    assert code == 0, err
+    assert list(torch.load(tmp_path / "model.pt", weights_only=True)["module"]) == ["l0.weight", "l1.weight", "l2.weight"]
+
+    z3 = tmp_path / "z3.pt"
+    torch.save(_deepspeed_states(OrderedDict((k, torch.empty(0)) for k in sd), 3), z3)
+    code, out, err = cli("inspect", z3)
+    assert code == 0 and "ZeRO-3" in out and "zero_to_fp32.py" in out, err
+    code, _, err = cli("convert", z3, "-o", tmp_path / "z3.safetensors")
+    assert code == 2 and "ZeRO-3" in err and "zero_to_fp32.py" in err
+    assert not (tmp_path / "z3.safetensors").exists()

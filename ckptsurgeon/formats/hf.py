@@ -45,12 +45,36 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
             weights = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_EXT))
             if len(weights) == 1:
                 return load_file(os.path.join(path, weights[0]), key=key, trust_pickle=trust_pickle)
+            deepspeed = _deepspeed_model_states(path)
+            if deepspeed:
+                from dataclasses import replace
+
+                ck = load_file(deepspeed, key=key, trust_pickle=trust_pickle)
+                return replace(ck, notes=ck.notes + (f"DeepSpeed folder: read {os.path.relpath(deepspeed, path)} "
+                                                     "(the tag its 'latest' file names)",))
             raise NotACheckpointError(
                 f"{path} is a directory without a weights index or a single weights file",
                 hint="pass the file itself" if weights else "expected model.safetensors or an *.index.json")
     else:
         index = path
     return load_index(index, trust_pickle=trust_pickle)
+
+
+def _deepspeed_model_states(folder: str) -> str | None:
+    """A DeepSpeed checkpoint folder: ``latest`` names the tag folder holding the model states
+    (mp_rank_00_model_states.pt, or zero_pp_rank_0_mp_rank_00_model_states.pt under pipelines)."""
+    try:
+        with open(os.path.join(folder, "latest"), encoding="utf-8") as f:
+            tag = f.read(256).strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
+        return None
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        p = os.path.join(folder, tag, name)
+        if os.path.isfile(p):
+            return p
+    return None
 
 
 def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:

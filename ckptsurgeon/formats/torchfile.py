@@ -115,6 +115,7 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
                          "(parameters and persistent buffers, in torch's order)")
     try:
         path, candidates = choose_state_dict(obj, key)
+        _refuse_zero3_placeholders(obj, path)
     except (AmbiguousStateDictError, NoStateDictError) as e:
         e.overview = Checkpoint(state=OrderedDict(), wrapper=obj, source=source, candidates=tuple(getattr(e, "candidates", ())),
                                 transforms=tuple(transforms), notes=tuple(notes))
@@ -127,6 +128,23 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
         metadata=getattr(sd, "_metadata", None), source=source,
         candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes),
         plain_dict=type(sd) is dict)
+
+
+def _refuse_zero3_placeholders(obj, path) -> None:
+    """DeepSpeed ZeRO-3 model states hold empty placeholders: the weights are partitioned into
+    the optimizer-state files. Writing them out would be silently empty; say so instead."""
+    if not path or not isinstance(obj, Mapping) or "ds_version" not in obj:
+        return
+    sd = obj
+    for p in path:
+        sd = sd[p]
+    sizes = [v.numel for v in sd.values() if isinstance(v, TensorRef)]
+    empty = sum(1 for n in sizes if n == 0)
+    if sizes and empty * 2 >= len(sizes):
+        raise NoStateDictError(
+            f"DeepSpeed ZeRO-3 model states: {empty} of {len(sizes)} tensors under {'/'.join(map(str, path))!r} "
+            "are empty placeholders (the weights are partitioned into the *optim_states.pt files)",
+            hint="consolidate them first with the zero_to_fp32.py script DeepSpeed saves in the checkpoint folder")
 
 
 def _modules_to_state_dicts(obj, is_module=None, state_dict=None):
