@@ -289,32 +289,46 @@ def materialize(obj: Any, memo: dict | None = None) -> Any:
     return out
 
 
-def plain(obj: Any, memo: dict | None = None) -> Any:
-    """A JSON-able / deepdiff-able view of non-tensor content: tensors become summaries."""
+def plain(obj: Any, active: set | None = None) -> Any:
+    """A JSON-able / deepdiff-able view of non-tensor content: tensors become summaries; a
+    container met again inside itself (pickles can hold cycles) becomes "<cycle>"."""
+    if not isinstance(obj, (Mapping, list, tuple, set, frozenset, InertObject, InertCall, CallRef)):
+        return _plain(obj, set() if active is None else active)
+    active = set() if active is None else active
+    if id(obj) in active:
+        return "<cycle>"
+    active.add(id(obj))
+    try:
+        return _plain(obj, active)
+    finally:
+        active.discard(id(obj))
+
+
+def _plain(obj: Any, active: set) -> Any:
     if isinstance(obj, TensorRef) or is_tensor_like(obj):
         i = tensor_info(obj)
         return {"<tensor>": f"{i['dtype']}{i['shape']}"}
     if isinstance(obj, GlobalRef):
         return f"<{obj.qualname}>"
     if isinstance(obj, CallRef):
-        return f"<{obj.func.qualname}{tuple(plain(a) for a in obj.args)!r}>"
+        return f"<{obj.func.qualname}{tuple(plain(a, active) for a in obj.args)!r}>"
     if isinstance(obj, Mapping):
-        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): plain(v) for k, v in obj.items()}
+        return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): plain(v, active) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
+        return [plain(v, active) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return sorted((plain(v) for v in obj), key=repr)
+        return sorted((plain(v, active) for v in obj), key=repr)
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     if isinstance(obj, bytes):
         return f"<{len(obj)} bytes>"
     if isinstance(obj, InertObject):  # compared by how the pickle builds it
         rec = obj._inert
-        out = {f"<inert {obj.inert_module}.{obj.inert_name}>": plain(list(rec["args"]))}
-        out.update({k: plain(rec[k]) for k in ("kwargs", "state", "items", "dictitems") if rec[k]})
+        out = {f"<inert {obj.inert_module}.{obj.inert_name}>": plain(list(rec["args"]), active)}
+        out.update({k: plain(rec[k], active) for k in ("kwargs", "state", "items", "dictitems") if rec[k]})
         return out
     if isinstance(obj, InertCall):
-        return {"<inert call>": plain(obj.func), "args": plain(list(obj.args)), "state": plain(obj.state)}
+        return {"<inert call>": plain(obj.func, active), "args": plain(list(obj.args), active), "state": plain(obj.state, active)}
     if isinstance(obj, type) and issubclass(obj, InertObject):
         return f"<{obj.inert_module}.{obj.inert_name}>"
     if type(obj).__module__ == "numpy" and hasattr(obj, "dtype") and hasattr(obj, "tobytes"):

@@ -71,26 +71,32 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> Any:
     """Non-tensor content for deepdiff: the wrapper minus the state dict, tensors as summaries."""
     from ckptsurgeon.compare import digest
 
-    def summarise(obj, memo):
+    def summarise(obj, active):
         if is_tensor_like(obj):
             shape, dtype = _info(obj)
             s = {"<tensor>": f"{dtype}{list(shape)}"}
             if with_hashes:
                 s["xxh3"] = digest(obj)
             return s
-        if isinstance(obj, Mapping):
-            return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): summarise(v, memo)
-                    for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [summarise(v, memo) for v in obj]
-        return plain(obj)
+        if not isinstance(obj, (Mapping, list, tuple)):
+            return plain(obj, active)
+        if id(obj) in active:  # a container inside itself (pickles can hold cycles)
+            return "<cycle>"
+        active.add(id(obj))
+        try:
+            if isinstance(obj, Mapping):
+                return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): summarise(v, active)
+                        for k, v in obj.items()}
+            return [summarise(v, active) for v in obj]
+        finally:
+            active.discard(id(obj))
 
     out = {}
     if isinstance(ck.wrapper, Mapping) and ck.sd_path:
         for k, v in ck.wrapper.items():
             if (k,) == tuple(ck.sd_path[:1]) and len(ck.sd_path) == 1:
                 continue
-            out[str(k)] = summarise(v, {})
+            out[str(k)] = summarise(v, set())
     if ck.st_metadata:
         out["__safetensors_metadata__"] = {k: v for k, v in ck.st_metadata.items() if k != "format"}
     non_tensor = {k: plain(v) for k, v in ck.state.items() if not is_tensor_like(v)}

@@ -113,3 +113,20 @@ def test_plot_needs_matplotlib_or_writes(sample_dir, tmp_path, cli):
         assert code == 2 and "matplotlib" in err
     else:
         assert code == 1 and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_diff_of_wrappers_holding_cycles(tmp_path, cli):
+    """Pickles can hold cycles (a list inside itself): diff summarises them as "<cycle>" instead
+    of recursing forever, and still sees what differs."""
+    a, b = [], []
+    a.append(a)
+    b.append(b)
+    b.append(2)
+    d = {}
+    d["self"] = d
+    torch.save({"state_dict": {"w": torch.ones(2)}, "l": a, "d": d}, tmp_path / "a.pt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "l": b, "d": d}, tmp_path / "b.pt")
+    code, out, err = cli("diff", tmp_path / "a.pt", tmp_path / "a.pt")
+    assert code == 0 and "identical" in out, err
+    code, out, err = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert code == 1 and "root['l'][1]" in out, out + err
