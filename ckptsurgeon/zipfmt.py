@@ -19,7 +19,7 @@ import zlib  # noqa: F401  (zlib.error is caught below)
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedError
 from .refs import FileRange, MemoryBytes, crc32, pread_chunks
 
 ALIGN = 64
@@ -30,6 +30,7 @@ _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
 _U32 = 0xFFFFFFFF
 PAGE = 4096
+MAX_COMPRESSED_RECORD = 1 << 30  # a compressed (repacked) record is inflated in memory: up to this size
 SMALL_RECORD = 64 << 10  # records up to this size are read and written, not kernel-copied
 PENDING_MAX = 1 << 20
 COPY_ALIGN = 64 << 10  # kernel copies start on this destination boundary (see copy_range)
@@ -126,6 +127,12 @@ class TorchZip:
             raise CorruptCheckpointError(
                 f"{self.path}: record {name} holds {info.file_size} bytes, the pickle expects {nbytes}")
         if info.compress_type != zipfile.ZIP_STORED:
+            # torch never compresses records; a repacked archive may. Inflating needs memory for
+            # the whole record, so a huge one (or a zip bomb declaring one) is refused, not read.
+            if info.file_size > MAX_COMPRESSED_RECORD:
+                raise UnsupportedError(
+                    f"{self.path}: record {name} is compressed and inflates to {info.file_size:,} bytes",
+                    hint="torch writes records uncompressed; re-save the checkpoint with torch.save")
             data = self.read(name)
             return MemoryBytes(data[:nbytes], label=label or name)
         offset = self.data_offset(info)

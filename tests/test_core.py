@@ -593,3 +593,28 @@ def test_deepspeed_folder_and_zero3_placeholders(tmp_path, cli):
     code, _, err = cli("convert", z3, "-o", tmp_path / "z3.safetensors")
     assert code == 2 and "ZeRO-3" in err and "zero_to_fp32.py" in err
     assert not (tmp_path / "z3.safetensors").exists()
+
+
+def test_repacked_zip_with_compressed_records(tmp_path, cli, monkeypatch):
+    """torch writes records uncompressed; an archive re-zipped with deflate still reads (each
+    record inflated in memory), and a record too big to inflate (a zip bomb's claim) is refused."""
+    import zipfile
+
+    from ckptsurgeon import zipfmt
+
+    sd = OrderedDict((f"l{i}.weight", torch.randn(64, 64)) for i in range(3))
+    torch.save(sd, tmp_path / "orig.pt")
+    with zipfile.ZipFile(tmp_path / "orig.pt") as src, \
+            zipfile.ZipFile(tmp_path / "deflated.pt", "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    ck = cs.load(tmp_path / "deflated.pt")
+    got = ck.torch_state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    code, _, err = cli("convert", tmp_path / "deflated.pt", "-o", tmp_path / "plain.pt")
+    assert code == 0, err
+    assert all(torch.equal(torch.load(tmp_path / "plain.pt", weights_only=True)[k], v) for k, v in sd.items())
+
+    monkeypatch.setattr(zipfmt, "MAX_COMPRESSED_RECORD", 1000)
+    code, _, err = cli("convert", tmp_path / "deflated.pt", "-o", tmp_path / "again.pt")
+    assert code == 2 and "compressed" in err and len(err.strip().splitlines()) == 1
