@@ -133,8 +133,8 @@ class TorchZip:
                 raise UnsupportedError(
                     f"{self.path}: record {name} is compressed and inflates to {info.file_size:,} bytes",
                     hint="torch writes records uncompressed; re-save the checkpoint with torch.save")
-            data = self.read(name)
-            return MemoryBytes(data[:nbytes], label=label or name)
+            data = bytearray(self.read(name))  # writable: torch.frombuffer warns about read-only buffers
+            return MemoryBytes(memoryview(data)[:nbytes], label=label or name)
         offset = self.data_offset(info)
         if offset + info.file_size > self.base + self.size:
             raise CorruptCheckpointError(f"{self.path}: record {name} runs past the end of the file (truncated?)")
