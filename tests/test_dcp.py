@@ -207,3 +207,24 @@ def test_dcp_scan_reads_every_embedded_archive(tmp_path, cli):
     code, out, err = cli("inspect", "--inert-pickle", folder)
     assert code == 0 and "evil: posix.system (inert)" in out, err
     assert not canary.exists()
+
+
+def test_lightning_sharded_folder_merges_trainer_state(trained, tmp_path, cli):
+    """Lightning's sharded strategies put the trainer state in meta.pt beside the DCP files:
+    merged into the wrapper (as Lightning's consolidation does); an unsafe meta.pt is left out
+    with a note, the weights still read."""
+    import fractions
+
+    _, folder = trained
+    torch.save({"epoch": 3, "global_step": 120, "loops": {"fit_loop": {}}, "pytorch-lightning_version": "2.4.0"},
+               folder / "meta.pt")
+    ck = cs.load(folder)
+    assert ck.wrapper["epoch"] == 3 and ck.wrapper["step"] == 7 and ck.sd_path == ("model",)
+    assert any("merged Lightning's meta.pt" in n for n in ck.notes)
+    code, _, err = cli("convert", folder, "-o", tmp_path / "one.ckpt")
+    assert code == 0, err
+    assert torch.load(tmp_path / "one.ckpt", weights_only=True)["global_step"] == 120
+
+    torch.save({"epoch": 3, "odd": fractions.Fraction(1, 3)}, folder / "meta.pt")
+    ck = cs.load(folder)
+    assert "epoch" not in ck.wrapper and any("left out meta.pt" in n and "fractions" in n for n in ck.notes)

@@ -22,12 +22,14 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from ..checkpoint import Source
-from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
+                      UnsupportedError)
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
 from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..zipfmt import TorchZip
 
 METADATA = ".metadata"
+LIGHTNING_META = "meta.pt"
 _DCP_MODULE = "torch.distributed.checkpoint."
 #: what DCP's .metadata pickles besides its own classes (checked before anything is unpickled)
 _OTHER_GLOBALS = {"torch.Size", "torch.serialization._get_layout", "collections.OrderedDict",
@@ -77,6 +79,19 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
                                    "which this DCP reader does not know")
     obj = _unflatten(flat, meta.get("planner_data"))
     notes = ["torch.distributed.checkpoint folder: read-only here (write .pt, .safetensors or a folder)"]
+    extra = os.path.join(folder, LIGHTNING_META)
+    if os.path.isfile(extra) and isinstance(obj, dict):
+        # Lightning's sharded strategies save the trainer state (epoch, loops, callbacks...) beside
+        # the DCP files; Lightning's own consolidation merges it in the same way
+        try:
+            trainer = _top_level(extra, trust_pickle)
+        except CkptSurgeonError as e:
+            notes.append(f"left out {LIGHTNING_META}: {e.one_line()}")
+            trainer = None
+        if isinstance(trainer, Mapping):
+            obj.update((k, v) for k, v in trainer.items() if k not in obj)
+            files.add(extra)
+            notes.append(f"merged Lightning's {LIGHTNING_META} (trainer state: {', '.join(map(str, list(trainer)[:6]))})")
     if assembled:
         notes.append(f"{len(assembled)} tensor(s) sharded over ranks were assembled in memory "
                      f"(e.g. {assembled[0]})")
@@ -123,6 +138,18 @@ def scan_folder(folder: str, allowed: set) -> list[dict]:
 def _foreign(names: set) -> list[str]:
     return sorted(n for n in names if not n.startswith(_DCP_MODULE) and n not in _OTHER_GLOBALS
                   and not _is_torch_dtype(n))
+
+
+def _top_level(path: str, trust_pickle):
+    """A torch file's whole top-level object, with or without a state dict in it."""
+    from ..errors import AmbiguousStateDictError, NoStateDictError
+    from ..loading import load_file
+
+    try:
+        ck = load_file(path, trust_pickle=trust_pickle)
+    except (AmbiguousStateDictError, NoStateDictError) as e:
+        return e.overview.wrapper if e.overview is not None else None
+    return ck.wrapper if ck.sd_path else ck.state
 
 
 # --------------------------------------------------------------------------- metadata
