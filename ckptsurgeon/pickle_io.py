@@ -1,10 +1,13 @@
 """Read and write torch's ``data.pkl`` without importing torch and without executing anything.
 
-``load_refs`` unpickles with an allowlist that is a subset of what our ``torch.load`` call allows
-(torch's weights-only allowlist plus ``safety``'s plain data types): torch globals become inert :class:`~ckptsurgeon.refs.GlobalRef` stand-ins, tensor
-rebuild calls become :class:`~ckptsurgeon.refs.TensorRef`, and persistent ids become
-:class:`~ckptsurgeon.refs.StorageRef`. Anything outside the subset raises :class:`NotFastPath`, and
-the caller hands the file to ``torch.load(weights_only=True)``, which has the final say.
+``load_refs`` unpickles with an allowlist that is a subset of what our ``torch.load`` call
+allows (torch's weights-only allowlist plus ``safety``'s plain data types): torch globals become
+inert :class:`~ckptsurgeon.refs.GlobalRef` stand-ins, tensor rebuild calls become
+:class:`~ckptsurgeon.refs.TensorRef`, and persistent ids become
+:class:`~ckptsurgeon.refs.StorageRef`. Anything outside the subset raises :class:`NotFastPath`,
+and the caller hands the file to ``torch.load(weights_only=True)``, which has the final say --
+unless the user asked for ``--inert-pickle``: then globals outside every allowlist become
+:class:`~ckptsurgeon.refs.InertObject` records, never imported or called.
 
 ``dump_refs`` pickles such a graph back (protocol 2, the globals and persistent ids torch writes),
 numbering storages ``0..n-1`` in first-use order as ``torch.save`` does.
@@ -47,6 +50,7 @@ _REAL = {
     ("collections", "Counter"): Counter,
     ("_codecs", "encode"): _latin1_encode,
 }
+
 
 def _data_global(module: str, name: str):
     """safety's plain data types (argparse.Namespace, pathlib paths, numpy numbers) as the real
