@@ -618,3 +618,44 @@ def test_repacked_zip_with_compressed_records(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(zipfmt, "MAX_COMPRESSED_RECORD", 1000)
     code, _, err = cli("convert", tmp_path / "deflated.pt", "-o", tmp_path / "again.pt")
     assert code == 2 and "compressed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_big_endian_checkpoint_reads_byte_swapped(tmp_path, cli):
+    """A file saved on a big-endian machine (byteorder record 'big', storages big-endian):
+    read through torch.load, which swaps the bytes, so values, conversions and diff are right
+    (reading the bytes as they are would give garbage)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    sd = OrderedDict([("w", torch.arange(6, dtype=torch.float32).reshape(2, 3)),
+                      ("i", torch.tensor([1, 2, 3])), ("h", torch.tensor([1.5], dtype=torch.float16))])
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    torch.save(sd, tmp_path / "little.pt")
+    itemsize = {"0": 4, "1": 8, "2": 2}  # storages in first-use order
+    with zipfile.ZipFile(buf) as src, zipfile.ZipFile(tmp_path / "big.pt", "w") as dst:
+        for info in src.infolist():
+            data, short = src.read(info), info.filename.split("/", 1)[1]
+            if short == "byteorder":
+                data = b"big"
+            elif short.startswith("data/"):
+                n = itemsize[short.split("/")[1]]
+                data = np.frombuffer(data, dtype=f"<u{n}").astype(f">u{n}").tobytes()
+            dst.writestr(info, data)
+    got = cs.load(tmp_path / "big.pt").torch_state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    code, _, err = cli("convert", tmp_path / "big.pt", "-o", tmp_path / "big.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    assert all(torch.equal(load_file(tmp_path / "big.safetensors")[k], v) for k, v in sd.items())
+    code, out, err = cli("diff", tmp_path / "big.pt", tmp_path / "little.pt")
+    assert code == 0 and "identical" in out, out + err
+    code, _, err = cli("convert", tmp_path / "big.pt", "-o", tmp_path / "native.pt")  # written little-endian
+    assert code == 0, err
+    back = torch.load(tmp_path / "native.pt", weights_only=True)
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    with zipfile.ZipFile(tmp_path / "native.pt") as z:
+        assert z.read(next(n for n in z.namelist() if n.endswith("/byteorder"))) == b"little"

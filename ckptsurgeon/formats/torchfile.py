@@ -49,13 +49,19 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
     data = z.read("data.pkl")
     notes = []
     lazy = True
+
     def source(k, dtype, nbytes):
         return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
 
+    # saved on a big-endian machine: tensor bytes read as they are would be wrong here, so
+    # torch.load (which byte-swaps them) reads it
+    big_endian = z.has("byteorder") and z.read("byteorder").strip() == b"big"
     try:
+        if big_endian:
+            raise NotFastPath("big-endian tensor data")
         graph = load_refs(data, source)
     except NotFastPath as e:
-        inert = unsafe_globals(path) if trust_pickle == INERT else []
+        inert = unsafe_globals(path) if trust_pickle == INERT and not big_endian else []
         if inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
             try:
                 graph = load_refs(data, source, inert=inert)
@@ -81,7 +87,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
             notes.append("ignored an unreadable ckpt-surgeon record")
     source = Source(path=path, format="torch-zip", size=z.size, files=(path,), lazy=lazy,
                     zip_prefix=z.prefix,
-                    byteorder=z.read("byteorder") if z.has("byteorder") else b"little",
+                    byteorder=z.read("byteorder") if z.has("byteorder") and lazy else b"little",  # torch.load: native
                     version=z.read("version") if z.has("version") else b"3\n", notes=tuple(notes))
     return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
 
@@ -226,10 +232,7 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
     if ck.transforms:
         extra.append((SURGEON_RECORD, json.dumps({"transforms": list(ck.transforms)}).encode()))
     if fast:
-        src = ck.source
-        same_order = src is None or src.byteorder in (b"little", b"little\n")
-        if not same_order and any(not isinstance(s.source, FileRange) for s in storages):
-            raise UnsupportedError("mixing a big-endian checkpoint with new tensors is not supported")
+        src = ck.source  # (a big-endian file is read through torch.load: its tensors are native)
         with atomic_output(path) as fd:
             write_torch_zip(fd, pkl, storages, prefix=(src.zip_prefix if src else "archive") or "archive",
                             byteorder=src.byteorder if src else b"little",
