@@ -9,13 +9,14 @@ from .errors import CkptSurgeonError, CorruptCheckpointError, InputNotFoundError
 from .manager import get_manager
 
 
-def load(path, *, key: str | None = None, trust_pickle: bool = False, format: str | None = None) -> Checkpoint:
+def load(path, *, key: str | None = None, trust_pickle: bool | str = False, format: str | None = None) -> Checkpoint:
     """Read a checkpoint to CPU, lazily where the format allows.
 
     ``path`` may be a torch file (zip or legacy), a safetensors file, a Hugging Face folder or its
     ``*.index.json``. ``key`` picks the state dict inside a wrapper ('state_dict', 'model/ema');
     ``trust_pickle=True`` allows globals outside torch's weights-only allowlist (executes code
-    from the file: only for files you trust).
+    from the file: only for files you trust); ``trust_pickle="inert"`` records them as inert
+    stand-ins instead (nothing imported or run; torch zip files and DCP values).
 
     Example::
 

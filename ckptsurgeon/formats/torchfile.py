@@ -31,7 +31,7 @@ def sniff_legacy(path: str, head: bytes) -> bool:
     return LEGACY_MAGIC in head[:32] or LEGACY_MAGIC_TEXT in head[:40]
 
 
-def load_zip(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
+def load_zip(path: str, *, key: str | None = None, trust_pickle: bool | str = False, **_) -> Checkpoint:
     z = TorchZip(path)
     if z.has("constants.pkl") or any(name.startswith("code/") for name in z.infos):
         z.close()
@@ -55,7 +55,8 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
 
     # saved on a big-endian machine: tensor bytes read as they are would be wrong here, so
     # torch.load (which byte-swaps them) reads it
-    big_endian = z.has("byteorder") and z.read("byteorder").strip() == b"big"
+    byteorder = z.read("byteorder") if z.has("byteorder") else b"little"
+    big_endian = byteorder.strip() == b"big"
     try:
         if big_endian:
             raise NotFastPath("big-endian tensor data")
@@ -87,7 +88,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
             notes.append("ignored an unreadable ckpt-surgeon record")
     source = Source(path=path, format="torch-zip", size=z.size, files=(path,), lazy=lazy,
                     zip_prefix=z.prefix,
-                    byteorder=z.read("byteorder") if z.has("byteorder") and lazy else b"little",  # torch.load: native
+                    byteorder=byteorder if lazy else b"little",  # torch.load gives native tensors
                     version=z.read("version") if z.has("version") else b"3\n", notes=tuple(notes))
     return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
 
