@@ -25,10 +25,11 @@ SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
 #: runs no code of the file's choosing (``Namespace`` gets attributes set, a pure or POSIX path
 #: object is made from strings without touching the filesystem), so they are allowed by default.
 #: (``pathlib._local`` is where Python 3.13 pickles them from.) frozenset and slice are builtins
-#: that torch's list happens to lack.
+#: that torch's list happens to lack. ``io.BytesIO`` is how Transformer Engine saves each layer's
+#: ``_extra_state`` (Megatron, NeMo): a buffer made from bytes and a position.
 DATA_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
                 "pathlib._local.PosixPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
-                "builtins.frozenset", "builtins.slice")
+                "builtins.frozenset", "builtins.slice", "_io.BytesIO")
 
 #: numpy numbers, which resume checkpoints are full of: ``np.random.get_state()`` (a uint32
 #: array), metrics and epochs as numpy scalars. An array is rebuilt from a shape, a dtype and raw

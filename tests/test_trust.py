@@ -600,6 +600,24 @@ def test_builtin_containers_stay_on_the_fast_path(tmp_path):
     assert cs.load(tmp_path / "out.pt").source.lazy
 
 
+def test_transformer_engine_extra_state_buffers_load_by_default(tmp_path, cli):
+    """Transformer Engine (Megatron, NeMo) saves each layer's ``_extra_state`` inside the state
+    dict as an io.BytesIO: read by default on the fast path, carried through a surgery intact."""
+    import io
+
+    buf = io.BytesIO(b"fp8 scaling state")
+    buf.seek(3)
+    p = tmp_path / "te.pt"
+    torch.save(OrderedDict([("module.l.weight", torch.ones(2)), ("module.l._extra_state", buf)]), p)
+    ck = cs.load(p)
+    assert ck.source.lazy and ck.state["module.l._extra_state"].getvalue() == b"fp8 scaling state"
+    assert cs.scan(str(p))["unsafe"] == []
+    code, _, err = cli("strip-prefix", p, "-o", tmp_path / "out.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert back["l._extra_state"].getvalue() == b"fp8 scaling state" and back["l._extra_state"].tell() == 3
+
+
 def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monkeypatch):
     """Resume checkpoints carry numpy numbers: np.random.get_state() (a uint32 array), metrics
     and epochs as numpy scalars, structured arrays. They load by default (numpy.dtype('f8') is
