@@ -78,7 +78,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             raise UnsupportedError(f"{meta_path}: entry {fqn!r} is a {kind or type(entry).__name__}, "
                                    "which this DCP reader does not know")
     obj = _unflatten(flat, meta.get("planner_data"))
-    notes = ["torch.distributed.checkpoint folder: read-only here (write .pt, .safetensors or a folder)"]
+    notes = []
     extra = os.path.join(folder, LIGHTNING_META)
     if os.path.isfile(extra) and isinstance(obj, dict):
         # Lightning's sharded strategies save the trainer state (epoch, loops, callbacks...) beside
