@@ -153,6 +153,7 @@ class _RefUnpickler(pickle.Unpickler):
         self.numpy_seen = False
         self._inert = inert
         self.inert_seen: set[str] = set()
+        self.legacy = False
 
     def find_class(self, module, name):
         key = as_written = (module, name)
@@ -176,6 +177,13 @@ class _RefUnpickler(pickle.Unpickler):
         raise NotFastPath(f"{module}.{name}")
 
     def persistent_load(self, pid):
+        if self.legacy and isinstance(pid, tuple) and len(pid) == 6:
+            # legacy format: ('storage', type, key, location, numel, view_metadata)
+            if pid[5] is not None:
+                raise NotFastPath("legacy storage view")
+            pid = pid[:5]
+        elif self.legacy and isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("module", b"module"):
+            return pid[1]  # a pickled module's class, with its source for torch to compare: the class
         if not isinstance(pid, tuple) or len(pid) != 5:
             raise NotFastPath("unusual persistent id")
         typename, stype, key, location, numel = pid
@@ -216,9 +224,13 @@ def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, in
     ``inert``: names of globals (outside every allowlist) to record as :class:`InertObject`
     stand-ins instead of refusing them, or INERT_ALL; nothing of theirs is imported or run.
     ``seen`` receives the names recorded inert."""
+    unpickler = _RefUnpickler(io.BytesIO(data), storage_source,
+                              inert if isinstance(inert, _Everything) else frozenset(inert))
+    return _load_with(unpickler, inert, seen)
+
+
+def _load_with(unpickler: _RefUnpickler, inert=frozenset(), seen: set | None = None) -> Any:
     try:
-        unpickler = _RefUnpickler(io.BytesIO(data), storage_source,
-                                  inert if isinstance(inert, _Everything) else frozenset(inert))
         obj = unpickler.load()
         if seen is not None:
             seen |= unpickler.inert_seen
@@ -232,6 +244,67 @@ def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, in
         raise CorruptCheckpointError(f"the pickle is malformed ({type(e).__name__}: {e})") from None
     except (RecursionError, MemoryError) as e:
         raise CorruptCheckpointError(f"the pickle is too deeply nested or too large ({type(e).__name__})") from None
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise NotFastPath(f"{module}.{name}")
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+
+
+def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[StorageRef]]:
+    """A legacy (non-zip, torch < 1.6) torch file read lazily and without torch: its pickles
+    (magic number, protocol, system info, the object, the storage keys) then each storage as an
+    int64 element count and its raw bytes, in key order. Each StorageRef gets a FileRange over
+    its bytes (the format has no checksums). NotFastPath for anything unusual (big-endian, views)."""
+    from .refs import FileRange
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if _plain_load(f) != _LEGACY_MAGIC or _plain_load(f) != _LEGACY_PROTOCOL:
+            raise NotFastPath("not a legacy torch file")
+        info = _plain_load(f)
+        if not isinstance(info, dict) or info.get("little_endian") is not True:
+            raise NotFastPath("legacy file written on a big-endian machine")
+        unpickler = _RefUnpickler(f, lambda key, dtype, nbytes: None,
+                                  inert if isinstance(inert, _Everything) else frozenset(inert))
+        unpickler.legacy = True
+        obj = _load_with(unpickler, inert)
+        keys = _plain_load(f)
+        offset = f.tell()
+    storages = unpickler._storages
+    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+        raise CorruptCheckpointError(f"{path}: the storage list does not match the storages the pickle uses")
+    ordered = []
+    with open(path, "rb") as f:
+        for key in keys:
+            ref = storages[key]
+            head = os.pread(f.fileno(), 8, offset)
+            if len(head) != 8:
+                raise CorruptCheckpointError(f"{path}: storage {key} is truncated (the file ended early)")
+            numel = int.from_bytes(head, "little", signed=True)
+            if numel != ref.numel:
+                raise CorruptCheckpointError(f"{path}: storage {key} holds {numel} elements, the pickle expects {ref.numel}")
+            if offset + 8 + ref.nbytes > size:
+                raise CorruptCheckpointError(f"{path}: storage {key} is truncated (the file ended early)")
+            ref.source = FileRange(path, offset + 8, ref.nbytes, label=f"storage {key}")
+            ordered.append(ref)
+            offset += 8 + ref.nbytes
+    return obj, ordered
+
+
+def _plain_load(f) -> Any:
+    """One small pickle of a legacy file (numbers, a dict, a list): no globals allowed."""
+    try:
+        return _NoGlobals(f).load()
+    except NotFastPath:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            UnicodeDecodeError, OverflowError, RecursionError, MemoryError) as e:
+        raise CorruptCheckpointError(f"a legacy header pickle is malformed ({type(e).__name__}: {e})") from None
 
 
 _V2 = GlobalRef("torch._utils", "_rebuild_tensor_v2")

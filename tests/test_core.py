@@ -493,13 +493,16 @@ def test_nonfinite_reported(tmp_path):
 
 
 def test_legacy_resume_dict_converts_with_wrapper(sample_dir, tmp_path, cli):
-    """The torch.load fallback (legacy format) feeds the same writer: wrapper and optimizer kept."""
+    """The legacy (pre-1.6) format is read lazily without torch (storages are byte ranges of the
+    file) and feeds the same writer: wrapper and optimizer kept. A legacy file that needs torch's
+    own rebuilding (a sparse tensor) falls back to a full torch.load, and the CLI says so."""
     resume = torch.load(sample_dir / "seednet_resume.pt", weights_only=True)
     torch.save(resume, tmp_path / "legacy_resume.pt", _use_new_zipfile_serialization=False)
+    ck = cs.load(tmp_path / "legacy_resume.pt")
+    assert ck.source.format == "torch-legacy" and ck.source.lazy and not ck.notes
     code, out, err = cli("strip-prefix", tmp_path / "legacy_resume.pt", "--prefix", "conv", "--partial",
                          "-o", tmp_path / "new.pt")
     assert code == 0, err
-    assert "legacy" in err  # the CLI says the file was loaded fully and suggests re-saving
     got = torch.load(tmp_path / "new.pt", weights_only=True)
     assert got["epoch"] == resume["epoch"] and got["scheduler_state_dict"] == resume["scheduler_state_dict"]
     assert torch.equal(got["model_state_dict"]["1.weight"], resume["model_state_dict"]["conv1.weight"])
@@ -507,6 +510,13 @@ def test_legacy_resume_dict_converts_with_wrapper(sample_dir, tmp_path, cli):
         assert torch.equal(got["optimizer_state_dict"]["state"][i]["exp_avg"], st["exp_avg"])
     code, out, err = cli("convert", tmp_path / "legacy_resume.pt", "-o", tmp_path / "x.safetensors")
     assert code == 0 and not cs.diff(tmp_path / "legacy_resume.pt", tmp_path / "new.pt", align=False)["shape_changed"]
+
+    resume["sparse"] = torch.eye(3).to_sparse()
+    torch.save(resume, tmp_path / "legacy_sparse.pt", _use_new_zipfile_serialization=False)
+    code, out, err = cli("strip-prefix", tmp_path / "legacy_sparse.pt", "--prefix", "conv", "--partial",
+                         "-o", tmp_path / "new2.pt")
+    assert code == 0 and "legacy" in err and "loaded fully" in err, err
+    assert torch.equal(torch.load(tmp_path / "new2.pt", weights_only=True)["sparse"].to_dense(), torch.eye(3))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

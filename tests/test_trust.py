@@ -801,8 +801,9 @@ def test_inert_pickle_reads_foreign_objects_without_importing_them(tmp_path, mon
 
 def test_inert_pickle_never_runs_a_payload(tmp_path, cli):
     """A hostile file read with --inert-pickle: the payload is recorded, not called, shown for
-    what it is; an output keeps it (scan still calls that output unsafe). Files that need torch's
-    own rebuilding besides, and legacy files, are still refused in one line."""
+    what it is; an output keeps it (scan still calls that output unsafe), in the zip and the
+    legacy format alike. Files that need torch's own rebuilding besides are still refused in one
+    line."""
     canary = tmp_path / "canary"
     sd = OrderedDict((f"module.l{i}.weight", torch.randn(2, 2)) for i in range(2))
     _write_hostile(tmp_path / "evil.pt", {"state_dict": sd, "x": Reduce(os.system, (_touch_cmd(canary),))})
@@ -817,7 +818,11 @@ def test_inert_pickle_never_runs_a_payload(tmp_path, cli):
 
     _write_hostile(tmp_path / "evil_legacy.pt", {"w": torch.ones(1), "x": Reduce(os.system, (_touch_cmd(canary),))},
                    legacy=True)
-    code, _, err = cli("inspect", "--inert-pickle", tmp_path / "evil_legacy.pt")
+    code, out, err = cli("inspect", "--inert-pickle", tmp_path / "evil_legacy.pt")
+    assert code == 0 and "read inert (--inert-pickle): posix.system" in out, err
+    legacy = cs.load(tmp_path / "evil_legacy.pt", trust_pickle="inert")
+    assert legacy.source.lazy and repr(legacy.state["x"]) == "<inert posix.system>"
+    code, _, err = cli("inspect", tmp_path / "evil_legacy.pt")
     assert code == 2 and "system" in err and len(err.strip().splitlines()) == 1
     q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
     _write_hostile(tmp_path / "evil_q.pt", {"w": q, "x": Reduce(os.system, (_touch_cmd(canary),))})

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
 from ..errors import AmbiguousStateDictError, NoStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
-from ..pickle_io import NotFastPath, dump_refs, load_refs
+from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs
 from ..refs import FileRange, InertObject, TensorRef
 from ..safety import INERT, torch_load, unsafe_globals
 from ..zipfmt import TorchZip, write_torch_zip
@@ -101,12 +101,33 @@ def _check_all_crcs(z: TorchZip) -> None:
                 src.check_crc()
 
 
-def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool = False, **_) -> Checkpoint:
-    graph = torch_load(path, trust_pickle=trust_pickle is True, mmap=False)
-    note = "legacy (non-zip) torch format: loaded fully into memory; re-save as .pt or .safetensors for fast, lazy access"
-    source = Source(path=path, format="torch-legacy", size=os.path.getsize(path), files=(path,), lazy=False,
-                    notes=(note,))
-    return from_object(graph, source, key=key, trusted=trust_pickle is True)
+def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str = False, **_) -> Checkpoint:
+    """The pre-1.6 format. Read lazily without torch when the pickle stays within the torch-free
+    subset (its storages are byte ranges of the file, like a zip's records); otherwise, like
+    torch does, loaded fully with torch.load (weights-only)."""
+    notes = []
+    try:
+        graph, _ = load_legacy_refs(path)
+        lazy = True
+    except NotFastPath as e:
+        inert = unsafe_globals(path) if trust_pickle == INERT else []
+        graph = None
+        if inert:
+            try:
+                graph, _ = load_legacy_refs(path, inert=inert)
+                lazy = True
+                notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing "
+                             "imported or run; outputs in torch format carry them unchanged")
+            except NotFastPath:
+                graph = None
+        if graph is None:
+            graph = torch_load(path, trust_pickle=trust_pickle is True, mmap=False)
+            lazy = False
+            notes.append(f"legacy (non-zip) torch format, read with torch.load (uses {e}): loaded fully into "
+                         "memory; re-save as .pt or .safetensors for fast, lazy access")
+    source = Source(path=path, format="torch-legacy", size=os.path.getsize(path), files=(path,), lazy=lazy,
+                    notes=tuple(notes))
+    return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy)
 
 
 def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms=()) -> Checkpoint:
