@@ -868,6 +868,7 @@ def test_inert_whole_model_pickle_gives_its_state_dict(tmp_path, monkeypatch, cl
     model = model.half()
     torch.save({"epoch": -1, "model": model, "ema": None, "optimizer": None, "train_args": {"imgsz": 640},
                 "version": "8.3.0"}, tmp_path / "best.pt")
+    torch.save(model, tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # a pre-1.6 whole-model file
     ref = model.state_dict()
     monkeypatch.delitem(sys.modules, "detlib")
     sys.path.remove(str(tmp_path))
@@ -890,3 +891,7 @@ def test_inert_whole_model_pickle_gives_its_state_dict(tmp_path, monkeypatch, cl
 
     st = load_file(tmp_path / "m.safetensors")
     assert list(st) == list(ref) and all(torch.equal(st[k], ref[k]) for k in ref)
+    old = cs.load(tmp_path / "old.pth", trust_pickle="inert")
+    assert old.source.format == "torch-legacy" and old.source.lazy and "detlib" not in sys.modules
+    got = old.torch_state_dict()
+    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
