@@ -35,7 +35,7 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
 def load_file(path: str, *, key=None, trust_pickle=False, format=None) -> Checkpoint:
     try:
         with open(path, "rb") as f:
-            head = f.read(64)
+            head = f.read(512)  # formats sniff the first 64 bytes; a tar header needs 262
     except IsADirectoryError:
         raise InputNotFoundError(f"{path} is a directory, a file was expected") from None
     except PermissionError:
@@ -44,7 +44,7 @@ def load_file(path: str, *, key=None, trust_pickle=False, format=None) -> Checkp
         raise InputNotFoundError(f"{path}: cannot read ({e.strerror})") from None
     if not head:
         raise NotACheckpointError(f"{path} is empty")
-    spec = _pick(path, head, format)
+    spec = _pick(path, head[:64], format, describe_head=head)
     return _run_load(spec, path, key=key, trust_pickle=trust_pickle)
 
 
@@ -59,7 +59,7 @@ def _run_load(spec, path, **options) -> Checkpoint:
         raise CorruptCheckpointError(f"{path}: cannot be read as {spec.name}: {type(e).__name__}: {e}") from e
 
 
-def _pick(path: str, head: bytes, format: str | None):
+def _pick(path: str, head: bytes, format: str | None, describe_head: bytes | None = None):
     formats = get_manager().formats()
     if format:
         if format not in formats:
@@ -78,7 +78,7 @@ def _pick(path: str, head: bytes, format: str | None):
         except Exception:
             continue
     if not claims:
-        raise NotACheckpointError(f"{path} is not a checkpoint ({describe(head)})",
+        raise NotACheckpointError(f"{path} is not a checkpoint ({describe(describe_head or head)})",
                                   hint="expected a torch file, safetensors or a Hugging Face folder")
     claims.sort(key=lambda s: -s.priority)  # stable: registration order breaks ties
     return claims[0]
@@ -93,6 +93,12 @@ def describe(head: bytes) -> str:
         return "it is gzip-compressed"
     if head.startswith(b"PK"):
         return "it is a zip archive of another kind"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "it is an HDF5 file, as Keras and TensorFlow save"
+    if head.startswith(b"GGUF"):
+        return "it is a GGUF file, as llama.cpp saves"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "it is a tar archive; a .nemo file? extract it and pass the checkpoint inside"
     try:
         text = head.decode("utf-8")
         if all(c.isprintable() or c.isspace() for c in text):

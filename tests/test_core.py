@@ -669,3 +669,12 @@ def test_big_endian_checkpoint_reads_byte_swapped(tmp_path, cli):
     assert all(torch.equal(back[k], v) for k, v in sd.items())
     with zipfile.ZipFile(tmp_path / "native.pt") as z:
         assert z.read(next(n for n in z.namelist() if n.endswith("/byteorder"))) == b"little"
+
+
+@pytest.mark.parametrize("head,says", [(b"\x89HDF\r\n\x1a\n", "HDF5"), (b"GGUF\x03\x00\x00\x00", "GGUF"),
+                                       (b"x".ljust(257, b"\0") + b"ustar\x0000", "tar archive")])
+def test_other_model_formats_are_named(tmp_path, cli, head, says):
+    p = tmp_path / "model.pt"
+    p.write_bytes(head + b"\0" * 600)
+    code, _, err = cli("inspect", p)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
