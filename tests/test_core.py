@@ -678,3 +678,19 @@ def test_other_model_formats_are_named(tmp_path, cli, head, says):
     p.write_bytes(head + b"\0" * 600)
     code, _, err = cli("inspect", p)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+
+
+def test_folder_of_model_folders_names_them(tmp_path, cli):
+    """A diffusers pipeline (or a Trainer output dir) keeps its models in sub-folders: the error
+    names them instead of only saying that no weights were found."""
+    from safetensors.torch import save_file
+
+    for part in ("unet", "vae"):
+        (tmp_path / "pipe" / part).mkdir(parents=True)
+        save_file({"w": torch.ones(2)}, tmp_path / "pipe" / part / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "pipe" / "scheduler").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    code, _, err = cli("inspect", tmp_path / "pipe")
+    assert code == 2 and "unet, vae" in err and "scheduler" not in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("inspect", tmp_path / "pipe" / "unet")
+    assert code == 0, err

@@ -52,12 +52,32 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
                 ck = load_file(deepspeed, key=key, trust_pickle=trust_pickle)
                 return replace(ck, notes=ck.notes + (f"DeepSpeed folder: read {os.path.relpath(deepspeed, path)} "
                                                      "(the tag its 'latest' file names)",))
+            parts = _component_folders(path)
+            if parts and not weights:  # a diffusers pipeline, a Trainer output dir: models in sub-folders
+                raise NotACheckpointError(
+                    f"{path} holds no weights itself; these folders do: {', '.join(parts[:12])}"
+                    + (f" and {len(parts) - 12} more" if len(parts) > 12 else ""),
+                    hint=f"pass one of them, e.g. {os.path.join(path, parts[0])}")
             raise NotACheckpointError(
                 f"{path} is a directory without a weights index or a single weights file",
                 hint="pass the file itself" if weights else "expected model.safetensors or an *.index.json")
     else:
         index = path
     return load_index(index, trust_pickle=trust_pickle)
+
+
+def _component_folders(folder: str) -> list[str]:
+    """Sub-folders that hold weights of their own (diffusers' unet/, vae/, text_encoder/...)."""
+    out = []
+    for name in sorted(os.listdir(folder)):
+        sub = os.path.join(folder, name)
+        if os.path.isdir(sub) and not name.startswith("."):
+            try:
+                if any(f.endswith(WEIGHT_EXT) or f.endswith(".index.json") for f in os.listdir(sub)):
+                    out.append(name)
+            except OSError:
+                continue
+    return out
 
 
 def _deepspeed_model_states(folder: str) -> str | None:
