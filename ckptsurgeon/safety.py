@@ -7,6 +7,7 @@ registered with ``torch.serialization.add_safe_globals``).
 
 from __future__ import annotations
 
+import functools
 import os
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
@@ -43,13 +44,14 @@ NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype",
 _NUMPY_REFUSED_DTYPES = ("ObjectDType", "StringDType")
 
 
-def _numpy_globals() -> list[tuple[object, str]]:
+@functools.lru_cache(maxsize=1)
+def _numpy_globals() -> tuple[tuple[object, str], ...]:
     """NUMPY_GLOBALS and numpy's per-type dtype classes (which torch's loader checks when it
-    BUILDs a dtype), as (object, name) pairs; [] without numpy. torch imports numpy already."""
+    BUILDs a dtype), as (object, name) pairs; () without numpy. torch imports numpy already."""
     try:
         import numpy
     except ImportError:
-        return []
+        return ()
     core = getattr(numpy, "_core", None) or numpy.core
     multiarray = core.multiarray
     objs = {"numpy.ndarray": numpy.ndarray, "numpy.dtype": numpy.dtype}
@@ -68,7 +70,7 @@ def _numpy_globals() -> list[tuple[object, str]]:
                 cls = type(numpy.dtype(code))
                 if cls is not numpy.dtype:
                     objs[f"numpy.{cls.__name__}"] = cls
-    return [(obj, name) for name, obj in objs.items()]
+    return tuple((obj, name) for name, obj in objs.items())
 
 
 def extra_safe_globals() -> list[str]:
@@ -110,7 +112,7 @@ def _resolve_safe_globals() -> list:
             objs.append((_import_global(name), name))
         except (ImportError, AttributeError, ValueError):
             continue
-    objs += _numpy_globals()
+    objs += list(_numpy_globals())
     for name in extra_safe_globals():
         try:
             objs.append((_import_global(name), name))
