@@ -694,3 +694,24 @@ def test_folder_of_model_folders_names_them(tmp_path, cli):
     assert code == 2 and "unet, vae" in err and "scheduler" not in err and len(err.strip().splitlines()) == 1
     code, out, err = cli("inspect", tmp_path / "pipe" / "unet")
     assert code == 0, err
+
+
+def test_sharded_folder_without_its_index(tmp_path, cli):
+    """Shards copied without their *.index.json (model-0000i-of-0000n.*): read in order; a
+    missing shard leaves the folder unreadable with the usual one-line error."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    sd = OrderedDict((f"layers.{i}.weight", torch.full((2, 2), float(i))) for i in range(6))
+    names = list(sd)
+    for i in range(3):
+        save_file({k: sd[k] for k in names[2 * i:2 * i + 2]}, folder / f"model-{i + 1:05d}-of-00003.safetensors")
+    ck = cs.load(folder)
+    assert list(ck.state) == names and any("no index file" in n for n in ck.notes)
+    assert all(torch.equal(ck.torch_state_dict()[k], v) for k, v in sd.items())
+    code, _, err = cli("convert", folder, "-o", tmp_path / "one.safetensors")
+    assert code == 0, err
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    code, _, err = cli("inspect", folder)
+    assert code == 2 and len(err.strip().splitlines()) == 1

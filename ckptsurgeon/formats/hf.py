@@ -45,6 +45,9 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
             weights = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_EXT))
             if len(weights) == 1:
                 return load_file(os.path.join(path, weights[0]), key=key, trust_pickle=trust_pickle)
+            shards = _indexless_shards(weights)
+            if shards:
+                return _load_shards(path, shards, trust_pickle)
             deepspeed = _deepspeed_model_states(path)
             if deepspeed:
                 from dataclasses import replace
@@ -64,6 +67,45 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
     else:
         index = path
     return load_index(index, trust_pickle=trust_pickle)
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})(?P<ext>\.[A-Za-z]+)$")
+
+
+def _indexless_shards(names: list[str]) -> list[str] | None:
+    """``model-00001-of-00003.safetensors`` ... all present, one set, no index file beside them
+    (copied without it): the shards in order, else None."""
+    found = [(m, n) for n in names if (m := _SHARD.match(n))]
+    if not found or len(found) != len(names):
+        return None
+    stems = {(m["stem"], m["n"], m["ext"]) for m, _ in found}
+    if len(stems) != 1:
+        return None
+    total = int(found[0][0]["n"])
+    order = sorted(found, key=lambda x: int(x[0]["i"]))
+    if [int(m["i"]) for m, _ in order] != list(range(1, total + 1)):
+        return None
+    return [n for _, n in order]
+
+
+def _load_shards(folder: str, shards: list[str], trust_pickle) -> Checkpoint:
+    """A sharded folder without its index: the shards' tensors in shard order (a name in two
+    shards is an error, as it would be for an index)."""
+    from ..loading import load_file
+
+    state: OrderedDict = OrderedDict()
+    files = []
+    for shard in shards:
+        p = os.path.join(folder, shard)
+        part = load_file(p, trust_pickle=trust_pickle)
+        files.append(p)
+        for k, v in part.state.items():
+            if k in state:
+                raise CorruptCheckpointError(f"{folder}: tensor {k!r} is in more than one shard (in {shard} again)")
+            state[k] = v
+    note = f"no index file: read the {len(shards)} shards {shards[0]} .. {shards[-1]} in order"
+    src = Source(folder, "hf-folder", sum(os.path.getsize(f) for f in files), tuple(files), notes=(note,))
+    return Checkpoint(state=state, source=src, notes=(note,))
 
 
 def _component_folders(folder: str) -> list[str]:
