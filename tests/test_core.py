@@ -715,3 +715,48 @@ def test_sharded_folder_without_its_index(tmp_path, cli):
     (folder / "model-00002-of-00003.safetensors").unlink()
     code, _, err = cli("inspect", folder)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_nemo_archive_read_in_place(tmp_path, cli):
+    """A NeMo 1.x .nemo is a tar of model_weights.ckpt + model_config.yaml: the torch zip inside
+    is read where it lies (lazily); a compressed archive or one whose pickle needs torch.load is
+    refused in one line with the way out (extract it)."""
+    import tarfile
+
+    sd = OrderedDict((f"encoder.layers.{i}.weight", torch.randn(4, 4)) for i in range(3))
+    torch.save(sd, tmp_path / "model_weights.ckpt")
+    (tmp_path / "model_config.yaml").write_text("target: nemo.collections.asr.models.EncDecCTCModel\n")
+    with tarfile.open(tmp_path / "asr.nemo", "w:") as tar:
+        tar.add(tmp_path / "model_config.yaml", arcname="./model_config.yaml")
+        tar.add(tmp_path / "model_weights.ckpt", arcname="./model_weights.ckpt")
+    ck = cs.load(tmp_path / "asr.nemo")
+    assert ck.source.format == "nemo" and ck.source.lazy and list(ck.state) == list(sd)
+    assert all(torch.equal(ck.torch_state_dict()[k], v) for k, v in sd.items())
+    code, _, err = cli("strip-prefix", tmp_path / "asr.nemo", "-o", tmp_path / "enc.pt", "--prefix", "encoder.")
+    assert code == 0, err
+    assert list(torch.load(tmp_path / "enc.pt", weights_only=True)) == [k[len("encoder."):] for k in sd]
+
+    with tarfile.open(tmp_path / "gz.nemo", "w:gz") as tar:
+        tar.add(tmp_path / "model_weights.ckpt", arcname="./model_weights.ckpt")
+    code, _, err = cli("inspect", tmp_path / "gz.nemo")
+    assert code == 2 and "tar xf" in err and len(err.strip().splitlines()) == 1
+
+    canary = tmp_path / "canary"
+    _evil = {"w": torch.ones(1), "x": _Touch(canary)}
+    torch.save(_evil, tmp_path / "model_weights.ckpt")
+    with tarfile.open(tmp_path / "evil.nemo", "w:") as tar:
+        tar.add(tmp_path / "model_weights.ckpt", arcname="./model_weights.ckpt")
+    code, _, err = cli("inspect", tmp_path / "evil.nemo")
+    assert code == 2 and "system" in err and "nothing was executed" in err and not canary.exists()
+    code, out, err = cli("inspect", "--inert-pickle", tmp_path / "evil.nemo")
+    assert code == 0 and not canary.exists(), err
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.path}",)

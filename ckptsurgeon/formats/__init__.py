@@ -17,6 +17,8 @@ def ckptsurgeon_formats():
                    description="torch.save legacy pickle format (read with torch.load, weights-only)"),
         FormatSpec("safetensors", (".safetensors",), safetensors.sniff, safetensors.load, safetensors.save,
                    priority=1, description="safetensors (read lazily; written zero-copy)"),
+        FormatSpec("nemo", (), torchfile.sniff_nemo, torchfile.load_nemo, None, priority=1,
+                   description="NeMo 1.x .nemo archive (the torch zip inside read in place; read-only)"),
         FormatSpec("dcp", (), dcp.sniff, dcp.load, None, priority=1,
                    description="torch.distributed.checkpoint folder (.metadata + .distcp; read-only, no process group)"),
         FormatSpec("hf-folder", (), hf.sniff, hf.load, hf.save_sharded, priority=0,

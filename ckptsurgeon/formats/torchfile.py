@@ -10,9 +10,9 @@ from typing import Any, Mapping
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
 from ..errors import AmbiguousStateDictError, NoStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
-from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs
+from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs, scan_globals
 from ..refs import FileRange, InertObject, TensorRef
-from ..safety import INERT, torch_load, unsafe_globals
+from ..safety import INERT, TRUST_HINT, allowed_globals, torch_load, unsafe_globals
 from ..zipfmt import TorchZip, write_torch_zip
 
 SURGEON_RECORD = ".data/ckpt_surgeon.json"
@@ -45,7 +45,40 @@ def load_zip(path: str, *, key: str | None = None, trust_pickle: bool | str = Fa
         z.close()  # every tensor's byte range is located by now; data is read through its own fds
 
 
-def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
+def sniff_nemo(path: str, head: bytes) -> bool:
+    return path.endswith(".nemo")
+
+
+def load_nemo(path: str, *, key: str | None = None, trust_pickle: bool | str = False, **_) -> Checkpoint:
+    """A NeMo 1.x ``.nemo`` file: a tar holding ``model_weights.ckpt`` (a torch zip) and
+    ``model_config.yaml``. An uncompressed tar is read in place: the weights are a byte range of
+    it, like a DCP chunk. (NeMo 2 saves folders; compressed .nemo files must be extracted.)"""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+    except tarfile.ReadError:
+        raise UnsupportedError(f"{path}: a compressed (or damaged) .nemo archive",
+                               hint=f"extract it (tar xf {os.path.basename(path)}) and pass model_weights.ckpt")
+    weights = [m for m in members if os.path.basename(m.name) == "model_weights.ckpt"]
+    if len(weights) != 1:
+        found = ", ".join(m.name for m in weights) or "none"
+        raise NotACheckpointError(f"{path}: expected one model_weights.ckpt in the archive (found: {found})",
+                                  hint=f"extract it (tar xf {os.path.basename(path)}) and pass the one you want")
+    m = weights[0]
+    z = TorchZip(path, base=m.offset_data, length=m.size)
+    try:
+        ck = _load_zip(z, path, key, trust_pickle, embedded=f"{m.name} inside the archive")
+    finally:
+        z.close()
+    from dataclasses import replace
+
+    return replace(ck, source=replace(ck.source, format="nemo"),
+                   notes=ck.notes + (f"read {m.name} in place from the .nemo archive",))
+
+
+def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> Checkpoint:
     data = z.read("data.pkl")
     notes = []
     lazy = True
@@ -62,7 +95,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
             raise NotFastPath("big-endian tensor data")
         graph = load_refs(data, source)
     except NotFastPath as e:
-        inert = unsafe_globals(path) if trust_pickle == INERT and not big_endian else []
+        inert = _unsafe_in(data) if trust_pickle == INERT and not big_endian else []
         if inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
             try:
                 graph = load_refs(data, source, inert=inert)
@@ -74,6 +107,14 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
                 ) from None
             notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing imported "
                          "or run; outputs in torch format carry them unchanged")
+        elif embedded:  # torch.load reads whole files only
+            unsafe = _unsafe_in(data)
+            if unsafe and trust_pickle is not True:
+                raise UnsafePickleError(
+                    f"{path} ({embedded}) would import globals outside the weights-only allowlist: "
+                    f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe, hint=TRUST_HINT)
+            raise UnsupportedError(f"{path}: {embedded} uses {e}, which only torch.load rebuilds",
+                                   hint="extract the archive and pass the file itself")
         else:
             # outside the torch-free subset: torch's own weights-only unpickler decides
             _check_all_crcs(z)
@@ -91,6 +132,12 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle) -> Checkpoint:
                     byteorder=byteorder if lazy else b"little",  # torch.load gives native tensors
                     version=z.read("version") if z.has("version") else b"3\n", notes=tuple(notes))
     return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
+
+
+def _unsafe_in(pickle_bytes: bytes) -> list[str]:
+    """The globals a pickle names that no allowlist allows (read from opcodes)."""
+    allowed = allowed_globals()
+    return [n for n in dict.fromkeys(scan_globals(pickle_bytes)) if n not in allowed]
 
 
 def _check_all_crcs(z: TorchZip) -> None:
