@@ -78,13 +78,24 @@ def _pick(path: str, head: bytes, format: str | None, describe_head: bytes | Non
         except Exception:
             continue
     if not claims:
-        raise NotACheckpointError(f"{path} is not a checkpoint ({describe(describe_head or head)})",
+        raise NotACheckpointError(f"{path} is not a checkpoint ({describe(describe_head or head, path)})",
                                   hint="expected a torch file, safetensors or a Hugging Face folder")
     claims.sort(key=lambda s: -s.priority)  # stable: registration order breaks ties
     return claims[0]
 
 
-def describe(head: bytes) -> str:
+_OTHER_FORMATS = {  # by extension, for files whose bytes say little
+    ".onnx": "an ONNX model", ".msgpack": "Flax weights (msgpack)", ".tflite": "a TensorFlow Lite model",
+    ".keras": "a Keras model", ".npz": "a numpy .npz archive", ".mlmodel": "a Core ML model",
+}
+
+
+def describe(head: bytes, path: str = "") -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _OTHER_FORMATS:
+        return f"by its name, {_OTHER_FORMATS[ext]}, not a PyTorch checkpoint"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a numpy .npy array"
     if head.startswith(b"\x89PNG"):
         return "it is a PNG image"
     if head.startswith(b"\xff\xd8\xff"):

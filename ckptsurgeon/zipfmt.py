@@ -19,7 +19,7 @@ import zlib  # noqa: F401  (zlib.error is caught below)
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .errors import CorruptCheckpointError, UnsupportedError
+from .errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
 from .refs import FileRange, MemoryBytes, crc32, pread_chunks
 
 ALIGN = 64
@@ -94,9 +94,10 @@ class TorchZip:
                 self._window.close()
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})",
                                          hint="the file is truncated or not a torch checkpoint") from None
-        if not infos:
-            raise CorruptCheckpointError(f"{path}: empty zip archive, not a torch checkpoint")
         self._zf = zf
+        if not infos:
+            self.close()
+            raise CorruptCheckpointError(f"{path}: empty zip archive, not a torch checkpoint")
         self.prefix = infos[0].filename.split("/", 1)[0]
         self.infos = {}
         for info in infos:
@@ -104,7 +105,9 @@ class TorchZip:
             if head == self.prefix and rest:
                 self.infos[rest] = info
         if "data.pkl" not in self.infos:
-            raise CorruptCheckpointError(f"{path}: zip archive without {self.prefix}/data.pkl; not a torch checkpoint")
+            self.close()
+            what = "a numpy .npz archive" if path.lower().endswith(".npz") else "a zip archive"
+            raise NotACheckpointError(f"{path}: {what} with no data.pkl record, not a torch checkpoint")
 
     def read(self, name: str) -> bytes:
         """A small record's bytes (CRC checked by zipfile)."""

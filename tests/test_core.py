@@ -760,3 +760,18 @@ class _Touch:
         import os
 
         return os.system, (f"touch {self.path}",)
+
+
+@pytest.mark.parametrize("name,data,says", [
+    ("model.onnx", b"\x08\x07\x12\x07pytorch", "ONNX"), ("flax_model.msgpack", b"\x85\xa5model", "Flax"),
+    ("weights.npy", b"\x93NUMPY\x01\x00v\x00", "numpy .npy"), ("arrays.npz", None, "numpy .npz")])
+def test_other_files_are_named_by_extension_or_magic(tmp_path, cli, name, data, says):
+    import numpy as np
+
+    p = tmp_path / name
+    if data is None:
+        np.savez(p, x=np.ones(3))
+    else:
+        p.write_bytes(data + b"\0" * 100)
+    code, _, err = cli("inspect", p)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
