@@ -102,3 +102,26 @@ def test_verify_gpt2_save_pretrained_without_tied_head(tmp_path, cli):
     code, out, err = cli("verify", tmp_path / "gpt2", tmp_path / "compiled.safetensors", "--json")
     assert code == 0, out + err
     assert json.loads(out)["equivalent"]
+
+
+def test_gpt2_through_a_dcp_folder_computes_the_same(tmp_path):
+    """GPT-2 saved with torch.distributed.checkpoint (as FSDP/torchtitan do), converted to one
+    safetensors file: a fresh model loaded from it gives the same logits."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "step": 10}, checkpoint_id=str(tmp_path / "step10"))
+    ck = cs.load(tmp_path / "step10")
+    assert ck.sd_path == ("model",) and ck.wrapper["step"] == 10
+    cs.save(ck, tmp_path / "gpt2.safetensors")
+    fresh = _gpt2()
+    torch.nn.init.zeros_(fresh.transformer.wte.weight)
+    fresh.load_state_dict(load_file(tmp_path / "gpt2.safetensors"), strict=True)
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
