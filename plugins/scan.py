@@ -18,6 +18,12 @@ def _files(path: str) -> list[str]:
     return [path]
 
 
+def _is_tar(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(263)
+    return head[257:262] == b"ustar"
+
+
 def scan(path: str) -> dict:
     """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...]}], 'unsafe': [...]}.
 
@@ -54,6 +60,13 @@ def scan(path: str) -> dict:
             if st_sniff(f, head):
                 read_header(f)
                 entry["format"] = "safetensors"
+            elif f.endswith(".nemo") or _is_tar(f):
+                from ckptsurgeon.formats.torchfile import tar_pickles
+
+                entry["pickles"] = tar_pickles(f)
+                entry["format"] = "tar"
+                for names in entry["pickles"].values():
+                    entry["unsafe"] += [n for n in names if n not in allowed and n not in entry["unsafe"]]
             else:
                 entry["pickles"] = pickle_globals(f)
                 entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"

@@ -750,6 +750,8 @@ def test_nemo_archive_read_in_place(tmp_path, cli):
     assert code == 2 and "system" in err and "nothing was executed" in err and not canary.exists()
     code, out, err = cli("inspect", "--inert-pickle", tmp_path / "evil.nemo")
     assert code == 0 and not canary.exists(), err
+    assert cs.scan(str(tmp_path / "evil.nemo"))["unsafe"] == ["posix.system"]  # scan looks inside the tar
+    assert cs.scan(str(tmp_path / "asr.nemo"))["unsafe"] == []
 
 
 class _Touch:

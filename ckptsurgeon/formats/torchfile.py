@@ -134,6 +134,34 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
     return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
 
 
+def tar_pickles(path: str) -> dict[str, list[str]]:
+    """{member/record: globals} for every pickle of every torch zip inside an uncompressed tar
+    (a .nemo), read in place; what ``scan`` reports for such an archive."""
+    import tarfile
+
+    out: dict[str, list[str]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+    except tarfile.ReadError:
+        raise UnsupportedError(f"{path}: a compressed (or damaged) tar archive",
+                               hint=f"extract it (tar xf {os.path.basename(path)}) and scan the files inside")
+    with open(path, "rb") as f:
+        zips = [m for m in members if m.size >= 4 and os.pread(f.fileno(), 4, m.offset_data) == b"PK\x03\x04"]
+    for m in zips:
+        try:
+            z = TorchZip(path, base=m.offset_data, length=m.size)
+        except NotACheckpointError:
+            continue  # a zip that is no torch file
+        try:
+            for name in z.infos:
+                if name.endswith(".pkl"):
+                    out[f"{m.name}:{z.prefix}/{name}"] = scan_globals(z.read(name))
+        finally:
+            z.close()
+    return out
+
+
 def _unsafe_in(pickle_bytes: bytes) -> list[str]:
     """The globals a pickle names that no allowlist allows (read from opcodes)."""
     allowed = allowed_globals()
