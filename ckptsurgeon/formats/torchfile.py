@@ -46,7 +46,7 @@ def load_zip(path: str, *, key: str | None = None, trust_pickle: bool | str = Fa
 
 
 def sniff_nemo(path: str, head: bytes) -> bool:
-    return path.endswith(".nemo")
+    return path.endswith(".nemo") and os.path.isfile(path)
 
 
 def load_nemo(path: str, *, key: str | None = None, trust_pickle: bool | str = False, **_) -> Checkpoint:
