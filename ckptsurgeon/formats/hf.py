@@ -115,7 +115,7 @@ def _component_folders(folder: str) -> list[str]:
         sub = os.path.join(folder, name)
         if os.path.isdir(sub) and not name.startswith("."):
             try:
-                if any(f.endswith(WEIGHT_EXT) or f.endswith(".index.json") for f in os.listdir(sub)):
+                if any(f.endswith(WEIGHT_EXT + (".index.json", ".distcp")) for f in os.listdir(sub)):
                     out.append(name)
             except OSError:
                 continue
