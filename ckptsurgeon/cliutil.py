@@ -26,7 +26,7 @@ def pickle_options(f: Callable) -> Callable:
     """--trust-pickle / --inert-pickle, both setting ``trust_pickle`` (False, True or "inert")."""
     f = click.option("--inert-pickle", "trust_pickle", flag_value="inert", type=click.UNPROCESSED,
                      help="Read pickle globals outside the allowlist as inert records: nothing imported or run, "
-                          "carried unchanged into torch-format outputs (torch zip files).")(f)
+                          "carried unchanged into torch-format outputs.")(f)
     f = click.option("--trust-pickle", "trust_pickle", flag_value=True, default=False, type=click.UNPROCESSED,
                      help="Allow pickle globals outside torch's weights-only allowlist (runs code from the file).")(f)
     return f

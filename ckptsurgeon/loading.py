@@ -16,7 +16,7 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
     ``*.index.json``. ``key`` picks the state dict inside a wrapper ('state_dict', 'model/ema');
     ``trust_pickle=True`` allows globals outside torch's weights-only allowlist (executes code
     from the file: only for files you trust); ``trust_pickle="inert"`` records them as inert
-    stand-ins instead (nothing imported or run; torch zip files and DCP values).
+    stand-ins instead (nothing imported or run; torch zip and legacy files, .nemo, DCP values).
 
     Example::
 

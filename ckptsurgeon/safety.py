@@ -14,7 +14,7 @@ from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleErr
 from .pickle_io import scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
-              "types; or read them as inert records with --inert-pickle (nothing imported or run; torch zip files); "
+              "types; or read them as inert records with --inert-pickle (nothing imported or run); "
               "or, only if you trust where the file came from, re-run with --trust-pickle (API: trust_pickle=True)")
 #: ``trust_pickle=INERT`` (``--inert-pickle``): globals outside the allowlists are recorded, not built.
 INERT = "inert"
