@@ -65,15 +65,11 @@ def scan(path: str) -> dict:
 
                 entry["pickles"] = tar_pickles(f)
                 entry["format"] = "tar"
-                for names in entry["pickles"].values():
-                    entry["unsafe"] += [n for n in names if n not in allowed and n not in entry["unsafe"]]
             else:
                 entry["pickles"] = pickle_globals(f)
                 entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"
-                for names in entry["pickles"].values():
-                    for n in names:
-                        if n not in allowed and n not in entry["unsafe"]:
-                            entry["unsafe"].append(n)
+            for names in entry["pickles"].values():
+                entry["unsafe"] += [n for n in dict.fromkeys(names) if n not in allowed and n not in entry["unsafe"]]
         except CkptSurgeonError as e:
             if not os.path.isdir(path):
                 raise
