@@ -53,14 +53,7 @@ def load_nemo(path: str, *, key: str | None = None, trust_pickle: bool | str = F
     """A NeMo 1.x ``.nemo`` file: a tar holding ``model_weights.ckpt`` (a torch zip) and
     ``model_config.yaml``. An uncompressed tar is read in place: the weights are a byte range of
     it, like a DCP chunk. (NeMo 2 saves folders; compressed .nemo files must be extracted.)"""
-    import tarfile
-
-    try:
-        with tarfile.open(path, "r:") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-    except tarfile.ReadError:
-        raise UnsupportedError(f"{path}: a compressed (or damaged) .nemo archive",
-                               hint=f"extract it (tar xf {os.path.basename(path)}) and pass model_weights.ckpt")
+    members = _tar_members(path, "pass model_weights.ckpt")
     weights = [m for m in members if os.path.basename(m.name) == "model_weights.ckpt"]
     if len(weights) != 1:
         found = ", ".join(m.name for m in weights) or "none"
@@ -134,18 +127,23 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
     return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
 
 
+def _tar_members(path: str, then: str) -> list:
+    """The regular files of an uncompressed tar (their data can be read in place)."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return [m for m in tar.getmembers() if m.isfile()]
+    except tarfile.ReadError:
+        raise UnsupportedError(f"{path}: a compressed (or damaged) tar archive",
+                               hint=f"extract it (tar xf {os.path.basename(path)}) and {then}") from None
+
+
 def tar_pickles(path: str) -> dict[str, list[str]]:
     """{member/record: globals} for every pickle of every torch zip inside an uncompressed tar
     (a .nemo), read in place; what ``scan`` reports for such an archive."""
-    import tarfile
-
     out: dict[str, list[str]] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-    except tarfile.ReadError:
-        raise UnsupportedError(f"{path}: a compressed (or damaged) tar archive",
-                               hint=f"extract it (tar xf {os.path.basename(path)}) and scan the files inside")
+    members = _tar_members(path, "scan the files inside")
     with open(path, "rb") as f:
         zips = [m for m in members if m.size >= 4 and os.pread(f.fileno(), 4, m.offset_data) == b"PK\x03\x04"]
     for m in zips:
