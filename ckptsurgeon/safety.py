@@ -97,8 +97,13 @@ def data_global(qualname: str):
         except (ImportError, AttributeError, ValueError):
             return None
     if qualname in NUMPY_GLOBALS:
-        return dict((name, obj) for obj, name in _numpy_globals()).get(qualname)
+        return _numpy_by_name().get(qualname)
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _numpy_by_name() -> dict:
+    return {name: obj for obj, name in _numpy_globals()}
 
 
 def _resolve_safe_globals() -> list:
@@ -188,6 +193,12 @@ def allowed_globals() -> set[str]:
     except Exception:
         pass
     return names | set(DATA_GLOBALS) | {name for _, name in _numpy_globals()} | set(extra_safe_globals())
+
+
+def unsafe_in(pickle_bytes: bytes) -> list[str]:
+    """The globals one pickle names that no allowlist allows (read from opcodes)."""
+    allowed = allowed_globals()
+    return [n for n in dict.fromkeys(scan_globals(pickle_bytes)) if n not in allowed]
 
 
 def unsafe_globals(path: str) -> list[str]:

@@ -58,7 +58,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         fqn = _fields(index).get("fqn")
         where.setdefault(fqn, []).append((_fields(index), _fields(info)))
 
-    files: set[str] = set()
+    files: dict[str, int] = {}  # data file -> size
     st_cache: dict = {}  # safetensors-format data files: their entries, read once
     flat: dict[str, Any] = {}
     assembled = []
@@ -90,13 +90,13 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             trainer = None
         if isinstance(trainer, Mapping):
             obj.update((k, v) for k, v in trainer.items() if k not in obj)
-            files.add(extra)
+            files[extra] = os.path.getsize(extra)
             notes.append(f"merged Lightning's {LIGHTNING_META} (trainer state: {', '.join(map(str, list(trainer)[:6]))})")
     if assembled:
         notes.append(f"{len(assembled)} tensor(s) sharded over ranks were assembled in memory "
                      f"(e.g. {assembled[0]})")
-    size = sum(os.path.getsize(f) for f in files | {meta_path})
-    source = Source(path=folder, format="dcp", size=size, files=tuple(sorted(files | {meta_path})),
+    size = sum(files.values()) + os.path.getsize(meta_path)
+    source = Source(path=folder, format="dcp", size=size, files=tuple(sorted(set(files) | {meta_path})),
                     lazy=not assembled, notes=tuple(notes))
     return from_object(obj, source, key=key)
 
@@ -107,17 +107,19 @@ def scan_folder(folder: str, allowed: set) -> list[dict]:
     (a .distcp file is many archives end to end; zipfile alone would see only the last one)."""
     meta_path = os.path.join(folder, METADATA)
     with open(meta_path, "rb") as f:
-        names = scan_globals(f.read())
+        data = f.read()
+    names = scan_globals(data)
     foreign = _foreign(set(names))
     entries = [{"file": meta_path, "format": "dcp-metadata", "pickles": {METADATA: names}, "unsafe": foreign,
                 "error": None}]
     if foreign:
         entries[0]["error"] = "unsafe DCP metadata: its data files were not scanned"
         return entries
-    meta = _fields(_read_metadata(meta_path))
+    meta = _fields(_read_metadata(meta_path, data))
     per_file: dict[str, dict] = {}
+    sizes: dict[str, int] = {}
     for _index, info in (meta.get("storage_data") or {}).items():
-        path, offset, length = _data_file(folder, _fields(info), set())
+        path, offset, length = _data_file(folder, _fields(info), sizes)
         entry = per_file.setdefault(path, {"file": path, "format": "dcp-data", "pickles": {}, "unsafe": [],
                                            "error": None})
         with open(path, "rb") as f:
@@ -153,12 +155,13 @@ def _top_level(path: str, trust_pickle):
 
 
 # --------------------------------------------------------------------------- metadata
-def _read_metadata(meta_path: str):
-    try:
-        with open(meta_path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise NotACheckpointError(f"{meta_path}: cannot read DCP metadata ({e.strerror})") from None
+def _read_metadata(meta_path: str, data: bytes | None = None):
+    if data is None:
+        try:
+            with open(meta_path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise NotACheckpointError(f"{meta_path}: cannot read DCP metadata ({e.strerror})") from None
 
     def no_storages(*_):
         raise CorruptCheckpointError(f"{meta_path}: DCP metadata with tensor storages")
@@ -216,7 +219,9 @@ def _dtype_of(properties) -> str:
 
 
 # --------------------------------------------------------------------------- data
-def _data_file(folder: str, info: dict, files: set) -> tuple[str, int, int]:
+def _data_file(folder: str, info: dict, files: dict) -> tuple[str, int, int]:
+    """(path, offset, length) of a storage entry, checked; ``files`` maps each data file met to
+    its size (one stat per file, not per chunk)."""
     rel = info.get("relative_path")
     offset, length = info.get("offset"), info.get("length")
     if not isinstance(rel, str) or not isinstance(offset, int) or not isinstance(length, int) or offset < 0 \
@@ -228,54 +233,59 @@ def _data_file(folder: str, info: dict, files: set) -> tuple[str, int, int]:
         raise UnsupportedError(f"DCP data stored with transforms {info['transform_descriptors']!r} "
                                "(compression or another extension) is not supported")
     path = os.path.join(folder, rel)
-    if not os.path.isfile(path):
-        raise CorruptCheckpointError(f"{path}: DCP data file is missing")
-    if offset + length > os.path.getsize(path):
+    size = files.get(path)
+    if size is None:
+        if not os.path.isfile(path):
+            raise CorruptCheckpointError(f"{path}: DCP data file is missing")
+        size = files[path] = os.path.getsize(path)
+    if offset + length > size:
         raise CorruptCheckpointError(f"{path}: DCP data file is truncated")
-    files.add(path)
     return path, offset, length
 
 
-def _embedded(path: str, offset: int, length: int, inert=()):
+def _embedded(path: str, offset: int, length: int):
     """The object a torch.save archive at [offset, offset+length) of ``path`` holds, lazily."""
     z = TorchZip(path, base=offset, length=length)
     try:
-        return load_refs(z.read("data.pkl"), lambda k, dtype, n: z.source(f"data/{k}", n, label=f"{path}@{offset}"),
-                         inert=inert)
+        return load_refs(z.read("data.pkl"), lambda k, dtype, n: z.source(f"data/{k}", n, label=f"{path}@{offset}"))
     finally:
         z.close()
 
 
 def _read_bytes_item(folder, fqn, info, files, trust_pickle):
+    """A non-tensor value: the torch.save archive holding it, read with the torch-free
+    unpickler; what needs more goes to torch.load, after the allowlist check torch_load does."""
+    from ..safety import INERT, TRUST_HINT, torch_load_buffer, unsafe_in
+
     path, offset, length = _data_file(folder, info, files)
+    z = TorchZip(path, base=offset, length=length)
     try:
-        return _embedded(path, offset, length)
-    except NotFastPath:
-        pass
-    import io
+        data = z.read("data.pkl")
 
-    from ..safety import INERT, TRUST_HINT, allowed_globals, torch_load_buffer
+        def source(k, dtype, n):
+            return z.source(f"data/{k}", n, label=f"{path}@{offset}")
 
-    if trust_pickle is not True:
-        z = TorchZip(path, base=offset, length=length)
         try:
-            allowed = allowed_globals()
-            unsafe = [n for n in dict.fromkeys(scan_globals(z.read("data.pkl"))) if n not in allowed]
-        finally:
-            z.close()
+            return load_refs(data, source)
+        except NotFastPath:
+            pass
+        unsafe = unsafe_in(data) if trust_pickle is not True else []
         if unsafe and trust_pickle == INERT:
             try:
-                return _embedded(path, offset, length, inert=unsafe)
+                return load_refs(data, source, inert=unsafe)
             except NotFastPath:
                 pass
-        if unsafe:
-            raise UnsafePickleError(f"{path}: the value {fqn!r} would import globals outside the weights-only "
-                                    f"allowlist: {', '.join(unsafe)}; nothing was executed", globals_=unsafe,
-                                    hint=TRUST_HINT)
+    finally:
+        z.close()
+    if unsafe:
+        raise UnsafePickleError(f"{path}: the value {fqn!r} would import globals outside the weights-only "
+                                f"allowlist: {', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                hint=TRUST_HINT)
+    import io
 
     with open(path, "rb") as f:
-        data = os.pread(f.fileno(), length, offset)
-    return torch_load_buffer(io.BytesIO(data), f"{path} ({fqn})", trust_pickle=trust_pickle is True)
+        raw = os.pread(f.fileno(), length, offset)
+    return torch_load_buffer(io.BytesIO(raw), f"{path} ({fqn})", trust_pickle=trust_pickle is True)
 
 
 def _read_tensor(folder, fqn, entry, chunks, files, st_cache):

@@ -12,7 +12,7 @@ from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, pat
 from ..errors import AmbiguousStateDictError, NoStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs, scan_globals
 from ..refs import FileRange, InertObject, TensorRef
-from ..safety import INERT, TRUST_HINT, allowed_globals, torch_load, unsafe_globals
+from ..safety import INERT, TRUST_HINT, torch_load, unsafe_globals, unsafe_in
 from ..zipfmt import TorchZip, write_torch_zip
 
 SURGEON_RECORD = ".data/ckpt_surgeon.json"
@@ -88,7 +88,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             raise NotFastPath("big-endian tensor data")
         graph = load_refs(data, source)
     except NotFastPath as e:
-        inert = _unsafe_in(data) if trust_pickle == INERT and not big_endian else []
+        inert = unsafe_in(data) if trust_pickle == INERT and not big_endian else []
         if inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
             try:
                 graph = load_refs(data, source, inert=inert)
@@ -101,7 +101,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing imported "
                          "or run; outputs in torch format carry them unchanged")
         elif embedded:  # torch.load reads whole files only
-            unsafe = _unsafe_in(data)
+            unsafe = unsafe_in(data)
             if unsafe and trust_pickle is not True:
                 raise UnsafePickleError(
                     f"{path} ({embedded}) would import globals outside the weights-only allowlist: "
@@ -158,12 +158,6 @@ def tar_pickles(path: str) -> dict[str, list[str]]:
         finally:
             z.close()
     return out
-
-
-def _unsafe_in(pickle_bytes: bytes) -> list[str]:
-    """The globals a pickle names that no allowlist allows (read from opcodes)."""
-    allowed = allowed_globals()
-    return [n for n in dict.fromkeys(scan_globals(pickle_bytes)) if n not in allowed]
 
 
 def _check_all_crcs(z: TorchZip) -> None:
