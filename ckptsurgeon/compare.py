@@ -16,7 +16,10 @@ CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 
 _NUMPY = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8", "int32": "<i4",
           "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1", "uint16": "<u2", "uint32": "<u4",
-          "uint64": "<u8", "complex64": "<c8", "complex128": "<c16"}
+          "uint64": "<u8", "complex64": "<c8", "complex128": "<c16",
+          "float8_e8m0fnu": "u1", "float4_e2m1fn_x2": "u1"}
+# OCP MX FP4 (E2M1) magnitudes by code; bit 3 is the sign. Two values per byte, low nibble first.
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def digest(v: Any) -> str:
@@ -65,6 +68,15 @@ def _to_f64(chunk, dtype):
         return (chunk.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     if dtype.startswith("complex"):
         return chunk.view(np.float32 if dtype == "complex64" else np.float64).astype(np.float64)
+    if dtype == "float8_e8m0fnu":  # a power of two: 2^(code-127); 0xFF is NaN
+        out = np.ldexp(1.0, chunk.astype(np.int32) - 127)
+        out[chunk == 0xFF] = np.nan
+        return out
+    if dtype == "float4_e2m1fn_x2":
+        lut = np.array(_E2M1 + tuple(-v for v in _E2M1), dtype=np.float64)
+        out = np.empty(chunk.size * 2, dtype=np.float64)
+        out[0::2], out[1::2] = lut[chunk & 0x0F], lut[chunk >> 4]
+        return out
     return chunk.astype(np.float64)
 
 
@@ -121,7 +133,8 @@ def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict:
         "rel_l2": nd / na if na > 0 else (0.0 if nd == 0 else float("inf")),
         "cosine": ab / (na * nb) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0),
         "n_diff": n_diff,
-        "numel": n // 2 if complex_dtype(dtype) else n,
+        # complex: values, not real/imag halves; float4 pairs: each 4-bit value counts
+        "numel": n // 2 if complex_dtype(dtype) else n * 2 if dtype == "float4_e2m1fn_x2" else n,
         "diff_sq": d2,
         "ref_sq": a2,
         "close": close if (atol or rtol) else n_diff == 0,

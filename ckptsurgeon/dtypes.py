@@ -31,11 +31,28 @@ SAFETENSORS_TO_DTYPE = {
     "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
     "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
+    "F8_E8M0": "float8_e8m0fnu", "F4": "float4_e2m1fn_x2",
 }
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_DTYPE.items()}
+# safetensors counts a sub-byte dtype's elements (F4: 4 bits each); torch's packed dtype counts
+# bytes (float4_e2m1fn_x2: two values per element). The last dimension differs by this factor,
+# as safetensors' own torch bridge converts it ([..., 2n] F4 <-> [..., n] float4_e2m1fn_x2).
+PACKED_PER_ELEMENT = {"float4_e2m1fn_x2": 2}
+# dtypes the safetensors format defines that torch has no dtype for (6-bit floats, packed).
+SAFETENSORS_NO_TORCH = {"F6_E2M3": 6, "F6_E3M2": 6}
+
+def safetensors_bits(code: str) -> int | None:
+    """Bits per element of a safetensors dtype code (None: not a code the format defines)."""
+    if code in SAFETENSORS_NO_TORCH:
+        return SAFETENSORS_NO_TORCH[code]
+    dt = SAFETENSORS_TO_DTYPE.get(code)
+    if dt is None:
+        return None
+    return 8 * ITEMSIZE[dt] // PACKED_PER_ELEMENT.get(dt, 1)
+
 
 FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
-            "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"}
+            "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2"}
 
 
 def itemsize(dtype: str) -> int:

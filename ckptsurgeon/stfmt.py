@@ -13,7 +13,7 @@ import struct
 from typing import Iterable
 
 from . import dtypes
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedError
 from .refs import FileRange, StorageRef, TensorRef, contiguous_stride
 
 MAX_HEADER = 100_000_000
@@ -50,8 +50,8 @@ def read_header(path: str, base: int = 0) -> tuple[dict, dict, int]:
         if not isinstance(info, dict):
             raise CorruptCheckpointError(f"{path}: header entry {name!r} is not an object")
         code, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        dt = dtypes.SAFETENSORS_TO_DTYPE.get(code)
-        if dt is None:
+        bits = dtypes.safetensors_bits(code)
+        if bits is None:
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
         if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
@@ -60,10 +60,12 @@ def read_header(path: str, base: int = 0) -> tuple[dict, dict, int]:
         numel = 1
         for s in shape:
             numel *= s
-            if numel * dtypes.itemsize(dt) > data_len:
+            if numel * bits > data_len * 8:
                 raise CorruptCheckpointError(f"{path}: tensor {name!r} shape {shape} overflows the file")
+        if numel * bits % 8:
+            raise CorruptCheckpointError(f"{path}: {code} tensor {name!r} of shape {shape} does not fill whole bytes")
         begin, end = offs
-        if end < begin or end - begin != numel * dtypes.itemsize(dt):
+        if end < begin or end - begin != numel * bits // 8:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} data_offsets {offs} do not match shape {shape} of {code}")
         spans.append((begin, end, name))
@@ -86,14 +88,40 @@ def load_entries(path: str, base: int = 0) -> tuple[dict, dict]:
     header, meta, start = read_header(path, base)
     out = {}
     for name, info in header.items():
-        dt = dtypes.SAFETENSORS_TO_DTYPE[info["dtype"]]
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
+        code, begin, end = info["dtype"], *info["data_offsets"]
+        dt = dtypes.SAFETENSORS_TO_DTYPE.get(code)
+        if dt is None:
+            raise UnsupportedError(f"{path}: tensor {name!r} is {code}, a {dtypes.safetensors_bits(code)}-bit float "
+                                   "that torch has no dtype for")
+        per = dtypes.PACKED_PER_ELEMENT.get(dt, 1)
+        if per > 1 and (not info["shape"] or info["shape"][-1] % per):
+            raise UnsupportedError(f"{path}: {code} tensor {name!r} of shape {info['shape']} does not map onto "
+                                   f"torch's {dt} (its last dimension must be a multiple of {per})")
+        shape = torch_shape(dt, info["shape"])
         storage = StorageRef(dt, (end - begin) // dtypes.itemsize(dt),
                              FileRange(path, start + begin, end - begin, label=f"tensor {name!r}"))
         stride = contiguous_stride(shape)
         out[name] = TensorRef(storage, 0, shape, stride, dt)
     return out, meta
+
+
+def torch_shape(dtype: str, shape) -> tuple:
+    """A safetensors shape as torch sees it (F4: the last dimension counts pairs)."""
+    per = dtypes.PACKED_PER_ELEMENT.get(dtype, 1)
+    shape = tuple(shape)
+    return shape[:-1] + (shape[-1] // per,) if per > 1 else shape
+
+
+def file_shape(dtype: str, shape, name: str = "") -> list:
+    """The inverse of :func:`torch_shape`: the shape safetensors records."""
+    per = dtypes.PACKED_PER_ELEMENT.get(dtype, 1)
+    shape = list(shape)
+    if per > 1:
+        if not shape:
+            raise UnsupportedError(f"safetensors cannot store a 0-dimensional {dtype} tensor ({name!r})",
+                                   hint="reshape it to (1,) or write a torch file (.pt)")
+        shape[-1] *= per
+    return shape
 
 
 def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None,
@@ -111,11 +139,10 @@ def build_header(items: Iterable[tuple[str, TensorRef]], metadata: dict | None,
     for name, ref in items:
         code = dtypes.DTYPE_TO_SAFETENSORS.get(ref.dtype)
         if code is None:
-            from .errors import UnsupportedError
-
             raise UnsupportedError(f"safetensors cannot store dtype {ref.dtype} (tensor {name!r})",
                                    hint="write a torch file instead (.pt)")
-        header[name] = {"dtype": code, "shape": list(ref.shape), "data_offsets": [cursor, cursor + ref.nbytes]}
+        header[name] = {"dtype": code, "shape": file_shape(ref.dtype, ref.shape, name),
+                        "data_offsets": [cursor, cursor + ref.nbytes]}
         cursor += ref.nbytes
         order.append((name, ref))
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -204,6 +204,54 @@ def test_safetensors_to_torch_and_back(sample_dir, tmp_path):
               OrderedDict(sorted(load_file(sample_dir / "seednet.safetensors").items())))
 
 
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="torch without MX dtypes")
+def test_mx_dtypes_in_safetensors(tmp_path, cli):
+    """F8_E8M0 and F4 (MX block scales and FP4 weights) as safetensors writes them: F4's shape
+    counts 4-bit values, torch's float4_e2m1fn_x2 counts bytes (pairs)."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randint(0, 256, (3, 4), dtype=torch.uint8, generator=g).view(torch.float4_e2m1fn_x2),
+         "scale": torch.tensor([0.25, 1.0, 8.0, 2.0 ** 20]).to(torch.float8_e8m0fnu)}
+    save_file(a, tmp_path / "a.safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert header["w"]["dtype"] == "F4" and header["w"]["shape"] == [3, 8]  # what we must read
+    ck = cs.load(tmp_path / "a.safetensors")
+    assert ck.state["w"].shape == (3, 4) and ck.state["w"].dtype == "float4_e2m1fn_x2"
+    cs.save(ck, tmp_path / "b.pt")
+    cs.save(cs.load(tmp_path / "b.pt"), tmp_path / "c.safetensors")
+    for got in (torch.load(tmp_path / "b.pt", weights_only=True), load_file(tmp_path / "c.safetensors")):
+        for k, v in a.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape
+            assert torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+    # diff decodes both without torch: E8M0 is 2^(code-127), FP4 two E2M1 values per byte
+    b = {"w": a["w"].view(torch.uint8).clone(), "scale": a["scale"].view(torch.uint8).clone()}
+    b["w"][0, 0] = 0x7F  # low nibble 0xF = -6.0, high nibble 0x7 = 6.0
+    b["scale"][1] += 1  # 1.0 -> 2.0
+    save_file({"w": b["w"].view(torch.float4_e2m1fn_x2), "scale": b["scale"].view(torch.float8_e8m0fnu)},
+              tmp_path / "b.safetensors")
+    rep = cs.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    changed = {c["name"]: c for c in rep["changed"]}
+    assert changed["scale"]["max_abs"] == 1.0 and changed["scale"]["n_diff"] == 1
+    lut = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    lut += [-x for x in lut]
+    old = int(a["w"].view(torch.uint8)[0, 0])
+    want = max(abs(lut[old & 15] - (-6.0)), abs(lut[old >> 4] - 6.0))
+    assert changed["w"]["max_abs"] == want and changed["w"]["numel"] == 24
+
+    # F6 (no torch dtype) and an F4 shape torch cannot hold: one clear line, not "corrupt"
+    for name, dtype, shape in (("f6", "F6_E2M3", [4]), ("odd", "F4", [2, 3])):
+        h = json.dumps({"x": {"dtype": dtype, "shape": shape, "data_offsets": [0, 3]}}).encode()
+        h += b" " * (-len(h) % 8)
+        (tmp_path / f"{name}.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + b"abc")
+        code, _out, err = cli("inspect", tmp_path / f"{name}.safetensors")
+        assert code == 2 and "torch" in err and "corrupt" not in err.lower() and "Traceback" not in err
+        assert cli("scan", tmp_path / f"{name}.safetensors")[0] == 0  # a valid file: no pickle, nothing to run
+
 def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
     """Records copied from a zip keep their CRC (checked on the way); records copied from a
     safetensors file get theirs computed on a second thread and patched into the descriptor."""
