@@ -106,6 +106,10 @@ class TorchZip:
                 self.infos[rest] = info
         if "data.pkl" not in self.infos:
             self.close()
+            if "archive_format" in self.infos or any(n.startswith("models/") for n in self.infos):
+                raise NotACheckpointError(
+                    f"{path}: a torch.export program archive (.pt2), not a checkpoint",
+                    hint="take its weights with torch.export.load(path).state_dict and torch.save them")
             what = "a numpy .npz archive" if path.lower().endswith(".npz") else "a zip archive"
             raise NotACheckpointError(f"{path}: {what} with no data.pkl record, not a torch checkpoint")
 

@@ -446,6 +446,14 @@ def test_torchscript_archive_is_named_not_misread(tmp_path, cli):
     assert code == 2 and "TorchScript archive" in err and len(err.strip().splitlines()) == 1
 
 
+def test_torch_export_archive_is_named(tmp_path, cli):
+    """torch.export.save writes a zip without data.pkl (weights as raw records + JSON): named."""
+    ep = torch.export.export(torch.nn.Linear(3, 4), (torch.randn(2, 3),))
+    torch.export.save(ep, str(tmp_path / "prog.pt2"))
+    code, _, err = cli("inspect", tmp_path / "prog.pt2")
+    assert code == 2 and "torch.export" in err and len(err.strip().splitlines()) == 1
+
+
 def test_empty_state_dict_is_a_state_dict(tmp_path, cli):
     """A module without parameters saves an empty state dict: it loads, inspects and converts."""
     from safetensors.torch import load_file
