@@ -289,22 +289,52 @@ def materialize(obj: Any, memo: dict | None = None) -> Any:
     return out
 
 
-def plain(obj: Any, active: set | None = None) -> Any:
-    """A JSON-able / deepdiff-able view of non-tensor content: tensors become summaries; a
-    container met again inside itself (pickles can hold cycles) becomes "<cycle>"."""
+class Walk:
+    """State of one :func:`plain` traversal: the containers on the current path (a container met
+    again inside itself -- pickles can hold cycles -- becomes "<cycle>") and a budget of nodes.
+
+    The budget counts visits, not distinct objects: a pickle can share one list between two slots
+    of another, sixty levels deep, and a tree walk of those 2^60 paths would never end (a 2 KB
+    "billion laughs" file); and 100,000 nested lists would exhaust Python's recursion limit. Past
+    ``limit`` nodes or ``MAX_DEPTH`` levels the rest becomes "<truncated>" and ``truncated`` says
+    so."""
+
+    LIMIT = 200_000
+    MAX_DEPTH = 100  # containers inside containers; real checkpoints nest a handful deep
+
+    def __init__(self, limit: int = LIMIT):
+        self.active: set = set()
+        self.left = limit
+        self.truncated = False
+
+    def enter(self, obj) -> str | None:
+        """None to go on into ``obj``, or the marker to put in its place."""
+        if id(obj) in self.active:
+            return "<cycle>"
+        if self.left <= 0 or len(self.active) >= self.MAX_DEPTH:
+            self.truncated = True
+            return "<truncated>"
+        self.left -= 1
+        self.active.add(id(obj))
+        return None
+
+
+def plain(obj: Any, walk: Walk | None = None) -> Any:
+    """A JSON-able / deepdiff-able view of non-tensor content: tensors become summaries, cycles
+    "<cycle>", and anything past the walk's node budget "<truncated>" (see :class:`Walk`)."""
+    walk = Walk() if walk is None else walk
     if not isinstance(obj, (Mapping, list, tuple, set, frozenset, InertObject, InertCall, CallRef)):
-        return _plain(obj, set() if active is None else active)
-    active = set() if active is None else active
-    if id(obj) in active:
-        return "<cycle>"
-    active.add(id(obj))
+        return _plain(obj, walk)
+    marker = walk.enter(obj)
+    if marker is not None:
+        return marker
     try:
-        return _plain(obj, active)
+        return _plain(obj, walk)
     finally:
-        active.discard(id(obj))
+        walk.active.discard(id(obj))
 
 
-def _plain(obj: Any, active: set) -> Any:
+def _plain(obj: Any, active: Walk) -> Any:
     if isinstance(obj, TensorRef) or is_tensor_like(obj):
         i = tensor_info(obj)
         return {"<tensor>": f"{i['dtype']}{i['shape']}"}

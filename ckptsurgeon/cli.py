@@ -60,6 +60,14 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("ckpt-surgeon: interrupted", err=True)
             ctx.exit(130)
+        except RecursionError:  # only a (hostile) input nested thousands of levels deep gets here
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            click.echo("ckpt-surgeon: error: the input is nested too deeply to process "
+                       "(more levels than Python's recursion limit)", err=True)
+            ctx.exit(EXIT_ERROR)
         except Exception as e:  # a bug: still one line unless --debug
             if debug:
                 import traceback

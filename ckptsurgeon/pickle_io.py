@@ -27,7 +27,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from . import dtypes
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, OutputError, UnsupportedError
 from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
 
 
@@ -411,8 +411,6 @@ def _inert_reduce(obj: InertObject):
 
     rec = obj._inert
     if rec["kwargs"]:
-        from .errors import UnsupportedError
-
         raise UnsupportedError(f"{obj.inert_module}.{obj.inert_name} was built with keyword arguments "
                                "(pickle protocol 4), which torch's protocol-2 pickle cannot carry")
     items = iter(rec["items"]) if rec["items"] else None
@@ -428,6 +426,11 @@ def dump_refs(obj: Any) -> tuple[bytes, list[StorageRef]]:
     p = _RefPickler(buf)
     try:
         p.dump(obj)
+    except RecursionError:
+        # not UnsupportedError: that sends the writer to torch.save, which recurses the same way
+        raise OutputError("the checkpoint's non-tensor content is nested too deeply to pickle again "
+                          "(torch.save could not write it either)",
+                          hint="write safetensors (.safetensors): the state dict's tensors only") from None
     finally:
         module = sys.modules[_REFS_MODULE]
         for name in p.names:

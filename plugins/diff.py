@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import click
 
 from ckptsurgeon import cliutil, hookimpl
-from ckptsurgeon.checkpoint import Checkpoint, plain
+from ckptsurgeon.checkpoint import Checkpoint, Walk, plain
 from ckptsurgeon.errors import EXIT_FINDING, SelectionError
 from ckptsurgeon.keys import detect_prefix
 from ckptsurgeon.refs import TensorRef, is_tensor_like
@@ -67,11 +67,14 @@ def _module(name: str, depth: int) -> str:
     return ".".join(parts[:max(1, min(depth, len(parts) - 1))])
 
 
-def _other_content(ck: Checkpoint, with_hashes: bool) -> Any:
-    """Non-tensor content for deepdiff: the wrapper minus the state dict, tensors as summaries."""
+def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
+    """Non-tensor content for deepdiff: the wrapper minus the state dict, tensors as summaries;
+    and whether it was cut short (see checkpoint.Walk: a hostile pickle can expand without end)."""
     from ckptsurgeon.compare import digest
 
-    def summarise(obj, active):
+    walk = Walk()
+
+    def summarise(obj):
         if is_tensor_like(obj):
             shape, dtype = _info(obj)
             s = {"<tensor>": f"{dtype}{list(shape)}"}
@@ -79,30 +82,30 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> Any:
                 s["xxh3"] = digest(obj)
             return s
         if not isinstance(obj, (Mapping, list, tuple)):
-            return plain(obj, active)
-        if id(obj) in active:  # a container inside itself (pickles can hold cycles)
-            return "<cycle>"
-        active.add(id(obj))
+            return plain(obj, walk)
+        marker = walk.enter(obj)
+        if marker is not None:
+            return marker
         try:
             if isinstance(obj, Mapping):
-                return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): summarise(v, active)
+                return {(k if isinstance(k, (str, int, float, bool)) or k is None else str(k)): summarise(v)
                         for k, v in obj.items()}
-            return [summarise(v, active) for v in obj]
+            return [summarise(v) for v in obj]
         finally:
-            active.discard(id(obj))
+            walk.active.discard(id(obj))
 
     out = {}
     if isinstance(ck.wrapper, Mapping) and ck.sd_path:
         for k, v in ck.wrapper.items():
             if (k,) == tuple(ck.sd_path[:1]) and len(ck.sd_path) == 1:
                 continue
-            out[str(k)] = summarise(v, set())
+            out[str(k)] = summarise(v)
     if ck.st_metadata:
         out["__safetensors_metadata__"] = {k: v for k, v in ck.st_metadata.items() if k != "format"}
-    non_tensor = {k: plain(v) for k, v in ck.state.items() if not is_tensor_like(v)}
+    non_tensor = {k: plain(v, walk) for k, v in ck.state.items() if not is_tensor_like(v)}
     if non_tensor:
         out["__state_dict_non_tensor__"] = non_tensor
-    return out
+    return out, walk.truncated
 
 
 def _same(a, b) -> bool:
@@ -219,7 +222,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         modules.append({"module": m["module"], "tensors": m["tensors"], "changed": m["changed"], "rel_l2": _num(rel)})
     modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
 
-    oa, ob = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
+    (oa, cut_a), (ob, cut_b) = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
     meta = {}
     if not _same(oa, ob):  # importing deepdiff costs ~0.2 s: only pay it to describe a difference
         from deepdiff import DeepDiff
@@ -248,6 +251,9 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         "shape_changed": shape_changed, "dtype_changed": dtype_changed,
         "equal": equal, "close": close, "changed": changed,
         "modules": modules, "nonfinite": nonfinite, "metadata": meta,
+        "notes": [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
+                  "levels only: it is larger, deeper, or shares containers without end (a hostile pickle can)" for side, cut in (("A", cut_a), ("B", cut_b))
+                  if cut],
         "differences": differences, "identical": identical, "verdict": verdict,
     }
 
@@ -337,6 +343,8 @@ def _human(r: dict) -> None:
                     c.print(f"  {kind}: {path}: {json.dumps(val, default=str)[:160]}")
             else:
                 c.print(f"  {kind}: {json.dumps(items, default=str)[:200]}")
+    for note in r.get("notes", ()):
+        c.print(f"note: {note}")
     c.print(f"[bold]{r['verdict']}[/bold]")
 
 

@@ -318,6 +318,60 @@ def test_corrupt_inputs_clean_errors(tmp_path, cli):
     assert len(cases) >= 40
 
 
+
+def _deeply_nested(tmp_path, depth: int) -> Path:
+    """A valid torch zip whose wrapper holds `depth` nested lists (pickle builds them without
+    recursion; torch.load reads it)."""
+    torch.save({"state_dict": {"w": torch.ones(2)}, "deep": 0}, tmp_path / "base.pt")
+    with zipfile.ZipFile(tmp_path / "base.pt") as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in records if n.endswith("/data.pkl"))
+    pkl = records[name]
+    at = pkl.index(b"X\x04\x00\x00\x00deep") + 9
+    memo_put = 2 if pkl[at:at + 1] == b"q" else 0
+    value = at + memo_put
+    assert pkl[value:value + 2] == b"K\x00"
+    records[name] = pkl[:value] + b"]" * depth + b"a" * (depth - 1) + pkl[value + 2:]
+    out = tmp_path / f"deep{depth}.pt"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for n, data in records.items():
+            z.writestr(n, data)
+    return out
+
+
+def test_shared_and_deep_pickles_stay_bounded(tmp_path, cli):
+    """A 2 KB pickle can share one list between both slots of another, sixty levels deep (2^60
+    paths for a tree walk), or nest 100,000 lists: diff compares them within a budget and says
+    so; writing back a pickle nested past Python's recursion limit is one clear line."""
+    x = [1]
+    for _ in range(60):
+        x = [x, x]
+    torch.save({"state_dict": {"w": torch.ones(2)}, "bomb": x}, tmp_path / "laughs.pt")
+    t0 = time.monotonic()
+    rep = cs.diff(tmp_path / "laughs.pt", tmp_path / "laughs.pt")
+    assert time.monotonic() - t0 < 120  # unbounded, this never returns
+    assert len(rep["notes"]) == 2 and "200,000 items" in rep["notes"][0]
+
+    deep = _deeply_nested(tmp_path, 100_000)
+    assert isinstance(torch.load(deep, weights_only=True)["deep"], list)
+    for cmd in (["inspect", deep], ["inspect", deep, "--json"], ["scan", deep],
+                ["convert", deep, "-o", tmp_path / "ok.safetensors"]):
+        code, _out, err = cli(*cmd)
+        assert code == 0, (cmd, err)
+    code, out, err = cli("diff", deep, deep, "--json")
+    assert code == 0 and "100 levels" in json.loads(out)["notes"][0]
+    code, out, err = cli("convert", deep, "-o", tmp_path / "no.pt")
+    _one_line_error(code, out, err)
+    assert "nested too deeply" in err and not (tmp_path / "no.pt").exists()
+    # a modest nesting is content like any other: compared in full, written back as it was
+    shallow = _deeply_nested(tmp_path, 50)
+    assert cli("convert", shallow, "-o", tmp_path / "s.pt")[0] == 0
+    got = torch.load(tmp_path / "s.pt", weights_only=True)["deep"]
+    for _ in range(49):
+        got = got[0]
+    assert got == []
+    assert cs.diff(shallow, tmp_path / "s.pt")["notes"] == []
+
 @pytest.mark.parametrize("side", [64, 256])  # 16 KiB records are read and checked inline, 256 KiB kernel-copied
 def test_flipped_tensor_byte_is_caught(tmp_path, cli, side):
     z = bytearray(_valid_zip(tmp_path, side))
