@@ -93,7 +93,8 @@ def _refuse_numpy_objects(root) -> None:
             stack.extend(vars(o).values())
 
 
-_KEPT = {("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage")}
+_KEPT = {("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage"),
+         ("torch._utils", "_rebuild_wrapper_subclass"), ("torch.serialization", "_get_layout")}
 _KEPT |= {("torch", name) for name in dtypes.ITEMSIZE}
 _KEPT |= {("torch", name) for name in dtypes.STORAGE_TO_DTYPE}
 
@@ -136,7 +137,83 @@ def _rebuild_param_state(data, requires_grad, hooks, state):
     return _rebuild_param(data, requires_grad, hooks, state)
 
 
+#: What a DTensor (FSDP2, tensor parallel) pickles besides torch's own rebuild functions: the
+#: class, its spec, the device mesh and the placements. torch.distributed.tensor registers these
+#: with add_safe_globals, so torch.load(weights_only=True) reads them once that module is
+#: imported; older versions kept them under torch.distributed._tensor, hence names, not paths.
+#: Here they are never imported: the parts are recorded inert and the DTensor becomes its local
+#: tensor when that holds the whole value (see _dtensor).
+DTENSOR_NAMES = frozenset({"DTensor", "DTensorSpec", "TensorMeta", "ShardOrderEntry", "DeviceMesh", "Shard",
+                           "Replicate", "Partial", "_Partial", "_StridedShard", "_MeshLayout", "_FlatLayout"})
+
+
+def is_dtensor_global(module: str, name: str) -> bool:
+    return module.startswith("torch.distributed.") and name in DTENSOR_NAMES
+
+
+class _DTensorType(GlobalRef):
+    """The DTensor class as a pickle names it (marks the _rebuild_from_type_v2 call to handle)."""
+
+
+def _state_dict_of(state) -> dict:
+    """An object's pickled state: a dict, or (dict, slots) as copyreg writes it."""
+    if isinstance(state, tuple) and len(state) == 2:
+        merged = dict(state[0] or {})
+        merged.update(state[1] or {})
+        return merged
+    return state if isinstance(state, dict) else {}
+
+
+def _placements(spec) -> list[str]:
+    """Class names of a recorded DTensorSpec's placements (Shard, Replicate, Partial...)."""
+    if not isinstance(spec, InertObject):
+        return []
+    fields = _state_dict_of(spec._inert["state"])
+    if not fields and spec._inert["args"]:  # a NamedTuple-like spec built from arguments
+        fields = {"placements": spec._inert["args"][1] if len(spec._inert["args"]) > 1 else ()}
+    placements = fields.get("placements") or ()
+    return [type(p).inert_name if isinstance(p, InertObject) else type(p).__name__
+            for p in (placements if isinstance(placements, (tuple, list)) else ())]
+
+
+def _dtensor(args, state):
+    """A pickled DTensor -> its local tensor, when that is the whole value: the global shape equals
+    the local one (one rank, or replicated) and no placement is a pending partial sum. Anything
+    else is one rank's piece of a sharded tensor, which this file alone cannot rebuild."""
+    fields = _state_dict_of(state)
+    local = fields.get("_local_tensor")
+    if not isinstance(local, TensorRef):
+        raise NotFastPath("DTensor without a plain local tensor")
+    size = args[2] if isinstance(args, tuple) and len(args) > 2 else None
+    if isinstance(size, CallRef):  # torch.Size(...)
+        size = size.args[0] if size.args else None
+    kinds = _placements(fields.get("_spec"))
+    partial = [k for k in kinds if "Partial" in k]
+    if partial:
+        raise UnsupportedError(f"a DTensor with a {partial[0]} placement holds one rank's partial sum, not "
+                               "the value", hint=_DTENSOR_HINT)
+    if not isinstance(size, (tuple, list)) or tuple(size) != tuple(local.shape):
+        raise UnsupportedError(f"a DTensor sharded across ranks ({'/'.join(kinds) or 'sharded'}): this file "
+                               f"holds one rank's piece {list(local.shape)} of a {list(size or ())} tensor",
+                               hint=_DTENSOR_HINT)
+    if len(args) > 7 and isinstance(args[7], bool):
+        local.requires_grad = args[7]
+    return local
+
+
+_DTENSOR_HINT = ("save a full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                 "StateDictOptions(full_state_dict=True, cpu_offload=True)), or save with "
+                 "torch.distributed.checkpoint and pass that folder")
+
+
+def _rebuild_from_type(func, new_type, args, state):
+    if isinstance(new_type, _DTensorType):
+        return _dtensor(args, state)
+    raise NotFastPath("torch._tensor._rebuild_from_type_v2")  # a tensor subclass or extra attributes
+
+
 _BUILDERS: dict[tuple[str, str], Callable] = {
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
     ("torch._utils", "_rebuild_tensor"): _rebuild_v1,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
@@ -153,6 +230,7 @@ class _RefUnpickler(pickle.Unpickler):
         self.numpy_seen = False
         self._inert = inert
         self.inert_seen: set[str] = set()
+        self.dtensor_seen = False
         self.legacy = False
 
     def find_class(self, module, name):
@@ -167,6 +245,9 @@ class _RefUnpickler(pickle.Unpickler):
             return _BUILDERS[key]
         if key in _KEPT:
             return GlobalRef(module, name)
+        if is_dtensor_global(module, name):
+            self.dtensor_seen = True
+            return _DTensorType(module, name) if name == "DTensor" else inert_class(*as_written)
         data = _data_global(module, name)
         if data is not None:
             self.numpy_seen |= module.startswith("numpy")

@@ -11,7 +11,7 @@ import functools
 import os
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
-from .pickle_io import scan_globals
+from .pickle_io import is_dtensor_global, scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
               "types; or read them as inert records with --inert-pickle (nothing imported or run); "
@@ -192,7 +192,19 @@ def allowed_globals() -> set[str]:
         names |= set(wou._get_user_allowed_globals().keys())
     except Exception:
         pass
-    return names | set(DATA_GLOBALS) | {name for _, name in _numpy_globals()} | set(extra_safe_globals())
+    return _Allowed(names | set(DATA_GLOBALS) | {name for _, name in _numpy_globals()} | set(extra_safe_globals()))
+
+
+class _Allowed(set):
+    """A set of allowed qualnames that also contains DTensor's parts under any of the module paths
+    torch versions pickle them from (torch allows them once torch.distributed.tensor is imported;
+    the torch-free reader records them inert)."""
+
+    def __contains__(self, qualname) -> bool:
+        if super().__contains__(qualname):
+            return True
+        module, _, name = str(qualname).rpartition(".")
+        return is_dtensor_global(module, name)
 
 
 def unsafe_in(pickle_bytes: bytes) -> list[str]:

@@ -150,6 +150,64 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
     assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1
 
 
+def _torch_save_dtensors(rank, world, out, initfile):
+    """torch.save of DTensor state dicts, as FSDP2 / tensor-parallel scripts write them per rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{initfile}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        if world == 1:  # FSDP2 on one rank: every DTensor holds the whole parameter
+            from torch.distributed.fsdp import fully_shard
+
+            net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+            torch.save(net.state_dict(), f"{out}/plain.pt")
+            fully_shard(net, mesh=mesh)
+            torch.save({"model": net.state_dict(), "step": 7}, f"{out}/fsdp2.pt")
+            return
+        w = torch.randn(7, 5)
+        torch.save({"layers.0.weight": distribute_tensor(w, mesh, [Shard(0)])}, f"{out}/shard{rank}.pt")
+        torch.save({"norm.weight": distribute_tensor(torch.ones(5), mesh, [Replicate()])}, f"{out}/repl{rank}.pt")
+        torch.save({"p": DTensor.from_local(torch.ones(2), mesh, [Partial()])}, f"{out}/partial{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_saved_dtensors(tmp_path, cli):
+    """FSDP2 state dicts saved with torch.save hold DTensors (mesh, placements, local tensor):
+    torch.load(weights_only=True) refuses them unless torch.distributed.tensor is imported. Read
+    here without it, as plain tensors, when each local tensor is the whole value; one rank's shard
+    (or partial sum) is one clear line instead of a silently partial checkpoint."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not built")
+    mp.spawn(_torch_save_dtensors, args=(1, str(tmp_path), str(tmp_path / "init1")), nprocs=1)
+    mp.spawn(_torch_save_dtensors, args=(2, str(tmp_path), str(tmp_path / "init2")), nprocs=2)
+
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    ck = cs.load(tmp_path / "fsdp2.pt")
+    assert ck.source.lazy and ck.sd_path == ("model",) and any("DTensor" in n for n in ck.notes)
+    got = ck.torch_state_dict()
+    assert list(got) == list(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    code, out, err = cli("strip-prefix", tmp_path / "fsdp2.pt", "--prefix", "0.", "--partial", "-o", tmp_path / "s.pt")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)  # plain tensors: no torch.distributed needed
+    assert saved["step"] == 7 and torch.equal(saved["model"]["weight"], plain["0.weight"])
+    assert type(saved["model"]["weight"]) is torch.Tensor
+    assert cli("scan", tmp_path / "fsdp2.pt")[0] == 0  # the parts torch itself allows for DTensors
+
+    for r in (0, 1):
+        assert torch.equal(cs.load(tmp_path / f"repl{r}.pt").torch_state_dict()["norm.weight"], torch.ones(5))
+        for name, says in ((f"shard{r}.pt", "one rank's piece"), (f"partial{r}.pt", "partial sum")):
+            code, _, err = cli("convert", tmp_path / name, "-o", tmp_path / "x.safetensors")
+            assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+            assert "full_state_dict" in err and not (tmp_path / "x.safetensors").exists()
+
+
 class _Payload:
     def __init__(self, cmd):
         self.cmd = cmd

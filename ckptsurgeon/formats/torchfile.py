@@ -86,7 +86,13 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
     try:
         if big_endian:
             raise NotFastPath("big-endian tensor data")
-        graph = load_refs(data, source)
+        try:
+            graph = load_refs(data, source)
+        except UnsupportedError as e:  # raised mid-pickle (a DTensor shard), without the path
+            raise UnsupportedError(f"{path}: {e.message}", hint=e.hint) from None
+        if b"DTensor" in data:  # only reached when every DTensor held its whole value
+            notes.append("DTensor values (one rank or replicated: each holds the whole tensor) read as plain "
+                         "tensors; the device mesh and placements are not carried")
     except NotFastPath as e:
         inert = unsafe_in(data) if trust_pickle == INERT and not big_endian else []
         if inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
