@@ -55,6 +55,10 @@ class Checkpoint:
     transforms: tuple = ()
     notes: tuple = ()
     plain_dict: bool = False  # the source's state dict was a dict, not an OrderedDict: write it back so
+    # a nested state dict (Megatron's {"language_model": {"embedding": {...}, "encoder": {...}}}),
+    # held flat with "."-joined names: every mapping of the tree as (path, plain dict?, _metadata,
+    # its own names), root first, so writing back nests the names again (see unflatten)
+    nested: tuple = ()
 
     # ---- construction helpers
     def replace(self, **changes) -> "Checkpoint":
@@ -94,6 +98,8 @@ class Checkpoint:
 
     # ---- assembling the object to write
     def state_dict_object(self) -> dict:
+        if self.nested:
+            return unflatten(self.state, self.nested)
         if self.plain_dict and self.metadata is None:
             return dict(self.state)
         sd = OrderedDict(self.state)
@@ -137,6 +143,93 @@ def tensor_info(v) -> dict:
     return info
 
 
+# --------------------------------------------------------------------------- nested state dicts
+def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
+    """A nested state dict: a mapping (not a state dict itself) whose values are, through nested
+    mappings, mostly tensors -- Megatron's {"language_model": {"embedding": {"word_embeddings":
+    {"weight": T}}, "encoder": {"layers.0.x": T, ...}}}, or a model saved as {"encoder": sd,
+    "decoder": sd}. Names of nested mappings must be non-empty and dot-free, so that the
+    "."-joined flat names split back unambiguously."""
+    if not isinstance(obj, Mapping) or not obj or is_state_dict(obj):
+        return False
+    leaves = tensors = 0
+    nested = False
+    stack = [(obj, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            return False
+        for k, v in node.items():
+            if not isinstance(k, str):
+                return False
+            if isinstance(v, Mapping):
+                if not v or not k or "." in k:
+                    return False
+                nested = True
+                stack.append((v, depth + 1))
+            else:
+                leaves += 1
+                tensors += is_tensor_like(v)
+    return nested and tensors > 0 and tensors * 2 >= leaves
+
+
+def flatten(tree: Mapping) -> tuple["OrderedDict[str, Any]", tuple]:
+    """(flat state dict with "."-joined names, the tree's mappings as Checkpoint.nested wants)."""
+    flat: OrderedDict = OrderedDict()
+    nodes = []
+
+    def walk(node, path):
+        # its direct names too: writing back reuses those very str objects, so a pickle that
+        # memoised a repeated name ("weight") is written again byte for byte
+        leaves = {k: k for k, v in node.items() if not isinstance(v, Mapping)}
+        nodes.append((path, type(node) is dict, getattr(node, "_metadata", None), leaves))
+        prefix = "".join(f"{p}." for p in path)
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, path + (k,))
+            elif prefix + k in flat:
+                raise SelectionError(f"the nested state dict names {prefix + k!r} twice (as a key with dots and "
+                                     "as nested mappings)", hint="choose one part with --key")
+            else:
+                flat[prefix + k] = v
+
+    walk(tree, ())
+    return flat, tuple(nodes)
+
+
+def unflatten(state: Mapping[str, Any], nodes: tuple) -> Any:
+    """Nest flat names again: each goes under the deepest mapping of the original tree whose
+    dotted path starts it (so renamed or stripped names land where their new name says, and a
+    name that no longer starts with any nested path stays at the top). Mappings keep their type
+    and _metadata; ones left empty (extract) are dropped; order is the order of ``state``."""
+    made: dict[tuple, Any] = {}
+    info = {path: (plain, meta) for path, plain, meta, _ in nodes}
+    names = {path: leaves for path, _, _, leaves in nodes}
+    by_name = {".".join(path): path for path in info if path}
+
+    def node(path):
+        if path not in made:
+            plain, meta = info[path]
+            made[path] = {} if plain else OrderedDict()
+            if meta is not None and not plain:
+                made[path]._metadata = meta
+            if path:
+                node(path[:-1])[path[-1]] = made[path]
+        return made[path]
+
+    node(())
+    for name, value in state.items():
+        parts = name.split(".")
+        where, rest = (), name
+        for i in range(len(parts) - 1, 0, -1):
+            hit = by_name.get(".".join(parts[:i]))
+            if hit is not None:
+                where, rest = hit, ".".join(parts[i:])
+                break
+        node(where)[names[where].get(rest, rest)] = value
+    return made[()]
+
+
 # --------------------------------------------------------------------------- state dict location
 def is_state_dict(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or not obj:
@@ -160,7 +253,7 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
         if len(path) >= max_depth or not isinstance(node, Mapping):
             return
         for k, v in node.items():
-            if is_state_dict(v):
+            if is_state_dict(v) or is_tensor_tree(v):  # a nested one is one candidate, not its parts
                 found.append(path + (k,))
             elif isinstance(v, Mapping):
                 walk(v, path + (k,))
@@ -212,7 +305,7 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                 node, path = node_at(obj, parts)
             except (KeyError, TypeError, IndexError, ValueError):
                 continue
-            if is_state_dict(node):
+            if is_state_dict(node) or is_tensor_tree(node):
                 return path, candidates
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 
 import pytest
@@ -393,6 +394,84 @@ def test_wrapper_detection_and_key(tmp_path):
     assert list(cs.load(tmp_path / "gan.pt", key="discriminator").state) == ["v"]
     with pytest.raises(SelectionError):
         cs.load(tmp_path / "gan.pt", key="nothere")
+
+
+def _megatron_like():
+    """Megatron-LM's legacy layout: the model's state dict nested by module, beside args/iteration."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g)
+
+    model = {"language_model": {"embedding": {"word_embeddings": {"weight": t(8, 4)},
+                                              "position_embeddings": {"weight": t(6, 4)}},
+                                "encoder": OrderedDict([("layers.0.attention.dense.weight", t(4, 4)),
+                                                        ("layers.0.mlp.dense_h_to_4h.weight", t(16, 4)),
+                                                        ("final_layernorm.weight", t(4))])},
+             "word_embeddings_for_head": {"weight": t(8, 4)}}
+    return {"model": model, "iteration": 100, "checkpoint_version": 3.0}
+
+
+def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
+    """A nested state dict is one candidate (before: the only flat part within reach, the encoder,
+    was chosen silently and a safetensors output lost the embeddings). It is held flat with
+    "."-joined names and written back nested; renamed names go where their new name says."""
+    obj = _megatron_like()
+    torch.save(obj, tmp_path / "mg.pt")
+    ck = cs.load(tmp_path / "mg.pt")
+    assert ck.sd_path == ("model",) and any("nested" in n for n in ck.notes)
+    assert list(ck.state) == ["language_model.embedding.word_embeddings.weight",
+                              "language_model.embedding.position_embeddings.weight",
+                              "language_model.encoder.layers.0.attention.dense.weight",
+                              "language_model.encoder.layers.0.mlp.dense_h_to_4h.weight",
+                              "language_model.encoder.final_layernorm.weight", "word_embeddings_for_head.weight"]
+
+    # unchanged: the same nesting, types and pickle bytes
+    cs.save(ck, tmp_path / "same.pt")
+    pickles = []
+    for name in ("mg.pt", "same.pt"):
+        with zipfile.ZipFile(tmp_path / name) as z:
+            pickles.append(z.read(next(n for n in z.namelist() if n.endswith("/data.pkl"))))
+    assert pickles[0] == pickles[1]
+    back = torch.load(tmp_path / "same.pt", weights_only=True)
+    assert type(back["model"]["language_model"]["encoder"]) is OrderedDict
+    assert torch.equal(back["model"]["language_model"]["embedding"]["word_embeddings"]["weight"],
+                       obj["model"]["language_model"]["embedding"]["word_embeddings"]["weight"])
+
+    # safetensors: flat names, nothing left behind
+    code, _, err = cli("convert", tmp_path / "mg.pt", "-o", tmp_path / "mg.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    flat = load_file(tmp_path / "mg.safetensors")
+    assert set(flat) == set(ck.state) and torch.equal(flat["language_model.encoder.final_layernorm.weight"],
+                                                      obj["model"]["language_model"]["encoder"]["final_layernorm.weight"])
+
+    # extract the encoder: it stays nested where it was; re-rooted, its names start with no nested
+    # path any more and are written flat
+    code, _, err = cli("extract", tmp_path / "mg.pt", "--layers", "language_model.encoder", "-o", tmp_path / "enc.pt")
+    assert code == 0, err
+    enc = torch.load(tmp_path / "enc.pt", weights_only=True)["model"]
+    assert list(enc) == ["language_model"] and list(enc["language_model"]) == ["encoder"]
+    assert list(enc["language_model"]["encoder"]) == list(obj["model"]["language_model"]["encoder"])
+    code, _, err = cli("extract", tmp_path / "mg.pt", "--layers", "language_model.encoder", "--reroot",
+                       "language_model.encoder.", "-o", tmp_path / "enc2.pt")
+    assert code == 0, err
+    assert list(torch.load(tmp_path / "enc2.pt", weights_only=True)["model"]) == list(
+        obj["model"]["language_model"]["encoder"])
+    # a rename into another nested module's path lands there
+    code, _, err = cli("rename", tmp_path / "mg.pt", "--map", r"^word_embeddings_for_head\.=>language_model.embedding.head.",
+                       "-o", tmp_path / "r.pt")
+    assert code == 0, err
+    emb = torch.load(tmp_path / "r.pt", weights_only=True)["model"]["language_model"]["embedding"]
+    assert list(emb) == ["word_embeddings", "position_embeddings", "head.weight"]
+
+    # one part of it still by --key; side-by-side models stay ambiguous
+    assert len(cs.load(tmp_path / "mg.pt", key="model/language_model/encoder").state) == 3
+    torch.save({"encoder": OrderedDict(w=torch.ones(1)), "decoder": OrderedDict(w=torch.ones(2))}, tmp_path / "ed.pt")
+    with pytest.raises(AmbiguousStateDictError):
+        cs.load(tmp_path / "ed.pt")
+    assert list(cs.load(tmp_path / "ed.pt", key="<bare>").state) == ["encoder.w", "decoder.w"]
 
 
 def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):

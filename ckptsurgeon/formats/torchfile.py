@@ -8,7 +8,8 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from ..atomic import atomic_output, atomic_path, fsync_wanted
-from ..checkpoint import Checkpoint, Source, choose_state_dict, materialize, path_str
+from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_tensor_tree, materialize,
+                          path_str)
 from ..errors import AmbiguousStateDictError, NoStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs, scan_globals
 from ..refs import FileRange, InertObject, TensorRef
@@ -224,11 +225,17 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
     sd = obj
     for p in path:
         sd = sd[p]
+    nested = ()
+    if is_tensor_tree(sd):
+        flat, nested = flatten(sd)
+        notes.append(f"nested state dict at {path_str(path)}: {len(nested) - 1} nested mappings, held with "
+                     "\".\"-joined names; torch outputs nest them again")
+        sd = flat
     return Checkpoint(
         state=OrderedDict(sd.items()), wrapper=obj if path else None, sd_path=path,
-        metadata=getattr(sd, "_metadata", None), source=source,
+        metadata=None if nested else getattr(sd, "_metadata", None), source=source,
         candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes),
-        plain_dict=type(sd) is dict)
+        plain_dict=type(sd) is dict, nested=nested)
 
 
 def _refuse_zero3_placeholders(obj, path) -> None:
