@@ -333,6 +333,11 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     if not primary and len(ema) == 1 and len(top_level) <= 1:
         return ema[0], candidates
     names = [path_str(c) for c in candidates]
+    if isinstance(obj, Mapping) and "param_groups" in obj and all(c[:1] == ("state",) for c in candidates):
+        raise AmbiguousStateDictError(
+            f"an optimizer's state dict (torch.optim: 'state' and 'param_groups'), not a model's; its per-parameter "
+            f"states: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}",
+            candidates=names, hint="choose one with --key (e.g. --key state/0)")
     raise AmbiguousStateDictError(
         f"several state dicts in the checkpoint: {', '.join(names)}",
         candidates=names, hint="choose one with --key (API: key=...)")

@@ -500,6 +500,9 @@ def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     assert "m1" in back["state"][0] and "exp_avg" in back["state"][1]
     assert torch.equal(back["state"][0]["m1"], osd["state"][0]["exp_avg"])
 
+    code, _, err = cli("convert", tmp_path / "optim.pt", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and "optimizer's state dict" in err and "--key state/0" in err
+
     code, text, err = cli("inspect", tmp_path / "optim.pt", "--json")
     assert code == 0, err
     info = json.loads(text)
