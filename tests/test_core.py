@@ -512,7 +512,7 @@ def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     code, text, _ = cli("inspect", tmp_path / "optim.pt")
     assert code == 0 and "pick one with --key" in text and "state/3: 3 tensors" in text
     code, _, err = cli("strip-prefix", tmp_path / "optim.pt", "-o", tmp_path / "x.pt")
-    assert code == 2 and "several state dicts" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "optimizer's state dict" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("inspect", tmp_path / "optim.pt", "--key", "state/9")
     assert code == 2 and "is not in the checkpoint" in err
 
