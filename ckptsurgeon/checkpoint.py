@@ -155,6 +155,7 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
     leaves = tensors = 0
     nested = False
     stack = [(obj, 0)]
+    seen = {id(obj)}
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
@@ -163,8 +164,9 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
             if not isinstance(k, str):
                 return False
             if isinstance(v, Mapping):
-                if not v or not k or "." in k:
+                if not v or not k or "." in k or id(v) in seen:  # shared: no tree (and no 1000^8 walk)
                     return False
+                seen.add(id(v))
                 nested = True
                 stack.append((v, depth + 1))
             else:
@@ -248,12 +250,20 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
     if is_state_dict(obj):
         return [()]
     found: list[tuple] = []
+    verdicts: dict[int, bool] = {}  # per object: a pickle can put one mapping under many keys
+    walked: set[int] = set()
+
+    def holds_weights(v) -> bool:
+        if id(v) not in verdicts:  # a nested state dict is one candidate, not its parts
+            verdicts[id(v)] = is_state_dict(v) or is_tensor_tree(v)
+        return verdicts[id(v)]
 
     def walk(node, path):
-        if len(path) >= max_depth or not isinstance(node, Mapping):
+        if len(path) >= max_depth or not isinstance(node, Mapping) or id(node) in walked:
             return
+        walked.add(id(node))
         for k, v in node.items():
-            if is_state_dict(v) or is_tensor_tree(v):  # a nested one is one candidate, not its parts
+            if isinstance(v, Mapping) and holds_weights(v):
                 found.append(path + (k,))
             elif isinstance(v, Mapping):
                 walk(v, path + (k,))
@@ -391,7 +401,7 @@ class Walk:
     """State of one :func:`plain` traversal: the containers on the current path (a container met
     again inside itself -- pickles can hold cycles -- becomes "<cycle>") and a budget of nodes.
 
-    The budget counts visits, not distinct objects: a pickle can share one list between two slots
+    The budget counts items visited, not distinct objects: a pickle can share one list between two slots
     of another, sixty levels deep, and a tree walk of those 2^60 paths would never end (a 2 KB
     "billion laughs" file); and 100,000 nested lists would exhaust Python's recursion limit. Past
     ``limit`` nodes or ``MAX_DEPTH`` levels the rest becomes "<truncated>" and ``truncated`` says
@@ -412,7 +422,10 @@ class Walk:
         if self.left <= 0 or len(self.active) >= self.MAX_DEPTH:
             self.truncated = True
             return "<truncated>"
-        self.left -= 1
+        try:  # the container and each of its items: what the caller is about to go through
+            self.left -= 1 + len(obj)
+        except TypeError:
+            self.left -= 1
         self.active.add(id(obj))
         return None
 

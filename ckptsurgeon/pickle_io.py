@@ -168,10 +168,7 @@ def _placements(spec) -> list[str]:
     """Class names of a recorded DTensorSpec's placements (Shard, Replicate, Partial...)."""
     if not isinstance(spec, InertObject):
         return []
-    fields = _state_dict_of(spec._inert["state"])
-    if not fields and spec._inert["args"]:  # a NamedTuple-like spec built from arguments
-        fields = {"placements": spec._inert["args"][1] if len(spec._inert["args"]) > 1 else ()}
-    placements = fields.get("placements") or ()
+    placements = _state_dict_of(spec._inert["state"]).get("placements") or ()
     return [type(p).inert_name if isinstance(p, InertObject) else type(p).__name__
             for p in (placements if isinstance(placements, (tuple, list)) else ())]
 
@@ -230,7 +227,6 @@ class _RefUnpickler(pickle.Unpickler):
         self.numpy_seen = False
         self._inert = inert
         self.inert_seen: set[str] = set()
-        self.dtensor_seen = False
         self.legacy = False
 
     def find_class(self, module, name):
@@ -246,7 +242,6 @@ class _RefUnpickler(pickle.Unpickler):
         if key in _KEPT:
             return GlobalRef(module, name)
         if is_dtensor_global(module, name):
-            self.dtensor_seen = True
             return _DTensorType(module, name) if name == "DTensor" else inert_class(*as_written)
         data = _data_global(module, name)
         if data is not None:

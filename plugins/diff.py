@@ -73,13 +73,16 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
     from ckptsurgeon.compare import digest
 
     walk = Walk()
+    hashes: dict[int, str] = {}  # one tensor may sit in many places (a pickle shares objects)
 
     def summarise(obj):
         if is_tensor_like(obj):
             shape, dtype = _info(obj)
             s = {"<tensor>": f"{dtype}{list(shape)}"}
             if with_hashes:
-                s["xxh3"] = digest(obj)
+                if id(obj) not in hashes:
+                    hashes[id(obj)] = digest(obj)
+                s["xxh3"] = hashes[id(obj)]
             return s
         if not isinstance(obj, (Mapping, list, tuple)):
             return plain(obj, walk)

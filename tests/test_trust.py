@@ -341,8 +341,9 @@ def _deeply_nested(tmp_path, depth: int) -> Path:
 
 def test_shared_and_deep_pickles_stay_bounded(tmp_path, cli):
     """A 2 KB pickle can share one list between both slots of another, sixty levels deep (2^60
-    paths for a tree walk), or nest 100,000 lists: diff compares them within a budget and says
-    so; writing back a pickle nested past Python's recursion limit is one clear line."""
+    paths for a tree walk), share one dict under 1000 keys per level, or nest 100,000 lists:
+    loading and diff stay bounded (diff says where it stopped); writing back a pickle nested
+    past Python's recursion limit is one clear line."""
     x = [1]
     for _ in range(60):
         x = [x, x]
@@ -351,6 +352,16 @@ def test_shared_and_deep_pickles_stay_bounded(tmp_path, cli):
     rep = cs.diff(tmp_path / "laughs.pt", tmp_path / "laughs.pt")
     assert time.monotonic() - t0 < 120  # unbounded, this never returns
     assert len(rep["notes"]) == 2 and "200,000 items" in rep["notes"][0]
+    # wide instead of deep: one dict under 1000 keys of another, 8 levels (1000^8 paths); the
+    # state-dict search and diff both meet it
+    d = {"w": torch.ones(1)}
+    for _ in range(8):
+        d = {f"k{j}": d for j in range(1000)}
+    torch.save({"state_dict": {"w": torch.ones(2)}, "wide": d}, tmp_path / "wide.pt")
+    t0 = time.monotonic()
+    assert cli("inspect", tmp_path / "wide.pt")[0] == 0
+    assert cs.diff(tmp_path / "wide.pt", tmp_path / "wide.pt")["notes"]
+    assert time.monotonic() - t0 < 120
 
     deep = _deeply_nested(tmp_path, 100_000)
     assert isinstance(torch.load(deep, weights_only=True)["deep"], list)
@@ -952,3 +963,19 @@ def test_inert_whole_model_pickle_gives_its_state_dict(tmp_path, monkeypatch, cl
     assert old.source.format == "torch-legacy" and old.source.lazy and "detlib" not in sys.modules
     got = old.torch_state_dict()
     assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_inert_model_sharing_submodules_without_end_is_refused(tmp_path, cli):
+    """One module registered under 1000 names, three levels deep, is 10^9 state-dict entries:
+    read inert it is refused with one line instead of walked."""
+    leaf = torch.nn.Linear(1, 1)
+    for _ in range(3):
+        parent = torch.nn.Module()
+        for j in range(1000):
+            parent.add_module(f"c{j}", leaf)
+        leaf = parent
+    torch.save({"model": leaf}, tmp_path / "shared.pt")
+    t0 = time.monotonic()
+    code, out, err = cli("convert", "--inert-pickle", tmp_path / "shared.pt", "-o", tmp_path / "o.safetensors")
+    _one_line_error(code, out, err)
+    assert "submodules" in err and time.monotonic() - t0 < 120

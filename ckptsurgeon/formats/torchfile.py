@@ -10,7 +10,8 @@ from typing import Any, Mapping
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_tensor_tree, materialize,
                           path_str)
-from ..errors import AmbiguousStateDictError, NoStateDictError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..errors import (AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError, NotACheckpointError,
+                      UnsafePickleError, UnsupportedError)
 from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs, scan_globals
 from ..refs import FileRange, InertObject, TensorRef
 from ..safety import INERT, TRUST_HINT, torch_load, unsafe_globals, unsafe_in
@@ -294,10 +295,20 @@ def _is_inert_module(v) -> bool:
     return isinstance(state, Mapping) and all(isinstance(state.get(a), Mapping) for a in _MODULE_ATTRS)
 
 
-def _inert_state_dict(module, prefix: str = "", out=None) -> "OrderedDict[str, Any]":
+_MAX_MODULE_VISITS = 100_000  # big LLMs have ~10^3-10^4 modules
+
+
+def _inert_state_dict(module, prefix: str = "", out=None, visits=None) -> "OrderedDict[str, Any]":
     """What module.state_dict() returns, from an inert module's recorded attributes: each
-    module's parameters, then its persistent buffers, then its children, depth first."""
+    module's parameters, then its persistent buffers, then its children, depth first. (A module
+    shared under two names appears under both, as in torch; a file sharing them without end --
+    1000 children of one module, 8 levels -- is refused rather than walked.)"""
     out = OrderedDict() if out is None else out
+    visits = [0] if visits is None else visits
+    visits[0] += 1
+    if visits[0] > _MAX_MODULE_VISITS:
+        raise CorruptCheckpointError(f"the pickled model names over {_MAX_MODULE_VISITS:,} submodules "
+                                     "(shared without end?)")
     state = module._inert["state"]
     skip = state.get("_non_persistent_buffers_set") or ()
     for kind in ("_parameters", "_buffers"):
@@ -306,7 +317,7 @@ def _inert_state_dict(module, prefix: str = "", out=None) -> "OrderedDict[str, A
                 out[prefix + name] = _detached(t)
     for name, child in state["_modules"].items():
         if _is_inert_module(child):
-            _inert_state_dict(child, f"{prefix}{name}.", out)
+            _inert_state_dict(child, f"{prefix}{name}.", out, visits)
     return out
 
 
