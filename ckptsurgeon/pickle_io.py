@@ -241,6 +241,8 @@ class _RefUnpickler(pickle.Unpickler):
             return _BUILDERS[key]
         if key in _KEPT:
             return GlobalRef(module, name)
+        if module == "torch.cuda" and name in dtypes.STORAGE_TO_DTYPE:  # old GPU saves name the CUDA class;
+            return GlobalRef("torch", name)  # the bytes are the same, and outputs are CPU files
         if is_dtensor_global(module, name):
             return _DTensorType(module, name) if name == "DTensor" else inert_class(*as_written)
         data = _data_global(module, name)

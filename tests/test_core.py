@@ -81,6 +81,8 @@ def test_gpu_saved_file_loads_on_cpu(tmp_path):
     torch.serialization.register_package(0, tagger, lambda obj, loc: None)
     try:
         torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "gpu.pt")
+        torch.save({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "gpu_legacy.pt",
+                   _use_new_zipfile_serialization=False)
     finally:
         torch.serialization._package_registry[:] = [
             e for e in torch.serialization._package_registry if e[1] is not tagger]
@@ -91,6 +93,12 @@ def test_gpu_saved_file_loads_on_cpu(tmp_path):
     assert torch.equal(ck.state["w"].to_torch(), torch.arange(6.0).reshape(2, 3))
     cs.save(ck, tmp_path / "cpu.pt")
     assert torch.equal(torch.load(tmp_path / "cpu.pt", weights_only=True)["w"], torch.arange(6.0).reshape(2, 3))
+    # pre-1.6 GPU saves also name the storage class torch.cuda.FloatStorage: same bytes, still lazy
+    raw = (tmp_path / "gpu_legacy.pt").read_bytes()
+    assert b"ctorch\nFloatStorage\n" in raw
+    (tmp_path / "gpu_legacy.pt").write_bytes(raw.replace(b"ctorch\nFloatStorage\n", b"ctorch.cuda\nFloatStorage\n"))
+    ck = cs.load(tmp_path / "gpu_legacy.pt")
+    assert ck.source.lazy and torch.equal(ck.state["w"].to_torch(), torch.arange(6.0).reshape(2, 3))
 
 
 def _odd_state():
