@@ -79,8 +79,26 @@ cs.save(ck.with_state(state), sys.argv[2])
 """
 
 
-def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None) -> tuple[float, int, int, int]:
-    """(wall seconds, peak RSS KiB from wait4, peak RssAnon KiB sampled, exit code)."""
+IN_PROCESS = """
+import sys, time
+import ckptsurgeon as cs
+op, src, out = sys.argv[1:4]
+fn = {"extract": cs.extract, "strip-prefix": cs.strip_prefix}[op]  # imports and plugins: not timed
+t0 = time.perf_counter()
+ck = cs.load(src)
+new, _ = fn(ck, sys.argv[4].split(",")) if op == "extract" else fn(ck)
+cs.save(new, out)
+print("ELAPSED", time.perf_counter() - t0)
+"""
+
+
+def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None,
+        self_timed: bool = False) -> tuple[float, int, int, int]:
+    """(wall seconds, peak RSS KiB from wait4, peak RssAnon KiB sampled, exit code).
+    ``self_timed``: the command prints "ELAPSED <seconds>" (time measured inside the process,
+    after its imports) and that is the time returned."""
+    if self_timed:
+        stdout = subprocess.PIPE
     if cgroup is not None:
         cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
     t0 = time.perf_counter()
@@ -102,8 +120,12 @@ def run(cmd, *, stdout=subprocess.DEVNULL, cgroup: Path | None = None, env=None)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
+    said = proc.stdout.read().decode(errors="replace") if self_timed else ""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
+    if self_timed:
+        proc.stdout.close()
+        wall = float(next(line.split()[1] for line in said.splitlines() if line.startswith("ELAPSED ")))
     stop.set()
     th.join()
     err = proc.stderr.read().decode(errors="replace")
@@ -252,6 +274,8 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
       base="cp .pt + fsync")
     r("strip-prefix .pt (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)],
       base="cp .pt", env=nofsync)
+    r("strip-prefix .pt (Python API in a running process: load+strip+save, FSYNC=0)",
+      [PY, "-c", IN_PROCESS, "strip-prefix", str(a), str(out)], base="cp .pt", env=nofsync, self_timed=True)
     r("rename .pt (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)", [CLI, "-q", "rename", str(a), "--map", r"^module\.=>", "-o",
                                                            str(out)], base="cp .pt", env=nofsync)
     if naive:
@@ -280,6 +304,9 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     r("extract half the layers (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
       [CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(out)],
       base="cp of a file the size of the extracted part", env=nofsync)
+    r("extract half the layers (Python API in a running process: load+extract+save, FSYNC=0)",
+      [PY, "-c", IN_PROCESS, "extract", str(a), str(out), layers],
+      base="cp of a file the size of the extracted part", env=nofsync, self_timed=True)
     phase(a, b, writes=False)  # diff reads only: no page cache to fill, no primer needed
     r("read both files (cat)", ["cat", str(a), str(b)])
     r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
