@@ -87,6 +87,8 @@ class Checkpoint:
     def wrapper_keys(self) -> list[str]:
         if isinstance(self.wrapper, Mapping) and self.sd_path:
             return [str(k) for k in self.wrapper.keys()]
+        if type(self.wrapper) in (list, tuple) and self.sd_path:
+            return [str(i) for i in range(len(self.wrapper))]
         return []
 
     def __repr__(self) -> str:
@@ -125,8 +127,11 @@ class Checkpoint:
 def _put(container, path: tuple, value):
     """Copy of ``container`` with ``value`` at ``path``; only the dicts on the path are copied."""
     head, rest = path[0], path[1:]
+    inner = value if not rest else _put(container[head], rest, value)
+    if type(container) is tuple:  # a top-level tuple (see find_candidates)
+        return container[:head] + (inner,) + container[head + 1:]
     new = copy.copy(container)
-    new[head] = value if not rest else _put(container[head], rest, value)
+    new[head] = inner
     return new
 
 
@@ -268,6 +273,14 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
             elif isinstance(v, Mapping):
                 walk(v, path + (k,))
 
+    if type(obj) in (list, tuple):  # torch.save((model.state_dict(), extra)) or [sd, ...]: the top
+        items = enumerate(obj)      # level only (deeper lists hold optimizer states, param shapes...)
+        for i, v in items:
+            if isinstance(v, Mapping) and holds_weights(v):
+                found.append((i,))
+            elif isinstance(v, Mapping):
+                walk(v, (i,))
+        return found
     walk(obj, ())
     return found
 

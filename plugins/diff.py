@@ -98,8 +98,9 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
             walk.active.discard(id(obj))
 
     out = {}
-    if isinstance(ck.wrapper, Mapping) and ck.sd_path:
-        for k, v in ck.wrapper.items():
+    if isinstance(ck.wrapper, (Mapping, list, tuple)) and ck.sd_path:
+        items = ck.wrapper.items() if isinstance(ck.wrapper, Mapping) else enumerate(ck.wrapper)
+        for k, v in items:
             if (k,) == tuple(ck.sd_path[:1]) and len(ck.sd_path) == 1:
                 continue
             out[str(k)] = summarise(v)

@@ -404,6 +404,24 @@ def test_wrapper_detection_and_key(tmp_path):
         cs.load(tmp_path / "gan.pt", key="nothere")
 
 
+def test_state_dict_inside_a_top_level_tuple_or_list(tmp_path, cli):
+    """torch.save((model.state_dict(), extra)) and torch.save([sd]): found, written back as the
+    same tuple/list, the rest compared by diff."""
+    net = torch.nn.Linear(3, 2)
+    torch.save((net.state_dict(), {"epoch": 1}), tmp_path / "t.pt")
+    torch.save([net.state_dict()], tmp_path / "l.pt")
+    ck = cs.load(tmp_path / "t.pt")
+    assert ck.sd_path == (0,) and list(ck.state) == ["weight", "bias"]
+    code, _, err = cli("add-prefix", tmp_path / "t.pt", "--prefix", "module.", "-o", tmp_path / "t2.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "t2.pt", weights_only=True)
+    assert type(back) is tuple and list(back[0]) == ["module.weight", "module.bias"] and back[1] == {"epoch": 1}
+    assert cs.load(tmp_path / "l.pt").sd_path == (0,)
+    torch.save((net.state_dict(), {"epoch": 2}), tmp_path / "t3.pt")
+    rep = cs.diff(tmp_path / "t.pt", tmp_path / "t3.pt")
+    assert rep["equal"] == 2 and rep["metadata"] and rep["differences"]
+
+
 def _megatron_like():
     """Megatron-LM's legacy layout: the model's state dict nested by module, beside args/iteration."""
     g = torch.Generator().manual_seed(0)
