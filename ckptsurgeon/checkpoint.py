@@ -264,23 +264,21 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
         return verdicts[id(v)]
 
     def walk(node, path):
-        if len(path) >= max_depth or not isinstance(node, Mapping) or id(node) in walked:
+        if len(path) >= max_depth or id(node) in walked:
+            return
+        if isinstance(node, Mapping):
+            items = node.items()
+        elif not path and type(node) in (list, tuple):  # torch.save((model.state_dict(), extra)): the
+            items = enumerate(node)  # top level only (deeper lists hold optimizer states, shapes...)
+        else:
             return
         walked.add(id(node))
-        for k, v in node.items():
+        for k, v in items:
             if isinstance(v, Mapping) and holds_weights(v):
                 found.append(path + (k,))
             elif isinstance(v, Mapping):
                 walk(v, path + (k,))
 
-    if type(obj) in (list, tuple):  # torch.save((model.state_dict(), extra)) or [sd, ...]: the top
-        items = enumerate(obj)      # level only (deeper lists hold optimizer states, param shapes...)
-        for i, v in items:
-            if isinstance(v, Mapping) and holds_weights(v):
-                found.append((i,))
-            elif isinstance(v, Mapping):
-                walk(v, (i,))
-        return found
     walk(obj, ())
     return found
 
