@@ -168,12 +168,45 @@ def _placements(spec) -> list[str]:
     """Class names of a recorded DTensorSpec's placements (Shard, Replicate, Partial...)."""
     if not isinstance(spec, InertObject):
         return []
-    placements = _state_dict_of(spec._inert["state"]).get("placements") or ()
-    return [type(p).inert_name if isinstance(p, InertObject) else type(p).__name__
-            for p in (placements if isinstance(placements, (tuple, list)) else ())]
+    return [type(p).inert_name if isinstance(p, InertObject) else type(p).__name__ for p in _placement_objs(spec)]
 
 
-def _dtensor(args, state):
+def _placement_objs(spec) -> list:
+    placements = _state_dict_of(spec._inert["state"]).get("placements") or () if isinstance(spec, InertObject) else ()
+    return list(placements) if isinstance(placements, (tuple, list)) else []
+
+
+class DTensorShard:
+    """One rank's piece of a DTensor sharded over a 1-D device mesh, as a per-rank torch.save file
+    holds it: the local tensor, the global shape, the sharded dimension (None: replicated) and
+    this rank's coordinate on the mesh. :mod:`ckptsurgeon.formats.dtensor_ranks` puts the pieces
+    of all ranks together."""
+
+    def __init__(self, local: TensorRef, size: tuple, dim: int | None, coordinate: int):
+        self.local, self.size, self.dim, self.coordinate = local, size, dim, coordinate
+
+
+def _shard_of(local: TensorRef, size: tuple, spec) -> DTensorShard:
+    placements = _placement_objs(spec)
+    names = _placements(spec)
+    if len(placements) != 1 or names[0] not in ("Shard", "Replicate"):
+        raise UnsupportedError(f"a DTensor placed as {'/'.join(names) or '?'}: only one-dimensional meshes with "
+                               "Shard or Replicate are put together here", hint=_DTENSOR_HINT)
+    dim = None
+    if names[0] == "Shard":
+        dim = _state_dict_of(placements[0]._inert["state"]).get("dim")
+        if not isinstance(dim, int) or not 0 <= dim < len(size):
+            raise CorruptCheckpointError(f"a DTensor Shard placement names dimension {dim!r} of a {list(size)} tensor")
+    mesh = _state_dict_of(spec._inert["state"]).get("mesh")
+    fields = _state_dict_of(mesh._inert["state"]) if isinstance(mesh, InertObject) else {}
+    coord = fields.get("_coordinate_on_dim")
+    if not (isinstance(coord, (tuple, list)) and len(coord) == 1 and isinstance(coord[0], int)):
+        raise UnsupportedError("a DTensor whose device mesh does not record this rank's coordinate",
+                               hint=_DTENSOR_HINT)
+    return DTensorShard(local, tuple(size), dim, coord[0])
+
+
+def _dtensor(args, state, collect: bool = False):
     """A pickled DTensor -> its local tensor, when that is the whole value: the global shape equals
     the local one (one rank, or replicated) and no placement is a pending partial sum. Anything
     else is one rank's piece of a sharded tensor, which this file alone cannot rebuild."""
@@ -189,6 +222,8 @@ def _dtensor(args, state):
     if partial:
         raise UnsupportedError(f"a DTensor with a {partial[0]} placement holds one rank's partial sum, not "
                                "the value", hint=_DTENSOR_HINT)
+    if collect and isinstance(size, (tuple, list)) and tuple(size) != tuple(local.shape):
+        return _shard_of(local, tuple(size), fields.get("_spec"))
     if not isinstance(size, (tuple, list)) or tuple(size) != tuple(local.shape):
         raise UnsupportedError(f"a DTensor sharded across ranks ({'/'.join(kinds) or 'sharded'}): this file "
                                f"holds one rank's piece {list(local.shape)} of a {list(size or ())} tensor",
@@ -203,10 +238,14 @@ _DTENSOR_HINT = ("save a full state dict (torch.distributed.checkpoint.state_dic
                  "torch.distributed.checkpoint and pass that folder")
 
 
-def _rebuild_from_type(func, new_type, args, state):
+def _rebuild_from_type(func, new_type, args, state, collect: bool = False):
     if isinstance(new_type, _DTensorType):
-        return _dtensor(args, state)
+        return _dtensor(args, state, collect)
     raise NotFastPath("torch._tensor._rebuild_from_type_v2")  # a tensor subclass or extra attributes
+
+
+def _collecting_rebuild_from_type(func, new_type, args, state):
+    return _rebuild_from_type(func, new_type, args, state, collect=True)
 
 
 _BUILDERS: dict[tuple[str, str], Callable] = {
@@ -228,6 +267,7 @@ class _RefUnpickler(pickle.Unpickler):
         self._inert = inert
         self.inert_seen: set[str] = set()
         self.legacy = False
+        self.collect_shards = False  # DTensor shards become DTensorShard records instead of an error
 
     def find_class(self, module, name):
         key = as_written = (module, name)
@@ -238,6 +278,8 @@ class _RefUnpickler(pickle.Unpickler):
         if key in _REAL:
             return _REAL[key]
         if key in _BUILDERS:
+            if self.collect_shards and key == ("torch._tensor", "_rebuild_from_type_v2"):
+                return _collecting_rebuild_from_type
             return _BUILDERS[key]
         if key in _KEPT:
             return GlobalRef(module, name)
@@ -296,14 +338,16 @@ INERT_ALL = _Everything()
 
 
 def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset(),
-              seen: set | None = None) -> Any:
+              seen: set | None = None, dtensor_shards: bool = False) -> Any:
     """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError.
 
     ``inert``: names of globals (outside every allowlist) to record as :class:`InertObject`
     stand-ins instead of refusing them, or INERT_ALL; nothing of theirs is imported or run.
-    ``seen`` receives the names recorded inert."""
+    ``seen`` receives the names recorded inert. ``dtensor_shards``: a DTensor holding one
+    rank's piece becomes a :class:`DTensorShard` (else: an error)."""
     unpickler = _RefUnpickler(io.BytesIO(data), storage_source,
                               inert if isinstance(inert, _Everything) else frozenset(inert))
+    unpickler.collect_shards = dtensor_shards
     return _load_with(unpickler, inert, seen)
 
 

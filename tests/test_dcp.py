@@ -170,6 +170,15 @@ def _torch_save_dtensors(rank, world, out, initfile):
             return
         w = torch.randn(7, 5)
         torch.save({"layers.0.weight": distribute_tensor(w, mesh, [Shard(0)])}, f"{out}/shard{rank}.pt")
+        from torch.distributed.fsdp import fully_shard  # FSDP2 over two ranks: uneven Shard(0) pieces
+
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 5))
+        if rank == 0:
+            torch.save(net.state_dict(), f"{out}/plain2.pt")
+        fully_shard(net, mesh=mesh)
+        os.makedirs(f"{out}/ranks", exist_ok=True)
+        torch.save({"model": net.state_dict(), "step": 9}, f"{out}/ranks/model_rank{rank}.pt")
         torch.save({"norm.weight": distribute_tensor(torch.ones(5), mesh, [Replicate()])}, f"{out}/repl{rank}.pt")
         torch.save({"p": DTensor.from_local(torch.ones(2), mesh, [Partial()])}, f"{out}/partial{rank}.pt")
     finally:
@@ -199,6 +208,23 @@ def test_torch_saved_dtensors(tmp_path, cli):
     assert saved["step"] == 7 and torch.equal(saved["model"]["weight"], plain["0.weight"])
     assert type(saved["model"]["weight"]) is torch.Tensor
     assert cli("scan", tmp_path / "fsdp2.pt")[0] == 0  # the parts torch itself allows for DTensors
+
+    # the folder of both ranks' files: put back together, equal to the unsharded model
+    plain2 = torch.load(tmp_path / "plain2.pt", weights_only=True)
+    ck = cs.load(tmp_path / "ranks")
+    assert ck.source.format == "dtensor-ranks" and ck.sd_path == ("model",) and ck.wrapper["step"] == 9
+    got = ck.torch_state_dict()
+    assert list(got) == list(plain2) and all(torch.equal(got[k], plain2[k]) for k in plain2)
+    code, _, err = cli("convert", tmp_path / "ranks", "-o", tmp_path / "full.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    full = load_file(tmp_path / "full.safetensors")
+    assert all(torch.equal(full[k], plain2[k]) for k in plain2)
+    os.rename(tmp_path / "ranks" / "model_rank1.pt", tmp_path / "rank1.moved")  # one rank alone: refused
+    torch.save({"model": {"x": torch.ones(1)}, "step": 9}, tmp_path / "ranks" / "other.pt")
+    code, _, err = cli("inspect", tmp_path / "ranks")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     for r in (0, 1):
         assert torch.equal(cs.load(tmp_path / f"repl{r}.pt").torch_state_dict()["norm.weight"], torch.ones(5))

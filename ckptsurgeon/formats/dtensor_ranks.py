@@ -1,0 +1,147 @@
+"""A folder of per-rank torch.save files holding DTensors (FSDP2 / tensor-parallel scripts that
+``torch.save(model.state_dict(), f"rank{rank}.pt")`` on every rank), put back together.
+
+Each file is read on the fast path (nothing imported, the DTensor's spec and mesh recorded
+inert); a DTensor holding one rank's piece becomes a :class:`~ckptsurgeon.pickle_io.DTensorShard`
+(local tensor, global shape, sharded dimension, the rank's coordinate on the mesh). The files
+must have the same structure; each sharded tensor is then assembled from its pieces in
+coordinate order along its sharded dimension (in memory, as DCP's sharded tensors are), and
+everything else is taken from the first rank's file (lazily). One-dimensional meshes with Shard
+or Replicate placements only: 2-D meshes, strided shards and partial sums are refused with the
+way out (a full state dict, or a DCP save).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from ..checkpoint import Source
+from ..errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
+from ..pickle_io import DTensorShard, NotFastPath, load_refs
+from ..zipfmt import TorchZip
+
+EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
+_MARK = b"\nDTensor\n"  # the class as a GLOBAL line names it
+
+
+def _files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.endswith(EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+
+
+def _pickle_of(path: str) -> bytes | None:
+    try:
+        z = TorchZip(path)
+    except Exception:
+        return None
+    try:
+        return z.read("data.pkl")
+    except Exception:
+        return None
+    finally:
+        z.close()
+
+
+def sniff(path: str, head: bytes) -> bool:
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, ".metadata")):
+        return False
+    files = _files(path)
+    if len(files) < 2:
+        return False
+    data = _pickle_of(files[0])
+    return data is not None and _MARK in data
+
+
+def load(path: str, *, key=None, trust_pickle=False, **_):
+    from .torchfile import from_object
+
+    files = _files(path)
+    graphs = []
+    for f in files:
+        z = TorchZip(f)
+        try:
+            data = z.read("data.pkl")
+            if _MARK not in data:
+                raise NotACheckpointError(f"{f}: holds no DTensor, unlike {os.path.basename(files[0])} "
+                                          "(a folder of per-rank DTensor files is read as one checkpoint)",
+                                          hint="move the other files out, or pass one file")
+
+            def source(k, dtype, nbytes, z=z):
+                return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
+
+            try:
+                graphs.append(load_refs(data, source, dtensor_shards=True))
+            except NotFastPath as e:
+                raise UnsupportedError(f"{f}: uses {e}, which only torch.load rebuilds; per-rank files are put "
+                                       "together from the torch-free reader only") from None
+            except UnsupportedError as e:
+                raise UnsupportedError(f"{f}: {e.message}", hint=e.hint) from None
+        finally:
+            z.close()
+    assembled: list[str] = []
+    try:
+        obj = _merge(graphs, (), assembled, {})
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{path}: {e.message}", hint=e.hint) from None
+    notes = [f"per-rank DTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s) assembled in memory"
+             + (f" (e.g. {assembled[0]})" if assembled else "") + "; everything else from "
+             + os.path.basename(files[0])]
+    size = sum(os.path.getsize(f) for f in files)
+    source = Source(path=path, format="dtensor-ranks", size=size, files=tuple(files), lazy=not assembled,
+                    notes=tuple(notes))
+    return from_object(obj, source, key=key)
+
+
+def _where(path: tuple) -> str:
+    return "/".join(map(str, path)) or "<top level>"
+
+
+def _merge(nodes: list, path: tuple, assembled: list, memo: dict) -> Any:
+    first = nodes[0]
+    if id(first) in memo:  # shared (or cyclic) in the pickle: merged once
+        return memo[id(first)]
+    if isinstance(first, DTensorShard):
+        out = _assemble(nodes, path)
+        assembled.append(_where(path))
+        memo[id(first)] = out
+        return out
+    if any(isinstance(n, DTensorShard) for n in nodes):
+        raise CorruptCheckpointError(f"{_where(path)} is a DTensor piece in some rank files and not in others")
+    if isinstance(first, Mapping):
+        if any(not isinstance(n, Mapping) or list(n.keys()) != list(first.keys()) for n in nodes):
+            raise CorruptCheckpointError(f"the rank files differ at {_where(path)} (not one checkpoint's ranks?)")
+        out = type(first)() if type(first) in (dict, OrderedDict) else OrderedDict()
+        memo[id(first)] = out
+        if getattr(first, "_metadata", None) is not None:
+            out._metadata = first._metadata
+        for k in first:
+            out[k] = _merge([n[k] for n in nodes], path + (k,), assembled, memo)
+        return out
+    if type(first) in (list, tuple):
+        if any(type(n) is not type(first) or len(n) != len(first) for n in nodes):
+            raise CorruptCheckpointError(f"the rank files differ at {_where(path)} (not one checkpoint's ranks?)")
+        out = type(first)(_merge([n[i] for n in nodes], path + (i,), assembled, memo) for i in range(len(first)))
+        memo[id(first)] = out
+        return out
+    return first
+
+
+def _assemble(shards: list, path: tuple):
+    """The pieces of one DTensor, concatenated in coordinate order along the sharded dimension."""
+    import torch
+
+    size, dim = shards[0].size, shards[0].dim
+    if any(s.size != size or s.dim != dim for s in shards):
+        raise CorruptCheckpointError(f"the ranks disagree on the shape or placement of {_where(path)}")
+    coords = sorted(s.coordinate for s in shards)
+    if coords != list(range(len(shards))):
+        raise CorruptCheckpointError(f"{_where(path)}: rank coordinates {coords} are not 0..{len(shards) - 1} "
+                                     "(a rank's file missing, or files of two runs?)")
+    pieces = [s.local.to_torch() for s in sorted(shards, key=lambda s: s.coordinate)]
+    out = torch.cat(pieces, dim=dim)
+    if tuple(out.shape) != tuple(size):
+        raise CorruptCheckpointError(f"the pieces of {_where(path)} make {list(out.shape)}, not {list(size)}")
+    return out
