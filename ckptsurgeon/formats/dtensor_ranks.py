@@ -64,6 +64,8 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         z = TorchZip(f)
         try:
             data = z.read("data.pkl")
+            if z.has("byteorder") and z.read("byteorder").strip() == b"big":
+                raise UnsupportedError(f"{f}: written on a big-endian machine", hint="pass the files one by one")
             if _MARK not in data:
                 raise NotACheckpointError(f"{f}: holds no DTensor, unlike {os.path.basename(files[0])} "
                                           "(a folder of per-rank DTensor files is read as one checkpoint)",
