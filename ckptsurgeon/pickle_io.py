@@ -42,9 +42,48 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+class PickledSet(set):
+    """A set as a pickle built it, remembering the order its items were pickled in. Two strings
+    whose hashes collide make a set that iterates in another order when made again from its
+    own items (seen: ``{"a", "b"}`` under PYTHONHASHSEED=24), so re-pickling a plain set could
+    change the bytes of an unchanged checkpoint. Unchanged, it pickles in that order; changed,
+    as any set."""
+
+    __slots__ = ("_order",)
+
+    def __init__(self, items=()):
+        items = list(items)
+        super().__init__(items)
+        self._order = items
+
+    def __reduce_ex__(self, protocol):
+        return set, (_order_of(self),)
+
+
+class PickledFrozenset(frozenset):
+    """:class:`PickledSet` for frozensets."""
+
+    __slots__ = ("_order",)
+
+    def __new__(cls, items=()):
+        items = list(items)
+        obj = super().__new__(cls, items)
+        obj._order = items
+        return obj
+
+    def __reduce_ex__(self, protocol):
+        return frozenset, (_order_of(self),)
+
+
+def _order_of(s) -> list:
+    order = s._order
+    return order if len(order) == len(s) and all(x in s for x in order) else list(s)
+
+
 _REAL = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
+    ("builtins", "set"): PickledSet,
+    ("builtins", "frozenset"): PickledFrozenset,
     ("builtins", "complex"): complex,
     ("builtins", "bytearray"): bytearray,
     ("collections", "Counter"): Counter,

@@ -182,6 +182,29 @@ def test_repickled_data_pkl_is_byte_identical_to_torch_save(tmp_path):
     assert not [k for k in vars(refs) if k.startswith("_G")]
 
 
+def test_sets_are_written_back_in_their_pickled_order(tmp_path):
+    """A set made again from its items can iterate in another order when two hashes collide
+    ({"a", "b"} under PYTHONHASHSEED=24): the pickled order is kept, so the bytes are too."""
+    script = """
+import sys, zipfile, torch, ckptsurgeon as cs
+from ckptsurgeon.pickle_io import dump_refs
+assert list({"a", "b"}) != list(set(list({"a", "b"})))  # the collision this seed gives
+path = sys.argv[1]
+torch.save({"state_dict": {"w": torch.ones(2)}, "tags": {"a", "b"}, "frozen": frozenset({"a", "b"})}, path)
+with zipfile.ZipFile(path) as z:
+    original = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+ck = cs.load(path)
+assert dump_refs(ck.assemble())[0] == original
+ck.wrapper["tags"].add("c")  # changed: written as the set it now is
+tags = ck.wrapper["tags"]
+assert set(tags.__reduce_ex__(2)[1][0]) == {"a", "b", "c"}
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s.pt")], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONHASHSEED="24"))
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_safetensors_output_ties_views_and_notes(tmp_path):
     sd = _odd_state()
     sd.pop("f8")
