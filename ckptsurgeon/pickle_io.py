@@ -91,6 +91,14 @@ _REAL = {
 }
 
 
+#: The concrete path classes of the other operating system: a Lightning checkpoint saved on
+#: Windows carries its hparams' paths as pathlib.WindowsPath, which Python cannot instantiate
+#: elsewhere (torch.load fails on them on Linux). Like the pure paths they are plain data, so
+#: they are read as inert records by default (never built) and written back as they were.
+OTHER_OS_PATHS = frozenset(f"{m}.{c}" for m in ("pathlib", "pathlib._local")
+                           for c in (("PosixPath",) if os.name == "nt" else ("WindowsPath",)))
+
+
 def _data_global(module: str, name: str):
     """safety's plain data types (argparse.Namespace, pathlib paths, numpy numbers) as the real
     objects: building them runs nothing of the file's choosing (the set torch.load is allowed
@@ -330,6 +338,8 @@ class _RefUnpickler(pickle.Unpickler):
         if data is not None:
             self.numpy_seen |= module.startswith("numpy")
             return data
+        if f"{module}.{name}" in OTHER_OS_PATHS:
+            return inert_class(*as_written)
         if f"{module}.{name}" in self._inert:  # --inert-pickle: record it (as written), import nothing
             self.inert_seen.add(f"{module}.{name}")
             return inert_class(*as_written)

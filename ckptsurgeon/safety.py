@@ -11,7 +11,7 @@ import functools
 import os
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
-from .pickle_io import is_dtensor_global, scan_globals
+from .pickle_io import OTHER_OS_PATHS, is_dtensor_global, scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
               "types; or read them as inert records with --inert-pickle (nothing imported or run); "
@@ -192,7 +192,8 @@ def allowed_globals() -> set[str]:
         names |= set(wou._get_user_allowed_globals().keys())
     except Exception:
         pass
-    return _Allowed(names | set(DATA_GLOBALS) | {name for _, name in _numpy_globals()} | set(extra_safe_globals()))
+    return _Allowed(names | set(DATA_GLOBALS) | {name for _, name in _numpy_globals()} | set(extra_safe_globals())
+                    | OTHER_OS_PATHS)
 
 
 class _Allowed(set):

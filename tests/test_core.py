@@ -964,3 +964,33 @@ def test_other_files_are_named_by_extension_or_magic(tmp_path, cli, name, data, 
         p.write_bytes(data + b"\0" * 100)
     code, _, err = cli("inspect", p)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the other OS's path class is PosixPath there")
+def test_windows_paths_in_hparams_read_on_linux(tmp_path, cli):
+    """A Lightning checkpoint saved on Windows pickles its hparams' paths as pathlib.WindowsPath,
+    which Python cannot build on Linux (torch.load fails there, even unsafe). Read as an inert
+    record, written back as it was; scan counts it as plain data."""
+    import pathlib
+    import zipfile
+
+    torch.save({"state_dict": {"model.w": torch.ones(2)},
+                "hyper_parameters": {"data_dir": pathlib.PureWindowsPath("C:/data/imgs"), "lr": 0.1}},
+               tmp_path / "pure.ckpt")
+    with zipfile.ZipFile(tmp_path / "pure.ckpt") as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in records if n.endswith("/data.pkl"))
+    records[pkl] = records[pkl].replace(b"\nPureWindowsPath\n", b"\nWindowsPath\n")  # as Windows writes it
+    with zipfile.ZipFile(tmp_path / "win.ckpt", "w") as z:
+        for n, data in records.items():
+            z.writestr(n, data)
+    with pytest.raises(NotImplementedError):
+        torch.load(tmp_path / "win.ckpt", weights_only=False)
+    ck = cs.load(tmp_path / "win.ckpt")
+    assert ck.source.lazy and ck.wrapper["hyper_parameters"]["lr"] == 0.1
+    code, _, err = cli("strip-prefix", tmp_path / "win.ckpt", "-o", tmp_path / "out.ckpt")
+    assert code == 0, err
+    with zipfile.ZipFile(tmp_path / "out.ckpt") as z:
+        out_pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    assert b"pathlib\nWindowsPath\n" in out_pkl and b"C:" in out_pkl
+    assert cli("scan", tmp_path / "win.ckpt")[0] == 0
