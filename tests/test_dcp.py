@@ -221,6 +221,24 @@ def test_torch_saved_dtensors(tmp_path, cli):
 
     full = load_file(tmp_path / "full.safetensors")
     assert all(torch.equal(full[k], plain2[k]) for k in plain2)
+    # a foreign global in the rank files: refused by default, recorded with --inert-pickle
+    import zipfile
+
+    os.makedirs(tmp_path / "foreign")
+    for r in (0, 1):
+        with zipfile.ZipFile(tmp_path / "ranks" / f"model_rank{r}.pt") as z:
+            recs = {n: z.read(n) for n in z.namelist()}
+        pkl = next(n for n in recs if n.endswith("/data.pkl"))
+        at = recs[pkl].rindex(b"K\t")  # the step, 9, as BININT1 -> fractions.Fraction()
+        recs[pkl] = recs[pkl][:at] + b"cfractions\nFraction\n)R" + recs[pkl][at + 2:]
+        with zipfile.ZipFile(tmp_path / "foreign" / f"r{r}.pt", "w") as z:
+            for n, data in recs.items():
+                z.writestr(n, data)
+    code, _, err = cli("inspect", tmp_path / "foreign")
+    assert code == 2 and "fractions.Fraction" in err and "--inert-pickle" in err
+    ck = cs.load(tmp_path / "foreign", trust_pickle="inert")
+    assert all(torch.equal(v, plain2[k]) for k, v in ck.torch_state_dict().items())
+
     os.rename(tmp_path / "ranks" / "model_rank1.pt", tmp_path / "rank1.moved")  # one rank alone: refused
     torch.save({"model": {"x": torch.ones(1)}, "step": 9}, tmp_path / "ranks" / "other.pt")
     code, _, err = cli("inspect", tmp_path / "ranks")

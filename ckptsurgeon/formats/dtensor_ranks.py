@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..checkpoint import Source
-from ..errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
+from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import DTensorShard, NotFastPath, load_refs
+from ..safety import INERT, TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
@@ -74,9 +75,15 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             def source(k, dtype, nbytes, z=z):
                 return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
 
-            try:
-                graphs.append(load_refs(data, source, dtensor_shards=True))
+            unsafe = unsafe_in(data)
+            try:  # --inert-pickle: what no allowlist allows is recorded, as for a single file
+                graphs.append(load_refs(data, source, inert=unsafe if trust_pickle == INERT else (),
+                                        dtensor_shards=True))
             except NotFastPath as e:
+                if unsafe and trust_pickle != INERT:
+                    raise UnsafePickleError(f"{f} would import globals outside the weights-only allowlist: "
+                                            f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                            hint=TRUST_HINT) from None
                 raise UnsupportedError(f"{f}: uses {e}, which only torch.load rebuilds; per-rank files are put "
                                        "together from the torch-free reader only") from None
             except UnsupportedError as e:
