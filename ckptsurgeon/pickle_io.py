@@ -18,6 +18,7 @@ numbering storages ``0..n-1`` in first-use order as ``torch.save`` does.
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import io
 import os
 import pickle
@@ -291,10 +292,6 @@ def _rebuild_from_type(func, new_type, args, state, collect: bool = False):
     raise NotFastPath("torch._tensor._rebuild_from_type_v2")  # a tensor subclass or extra attributes
 
 
-def _collecting_rebuild_from_type(func, new_type, args, state):
-    return _rebuild_from_type(func, new_type, args, state, collect=True)
-
-
 _BUILDERS: dict[tuple[str, str], Callable] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
@@ -326,7 +323,7 @@ class _RefUnpickler(pickle.Unpickler):
             return _REAL[key]
         if key in _BUILDERS:
             if self.collect_shards and key == ("torch._tensor", "_rebuild_from_type_v2"):
-                return _collecting_rebuild_from_type
+                return functools.partial(_rebuild_from_type, collect=True)
             return _BUILDERS[key]
         if key in _KEPT:
             return GlobalRef(module, name)

@@ -75,17 +75,22 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             def source(k, dtype, nbytes, z=z):
                 return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
 
-            unsafe = unsafe_in(data)
-            try:  # --inert-pickle: what no allowlist allows is recorded, as for a single file
-                graphs.append(load_refs(data, source, inert=unsafe if trust_pickle == INERT else (),
-                                        dtensor_shards=True))
-            except NotFastPath as e:
-                if unsafe and trust_pickle != INERT:
-                    raise UnsafePickleError(f"{f} would import globals outside the weights-only allowlist: "
-                                            f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe,
-                                            hint=TRUST_HINT) from None
-                raise UnsupportedError(f"{f}: uses {e}, which only torch.load rebuilds; per-rank files are put "
-                                       "together from the torch-free reader only") from None
+            try:
+                try:
+                    graphs.append(load_refs(data, source, dtensor_shards=True))
+                except NotFastPath as e:  # the opcodes are scanned only now, as for a single file
+                    unsafe = unsafe_in(data)
+                    if not unsafe:
+                        raise UnsupportedError(f"uses {e}, which only torch.load rebuilds; per-rank files are "
+                                               "put together from the torch-free reader only") from None
+                    if trust_pickle != INERT:
+                        raise UnsafePickleError(f"{f} would import globals outside the weights-only allowlist: "
+                                                f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                                hint=TRUST_HINT) from None
+                    try:  # --inert-pickle: what no allowlist allows is recorded
+                        graphs.append(load_refs(data, source, inert=unsafe, dtensor_shards=True))
+                    except NotFastPath as other:
+                        raise UnsupportedError(f"uses {other}, which only torch.load rebuilds") from None
             except UnsupportedError as e:
                 raise UnsupportedError(f"{f}: {e.message}", hint=e.hint) from None
         finally:
@@ -132,8 +137,13 @@ def _merge(nodes: list, path: tuple, assembled: list, memo: dict) -> Any:
     if type(first) in (list, tuple):
         if any(type(n) is not type(first) or len(n) != len(first) for n in nodes):
             raise CorruptCheckpointError(f"the rank files differ at {_where(path)} (not one checkpoint's ranks?)")
-        out = type(first)(_merge([n[i] for n in nodes], path + (i,), assembled, memo) for i in range(len(first)))
-        memo[id(first)] = out
+        out = []
+        if type(first) is list:
+            memo[id(first)] = out  # before its items: a list may hold itself
+        out.extend(_merge([n[i] for n in nodes], path + (i,), assembled, memo) for i in range(len(first)))
+        if type(first) is tuple:
+            out = tuple(out)
+            memo[id(first)] = out
         return out
     return first
 
