@@ -169,13 +169,25 @@ def _version(dist: str) -> str:
 
 
 _MANAGER: Manager | None = None
+_BUILDING = False
 
 
 def get_manager() -> Manager:
-    global _MANAGER
+    global _MANAGER, _BUILDING
     if _MANAGER is None:
-        _MANAGER = Manager()
+        if _BUILDING:  # a plugin's import asked for an operation: there is none to give yet
+            raise PluginError("the plugin manager was asked for while it was being built")
+        _BUILDING = True
+        try:
+            _MANAGER = Manager()
+        finally:
+            _BUILDING = False
     return _MANAGER
+
+
+def building() -> bool:
+    """True while the shared manager is loading plugins."""
+    return _BUILDING
 
 
 def reset_manager(manager: Manager | None = None) -> None:

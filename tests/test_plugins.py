@@ -178,3 +178,28 @@ def test_builtin_plugins_are_entry_points():
     res = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('plugins'))"],
                          capture_output=True, text=True, cwd="/", timeout=60)
     assert res.stdout.strip() == "None"  # no bare 'plugins' import name leaks into site-packages
+
+
+def test_api_builds_one_plugin_manager(tmp_path):
+    """``import ckptsurgeon; ckptsurgeon.load(...)`` in a fresh interpreter: the plugins'
+    ``from ckptsurgeon import cliutil`` must import the submodule, not ask the plugin manager
+    being built for an operation of that name (that built 10 nested managers)."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    path = tmp_path / "m.safetensors"
+    save_file({"module.w": np.ones((2, 2), np.float32)}, str(path))
+    code = (
+        "import ckptsurgeon as cs, ckptsurgeon.manager as m\n"
+        "built = []\n"
+        "init = m.Manager.__init__\n"
+        "m.Manager.__init__ = lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1]\n"
+        f"ck = cs.load({str(path)!r})\n"
+        "new, _ = cs.strip_prefix(ck)\n"
+        "print(len(built), list(new.state), m.get_manager().problems)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split(None, 1) == ["1", "['w'] []\n"]
+    with pytest.raises(AttributeError):
+        ckptsurgeon.no_such_operation  # noqa: B018
