@@ -166,6 +166,40 @@ class MemoryBytes:
         return memoryview(self.data).cast("B")
 
 
+class AssembledBytes:
+    """Bytes of a tensor put together from pieces (a tensor sharded over ranks), built on each use
+    and not kept here: a writer that goes tensor by tensor holds one assembled tensor at a time,
+    and reading a checkpoint for its shapes (``inspect``) reads none of them. ``build`` returns
+    the whole tensor (torch)."""
+
+    crc = None
+
+    def __init__(self, length: int, build, label: str = ""):
+        self._length = int(length)
+        self._build = build
+        self.label = label
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def buffer(self) -> memoryview:
+        view = tensor_bytes(self._build())
+        if view.nbytes != self._length:
+            raise CorruptCheckpointError(f"{self.label or 'an assembled tensor'}: its pieces make {view.nbytes} "
+                                         f"bytes, not {self._length}")
+        return view
+
+
+def assembled_ref(shape, dtype: str, build, label: str = "") -> "TensorRef":
+    """A contiguous tensor of ``shape`` and ``dtype`` whose bytes ``build()`` makes when needed."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    source = AssembledBytes(numel * dtypes.itemsize(dtype), build, label)
+    return TensorRef(StorageRef(dtype, numel, source), 0, tuple(shape), contiguous_stride(shape), dtype)
+
+
 # --------------------------------------------------------------------------- pickle stand-ins
 @dataclass(frozen=True)
 class GlobalRef:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import shutil
 import warnings
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 import ckptsurgeon as cs
 from ckptsurgeon.errors import CorruptCheckpointError, UnsafePickleError
+from ckptsurgeon.refs import AssembledBytes
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -136,7 +139,11 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
 
     for folder in (out, tmp_path / "sharded_st"):  # torch.save archives; safetensors data files
         ck = cs.load(folder)
-        assert not ck.source.lazy and any("assembled" in n for n in ck.notes)
+        assert ck.source.lazy and any("put together when read" in n for n in ck.notes)
+        # nothing assembled by loading: shapes and dtypes from the metadata (inspect reads no data)
+        sharded = ck.state["layers.0.weight"]
+        assert isinstance(sharded.storage.source, AssembledBytes) and sharded.storage._torch is None
+        assert sharded.shape == (7, 5) and ck.state["embed.weight"].dtype == "bfloat16"
         sd = ck.torch_state_dict()
         assert torch.equal(sd["layers.0.weight"], w) and torch.equal(sd["embed.weight"], e)
         assert sd["embed.weight"].dtype == torch.bfloat16 and torch.equal(sd["norm.weight"], torch.ones(5))
@@ -144,6 +151,20 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
     code, _, err = cli("convert", out, "-o", tmp_path / "full.pt")
     assert code == 0, err
     assert torch.equal(torch.load(tmp_path / "full.pt", weights_only=True)["model"]["layers.0.weight"], w)
+    ck = cs.load(out)  # a save assembles each tensor for its write and keeps none of them
+    cs.save(ck, tmp_path / "full.safetensors")
+    assert ck.state["layers.0.weight"].storage._torch is None
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "full.safetensors")["embed.weight"], e)
+
+    damaged = tmp_path / "damaged"  # a piece cut short: found when the tensor is put together
+    shutil.copytree(out, damaged)
+    with open(damaged / "__1_0.distcp", "r+b") as f:
+        f.truncate(os.path.getsize(damaged / "__1_0.distcp") // 2)
+    code, _, err = cli("convert", damaged, "-o", tmp_path / "d.safetensors")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "d.safetensors").exists()
 
     os.unlink(out / "__1_0.distcp")  # a rank's file missing
     code, _, err = cli("inspect", out)
@@ -213,6 +234,8 @@ def test_torch_saved_dtensors(tmp_path, cli):
     plain2 = torch.load(tmp_path / "plain2.pt", weights_only=True)
     ck = cs.load(tmp_path / "ranks")
     assert ck.source.format == "dtensor-ranks" and ck.sd_path == ("model",) and ck.wrapper["step"] == 9
+    assert ck.source.lazy and isinstance(ck.state["0.weight"].storage.source, AssembledBytes)
+    assert ck.state["0.weight"].shape == tuple(plain2["0.weight"].shape)  # from the pieces' shapes, unread
     got = ck.torch_state_dict()
     assert list(got) == list(plain2) and all(torch.equal(got[k], plain2[k]) for k in plain2)
     code, _, err = cli("convert", tmp_path / "ranks", "-o", tmp_path / "full.safetensors")
@@ -330,3 +353,23 @@ def test_lightning_sharded_folder_merges_trainer_state(trained, tmp_path, cli):
     torch.save({"epoch": 3, "odd": fractions.Fraction(1, 3)}, folder / "meta.pt")
     ck = cs.load(folder)
     assert "epoch" not in ck.wrapper and any("left out meta.pt" in n and "fractions" in n for n in ck.notes)
+
+
+def test_dtensor_pieces_are_checked_before_they_are_read():
+    """dtensor-ranks checks the pieces' shapes, dtypes and coordinates when the folder is read
+    and concatenates them only when the tensor's bytes are needed."""
+    from ckptsurgeon.formats.dtensor_ranks import _assemble
+    from ckptsurgeon.pickle_io import DTensorShard
+    from ckptsurgeon.refs import TensorRef
+
+    a, b = torch.arange(9.0).reshape(3, 3), torch.arange(6.0).reshape(2, 3)
+    piece = lambda t, c, size=(5, 3): DTensorShard(TensorRef.from_torch(t), size, 0, c)  # noqa: E731
+    ref = _assemble([piece(b, 1), piece(a, 0)], ("w",))
+    assert ref.shape == (5, 3) and ref.storage._torch is None
+    assert torch.equal(ref.to_torch(), torch.cat([a, b]))
+    for shards, says in (([piece(a, 0), piece(a, 1)], "do not make a [5, 3]"),
+                         ([piece(a, 0), piece(b.double(), 1)], "do not make"),
+                         ([piece(a, 0), piece(b, 2)], "coordinates [0, 2]"),
+                         ([piece(a, 0), piece(b, 1, (5, 4))], "disagree")):
+        with pytest.raises(CorruptCheckpointError, match=re.escape(says)):
+            _assemble(shards, ("w",))

@@ -9,7 +9,8 @@ torch's own reader ``pickle.load``\\ s ``.metadata`` (anything in it runs). Here
 checked against DCP's own classes first and then unpickled inert (:class:`~ckptsurgeon.refs.InertObject`):
 nothing in the file is imported or called. A tensor saved in one chunk stays on disk (a lazy
 :class:`~ckptsurgeon.refs.TensorRef` into the ``.distcp`` file, copied zero-copy by the
-writers); a tensor sharded over ranks is assembled from its chunks with torch. The nested
+writers); a tensor sharded over ranks is checked against its chunks' shapes and assembled
+from them with torch when its bytes are needed, one tensor at a time. The nested
 structure (``{"model": ..., "optim": ...}``) is rebuilt from the planner's key paths, so the
 model's state dict is found as in any wrapper. DCP is read-only here: write .pt, .safetensors or
 a Hugging Face folder.
@@ -21,11 +22,12 @@ import os
 from collections import OrderedDict
 from typing import Any, Mapping
 
+from .. import dtypes
 from ..checkpoint import Source
 from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
                       UnsupportedError)
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
-from ..refs import CallRef, GlobalRef, InertObject, TensorRef
+from ..refs import CallRef, GlobalRef, InertObject, TensorRef, assembled_ref
 from ..zipfmt import TorchZip
 
 METADATA = ".metadata"
@@ -93,11 +95,11 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             files[extra] = os.path.getsize(extra)
             notes.append(f"merged Lightning's {LIGHTNING_META} (trainer state: {', '.join(map(str, list(trainer)[:6]))})")
     if assembled:
-        notes.append(f"{len(assembled)} tensor(s) sharded over ranks were assembled in memory "
+        notes.append(f"{len(assembled)} tensor(s) sharded over ranks, put together when read, one at a time "
                      f"(e.g. {assembled[0]})")
     size = sum(files.values()) + os.path.getsize(meta_path)
     source = Source(path=folder, format="dcp", size=size, files=tuple(sorted(set(files) | {meta_path})),
-                    lazy=not assembled, notes=tuple(notes))
+                    lazy=True, notes=tuple(notes))
     return from_object(obj, source, key=key)
 
 
@@ -346,21 +348,32 @@ def _chunk_sizes(entry: dict, index: dict):
 
 
 def _assemble(fqn, shape, dtype, pieces):
-    """A tensor sharded over ranks: placed chunk by chunk into one tensor (in memory)."""
-    import torch
-
-    out = torch.empty(shape, dtype=getattr(torch, dtype))
+    """A tensor sharded over ranks: checked now against the chunks' shapes (no bytes read),
+    put together chunk by chunk only when its bytes are needed, and not kept (see
+    :class:`~ckptsurgeon.refs.AssembledBytes`)."""
     covered = 0
+    total = 1
+    for d in shape:
+        total *= d
     for offsets, ref in pieces:
-        t = ref.to_torch()
-        if len(offsets) != len(shape) or any(o < 0 or o + s > d for o, s, d in zip(offsets, t.shape, shape)):
+        if len(offsets) != len(shape) or any(o < 0 or o + s > d for o, s, d in zip(offsets, ref.shape, shape)):
             raise CorruptCheckpointError(f"DCP chunk of {fqn!r} at {list(offsets)} does not fit {list(shape)}")
-        out[tuple(slice(o, o + s) for o, s in zip(offsets, t.shape))] = t
-        covered += t.numel()
-    if covered != out.numel():
-        raise CorruptCheckpointError(f"DCP tensor {fqn!r}: its chunks cover {covered} of {out.numel()} elements "
+        if ref.dtype != dtype:
+            raise CorruptCheckpointError(f"DCP chunk of {fqn!r} is {ref.dtype}, the metadata says {dtype}")
+        covered += ref.numel
+    if covered != total:
+        raise CorruptCheckpointError(f"DCP tensor {fqn!r}: its chunks cover {covered} of {total} elements "
                                      "(a rank's file missing from the folder?)")
-    return out
+
+    def build():
+        import torch
+
+        out = torch.empty(shape, dtype=dtypes.torch_dtype(dtype))
+        for offsets, ref in pieces:
+            out[tuple(slice(o, o + s) for o, s in zip(offsets, ref.shape))] = ref.to_torch()
+        return out
+
+    return assembled_ref(shape, dtype, build, label=f"DCP tensor {fqn!r}")
 
 
 def _unflatten(flat: dict, mapping) -> Any:

@@ -5,7 +5,8 @@ Each file is read on the fast path (nothing imported, the DTensor's spec and mes
 inert); a DTensor holding one rank's piece becomes a :class:`~ckptsurgeon.pickle_io.DTensorShard`
 (local tensor, global shape, sharded dimension, the rank's coordinate on the mesh). The files
 must have the same structure; each sharded tensor is then assembled from its pieces in
-coordinate order along its sharded dimension (in memory, as DCP's sharded tensors are), and
+coordinate order along its sharded dimension (checked at once from the pieces' shapes, put
+together only when its bytes are needed, one tensor at a time, as DCP's sharded tensors are), and
 everything else is taken from the first rank's file (lazily). One-dimensional meshes with Shard
 or Replicate placements only: 2-D meshes, strided shards and partial sums are refused with the
 way out (a full state dict, or a DCP save).
@@ -21,6 +22,7 @@ from typing import Any
 from ..checkpoint import Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import DTensorShard, NotFastPath, load_refs
+from ..refs import assembled_ref
 from ..safety import INERT, TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 
@@ -100,11 +102,12 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         obj = _merge(graphs, (), assembled, {})
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e.message}", hint=e.hint) from None
-    notes = [f"per-rank DTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s) assembled in memory"
+    notes = [f"per-rank DTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s), put together when "
+             "read, one at a time"
              + (f" (e.g. {assembled[0]})" if assembled else "") + "; everything else from "
              + os.path.basename(files[0])]
     size = sum(os.path.getsize(f) for f in files)
-    source = Source(path=path, format="dtensor-ranks", size=size, files=tuple(files), lazy=not assembled,
+    source = Source(path=path, format="dtensor-ranks", size=size, files=tuple(files), lazy=True,
                     notes=tuple(notes))
     return from_object(obj, source, key=key)
 
@@ -149,18 +152,30 @@ def _merge(nodes: list, path: tuple, assembled: list, memo: dict) -> Any:
 
 
 def _assemble(shards: list, path: tuple):
-    """The pieces of one DTensor, concatenated in coordinate order along the sharded dimension."""
-    import torch
-
-    size, dim = shards[0].size, shards[0].dim
-    if any(s.size != size or s.dim != dim for s in shards):
+    """The pieces of one DTensor, to be concatenated in coordinate order along the sharded
+    dimension: checked now from their shapes, put together when read."""
+    size, dim = tuple(shards[0].size), shards[0].dim
+    if any(tuple(s.size) != size or s.dim != dim for s in shards):
         raise CorruptCheckpointError(f"the ranks disagree on the shape or placement of {_where(path)}")
+    if not isinstance(dim, int) or not 0 <= dim < len(size):
+        raise CorruptCheckpointError(f"{_where(path)}: a piece of a {list(size)} tensor sharded on dimension {dim!r}")
     coords = sorted(s.coordinate for s in shards)
     if coords != list(range(len(shards))):
         raise CorruptCheckpointError(f"{_where(path)}: rank coordinates {coords} are not 0..{len(shards) - 1} "
                                      "(a rank's file missing, or files of two runs?)")
-    pieces = [s.local.to_torch() for s in sorted(shards, key=lambda s: s.coordinate)]
-    out = torch.cat(pieces, dim=dim)
-    if tuple(out.shape) != tuple(size):
-        raise CorruptCheckpointError(f"the pieces of {_where(path)} make {list(out.shape)}, not {list(size)}")
-    return out
+    pieces = [s.local for s in sorted(shards, key=lambda s: s.coordinate)]
+    dtype = pieces[0].dtype
+    made = list(size)
+    made[dim] = sum(p.shape[dim] if len(p.shape) == len(size) else -1 for p in pieces)
+    if any(len(p.shape) != len(size) or p.dtype != dtype
+           or any(a != b for i, (a, b) in enumerate(zip(p.shape, size)) if i != dim) for p in pieces) \
+            or made[dim] != size[dim]:
+        shapes = ", ".join(f"{p.dtype}{list(p.shape)}" for p in pieces)
+        raise CorruptCheckpointError(f"the pieces of {_where(path)} ({shapes}) do not make a {list(size)} tensor")
+
+    def build():
+        import torch
+
+        return torch.cat([p.to_torch() for p in pieces], dim=dim)
+
+    return assembled_ref(size, dtype, build, label=_where(path))
