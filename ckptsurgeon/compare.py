@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .refs import FileRange, TensorRef, crc32, tensor_bytes
+from .refs import FileRange, TensorRef, crc32, file_pieces, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 
@@ -44,6 +44,14 @@ def digest(v: Any) -> str:
                     crc = crc32(chunk, crc)
             if whole:
                 src.verify_crc_value(crc)
+            return h.hexdigest()
+        pieces = file_pieces(src, *span) if span is not None else None
+        if pieces is not None:  # put together from pieces in files (sharded over ranks): streamed too
+            h = xxhash.xxh3_128()
+            for r, at, n in pieces:
+                r.check_crc()
+                for chunk in r.chunks(at, n):
+                    h.update(chunk)
             return h.hexdigest()
         return xxhash.xxh3_128_hexdigest(v.read_bytes())
     return xxhash.xxh3_128_hexdigest(tensor_bytes(v))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
-from .refs import FileRange, MemoryBytes, crc32, pread_chunks
+from .refs import FileRange, MemoryBytes, crc32, crc32_combine, file_pieces, pread_chunks
 
 ALIGN = 64
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
@@ -301,20 +301,19 @@ class ZipWriter:
             crc = source.crc
         data_offset = self.pos
         inline_crc = None
-        if isinstance(source, FileRange) and size:
-            src_fd = self._src_fds.get(source.path)
-            if src_fd is None:
-                src_fd = self._src_fds[source.path] = os.open(source.path, os.O_RDONLY)
+        pieces = file_pieces(source, 0, size) if size else None
+        if pieces is not None and size:
             if size <= SMALL_RECORD:  # a syscall pair per small tensor beats copy_file_range's setup
-                data = os.pread(src_fd, size, source.offset)
+                data = b"".join(os.pread(self._src_fd(r.path), n, r.offset + at) for r, at, n in pieces)
                 if len(data) != size:
                     raise CorruptCheckpointError("source ended early while copying (file truncated?)")
                 inline_crc = crc32(data)
                 self._write(data)
             else:
                 self.flush()
-                copy_range(src_fd, self.fd, source.offset, size, self.pos)
-                self.pos += size
+                for r, at, n in pieces:
+                    copy_range(self._src_fd(r.path), self.fd, r.offset + at, n, self.pos)
+                    self.pos += n
             if crc is None:
                 crc = inline_crc if inline_crc is not None else 0  # 0: placeholder, see docstring
         elif size:
@@ -330,6 +329,12 @@ class ZipWriter:
         entry = _Entry(full, size, header_offset, crc or 0, descriptor, data_offset, inline_crc)
         self.entries.append(entry)
         return entry
+
+    def _src_fd(self, path: str) -> int:
+        fd = self._src_fds.get(path)
+        if fd is None:
+            fd = self._src_fds[path] = os.open(path, os.O_RDONLY)
+        return fd
 
     def _central(self, full: bytes, size: int, header_offset: int, crc: int) -> bytes:
         zip64 = size >= _U32 or header_offset >= _U32
@@ -404,22 +409,38 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
         checks = []
         for key, storage in enumerate(storages):
             src = storage.source
-            copied = isinstance(src, FileRange) and src.length > 0
+            pieces = file_pieces(src, 0, src.length) if src.length else None
+            copied = bool(pieces)
             stored = getattr(src, "crc", None)
             # data/0 lands at its source's offset within a page. torch pads every later record
             # minimally (torch.load(calculate_storage_offsets=True) relies on it), so records
             # that follow as in the source stay page-congruent with it too: the kernel then
             # copies whole pages, measured ~20% faster than shifted copies (ext4, 2 GiB).
             first = key == 0 and copied
-            entry = w.add(f"data/{key}", src, crc=stored, page_like=src.offset if first else None)
-            if copied and entry.inline_crc is not None:  # small: read (not kernel-copied) and checked here
-                src.verify_crc_value(entry.inline_crc)
-            elif copied:
-                if pool is None:
-                    from concurrent.futures import ThreadPoolExecutor
+            entry = w.add(f"data/{key}", src, crc=stored,
+                          page_like=pieces[0][0].offset + pieces[0][1] if first else None)
+            if not copied:
+                pass
+            elif pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-                    pool = ThreadPoolExecutor(max_workers=1)
+                pool = ThreadPoolExecutor(max_workers=1)
+            whole = isinstance(src, FileRange)
+            if copied and entry.inline_crc is not None:  # small: read (not kernel-copied) and checked here
+                if whole:
+                    src.verify_crc_value(entry.inline_crc)
+                else:  # pieces of other records: each checked against its own CRC
+                    checks.extend((None, pool.submit(r.check_crc)) for r in _with_crc(pieces))
+            elif copied and not whole and crc32_combine is None:  # no combine: check pieces, then read back
+                checks.extend((None, pool.submit(r.check_crc)) for r in _with_crc(pieces))
                 fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
+                early.written(entry.data_offset, entry.size, ready=fut)
+                entry.crc = fut.result
+            elif copied:
+                if whole:
+                    fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
+                else:  # a tensor sharded over ranks: its pieces read back and checked, CRCs combined
+                    fut = pool.submit(_crc_of_written_pieces, fd, entry.data_offset, pieces)
                 early.written(entry.data_offset, entry.size, ready=fut)
                 if stored is not None:
                     checks.append((src, fut))
@@ -428,7 +449,9 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             if progress:
                 progress(storage.nbytes)
         for src, fut in checks:
-            src.verify_crc_value(fut.result())  # raises CorruptCheckpointError on a mismatch
+            got = fut.result()  # a piece's own check raises CorruptCheckpointError on a mismatch
+            if src is not None:
+                src.verify_crc_value(got)  # raises CorruptCheckpointError on a mismatch
         w.add("version", MemoryBytes(version))
         for name, data in extra_records:
             w.add(name, MemoryBytes(data))
@@ -439,6 +462,26 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
         w.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _with_crc(pieces) -> list:
+    return list({id(r): r for r, _, _ in pieces if r.crc is not None}.values())
+
+
+def _crc_of_written_pieces(fd: int, offset: int, pieces) -> int:
+    """CRC-32 of a record written from pieces of other records, read back piece by piece: a
+    piece that is a whole source record is checked against that record's CRC on the way (the
+    copy and the source in one pass); part of a record is checked from its source."""
+    total = 0
+    for r, at, n in pieces:
+        got = _crc_of_written(fd, offset, n)
+        if at == 0 and n == r.length:
+            r.verify_crc_value(got)
+        else:
+            r.check_crc()
+        total = crc32_combine(total, got, n)
+        offset += n
+    return total
 
 
 def _crc_of_written(fd: int, offset: int, length: int) -> int:

@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -143,6 +144,10 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
         # nothing assembled by loading: shapes and dtypes from the metadata (inspect reads no data)
         sharded = ck.state["layers.0.weight"]
         assert isinstance(sharded.storage.source, AssembledBytes) and sharded.storage._torch is None
+        # rows split over ranks: the pieces' bytes one after another are the tensor's (copied from
+        # the files); columns split: put together with torch
+        assert [p.shape for p in sharded.storage.source.parts] == [(4, 5), (3, 5)]
+        assert ck.state["embed.weight"].storage.source.parts is None
         assert sharded.shape == (7, 5) and ck.state["embed.weight"].dtype == "bfloat16"
         sd = ck.torch_state_dict()
         assert torch.equal(sd["layers.0.weight"], w) and torch.equal(sd["embed.weight"], e)
@@ -157,6 +162,19 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
     from safetensors.torch import load_file
 
     assert torch.equal(load_file(tmp_path / "full.safetensors")["embed.weight"], e)
+
+    assert cli("diff", out, tmp_path / "full.pt", "--json")[0] == 0  # hashed piece by piece: identical
+    flipped = tmp_path / "flipped"  # one byte of a row piece damaged: its CRC, checked while copying
+    shutil.copytree(out, flipped)
+    piece = cs.load(flipped).state["layers.0.weight"].storage.source.parts[1].storage.source
+    with open(os.path.join(flipped, os.path.basename(piece.path)), "r+b") as f:
+        f.seek(piece.offset + 5)
+        byte = f.read(1)
+        f.seek(piece.offset + 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    for name in ("f.pt", "f.safetensors"):
+        code, _, err = cli("convert", flipped, "-o", tmp_path / name)
+        assert code == 2 and "CRC-32 mismatch" in err and not (tmp_path / name).exists(), err
 
     damaged = tmp_path / "damaged"  # a piece cut short: found when the tensor is put together
     shutil.copytree(out, damaged)
@@ -373,3 +391,50 @@ def test_dtensor_pieces_are_checked_before_they_are_read():
                          ([piece(a, 0), piece(b, 1, (5, 4))], "disagree")):
         with pytest.raises(CorruptCheckpointError, match=re.escape(says)):
             _assemble(shards, ("w",))
+
+
+@pytest.mark.parametrize("combine", [True, False], ids=["crc32_combine", "no-combine"])
+def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine):
+    """A tensor whose row blocks lie in other files (ranks' records, bigger than the small-record
+    cut-off): .pt and .safetensors outputs copy each block's file range and check its CRC (in
+    the read-back of the output when CRCs can be combined, from the sources when not)."""
+    from ckptsurgeon import zipfmt
+
+    if not combine:
+        monkeypatch.setattr(zipfmt, "crc32_combine", None)
+    elif zipfmt.crc32_combine is None:
+        pytest.skip("no ISA-L crc32_combine here")
+    from safetensors.torch import load_file
+
+    from ckptsurgeon.formats.dtensor_ranks import _assemble
+    from ckptsurgeon.pickle_io import DTensorShard
+    from ckptsurgeon.refs import file_pieces
+
+    whole = torch.randn(300, 257)
+    for r, rows in enumerate(whole.split([160, 140])):
+        torch.save({"w": rows.clone(), "b": torch.ones(3)}, tmp_path / f"r{r}.pt")
+
+    def assembled():
+        refs = [cs.load(tmp_path / f"r{r}.pt").state["w"] for r in (0, 1)]
+        ref = _assemble([DTensorShard(x, (300, 257), 0, r) for r, x in enumerate(refs)], ("w",))
+        assert [p[2] for p in file_pieces(ref.storage.source, 0, ref.nbytes)] == [160 * 257 * 4, 140 * 257 * 4]
+        return cs.load(tmp_path / "r0.pt").with_state({"w": ref, "b": torch.zeros(2)})
+
+    with monkeypatch.context() as m:  # never put together in memory
+        m.setattr(AssembledBytes, "buffer", lambda self: pytest.fail("assembled in memory"))
+        cs.save(assembled(), tmp_path / "out.pt")
+        cs.save(assembled(), tmp_path / "out.safetensors")
+        assert cs.diff(cs.load(tmp_path / "out.pt"), assembled())["identical"]
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True, mmap=True)["w"], whole)
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["w"], whole)
+    with zipfile.ZipFile(tmp_path / "out.pt") as z:
+        assert z.testzip() is None  # the record's CRC is that of the whole tensor
+    with open(tmp_path / "r1.pt", "r+b") as f:  # one byte of the second block damaged
+        data = f.read()
+        at = data.index(whole[160:].numpy().tobytes()[:64]) + 1000
+        f.seek(at)
+        f.write(bytes([data[at] ^ 0xFF]))
+    for name in ("bad.pt", "bad.safetensors"):
+        with pytest.raises(CorruptCheckpointError, match="CRC-32 mismatch"):
+            cs.save(assembled(), tmp_path / name)
+        assert not (tmp_path / name).exists()

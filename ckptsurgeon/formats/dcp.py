@@ -373,7 +373,7 @@ def _assemble(fqn, shape, dtype, pieces):
             out[tuple(slice(o, o + s) for o, s in zip(offsets, ref.shape))] = ref.to_torch()
         return out
 
-    return assembled_ref(shape, dtype, build, label=f"DCP tensor {fqn!r}")
+    return assembled_ref(shape, dtype, build, label=f"DCP tensor {fqn!r}", pieces=pieces)
 
 
 def _unflatten(flat: dict, mapping) -> Any:

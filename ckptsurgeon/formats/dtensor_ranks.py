@@ -178,4 +178,8 @@ def _assemble(shards: list, path: tuple):
 
         return torch.cat([p.to_torch() for p in pieces], dim=dim)
 
-    return assembled_ref(size, dtype, build, label=_where(path))
+    offsets, at = [], 0
+    for p in pieces:
+        offsets.append(tuple(at if i == dim else 0 for i in range(len(size))))
+        at += p.shape[dim]
+    return assembled_ref(size, dtype, build, label=_where(path), pieces=list(zip(offsets, pieces)))

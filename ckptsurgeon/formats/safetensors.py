@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
-from ..refs import FileRange, TensorRef, as_ref, is_tensor_like
+from ..refs import TensorRef, as_ref, file_pieces, is_tensor_like
 from ..stfmt import build_header, load_entries
 from ..zipfmt import EarlyWriteback, copy_range, pwrite_all
 
@@ -95,9 +95,10 @@ def first_file_offset(items: list) -> int | None:
         return None
     ref = items[0][1]
     span = ref.byte_span() if isinstance(ref, TensorRef) else None
-    src = ref.storage.source if isinstance(ref, TensorRef) else None
-    if isinstance(src, FileRange) and span is not None:
-        return src.offset + span[0]
+    pieces = file_pieces(ref.storage.source, *span) if span is not None and span[1] else None
+    if pieces:
+        r, at, _ = pieces[0]
+        return r.offset + at
     return None
 
 
@@ -108,8 +109,13 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
     pwrite_all(fd, header, start)
     pos = start + len(header)
     src_fds: dict[str, int] = {}
-    checks = {id(r.storage.source): r.storage.source for _, r in order
-              if isinstance(r.storage.source, FileRange) and r.storage.source.crc is not None}
+    where = []  # per tensor, the file pieces of its bytes (None: not in a file, written from memory)
+    checks = {}
+    for _name, ref in order:
+        span = ref.byte_span()
+        pieces = file_pieces(ref.storage.source, *span) if span is not None else None
+        where.append(pieces)
+        checks.update((id(r), r) for r, _, _ in pieces or () if r.crc is not None)
     from concurrent.futures import ThreadPoolExecutor
 
     try:
@@ -129,22 +135,23 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
                 if progress:
                     progress(n)
 
-            for _name, ref in order:
+            for (_name, ref), pieces in zip(order, where):
                 n = ref.nbytes
-                span = ref.byte_span()
-                src = ref.storage.source
-                if n and isinstance(src, FileRange) and span is not None:
-                    sfd = src_fds.get(src.path)
-                    if sfd is None:
-                        sfd = src_fds[src.path] = os.open(src.path, os.O_RDONLY)
-                    s_off = src.offset + span[0]
-                    if (run and run[0] == sfd and run[1] + run[3] == s_off and run[2] + run[3] == pos
-                            and run[3] < RUN_MAX):
-                        run[3] += n
-                    else:
-                        if run:
-                            flush()
-                        run = [sfd, s_off, pos, n]
+                if n and pieces is not None:
+                    at = pos
+                    for src, start, k in pieces:
+                        sfd = src_fds.get(src.path)
+                        if sfd is None:
+                            sfd = src_fds[src.path] = os.open(src.path, os.O_RDONLY)
+                        s_off = src.offset + start
+                        if (run and run[0] == sfd and run[1] + run[3] == s_off and run[2] + run[3] == at
+                                and run[3] < RUN_MAX):
+                            run[3] += k
+                        else:
+                            if run:
+                                flush()
+                            run = [sfd, s_off, at, k]
+                        at += k
                 elif n:
                     pwrite_all(fd, ref.read_bytes(), pos)
                     if progress:
