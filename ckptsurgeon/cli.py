@@ -178,11 +178,66 @@ def _print_inspect(info: dict) -> None:
             f"{b['tensor']} (nan {b['nan']}, inf {b['inf']})" for b in bad))
     label = f"module (below {info['modules_below']})" if info.get("modules_below") else "module"
     t = Table(label, "tensors", "parameters", box=None, pad_edge=False)
-    for node in info["modules"]:
-        t.add_row("  " * (node["depth"] - 1) + node["module"], str(node["tensors"]), f"{node['parameters']:,}")
+    rows = module_rows(info["modules"])
+    for depth, name, tensors, params in rows[:MAX_MODULE_ROWS]:
+        t.add_row("  " * (depth - 1) + name, str(tensors), f"{params:,}")
     c.print(t)
+    if len(rows) > MAX_MODULE_ROWS:
+        c.print(f"... and {len(rows) - MAX_MODULE_ROWS} more module rows (all of them: --json)")
     for n in info["notes"]:
         c.print(f"note: {n}")
+
+
+MAX_MODULE_ROWS = 200
+
+
+def module_rows(nodes: list[dict]) -> list[tuple[int, str, int, int]]:
+    """The module table's rows, ``(depth, name, tensors, parameters)``: a run of three or more
+    numbered siblings alike in counts and in what they hold (``layers.0`` ... ``layers.31`` of
+    a transformer) is one row, ``layers.{0..31} (x32)``, with counts per module."""
+    spans = []  # (node, its subtree: the nodes after it that are deeper)
+    i = 0
+    while i < len(nodes):
+        j = i + 1
+        while j < len(nodes) and nodes[j]["depth"] > nodes[i]["depth"]:
+            j += 1
+        spans.append((i, j))
+        i += 1
+
+    def shape(i, j):  # what a node holds, independent of its own name
+        base = nodes[i]["module"]
+        return tuple((n["depth"], n["module"][len(base):], n["tensors"], n["parameters"]) for n in nodes[i:j])
+
+    def numbered(name):
+        parent, _, last = name.rpartition(".")
+        return (parent, int(last)) if last.isdigit() else None
+
+    rows: list = []
+    i = 0
+    while i < len(nodes):
+        end = spans[i][1]
+        num = numbered(nodes[i]["module"])
+        run = [(i, end)]
+        if num is not None:
+            k = end
+            while k < len(nodes) and nodes[k]["depth"] == nodes[i]["depth"]:
+                nk = numbered(nodes[k]["module"])
+                if nk is None or nk != (num[0], num[1] + len(run)) or shape(*spans[k]) != shape(i, end):
+                    break
+                run.append(spans[k])
+                k = spans[k][1]
+        if len(run) < 3:
+            n = nodes[i]
+            rows.append((n["depth"], n["module"], n["tensors"], n["parameters"]))
+            i += 1
+            continue
+        label = f"{num[0]}.{{{num[1]}..{num[1] + len(run) - 1}}}" if num[0] else f"{{{num[1]}..{num[1] + len(run) - 1}}}"
+        base = nodes[i]["module"]
+        for n in nodes[i:end]:
+            name = label + n["module"][len(base):]
+            rows.append((n["depth"], name + (f" (x{len(run)})" if n is nodes[i] else ""), n["tensors"], n["parameters"]))
+        i = run[-1][1]
+    return rows
 
 
 @main_group.command("convert")

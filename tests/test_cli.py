@@ -160,3 +160,31 @@ def test_fold_and_bn_to_gn_cli(sample_dir, tmp_path, cli, models_py):
     assert code == 0, err
     rep = json.loads(out)
     assert rep["error_calibrated"] < rep["error_plain"]
+
+
+def test_inspect_folds_runs_of_alike_numbered_modules(tmp_path, cli):
+    """A transformer's 32 identical blocks are one row of the module table (the JSON keeps
+    every module); a block that differs breaks the run; thousands of rows are cut short."""
+    import torch
+
+    sd = {}
+    for i in range(12):
+        sd[f"model.layers.{i}.attn.q.weight"] = torch.zeros(4, 4)
+        sd[f"model.layers.{i}.mlp.w.weight"] = torch.zeros(4, 4)
+        if i == 5:
+            sd[f"model.layers.{i}.extra.bias"] = torch.zeros(4)
+    sd["model.norm.weight"] = torch.ones(4)
+    sd.update({f"h.{i}.w": torch.zeros(1) for i in range(2)} | {f"blocks.{i}.{j}.w": torch.zeros(1 + (i % 2))
+                                                                 for i in range(300) for j in range(2)})
+    torch.save(sd, tmp_path / "m.pt")
+    code, out, err = cli("inspect", tmp_path / "m.pt", "--depth", "4")
+    assert code == 0, err
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "model.layers.{0..4} (x5) 2 32" in lines and "model.layers.{0..4}.attn 1 16" in lines
+    assert "model.layers.5 3 36" in lines and "model.layers.5.extra 1 4" in lines
+    assert "model.layers.{6..11} (x6) 2 32" in lines and "model.layers.{6..11}.mlp 1 16" in lines
+    assert "h.0 1 1" in lines and "h.1 1 1" in lines  # two alike: not worth a fold
+    assert "blocks.0 2 2" in lines and "blocks.1 2 4" in lines  # alternating: nothing folds
+    assert lines[-1] == "... and 717 more module rows (all of them: --json)"
+    code, out, _ = cli("inspect", tmp_path / "m.pt", "--depth", "4", "--json")
+    assert len(json.loads(out)["modules"]) == 1 + 1 + 12 * 3 + 1 + 1 + 1 + 2 + 1 + 300 * 3
