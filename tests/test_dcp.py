@@ -438,3 +438,23 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
         with pytest.raises(CorruptCheckpointError, match="CRC-32 mismatch"):
             cs.save(assembled(), tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_dcp_chunks_must_tile_the_tensor():
+    """Chunks whose sizes add up to the tensor's but overlap would leave part of it unwritten
+    (garbage from torch.empty): refused when the folder is read."""
+    from ckptsurgeon.formats.dcp import _assemble
+    from ckptsurgeon.refs import TensorRef
+
+    ref = lambda *s: TensorRef.from_torch(torch.zeros(s))  # noqa: E731
+    grid = [((r, c), ref(2, 2)) for r in (0, 2) for c in (0, 2)]
+    assert _assemble("w", (4, 4), "float32", grid).storage.source.parts is None  # a grid: put together by torch
+    assert torch.equal(_assemble("w", (4, 4), "float32", grid).to_torch(), torch.zeros(4, 4))
+    rows = [((2, 0), ref(2, 4)), ((0, 0), ref(2, 4))]
+    assert len(_assemble("w", (4, 4), "float32", rows).storage.source.parts) == 2
+    for pieces, says in (([((0, 0), ref(2, 4)), ((1, 0), ref(2, 4))], "overlap"),
+                         ([((0, 0), ref(2, 2)), ((0, 1), ref(2, 2)), ((2, 0), ref(2, 4))], "overlap"),
+                         ([((0, 0), ref(2, 4))], "cover 8 of 16"),
+                         ([((0, 0), ref(2, 4)), ((3, 0), ref(2, 4))], "does not fit")):
+        with pytest.raises(CorruptCheckpointError, match=says):
+            _assemble("w", (4, 4), "float32", pieces)

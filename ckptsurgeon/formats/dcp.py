@@ -364,6 +364,7 @@ def _assemble(fqn, shape, dtype, pieces):
     if covered != total:
         raise CorruptCheckpointError(f"DCP tensor {fqn!r}: its chunks cover {covered} of {total} elements "
                                      "(a rank's file missing from the folder?)")
+    _check_disjoint(fqn, pieces)  # the right total from overlapping chunks would leave a gap unwritten
 
     def build():
         import torch
@@ -374,6 +375,19 @@ def _assemble(fqn, shape, dtype, pieces):
         return out
 
     return assembled_ref(shape, dtype, build, label=f"DCP tensor {fqn!r}", pieces=pieces)
+
+
+def _check_disjoint(fqn, pieces) -> None:
+    """No two chunks overlap (sorted along the first dimension, each chunk is compared with the
+    ones that start before it ends there: a handful, for row or grid sharding)."""
+    boxes = sorted((tuple(o), tuple(o[i] + n for i, n in enumerate(ref.shape)))
+                   for o, ref in pieces if ref.numel)
+    for i, (lo, hi) in enumerate(boxes):
+        for lo2, hi2 in boxes[i + 1:]:
+            if lo and lo2[0] >= hi[0]:
+                break
+            if all(a2 < b and a < b2 for a, b, a2, b2 in zip(lo, hi, lo2, hi2)):
+                raise CorruptCheckpointError(f"DCP tensor {fqn!r}: chunks at {list(lo)} and {list(lo2)} overlap")
 
 
 def _unflatten(flat: dict, mapping) -> Any:
