@@ -141,7 +141,8 @@ def _refuse_numpy_objects(root) -> None:
             stack.extend(vars(o).values())
 
 
-_KEPT = {("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage"),
+_PLAIN_TENSOR = GlobalRef("torch", "Tensor")
+_KEPT = {("torch", "Size"), ("torch", "device"), ("torch.storage", "UntypedStorage"), ("torch", "Tensor"),
          ("torch._utils", "_rebuild_wrapper_subclass"), ("torch.serialization", "_get_layout")}
 _KEPT |= {("torch", name) for name in dtypes.ITEMSIZE}
 _KEPT |= {("torch", name) for name in dtypes.STORAGE_TO_DTYPE}
@@ -289,7 +290,15 @@ _DTENSOR_HINT = ("save a full state dict (torch.distributed.checkpoint.state_dic
 def _rebuild_from_type(func, new_type, args, state, collect: bool = False):
     if isinstance(new_type, _DTensorType):
         return _dtensor(args, state, collect)
-    raise NotFastPath("torch._tensor._rebuild_from_type_v2")  # a tensor subclass or extra attributes
+    if new_type == _PLAIN_TENSOR and callable(func) and isinstance(args, tuple):
+        # a plain tensor with Python attributes (torch pickles its __dict__ this way): the tensor,
+        # the attributes kept to be written back -- and set by to_torch, as torch.load does
+        t = func(*args)
+        if not isinstance(t, TensorRef) or t.param is not None or not isinstance(state, (dict, tuple)):
+            raise NotFastPath("torch._tensor._rebuild_from_type_v2 of an unusual tensor")
+        t.attrs = state if state else None
+        return t
+    raise NotFastPath("torch._tensor._rebuild_from_type_v2")  # a tensor subclass
 
 
 _BUILDERS: dict[tuple[str, str], Callable] = {
@@ -381,6 +390,16 @@ class _Everything:
 
 #: ``inert=INERT_ALL``: every global outside the allowlists is recorded inert (pass ``seen`` to learn which)
 INERT_ALL = _Everything()
+
+
+class InertPrefix(_Everything):
+    """``inert=InertPrefix("deepspeed.")``: the globals of one library recorded inert, no others."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __contains__(self, name):
+        return isinstance(name, str) and name.startswith(self.prefix)
 
 
 def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset(),
@@ -479,6 +498,7 @@ _V2 = GlobalRef("torch._utils", "_rebuild_tensor_v2")
 _V3 = GlobalRef("torch._utils", "_rebuild_tensor_v3")
 _PARAM = GlobalRef("torch._utils", "_rebuild_parameter")
 _PARAM_STATE = GlobalRef("torch._utils", "_rebuild_parameter_with_state")
+_FROM_TYPE = GlobalRef("torch._tensor", "_rebuild_from_type_v2")
 _UNTYPED = GlobalRef("torch.storage", "UntypedStorage")
 _TYPED = {name: GlobalRef("torch", name) for name in dtypes.STORAGE_TO_DTYPE}
 _REFS_MODULE = GlobalRef.__module__
@@ -563,6 +583,8 @@ class _RefPickler(pickle.Pickler):
             func = _V3
         if obj.metadata is not None:
             args = args + (obj.metadata,)
+        if obj.param is None and obj.attrs is not None:
+            return _FROM_TYPE, (func, _PLAIN_TENSOR, args, obj.attrs)
         if obj.param is None:
             return func, args
         rg, phooks, state = obj.param

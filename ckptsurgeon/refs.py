@@ -228,6 +228,24 @@ def assembled_ref(shape, dtype: str, build, label: str = "", pieces=None) -> "Te
     return TensorRef(StorageRef(dtype, numel, source), 0, tuple(shape), contiguous_stride(shape), dtype)
 
 
+def concat_ref(shape, dtype: str, parts: list, label: str = "") -> "TensorRef":
+    """A contiguous tensor of ``shape`` whose bytes are those of ``parts`` (contiguous
+    TensorRefs of ``dtype``) one after another: copied from their files, never assembled."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    nbytes = numel * dtypes.itemsize(dtype)
+    for p in parts:
+        p.check_bounds()
+        if p.byte_span() is None or p.dtype != dtype:
+            raise CorruptCheckpointError(f"{label or 'a tensor'}: a piece is not a contiguous {dtype} tensor")
+    if sum(p.nbytes for p in parts) != nbytes:
+        raise CorruptCheckpointError(f"{label or 'a tensor'}: its pieces hold {sum(p.nbytes for p in parts)} "
+                                     f"bytes, not {nbytes}")
+    source = AssembledBytes(nbytes, None, label, list(parts))
+    return TensorRef(StorageRef(dtype, numel, source), 0, tuple(shape), contiguous_stride(shape), dtype)
+
+
 def block_order(shape, pieces) -> list | None:
     """The pieces ``(offsets, TensorRef)`` of a tensor of ``shape`` in the order whose bytes, one
     after another, are the whole tensor's in row-major order -- when there is one: each piece
@@ -445,10 +463,11 @@ class TensorRef:
     """A tensor as a view (offset, shape, stride) on a :class:`StorageRef`; no bytes read."""
 
     __slots__ = ("storage", "offset", "shape", "stride", "dtype", "requires_grad", "hooks",
-                 "metadata", "param", "__weakref__")
+                 "metadata", "param", "attrs", "__weakref__")
 
     def __init__(self, storage: StorageRef, offset: int, shape, stride, dtype: str | None = None, *,
-                 requires_grad: bool = False, hooks: Any = None, metadata: Any = None, param=None):
+                 requires_grad: bool = False, hooks: Any = None, metadata: Any = None, param=None,
+                 attrs: Any = None):
         self.storage = storage
         self.offset = int(offset)
         self.shape = tuple(int(s) for s in shape)
@@ -459,6 +478,9 @@ class TensorRef:
         self.metadata = metadata
         # None for a plain tensor; (requires_grad, hooks, state_or_None) for an nn.Parameter
         self.param = param
+        # Python attributes set on a plain tensor (DeepSpeed's ds_id...): the state torch pickles
+        # with _rebuild_from_type_v2(..., torch.Tensor, ..., state); None when there are none
+        self.attrs = attrs
 
     # ---- facts, no data
     @property
@@ -530,6 +552,8 @@ class TensorRef:
             t = torch.nn.Parameter(t, requires_grad=bool(self.param[0]))
         elif self.requires_grad and t.is_floating_point():
             t.requires_grad_(True)
+        if isinstance(self.attrs, dict):
+            t.__dict__.update(self.attrs)
         return t
 
     def __repr__(self):

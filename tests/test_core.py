@@ -994,3 +994,30 @@ def test_windows_paths_in_hparams_read_on_linux(tmp_path, cli):
         out_pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
     assert b"pathlib\nWindowsPath\n" in out_pkl and b"C:" in out_pkl
     assert cli("scan", tmp_path / "win.ckpt")[0] == 0
+
+
+def test_plain_tensor_with_python_attributes_stays_on_the_fast_path(tmp_path):
+    """A tensor with attributes set on it (DeepSpeed's ds_id on its flat fp32 groups) is pickled
+    by torch through _rebuild_from_type_v2(..., torch.Tensor, ..., state): read without torch,
+    the attributes written back and set again by to_torch, as torch.load does."""
+    import zipfile
+
+    t = torch.arange(6.0)
+    t.ds_id = "0_5"
+    t.info = {"a": 1}
+    torch.save({"module.w": t, "module.v": t[2:], "module.u": torch.ones(2)}, tmp_path / "a.pt")
+    ck = cs.load(tmp_path / "a.pt")
+    assert ck.source.lazy and ck.state["module.w"].attrs == {"ds_id": "0_5", "info": {"a": 1}}
+    assert ck.state["module.v"].attrs is None and ck.torch_state_dict()["module.w"].ds_id == "0_5"
+    new, _ = cs.strip_prefix(ck)
+    cs.save(new, tmp_path / "b.pt")
+    back = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert back["w"].ds_id == "0_5" and back["w"].info == {"a": 1} and torch.equal(back["w"], t)
+    assert back["v"].data_ptr() == back["w"].data_ptr() + 8  # still a view of the same storage
+    cs.save(ck, tmp_path / "same.pt")
+
+    def pkl(p):
+        with zipfile.ZipFile(p) as z:
+            return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+
+    assert pkl(tmp_path / "same.pt") == pkl(tmp_path / "a.pt")

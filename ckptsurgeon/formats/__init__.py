@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from ..types import FormatSpec
-from . import dcp, dtensor_ranks, hf, safetensors, torchfile
+from . import dcp, deepspeed, dtensor_ranks, hf, safetensors, torchfile
 
 
 @hookimpl
@@ -23,6 +23,8 @@ def ckptsurgeon_formats():
                    description="torch.distributed.checkpoint folder (.metadata + .distcp; read-only, no process group)"),
         FormatSpec("dtensor-ranks", (), dtensor_ranks.sniff, dtensor_ranks.load, None, priority=1,
                    description="folder of per-rank torch.save files of DTensors (FSDP2/TP), put together; read-only"),
+        FormatSpec("deepspeed", (), deepspeed.sniff, deepspeed.load, None, priority=2,
+                   description="DeepSpeed checkpoint folder (model states; ZeRO-3 partitions put together); read-only"),
         FormatSpec("hf-folder", (), hf.sniff, hf.load, hf.save_sharded, priority=0,
                    description="Hugging Face folder: single file or sharded with *.index.json"),
     ]

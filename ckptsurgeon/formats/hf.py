@@ -48,13 +48,6 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
             shards = _indexless_shards(weights)
             if shards:
                 return _load_shards(path, shards, trust_pickle)
-            deepspeed = _deepspeed_model_states(path)
-            if deepspeed:
-                from dataclasses import replace
-
-                ck = load_file(deepspeed, key=key, trust_pickle=trust_pickle)
-                return replace(ck, notes=ck.notes + (f"DeepSpeed folder: read {os.path.relpath(deepspeed, path)} "
-                                                     "(the tag its 'latest' file names)",))
             parts = _component_folders(path)
             if parts and not weights:  # a diffusers pipeline, a Trainer output dir: models in sub-folders
                 raise NotACheckpointError(
@@ -120,23 +113,6 @@ def _component_folders(folder: str) -> list[str]:
             except OSError:
                 continue
     return out
-
-
-def _deepspeed_model_states(folder: str) -> str | None:
-    """A DeepSpeed checkpoint folder: ``latest`` names the tag folder holding the model states
-    (mp_rank_00_model_states.pt, or zero_pp_rank_0_mp_rank_00_model_states.pt under pipelines)."""
-    try:
-        with open(os.path.join(folder, "latest"), encoding="utf-8") as f:
-            tag = f.read(256).strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if not tag or "/" in tag or "\\" in tag or tag in (".", ".."):
-        return None
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        p = os.path.join(folder, tag, name)
-        if os.path.isfile(p):
-            return p
-    return None
 
 
 def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:

@@ -239,6 +239,10 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
         plain_dict=type(sd) is dict, nested=nested)
 
 
+class ZeRO3Placeholders(NoStateDictError):
+    """DeepSpeed ZeRO-3 model states: the weights are in the folder's optimizer-state files."""
+
+
 def _refuse_zero3_placeholders(obj, path) -> None:
     """DeepSpeed ZeRO-3 model states hold empty placeholders: the weights are partitioned into
     the optimizer-state files. Writing them out would be silently empty; say so instead."""
@@ -250,10 +254,11 @@ def _refuse_zero3_placeholders(obj, path) -> None:
     sizes = [v.numel for v in sd.values() if isinstance(v, TensorRef)]
     empty = sum(1 for n in sizes if n == 0)
     if sizes and empty * 2 >= len(sizes):
-        raise NoStateDictError(
+        raise ZeRO3Placeholders(
             f"DeepSpeed ZeRO-3 model states: {empty} of {len(sizes)} tensors under {'/'.join(map(str, path))!r} "
             "are empty placeholders (the weights are partitioned into the *optim_states.pt files)",
-            hint="consolidate them first with the zero_to_fp32.py script DeepSpeed saves in the checkpoint folder")
+            hint="pass the checkpoint folder (the one with 'latest', or the tag folder) instead: its ranks' "
+                 "partitions are put together as zero_to_fp32.py does")
 
 
 def _modules_to_state_dicts(obj, is_module=None, state_dict=None):
