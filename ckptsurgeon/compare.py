@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .refs import FileRange, TensorRef, crc32, file_pieces, tensor_bytes
+from .refs import TensorRef, crc32, file_pieces, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 
@@ -31,27 +31,23 @@ def digest(v: Any) -> str:
     import xxhash
 
     if isinstance(v, TensorRef):
-        src, span = v.storage.source, v.byte_span()
-        if isinstance(src, FileRange) and span is not None:
-            whole = span == (0, src.length)
-            if not whole:
-                src.check_crc()  # streamed; a no-op once checked or when there is no CRC
+        span = v.byte_span()
+        # in files: the range itself, or the ranges of the pieces it is made of (sharded over ranks)
+        pieces = file_pieces(v.storage.source, *span) if span is not None else None
+        if pieces is not None:
             h = xxhash.xxh3_128()
-            crc = 0
-            for chunk in src.chunks(span[0], span[1]):
-                h.update(chunk)
-                if whole:
-                    crc = crc32(chunk, crc)
-            if whole:
-                src.verify_crc_value(crc)
-            return h.hexdigest()
-        pieces = file_pieces(src, *span) if span is not None else None
-        if pieces is not None:  # put together from pieces in files (sharded over ranks): streamed too
-            h = xxhash.xxh3_128()
-            for r, at, n in pieces:
-                r.check_crc()
-                for chunk in r.chunks(at, n):
+            for src, at, n in pieces:
+                # a whole record with a CRC still to check: checked in the same pass
+                whole = (at, n) == (0, src.length) and src.crc is not None and not src._checked
+                if not whole:
+                    src.check_crc()  # streamed; a no-op once checked or when there is no CRC
+                crc = 0
+                for chunk in src.chunks(at, n):
                     h.update(chunk)
+                    if whole:
+                        crc = crc32(chunk, crc)
+                if whole:
+                    src.verify_crc_value(crc)
             return h.hexdigest()
         return xxhash.xxh3_128_hexdigest(v.read_bytes())
     return xxhash.xxh3_128_hexdigest(tensor_bytes(v))

@@ -404,7 +404,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     w.add(".format_version", MemoryBytes(b"1"))
     w.add(".storage_alignment", MemoryBytes(str(ALIGN).encode()))
     w.add("byteorder", MemoryBytes(byteorder))
-    pool = None  # the checking thread, started by the first kernel-copied record
+    pool = None
     try:
         checks = []
         for key, storage in enumerate(storages):
@@ -419,9 +419,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             first = key == 0 and copied
             entry = w.add(f"data/{key}", src, crc=stored,
                           page_like=pieces[0][0].offset + pieces[0][1] if first else None)
-            if not copied:
-                pass
-            elif pool is None:
+            if copied and pool is None:  # the checking thread, started by the first copied record
                 from concurrent.futures import ThreadPoolExecutor
 
                 pool = ThreadPoolExecutor(max_workers=1)
