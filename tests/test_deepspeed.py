@@ -117,3 +117,16 @@ def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli):
             z.writestr(n, data)
     code, _, err = cli("convert", foreign, "-o", tmp_path / "f.pt")
     assert code == 2 and "fractions.Fraction" in err and "deepspeed" not in err.split("allowlist:")[-1]
+
+
+def test_trainer_folder_with_its_own_weights(tmp_path):
+    """A Hugging Face Trainer checkpoint-N/ folder: model.safetensors beside the DeepSpeed
+    states. The saved model is what the folder means; the tag folder still gives the states."""
+    from safetensors.torch import save_file
+
+    run = tmp_path / "checkpoint-2"
+    shutil.copytree(DATA / "zero3", run)
+    save_file({"embed.weight": torch.ones(11, 6)}, run / "model.safetensors")
+    ck = cs.load(run)
+    assert ck.source.format == "safetensors" and list(ck.state) == ["embed.weight"]
+    assert cs.load(run / "global_step2").source.format == "deepspeed-zero3"
