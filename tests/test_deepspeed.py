@@ -61,17 +61,32 @@ def test_zero3_partitions_are_put_together_like_zero_to_fp32(name, tmp_path, cli
     assert code == 0 and "deepspeed-zero3" in out and "3 ranks' fp32 partitions" in out
 
 
-def test_zero2_folder_reads_the_model_states():
-    """ZeRO-1/2 model states hold the whole model in its training dtype: read as they are (the
-    fp32 master weights in the optimizer states are what zero_to_fp32 returns instead)."""
+def test_zero2_folder_reads_the_model_states_or_the_fp32_master_weights(tmp_path, cli):
+    """ZeRO-1/2 model states hold the whole model in its training dtype: read as they are by
+    default; --key fp32 gives the fp32 master weights from the optimizer states instead, equal
+    to zero_to_fp32's."""
     ref = _reference("zero2_bf16")
     ck = cs.load(DATA / "zero2_bf16")
     assert ck.source.format == "torch-zip" and ck.sd_path == ("module",)
-    assert any("DeepSpeed folder: read global_step2/mp_rank_00_model_states.pt" in n for n in ck.notes)
+    assert any("DeepSpeed folder: read global_step2/mp_rank_00_model_states.pt" in n and "--key fp32" in n
+               for n in ck.notes)
     got = ck.torch_state_dict()
     assert sorted(got) == sorted(ref) and got["mid.weight"].dtype == torch.bfloat16
     assert torch.equal(got["mid.weight"], ref["mid.weight"].to(torch.bfloat16))
     assert torch.equal(got["steps"], ref["steps"])
+
+    fp32 = cs.load(DATA / "zero2_bf16", key="fp32")
+    assert fp32.source.format == "deepspeed-zero2" and list(fp32.state) == ORDER
+    got = fp32.torch_state_dict()
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in ref.items())
+    assert fp32.state["head.weight"] is fp32.state["embed.weight"]
+    assert got["frozen.weight"].dtype == torch.bfloat16  # frozen: as saved, like zero_to_fp32
+    code, _, err = cli("convert", DATA / "zero2_bf16", "--key", "fp32", "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    out = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(out[k], ref[k]) for k in ref if k != "head.weight")
+    assert torch.equal(cs.load(DATA / "zero3", key="fp32").torch_state_dict()["mid.weight"],
+                       _reference("zero3")["mid.weight"])
 
 
 def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli):

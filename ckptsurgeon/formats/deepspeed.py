@@ -3,13 +3,18 @@
 ``engine.save_checkpoint(dir, tag)`` writes ``dir/latest`` (the tag's name) and ``dir/<tag>/``
 holding the model states (``mp_rank_00_model_states.pt``, or one
 ``zero_pp_rank_<r>_mp_rank_00_model_states.pt`` per rank) and one ``*_optim_states.pt`` per
-data-parallel rank. Under ZeRO stages 0-2 the model states hold the whole model: that file is
-read, like any torch file. Under ZeRO-3 they hold empty placeholders; the weights exist only as
-each rank's partition of the fp32 master copy in its optimizer-state file. Those are put back
-together here the way DeepSpeed's own ``zero_to_fp32.py`` does it, with the same result
+data-parallel rank. Under ZeRO stages 0-2 the model states hold the whole model in its
+training dtype: that file is read, like any torch file (``key="fp32"``, ``--key fp32``: the fp32
+master weights instead, see below). Under ZeRO-3 they hold empty placeholders; the weights exist
+only as each rank's partition of the fp32 master copy in its optimizer-state file. Those are put
+back together here the way DeepSpeed's own ``zero_to_fp32.py`` does it, with the same result
 (tested against it):
 
-* the trainable parameters, in the order of ``param_shapes``, occupy consecutive runs of
+* stages 1-2: parameter group ``g`` is the ranks' ``single_partition_of_fp32_groups[g]`` one
+  after another; its parameters follow each other in it (with ``param_alignment_paddings``
+  where recorded), the group padded to a multiple of ``2 * world``;
+
+* stage 3: the trainable parameters, in the order of ``param_shapes``, occupy consecutive runs of
   ``ceil(numel / world)`` elements in every rank's flat fp32 groups (``fp32_flat_groups``,
   concatenated; a run may cross from one group into the next); a parameter is its runs taken
   rank after rank, cut to ``numel``, so the last rank's run carries the padding;
@@ -43,6 +48,8 @@ from ..zipfmt import TorchZip
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _RANK_FILE = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 _HINT = "consolidate with the zero_to_fp32.py script DeepSpeed saves in the checkpoint folder"
+#: ``key=FP32_KEY`` (``--key fp32``): the fp32 master weights from the optimizer states, at any stage
+FP32_KEY = "fp32"
 
 
 def tag_folder(path: str) -> str | None:
@@ -96,10 +103,16 @@ def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:
     note = f"DeepSpeed folder: read {where}" + (" (the tag its 'latest' file names)" if folder != path else "")
     from dataclasses import replace
 
+    if key == FP32_KEY:
+        return consolidate(folder, files, trust_pickle)
     try:
         ck = load_file(first, key=key, trust_pickle=trust_pickle)
     except ZeRO3Placeholders:
-        return consolidate_zero3(folder, files, trust_pickle)
+        if key is not None:
+            raise
+        return consolidate(folder, files, trust_pickle)
+    if files["optim"]:
+        note += f"; the fp32 master weights in its optimizer states: --key {FP32_KEY}"
     return replace(ck, notes=ck.notes + (note,))
 
 
@@ -121,37 +134,46 @@ def _rank_files(folder: str) -> dict[str, list[str]]:
     return {kind: [ranks[r] for r in sorted(ranks)] for kind, ranks in found.items()}
 
 
-def consolidate_zero3(folder: str, files: dict[str, list[str]], trust_pickle=False) -> Checkpoint:
-    """ZeRO-3's parameters from the ranks' fp32 partitions (see the module docstring)."""
+def consolidate(folder: str, files: dict[str, list[str]], trust_pickle=False) -> Checkpoint:
+    """The weights from the ranks' fp32 partitions in the optimizer states, as zero_to_fp32.py
+    puts them together (see the module docstring; stages 1-2 below)."""
     models, optims = files["model"], files["optim"]
     if not optims:
-        raise CorruptCheckpointError(f"{folder}: ZeRO-3 model states without any *_optim_states.pt file "
-                                     "(the weights live there)", hint="copy the whole tag folder")
+        raise CorruptCheckpointError(f"{folder}: no *_optim_states.pt file (the fp32 weights live there)",
+                                     hint="copy the whole tag folder")
     ranks = [_graph(p, trust_pickle) for p in optims]
     state0 = _optimizer_state(ranks[0], optims[0])
     stage = _stage(state0.get("zero_stage"))
-    if stage != 3:
-        raise CorruptCheckpointError(f"{optims[0]}: ZeRO stage {stage!r}, but the model states hold ZeRO-3 "
-                                     "placeholders")
+    if stage not in (1, 2, 3):
+        raise CorruptCheckpointError(f"{optims[0]}: unknown ZeRO stage {stage!r}")
     world = state0.get("partition_count")
-    world = max(world) if isinstance(world, (list, tuple)) and world else world
+    if isinstance(world, (list, tuple)) and world and len(set(world)) > 1:
+        raise UnsupportedError(f"{folder}: parameter groups partitioned over different numbers of ranks "
+                               "(expert-parallel MoE groups)", hint=_HINT)
+    world = world[0] if isinstance(world, (list, tuple)) and world else world
     if not isinstance(world, int) or world < 1:
         raise CorruptCheckpointError(f"{optims[0]}: no partition count")
     if len(optims) != world or [int(_RANK_FILE.match(os.path.basename(p))[1]) for p in optims] != list(range(world)):
         raise CorruptCheckpointError(f"{folder}: {len(optims)} optimizer-state files for {world} ranks "
                                      "(one missing, or files of two runs?)", hint="copy the whole tag folder")
+    name = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
     groups = []
     for graph, path in zip(ranks, optims):
-        flat = _optimizer_state(graph, path).get("fp32_flat_groups")
+        flat = _optimizer_state(graph, path).get(name)
         if not isinstance(flat, (list, tuple)) or not all(_flat(t) for t in flat):
-            raise CorruptCheckpointError(f"{path}: no fp32_flat_groups of 1-D tensors")
+            raise CorruptCheckpointError(f"{path}: no {name} of 1-D tensors")
         groups.append(list(flat))
-    if any([t.numel for t in g] != [t.numel for t in groups[0]] for g in groups):
-        raise CorruptCheckpointError(f"{folder}: the ranks' fp32 partitions differ in size")
+    if any(len(g) != len(groups[0]) for g in groups) or (
+            stage == 3 and any([t.numel for t in g] != [t.numel for t in groups[0]] for g in groups)):
+        raise CorruptCheckpointError(f"{folder}: the ranks' fp32 partitions differ")
 
+    if stage == 3:
+        if len(models) != world:
+            raise CorruptCheckpointError(f"{folder}: {len(models)} model-state files for {world} ranks")
+    else:
+        single = os.path.join(folder, MODEL_STATES)
+        models = [single if os.path.isfile(single) else models[0]]
     model_graphs = [_graph(p, trust_pickle) for p in models]
-    if len(models) != world:
-        raise CorruptCheckpointError(f"{folder}: {len(models)} model-state files for {world} ranks")
     m0 = model_graphs[0]
     if not isinstance(m0, Mapping) or not isinstance(m0.get("param_shapes"), (list, tuple)):
         raise CorruptCheckpointError(f"{models[0]}: not DeepSpeed model states (no param_shapes)")
@@ -165,22 +187,43 @@ def consolidate_zero3(folder: str, files: dict[str, list[str]], trust_pickle=Fal
     state: OrderedDict = OrderedDict()
     module = m0.get("module") if isinstance(m0.get("module"), Mapping) else {}
     buffers = set(m0.get("buffer_names") or ())
-    for name, v in module.items():
-        if name in buffers and isinstance(v, TensorRef):
-            state[name] = v
-    frozen = m0.get("frozen_param_shapes") or {}
-    for name, shape in frozen.items():
-        frags = [g.get("frozen_param_fragments", {}).get(name) if isinstance(g, Mapping) else None
+    for key, v in module.items():
+        if key in buffers and isinstance(v, TensorRef):
+            state[key] = v
+    for key, shape in (m0.get("frozen_param_shapes") or {}).items():
+        frags = [g.get("frozen_param_fragments", {}).get(key) if isinstance(g, Mapping) else None
                  for g in model_graphs]
-        if not all(_flat(t) for t in frags):
-            raise CorruptCheckpointError(f"{folder}: frozen parameter {name!r} lacks a rank's fragment")
-        state[name] = _gathered(name, _shape(shape), [[f] for f in frags], 0)
+        if not all(_flat(t) or (isinstance(t, TensorRef) and len(model_graphs) == 1) for t in frags):
+            raise CorruptCheckpointError(f"{folder}: frozen parameter {key!r} lacks a rank's fragment")
+        if len(frags) == 1 and frags[0].shape == _shape(shape):  # stages 1-2: the whole parameter
+            state[key] = frags[0]
+        else:
+            state[key] = _gathered(key, _shape(shape), [[f] for f in frags], 0)
+    if stage == 3:
+        _zero3_params(folder, state, m0["param_shapes"], groups, world)
+    else:
+        _zero2_params(folder, state, m0, state0, groups, world)
+    for alias, target in (m0.get("shared_params") or {}).items():
+        if target in state:
+            state[alias] = state[target]
+    order = [k for k in module if k in state] + [k for k in state if k not in module]
+    state = OrderedDict((k, state[k]) for k in order)
+    note = (f"DeepSpeed ZeRO-{stage} checkpoint: {len(state)} tensors put together from {world} ranks' fp32 "
+            "partitions (as zero_to_fp32.py does: trainable parameters fp32, frozen ones and buffers as saved)")
+    every = models + optims
+    src = Source(path=folder, format=f"deepspeed-zero{stage}", size=sum(os.path.getsize(p) for p in every),
+                 files=tuple(every), lazy=True, notes=(note,))
+    return Checkpoint(state=state, source=src, notes=(note,))
+
+
+def _zero3_params(folder, state, param_shapes, groups, world) -> None:
+    """Each parameter: ``ceil(numel / world)`` elements at a running offset of every rank's
+    flat groups (concatenated), rank after rank."""
     offset, total = 0, sum(t.numel for t in groups[0])
-    for shapes in m0["param_shapes"]:
+    for shapes in param_shapes:
         for name, shape in shapes.items():
             shape = _shape(shape)
-            numel = math.prod(shape)
-            part = math.ceil(numel / world)
+            part = math.ceil(math.prod(shape) / world)
             if offset + part > total:
                 raise CorruptCheckpointError(f"{folder}: parameter {name!r} runs past the ranks' fp32 partitions")
             state[name] = _gathered(name, shape, groups, offset, part)
@@ -188,17 +231,35 @@ def consolidate_zero3(folder: str, files: dict[str, list[str]], trust_pickle=Fal
     if offset != total:
         raise CorruptCheckpointError(f"{folder}: the parameters take {offset} of the {total} elements of each "
                                      "rank's fp32 partition")
-    for alias, target in (m0.get("shared_params") or {}).items():
-        if target in state:
-            state[alias] = state[target]
-    order = [k for k in module if k in state] + [k for k in state if k not in module]
-    state = OrderedDict((k, state[k]) for k in order)
-    note = (f"DeepSpeed ZeRO-3 checkpoint: {len(state)} tensors put together from {world} ranks' fp32 partitions "
-            f"(as zero_to_fp32.py does: trainable parameters fp32, frozen ones and buffers as saved)")
-    every = models + optims
-    src = Source(path=folder, format="deepspeed-zero3", size=sum(os.path.getsize(p) for p in every),
-                 files=tuple(every), lazy=True, notes=(note,))
-    return Checkpoint(state=state, source=src, notes=(note,))
+
+
+def _zero2_params(folder, state, m0, state0, groups, world) -> None:
+    """Stages 1-2: parameter group ``g`` is the ranks' partitions of group ``g`` one after another;
+    its parameters follow each other in it (plus ``param_alignment_paddings`` where recorded),
+    and the group ends padded to a multiple of ``2 * world``."""
+    shapes_of = m0["param_shapes"]
+    if len(shapes_of) != len(groups[0]):
+        raise CorruptCheckpointError(f"{folder}: {len(shapes_of)} parameter groups in the model states, "
+                                     f"{len(groups[0])} in the optimizer states")
+    paddings = state0.get("param_alignment_paddings")
+    align = 2 * world
+    for g, shapes in enumerate(shapes_of):
+        flats = [groups[r][g] for r in range(world)]
+        avail = sum(t.numel for t in flats)
+        pads = paddings[g] if isinstance(paddings, (list, tuple)) and g < len(paddings) else None
+        if pads is not None and (not isinstance(pads, (list, tuple)) or len(pads) != len(shapes)):
+            raise CorruptCheckpointError(f"{folder}: group {g} has {len(shapes)} parameters but "
+                                         f"{len(pads) if isinstance(pads, (list, tuple)) else '?'} alignment paddings")
+        offset = 0
+        for j, (name, shape) in enumerate(shapes.items()):
+            shape = _shape(shape)
+            numel = math.prod(shape)
+            if offset + numel > avail:
+                raise CorruptCheckpointError(f"{folder}: parameter {name!r} runs past its group's fp32 partitions")
+            state[name] = _gathered(name, shape, [flats], offset, numel)
+            offset += numel + (pads[j] if pads is not None and isinstance(pads[j], int) else 0)
+        if math.ceil(offset / align) != math.ceil(avail / align):
+            raise CorruptCheckpointError(f"{folder}: group {g}'s parameters take {offset} of its {avail} elements")
 
 
 def _gathered(name: str, shape: tuple, per_rank: list, offset: int, part: int | None = None) -> TensorRef:
