@@ -11,10 +11,20 @@ from ckptsurgeon.errors import EXIT_ERROR, EXIT_FINDING, CkptSurgeonError, Input
 from ckptsurgeon.types import Operation
 
 
+#: in a folder, files that are not checkpoints (configs, tokenizers, docs, DeepSpeed's scripts
+#: and its 'latest' tag name): not read. Anything else is.
+NOT_CHECKPOINTS = (".json", ".md", ".txt", ".py", ".yaml", ".yml", ".model", ".tiktoken", ".gitattributes",
+                   ".gitignore", ".png", ".jpg")
+
+
 def _files(path: str) -> list[str]:
     if os.path.isdir(path):
-        return sorted(os.path.join(path, f) for f in os.listdir(path)
-                      if os.path.isfile(os.path.join(path, f)) and not f.endswith(".json"))
+        from ckptsurgeon.formats.deepspeed import tag_folder
+
+        folder = tag_folder(path) or path  # a DeepSpeed folder: the tag its 'latest' names
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                      if os.path.isfile(os.path.join(folder, f)) and not f.lower().endswith(NOT_CHECKPOINTS)
+                      and f != "latest")
     return [path]
 
 

@@ -145,3 +145,23 @@ def test_trainer_folder_with_its_own_weights(tmp_path):
     ck = cs.load(run)
     assert ck.source.format == "safetensors" and list(ck.state) == ["embed.weight"]
     assert cs.load(run / "global_step2").source.format == "deepspeed-zero3"
+
+
+def test_scan_of_folders_reads_the_checkpoint_files(tmp_path, cli):
+    """scan of a DeepSpeed folder reads the tag folder's files (DeepSpeed's own classes are
+    outside torch's allowlist: reported, exit 1); a model folder's docs and tokenizer are not
+    checkpoints and are not reported as errors."""
+    code, out, err = cli("scan", DATA / "zero3")
+    assert code == 1 and "latest" not in out and out.count("_optim_states.pt: UNSAFE") == 3, out + err
+    assert "unsafe global: deepspeed.runtime.zero.config.ZeroStageEnum" in out
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"w": torch.ones(2)}, hf / "model.safetensors")
+    torch.save({"w": torch.ones(2)}, hf / "training_args.bin")
+    for name, text in (("README.md", "# model"), ("config.json", "{}"), ("tokenizer.model", "\x00sp"),
+                       ("merges.txt", "a b")):
+        (hf / name).write_text(text)
+    code, out, err = cli("scan", hf)
+    assert code == 0 and out.count(": ok") == 2 and "README" not in out, out + err
