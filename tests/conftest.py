@@ -78,6 +78,20 @@ def cli():
     return run
 
 
+@pytest.fixture
+def flip_byte():
+    """Damage a file in place: XOR one byte (a bit rot the zip CRC must catch)."""
+
+    def flip(path, offset: int, mask: int = 0xFF) -> None:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ mask]))
+
+    return flip
+
+
 def run_cli(*args, env=None, timeout=120):
     """The installed entry point in a subprocess."""
     exe = Path(sys.executable).with_name("ckpt-surgeon")

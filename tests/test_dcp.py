@@ -125,7 +125,7 @@ def test_dcp_safetensors_data_files(tmp_path):
     assert torch.equal(sd["a"], a) and torch.equal(sd["b"], b) and sd["b"].dtype == torch.int32
 
 
-def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
+def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli, flip_byte):
     """Two gloo ranks save row- and column-sharded DTensors (uneven shards, bf16) and a
     replicated one: the reader puts each tensor together from its chunks."""
     import torch.multiprocessing as mp
@@ -167,11 +167,7 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli):
     flipped = tmp_path / "flipped"  # one byte of a row piece damaged: its CRC, checked while copying
     shutil.copytree(out, flipped)
     piece = cs.load(flipped).state["layers.0.weight"].storage.source.parts[1].storage.source
-    with open(os.path.join(flipped, os.path.basename(piece.path)), "r+b") as f:
-        f.seek(piece.offset + 5)
-        byte = f.read(1)
-        f.seek(piece.offset + 5)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(piece.path, piece.offset + 5)
     for name in ("f.pt", "f.safetensors"):
         code, _, err = cli("convert", flipped, "-o", tmp_path / name)
         assert code == 2 and "CRC-32 mismatch" in err and not (tmp_path / name).exists(), err
@@ -394,7 +390,7 @@ def test_dtensor_pieces_are_checked_before_they_are_read():
 
 
 @pytest.mark.parametrize("combine", [True, False], ids=["crc32_combine", "no-combine"])
-def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine):
+def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine, flip_byte):
     """A tensor whose row blocks lie in other files (ranks' records, bigger than the small-record
     cut-off): .pt and .safetensors outputs copy each block's file range and check its CRC (in
     the read-back of the output when CRCs can be combined, from the sources when not)."""
@@ -429,11 +425,8 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
     assert torch.equal(load_file(tmp_path / "out.safetensors")["w"], whole)
     with zipfile.ZipFile(tmp_path / "out.pt") as z:
         assert z.testzip() is None  # the record's CRC is that of the whole tensor
-    with open(tmp_path / "r1.pt", "r+b") as f:  # one byte of the second block damaged
-        data = f.read()
-        at = data.index(whole[160:].numpy().tobytes()[:64]) + 1000
-        f.seek(at)
-        f.write(bytes([data[at] ^ 0xFF]))
+    data = (tmp_path / "r1.pt").read_bytes()  # one byte of the second block damaged
+    flip_byte(tmp_path / "r1.pt", data.index(whole[160:].numpy().tobytes()[:64]) + 1000)
     for name in ("bad.pt", "bad.safetensors"):
         with pytest.raises(CorruptCheckpointError, match="CRC-32 mismatch"):
             cs.save(assembled(), tmp_path / name)

@@ -89,7 +89,7 @@ def test_zero2_folder_reads_the_model_states_or_the_fp32_master_weights(tmp_path
                        _reference("zero3")["mid.weight"])
 
 
-def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli):
+def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli, flip_byte):
     tag = DATA / "zero3" / "global_step2"
     code, _, err = cli("convert", tag / "zero_pp_rank_0_mp_rank_00_model_states.pt", "-o", tmp_path / "x.pt")
     assert code == 2 and "placeholders" in err and "pass the checkpoint folder" in err
@@ -109,11 +109,7 @@ def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli):
     optim = damaged / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     part = cs.load(damaged).state["mid.weight"].storage.source.parts[1].storage.source
     assert os.path.basename(part.path) == optim.name
-    with open(optim, "r+b") as f:
-        f.seek(part.offset + 3)
-        byte = f.read(1)
-        f.seek(part.offset + 3)
-        f.write(bytes([byte[0] ^ 0x55]))
+    flip_byte(optim, part.offset + 3, 0x55)
     for out in ("d.pt", "d.safetensors"):
         code, _, err = cli("convert", damaged, "-o", tmp_path / out)
         assert code == 2 and "CRC-32 mismatch" in err and not (tmp_path / out).exists(), err
