@@ -433,7 +433,7 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
         assert not (tmp_path / name).exists()
 
 
-def test_dcp_chunks_must_tile_the_tensor():
+def test_dcp_chunks_must_tile_the_tensor(monkeypatch):
     """Chunks whose sizes add up to the tensor's but overlap would leave part of it unwritten
     (garbage from torch.empty): refused when the folder is read."""
     from ckptsurgeon.formats.dcp import _assemble
@@ -451,3 +451,15 @@ def test_dcp_chunks_must_tile_the_tensor():
                          ([((0, 0), ref(2, 4)), ((3, 0), ref(2, 4))], "does not fit")):
         with pytest.raises(CorruptCheckpointError, match=says):
             _assemble("w", (4, 4), "float32", pieces)
+    # a grid is checked without comparing chunks pair by pair; an irregular layout with too many
+    # chunks to compare is refused rather than checked in quadratic time
+    from ckptsurgeon.errors import UnsupportedError
+    from ckptsurgeon.formats import dcp
+
+    monkeypatch.setattr(dcp, "_PAIRWISE", 2)
+    assert _assemble("w", (4, 4), "float32", grid).shape == (4, 4)
+    irregular = [((0, 0), ref(2, 4)), ((2, 0), ref(2, 1)), ((2, 1), ref(2, 3))]
+    with pytest.raises(UnsupportedError, match="do not form a grid"):
+        _assemble("w", (4, 4), "float32", irregular)
+    monkeypatch.setattr(dcp, "_PAIRWISE", 4096)
+    assert _assemble("w", (4, 4), "float32", irregular).to_torch().shape == (4, 4)
