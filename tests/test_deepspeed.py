@@ -116,6 +116,12 @@ def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli, flip_byte):
     with pytest.raises(CorruptCheckpointError, match="CRC-32 mismatch"):
         cs.load(damaged).torch_state_dict()
 
+    tp = copy("tensor_parallel")  # a second model-parallel rank: the mp_rank_00 files are a slice only
+    os.rename(tp / "global_step2" / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+              tp / "global_step2" / "zero_pp_rank_0_mp_rank_01_optim_states.pt")
+    code, _, err = cli("inspect", tp)
+    assert code == 2 and "model- or pipeline-parallel" in err and "ds_to_universal" in err
+
     foreign = copy("foreign")  # a global outside DeepSpeed and torch's allowlist: refused, nothing run
     optim = foreign / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     with zipfile.ZipFile(optim) as z:

@@ -37,6 +37,7 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ..checkpoint import Checkpoint, Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
@@ -101,8 +102,6 @@ def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:
         first = files["model"][0]
     where = os.path.relpath(first, path) if first.startswith(path.rstrip(os.sep) + os.sep) else first
     note = f"DeepSpeed folder: read {where}" + (" (the tag its 'latest' file names)" if folder != path else "")
-    from dataclasses import replace
-
     if key == FP32_KEY:
         return consolidate(folder, files, trust_pickle)
     try:
