@@ -335,8 +335,20 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     if not candidates and isinstance(obj, Mapping) and not obj:
         return (), candidates  # an empty state dict (a module without parameters): nothing to choose
     if not candidates:
-        top = list(obj.keys())[:12] if isinstance(obj, Mapping) else type(obj).__name__
-        raise NoStateDictError(f"no state dict (mapping of names to tensors) found; top level: {top}")
+        hint = None
+        if isinstance(obj, Mapping):
+            top = list(obj.keys())[:12]
+        elif is_tensor_like(obj):  # torch.save(tensor): a tensor, but no name to give it
+            shape = list(getattr(obj, "shape", ()))
+            top = f"one tensor {shape} {str(getattr(obj, 'dtype', '')).replace('torch.', '')}"
+            hint = "save it under a name: torch.save({'name': tensor}, path)"
+        elif isinstance(obj, (list, tuple)):
+            n = sum(1 for v in obj if is_tensor_like(v))
+            top = f"a {type(obj).__name__} of {len(obj)} items ({n} tensors)"
+            hint = "save them under names: torch.save({'name': tensor, ...}, path)" if n else None
+        else:
+            top = type(obj).__name__
+        raise NoStateDictError(f"no state dict (mapping of names to tensors) found; top level: {top}", hint=hint)
     if len(candidates) == 1:
         return candidates[0], candidates
     if () in candidates:

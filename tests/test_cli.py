@@ -188,3 +188,15 @@ def test_inspect_folds_runs_of_alike_numbered_modules(tmp_path, cli):
     assert lines[-1] == "... and 717 more module rows (all of them: --json)"
     code, out, _ = cli("inspect", tmp_path / "m.pt", "--depth", "4", "--json")
     assert len(json.loads(out)["modules"]) == 1 + 1 + 12 * 3 + 1 + 1 + 1 + 2 + 1 + 300 * 3
+
+
+def test_a_bare_tensor_or_list_is_named_with_the_way_out(tmp_path, cli):
+    """torch.save(tensor) / torch.save([t1, t2]): no names to give the tensors; the error says
+    what the file holds (not an internal class name) and how to save it."""
+    import torch
+
+    torch.save(torch.zeros(2, 3), tmp_path / "bare.pt")
+    torch.save([torch.ones(2), 3], tmp_path / "list.pt")
+    for name, says in (("bare.pt", "one tensor [2, 3] float32"), ("list.pt", "a list of 2 items (1 tensors)")):
+        code, _, err = cli("convert", tmp_path / name, "-o", tmp_path / "x.safetensors")
+        assert code == 2 and says in err and "torch.save({'name'" in err and "TensorRef" not in err, err
