@@ -219,30 +219,32 @@ class AssembledBytes:
 def assembled_ref(shape, dtype: str, build, label: str = "", pieces=None) -> "TensorRef":
     """A contiguous tensor of ``shape`` and ``dtype`` whose bytes ``build()`` makes when needed.
     ``pieces``: ``(offsets, TensorRef)`` of its blocks; when they follow each other in row-major
-    order (see :func:`block_order`) the bytes are copied from them without ``build``."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
+    order (see :func:`block_order`) the bytes are copied from them instead (:func:`concat_ref`)."""
     parts = block_order(shape, pieces) if pieces else None
-    source = AssembledBytes(numel * dtypes.itemsize(dtype), build, label, parts)
-    return TensorRef(StorageRef(dtype, numel, source), 0, tuple(shape), contiguous_stride(shape), dtype)
+    if parts is not None:
+        return concat_ref(shape, dtype, parts, label)
+    return _contiguous(shape, dtype, lambda nbytes: AssembledBytes(nbytes, build, label))
 
 
 def concat_ref(shape, dtype: str, parts: list, label: str = "") -> "TensorRef":
     """A contiguous tensor of ``shape`` whose bytes are those of ``parts`` (contiguous
     TensorRefs of ``dtype``) one after another: copied from their files, never assembled."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    nbytes = numel * dtypes.itemsize(dtype)
     for p in parts:
         p.check_bounds()
         if p.byte_span() is None or p.dtype != dtype:
             raise CorruptCheckpointError(f"{label or 'a tensor'}: a piece is not a contiguous {dtype} tensor")
-    if sum(p.nbytes for p in parts) != nbytes:
+    ref = _contiguous(shape, dtype, lambda nbytes: AssembledBytes(nbytes, None, label, list(parts)))
+    if sum(p.nbytes for p in parts) != ref.nbytes:
         raise CorruptCheckpointError(f"{label or 'a tensor'}: its pieces hold {sum(p.nbytes for p in parts)} "
-                                     f"bytes, not {nbytes}")
-    source = AssembledBytes(nbytes, None, label, list(parts))
+                                     f"bytes, not {ref.nbytes}")
+    return ref
+
+
+def _contiguous(shape, dtype: str, source_of) -> "TensorRef":
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    source = source_of(numel * dtypes.itemsize(dtype))
     return TensorRef(StorageRef(dtype, numel, source), 0, tuple(shape), contiguous_stride(shape), dtype)
 
 
@@ -257,7 +259,6 @@ def block_order(shape, pieces) -> list | None:
         return None
     live = [(tuple(o), r) for o, r in pieces if r.numel]
     for o, r in live:
-        r.check_bounds()
         if (len(o) != len(shape) or len(r.shape) != len(shape) or r.byte_span() is None
                 or any((o[i], r.shape[i]) != (0, shape[i]) for i in range(len(shape)) if i != d)):
             return None
