@@ -192,12 +192,13 @@ def consolidate(folder: str, files: dict[str, list[str]], trust_pickle=False) ->
     for key, shape in (m0.get("frozen_param_shapes") or {}).items():
         frags = [g.get("frozen_param_fragments", {}).get(key) if isinstance(g, Mapping) else None
                  for g in model_graphs]
-        if not all(_flat(t) or (isinstance(t, TensorRef) and len(model_graphs) == 1) for t in frags):
-            raise CorruptCheckpointError(f"{folder}: frozen parameter {key!r} lacks a rank's fragment")
-        if len(frags) == 1 and frags[0].shape == _shape(shape):  # stages 1-2: the whole parameter
-            state[key] = frags[0]
+        want = _shape(shape)
+        if len(frags) == 1 and isinstance(frags[0], TensorRef) and frags[0].shape == want:
+            state[key] = frags[0]  # stages 1-2: the whole parameter
+        elif all(_flat(t) for t in frags):  # stage 3: each rank's flat fragment
+            state[key] = _gathered(key, want, [[f] for f in frags], 0)
         else:
-            state[key] = _gathered(key, _shape(shape), [[f] for f in frags], 0)
+            raise CorruptCheckpointError(f"{folder}: frozen parameter {key!r} lacks a rank's fragment")
     if stage == 3:
         _zero3_params(folder, state, m0["param_shapes"], groups, world)
     else:
