@@ -185,15 +185,23 @@ class AssembledBytes:
     ``parts``: when the whole tensor's bytes are the pieces' bytes one after another (pieces
     split along the first dimension, the usual FSDP sharding), the pieces in that order; writers
     then copy each piece's file range in the kernel (:func:`file_pieces`) and nothing is
-    assembled in memory. Otherwise ``build()`` returns the whole tensor (torch)."""
+    assembled in memory. Otherwise ``build()`` returns the whole tensor (torch). ``parts`` may
+    also be a function returning them, called once, when they are first needed (a DCP chunk:
+    its archive is parsed only when its bytes are wanted)."""
 
     crc = None
 
-    def __init__(self, length: int, build=None, label: str = "", parts: list | None = None):
+    def __init__(self, length: int, build=None, label: str = "", parts=None):
         self._length = int(length)
         self._build = build
         self.label = label
-        self.parts = parts
+        self._parts = parts
+
+    @property
+    def parts(self) -> list | None:
+        if callable(self._parts):
+            self._parts = list(self._parts())
+        return self._parts
 
     @property
     def length(self) -> int:
@@ -238,6 +246,12 @@ def concat_ref(shape, dtype: str, parts: list, label: str = "") -> "TensorRef":
         raise CorruptCheckpointError(f"{label or 'a tensor'}: its pieces hold {sum(p.nbytes for p in parts)} "
                                      f"bytes, not {ref.nbytes}")
     return ref
+
+
+def deferred_ref(shape, dtype: str, resolve, label: str = "") -> "TensorRef":
+    """A contiguous tensor of ``shape`` and ``dtype`` whose bytes are those of the TensorRefs
+    ``resolve()`` returns when they are first needed (it must check they are what was promised)."""
+    return _contiguous(shape, dtype, lambda nbytes: AssembledBytes(nbytes, None, label, resolve))
 
 
 def _contiguous(shape, dtype: str, source_of) -> "TensorRef":

@@ -17,7 +17,7 @@ import torch
 
 import ckptsurgeon as cs
 from ckptsurgeon.errors import CorruptCheckpointError, UnsafePickleError
-from ckptsurgeon.refs import AssembledBytes
+from ckptsurgeon.refs import AssembledBytes, file_pieces
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -125,7 +125,7 @@ def test_dcp_safetensors_data_files(tmp_path):
     assert torch.equal(sd["a"], a) and torch.equal(sd["b"], b) and sd["b"].dtype == torch.int32
 
 
-def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli, flip_byte):
+def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli, flip_byte, monkeypatch):
     """Two gloo ranks save row- and column-sharded DTensors (uneven shards, bf16) and a
     replicated one: the reader puts each tensor together from its chunks."""
     import torch.multiprocessing as mp
@@ -138,6 +138,12 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli, flip_byte):
     g = torch.Generator().manual_seed(0)
     w, e = torch.randn(7, 5, generator=g), torch.randn(6, 3, generator=g).to(torch.bfloat16)
 
+    from ckptsurgeon.formats import dcp as dcp_format
+
+    with monkeypatch.context() as m:  # read for shapes: no chunk's archive is even opened
+        m.setattr(dcp_format, "_embedded", lambda *a: pytest.fail("a chunk archive was parsed"))
+        ck = cs.load(out)
+        assert ck.state["layers.0.weight"].shape == (7, 5) and ck.state["norm.weight"].shape == (5,)
     for folder in (out, tmp_path / "sharded_st"):  # torch.save archives; safetensors data files
         ck = cs.load(folder)
         assert ck.source.lazy and any("put together when read" in n for n in ck.notes)
@@ -166,8 +172,9 @@ def test_dcp_tensors_sharded_over_ranks_are_assembled(tmp_path, cli, flip_byte):
     assert cli("diff", out, tmp_path / "full.pt", "--json")[0] == 0  # hashed piece by piece: identical
     flipped = tmp_path / "flipped"  # one byte of a row piece damaged: its CRC, checked while copying
     shutil.copytree(out, flipped)
-    piece = cs.load(flipped).state["layers.0.weight"].storage.source.parts[1].storage.source
-    flip_byte(piece.path, piece.offset + 5)
+    sharded = cs.load(flipped).state["layers.0.weight"]
+    piece, at, _ = file_pieces(sharded.storage.source, 0, sharded.nbytes)[1]  # the second rank's rows
+    flip_byte(piece.path, piece.offset + at + 5)
     for name in ("f.pt", "f.safetensors"):
         code, _, err = cli("convert", flipped, "-o", tmp_path / name)
         assert code == 2 and "CRC-32 mismatch" in err and not (tmp_path / name).exists(), err
@@ -404,8 +411,6 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
 
     from ckptsurgeon.formats.dtensor_ranks import _assemble
     from ckptsurgeon.pickle_io import DTensorShard
-    from ckptsurgeon.refs import file_pieces
-
     whole = torch.randn(300, 257)
     for r, rows in enumerate(whole.split([160, 140])):
         torch.save({"w": rows.clone(), "b": torch.ones(3)}, tmp_path / f"r{r}.pt")
@@ -463,3 +468,19 @@ def test_dcp_chunks_must_tile_the_tensor(monkeypatch):
         _assemble("w", (4, 4), "float32", irregular)
     monkeypatch.setattr(dcp, "_PAIRWISE", 4096)
     assert _assemble("w", (4, 4), "float32", irregular).to_torch().shape == (4, 4)
+
+
+def test_a_dcp_chunk_is_checked_against_the_metadata_when_read(tmp_path):
+    """Chunk archives are parsed when their bytes are needed; one that holds another shape or
+    dtype than the metadata promised is an error then, not wrong data."""
+    from ckptsurgeon.formats.dcp import _embedded_tensor
+
+    path = tmp_path / "chunk.pt"
+    torch.save(torch.arange(6.0).reshape(2, 3), path)
+    size = os.path.getsize(path)
+    good = _embedded_tensor(str(path), 0, size, "w", (2, 3), "float32")
+    assert torch.equal(good.to_torch(), torch.arange(6.0).reshape(2, 3))
+    for shape, dtype in (((3, 2), "float32"), ((2, 3), "float16")):
+        bad = _embedded_tensor(str(path), 0, size, "w", shape, dtype)
+        with pytest.raises(CorruptCheckpointError, match="the metadata says"):
+            bad.read_bytes()

@@ -27,7 +27,7 @@ from ..checkpoint import Source
 from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
                       UnsupportedError)
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
-from ..refs import CallRef, GlobalRef, InertObject, TensorRef, assembled_ref
+from ..refs import CallRef, GlobalRef, InertObject, TensorRef, assembled_ref, deferred_ref
 from ..zipfmt import TorchZip
 
 METADATA = ".metadata"
@@ -254,6 +254,24 @@ def _embedded(path: str, offset: int, length: int):
         z.close()
 
 
+def _embedded_tensor(path: str, offset: int, length: int, fqn: str, shape: tuple | None, dtype: str) -> TensorRef:
+    """A tensor chunk's torch.save archive. With its shape known from the metadata, the archive
+    is parsed only when the chunk's bytes are first needed (and checked then against what the
+    metadata promised): reading a folder of many chunks for their shapes opens none of them."""
+    def resolve():
+        t = _embedded(path, offset, length)
+        if not isinstance(t, TensorRef):
+            raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is not a tensor")
+        if (shape is not None and tuple(t.shape) != shape) or t.dtype != dtype:
+            raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is {t.dtype}{list(t.shape)}, the metadata "
+                                         f"says {dtype}{list(shape or t.shape)}")
+        return [t]
+
+    if shape is None:  # nothing to promise: read it now
+        return resolve()[0]
+    return deferred_ref(shape, dtype, resolve, label=f"DCP chunk of {fqn!r}")
+
+
 def _read_bytes_item(folder, fqn, info, files, trust_pickle):
     """A non-tensor value: the torch.save archive holding it, read with the torch-free
     unpickler; what needs more goes to torch.load, after the allowlist check torch_load does."""
@@ -296,17 +314,19 @@ def _read_tensor(folder, fqn, entry, chunks, files, st_cache):
     if not chunks:
         raise CorruptCheckpointError(f"DCP metadata: tensor {fqn!r} has no stored chunks")
     pieces = []
+    sizes = _sizes_by_offset(entry)
     for index, info in chunks:
         path, offset, length = _data_file(folder, info, files)
         with open(path, "rb") as f:
             head = os.pread(f.fileno(), 4, offset)
         if head == b"PK\x03\x04":
-            t = _embedded(path, offset, length)
-            if not isinstance(t, TensorRef):
-                raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is not a tensor")
+            want = _chunk_sizes(sizes, index)
+            if want is None and len(chunks) == 1 and not any(index.get("offset") or ()):
+                want = shape
+            t = _embedded_tensor(path, offset, length, fqn, _size(want) if want is not None else None, dtype)
         else:  # SerializationFormat.SAFETENSORS: the file is one safetensors file, tensors by name
             t = _safetensors_chunk(path, offset, fqn, st_cache)
-            want = _chunk_sizes(entry, index)
+            want = _chunk_sizes(sizes, index)
             if want is not None and tuple(t.shape) != _size(want):
                 raise CorruptCheckpointError(f"{path}: chunk of {fqn!r} is {list(t.shape)}, the metadata says "
                                              f"{list(_size(want))}")
@@ -338,13 +358,18 @@ def _safetensors_chunk(path: str, offset: int, fqn: str, cache: dict) -> TensorR
     return entries[fqn]
 
 
-def _chunk_sizes(entry: dict, index: dict):
+def _chunk_sizes(sizes: dict, index: dict):
+    """The metadata's size of the chunk at ``index``'s offsets (``sizes``: :func:`_sizes_by_offset`)."""
     want = index.get("offset")
+    return sizes.get(_size(want)) if want is not None else None
+
+
+def _sizes_by_offset(entry: dict) -> dict:
+    out = {}
     for chunk in entry.get("chunks") or ():
         f = _fields(chunk)
-        if want is not None and _size(f.get("offsets")) == _size(want):
-            return f.get("sizes")
-    return None
+        out.setdefault(_size(f.get("offsets")), f.get("sizes"))
+    return out
 
 
 def _assemble(fqn, shape, dtype, pieces):
