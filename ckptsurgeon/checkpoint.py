@@ -84,6 +84,22 @@ class Checkpoint:
             by_dtype[i["dtype"]] = by_dtype.get(i["dtype"], 0) + i["nbytes"]
         return {"tensors": n_tensors, "parameters": n_params, "bytes": n_bytes, "bytes_by_dtype": by_dtype}
 
+    def tied(self) -> list[tuple[str, str]]:
+        """``(alias, name)`` for each state-dict name that is another, earlier name's very tensor
+        (tied weights: an LM head sharing the embedding). Reads no data."""
+        from .refs import as_ref, tie_key
+
+        first: dict[tuple, str] = {}
+        storages: dict = {}
+        out = []
+        for name, v in self.tensor_items():
+            key = tie_key(as_ref(v, storages))
+            if key in first:
+                out.append((name, first[key]))
+            else:
+                first[key] = name
+        return out
+
     def wrapper_keys(self) -> list[str]:
         if isinstance(self.wrapper, Mapping) and self.sd_path:
             return [str(k) for k in self.wrapper.keys()]

@@ -160,6 +160,10 @@ def _print_inspect(info: dict) -> None:
     c.print(f"state dict at: {at}"
             + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
     c.print(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
+    if info["tied"]:
+        shown = ", ".join(f"{a} = {b}" for a, b in info["tied"][:4]) + (" ..." if len(info["tied"]) > 4 else "")
+        c.print(f"tied: {shown} ({info['unique_parameters']:,} parameters counting each tensor once)",
+                markup=False)
     c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["prefix"]:
         c.print(f"wrapper prefix on every key: [bold]{info['prefix']}[/bold]  (strip with: ckpt-surgeon strip-prefix)")

@@ -675,3 +675,8 @@ def as_ref(v, storages: dict | None = None) -> TensorRef:
     """TensorRef for either a TensorRef or a torch tensor."""
     return v if isinstance(v, TensorRef) else TensorRef.from_torch(v, storages)
 
+
+def tie_key(ref: TensorRef) -> tuple:
+    """Equal for two names of the very same tensor (tied weights): same storage, same view."""
+    return id(ref.storage), ref.offset, ref.shape, ref.stride, ref.dtype
+

@@ -60,6 +60,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         for k, v in ck.wrapper.items():
             wrapper[str(k)] = describe_value(v)
     summ = ck.summary()
+    tied = ck.tied()
     prefix = detect_prefix(shapes.keys())
     tree_sizes = OrderedDict((k[len(prefix):], n) for k, n in sizes.items()) if prefix else sizes
     out = {
@@ -74,6 +75,8 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "wrapper": wrapper,
         "tensors": summ["tensors"],
         "parameters": summ["parameters"],
+        "tied": [list(t) for t in tied],  # (alias, name): one tensor under two names
+        "unique_parameters": summ["parameters"] - sum(sizes[a] for a, _ in tied),
         "bytes": summ["bytes"],
         "bytes_by_dtype": summ["bytes_by_dtype"],
         "non_tensor_entries": [k for k, v in ck.state.items() if not is_tensor_like(v)],

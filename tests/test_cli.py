@@ -200,3 +200,19 @@ def test_a_bare_tensor_or_list_is_named_with_the_way_out(tmp_path, cli):
     for name, says in (("bare.pt", "one tensor [2, 3] float32"), ("list.pt", "a list of 2 items (1 tensors)")):
         code, _, err = cli("convert", tmp_path / name, "-o", tmp_path / "x.safetensors")
         assert code == 2 and says in err and "torch.save({'name'" in err and "TensorRef" not in err, err
+
+
+def test_inspect_names_tied_weights(tmp_path, cli):
+    """A GPT-style file keeps the tied LM head under its own name (same storage): inspect says
+    so and counts parameters both ways; views of one storage that differ are not ties."""
+    import torch
+
+    emb = torch.randn(10, 4)
+    base = torch.arange(8.0)
+    torch.save({"embed.weight": emb, "lm_head.weight": emb, "a": base[:4], "b": base[4:]}, tmp_path / "t.pt")
+    code, out, err = cli("inspect", tmp_path / "t.pt")
+    assert code == 0 and "tied: lm_head.weight = embed.weight (48 parameters counting each tensor once)" in out, err
+    code, out, _ = cli("inspect", tmp_path / "t.pt", "--json")
+    info = json.loads(out)
+    assert info["tied"] == [["lm_head.weight", "embed.weight"]] and info["parameters"] == 88
+    assert info["unique_parameters"] == 48

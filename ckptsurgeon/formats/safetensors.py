@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
-from ..refs import TensorRef, as_ref, file_pieces, is_tensor_like
+from ..refs import TensorRef, as_ref, file_pieces, is_tensor_like, tie_key
 from ..stfmt import build_header, load_entries
 from ..zipfmt import EarlyWriteback, copy_range, pwrite_all
 
@@ -45,7 +45,7 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
             dropped.append(name)
             continue
         ref = as_ref(v, storages)
-        sig = (id(ref.storage), ref.offset, ref.shape, ref.stride, ref.dtype)
+        sig = tie_key(ref)
         if sig in seen:
             tied.append([name, seen[sig]])
             if dedupe_tied:
