@@ -25,24 +25,25 @@ from .saving import save
 __all__ = ["Checkpoint", "CkptSurgeonError", "hookimpl", "load", "save", "__version__"]
 
 
-def _is_submodule(name: str) -> bool:
-    import os
-
-    return any(os.path.isfile(os.path.join(d, name + ".py")) or os.path.isfile(os.path.join(d, name, "__init__.py"))
-               for d in __path__)
-
-
 def __getattr__(name: str):
-    # ``from ckptsurgeon import cliutil`` asks for the attribute before importing the submodule:
-    # answering that through the plugin manager built a manager while one was being built (each
-    # plugin's import asked again: 10 nested managers, ~0.1 s, on the first ``ckptsurgeon.load``).
+    # A submodule (``ckptsurgeon.summary``, ``ckptsurgeon.plugins``) is imported on first use, so
+    # ``cs.summary.inspect(...)`` works after ``import ckptsurgeon as cs``; that is also what
+    # ``from ckptsurgeon import cliutil`` asks before importing it. Answering such names through the
+    # plugin manager built a manager while one was being built (every plugin's import asked again:
+    # 10 nested managers, ~0.1 s, on the first ``ckptsurgeon.load``).
+    import importlib
+    import importlib.util
+
+    if name.startswith("_"):
+        raise AttributeError(name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     from . import manager
 
-    if name.startswith("_") or manager.building() or _is_submodule(name):
-        raise AttributeError(f"module 'ckptsurgeon' has no attribute {name!r}")
-    ops = manager.get_manager().operations()
-    if name in ops:
-        return ops[name][0].func
+    if not manager.building():
+        ops = manager.get_manager().operations()
+        if name in ops:
+            return ops[name][0].func
     raise AttributeError(f"module 'ckptsurgeon' has no attribute {name!r}")
 
 

@@ -196,6 +196,7 @@ def test_api_builds_one_plugin_manager(tmp_path):
         "m.Manager.__init__ = lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1]\n"
         f"ck = cs.load({str(path)!r})\n"
         "new, _ = cs.strip_prefix(ck)\n"
+        "assert cs.summary.inspect(ck)['tensors'] == 1  # a submodule, imported on first use (README)\n"
         "print(len(built), list(new.state), m.get_manager().problems)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
