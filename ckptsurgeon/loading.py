@@ -59,6 +59,10 @@ def _run_load(spec, path, **options) -> Checkpoint:
         raise CorruptCheckpointError(f"{path}: cannot be read as {spec.name}: {type(e).__name__}: {e}") from e
 
 
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"),
+               (b"\x04\x22\x4d\x18", "lz4"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"))
+
+
 def _pick(path: str, head: bytes, format: str | None, describe_head: bytes | None = None):
     formats = get_manager().formats()
     if format:
@@ -100,8 +104,9 @@ def describe(head: bytes, path: str = "") -> str:
         return "it is a PNG image"
     if head.startswith(b"\xff\xd8\xff"):
         return "it is a JPEG image"
-    if head.startswith(b"\x1f\x8b"):
-        return "it is gzip-compressed"
+    for magic, what in _COMPRESSED:
+        if head.startswith(magic):
+            return f"it is {what}-compressed: decompress it first"
     if head.startswith(b"PK"):
         return "it is a zip archive of another kind"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):

@@ -216,3 +216,21 @@ def test_inspect_names_tied_weights(tmp_path, cli):
     info = json.loads(out)
     assert info["tied"] == [["lm_head.weight", "embed.weight"]] and info["parameters"] == 88
     assert info["unique_parameters"] == 48
+
+
+def test_a_compressed_checkpoint_is_named(tmp_path, cli):
+    """A checkpoint someone gzipped (or xz, bzip2, zstd) is named as compressed, not 'unrecognised'."""
+    import bz2
+    import gzip
+    import lzma
+
+    import torch
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pt")
+    raw = (tmp_path / "m.pt").read_bytes()
+    for name, data, what in (("m.pt.gz", gzip.compress(raw), "gzip"), ("m.pt.xz", lzma.compress(raw), "xz"),
+                             ("m.pt.bz2", bz2.compress(raw), "bzip2"),
+                             ("m.pt.zst", b"\x28\xb5\x2f\xfd" + bytes(60), "zstd")):
+        (tmp_path / name).write_bytes(data)
+        code, _, err = cli("inspect", tmp_path / name)
+        assert code == 2 and f"{what}-compressed: decompress it first" in err, err
