@@ -153,6 +153,11 @@ class FileRange:
         if self.crc is None or self._checked:
             return
         if got != self.crc:
+            if self.crc == 0:  # what torch.serialization.skip_data() writes for every record
+                raise CorruptCheckpointError(
+                    f"{self.path}: {self.label or 'a data record'} has no CRC-32 (stored 00000000, computed "
+                    f"{got:08x}): a file saved under torch.serialization.skip_data() holds no tensor values",
+                    hint="torch.load would return zeros or leftovers; save the checkpoint again without skip_data()")
             raise CorruptCheckpointError(
                 f"{self.path}: CRC-32 mismatch in {self.label or 'a data record'} "
                 f"(stored {self.crc:08x}, computed {got:08x}): the tensor bytes are damaged",

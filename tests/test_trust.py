@@ -974,3 +974,14 @@ def test_inert_model_sharing_submodules_without_end_is_refused(tmp_path, cli):
     code, out, err = cli("convert", "--inert-pickle", tmp_path / "shared.pt", "-o", tmp_path / "o.safetensors")
     _one_line_error(code, out, err)
     assert "submodules" in err
+
+
+def test_a_skip_data_file_is_named(tmp_path, cli):
+    """torch.serialization.skip_data() writes every record with CRC 0 and no values: named as
+    such when the bytes are read, not passed off as a damaged download."""
+    if not hasattr(torch.serialization, "skip_data"):
+        pytest.skip("torch without skip_data")
+    with torch.serialization.skip_data():
+        torch.save({"w": torch.randn(100, 100)}, tmp_path / "s.pt")
+    code, _, err = cli("convert", tmp_path / "s.pt", "-o", tmp_path / "s.safetensors")
+    assert code == 2 and "skip_data()" in err and len(err.strip().splitlines()) == 1, err
