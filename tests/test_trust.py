@@ -985,3 +985,7 @@ def test_a_skip_data_file_is_named(tmp_path, cli):
         torch.save({"w": torch.randn(100, 100)}, tmp_path / "s.pt")
     code, _, err = cli("convert", tmp_path / "s.pt", "-o", tmp_path / "s.safetensors")
     assert code == 2 and "skip_data()" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = cli("inspect", tmp_path / "s.pt")  # from the zip directory alone
+    assert code == 0 and "skip_data()" in out and "no tensor values" in out, out + err
+    torch.save({"w": torch.randn(3)}, tmp_path / "real.pt")
+    assert "skip_data" not in cli("inspect", tmp_path / "real.pt")[1]

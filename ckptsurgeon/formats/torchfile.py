@@ -122,6 +122,10 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             graph = torch_load(path, trust_pickle=trust_pickle is True, mmap=True)
             lazy = False
             notes.append(f"read with torch.load (uses {e})")
+    sized = [i for n, i in z.infos.items() if n.startswith("data/") and i.file_size]
+    if sized and all(i.CRC == 0 for i in sized):
+        notes.append("every tensor record has CRC 0, as torch.serialization.skip_data() writes them: this file holds "
+                     "shapes but no tensor values")
     transforms = ()
     if z.has(SURGEON_RECORD):
         try:
