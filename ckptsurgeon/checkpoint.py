@@ -93,6 +93,8 @@ class Checkpoint:
         storages: dict = {}
         out = []
         for name, v in self.tensor_items():
+            if not isinstance(v, TensorRef) and special_kind(v):
+                continue  # a sparse or quantized tensor (read by torch.load): no plain storage to compare
             key = tie_key(as_ref(v, storages))
             if key in first:
                 out.append((name, first[key]))
