@@ -990,3 +990,27 @@ def test_a_skip_data_file_is_named(tmp_path, cli):
     assert code == 0 and "skip_data()" in out and "no tensor values" in out, out + err
     torch.save({"w": torch.randn(3)}, tmp_path / "real.pt")
     assert "has CRC 0" not in cli("inspect", tmp_path / "real.pt")[1]
+
+
+def test_inert_whole_compiled_model_gives_its_state_dict(tmp_path, cli):
+    """torch.save(torch.compile(model)) pickles OptimizedModule(model, dynamo_ctx) -- a call,
+    with no module attributes of its own. Read inert, it gives what the compiled model's
+    state_dict() gives (the model's under _orig_mod.), also for a compiled submodule."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.add_module("enc", torch.compile(torch.nn.Linear(4, 2)))
+    whole = torch.compile(model)
+    torch.save(whole, tmp_path / "compiled.pt")
+    ref = whole.state_dict()
+    assert list(ref)[0] == "_orig_mod.0.weight" and "_orig_mod.enc._orig_mod.weight" in ref
+    code, _, err = cli("inspect", tmp_path / "compiled.pt")
+    assert code == 2 and "OptimizedModule" in err  # by default: refused, as torch.load(weights_only) does
+    ck = cs.load(tmp_path / "compiled.pt", trust_pickle="inert")
+    assert list(ck.state) == list(ref) and any("whole-model pickle read inert" in n for n in ck.notes)
+    code, _, err = cli("strip-prefix", "--inert-pickle", tmp_path / "compiled.pt", "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    out = load_file(tmp_path / "m.safetensors")
+    assert list(out) == [k[len("_orig_mod."):] for k in ref]
+    assert all(torch.equal(out[k[len("_orig_mod."):]], v) for k, v in ref.items())

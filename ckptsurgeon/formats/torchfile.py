@@ -297,11 +297,27 @@ _MODULE_ATTRS = ("_parameters", "_buffers", "_modules")
 
 
 def _is_inert_module(v) -> bool:
-    """An nn.Module read inert: its recorded state is the module's __dict__."""
+    """An nn.Module read inert: its recorded state is the module's __dict__ (or it is
+    torch.compile's wrapper around one, see :func:`_compiled_inner`)."""
     if not isinstance(v, InertObject):
         return False
+    if _compiled_inner(v) is not None:
+        return True
     state = v._inert["state"]
     return isinstance(state, Mapping) and all(isinstance(state.get(a), Mapping) for a in _MODULE_ATTRS)
+
+
+_COMPILED = ("torch._dynamo.eval_frame", "OptimizedModule")
+
+
+def _compiled_inner(v):
+    """``torch.save(torch.compile(model))``: the wrapper pickles as a call
+    ``OptimizedModule(model, dynamo_ctx)``; the model is the first argument. Its state dict, as
+    the wrapper's own ``state_dict()`` gives it, is the model's under ``_orig_mod.``."""
+    if (getattr(type(v), "inert_module", None), getattr(type(v), "inert_name", None)) != _COMPILED:
+        return None
+    args = v._inert["args"]
+    return args[0] if args and _is_inert_module(args[0]) else None
 
 
 _MAX_MODULE_VISITS = 100_000  # big LLMs have ~10^3-10^4 modules
@@ -318,6 +334,9 @@ def _inert_state_dict(module, prefix: str = "", out=None, visits=None) -> "Order
     if visits[0] > _MAX_MODULE_VISITS:
         raise CorruptCheckpointError(f"the pickled model names over {_MAX_MODULE_VISITS:,} submodules "
                                      "(shared without end?)")
+    inner = _compiled_inner(module)
+    if inner is not None:
+        return _inert_state_dict(inner, f"{prefix}_orig_mod.", out, visits)
     state = module._inert["state"]
     skip = state.get("_non_persistent_buffers_set") or ()
     for kind in ("_parameters", "_buffers"):
