@@ -34,7 +34,8 @@ def pickle_options(f: Callable) -> Callable:
 
 def load_options(f: Callable) -> Callable:
     f = click.option("--key", default=None, metavar="PATH",
-                     help="Where the state dict sits in a wrapper (e.g. state_dict, model/ema).")(f)
+                     help="Where the state dict sits in a wrapper (e.g. state_dict, model/ema; "
+                          "fp32: a DeepSpeed folder's fp32 master weights).")(f)
     return pickle_options(f)
 
 

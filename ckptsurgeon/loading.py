@@ -13,7 +13,8 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
     """Read a checkpoint to CPU, lazily where the format allows.
 
     ``path`` may be a torch file (zip or legacy), a safetensors file, a Hugging Face folder or its
-    ``*.index.json``. ``key`` picks the state dict inside a wrapper ('state_dict', 'model/ema');
+    ``*.index.json``, a DCP, DeepSpeed or per-rank DTensor folder. ``key`` picks the state dict
+    inside a wrapper ('state_dict', 'model/ema'; 'fp32': a DeepSpeed folder's fp32 master weights);
     ``trust_pickle=True`` allows globals outside torch's weights-only allowlist (executes code
     from the file: only for files you trust); ``trust_pickle="inert"`` records them as inert
     stand-ins instead (nothing imported or run; torch zip and legacy files, .nemo, DCP values).
