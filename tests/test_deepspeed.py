@@ -122,6 +122,12 @@ def test_zero3_rank_file_alone_and_broken_folders(tmp_path, cli, flip_byte):
     code, _, err = cli("inspect", tp)
     assert code == 2 and "model- or pipeline-parallel" in err and "ds_to_universal" in err
 
+    pp = copy("pipeline")  # pipeline parallel: the layers live in per-layer files
+    shutil.copy(DATA / "zero3" / "global_step2" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                pp / "global_step2" / "layer_01-model_00-model_states.pt")
+    code, _, err = cli("inspect", pp)
+    assert code == 2 and "pipeline-parallel" in err and len(err.strip().splitlines()) == 1
+
     foreign = copy("foreign")  # a global outside DeepSpeed and torch's allowlist: refused, nothing run
     optim = foreign / "global_step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     with zipfile.ZipFile(optim) as z:

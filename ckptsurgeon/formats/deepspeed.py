@@ -115,9 +115,16 @@ def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:
     return replace(ck, notes=ck.notes + (note,))
 
 
+_LAYER_FILE = re.compile(r"^layer_\d+-model_\d+-model_states\.pt$")
+
+
 def _rank_files(folder: str) -> dict[str, list[str]]:
     found: dict[str, dict[int, str]] = {"model": {}, "optim": {}}
     for name in os.listdir(folder):
+        if _LAYER_FILE.match(name):
+            raise UnsupportedError(f"{folder}: a pipeline-parallel DeepSpeed checkpoint (its layers are in "
+                                   f"layer_*-model_states.pt files, e.g. {name})",
+                                   hint="convert it with DeepSpeed's ds_to_universal.py")
         m = _RANK_FILE.match(name)
         if not m:
             continue
