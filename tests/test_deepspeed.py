@@ -152,6 +152,7 @@ def test_trainer_folder_with_its_own_weights(tmp_path):
     save_file({"embed.weight": torch.ones(11, 6)}, run / "model.safetensors")
     ck = cs.load(run)
     assert ck.source.format == "safetensors" and list(ck.state) == ["embed.weight"]
+    assert any("DeepSpeed states are also here (global_step2/)" in n for n in ck.notes)
     assert cs.load(run / "global_step2").source.format == "deepspeed-zero3"
 
 

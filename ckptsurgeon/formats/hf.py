@@ -33,6 +33,21 @@ def find_index(folder: str) -> str | None:
 
 
 def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
+    ck = _load(path, key, trust_pickle)
+    if os.path.isdir(path):
+        from .deepspeed import tag_folder
+
+        states = tag_folder(path)
+        if states is not None:  # a Trainer checkpoint-N/: the saved model, and DeepSpeed's states beside it
+            from dataclasses import replace
+
+            where = os.path.relpath(states, path)
+            ck = replace(ck, notes=ck.notes + (f"DeepSpeed states are also here ({where}/): pass that folder "
+                                               "for them",))
+    return ck
+
+
+def _load(path: str, key, trust_pickle) -> Checkpoint:
     from ..loading import load_file
 
     if os.path.isdir(path):
