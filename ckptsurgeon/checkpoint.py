@@ -73,11 +73,11 @@ class Checkpoint:
             if is_tensor_like(v):
                 yield k, v
 
-    def summary(self) -> dict:
+    def summary(self, infos=None) -> dict:
+        """Counts over the state dict's tensors (``infos``: their :func:`tensor_info`, if at hand)."""
         n_tensors = n_params = n_bytes = 0
         by_dtype: dict[str, int] = {}
-        for _, v in self.tensor_items():
-            i = tensor_info(v)
+        for i in infos if infos is not None else (tensor_info(v) for _, v in self.tensor_items()):
             n_tensors += 1
             n_params += i["numel"]
             n_bytes += i["nbytes"]

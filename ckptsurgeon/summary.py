@@ -53,13 +53,14 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         why = (f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"
                if isinstance(e, AmbiguousStateDictError) else e.one_line())
     src = ck.source
-    shapes = OrderedDict((k, tuple(tensor_info(v)["shape"])) for k, v in ck.tensor_items())
-    sizes = OrderedDict((k, tensor_info(v)["numel"]) for k, v in ck.tensor_items())
+    infos = OrderedDict((k, tensor_info(v)) for k, v in ck.tensor_items())
+    shapes = OrderedDict((k, tuple(i["shape"])) for k, i in infos.items())
+    sizes = OrderedDict((k, i["numel"]) for k, i in infos.items())
     wrapper = {}
     if isinstance(ck.wrapper, Mapping):
         for k, v in ck.wrapper.items():
             wrapper[str(k)] = describe_value(v)
-    summ = ck.summary()
+    summ = ck.summary(infos.values())
     tied = ck.tied()
     prefix = detect_prefix(shapes.keys())
     tree_sizes = OrderedDict((k[len(prefix):], n) for k, n in sizes.items()) if prefix else sizes
