@@ -490,8 +490,8 @@ class TensorRef:
                  attrs: Any = None):
         self.storage = storage
         self.offset = int(offset)
-        self.shape = tuple(int(s) for s in shape)
-        self.stride = tuple(int(s) for s in stride)
+        self.shape = tuple(map(int, shape))
+        self.stride = tuple(map(int, stride))
         self.dtype = dtype or storage.dtype
         self.requires_grad = bool(requires_grad)
         self.hooks = hooks
