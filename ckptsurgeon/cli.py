@@ -223,10 +223,11 @@ def module_rows(nodes: list[dict]) -> list[tuple[int, str, int, int]]:
         num = numbered(nodes[i]["module"])
         run = [(i, end)]
         if num is not None:
+            mine = shape(i, end)
             k = end
             while k < len(nodes) and nodes[k]["depth"] == nodes[i]["depth"]:
                 nk = numbered(nodes[k]["module"])
-                if nk is None or nk != (num[0], num[1] + len(run)) or shape(*spans[k]) != shape(i, end):
+                if nk is None or nk != (num[0], num[1] + len(run)) or shape(*spans[k]) != mine:
                     break
                 run.append(spans[k])
                 k = spans[k][1]

@@ -213,10 +213,13 @@ class AssembledBytes:
         return self._length
 
     def buffer(self) -> memoryview:
-        if self.parts is not None:
+        parts = self.parts
+        if parts is not None and len(parts) == 1:
+            view = parts[0].read_bytes()  # one piece (a whole DCP chunk): zero-copy over its mapping
+        elif parts is not None:
             out = bytearray(self._length)
             pos = 0
-            for p in self.parts:
+            for p in parts:
                 b = p.read_bytes()
                 out[pos:pos + b.nbytes] = b
                 pos += b.nbytes

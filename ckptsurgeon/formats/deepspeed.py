@@ -97,9 +97,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:
     if folder is None:
         raise NotACheckpointError(f"{path}: not a DeepSpeed checkpoint folder")
     files = _rank_files(folder)
-    first = os.path.join(folder, MODEL_STATES)
-    if not os.path.isfile(first):
-        first = files["model"][0]
+    first = _model_states(folder, files)
     where = os.path.relpath(first, path) if first.startswith(path.rstrip(os.sep) + os.sep) else first
     note = f"DeepSpeed folder: read {where}" + (" (the tag its 'latest' file names)" if folder != path else "")
     if key == FP32_KEY:
@@ -113,6 +111,12 @@ def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:
     if files["optim"]:
         note += f"; the fp32 master weights in its optimizer states: --key {FP32_KEY}"
     return replace(ck, notes=ck.notes + (note,))
+
+
+def _model_states(folder: str, files: dict[str, list[str]]) -> str:
+    """The model-states file that holds the model (stages 0-2) or rank 0's placeholders (stage 3)."""
+    single = os.path.join(folder, MODEL_STATES)
+    return single if os.path.isfile(single) else files["model"][0]
 
 
 _LAYER_FILE = re.compile(r"^layer_\d+-model_\d+-model_states\.pt$")
@@ -177,8 +181,7 @@ def consolidate(folder: str, files: dict[str, list[str]], trust_pickle=False) ->
         if len(models) != world:
             raise CorruptCheckpointError(f"{folder}: {len(models)} model-state files for {world} ranks")
     else:
-        single = os.path.join(folder, MODEL_STATES)
-        models = [single if os.path.isfile(single) else models[0]]
+        models = [_model_states(folder, files)]
     model_graphs = [_graph(p, trust_pickle) for p in models]
     m0 = model_graphs[0]
     if not isinstance(m0, Mapping) or not isinstance(m0.get("param_shapes"), (list, tuple)):
