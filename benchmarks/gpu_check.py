@@ -96,6 +96,58 @@ def plain_check(factory, path_a, path_b, shape, device) -> float:
     return time.perf_counter() - t0
 
 
+def _tf32_state():
+    import importlib
+
+    v = importlib.import_module("ckptsurgeon.plugins.verify")
+    get, _ = v._precision_api()
+    return ([get(b, o) for b, o in v._PRECISION_SLOTS] if get else None), v._legacy_flags()
+
+
+def tf32_rows(models, tmp: Path, device):
+    """verify with TF32 switched on by the caller, through the legacy flags and through the
+    per-backend API of torch >= 2.9 (mixing them makes torch raise): the check must still pass
+    (TF32 off inside it), and the caller's settings must come back as they were."""
+    name, factory, shape, _fold = next((m for m in models if m[0] == "timm.resnet50"), models[-1])
+    torch.manual_seed(0)
+    net = randomize_norm_stats(factory()).eval()
+    torch.save(net.state_dict(), tmp / "tf32.pt")
+    a = torch.randn(2048, 2048, device=device)
+    exact = (a.double() @ a.double())
+    out = []
+    setups = {"legacy allow_tf32=True": lambda: (setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+                                                setattr(torch.backends.cudnn, "allow_tf32", True))}
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        setups["fp32_precision='tf32'"] = lambda: (setattr(torch.backends, "fp32_precision", "tf32"),
+                                                  setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                                                  setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32"))
+    for label, setup in setups.items():
+        setup()
+        before = _tf32_state()
+        err_on = ((a @ a).double() - exact).abs().max().item()
+        from ckptsurgeon.plugins.verify import no_tf32
+
+        with no_tf32():
+            err_off = ((a @ a).double() - exact).abs().max().item()
+        t0 = time.perf_counter()
+        rep = cs.verify(tmp / "tf32.pt", tmp / "tf32.pt", model=factory, input_shape=shape, device=str(device))
+        r = row(name, f"TF32 on by {label}", rep, time.perf_counter() - t0)
+        restored = _tf32_state() == before
+        r["check"] += f"; matmul err {err_on:.2g} on / {err_off:.2g} in check; restored: {restored}"
+        r["equivalent"] = r["equivalent"] and restored
+        out.append(r)
+        from ckptsurgeon.plugins.verify import _PRECISION_SLOTS, _precision_api
+
+        _, put = _precision_api()  # back to torch's defaults for the next setup
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("highest")
+        if put:
+            for (b, o) in _PRECISION_SLOTS:
+                put(b, o, "tf32" if b == "cuda" and o in ("conv", "rnn") else "none")
+    return out
+
+
 def row(model, check, rep, seconds, plain=None):
     out = rep["outputs"][0]
     return {"model": model, "check": check, "device": rep["device"], "equivalent": rep["equivalent"],
@@ -160,6 +212,12 @@ def main(argv=None) -> int:
                     rows.append(row(name, "cpu-vs-gpu", rep, time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001 - report and go on with the next model
                 failures.append(f"{name}: {type(e).__name__}: {e}")
+                traceback.print_exc()
+        if device.type == "cuda" and models:
+            try:
+                rows.extend(tf32_rows(models, tmp, device))
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"tf32: {type(e).__name__}: {e}")
                 traceback.print_exc()
     print(f"\nGPU check on {gpu} (torch {torch.__version__})")
     print("| model | check | device | equivalent | max abs err | tolerance | verify s | plain torch s |")

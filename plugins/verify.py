@@ -37,21 +37,62 @@ def resolve_device(device: str):
     return dev
 
 
-@contextlib.contextmanager
-def no_tf32():
-    """Exact fp32 matmuls/convolutions during the check (TF32 alone can differ by 0.1 on ResNet-50)."""
+# torch >= 2.9 keeps TF32 choices per backend and operation ('fp32_precision': ieee, tf32, bf16 or
+# none = inherit) beside the legacy flags; mixing the two APIs makes torch raise when it checks
+# them (at a CUDA matmul too). Turned off through both, consistently, and restored as found.
+_PRECISION_SLOTS = (("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("cuda", "conv"), ("cuda", "rnn"),
+                    ("mkldnn", "all"), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
+
+
+def _precision_api():
     import torch
 
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
+    get = getattr(torch._C, "_get_fp32_precision_getter", None)
+    put = getattr(torch._C, "_set_fp32_precision_setter", None)
+    return (get, put) if get is not None and put is not None else (None, None)
+
+
+def _legacy_flags():
+    """(float32 matmul precision, cuDNN allow_tf32), or None where torch refuses to say (mixed APIs)."""
+    import torch
+
+    try:
+        return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:
+        return None
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Exact fp32 matmuls/convolutions during the check (TF32 alone can differ by 0.1 on ResNet-50;
+    CPU backends may lower fp32 to bf16 too where asked)."""
+    import torch
+
+    get, put = _precision_api()
+    slots = []
+    if get is not None:
+        for backend, op in _PRECISION_SLOTS:
+            try:
+                slots.append((backend, op, get(backend, op)))
+            except RuntimeError:  # a slot this torch does not know
+                pass
+    legacy = _legacy_flags()
+    torch.backends.cuda.matmul.allow_tf32 = False   # legacy setters keep both APIs in step
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
+    for backend, op, _value in slots:
+        if op != "all":  # leaves: ieee, whatever their parents say
+            put(backend, op, "ieee")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+            if legacy[0] == "highest":
+                torch.backends.cuda.matmul.allow_tf32 = False
+        for backend, op, value in slots:
+            put(backend, op, value)
 
 
 def build(model_spec, model_args, ck: Checkpoint):

@@ -121,7 +121,53 @@ def test_verify_after_key_surgery(sample_dir, tmp_path, models_py, cli):
     for a, b in [(sample_dir / "seednet_dp.pt", tmp_path / "s.pt"), (sample_dir / "seednet_lightning.ckpt", tmp_path / "r.safetensors"),
                  (sample_dir / "seednet_compiled.pt", sample_dir / "seednet_hf")]:
         r = cs.verify(a, b, model=m, device="auto")
-        assert r["equivalent"] and r["device"] == "cpu", (a, b)
+        assert r["equivalent"] and r["device"] == ("cuda" if torch.cuda.is_available() else "cpu"), (a, b)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: legacy flags only")
+@pytest.mark.parametrize("setup", ["default", "legacy", "new", "mixed"])
+def test_verify_turns_tf32_off_through_either_api_and_restores_it(setup, sample_dir, models_py):
+    """torch >= 2.9 raises when the legacy and the per-backend TF32 APIs disagree: verify must work
+    whichever one the caller (or the model's own module) used, and leave the settings as found."""
+    import importlib
+
+    verify_mod = importlib.import_module("ckptsurgeon.plugins.verify")
+    get, put = verify_mod._precision_api()
+
+    def state():
+        return [get(b, o) for b, o in verify_mod._PRECISION_SLOTS], verify_mod._legacy_flags()
+
+    before = state()
+    try:
+        if setup == "legacy":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("medium")
+        elif setup in ("new", "mixed"):
+            torch.backends.fp32_precision = "tf32"
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+            if setup == "mixed":
+                torch.backends.cudnn.allow_tf32 = False
+        set_up = state()
+        inside = []
+        with verify_mod.no_tf32():
+            inside.append(state())
+        assert inside[0][1] == ("highest", False)
+        assert all(v == "ieee" for (b, o), v in zip(verify_mod._PRECISION_SLOTS, inside[0][0]) if o != "all")
+        r = cs.verify(sample_dir / "seednet_dp.pt", sample_dir / "seednet_dp.pt", model=f"{models_py}:seednet")
+        assert r["equivalent"]
+        assert state() == set_up
+    finally:
+        for (b, o), v in zip(verify_mod._PRECISION_SLOTS, before[0]):
+            put(b, o, v)
+        if before[1] is not None:
+            torch.set_float32_matmul_precision(before[1][0])
+            torch.backends.cudnn.allow_tf32 = before[1][1]
+            for (b, o), v in zip(verify_mod._PRECISION_SLOTS, before[0]):
+                put(b, o, v)
+    assert state() == before
 
 
 def test_verify_extract_reroot(tmp_path, models):
@@ -172,6 +218,17 @@ def test_verify_dtype_and_device_errors(sample_dir, models_py, cli):
         code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
                              f"{models_py}:seednet", "--cross-device")
         assert code == 2
+    else:  # the same commands where there is a GPU
+        code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.safetensors", "--model",
+                             f"{models_py}:seednet", "--device", "cuda", "--json")
+        assert code == 0 and json.loads(out)["device"] == "cuda", err
+        code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
+                             f"{models_py}:seednet", "--cross-device", "--json")
+        assert code == 0 and json.loads(out)["device"] == "cpu vs cuda", err
+        n = torch.cuda.device_count()
+        code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
+                             f"{models_py}:seednet", "--device", f"cuda:{n}")
+        assert code == 2 and f"only {n} CUDA device" in err and "Traceback" not in err
 
 
 def test_verify_strict_failure_lists_keys(sample_dir, tmp_path, models_py):

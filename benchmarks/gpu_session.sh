@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything this project checks on a GPU machine, in one run of a few minutes (see README, "On a
+# GPU"). The machine's Python must already hold torch (CUDA), and ideally timm, torchvision,
+# transformers, Lightning; packages it lacks (deepdiff and its needs, isal) may sit as wheels in
+# .whl/ and are installed to /tmp/site first. From the repository root:
+#
+#     bash benchmarks/gpu_session.sh OUTDIR
+#
+# 1. writes the GPU-saved fixtures (tests/data/make_gpu.py) to OUTDIR/gpu_fixtures.tgz
+# 2. runs benchmarks/gpu_check.py (the README table)
+# 3. runs the whole test suite there, the GPU-saved tests against the files just written
+# Each step has its own time limit; a failing step does not stop the others; the exit status
+# is non-zero when any step failed.
+set -u
+OUT=${1:?usage: gpu_session.sh OUTDIR}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+status=0
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+step setup
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site || status=1
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 - <<'EOF'
+import importlib
+for m in ("torch", "transformers", "timm", "torchvision", "lightning", "safetensors", "deepdiff", "isal", "xxhash"):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, "missing:", type(e).__name__)
+EOF
+
+step "GPU-saved fixtures"
+rm -rf "$OUT/fixtures"
+timeout 150 python3 tests/data/make_gpu.py "$OUT/fixtures/gpu" >"$OUT/make_gpu.log" 2>&1 || status=1
+grep -E "^make_gpu:" "$OUT/make_gpu.log"
+tar czf "$OUT/gpu_fixtures.tgz" -C "$OUT/fixtures" gpu && du -sh "$OUT/gpu_fixtures.tgz"
+
+step "gpu_check"
+timeout 180 python3 benchmarks/gpu_check.py >"$OUT/gpu_check.log" 2>&1 || status=1
+sed -n '/^GPU check on/,$p' "$OUT/gpu_check.log"
+
+step "test suite (CUDA visible; GPU-saved tests on the fresh files)"
+n=$(( $(nproc) > 8 ? 8 : $(nproc) ))
+CKPT_SURGEON_GPU_FIXTURES="$OUT/fixtures/gpu" timeout 200 python3 -m pytest -q -p no:cacheprovider -n "$n" -rfEs tests \
+    >"$OUT/pytest.log" 2>&1 || status=1
+grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/pytest.log" | tail -40
+rm -rf "$OUT/fixtures"
+step "done: status $status"
+exit $status
