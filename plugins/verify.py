@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 
 import click
@@ -160,12 +159,60 @@ def _leaves(out, path="output"):
     return []
 
 
-def _compare(a, b, dtype_name: str, atol=None, rtol=None) -> dict:
+def _tolerances(dtype_name: str, atol, rtol) -> tuple[float, float]:
+    base_atol, base_rtol = TOLERANCES.get(dtype_name, TOLERANCES["float32"])
+    return (base_atol if atol is None else atol), (base_rtol if rtol is None else rtol)
+
+
+def _stats(a, b):
+    """[max|a-b|, max|a|, ||a-b||, ||a||, all finite] of two same-shaped float tensors as one small
+    float64 tensor on the device that holds them (B's for CPU-vs-GPU): no host sync and no copy of
+    the activations to the host. The difference is taken in the wider of the two dtypes, at least
+    float32 (exact enough for a tolerance test), in one buffer; norms accumulate in float64 (a float32
+    norm of 1e20-sized values overflows). None where the fast path does not apply."""
     import torch
 
-    base_atol, base_rtol = TOLERANCES.get(dtype_name, TOLERANCES["float32"])
-    atol = base_atol if atol is None else atol
-    rtol = base_rtol if rtol is None else rtol
+    if a.shape != b.shape or not (a.is_floating_point() or a.is_complex()) or a.numel() == 0:
+        return None
+    dev = b.device if b.device.type != "cpu" else a.device
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    x, y = a.detach().to(dev, wide), b.detach().to(dev, wide)
+    d = torch.sub(x, y)
+    if d.is_complex():
+        d, x = d.abs(), x.abs()
+        scale = x.amax()
+    else:
+        d = d.abs_()
+        lo, hi = torch.aminmax(x)
+        scale = torch.maximum(-lo, hi)
+    max_abs = d.amax()  # NaN or inf anywhere shows here (and in scale): the careful path then decides
+    f64 = torch.float64
+    return torch.stack([max_abs.to(f64), scale.to(f64), torch.linalg.vector_norm(d, dtype=f64),
+                        torch.linalg.vector_norm(x, dtype=f64), (max_abs.isfinite() & scale.isfinite()).to(f64)])
+
+
+def _gather(stats: list) -> list:
+    """The stats tensors as Python lists, with one device-to-host transfer per device."""
+    import torch
+
+    out: list = [None] * len(stats)
+    by_device: dict = {}
+    for i, s in enumerate(stats):
+        if s is not None:
+            by_device.setdefault(s.device, []).append(i)
+    for _dev, idx in by_device.items():
+        rows = torch.stack([stats[i] for i in idx]).cpu().tolist()
+        for i, row in zip(idx, rows):
+            out[i] = row
+    return out
+
+
+def _compare(a, b, dtype_name: str, atol=None, rtol=None, stats=None) -> dict:
+    """Judge B's tensor against A's: max |a-b| <= atol + rtol x max|a| (see README). ``stats`` is
+    _stats(a, b) already fetched; NaN/inf and integer outputs take the careful path."""
+    import torch
+
+    atol, rtol = _tolerances(dtype_name, atol, rtol)
     if a.shape != b.shape:
         return {"ok": False, "reason": f"shape {list(a.shape)} vs {list(b.shape)}", "max_abs": None,
                 "rel": None, "tolerance": None, "scale": None}
@@ -173,20 +220,24 @@ def _compare(a, b, dtype_name: str, atol=None, rtol=None) -> dict:
         same = bool(torch.equal(a.cpu(), b.cpu()))
         return {"ok": same, "max_abs": 0.0 if same else None, "rel": 0.0 if same else None, "tolerance": 0.0,
                 "scale": None, "reason": "" if same else "integer outputs differ"}
-    x, y = a.detach().double().cpu(), b.detach().double().cpu()
-    both_nan = torch.isnan(x) & torch.isnan(y)
-    d = (x - y).abs()
-    d = torch.where(both_nan, torch.zeros_like(d), d)
-    if bool(torch.isnan(d).any()):
-        return {"ok": False, "max_abs": None, "rel": None, "tolerance": None, "scale": None, "reason": "NaN in one output only"}
-    finite_x = x[torch.isfinite(x)]
-    scale = float(finite_x.abs().max()) if finite_x.numel() else 0.0
-    max_abs = float(d.max()) if d.numel() else 0.0
-    if math.isinf(max_abs) and bool((x == y)[torch.isinf(x)].all()):
-        max_abs = float(d[torch.isfinite(d)].max()) if bool(torch.isfinite(d).any()) else 0.0
+    if stats is not None and stats[4] == 1.0:  # everything finite: the usual case
+        max_abs, scale, dnorm, xnorm = stats[:4]
+        rel = dnorm / max(xnorm, 1e-30)
+    else:
+        dev = b.device if b.device.type != "cpu" else a.device
+        wide = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
+        x, y = a.detach().to(dev, wide), b.detach().to(dev, wide)
+        same = (x == y) | (torch.isnan(x) & torch.isnan(y))  # NaN where both have NaN, equal infinities
+        d = torch.where(same, torch.zeros((), dtype=x.real.dtype, device=dev), (x - y).abs())
+        if bool(torch.isnan(d).any()):
+            return {"ok": False, "max_abs": None, "rel": None, "tolerance": None, "scale": None,
+                    "reason": "NaN in one output only"}
+        finite_x = x[torch.isfinite(x)]
+        scale = float(finite_x.abs().max()) if finite_x.numel() else 0.0
+        max_abs = float(d.max()) if d.numel() else 0.0
+        rel = float(torch.linalg.vector_norm(d[torch.isfinite(d)]) /
+                    torch.linalg.vector_norm(finite_x).clamp_min(1e-30)) if finite_x.numel() else 0.0
     tol = atol + rtol * scale
-    rel = float(torch.linalg.vector_norm(d[torch.isfinite(d)]) / torch.linalg.vector_norm(finite_x).clamp_min(1e-30)) \
-        if finite_x.numel() else 0.0
     return {"ok": max_abs <= tol, "max_abs": max_abs, "rel": rel, "tolerance": tol, "scale": scale,
             "rule": f"{atol:g} + {rtol:g} x max|ref| ({scale:.4g})", "reason": ""}
 
@@ -197,6 +248,7 @@ class _Recorder:
     def __init__(self, model):
         self.outputs: dict = {}
         self.order: list = []
+        self.calls: dict = {}
         self.hooks = []
         for name, mod in model.named_modules():
             if name:
@@ -207,7 +259,8 @@ class _Recorder:
             leaves = _leaves(out)
             if not leaves:
                 return
-            calls = sum(1 for n, _ in self.order if n == name)
+            calls = self.calls.get(name, 0)
+            self.calls[name] = calls + 1
             key = (name, calls)
             self.order.append(key)
             self.outputs[key] = (kind, leaves[0][1].detach())
@@ -313,19 +366,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     la, lb = _leaves(out_a), _leaves(out_b)
     if len(la) != len(lb):
         raise ModelError(f"the models return different output structures ({len(la)} vs {len(lb)} tensors)")
-    outputs = []
-    for (pa, ta), (_pb, tb) in zip(la, lb):
-        c = _compare(ta, tb, dtype, atol, rtol)
-        outputs.append({"output": pa, "shape": list(ta.shape), **c})
-    equivalent = all(o["ok"] for o in outputs)
-    modules, first = [], None
-    by_design = set()
-    from ckptsurgeon.manager import get_manager
-
-    for t in cb.transforms:
-        spec = get_manager().transform(t["name"])
-        if spec.affected is not None:
-            by_design |= set(spec.affected(t.get("params", {})))
+    pairs = []
     if localize:
         for i, key in enumerate(rec_a.order):
             kind, ta = rec_a.outputs[key]
@@ -336,15 +377,31 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
             else:
                 continue
             kind_b, tb = rec_b.outputs[kb]
-            if ta.shape != tb.shape:
-                continue
-            c = _compare(ta, tb, dtype, atol, rtol)
-            entry = {"module": key[0] + (f"#{key[1]}" if key[1] else ""), "type": kind, "type_b": kind_b,
-                     "max_abs": c["max_abs"], "rel": c["rel"], "tolerance": c["tolerance"], "ok": c["ok"],
-                     "changed_by_surgery": key[0] in by_design}
-            modules.append(entry)
-            if not c["ok"] and first is None and key[0] not in by_design:
-                first = entry["module"]
+            if ta.shape == tb.shape:
+                pairs.append((key, kind, kind_b, ta, tb))
+    stats = _gather([_stats(ta, tb) for (_pa, ta), (_pb, tb) in zip(la, lb)] +
+                    [_stats(ta, tb) for *_k, ta, tb in pairs])
+    outputs = []
+    for ((pa, ta), (_pb, tb)), st in zip(zip(la, lb), stats):
+        c = _compare(ta, tb, dtype, atol, rtol, st)
+        outputs.append({"output": pa, "shape": list(ta.shape), **c})
+    equivalent = all(o["ok"] for o in outputs)
+    modules, first = [], None
+    by_design = set()
+    from ckptsurgeon.manager import get_manager
+
+    for t in cb.transforms:
+        spec = get_manager().transform(t["name"])
+        if spec.affected is not None:
+            by_design |= set(spec.affected(t.get("params", {})))
+    for (key, kind, kind_b, ta, tb), st in zip(pairs, stats[len(la):]):
+        c = _compare(ta, tb, dtype, atol, rtol, st)
+        entry = {"module": key[0] + (f"#{key[1]}" if key[1] else ""), "type": kind, "type_b": kind_b,
+                 "max_abs": c["max_abs"], "rel": c["rel"], "tolerance": c["tolerance"], "ok": c["ok"],
+                 "changed_by_surgery": key[0] in by_design}
+        modules.append(entry)
+        if not c["ok"] and first is None and key[0] not in by_design:
+            first = entry["module"]
     notes = []
     for t in cb.transforms:
         if t["name"] in NON_PRESERVING and not equivalent:

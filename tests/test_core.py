@@ -388,7 +388,8 @@ def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
         if name.startswith("data/"):
             assert (a.data_offset(info) - b.data_offset(b.infos[name])) % 4096 == 0, name
     got = _torch_load(tmp_path / "o.pt", mmap=True, calculate_storage_offsets=True)
-    ref = torch.load(sample_dir / "seednet_dp.pt", weights_only=True)
+    # map_location: on a GPU machine nn.DataParallel put the sample's weights on cuda:0 before saving
+    ref = torch.load(sample_dir / "seednet_dp.pt", weights_only=True, map_location="cpu")
     assert all(torch.equal(ref["module." + k], v) for k, v in got.items())
 
     from safetensors.torch import load_file, save_file

@@ -272,3 +272,37 @@ def test_bn_without_affine_and_inputs_file(tmp_path, models):
     # verify with the same inputs file
     r = cs.verify(tmp_path / "p.pt", tmp_path / "p.pt", model=Plain, inputs=str(tmp_path / "x.pt"))
     assert r["equivalent"] and r["inputs"].endswith("x.pt")
+
+
+def test_compare_on_awkward_outputs():
+    """The one-pass device-side statistics and the careful path agree on what is equivalent."""
+    import importlib
+
+    v = importlib.import_module("ckptsurgeon.plugins.verify")
+
+    def judge(a, b, dtype="float32"):
+        st = v._gather([v._stats(a, b)])[0]
+        fast = v._compare(a, b, dtype, stats=st)
+        careful = v._compare(a, b, dtype)
+        assert fast["ok"] == careful["ok"] and fast["max_abs"] == pytest.approx(careful["max_abs"]), (fast, careful)
+        return fast
+
+    x = torch.randn(3, 5)
+    assert judge(x, x.clone())["max_abs"] == 0
+    assert not judge(x, x + 1e-3)["ok"]
+    r = judge(x * 1e20, x * 1e20 * (1 + 1e-7))  # float32 norms of such values overflow; float64 ones do not
+    assert r["ok"] and 0 < r["rel"] < 1e-6
+    nan_both = x.clone()
+    nan_both[0, 0] = float("nan")
+    assert judge(nan_both, nan_both.clone())["ok"]
+    assert judge(nan_both, x)["reason"] == "NaN in one output only"
+    inf = x.clone()
+    inf[1, 1] = float("inf")
+    assert judge(inf, inf.clone())["ok"] and not judge(inf, x)["ok"]
+    assert judge(x.half(), x.half().float())["ok"]  # mixed dtypes: compared in the wider one
+    assert judge(x.bfloat16(), (x * 1.001).bfloat16(), "bfloat16")["ok"]
+    c = torch.randn(4, dtype=torch.complex64)
+    assert judge(c, c.clone())["ok"] and not judge(c, c * 1j)["ok"]
+    assert v._stats(torch.zeros(0), torch.zeros(0)) is None and v._compare(torch.zeros(0), torch.zeros(0),
+                                                                         "float32")["ok"]
+    assert v._compare(torch.arange(3), torch.arange(3), "float32")["ok"]

@@ -1,0 +1,227 @@
+"""Checkpoints saved on a GPU by the libraries that write them in the field (tests/data/gpu, made
+by tests/data/make_gpu.py on an H100: torch 2.11 CUDA, DDP over NCCL, torch.compile, FSDP2 + DCP,
+Lightning 16-mixed, timm's CheckpointSaver, transformers save_pretrained). Storages say 'cuda:0';
+everything must read to CPU on a machine without a GPU, rewrite to files that load there
+without map_location, and keep every non-weight entry.
+
+``CKPT_SURGEON_GPU_FIXTURES`` points the tests at another folder made by the same script (the
+GPU session runs them on freshly made files before they are committed)."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ckptsurgeon as cs
+
+HERE = Path(__file__).resolve().parent
+GPU = Path(os.environ.get("CKPT_SURGEON_GPU_FIXTURES") or HERE / "data" / "gpu")
+NET = f"{HERE / 'data' / 'make_gpu.py'}:Net"
+
+
+def _make_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ckpt_make_gpu", HERE / "data" / "make_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cpu_load(path, **kw):
+    return torch.load(path, map_location="cpu", weights_only=True, **kw)
+
+
+def _same(a, b, where=""):
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu()), where
+    else:
+        assert a == b, where
+
+
+def _locations(path) -> set[str]:
+    """The device names a torch file gives its storages ('cpu', 'cuda:0'), as torch reads them."""
+    seen = set()
+
+    def note(storage, location):
+        seen.add(location)
+        return storage
+
+    torch.load(path, map_location=note, weights_only=True)
+    return seen
+
+
+def test_the_fixtures_were_saved_on_a_gpu():
+    assert "cuda:0" in _locations(GPU / "cuda_state_dict.pt")
+    assert b"cuda" in (GPU / "cuda_legacy.pt").read_bytes()[:4096]
+    assert "H100" in (GPU / "MADE_WITH.txt").read_text() or os.environ.get("CKPT_SURGEON_GPU_FIXTURES")
+
+
+@pytest.mark.parametrize("name", ["cuda_state_dict.pt", "cuda_legacy.pt", "cuda_tensors.pt", "compile_ddp.pt",
+                                  "ddp_compile.pt"])
+def test_gpu_saved_tensors_read_to_cpu_and_rewrite_for_cpu(name, tmp_path):
+    ref = _cpu_load(GPU / name)
+    ck = cs.load(GPU / name)
+    assert ck.source.lazy and list(ck.state) == list(ref)
+    for k, v in ref.items():
+        got = ck.state[k].to_torch()
+        assert got.device.type == "cpu" and got.dtype == v.dtype and got.stride() == v.stride(), k
+        assert torch.equal(got, v), k
+    cs.save(ck, tmp_path / "out.pt")
+    assert _locations(tmp_path / "out.pt") == {"cpu"}
+    out = torch.load(tmp_path / "out.pt", weights_only=True)  # no map_location needed any more
+    _same(out, ref)
+    out = torch.load(tmp_path / "out.pt", weights_only=True, mmap=True)
+    _same(out, ref)
+    if name == "cuda_tensors.pt":  # views keep sharing one storage, as they did on the GPU
+        storage = out["weight"].untyped_storage().data_ptr()
+        assert all(out[k].untyped_storage().data_ptr() == storage for k in ("weight_t", "rows_2_5", "every_other"))
+        assert out["rows_2_5"].storage_offset() == 2 * out["weight"].shape[1]
+    cs.save(ck, tmp_path / "out.safetensors")
+    _same(load_file(tmp_path / "out.safetensors"), {k: v.contiguous() for k, v in ref.items()})
+
+
+def test_ddp_resume_file_strip_prefix_keeps_optimizer_scaler_and_rng(tmp_path, cli):
+    Net = _make_gpu().Net
+    src = _cpu_load(GPU / "ddp_resume.pt")
+    assert src["optimizer_state_dict"]["state"][0]["exp_avg"].numel() > 0
+    code, _, err = cli("strip-prefix", GPU / "ddp_resume.pt", "-o", tmp_path / "plain.pt")
+    assert code == 0, err
+    assert _locations(tmp_path / "plain.pt") == {"cpu"}
+    out = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert list(out) == list(src)
+    for k in ("epoch", "optimizer_state_dict", "scaler", "loss", "rng"):
+        _same(out[k], src[k], k)
+    net = Net()
+    net.load_state_dict(out["model_state_dict"])  # strict
+    _same(dict(net.state_dict()), {k[len("module."):]: v for k, v in src["model_state_dict"].items()})
+    code, stdout, err = cli("verify", GPU / "ddp_resume.pt", tmp_path / "plain.pt", "--model", NET,
+                            "--input-shape", "2,3,8,8")
+    assert code == 0, stdout + err
+
+
+@pytest.mark.parametrize("name", ["compile_ddp.pt", "ddp_compile.pt"])
+def test_compile_and_ddp_prefix_stacks_strip_in_either_order(name, tmp_path, cli):
+    code, out, err = cli("inspect", GPU / name)
+    assert code == 0 and ("_orig_mod.module." if name.startswith("compile") else "module._orig_mod.") in out, err
+    code, _, err = cli("strip-prefix", GPU / name, "-o", tmp_path / "plain.safetensors")
+    assert code == 0, err
+    model = _cpu_load(GPU / "ddp_resume.pt")["model_state_dict"]
+    _same(load_file(tmp_path / "plain.safetensors"), {k[len("module."):]: v for k, v in model.items()})
+
+
+def test_whole_model_saved_on_gpu(tmp_path, cli):
+    code, _, err = cli("inspect", GPU / "whole_model_cuda.pt")
+    assert code == 2 and "__main__.Net" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    expected = torch.load(GPU / "whole_model_cuda.expected.pt", weights_only=True)
+    ck = cs.load(GPU / "whole_model_cuda.pt", trust_pickle="inert")
+    _same(dict(ck.torch_state_dict()), dict(expected))
+    code, _, err = cli("convert", GPU / "whole_model_cuda.pt", "--inert-pickle", "-o", tmp_path / "w.safetensors")
+    assert code == 0, err
+    _same(load_file(tmp_path / "w.safetensors"), dict(expected))
+
+
+def test_fsdp2_dcp_folder_and_torch_saved_dtensors(tmp_path, cli):
+    expected = torch.load(GPU / "fsdp2.expected.pt", weights_only=True)
+    ck = cs.load(GPU / "fsdp2_dcp")
+    assert ck.source.format == "dcp" and ck.sd_path == ("model",)
+    _same(dict(ck.torch_state_dict()), dict(expected))
+    ck = cs.load(GPU / "fsdp2_rank0.pt")
+    _same(dict(ck.torch_state_dict()), dict(expected))
+    for src in ("fsdp2_dcp", "fsdp2_rank0.pt"):
+        code, _, err = cli("convert", GPU / src, "-o", tmp_path / f"{src}.pt")
+        assert code == 0, err
+        out = torch.load(tmp_path / f"{src}.pt", weights_only=True)
+        sd = out["model"] if src == "fsdp2_dcp" else out
+        _same(dict(sd), dict(expected))
+        if src == "fsdp2_dcp":  # the optimizer's sharded moments come out whole, keyed by name
+            assert out["optim"]["state"]["head.weight"]["exp_avg"].shape == expected["head.weight"].shape
+            assert out["step"] == 2
+    code, stdout, err = cli("verify", GPU / "fsdp2_dcp", GPU / "fsdp2_rank0.pt", "--model", NET,
+                            "--input-shape", "2,3,8,8")
+    assert code == 0, stdout + err
+
+
+def test_lightning_mixed_precision_checkpoint_from_gpu(tmp_path, cli):
+    expected = torch.load(GPU / "lightning_16mixed.expected.pt", weights_only=True)
+    ck = cs.load(GPU / "lightning_16mixed.ckpt")
+    assert ck.sd_path == ("state_dict",)
+    _same(dict(ck.torch_state_dict()), dict(expected))
+    src = _cpu_load(GPU / "lightning_16mixed.ckpt")
+    code, _, err = cli("strip-prefix", GPU / "lightning_16mixed.ckpt", "-o", tmp_path / "s.ckpt")
+    assert code == 0, err
+    out = torch.load(tmp_path / "s.ckpt", weights_only=True)
+    assert list(out) == list(src) and list(out["state_dict"]) == [k[len("model."):] for k in expected]
+    for k in src:
+        if k != "state_dict":
+            _same(out[k], src[k], k)
+
+
+def test_timm_checkpoint_saver_output(tmp_path, cli):
+    import argparse
+
+    path = GPU / "timm" / "last.pth.tar"
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        src = _cpu_load(path)
+    expected = {"model": src["state_dict"], "ema": src["state_dict_ema"]}
+    assert {"optimizer", "amp_scaler", "args", "epoch", "metric"} <= set(src)
+    ck = cs.load(path)  # argparse.Namespace args: read by default
+    assert ck.sd_path == ("state_dict",) and "state_dict_ema" in ck.candidates
+    _same(dict(ck.torch_state_dict()), dict(expected["model"]))
+    ema = cs.load(path, key="state_dict_ema")
+    _same(dict(ema.torch_state_dict()), dict(expected["ema"]))
+    assert not all(torch.equal(v, expected["model"][k]) for k, v in expected["ema"].items())  # a real EMA
+    code, _, err = cli("extract", path, "--layers", "layer1", "-o", tmp_path / "layer1.pth.tar")
+    assert code == 0, err
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        out = torch.load(tmp_path / "layer1.pth.tar", weights_only=True)
+    assert set(out["state_dict"]) == {k for k in src["state_dict"] if k.startswith("layer1.")}
+    _same(out["args"], src["args"])
+    code, _, err = cli("convert", path, "--key", "state_dict_ema", "-o", tmp_path / "ema.safetensors")
+    assert code == 0, err
+    _same(load_file(tmp_path / "ema.safetensors"), {k: v.contiguous() for k, v in expected["ema"].items()})
+    code, out, err = cli("inspect", path)
+    assert code == 0 and "state_dict_ema" in out, err
+
+
+def test_timm_model_verifies_from_the_saver_file(tmp_path):
+    timm = pytest.importorskip("timm")  # torchvision is not importable beside the CPU wheel: GPU image only
+    path = GPU / "timm" / "last.pth.tar"
+    name = (GPU / "timm" / "model_name.txt").read_text().strip()
+    cs.save(cs.load(path, key="state_dict_ema"), tmp_path / "ema.safetensors")
+    rep = cs.verify(path, path, model=timm.create_model, model_args={"model_name": name, "num_classes": 10},
+                    key_b="state_dict_ema", input_shape=(2, 3, 160, 160), device="auto")
+    assert rep["outputs"]  # model and EMA differ after a step: the report measures it
+    rep = cs.verify(path, tmp_path / "ema.safetensors", model=timm.create_model,
+                    model_args={"model_name": name, "num_classes": 10}, key_a="state_dict_ema",
+                    input_shape=(2, 3, 160, 160), device="auto")
+    assert rep["equivalent"], rep
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_gpt2"])
+def test_transformers_folders_saved_from_gpu(name, tmp_path, cli):
+    pytest.importorskip("transformers")
+    expected = torch.load(GPU / f"{name}.expected.pt", weights_only=True)
+    ck = cs.load(GPU / name)
+    got = dict(ck.torch_state_dict())
+    assert set(got) <= set(expected) and len(got) >= len(expected) - 1  # a tied head is saved once
+    for k, v in got.items():
+        assert v.dtype == expected[k].dtype and torch.equal(v, expected[k]), k
+    code, _, err = cli("convert", GPU / name, "-o", tmp_path / "one.safetensors")
+    assert code == 0, err
+    code, stdout, err = cli("verify", GPU / name, tmp_path / "one.safetensors", "--json")
+    assert code == 0, stdout + err
