@@ -205,6 +205,10 @@ def main(argv=None) -> int:
                     rep = cs.verify(tmp / "stripped.pt", tmp / "folded.pt", model=factory, input_shape=input_shape,
                                     device=str(device))
                     rows.append(row(name, f"fold-bn ({len(frep['folded'])} BN)", rep, time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                rep = cs.verify(full, tmp / "backbone.safetensors", model=factory, input_shape=input_shape,
+                                device=str(device), dtype="bfloat16")
+                rows.append(row(name, "strip+extract, bfloat16", rep, time.perf_counter() - t0))
                 if device.type == "cuda":
                     t0 = time.perf_counter()
                     rep = cs.verify(tmp / "stripped.pt", tmp / "stripped.pt", model=factory, input_shape=input_shape,
