@@ -80,8 +80,9 @@ _LN_NAME = re.compile(r"(^|[._])(ln\w*|layer_?norm\w*|norm\w*|ln_f|ln_\d+)($|[._
 
 def detect_norms(shapes: "OrderedDict[str, tuple]") -> list[dict]:
     """Norm layers inferred from key sets and shapes; ``kind`` is BatchNorm, InstanceNorm,
-    BatchNorm-or-InstanceNorm (tracked statistics, name gives no hint), LayerNorm, GroupNorm or
-    norm (affine 1-D weight+bias with a name that says no more)."""
+    BatchNorm-or-InstanceNorm (tracked statistics, name gives no hint), LayerNorm, RMSNorm (or
+    RMSNorm-or-LayerNorm: a weight without bias), GroupNorm or norm (affine 1-D weight+bias with a
+    name that says no more)."""
     out = []
     for mod, leaves in group_by_module(shapes.keys()).items():
         leafset = set(leaves)
@@ -109,7 +110,8 @@ def detect_norms(shapes: "OrderedDict[str, tuple]") -> list[dict]:
             elif _IN_NAME.search(tail):
                 kind = "InstanceNorm"
             elif _LN_NAME.search(tail) or len(w) > 1:
-                kind = "LayerNorm"
+                # no bias: RMSNorm (Llama, T5, Mistral) or a LayerNorm(bias=False); the key set is the same
+                kind = "LayerNorm" if b is not None else ("RMSNorm" if "rms" in tail.lower() else "RMSNorm-or-LayerNorm")
             elif _BN_NAME.search(tail):
                 kind = "norm"
             else:

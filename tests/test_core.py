@@ -667,6 +667,13 @@ def test_inspect_reports(sample_dir):
     kinds = {n["module"]: n["kind"] for n in info["norm_layers"]}
     assert kinds["module.bn1"] == "BatchNorm" and kinds["module.in2"] == "InstanceNorm"
     assert kinds["module.gn3"] == "GroupNorm" and kinds["module.ln"] == "LayerNorm"
+    from ckptsurgeon.keys import detect_norms
+
+    llama = {"model.layers.0.input_layernorm.weight": (32,), "model.norm.weight": (32,),
+             "encoder.final_rms_norm.weight": (8,), "ln_f.weight": (16,), "ln_f.bias": (16,)}
+    kinds = {n["module"]: n["kind"] for n in detect_norms(llama)}
+    assert kinds == {"model.layers.0.input_layernorm": "RMSNorm-or-LayerNorm", "model.norm": "RMSNorm-or-LayerNorm",
+                     "encoder.final_rms_norm": "RMSNorm", "ln_f": "LayerNorm"}
     info = inspect(sample_dir / "seednet_resume.pt")
     assert info["state_dict_at"] == "model_state_dict" and "optimizer_state_dict" in info["wrapper"]
     assert info["bytes_by_dtype"]["float32"] > 0

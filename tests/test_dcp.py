@@ -365,7 +365,7 @@ def test_lightning_sharded_folder_merges_trainer_state(trained, tmp_path, cli):
     torch.save({"epoch": 3, "global_step": 120, "loops": {"fit_loop": {}}, "pytorch-lightning_version": "2.4.0"},
                folder / "meta.pt")
     ck = cs.load(folder)
-    assert ck.wrapper["epoch"] == 3 and ck.wrapper["step"] == 7 and ck.sd_path == ("model",)
+    assert ck.wrapper["epoch"] == 3 and ck.wrapper["step"] == 7 and ck.sd_path == ("state_dict",)
     assert any("merged Lightning's meta.pt" in n for n in ck.notes)
     code, _, err = cli("convert", folder, "-o", tmp_path / "one.ckpt")
     assert code == 0, err

@@ -53,6 +53,12 @@ def _same(a, b, where=""):
         assert a == b, where
 
 
+def _same_set(a, b):
+    """Same tensors by name; order aside (safetensors files keep their keys sorted)."""
+    assert sorted(a) == sorted(b)
+    _same({k: a[k] for k in sorted(a)}, {k: b[k] for k in sorted(b)})
+
+
 def _locations(path) -> set[str]:
     """The device names a torch file gives its storages ('cpu', 'cuda:0'), as torch reads them."""
     seen = set()
@@ -225,3 +231,81 @@ def test_transformers_folders_saved_from_gpu(name, tmp_path, cli):
     assert code == 0, err
     code, stdout, err = cli("verify", GPU / name, tmp_path / "one.safetensors", "--json")
     assert code == 0, stdout + err
+
+
+def test_transformers_trainer_checkpoint_folder(tmp_path, cli):
+    """A Trainer checkpoint-N/ (bf16 on the GPU): the model is what the folder reads as, the training
+    state beside it is named, and every file in it reads on its own."""
+    pytest.importorskip("transformers")
+    folder = GPU / "hf_trainer" / "checkpoint-2"
+    expected = torch.load(GPU / "hf_trainer.expected.pt", weights_only=True)
+    ck = cs.load(folder)
+    _same_set(ck.torch_state_dict(), expected)
+    note = next(n for n in ck.notes if n.startswith("training state beside the weights"))
+    assert all(f in note for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"))
+    opt = cs.load(folder / "optimizer.pt", key="state/0")  # AdamW moments, saved on the GPU
+    src = _cpu_load(folder / "optimizer.pt")
+    _same(dict(opt.torch_state_dict()), dict(src["state"][0]))
+    cs.save(cs.load(folder / "optimizer.pt", key="state/0"), tmp_path / "opt.pt")
+    _same(torch.load(tmp_path / "opt.pt", weights_only=True), src)  # the whole file, rewritten for the CPU
+    rng = cs.load(folder / "rng_state.pth")  # python, numpy (arrays) and CPU/CUDA RNG states: all read
+    assert list(rng.state) == ["python", "numpy", "cpu", "cuda"]
+    cuda_rng = rng.state["cuda"].to_torch()  # (torch.load wants numpy allowlisted for this file)
+    assert cuda_rng.dtype == torch.uint8 and cuda_rng.device.type == "cpu" and cuda_rng.numel() == 16
+    code, out, err = cli("scan", folder)
+    assert code == 1 and "training_args.bin: UNSAFE" in out and "transformers.training_args.TrainingArguments" in out
+    assert "model.safetensors: ok" in out and "optimizer.pt: ok" in out
+    code, stdout, err = cli("verify", folder, folder / "model.safetensors")
+    assert code == 0, stdout + err
+
+
+def test_accelerate_save_state_folder(tmp_path, cli):
+    folder = GPU / "accelerate_state"
+    expected = torch.load(GPU / "accelerate_state.expected.pt", weights_only=True)
+    ck = cs.load(folder)
+    _same_set(ck.torch_state_dict(), expected)
+    note = next(n for n in ck.notes if n.startswith("training state beside the weights"))
+    assert "optimizer.bin" in note and "random_states_0.pkl" in note and "scaler.pt" in note
+    scaler = _cpu_load(folder / "scaler.pt")  # the AMP GradScaler's state: no tensors, read as it is
+    assert cs.summary.inspect(folder / "scaler.pt")["wrapper"]["scale"] == str(scaler["scale"])
+    cs.save(cs.load(folder / "optimizer.bin", key="state/0"), tmp_path / "opt.bin")
+    _same(torch.load(tmp_path / "opt.bin", weights_only=True), _cpu_load(folder / "optimizer.bin"))
+    code, out, err = cli("scan", folder)
+    assert code == 0, out + err
+
+
+def test_peft_lora_adapter_folder(tmp_path, cli):
+    expected = torch.load(GPU / "peft_lora.expected.pt", weights_only=True)
+    ck = cs.load(GPU / "peft_lora")
+    _same_set(ck.torch_state_dict(), expected)
+    assert all(k.startswith("base_model.model.") and ".lora_" in k for k in ck.state)
+    code, _, err = cli("strip-prefix", GPU / "peft_lora", "--prefix", "base_model.model.", "-o",
+                       tmp_path / "lora.safetensors")
+    assert code == 0, err
+    got = load_file(tmp_path / "lora.safetensors")
+    _same_set(got, {k[len("base_model.model."):]: v for k, v in expected.items()})
+
+
+def test_lightning_fsdp_sharded_folder_becomes_a_lightning_checkpoint(tmp_path, cli):
+    """Lightning FSDPStrategy(state_dict_type='sharded') on the GPU writes a folder: DCP files plus
+    meta.pt. Read, it is laid out as Lightning's consolidate_checkpoint lays it out (checked by hand
+    to be equal, and that load_from_checkpoint and Trainer.fit(ckpt_path=...) accept the output)."""
+    folder = GPU / "lightning_fsdp.ckpt"
+    expected = torch.load(GPU / "lightning_fsdp.expected.pt", weights_only=True)
+    ck = cs.load(folder)
+    assert ck.source.format == "dcp" and ck.sd_path == ("state_dict",)
+    _same(dict(ck.torch_state_dict()), dict(expected))
+    code, _, err = cli("convert", folder, "-o", tmp_path / "one.ckpt")
+    assert code == 0, err
+    out = torch.load(tmp_path / "one.ckpt", weights_only=True)
+    assert list(out)[:2] == ["state_dict", "optimizer_states"] and "model" not in out
+    assert {"epoch", "global_step", "pytorch-lightning_version", "loops", "callbacks", "lr_schedulers",
+            "hyper_parameters"} <= set(out)
+    _same(dict(out["state_dict"]), dict(expected))
+    (state,) = out["optimizer_states"]
+    assert set(state["state"]) == {k for k in expected if not k.endswith(("running_mean", "running_var",
+                                                                         "num_batches_tracked"))}
+    code, _, err = cli("strip-prefix", folder, "-o", tmp_path / "stripped.ckpt")
+    assert code == 0, err
+    assert list(torch.load(tmp_path / "stripped.ckpt", weights_only=True)["state_dict"]) == \
+        [k[len("model."):] for k in expected]

@@ -19,6 +19,7 @@ a Hugging Face folder.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -94,6 +95,10 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             obj.update((k, v) for k, v in trainer.items() if k not in obj)
             files[extra] = os.path.getsize(extra)
             notes.append(f"merged Lightning's {LIGHTNING_META} (trainer state: {', '.join(map(str, list(trainer)[:6]))})")
+            if "model" in obj and "state_dict" not in obj:
+                obj = _lightning_layout(obj)
+                notes.append("laid out as a Lightning checkpoint, as Lightning's consolidate_checkpoint does: "
+                             "model -> state_dict, optimizer_N -> optimizer_states")
     if assembled:
         notes.append(f"{len(assembled)} tensor(s) sharded over ranks, put together when read, one at a time "
                      f"(e.g. {assembled[0]})")
@@ -101,6 +106,26 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
     source = Source(path=folder, format="dcp", size=size, files=tuple(sorted(set(files) | {meta_path})),
                     lazy=True, notes=tuple(notes))
     return from_object(obj, source, key=key)
+
+
+def _lightning_layout(obj: dict) -> dict:
+    """A Lightning sharded folder's content in the layout of a Lightning .ckpt file (what
+    Trainer.fit(ckpt_path=...) and load_from_checkpoint read): 'model' becomes 'state_dict' and
+    'optimizer_0', 'optimizer_1'... one 'optimizer_states' list, each where the first one was."""
+    optimizers = sorted((k for k in obj if isinstance(k, str) and re.fullmatch(r"optimizer_\d+", k)),
+                        key=lambda k: int(k.rsplit("_", 1)[1]))
+    if [int(k.rsplit("_", 1)[1]) for k in optimizers] != list(range(len(optimizers))):
+        optimizers = []  # not numbered 0..n-1: not Lightning's, left as they are
+    out: dict = {}
+    for k, v in obj.items():
+        if k == "model":
+            out["state_dict"] = v
+        elif k in optimizers:
+            if k == optimizers[0]:
+                out["optimizer_states"] = [obj[o] for o in optimizers]
+        else:
+            out[k] = v
+    return out
 
 
 def scan_folder(folder: str, allowed: set) -> list[dict]:

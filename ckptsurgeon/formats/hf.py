@@ -44,7 +44,27 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
             where = os.path.relpath(states, path)
             ck = replace(ck, notes=ck.notes + (f"DeepSpeed states are also here ({where}/): pass that folder "
                                                "for them",))
+        beside = training_state_files(path)
+        if beside:  # transformers Trainer checkpoint-N/, accelerate save_state: the model is what was read
+            from dataclasses import replace
+
+            ck = replace(ck, notes=ck.notes + (
+                f"training state beside the weights, not read: {', '.join(beside)} (each reads on its own: "
+                f"ckpt-surgeon inspect {os.path.join(path, beside[0])})",))
     return ck
+
+
+_STATE_FILE = re.compile(r"^(optimizer|scheduler|scaler|lr_scheduler)(_\d+)?\.(pt|bin|pth)$|"
+                         r"^(rng_state|random_states)(_\d+)?\.(pth|pkl)$|^(trainer_state\.json|training_args\.bin)$")
+
+
+def training_state_files(folder: str) -> list[str]:
+    """The files a transformers Trainer checkpoint-N/ or an accelerate save_state folder keeps
+    beside the model's weights (optimizer, scheduler, AMP scaler, RNG states, trainer state)."""
+    try:
+        return sorted(f for f in os.listdir(folder) if _STATE_FILE.match(f))
+    except OSError:
+        return []
 
 
 def _load(path: str, key, trust_pickle) -> Checkpoint:

@@ -23,6 +23,11 @@ own, the expected CPU tensors are saved as ``<name>.expected.pt`` (plain torch.s
   hf_llama/              transformers LlamaForCausalLM (bf16, on the GPU) save_pretrained, sharded safetensors
   hf_gpt2/               transformers GPT2 (tied head) save_pretrained(safe_serialization=False): .bin
                          where that version still writes one, else model.safetensors
+  hf_trainer/checkpoint-2/  transformers Trainer (bf16) checkpoint folder: model, optimizer.pt,
+                         scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin
+  accelerate_state/      accelerate Accelerator(mixed_precision='fp16').save_state folder
+  peft_lora/             a PEFT LoRA adapter on a tiny Llama
+  lightning_fsdp.ckpt/   Lightning FSDPStrategy(state_dict_type='sharded') checkpoint folder
 """
 
 from __future__ import annotations
@@ -241,6 +246,89 @@ def hf(out, device, tmp):
     torch.save(cpu_copy(gpt.state_dict()), out / "hf_gpt2.expected.pt")
 
 
+def _tiny_llama(transformers, device):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).to(device)
+
+
+def hf_trainer(out, device, tmp):
+    """transformers Trainer, two steps, checkpoint-2/ as the Trainer writes it (model.safetensors,
+    optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin)."""
+    import transformers
+
+    model = _tiny_llama(transformers, device)
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (8, 16), generator=g)]
+    args = transformers.TrainingArguments(output_dir=str(Path(tmp) / "run"), max_steps=2, save_steps=2,
+                                          per_device_train_batch_size=4, report_to=[], logging_steps=1,
+                                          bf16=device.type == "cuda", use_cpu=device.type != "cuda")
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    shutil.copytree(Path(tmp) / "run" / "checkpoint-2", out / "hf_trainer" / "checkpoint-2")
+    torch.save(cpu_copy(model.state_dict()), out / "hf_trainer.expected.pt")
+
+
+def accelerate_state(out, device, tmp):
+    """accelerate's Accelerator.save_state folder after an fp16 AMP step (model.safetensors,
+    optimizer.bin, scheduler.bin, scaler.pt, random_states_0.pkl)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(mixed_precision="fp16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    net, opt, sched = acc.prepare(net, opt, sched)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 8, 8, generator=g).to(acc.device)
+    y = torch.randint(0, 10, (4,), generator=g).to(acc.device)
+    loss = nn.functional.cross_entropy(net(x), y)
+    acc.backward(loss)
+    opt.step()
+    sched.step()
+    acc.save_state(str(out / "accelerate_state"))
+    torch.save(cpu_copy(acc.unwrap_model(net).state_dict()), out / "accelerate_state.expected.pt")
+
+
+def peft_lora(out, device, tmp):
+    """A PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) on a tiny Llama."""
+    import peft
+    import transformers
+
+    model = _tiny_llama(transformers, device)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    lora.save_pretrained(str(out / "peft_lora"))
+    torch.save(cpu_copy(peft.get_peft_model_state_dict(lora)), out / "peft_lora.expected.pt")
+
+
+def lightning_fsdp(out, device, tmp):
+    """Lightning's FSDPStrategy with sharded state dicts: the checkpoint is a folder (meta.pt and a
+    torch.distributed.checkpoint save of model and optimizer)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.strategies import FSDPStrategy
+    from make_lightning import Net as LNet
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if device.type != "cuda":
+        raise RuntimeError("Lightning's FSDPStrategy needs CUDA")
+    torch.manual_seed(0)
+    dl = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=8)
+    net = LNet()
+    run = Path(tmp) / "fsdp"
+    trainer = L.Trainer(max_epochs=1, accelerator="gpu", devices=1, strategy=FSDPStrategy(state_dict_type="sharded"),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ModelCheckpoint(dirpath=run, save_last=True)])
+    trainer.fit(net, dl, dl)
+    shutil.copytree(run / "last.ckpt", out / "lightning_fsdp.ckpt")
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in net.state_dict().items()}
+    torch.save(cpu_copy(full), out / "lightning_fsdp.expected.pt")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -253,7 +341,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = []
-    for step in (plain, ddp, fsdp2, lightning, timm_saver, hf):
+    for step in (plain, ddp, fsdp2, lightning, timm_saver, hf, hf_trainer, accelerate_state, peft_lora, lightning_fsdp):
         if args.only and step.__name__ not in args.only.split(","):
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -270,7 +358,7 @@ def main(argv=None):
     info = f"torch {torch.__version__}"
     if device.type == "cuda":
         info += f", {torch.cuda.get_device_name(device)}"
-    for mod in ("transformers", "lightning", "timm"):
+    for mod in ("transformers", "lightning", "timm", "accelerate", "peft"):
         with contextlib.suppress(Exception):
             info += f", {mod} {__import__(mod).__version__}"
     (out / "MADE_WITH.txt").write_text(info + "\n")
