@@ -10,7 +10,6 @@ GPU session runs them on freshly made files before they are committed)."""
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import pytest
