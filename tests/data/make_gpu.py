@@ -273,7 +273,9 @@ def accelerate_state(out, device, tmp):
     """accelerate's Accelerator.save_state folder after an fp16 AMP step (model.safetensors,
     optimizer.bin, scheduler.bin, scaler.pt, random_states_0.pkl)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # the Trainer step before set up its own (bf16)
     acc = Accelerator(mixed_precision="fp16" if device.type == "cuda" else "no", cpu=device.type != "cuda")
     torch.manual_seed(0)
     net = Net()
