@@ -40,15 +40,16 @@ class LazyGroup(click.Group):
         return sorted(set(self.commands) | set(self._plugin_commands()))
 
     def get_command(self, ctx, name):
-        if name in self.commands:
-            return self.commands[name]
-        return self._plugin_commands().get(name)
+        cmd = self.commands[name] if name in self.commands else self._plugin_commands().get(name)
+        if cmd is not None:
+            _accept_global_flags(cmd)
+        return cmd
 
     def invoke(self, ctx):
-        debug = ctx.params.get("debug", False)
         try:
             return super().invoke(ctx)
         except CkptSurgeonError as e:
+            debug = state(ctx).get("debug", False)
             if debug:
                 import traceback
 
@@ -61,6 +62,7 @@ class LazyGroup(click.Group):
             click.echo("ckpt-surgeon: interrupted", err=True)
             ctx.exit(130)
         except RecursionError:  # only a (hostile) input nested thousands of levels deep gets here
+            debug = state(ctx).get("debug", False)
             if debug:
                 import traceback
 
@@ -69,6 +71,7 @@ class LazyGroup(click.Group):
                        "(more levels than Python's recursion limit)", err=True)
             ctx.exit(EXIT_ERROR)
         except Exception as e:  # a bug: still one line unless --debug
+            debug = state(ctx).get("debug", False)
             if debug:
                 import traceback
 
@@ -79,10 +82,27 @@ class LazyGroup(click.Group):
             ctx.exit(EXIT_ERROR)
 
 
+def _set_global_flag(ctx, param, value):
+    if value:
+        state(ctx)[param.name] = True
+
+
+def _accept_global_flags(cmd: click.Command) -> None:
+    """-q/--quiet and --debug after the command name too (``ckpt-surgeon convert a.pt -o b.pt -q``),
+    with the same effect as before it; added once per command, where the command has no such option."""
+    taken = {opt for p in cmd.params for opt in getattr(p, "opts", ())}
+    if "--quiet" not in taken and "-q" not in taken:
+        cmd.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_global_flag,
+                                       help="No progress bars or notes (also accepted before the command)."))
+    if "--debug" not in taken:
+        cmd.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_global_flag,
+                                       is_eager=True, help="Show tracebacks for errors (also before the command)."))
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="ckpt-surgeon")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
 @click.pass_context
 def main_group(ctx, debug, quiet):
     """PyTorch checkpoint surgery: inspect, strip prefixes, rename, extract, convert, diff, verify.

@@ -234,3 +234,22 @@ def test_a_compressed_checkpoint_is_named(tmp_path, cli):
         (tmp_path / name).write_bytes(data)
         code, _, err = cli("inspect", tmp_path / name)
         assert code == 2 and f"{what}-compressed: decompress it first" in err, err
+
+
+def test_quiet_and_debug_work_after_the_command_too(sample_dir, tmp_path, cli):
+    from pathlib import Path
+
+    src = Path(__file__).parent / "data" / "gpu" / "lightning_fsdp.ckpt"
+    code, out, err = cli("convert", src, "-o", tmp_path / "a.safetensors")
+    assert code == 0 and "note: merged Lightning's meta.pt" in err
+    for args in (("-q", "convert", src, "-o", tmp_path / "b.safetensors"),
+                 ("convert", src, "-o", tmp_path / "c.safetensors", "-q"),
+                 ("convert", src, "--quiet", "-o", tmp_path / "d.safetensors")):
+        code, out, err = cli(*args)
+        assert code == 0 and "note:" not in err, args
+    code, _, err = cli("strip-prefix", tmp_path / "missing.pt", "-o", tmp_path / "x.pt", "--debug")
+    assert code == 2 and "Traceback" in err and err.strip().endswith("no such file or directory")
+    code, _, err = cli("strip-prefix", tmp_path / "missing.pt", "-o", tmp_path / "x.pt")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    code, out, _ = cli("diff", "--help")
+    assert "-q, --quiet" in out and "--debug" in out
