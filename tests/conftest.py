@@ -113,3 +113,29 @@ def seednet_sd(models):
 def models_py():
     """'path/to/samples/models.py' for --model specs."""
     return str(SAMPLES / "models.py")
+
+
+def same_tree(a, b, where=""):
+    """Two nested structures of dicts, lists, tuples, tensors and plain values are equal: same
+    types, same keys in the same order, tensors bitwise equal with the same dtype and shape."""
+    import torch
+
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_tree(x, y, f"{where}/{i}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu()), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def same():
+    """same_tree (above) for tests: ``same(a, b)``."""
+    return same_tree

@@ -40,23 +40,7 @@ def trained(tmp_path):
     return net, folder
 
 
-def _equal(a, b, where=""):
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
-def test_dcp_folder_reads_lazily_like_torchs_own_converter(trained, tmp_path, cli):
+def test_dcp_folder_reads_lazily_like_torchs_own_converter(trained, tmp_path, cli, same):
     net, folder = trained
     ck = cs.load(folder)
     assert ck.source.format == "dcp" and ck.source.lazy and ck.sd_path == ("model",)
@@ -72,7 +56,7 @@ def test_dcp_folder_reads_lazily_like_torchs_own_converter(trained, tmp_path, cl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp_to_torch_save(str(folder), str(tmp_path / "theirs.pt"))
-    _equal(torch.load(tmp_path / "theirs.pt", weights_only=False), torch.load(tmp_path / "ours.pt", weights_only=True))
+    same(torch.load(tmp_path / "theirs.pt", weights_only=False), torch.load(tmp_path / "ours.pt", weights_only=True))
 
     code, _, err = cli("extract", folder, "-o", tmp_path / "first.safetensors", "--layers", "0")
     assert code == 0, err

@@ -36,26 +36,9 @@ def _cpu_load(path, **kw):
     return torch.load(path, map_location="cpu", weights_only=True, **kw)
 
 
-def _same(a, b, where=""):
-    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), where
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for k in a:
-            _same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu()), where
-    else:
-        assert a == b, where
-
-
-def _same_set(a, b):
-    """Same tensors by name; order aside (safetensors files keep their keys sorted)."""
-    assert sorted(a) == sorted(b)
-    _same({k: a[k] for k in sorted(a)}, {k: b[k] for k in sorted(b)})
+def _by_name(d) -> dict:
+    """A state dict with its keys sorted (safetensors files keep their keys sorted)."""
+    return {k: d[k] for k in sorted(d)}
 
 
 def _locations(path) -> set[str]:
@@ -78,7 +61,7 @@ def test_the_fixtures_were_saved_on_a_gpu():
 
 @pytest.mark.parametrize("name", ["cuda_state_dict.pt", "cuda_legacy.pt", "cuda_tensors.pt", "compile_ddp.pt",
                                   "ddp_compile.pt"])
-def test_gpu_saved_tensors_read_to_cpu_and_rewrite_for_cpu(name, tmp_path):
+def test_gpu_saved_tensors_read_to_cpu_and_rewrite_for_cpu(name, tmp_path, same):
     ref = _cpu_load(GPU / name)
     ck = cs.load(GPU / name)
     assert ck.source.lazy and list(ck.state) == list(ref)
@@ -89,18 +72,18 @@ def test_gpu_saved_tensors_read_to_cpu_and_rewrite_for_cpu(name, tmp_path):
     cs.save(ck, tmp_path / "out.pt")
     assert _locations(tmp_path / "out.pt") == {"cpu"}
     out = torch.load(tmp_path / "out.pt", weights_only=True)  # no map_location needed any more
-    _same(out, ref)
+    same(out, ref)
     out = torch.load(tmp_path / "out.pt", weights_only=True, mmap=True)
-    _same(out, ref)
+    same(out, ref)
     if name == "cuda_tensors.pt":  # views keep sharing one storage, as they did on the GPU
         storage = out["weight"].untyped_storage().data_ptr()
         assert all(out[k].untyped_storage().data_ptr() == storage for k in ("weight_t", "rows_2_5", "every_other"))
         assert out["rows_2_5"].storage_offset() == 2 * out["weight"].shape[1]
     cs.save(ck, tmp_path / "out.safetensors")
-    _same(load_file(tmp_path / "out.safetensors"), {k: v.contiguous() for k, v in ref.items()})
+    same(load_file(tmp_path / "out.safetensors"), {k: v.contiguous() for k, v in ref.items()})
 
 
-def test_ddp_resume_file_strip_prefix_keeps_optimizer_scaler_and_rng(tmp_path, cli):
+def test_ddp_resume_file_strip_prefix_keeps_optimizer_scaler_and_rng(tmp_path, cli, same):
     Net = _make_gpu().Net
     src = _cpu_load(GPU / "ddp_resume.pt")
     assert src["optimizer_state_dict"]["state"][0]["exp_avg"].numel() > 0
@@ -110,49 +93,49 @@ def test_ddp_resume_file_strip_prefix_keeps_optimizer_scaler_and_rng(tmp_path, c
     out = torch.load(tmp_path / "plain.pt", weights_only=True)
     assert list(out) == list(src)
     for k in ("epoch", "optimizer_state_dict", "scaler", "loss", "rng"):
-        _same(out[k], src[k], k)
+        same(out[k], src[k], k)
     net = Net()
     net.load_state_dict(out["model_state_dict"])  # strict
-    _same(dict(net.state_dict()), {k[len("module."):]: v for k, v in src["model_state_dict"].items()})
+    same(dict(net.state_dict()), {k[len("module."):]: v for k, v in src["model_state_dict"].items()})
     code, stdout, err = cli("verify", GPU / "ddp_resume.pt", tmp_path / "plain.pt", "--model", NET,
                             "--input-shape", "2,3,8,8")
     assert code == 0, stdout + err
 
 
 @pytest.mark.parametrize("name", ["compile_ddp.pt", "ddp_compile.pt"])
-def test_compile_and_ddp_prefix_stacks_strip_in_either_order(name, tmp_path, cli):
+def test_compile_and_ddp_prefix_stacks_strip_in_either_order(name, tmp_path, cli, same):
     code, out, err = cli("inspect", GPU / name)
     assert code == 0 and ("_orig_mod.module." if name.startswith("compile") else "module._orig_mod.") in out, err
     code, _, err = cli("strip-prefix", GPU / name, "-o", tmp_path / "plain.safetensors")
     assert code == 0, err
     model = _cpu_load(GPU / "ddp_resume.pt")["model_state_dict"]
-    _same(load_file(tmp_path / "plain.safetensors"), {k[len("module."):]: v for k, v in model.items()})
+    same(load_file(tmp_path / "plain.safetensors"), {k[len("module."):]: v for k, v in model.items()})
 
 
-def test_whole_model_saved_on_gpu(tmp_path, cli):
+def test_whole_model_saved_on_gpu(tmp_path, cli, same):
     code, _, err = cli("inspect", GPU / "whole_model_cuda.pt")
     assert code == 2 and "__main__.Net" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     expected = torch.load(GPU / "whole_model_cuda.expected.pt", weights_only=True)
     ck = cs.load(GPU / "whole_model_cuda.pt", trust_pickle="inert")
-    _same(dict(ck.torch_state_dict()), dict(expected))
+    same(dict(ck.torch_state_dict()), dict(expected))
     code, _, err = cli("convert", GPU / "whole_model_cuda.pt", "--inert-pickle", "-o", tmp_path / "w.safetensors")
     assert code == 0, err
-    _same(load_file(tmp_path / "w.safetensors"), dict(expected))
+    same(load_file(tmp_path / "w.safetensors"), dict(expected))
 
 
-def test_fsdp2_dcp_folder_and_torch_saved_dtensors(tmp_path, cli):
+def test_fsdp2_dcp_folder_and_torch_saved_dtensors(tmp_path, cli, same):
     expected = torch.load(GPU / "fsdp2.expected.pt", weights_only=True)
     ck = cs.load(GPU / "fsdp2_dcp")
     assert ck.source.format == "dcp" and ck.sd_path == ("model",)
-    _same(dict(ck.torch_state_dict()), dict(expected))
+    same(dict(ck.torch_state_dict()), dict(expected))
     ck = cs.load(GPU / "fsdp2_rank0.pt")
-    _same(dict(ck.torch_state_dict()), dict(expected))
+    same(dict(ck.torch_state_dict()), dict(expected))
     for src in ("fsdp2_dcp", "fsdp2_rank0.pt"):
         code, _, err = cli("convert", GPU / src, "-o", tmp_path / f"{src}.pt")
         assert code == 0, err
         out = torch.load(tmp_path / f"{src}.pt", weights_only=True)
         sd = out["model"] if src == "fsdp2_dcp" else out
-        _same(dict(sd), dict(expected))
+        same(dict(sd), dict(expected))
         if src == "fsdp2_dcp":  # the optimizer's sharded moments come out whole, keyed by name
             assert out["optim"]["state"]["head.weight"]["exp_avg"].shape == expected["head.weight"].shape
             assert out["step"] == 2
@@ -161,11 +144,11 @@ def test_fsdp2_dcp_folder_and_torch_saved_dtensors(tmp_path, cli):
     assert code == 0, stdout + err
 
 
-def test_lightning_mixed_precision_checkpoint_from_gpu(tmp_path, cli):
+def test_lightning_mixed_precision_checkpoint_from_gpu(tmp_path, cli, same):
     expected = torch.load(GPU / "lightning_16mixed.expected.pt", weights_only=True)
     ck = cs.load(GPU / "lightning_16mixed.ckpt")
     assert ck.sd_path == ("state_dict",)
-    _same(dict(ck.torch_state_dict()), dict(expected))
+    same(dict(ck.torch_state_dict()), dict(expected))
     src = _cpu_load(GPU / "lightning_16mixed.ckpt")
     code, _, err = cli("strip-prefix", GPU / "lightning_16mixed.ckpt", "-o", tmp_path / "s.ckpt")
     assert code == 0, err
@@ -173,10 +156,10 @@ def test_lightning_mixed_precision_checkpoint_from_gpu(tmp_path, cli):
     assert list(out) == list(src) and list(out["state_dict"]) == [k[len("model."):] for k in expected]
     for k in src:
         if k != "state_dict":
-            _same(out[k], src[k], k)
+            same(out[k], src[k], k)
 
 
-def test_timm_checkpoint_saver_output(tmp_path, cli):
+def test_timm_checkpoint_saver_output(tmp_path, cli, same):
     import argparse
 
     path = GPU / "timm" / "last.pth.tar"
@@ -186,19 +169,19 @@ def test_timm_checkpoint_saver_output(tmp_path, cli):
     assert {"optimizer", "amp_scaler", "args", "epoch", "metric"} <= set(src)
     ck = cs.load(path)  # argparse.Namespace args: read by default
     assert ck.sd_path == ("state_dict",) and "state_dict_ema" in ck.candidates
-    _same(dict(ck.torch_state_dict()), dict(expected["model"]))
+    same(dict(ck.torch_state_dict()), dict(expected["model"]))
     ema = cs.load(path, key="state_dict_ema")
-    _same(dict(ema.torch_state_dict()), dict(expected["ema"]))
+    same(dict(ema.torch_state_dict()), dict(expected["ema"]))
     assert not all(torch.equal(v, expected["model"][k]) for k, v in expected["ema"].items())  # a real EMA
     code, _, err = cli("extract", path, "--layers", "layer1", "-o", tmp_path / "layer1.pth.tar")
     assert code == 0, err
     with torch.serialization.safe_globals([argparse.Namespace]):
         out = torch.load(tmp_path / "layer1.pth.tar", weights_only=True)
     assert set(out["state_dict"]) == {k for k in src["state_dict"] if k.startswith("layer1.")}
-    _same(out["args"], src["args"])
+    same(out["args"], src["args"])
     code, _, err = cli("convert", path, "--key", "state_dict_ema", "-o", tmp_path / "ema.safetensors")
     assert code == 0, err
-    _same(load_file(tmp_path / "ema.safetensors"), {k: v.contiguous() for k, v in expected["ema"].items()})
+    same(load_file(tmp_path / "ema.safetensors"), {k: v.contiguous() for k, v in expected["ema"].items()})
     code, out, err = cli("inspect", path)
     assert code == 0 and "state_dict_ema" in out, err
 
@@ -232,21 +215,21 @@ def test_transformers_folders_saved_from_gpu(name, tmp_path, cli):
     assert code == 0, stdout + err
 
 
-def test_transformers_trainer_checkpoint_folder(tmp_path, cli):
+def test_transformers_trainer_checkpoint_folder(tmp_path, cli, same):
     """A Trainer checkpoint-N/ (bf16 on the GPU): the model is what the folder reads as, the training
     state beside it is named, and every file in it reads on its own."""
     pytest.importorskip("transformers")
     folder = GPU / "hf_trainer" / "checkpoint-2"
     expected = torch.load(GPU / "hf_trainer.expected.pt", weights_only=True)
     ck = cs.load(folder)
-    _same_set(ck.torch_state_dict(), expected)
+    same(_by_name(ck.torch_state_dict()), _by_name(expected))
     note = next(n for n in ck.notes if n.startswith("training state beside the weights"))
     assert all(f in note for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"))
     opt = cs.load(folder / "optimizer.pt", key="state/0")  # AdamW moments, saved on the GPU
     src = _cpu_load(folder / "optimizer.pt")
-    _same(dict(opt.torch_state_dict()), dict(src["state"][0]))
+    same(dict(opt.torch_state_dict()), dict(src["state"][0]))
     cs.save(cs.load(folder / "optimizer.pt", key="state/0"), tmp_path / "opt.pt")
-    _same(torch.load(tmp_path / "opt.pt", weights_only=True), src)  # the whole file, rewritten for the CPU
+    same(torch.load(tmp_path / "opt.pt", weights_only=True), src)  # the whole file, rewritten for the CPU
     rng = cs.load(folder / "rng_state.pth")  # python, numpy (arrays) and CPU/CUDA RNG states: all read
     assert list(rng.state) == ["python", "numpy", "cpu", "cuda"]
     cuda_rng = rng.state["cuda"].to_torch()  # (torch.load wants numpy allowlisted for this file)
@@ -258,34 +241,34 @@ def test_transformers_trainer_checkpoint_folder(tmp_path, cli):
     assert code == 0, stdout + err
 
 
-def test_accelerate_save_state_folder(tmp_path, cli):
+def test_accelerate_save_state_folder(tmp_path, cli, same):
     folder = GPU / "accelerate_state"
     expected = torch.load(GPU / "accelerate_state.expected.pt", weights_only=True)
     ck = cs.load(folder)
-    _same_set(ck.torch_state_dict(), expected)
+    same(_by_name(ck.torch_state_dict()), _by_name(expected))
     note = next(n for n in ck.notes if n.startswith("training state beside the weights"))
     assert "optimizer.bin" in note and "random_states_0.pkl" in note and "scaler.pt" in note
     scaler = _cpu_load(folder / "scaler.pt")  # the AMP GradScaler's state: no tensors, read as it is
     assert cs.summary.inspect(folder / "scaler.pt")["wrapper"]["scale"] == str(scaler["scale"])
     cs.save(cs.load(folder / "optimizer.bin", key="state/0"), tmp_path / "opt.bin")
-    _same(torch.load(tmp_path / "opt.bin", weights_only=True), _cpu_load(folder / "optimizer.bin"))
+    same(torch.load(tmp_path / "opt.bin", weights_only=True), _cpu_load(folder / "optimizer.bin"))
     code, out, err = cli("scan", folder)
     assert code == 0, out + err
 
 
-def test_peft_lora_adapter_folder(tmp_path, cli):
+def test_peft_lora_adapter_folder(tmp_path, cli, same):
     expected = torch.load(GPU / "peft_lora.expected.pt", weights_only=True)
     ck = cs.load(GPU / "peft_lora")
-    _same_set(ck.torch_state_dict(), expected)
+    same(_by_name(ck.torch_state_dict()), _by_name(expected))
     assert all(k.startswith("base_model.model.") and ".lora_" in k for k in ck.state)
     code, _, err = cli("strip-prefix", GPU / "peft_lora", "--prefix", "base_model.model.", "-o",
                        tmp_path / "lora.safetensors")
     assert code == 0, err
     got = load_file(tmp_path / "lora.safetensors")
-    _same_set(got, {k[len("base_model.model."):]: v for k, v in expected.items()})
+    same(_by_name(got), _by_name({k[len("base_model.model."):]: v for k, v in expected.items()}))
 
 
-def test_lightning_fsdp_sharded_folder_becomes_a_lightning_checkpoint(tmp_path, cli):
+def test_lightning_fsdp_sharded_folder_becomes_a_lightning_checkpoint(tmp_path, cli, same):
     """Lightning FSDPStrategy(state_dict_type='sharded') on the GPU writes a folder: DCP files plus
     meta.pt. Read, it is laid out as Lightning's consolidate_checkpoint lays it out (checked by hand
     to be equal, and that load_from_checkpoint and Trainer.fit(ckpt_path=...) accept the output)."""
@@ -293,14 +276,14 @@ def test_lightning_fsdp_sharded_folder_becomes_a_lightning_checkpoint(tmp_path, 
     expected = torch.load(GPU / "lightning_fsdp.expected.pt", weights_only=True)
     ck = cs.load(folder)
     assert ck.source.format == "dcp" and ck.sd_path == ("state_dict",)
-    _same(dict(ck.torch_state_dict()), dict(expected))
+    same(dict(ck.torch_state_dict()), dict(expected))
     code, _, err = cli("convert", folder, "-o", tmp_path / "one.ckpt")
     assert code == 0, err
     out = torch.load(tmp_path / "one.ckpt", weights_only=True)
     assert list(out)[:2] == ["state_dict", "optimizer_states"] and "model" not in out
     assert {"epoch", "global_step", "pytorch-lightning_version", "loops", "callbacks", "lr_schedulers",
             "hyper_parameters"} <= set(out)
-    _same(dict(out["state_dict"]), dict(expected))
+    same(dict(out["state_dict"]), dict(expected))
     (state,) = out["optimizer_states"]
     assert set(state["state"]) == {k for k in expected if not k.endswith(("running_mean", "running_var",
                                                                          "num_batches_tracked"))}
