@@ -260,6 +260,7 @@ def test_peft_lora_adapter_folder(tmp_path, cli, same):
     expected = torch.load(GPU / "peft_lora.expected.pt", weights_only=True)
     ck = cs.load(GPU / "peft_lora")
     same(_by_name(ck.torch_state_dict()), _by_name(expected))
+    assert "PEFT LORA adapter (r=4, alpha=8; on q_proj, v_proj; for LlamaForCausalLM)" in " ".join(ck.notes)
     assert all(k.startswith("base_model.model.") and ".lora_" in k for k in ck.state)
     code, _, err = cli("strip-prefix", GPU / "peft_lora", "--prefix", "base_model.model.", "-o",
                        tmp_path / "lora.safetensors")

@@ -44,6 +44,11 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
             where = os.path.relpath(states, path)
             ck = replace(ck, notes=ck.notes + (f"DeepSpeed states are also here ({where}/): pass that folder "
                                                "for them",))
+        adapter = peft_adapter(path)
+        if adapter:
+            from dataclasses import replace
+
+            ck = replace(ck, notes=ck.notes + (adapter,))
         beside = training_state_files(path)
         if beside:  # transformers Trainer checkpoint-N/, accelerate save_state: the model is what was read
             from dataclasses import replace
@@ -52,6 +57,32 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
                 f"training state beside the weights, not read: {', '.join(beside)} (each reads on its own: "
                 f"ckpt-surgeon inspect {os.path.join(path, beside[0])})",))
     return ck
+
+
+def peft_adapter(folder: str) -> str | None:
+    """One line on a PEFT adapter folder (adapter_config.json): its method, rank and targets, and
+    the base model its keys (``base_model.model.``...) belong to. None where there is none."""
+    try:
+        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    kind = str(cfg.get("peft_type") or "PEFT")
+    parts = [f"PEFT {kind} adapter"]
+    if cfg.get("r") is not None:
+        parts.append(f"r={cfg['r']}" + (f", alpha={cfg['lora_alpha']}" if cfg.get("lora_alpha") is not None else ""))
+    targets = cfg.get("target_modules")
+    if isinstance(targets, (list, tuple)) and targets:
+        parts.append("on " + ", ".join(sorted(map(str, targets))))
+    elif isinstance(targets, str):
+        parts.append(f"on modules matching {targets!r}")
+    base = cfg.get("base_model_name_or_path") or (cfg.get("auto_mapping") or {}).get("base_model_class")
+    if base:
+        parts.append(f"for {base}")
+    return " ".join(parts[:1]) + (" (" + "; ".join(parts[1:]) + ")" if len(parts) > 1 else "") + \
+        ": these are the adapter's weights only, not the base model's"
 
 
 _STATE_FILE = re.compile(r"^(optimizer|scheduler|scaler|lr_scheduler)(_\d+)?\.(pt|bin|pth)$|"
