@@ -125,3 +125,98 @@ def test_gpt2_through_a_dcp_folder_computes_the_same(tmp_path):
     x = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         assert torch.equal(fresh(x).logits, model(x).logits)
+
+
+def _llama(tmp_path, shard="40KB"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "llama", max_shard_size=shard)
+    return model, tmp_path / "llama"
+
+
+def test_resharded_folder_loads_with_from_pretrained(tmp_path, cli):
+    """A sharded output of a model folder carries the folder's config (and tokenizer, template,
+    code) so that from_pretrained loads it."""
+    model, folder = _llama(tmp_path)
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "optimizer.pt").write_bytes(b"training state: not copied")
+    code, out, err = cli("convert", folder, "-o", tmp_path / "one", "--max-shard-size", "1GB")
+    assert code == 0 and "copied from the source folder: config.json, generation_config.json, tokenizer_config.json" \
+        in out, out + err
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "one")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, cli, monkeypatch):
+    """In place, the input's shards are read while the new ones are written: nothing the earlier
+    checkpoint uses is replaced before every new byte is written, and the switch is one rename.
+    (Before, a re-shard with the same shard count read a tensor from a shard it had already
+    replaced: 'source ended early', and the folder was left broken.)"""
+    from ckptsurgeon.formats import hf
+
+    model, folder = _llama(tmp_path, shard="20KB")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    before = sorted(p.name for p in folder.iterdir())
+    n_before = len([p for p in before if p.startswith("model-")])
+
+    def loads_as_expected():
+        sd = cs.load(folder).torch_state_dict()
+        assert set(sd) == set(expected) and all(torch.equal(sd[k], expected[k]) for k in expected)
+
+    # a crash while the second new shard is written: the earlier checkpoint is whole, nothing left over
+    real = hf.st.write_data
+    calls = []
+
+    def crash_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf.st, "write_data", crash_on_second)
+    code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", "30KB")
+    assert code == 2 and "no space left" in err.lower()
+    monkeypatch.setattr(hf.st, "write_data", real)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    loads_as_expected()
+
+    for size in ("30KB", f"{n_before}MB", "1GB", "20KB"):  # other counts, one file, back to shards
+        code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", size)
+        assert code == 0, err
+        loads_as_expected()
+        names = sorted(p.name for p in folder.iterdir())
+        assert not any("ckpt-surgeon" in n or n.startswith(".") for n in names), names
+        shards = [n for n in names if n.startswith("model")]
+        assert shards == ["model.safetensors"] or ("model.safetensors" not in shards and hf.INDEX in shards)
+        again = transformers.LlamaForCausalLM.from_pretrained(folder)  # transformers reads the same
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
+
+    # no hard links on this file system: the shards keep their interim names, the index names them
+    monkeypatch.setattr(hf.os, "link", lambda *a: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", "30KB")
+    assert code == 0, err
+    loads_as_expected()
+    assert all(".safetensors.ckpt-surgeon-" in v for v in json.loads((folder / hf.INDEX).read_text())["weight_map"].values())
+    monkeypatch.undo()
+    code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", "20KB")
+    assert code == 0, err  # with hard links again: usual names, the interim ones cleaned up
+    loads_as_expected()
+    assert not any("ckpt-surgeon" in p.name for p in folder.iterdir())
+
+
+def test_a_folder_with_a_single_file_and_a_stale_index_reads_as_transformers_does(tmp_path):
+    model, folder = _llama(tmp_path, shard="20KB")
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors")
+    ck = cs.load(folder)
+    assert ck.source.path.endswith("model.safetensors")
+    assert any("as transformers would" in n and "model.safetensors.index.json" in n for n in ck.notes)
+    again = transformers.LlamaForCausalLM.from_pretrained(folder)
+    assert all(torch.equal(ck.state[k].to_torch(), again.state_dict()[k]) for k in sd)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections import OrderedDict
 
-from ..atomic import atomic_output, fsync_wanted
+from ..atomic import _fsync_dir, atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
 from . import safetensors as st
@@ -23,13 +24,28 @@ def sniff(path: str, head: bytes) -> bool:
     return os.path.isdir(path) or path.endswith(".index.json")
 
 
-def find_index(folder: str) -> str | None:
-    for name in INDEX_NAMES:
-        p = os.path.join(folder, name)
-        if os.path.isfile(p):
-            return p
+# What a model folder's weights are, in the order transformers' from_pretrained looks for them
+# (a single safetensors file before its index, safetensors before .bin): a folder holding both a
+# model.safetensors and a stale index reads as the model transformers would load.
+_PRECEDENCE = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+               "diffusion_pytorch_model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+               "diffusion_pytorch_model.bin", "model.pt", "model.pth")
+
+
+def find_weights(folder: str) -> tuple[str | None, list[str]]:
+    """(the weights file or index a model folder is read from, the other known weight files
+    beside it that it takes precedence over); (None, []) where none of the known names is there."""
+    present = [n for n in _PRECEDENCE if os.path.isfile(os.path.join(folder, n))]
+    if present:
+        return os.path.join(folder, present[0]), present[1:]
     found = sorted(f for f in os.listdir(folder) if f.endswith(".index.json"))
-    return os.path.join(folder, found[0]) if len(found) == 1 else None
+    return (os.path.join(folder, found[0]), []) if len(found) == 1 else (None, [])
+
+
+def find_index(folder: str) -> str | None:
+    """The index a folder is read through, or None (no index, or a single file comes first)."""
+    picked, _ = find_weights(folder)
+    return picked if picked and picked.endswith(".index.json") else None
 
 
 def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
@@ -102,12 +118,18 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
     from ..loading import load_file
 
     if os.path.isdir(path):
-        index = find_index(path)
+        picked, shadowed = find_weights(path)
+        if picked is not None and shadowed:
+            ck = _load(picked, key, trust_pickle)
+            from dataclasses import replace
+
+            return replace(ck, notes=ck.notes + (
+                f"read {os.path.basename(picked)}, as transformers would; also here and not read: "
+                f"{', '.join(shadowed)}",))
+        index = picked if picked and picked.endswith(".index.json") else None
         if index is None:
-            for name in SINGLE_NAMES:
-                p = os.path.join(path, name)
-                if os.path.isfile(p):
-                    return load_file(p, key=key, trust_pickle=trust_pickle)
+            if picked is not None:
+                return load_file(picked, key=key, trust_pickle=trust_pickle)
             weights = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_EXT))
             if len(weights) == 1:
                 return load_file(os.path.join(path, weights[0]), key=key, trust_pickle=trust_pickle)
@@ -123,6 +145,8 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
             raise NotACheckpointError(
                 f"{path} is a directory without a weights index or a single weights file",
                 hint="pass the file itself" if weights else "expected model.safetensors or an *.index.json")
+    elif not path.endswith(".index.json"):
+        return load_file(path, key=key, trust_pickle=trust_pickle)
     else:
         index = path
     return load_index(index, trust_pickle=trust_pickle)
@@ -261,22 +285,129 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     total = sum(r.nbytes for _, r in items)
     report = {"output": out_dir, "format": "hf-sharded", "shards": names, "tensors": len(items),
               "bytes": total, "tied": tied, "notes": notes}
+    side = side_files(ck, out_dir)
+    stale = _our_weight_files(out_dir) - set(names) if os.path.isdir(out_dir) else set()
+    if n > 1:
+        stale.discard(INDEX)
+    if side:
+        report["notes"] = report["notes"] + [f"copied from the source folder: {', '.join(side)}"]
+    if stale:
+        report["notes"] = report["notes"] + [f"replaced the earlier weights here: {', '.join(sorted(stale))}"]
     if dry_run:
         return report
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise OutputError(f"output directory {parent} does not exist")
     os.makedirs(out_dir, exist_ok=True)
+    _commit_shards(out_dir, names, groups, total, progress)
+    src_folder = _model_folder(ck)
+    for f in side:
+        with open(os.path.join(src_folder, f), "rb") as src, atomic_output(os.path.join(out_dir, f)) as fd:
+            while chunk := src.read(1 << 20):
+                os.write(fd, chunk)
+    return report
+
+
+INDEX = "model.safetensors.index.json"
+# shards as this writer names them, also under the interim name a file system without hard links keeps
+_OUR_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors(\.ckpt-surgeon-[0-9a-f]{8})?$")
+
+
+def _our_weight_files(folder: str) -> set[str]:
+    """Files in ``folder`` named as this writer names its output (single file, index, shards)."""
+    try:
+        return {f for f in os.listdir(folder) if f in ("model.safetensors", INDEX) or _OUR_SHARD.match(f)}
+    except OSError:
+        return set()
+
+
+def _commit_shards(out_dir: str, names: list[str], groups: list, total: int, progress) -> None:
+    """Write the shards so that at every moment the folder reads (in transformers' order: single
+    file, then index) as the complete earlier checkpoint or the complete new one -- also when the
+    folder is the input's, whose shards are read while the new ones are written: every shard is
+    written under a name of its own first, and nothing the earlier checkpoint uses is replaced
+    before all the new bytes are on disk.
+
+    One file: renaming it to model.safetensors is the switch. Several: the index is replaced
+    (pointing at the new names) and an earlier model.safetensors, which would come first, removed;
+    then the shards get their usual names through hard links and a second index replacement."""
+    earlier = _our_weight_files(out_dir) - {INDEX}  # what the folder's earlier checkpoint may use
+    token = os.urandom(4).hex()
+    interim = [f"{name}.ckpt-surgeon-{token}" for name in names]
     meta = {"format": "pt"}
     weight_map = {}
-    for fname, group in zip(names, groups):
-        header, order = st.build_header(group, meta, data_start_like=st.first_file_offset(group))
-        with atomic_output(os.path.join(out_dir, fname)) as fd:  # one shard in flight at a time
-            st.write_data(fd, header, order, progress=progress, writeback=fsync_wanted())
-        for name, _ in group:
-            weight_map[name] = fname
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with atomic_output(os.path.join(out_dir, "model.safetensors.index.json")) as fd:
-            os.write(fd, json.dumps(index, indent=2).encode())
-    return report
+    try:
+        for fname, group in zip(interim, groups):
+            header, order = st.build_header(group, meta, data_start_like=st.first_file_offset(group))
+            with atomic_output(os.path.join(out_dir, fname)) as fd:  # one shard in flight at a time
+                st.write_data(fd, header, order, progress=progress, writeback=fsync_wanted())
+            for name, _ in group:
+                weight_map[name] = fname
+        if len(names) == 1:
+            os.replace(os.path.join(out_dir, interim[0]), os.path.join(out_dir, names[0]))  # the switch
+            interim = []
+            _remove(out_dir, (earlier | {INDEX}) - {names[0]})
+            return
+        _write_index(out_dir, total, weight_map)  # the switch, unless an earlier single file comes first:
+        _remove(out_dir, ["model.safetensors"])   # then this is
+        _remove(out_dir, earlier)  # the earlier shards: no index names them any more
+        try:
+            for tmp, name in zip(interim, names):
+                os.link(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
+        except OSError:  # no hard links here: the shards keep their interim names, the index names them
+            for name in names:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out_dir, name))
+            interim = []
+            return
+        final = dict(zip(interim, names))
+        _write_index(out_dir, total, {k: final[v] for k, v in weight_map.items()})
+    except OSError as e:
+        raise OutputError(f"cannot write {out_dir}: {e.strerror or e}") from None
+    finally:
+        for tmp in interim:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_dir, tmp))
+        if fsync_wanted():
+            _fsync_dir(out_dir)
+
+
+def _remove(folder: str, names) -> None:
+    for f in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, f))
+
+
+def _write_index(out_dir: str, total: int, weight_map: dict) -> None:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with atomic_output(os.path.join(out_dir, INDEX)) as fd:
+        os.write(fd, json.dumps(index, indent=2).encode())
+
+
+# What a model folder holds besides its weights that from_pretrained needs or a user keeps with it
+_SIDE_EXT = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".md")
+
+
+def _model_folder(ck: Checkpoint) -> str | None:
+    """The Hugging Face model folder ``ck`` was read from (one with a config.json), or None."""
+    src = ck.source
+    if src is None or not src.path:
+        return None
+    folder = src.path if os.path.isdir(src.path) else os.path.dirname(os.path.abspath(src.path))
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+
+
+def side_files(ck: Checkpoint, out_dir: str) -> list[str]:
+    """The config, generation config, tokenizer files, chat template and custom code of the model
+    folder ``ck`` came from, which a sharded output folder needs to load with from_pretrained;
+    files already in ``out_dir`` are kept, weights and training state are not copied."""
+    folder = _model_folder(ck)
+    if folder is None or (os.path.isdir(out_dir) and os.path.samefile(folder, out_dir)):
+        return []
+    state = set(training_state_files(folder))
+    out = []
+    for f in sorted(os.listdir(folder)):
+        if (f.endswith(_SIDE_EXT) and not f.endswith(".index.json") and f not in state and not f.startswith(".")
+                and os.path.isfile(os.path.join(folder, f)) and not os.path.exists(os.path.join(out_dir, f))):
+            out.append(f)
+    return out
