@@ -143,7 +143,7 @@ def test_resharded_folder_loads_with_from_pretrained(tmp_path, cli):
     (folder / "tokenizer_config.json").write_text("{}")
     (folder / "optimizer.pt").write_bytes(b"training state: not copied")
     code, out, err = cli("convert", folder, "-o", tmp_path / "one", "--max-shard-size", "1GB")
-    assert code == 0 and "copied from the source folder: config.json, generation_config.json, tokenizer_config.json" \
+    assert code == 0 and "from the source folder too: config.json, generation_config.json, tokenizer_config.json" \
         in out, out + err
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"]

@@ -290,9 +290,9 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     if n > 1:
         stale.discard(INDEX)
     if side:
-        report["notes"] = report["notes"] + [f"copied from the source folder: {', '.join(side)}"]
+        report["notes"] = report["notes"] + [f"from the source folder too: {', '.join(side)}"]
     if stale:
-        report["notes"] = report["notes"] + [f"replaced the earlier weights here: {', '.join(sorted(stale))}"]
+        report["notes"] = report["notes"] + [f"replaces the earlier weights here: {', '.join(sorted(stale))}"]
     if dry_run:
         return report
     parent = os.path.dirname(os.path.abspath(out_dir))
