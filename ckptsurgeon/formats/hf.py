@@ -7,6 +7,7 @@ import json
 import os
 import re
 from collections import OrderedDict
+from dataclasses import replace
 
 from ..atomic import _fsync_dir, atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
@@ -42,12 +43,6 @@ def find_weights(folder: str) -> tuple[str | None, list[str]]:
     return (os.path.join(folder, found[0]), []) if len(found) == 1 else (None, [])
 
 
-def find_index(folder: str) -> str | None:
-    """The index a folder is read through, or None (no index, or a single file comes first)."""
-    picked, _ = find_weights(folder)
-    return picked if picked and picked.endswith(".index.json") else None
-
-
 def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
     ck = _load(path, key, trust_pickle)
     if os.path.isdir(path):
@@ -55,20 +50,14 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
 
         states = tag_folder(path)
         if states is not None:  # a Trainer checkpoint-N/: the saved model, and DeepSpeed's states beside it
-            from dataclasses import replace
-
             where = os.path.relpath(states, path)
             ck = replace(ck, notes=ck.notes + (f"DeepSpeed states are also here ({where}/): pass that folder "
                                                "for them",))
         adapter = peft_adapter(path)
         if adapter:
-            from dataclasses import replace
-
             ck = replace(ck, notes=ck.notes + (adapter,))
         beside = training_state_files(path)
         if beside:  # transformers Trainer checkpoint-N/, accelerate save_state: the model is what was read
-            from dataclasses import replace
-
             ck = replace(ck, notes=ck.notes + (
                 f"training state beside the weights, not read: {', '.join(beside)} (each reads on its own: "
                 f"ckpt-surgeon inspect {os.path.join(path, beside[0])})",))
@@ -121,8 +110,6 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
         picked, shadowed = find_weights(path)
         if picked is not None and shadowed:
             ck = _load(picked, key, trust_pickle)
-            from dataclasses import replace
-
             return replace(ck, notes=ck.notes + (
                 f"read {os.path.basename(picked)}, as transformers would; also here and not read: "
                 f"{', '.join(shadowed)}",))
