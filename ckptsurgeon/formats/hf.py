@@ -68,9 +68,9 @@ def peft_adapter(folder: str) -> str | None:
     """One line on a PEFT adapter folder (adapter_config.json): its method, rank and targets, and
     the base model its keys (``base_model.model.``...) belong to. None where there is none."""
     try:
-        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
+        with open(os.path.join(folder, "adapter_config.json"), "rb") as f:
+            cfg = json.loads(f.read(1 << 20))  # a few KB in practice; a hostile one costs nothing
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(cfg, dict):
         return None
