@@ -250,10 +250,14 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     subprocess.run([CLI, "-q", "extract", str(a), "--layers", layers, "-o", str(extracted)], check=True,
                    stdout=subprocess.DEVNULL)
 
+    out_hf = work / "out_shards"
+
     def rm():
         for p in (out, out_st):
             if p.exists():
                 p.unlink()
+        if out_hf.exists():
+            shutil.rmtree(out_hf)
         os.sync()  # untimed: no run starts while the previous one's dirty pages are written back
 
     naive = size <= naive_max
@@ -292,6 +296,9 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
                                                                    str(out_st)], base="cp .safetensors + fsync")
     r("strip-prefix .safetensors (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
       [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)], base="cp .safetensors", env=nofsync)
+    r("convert to Hugging Face shards, --max-shard-size 512MB (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
+      [CLI, "-q", "convert", str(st), "-o", str(out_hf), "--max-shard-size", "512MB"], base="cp .safetensors",
+      env=nofsync)
     if naive:
         r("strip-prefix .safetensors naive load_file/save_file", [PY, "-c", NAIVE_ST, str(st), str(out_st)],
           base="cp .safetensors")
