@@ -84,17 +84,28 @@ def _to_f64(chunk, dtype):
     return chunk.astype(np.float64)
 
 
-def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict:
-    """Difference statistics of two same-shape, same-dtype tensors (TensorRefs or torch tensors):
-    max|a-b|, mean|a-b|, relative L2 ‖a−b‖/‖a‖, cosine, number of differing elements, NaN/Inf
-    counts, and whether they are close within atol + rtol·|b| elementwise."""
+def comparable(dtype_a: str, dtype_b: str) -> bool:
+    """Whether two dtypes can be compared value by value (in float64): complex with complex only,
+    and two values per byte (float4 pairs) only with the same."""
+    if complex_dtype(dtype_a) != complex_dtype(dtype_b):
+        return False
+    return (dtype_a == "float4_e2m1fn_x2") == (dtype_b == "float4_e2m1fn_x2")
+
+
+def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict | None:
+    """Difference statistics of two same-shape tensors (TensorRefs or torch tensors), in float64,
+    also across dtypes (float32 against its bfloat16 copy): max|a-b|, mean|a-b|, relative L2
+    ‖a−b‖/‖a‖, cosine, number of differing elements, NaN/Inf counts, and whether they are close
+    within atol + rtol·|b| elementwise. None where the dtypes cannot be compared (``comparable``)."""
     import numpy as np
 
     xa, dtype = _as_numpy(a)
-    xb, _ = _as_numpy(b)
+    xb, dtype_b = _as_numpy(b)
+    if not comparable(dtype, dtype_b):
+        return None
     if xa is None or xb is None:
         return _stats_torch(a, b, atol, rtol)
-    floating = dtype.startswith(("float", "bfloat", "complex"))
+    floating = any(d.startswith(("float", "bfloat", "complex")) for d in (dtype, dtype_b))
     n = xa.size
     max_abs = sum_abs = d2 = a2 = b2 = ab = 0.0
     n_diff = n_finite = 0
@@ -103,7 +114,7 @@ def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict:
     with np.errstate(all="ignore"):
         for start in range(0, n, CHUNK):
             ca = _to_f64(xa[start:start + CHUNK], dtype)
-            cb = _to_f64(xb[start:start + CHUNK], dtype)
+            cb = _to_f64(xb[start:start + CHUNK], dtype_b)
             if floating:
                 for side, c in (("a", ca), ("b", cb)):
                     nonfinite[side][0] += int(np.isnan(c).sum())

@@ -196,8 +196,17 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             shape_changed.append({"name": name, "a": list(sa), "b": list(sb)})
             mod["changed"] += 1
             continue
-        if da != db:
-            dtype_changed.append({"name": name, "a": da, "b": db})
+        if da != db:  # the values compared all the same (a float32 model against its bfloat16 copy)
+            s = stats(va, vb, atol, rtol)
+            entry = {"name": name, "a": da, "b": db}
+            if s is not None:
+                nf = s.pop("nonfinite", None)
+                if nf:
+                    nonfinite.append({"name": name, **nf})
+                entry.update({k: _num(v) for k, v in s.items() if k not in ("diff_sq", "ref_sq", "close")})
+                mod["diff_sq"] += s["diff_sq"]
+                mod["ref_sq"] += s["ref_sq"]
+            dtype_changed.append(entry)
             mod["changed"] += 1
             continue
         pending = pool.submit(digest, va)  # A and B hashed (and CRC-checked) on both cores
@@ -304,6 +313,12 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _value_change(x: dict) -> str:
+    if x.get("rel_l2") is None:
+        return ""
+    return f" (max|a-b| {x['max_abs']:.3g}, rel L2 {100 * x['rel_l2']:.3g}%)"
+
+
 def _human(r: dict) -> None:
     from rich.table import Table
 
@@ -319,8 +334,18 @@ def _human(r: dict) -> None:
         c.print(f"renamed: {x['a']} -> {x['b']} (same content)")
     for x in r["shape_changed"]:
         c.print(f"shape: {x['name']}: {x['a']} -> {x['b']}")
+    by_change: "OrderedDict[tuple, list]" = OrderedDict()
     for x in r["dtype_changed"]:
-        c.print(f"dtype: {x['name']}: {x['a']} -> {x['b']}")
+        by_change.setdefault((x["a"], x["b"]), []).append(x)
+    for (da, db), xs in by_change.items():
+        if len(xs) <= 3:
+            for x in xs:
+                c.print(f"dtype: {x['name']}: {da} -> {db}{_value_change(x)}")
+        else:  # a whole model cast: one line, the largest change named
+            worst = max(xs, key=lambda x: x.get("rel_l2") or 0)
+            c.print(f"dtype: {len(xs)} tensors {da} -> {db}" + (
+                f"; values: largest rel L2 {100 * worst['rel_l2']:.3g}% ({worst['name']}), "
+                f"max|a-b| {max(x.get('max_abs') or 0 for x in xs):.3g}" if worst.get("rel_l2") is not None else ""))
     if r["changed"]:
         t = Table("tensor", "max|a-b|", "mean|a-b|", "rel L2", "cosine", "differing", title="changed tensors (most first)")
         for e in r["changed"][:30]:

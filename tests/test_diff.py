@@ -79,7 +79,8 @@ def test_planted_changes_exactly(sample_dir, tmp_path, cli):
     assert rep["only_in_a"] == ["gn3.bias"] and rep["only_in_b"] == ["extra.w"]
     assert rep["renamed"] == [{"a": "bn4.weight", "b": "renamed.bn4.weight"}]
     assert rep["shape_changed"] == [{"name": "bn1.weight", "a": [16], "b": [17]}]
-    assert rep["dtype_changed"] == [{"name": "conv4.bias", "a": "float32", "b": "float64"}]
+    (dt,) = rep["dtype_changed"]  # a lossless cast: the values did not move
+    assert (dt["name"], dt["a"], dt["b"], dt["max_abs"], dt["n_diff"]) == ("conv4.bias", "float32", "float64", 0, 0)
     mods = {m["module"]: m for m in rep["modules"]}
     assert mods["conv3"]["changed"] == 1 and mods["conv1"]["changed"] == 0
     assert mods["ln"]["rel_l2"] > mods["conv3"]["rel_l2"] > 0
@@ -130,3 +131,34 @@ def test_diff_of_wrappers_holding_cycles(tmp_path, cli):
     assert code == 0 and "identical" in out, err
     code, out, err = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
     assert code == 1 and "root['l'][1]" in out, out + err
+
+
+def test_dtype_changes_report_how_much_the_values_moved(tmp_path, cli):
+    """A float32 model against its bfloat16 copy: every tensor is a dtype change, and the report
+    says how far the values moved (computed in float64 across the two dtypes), per tensor in JSON
+    and as one line for a whole-model cast."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    sd = {f"layers.{i}.weight": torch.randn(16, 8) for i in range(5)}
+    sd["step"] = torch.arange(4)
+    sd["phase"] = torch.randn(3, dtype=torch.complex64)
+    save_file(sd, tmp_path / "fp32.safetensors")
+    low = {k: (v.bfloat16() if v.is_floating_point() else v.float() if k == "step" else v.real.contiguous()) for k, v in sd.items()}
+    save_file(low, tmp_path / "bf16.safetensors")
+    rep = cs.diff(tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors")
+    by_name = {e["name"]: e for e in rep["dtype_changed"]}
+    assert set(by_name) == set(sd) and not rep["changed"]
+    for i in range(5):
+        e = by_name[f"layers.{i}.weight"]
+        w = sd[f"layers.{i}.weight"].double()
+        d = (w - low[f"layers.{i}.weight"].double()).abs()
+        assert (e["a"], e["b"]) == ("float32", "bfloat16") and e["numel"] == 128
+        assert e["max_abs"] == pytest.approx(float(d.max())) and e["n_diff"] == int((d > 0).sum())
+        assert e["rel_l2"] == pytest.approx(float(d.norm() / w.norm())) and 0 < e["rel_l2"] < 0.01
+    assert by_name["step"]["max_abs"] == 0 and by_name["step"]["n_diff"] == 0  # int64 -> float32: same values
+    assert "max_abs" not in by_name["phase"]  # complex against real: not compared value by value
+    assert all(m["rel_l2"] > 0 for m in rep["modules"] if m["module"] == "layers")
+    code, out, _ = cli("diff", tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors")
+    assert code == 1 and "dtype: 5 tensors float32 -> bfloat16; values: largest rel L2" in out
+    assert "dtype: step: int64 -> float32 (max|a-b| 0, rel L2 0%)" in out and "dtype: phase: complex64 -> float32\n" in out
