@@ -1,0 +1,68 @@
+"""cast: floating-point tensors to another dtype, one tensor at a time, ties kept."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptsurgeon as cs
+
+
+def test_cast_to_bfloat16_matches_torch_and_keeps_the_rest(tmp_path, cli, same):
+    torch.manual_seed(0)
+    sd = OrderedDict([("enc.weight", torch.randn(8, 4)), ("enc.norm.weight", torch.randn(8)),
+                      ("bn.running_mean", torch.randn(8)), ("bn.num_batches_tracked", torch.tensor(7)),
+                      ("pos", torch.arange(5)), ("table", torch.randn(3, dtype=torch.float64))])
+    save_file(sd, tmp_path / "fp32.safetensors")
+    code, out, err = cli("cast", tmp_path / "fp32.safetensors", "--dtype", "bfloat16", "-o", tmp_path / "bf16.safetensors")
+    assert code == 0, err
+    assert "cast 3 tensor(s) float32 -> bfloat16" in out and "cast 1 tensor(s) float64 -> bfloat16" in out
+    got = load_file(tmp_path / "bf16.safetensors")
+    expected = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in sd.items()}
+    same(dict(sorted(got.items())), dict(sorted(expected.items())))
+
+    # --keep leaves norms alone; --only restricts the source dtypes
+    new, rep = cs.cast(cs.load(tmp_path / "fp32.safetensors"), "float16", keep=["*norm*"], only=["float32"])
+    assert new.state["enc.norm.weight"].dtype == "float32" and new.state["table"].dtype == "float64"
+    assert new.state["enc.weight"].dtype == "float16" and rep["left"]["kept by --keep"] == 1
+    assert rep["bytes_after"] < rep["bytes_before"]
+
+
+def test_cast_keeps_ties_and_the_wrapper(tmp_path, same):
+    torch.manual_seed(0)
+    emb = torch.randn(10, 4)
+    model = OrderedDict([("wte.weight", emb), ("lm_head.weight", emb), ("ln.weight", torch.ones(4))])
+    opt = {"state": {0: {"exp_avg": torch.randn(10, 4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    torch.save({"epoch": 3, "model_state_dict": model, "optimizer_state_dict": opt}, tmp_path / "resume.pt")
+    new, rep = cs.cast(cs.load(tmp_path / "resume.pt"), "bfloat16")
+    cs.save(new, tmp_path / "resume_bf16.pt")
+    out = torch.load(tmp_path / "resume_bf16.pt", weights_only=True)
+    sd = out["model_state_dict"]
+    assert sd["wte.weight"].dtype == torch.bfloat16 and torch.equal(sd["wte.weight"], emb.to(torch.bfloat16))
+    assert sd["lm_head.weight"].data_ptr() == sd["wte.weight"].data_ptr()  # still one storage
+    assert out["epoch"] == 3 and "optimizer_state_dict" in rep["wrapper_untouched"]
+    same(out["optimizer_state_dict"], opt)  # optimizer state: not the state dict, left as it was
+
+
+def test_cast_then_verify_in_that_dtype_is_exact(sample_dir, tmp_path, models_py, cli):
+    """Cast to bfloat16: run in bfloat16, the cast file computes exactly what the original does."""
+    code, _, err = cli("cast", sample_dir / "seednet.pt", "--dtype", "bfloat16", "-o", tmp_path / "bf16.pt")
+    assert code == 0, err
+    code, out, err = cli("verify", sample_dir / "seednet.pt", tmp_path / "bf16.pt", "--model",
+                         f"{models_py}:seednet", "--dtype", "bfloat16", "--json")
+    assert code == 0, out + err
+    import json
+
+    assert json.loads(out)["outputs"][0]["max_abs"] == 0
+
+
+def test_cast_with_nothing_to_do_is_an_error(tmp_path, cli):
+    save_file({"pos": torch.arange(4), "w": torch.randn(2).bfloat16()}, tmp_path / "a.safetensors")
+    code, _, err = cli("cast", tmp_path / "a.safetensors", "--dtype", "bfloat16", "-o", tmp_path / "b.safetensors")
+    assert code == 2 and "no tensor to cast to bfloat16 (1 int64, not cast, 1 already bfloat16)" in err
+    assert not (tmp_path / "b.safetensors").exists() and len(err.strip().splitlines()) == 1
+    code, _, err = cli("cast", tmp_path / "a.safetensors", "--dtype", "float16", "--keep", "nothing_here",
+                       "-o", tmp_path / "b.safetensors")
+    assert code == 2 and "--keep pattern(s) matched nothing" in err
