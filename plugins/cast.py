@@ -71,7 +71,10 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         if isinstance(v, TensorRef):
             key = tie_key(v)
             if key not in tied:
-                tied[key] = assembled_ref(v.shape, dtype, _caster(v, dtype), label=name)
+                out = assembled_ref(v.shape, dtype, _caster(v, dtype), label=name)
+                for attr in ("requires_grad", "hooks", "metadata", "param", "attrs"):  # a Parameter stays one
+                    setattr(out, attr, getattr(v, attr))
+                tied[key] = out
             new_state[name] = tied[key]
         else:
             import torch

@@ -33,7 +33,8 @@ def test_cast_to_bfloat16_matches_torch_and_keeps_the_rest(tmp_path, cli, same):
 def test_cast_keeps_ties_and_the_wrapper(tmp_path, same):
     torch.manual_seed(0)
     emb = torch.randn(10, 4)
-    model = OrderedDict([("wte.weight", emb), ("lm_head.weight", emb), ("ln.weight", torch.ones(4))])
+    model = OrderedDict([("wte.weight", emb), ("lm_head.weight", emb), ("ln.weight", torch.ones(4)),
+                         ("scale", torch.nn.Parameter(torch.full((2,), 0.5)))])
     opt = {"state": {0: {"exp_avg": torch.randn(10, 4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     torch.save({"epoch": 3, "model_state_dict": model, "optimizer_state_dict": opt}, tmp_path / "resume.pt")
     new, rep = cs.cast(cs.load(tmp_path / "resume.pt"), "bfloat16")
@@ -42,6 +43,7 @@ def test_cast_keeps_ties_and_the_wrapper(tmp_path, same):
     sd = out["model_state_dict"]
     assert sd["wte.weight"].dtype == torch.bfloat16 and torch.equal(sd["wte.weight"], emb.to(torch.bfloat16))
     assert sd["lm_head.weight"].data_ptr() == sd["wte.weight"].data_ptr()  # still one storage
+    assert isinstance(sd["scale"], torch.nn.Parameter) and sd["scale"].dtype == torch.bfloat16
     assert out["epoch"] == 3 and "optimizer_state_dict" in rep["wrapper_untouched"]
     same(out["optimizer_state_dict"], opt)  # optimizer state: not the state dict, left as it was
 
