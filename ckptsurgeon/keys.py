@@ -308,3 +308,31 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
     with torch.no_grad():
         model.load_state_dict(sub, strict=False)
     return how
+
+
+def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:
+    """({a_key: common}, {b_key: common}, alignment report): strip each side's wrapper prefix
+    when that makes more names meet than comparing them as they are."""
+    plain_a = {k: k for k in a_keys}
+    plain_b = {k: k for k in b_keys}
+    report = {"applied": False, "a_prefix": "", "b_prefix": ""}
+    if not enabled:
+        return plain_a, plain_b, report
+    same = len(set(a_keys) & set(b_keys))
+    pa, pb = detect_prefix(a_keys), detect_prefix(b_keys)
+    if pa == pb:
+        return plain_a, plain_b, report
+    # strip only the part of the prefix stacks that differs
+    common = 0
+    while common < min(len(pa), len(pb)) and pa[common] == pb[common]:
+        common += 1
+    common = pa[:common].rfind(".") + 1 if common else 0
+    sa, sb = pa[common:], pb[common:]
+    na = {k: pa[:common] + k[len(pa):] if k.startswith(pa) else k for k in a_keys}
+    nb = {k: pb[:common] + k[len(pb):] if k.startswith(pb) else k for k in b_keys}
+    aligned = len(set(na.values()) & set(nb.values()))
+    if aligned > same:
+        report = {"applied": True, "a_prefix": sa, "b_prefix": sb,
+                  "note": f"aligned keys by stripping {sa or 'nothing'!r} from A and {sb or 'nothing'!r} from B"}
+        return na, nb, report
+    return plain_a, plain_b, report

@@ -18,7 +18,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, Walk, plain
 from ckptsurgeon.errors import EXIT_FINDING, SelectionError
-from ckptsurgeon.keys import detect_prefix
+from ckptsurgeon.keys import align_keys
 from ckptsurgeon.refs import TensorRef, is_tensor_like
 from ckptsurgeon.types import Operation
 
@@ -32,34 +32,6 @@ def _info(v) -> tuple:
 
     info = tensor_info(v)
     return tuple(info["shape"]), info["dtype"]
-
-
-def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:
-    """({a_key: common}, {b_key: common}, alignment report): strip each side's wrapper prefix
-    when that makes more names meet than comparing them as they are."""
-    plain_a = {k: k for k in a_keys}
-    plain_b = {k: k for k in b_keys}
-    report = {"applied": False, "a_prefix": "", "b_prefix": ""}
-    if not enabled:
-        return plain_a, plain_b, report
-    same = len(set(a_keys) & set(b_keys))
-    pa, pb = detect_prefix(a_keys), detect_prefix(b_keys)
-    if pa == pb:
-        return plain_a, plain_b, report
-    # strip only the part of the prefix stacks that differs
-    common = 0
-    while common < min(len(pa), len(pb)) and pa[common] == pb[common]:
-        common += 1
-    common = pa[:common].rfind(".") + 1 if common else 0
-    sa, sb = pa[common:], pb[common:]
-    na = {k: pa[:common] + k[len(pa):] if k.startswith(pa) else k for k in a_keys}
-    nb = {k: pb[:common] + k[len(pb):] if k.startswith(pb) else k for k in b_keys}
-    aligned = len(set(na.values()) & set(nb.values()))
-    if aligned > same:
-        report = {"applied": True, "a_prefix": sa, "b_prefix": sb,
-                  "note": f"aligned keys by stripping {sa or 'nothing'!r} from A and {sb or 'nothing'!r} from B"}
-        return na, nb, report
-    return plain_a, plain_b, report
 
 
 def _module(name: str, depth: int) -> str:
