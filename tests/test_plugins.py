@@ -173,7 +173,7 @@ def test_builtin_plugins_are_entry_points():
     from importlib.metadata import entry_points
 
     eps = {ep.name: ep.value for ep in entry_points(group="ckptsurgeon")}
-    for name in ("prefix", "rename", "extract", "partial", "diff", "norm", "fold", "verify", "scan", "cast"):
+    for name in ("prefix", "rename", "extract", "partial", "diff", "norm", "fold", "verify", "scan", "cast", "average"):
         assert eps[name] == f"ckptsurgeon.plugins.{name}"
     res = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('plugins'))"],
                          capture_output=True, text=True, cwd="/", timeout=60)

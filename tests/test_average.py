@@ -1,0 +1,85 @@
+"""average: the (weighted) mean of several checkpoints of one model, tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptsurgeon as cs
+
+
+def _run(seed):
+    g = torch.Generator().manual_seed(seed)
+    return OrderedDict([("enc.weight", torch.randn(6, 4, generator=g)), ("enc.bias", torch.randn(6, generator=g)),
+                        ("bn.running_var", torch.rand(6, generator=g)), ("bn.num_batches_tracked", torch.tensor(10)),
+                        ("head.weight", torch.randn(3, 6, generator=g).bfloat16())])
+
+
+def test_mean_of_three_runs_equals_torch(tmp_path, cli, same):
+    runs = [_run(s) for s in range(3)]
+    for i, sd in enumerate(runs):
+        save_file(sd, tmp_path / f"r{i}.safetensors")
+    code, out, err = cli("average", *(tmp_path / f"r{i}.safetensors" for i in range(3)), "-o", tmp_path / "avg.safetensors")
+    assert code == 0 and "averaged 4 tensor(s) over 3 checkpoints" in out and "kept 1 non-float" in out, err
+    got = load_file(tmp_path / "avg.safetensors")
+    for k in ("enc.weight", "enc.bias", "bn.running_var", "head.weight"):
+        mean = sum(sd[k].double() for sd in runs) / 3
+        assert got[k].dtype == runs[0][k].dtype and torch.equal(got[k], mean.to(runs[0][k].dtype)), k
+    assert torch.equal(got["bn.num_batches_tracked"], torch.tensor(10))
+
+    # weights (relative), an input written with DataParallel's prefix, a differing integer buffer
+    dp = OrderedDict(("module." + k, v) for k, v in runs[1].items())
+    dp["module.bn.num_batches_tracked"] = torch.tensor(99)
+    torch.save(dp, tmp_path / "r1_dp.pt")
+    torch.save(runs[0], tmp_path / "r0.pt")
+    code, out, err = cli("average", tmp_path / "r0.pt", tmp_path / "r1_dp.pt", "--weights", "3,1", "-o",
+                         tmp_path / "w.pt", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["weights"] == [0.75, 0.25]
+    assert any("bn.num_batches_tracked" in n and "first one's kept" in n for n in rep["notes"])
+    assert any("aligned keys" in n for n in rep["notes"])
+    w = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert list(w) == list(runs[0])  # the first checkpoint's keys and layout
+    expected = (0.75 * runs[0]["enc.weight"].double() + 0.25 * runs[1]["enc.weight"].double()).float()
+    assert torch.equal(w["enc.weight"], expected) and w["bn.num_batches_tracked"] == 10
+
+
+def test_average_keeps_ties_and_the_first_wrapper(tmp_path):
+    emb_a, emb_b = torch.randn(5, 3), torch.randn(5, 3)
+    for name, emb in (("a", emb_a), ("b", emb_b)):
+        torch.save({"epoch": 1 if name == "a" else 2,
+                    "model": OrderedDict([("wte.weight", emb), ("lm_head.weight", emb)])}, tmp_path / f"{name}.pt")
+    soup, rep = cs.average([cs.load(tmp_path / "a.pt"), cs.load(tmp_path / "b.pt")])
+    cs.save(soup, tmp_path / "soup.pt")
+    out = torch.load(tmp_path / "soup.pt", weights_only=True)
+    assert out["epoch"] == 1 and any("wrapper content" in n for n in rep["notes"])
+    m = out["model"]
+    assert torch.equal(m["wte.weight"], ((emb_a.double() + emb_b.double()) / 2).float())
+    assert m["lm_head.weight"].data_ptr() == m["wte.weight"].data_ptr()
+
+
+def test_average_refuses_what_is_not_one_model(tmp_path, cli):
+    a, b = _run(0), _run(1)
+    save_file(a, tmp_path / "a.safetensors")
+    del b["enc.bias"]
+    save_file(b, tmp_path / "b.safetensors")
+    code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and "checkpoint 2 has other tensors than the first: 1 missing" in err
+    c = _run(2)
+    c["enc.weight"] = torch.randn(4, 6)
+    save_file(c, tmp_path / "c.safetensors")
+    code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "c.safetensors", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and "enc.weight: shapes differ" in err
+    code, _, err = cli("average", tmp_path / "a.safetensors", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and "at least two" in err
+    code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "a.safetensors", "--weights", "1,x",
+                       "-o", tmp_path / "o.safetensors")
+    assert code == 2 and "--weights" in err
+    save_file(_run(3), tmp_path / "d.safetensors")
+    code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "d.safetensors", "-o", tmp_path / "d.safetensors")
+    assert code == 2 and "refusing to overwrite the input" in err  # the second input too, not just the first
+    assert not (tmp_path / "o.safetensors").exists()
