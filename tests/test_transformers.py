@@ -220,3 +220,20 @@ def test_a_folder_with_a_single_file_and_a_stale_index_reads_as_transformers_doe
     assert any("as transformers would" in n and "model.safetensors.index.json" in n for n in ck.notes)
     again = transformers.LlamaForCausalLM.from_pretrained(folder)
     assert all(torch.equal(ck.state[k].to_torch(), again.state_dict()[k]) for k in sd)
+
+
+def test_cast_of_a_model_folder_records_the_new_dtype_in_its_config(tmp_path, cli):
+    model, folder = _llama(tmp_path, shard="20KB")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    code, out, err = cli("cast", folder, "--dtype", "bfloat16", "-o", tmp_path / "bf16", "--max-shard-size", "1GB")
+    assert code == 0 and "config.json: dtype float32 -> bfloat16" in out, err
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert next(again.parameters()).dtype == torch.bfloat16
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v.to(torch.bfloat16)), k
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"  # the input is untouched
+    # in place: the folder's own config follows its weights
+    code, out, err = cli("cast", folder, "--dtype", "float16", "-o", folder, "--in-place", "--max-shard-size", "20KB")
+    assert code == 0, err
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+    assert next(transformers.LlamaForCausalLM.from_pretrained(folder, dtype="auto").parameters()).dtype == torch.float16

@@ -280,6 +280,9 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
         report["notes"] = report["notes"] + [f"from the source folder too: {', '.join(side)}"]
     if stale:
         report["notes"] = report["notes"] + [f"replaces the earlier weights here: {', '.join(sorted(stale))}"]
+    config = _config_with_dtype(ck, out_dir, side, items)
+    if config is not None:
+        report["notes"] = report["notes"] + [config[1]]
     if dry_run:
         return report
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -289,10 +292,47 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     _commit_shards(out_dir, names, groups, total, progress)
     src_folder = _model_folder(ck)
     for f in side:
+        if f == "config.json" and config is not None:
+            continue
         with open(os.path.join(src_folder, f), "rb") as src, atomic_output(os.path.join(out_dir, f)) as fd:
             while chunk := src.read(1 << 20):
                 os.write(fd, chunk)
+    if config is not None:
+        with atomic_output(os.path.join(out_dir, "config.json")) as fd:
+            os.write(fd, (json.dumps(config[0], indent=2) + "\n").encode())
     return report
+
+
+_PLAIN_FLOATS = ("float32", "bfloat16", "float16", "float64")
+
+
+def _config_with_dtype(ck: Checkpoint, out_dir: str, side: list[str], items) -> tuple[dict, str] | None:
+    """(config.json for the output with its dtype set to the weights written, a note), when the
+    output folder gets or has a config.json whose ``dtype``/``torch_dtype`` names another dtype
+    than the one all written floating-point weights share (a bfloat16 cast of a float32 folder:
+    from_pretrained(dtype="auto") would load it back as float32); None otherwise. save_pretrained
+    records the model's dtype there the same way."""
+    written = {str(getattr(r, "dtype", "")).replace("torch.", "") for _, r in items}
+    floats = written & set(_PLAIN_FLOATS)
+    if len(floats) != 1:
+        return None
+    (dtype,) = floats
+    folder = _model_folder(ck) if "config.json" in side else out_dir
+    try:
+        with open(os.path.join(folder, "config.json"), "rb") as f:
+            cfg = json.loads(f.read(16 << 20))
+    except (OSError, ValueError, RecursionError, TypeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(cfg.get(k), str) and cfg[k] in _PLAIN_FLOATS]
+    if not keys or all(cfg[k] == dtype for k in keys):
+        return None
+    before = cfg[keys[0]]
+    cfg = dict(cfg)
+    for k in keys:
+        cfg[k] = dtype
+    return cfg, f"config.json: {keys[0]} {before} -> {dtype}, the weights written"
 
 
 INDEX = "model.safetensors.index.json"
