@@ -82,11 +82,11 @@ def sniff(path: str, head: bytes) -> bool:
     """A DeepSpeed folder -- unless it also holds Hugging Face weights of its own (a Trainer
     checkpoint-N/ folder with model.safetensors beside global_stepN/): those are the model as
     saved, and the DeepSpeed states stay reachable by passing their tag folder."""
-    from .hf import INDEX_NAMES, SINGLE_NAMES
+    from .hf import WEIGHT_NAMES
 
     if tag_folder(path) is None:
         return False
-    return not any(os.path.isfile(os.path.join(path, n)) for n in INDEX_NAMES + SINGLE_NAMES)
+    return not any(os.path.isfile(os.path.join(path, n)) for n in WEIGHT_NAMES)
 
 
 def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:

@@ -14,10 +14,6 @@ from ..checkpoint import Checkpoint, Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
 from . import safetensors as st
 
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
-               "diffusion_pytorch_model.safetensors.index.json")
-SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
-                "diffusion_pytorch_model.bin", "model.pt", "model.pth")
 WEIGHT_EXT = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -28,7 +24,7 @@ def sniff(path: str, head: bytes) -> bool:
 # What a model folder's weights are, in the order transformers' from_pretrained looks for them
 # (a single safetensors file before its index, safetensors before .bin): a folder holding both a
 # model.safetensors and a stale index reads as the model transformers would load.
-_PRECEDENCE = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
                "diffusion_pytorch_model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
                "diffusion_pytorch_model.bin", "model.pt", "model.pth")
 
@@ -36,7 +32,7 @@ _PRECEDENCE = ("model.safetensors", "model.safetensors.index.json", "diffusion_p
 def find_weights(folder: str) -> tuple[str | None, list[str]]:
     """(the weights file or index a model folder is read from, the other known weight files
     beside it that it takes precedence over); (None, []) where none of the known names is there."""
-    present = [n for n in _PRECEDENCE if os.path.isfile(os.path.join(folder, n))]
+    present = [n for n in WEIGHT_NAMES if os.path.isfile(os.path.join(folder, n))]
     if present:
         return os.path.join(folder, present[0]), present[1:]
     found = sorted(f for f in os.listdir(folder) if f.endswith(".index.json"))
@@ -272,7 +268,8 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     total = sum(r.nbytes for _, r in items)
     report = {"output": out_dir, "format": "hf-sharded", "shards": names, "tensors": len(items),
               "bytes": total, "tied": tied, "notes": notes}
-    side = side_files(ck, out_dir)
+    src_folder = _model_folder(ck)
+    side = side_files(src_folder, out_dir)
     stale = _our_weight_files(out_dir) - set(names) if os.path.isdir(out_dir) else set()
     if n > 1:
         stale.discard(INDEX)
@@ -280,7 +277,7 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
         report["notes"] = report["notes"] + [f"from the source folder too: {', '.join(side)}"]
     if stale:
         report["notes"] = report["notes"] + [f"replaces the earlier weights here: {', '.join(sorted(stale))}"]
-    config = _config_with_dtype(ck, out_dir, side, items)
+    config = _config_with_dtype(src_folder if "config.json" in side else out_dir, items)
     if config is not None:
         report["notes"] = report["notes"] + [config[1]]
     if dry_run:
@@ -290,7 +287,6 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
         raise OutputError(f"output directory {parent} does not exist")
     os.makedirs(out_dir, exist_ok=True)
     _commit_shards(out_dir, names, groups, total, progress)
-    src_folder = _model_folder(ck)
     for f in side:
         if f == "config.json" and config is not None:
             continue
@@ -306,7 +302,7 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
 _PLAIN_FLOATS = ("float32", "bfloat16", "float16", "float64")
 
 
-def _config_with_dtype(ck: Checkpoint, out_dir: str, side: list[str], items) -> tuple[dict, str] | None:
+def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
     """(config.json for the output with its dtype set to the weights written, a note), when the
     output folder gets or has a config.json whose ``dtype``/``torch_dtype`` names another dtype
     than the one all written floating-point weights share (a bfloat16 cast of a float32 folder:
@@ -317,7 +313,6 @@ def _config_with_dtype(ck: Checkpoint, out_dir: str, side: list[str], items) -> 
     if len(floats) != 1:
         return None
     (dtype,) = floats
-    folder = _model_folder(ck) if "config.json" in side else out_dir
     try:
         with open(os.path.join(folder, "config.json"), "rb") as f:
             cfg = json.loads(f.read(16 << 20))
@@ -424,11 +419,10 @@ def _model_folder(ck: Checkpoint) -> str | None:
     return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
 
 
-def side_files(ck: Checkpoint, out_dir: str) -> list[str]:
+def side_files(folder: str | None, out_dir: str) -> list[str]:
     """The config, generation config, tokenizer files, chat template and custom code of the model
-    folder ``ck`` came from, which a sharded output folder needs to load with from_pretrained;
-    files already in ``out_dir`` are kept, weights and training state are not copied."""
-    folder = _model_folder(ck)
+    folder ``folder`` (see _model_folder), which a sharded output folder needs to load with
+    from_pretrained; files already in ``out_dir`` are kept, weights and training state are not copied."""
     if folder is None or (os.path.isdir(out_dir) and os.path.samefile(folder, out_dir)):
         return []
     state = set(training_state_files(folder))
