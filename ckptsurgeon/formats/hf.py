@@ -25,8 +25,8 @@ def sniff(path: str, head: bytes) -> bool:
 # (a single safetensors file before its index, safetensors before .bin): a folder holding both a
 # model.safetensors and a stale index reads as the model transformers would load.
 WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
-               "diffusion_pytorch_model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-               "diffusion_pytorch_model.bin", "model.pt", "model.pth")
+                "diffusion_pytorch_model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "diffusion_pytorch_model.bin", "model.pt", "model.pth")
 
 
 def find_weights(folder: str) -> tuple[str | None, list[str]]:
