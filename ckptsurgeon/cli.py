@@ -17,6 +17,7 @@ import click
 from . import __version__
 from .cliutil import emit, human_bytes, json_option, load_options, state, write_options
 from .errors import EXIT_ERROR, CkptSurgeonError
+from .gcpause import freeze_heap
 
 CORE_COMMANDS = ("inspect", "convert", "plugins")
 
@@ -43,6 +44,8 @@ class LazyGroup(click.Group):
         cmd = self.commands[name] if name in self.commands else self._plugin_commands().get(name)
         if cmd is not None:
             _accept_global_flags(cmd)
+            # modules and plugins are in: later collections walk only what the command makes
+            freeze_heap()
         return cmd
 
     def invoke(self, ctx):

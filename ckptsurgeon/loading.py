@@ -6,6 +6,7 @@ import os
 
 from .checkpoint import Checkpoint
 from .errors import CkptSurgeonError, CorruptCheckpointError, InputNotFoundError, NotACheckpointError, PluginError
+from .gcpause import paused_gc
 from .manager import get_manager
 
 
@@ -51,7 +52,8 @@ def load_file(path: str, *, key=None, trust_pickle=False, format=None) -> Checkp
 
 def _run_load(spec, path, **options) -> Checkpoint:
     try:
-        return spec.load(path, **options)
+        with paused_gc():  # a few objects per tensor, no cycles: see gcpause
+            return spec.load(path, **options)
     except CkptSurgeonError:
         raise
     except (MemoryError, RecursionError) as e:

@@ -44,6 +44,9 @@ def _combine(crc_a: int, crc_b: int, length_b: int) -> int:
 crc32_combine = _combine if _crc32_combine is not None else None
 
 
+SMALL_READ = 64 << 10  # ranges up to this size are read through the file's mapping (MAPS), not pread
+
+
 def pread_chunks(fd: int, offset: int, length: int, size: int = CHUNK, what: str = "data"):
     """Yield bytes [offset, offset+length) of ``fd`` as views of ONE reused buffer.
 
@@ -122,6 +125,10 @@ class FileRange:
         """Yield the bytes [start, start+length) of this range read with pread, as views of one
         reused buffer (consume each before the next)."""
         length = self.length - start if length is None else length
+        if length <= SMALL_READ:  # a few pages: the shared mapping beats an open/pread/close each
+            if length > 0:
+                yield self.raw()[start:start + length]
+            return
         fd = os.open(self.path, os.O_RDONLY)
         try:
             yield from pread_chunks(fd, self.offset + start, length, size,

@@ -181,8 +181,11 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             dtype_changed.append(entry)
             mod["changed"] += 1
             continue
-        pending = pool.submit(digest, va)  # A and B hashed (and CRC-checked) on both cores
-        same = digest(vb) == pending.result()
+        if _nbytes(va) >= _PARALLEL_HASH:  # A and B hashed (and CRC-checked) on both cores
+            pending = pool.submit(digest, va)
+            same = digest(vb) == pending.result()
+        else:  # a small pair: handing it to the other thread costs more than hashing it
+            same = digest(va) == digest(vb)
         if same:
             equal += 1
             continue
@@ -241,6 +244,9 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
                   if cut],
         "differences": differences, "identical": identical, "verdict": verdict,
     }
+
+
+_PARALLEL_HASH = 1 << 20  # tensors from this size are hashed on two threads (one per side)
 
 
 def _nbytes(v) -> int:

@@ -634,6 +634,24 @@ def test_never_overwrites_input_and_leaves_no_temp(sample_dir, tmp_path):
         cs.save(ck, tmp_path / "missing_dir" / "x.pt")
 
 
+def test_loading_pauses_the_garbage_collector_and_restores_it(sample_dir, tmp_path):
+    import gc
+
+    assert gc.isenabled()
+    cs.load(sample_dir / "seednet_resume.pt")
+    assert gc.isenabled()
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(cs.CkptSurgeonError):
+        cs.load(tmp_path / "bad.pt")
+    assert gc.isenabled()  # also after a failed read
+    gc.disable()
+    try:
+        cs.load(sample_dir / "seednet.pt")
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
+
+
 def test_missing_and_non_checkpoints(tmp_path):
     with pytest.raises(InputNotFoundError):
         cs.load(tmp_path / "nope.pt")
