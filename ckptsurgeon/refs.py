@@ -9,6 +9,7 @@ importing torch. Only :meth:`TensorRef.to_torch` imports torch.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import threading
@@ -515,10 +516,7 @@ class TensorRef:
     # ---- facts, no data
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:

@@ -1047,3 +1047,28 @@ def test_plain_tensor_with_python_attributes_stays_on_the_fast_path(tmp_path):
             return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
 
     assert pkl(tmp_path / "same.pt") == pkl(tmp_path / "a.pt")
+
+
+def test_many_small_records_to_safetensors_are_checked_and_batched(tmp_path, cli, flip_byte):
+    """Small whole zip records are read through the mapping, CRC-checked as read and written in
+    batches; large ones are kernel-copied and checked on the other thread. Both land exactly,
+    and a damaged small record stops the write with one line and no output."""
+    from safetensors.torch import load_file
+
+    from ckptsurgeon.refs import FileRange
+
+    g = torch.Generator().manual_seed(1)
+    sd = OrderedDict((f"moe.{i // 8}.expert{i % 8}.w", torch.randn(3, 5, generator=g)) for i in range(2000))
+    sd["embed.weight"] = torch.randn(300, 300, generator=g)  # 360 KB: kernel-copied
+    sd["moe.3.expert0.w"] = torch.randn(40, 40, generator=g)
+    torch.save(sd, tmp_path / "m.pt")
+    code, _, err = cli("convert", tmp_path / "m.pt", "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    back = load_file(tmp_path / "m.safetensors")
+    assert list(back) == list(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    ref = cs.load(tmp_path / "m.pt").state["moe.100.expert3.w"]
+    assert isinstance(ref.storage.source, FileRange)
+    flip_byte(tmp_path / "m.pt", ref.storage.source.offset + 7)
+    code, _, err = cli("convert", tmp_path / "m.pt", "-o", tmp_path / "bad.safetensors")
+    assert code == 2 and "CRC-32 mismatch" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob("*.tmp*"))
