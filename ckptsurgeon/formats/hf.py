@@ -203,12 +203,15 @@ def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:
     real_folder = os.path.realpath(folder)
     shards: "OrderedDict[str, list[str]]" = OrderedDict()
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise CorruptCheckpointError(f"{index}: tensor {name!r} maps to an invalid shard {shard!r}")
-        full = os.path.realpath(os.path.join(folder, shard))
-        if os.path.isabs(shard) or os.path.commonpath([real_folder, full]) != real_folder:
-            raise CorruptCheckpointError(f"{index}: shard {shard!r} points outside the folder {folder}")
-        shards.setdefault(shard, []).append(name)
+        names = shards.get(shard) if isinstance(shard, str) else None
+        if names is None:  # a shard's path is checked once, not once per tensor it holds
+            if not isinstance(shard, str) or not shard:
+                raise CorruptCheckpointError(f"{index}: tensor {name!r} maps to an invalid shard {shard!r}")
+            full = os.path.realpath(os.path.join(folder, shard))
+            if os.path.isabs(shard) or os.path.commonpath([real_folder, full]) != real_folder:
+                raise CorruptCheckpointError(f"{index}: shard {shard!r} points outside the folder {folder}")
+            names = shards[shard] = []
+        names.append(name)
     state: OrderedDict = OrderedDict()
     files, notes, formats = [], [], set()
     for shard, names in shards.items():
