@@ -1,6 +1,7 @@
 """Speed and memory of ckpt-surgeon against `cp` and the naive torch path, in one table.
 
     python benchmarks/run.py --sizes 0.5,2,8 [--repeat 4] [--naive-max 4] [--mem-cap 1GiB] [--out bench-out]
+                             [--many 50000]
 
 For each size it writes a torch zip checkpoint of ~300 float32 tensors with `module.` keys (an
 OrderedDict with `_metadata`, like a DataParallel state dict) plus a safetensors copy and a
@@ -14,7 +15,8 @@ rounds (see interleaved; use an even --repeat). Every run starts
 after a sync (untimed), and each group of operations runs with only the files it reads in the
 page cache (see cache_only). Pass
 `--out /dev/shm/bench` to take the disk (and its write-back) out of the comparison.
-With a writable cgroup-v1 memory controller it also runs strip-prefix and diff on the largest
+`--many N` adds a checkpoint of N small tensors (per-tensor costs, as in a mixture of experts),
+each operation paired with the naive path it replaces. With a writable cgroup-v1 memory controller it also runs strip-prefix and diff on the largest
 file under a memory cap several times smaller than the file.
 """
 
@@ -337,6 +339,71 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     return rows
 
 
+GEN_MANY = """
+import sys, torch
+from collections import OrderedDict
+from safetensors.torch import save_file
+n, pt, st, changed = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+g = torch.Generator().manual_seed(0)
+proj = ("gate_proj", "up_proj", "down_proj")
+sd = OrderedDict((f"module.layers.{i // 384}.mlp.experts.{i // 3 % 128}.{proj[i % 3]}.weight",
+                  torch.randn(16, 8, generator=g)) for i in range(n))
+sd._metadata = OrderedDict([("", {"version": 1})])
+torch.save(sd, pt)
+save_file(dict(sd), st)
+for k in list(sd)[n // 2:n // 2 + 3]:
+    sd[k] = sd[k] + 0.01
+torch.save(sd, changed)
+"""
+NAIVE_CONVERT = """
+import sys, torch
+from safetensors.torch import save_file
+save_file(dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True)), sys.argv[2])
+"""
+
+
+def bench_many(n: int, work: Path, repeat: int) -> list[dict]:
+    """Per-tensor costs: a checkpoint of ``n`` small tensors (a mixture of experts has tens of
+    thousands), each operation against the path the tutorials teach, in the same pairs."""
+    a, st, b = work / "many.pt", work / "many.safetensors", work / "many_b.pt"
+    out, out_st = work / "out.pt", work / "out.safetensors"
+    print(f"[{n:,} tensors] generating ...", file=sys.stderr)
+    subprocess.run([PY, "-c", GEN_MANY, str(n), str(a), str(st), str(b)], check=True)
+    nofsync = {"CKPT_SURGEON_FSYNC": "0"}
+    naive_strip = "strip-prefix .pt naive torch.load/save"
+    naive_st = "strip-prefix .safetensors naive load_file/save_file"
+    naive_conv = "convert .pt -> .safetensors naive torch.load + save_file"
+    naive_diff = "diff naive load both + torch.equal"
+    ops = [
+        (naive_strip, [PY, "-c", NAIVE_STRIP, str(a), str(out), "full"], None, {}),
+        ("strip-prefix .pt (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)", [CLI, "-q", "strip-prefix", str(a), "-o", str(out)],
+         naive_strip, {"env": nofsync}),
+        ("inspect (ckpt-surgeon)", [CLI, "inspect", str(a), "--json"], naive_strip, {}),
+        (naive_st, [PY, "-c", NAIVE_ST, str(st), str(out_st)], None, {}),
+        ("strip-prefix .safetensors (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
+         [CLI, "-q", "strip-prefix", str(st), "-o", str(out_st)], naive_st, {"env": nofsync}),
+        (naive_conv, [PY, "-c", NAIVE_CONVERT, str(a), str(out_st)], None, {}),
+        ("convert .pt -> .safetensors (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
+         [CLI, "-q", "convert", str(a), "-o", str(out_st)], naive_conv, {"env": nofsync}),
+        (naive_diff, [PY, "-c", NAIVE_DIFF, str(a), str(b)], None, {}),
+        ("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], naive_diff, {}),
+    ]
+
+    def rm():
+        for p in (out, out_st):
+            if p.exists():
+                p.unlink()
+
+    cache_only(work, (a, st, b))
+    rows = interleaved(ops, repeat, cleanup=rm)
+    for row in rows:
+        row["size"] = f"{n:,} tensors,"
+        row["bytes"] = a.stat().st_size
+    for p in (a, st, b):
+        p.unlink()
+    return rows
+
+
 def memcap(size: float, work: Path, cap: int) -> list[dict]:
     group = cgroup_cap(cap)
     if group is None:
@@ -360,13 +427,18 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for row in rows:
         if "wall" not in row:
-            lines.append(f"| {row['size']} GiB | {row['op']} | n/a: {row.get('note', '')} | | | |")
+            lines.append(f"| {_size(row)} | {row['op']} | n/a: {row.get('note', '')} | | | |")
             continue
         ratio = f"{row['ratio']:.2f}× {row['base']} ({row['base_wall']:.2f} s)" if row.get("ratio") else ""
         status = "" if row.get("ok", True) else " (FAILED)"
-        lines.append(f"| {row['size']} GiB | {row['op']}{status} | {row['wall']:.2f} | {ratio} | "
+        lines.append(f"| {_size(row)} | {row['op']}{status} | {row['wall']:.2f} | {ratio} | "
                      f"{mib(row['rss_mib'])} | {mib(row['anon_mib'])} |")
     return "\n".join(lines)
+
+
+def _size(row) -> str:
+    size = row["size"]
+    return size if isinstance(size, str) else f"{size} GiB"
 
 
 def machine() -> str:
@@ -406,6 +478,8 @@ def main(argv=None):
     ap.add_argument("--mem-cap", default="1GiB", help="memory cap for the larger-than-memory run")
     ap.add_argument("--out", default="bench-out", help="working directory (deleted afterwards)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--many", type=int, default=0,
+                    help="also time a checkpoint of this many small tensors against the naive paths (e.g. 50000)")
     args = ap.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",") if s]
     work = Path(args.out)
@@ -420,6 +494,8 @@ def main(argv=None):
                 rows += memcap(s, work, cap)
             for p in work.glob(f"*_{s}g.*"):
                 p.unlink()
+        if args.many:
+            rows += bench_many(args.many, work, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if CGROUP.exists():
