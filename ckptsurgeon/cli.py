@@ -20,6 +20,7 @@ from .errors import EXIT_ERROR, CkptSurgeonError
 from .gcpause import freeze_heap
 
 CORE_COMMANDS = ("inspect", "convert", "plugins")
+_STANDALONE = False  # set by console_main: this process ends with the command
 
 
 class LazyGroup(click.Group):
@@ -44,8 +45,8 @@ class LazyGroup(click.Group):
         cmd = self.commands[name] if name in self.commands else self._plugin_commands().get(name)
         if cmd is not None:
             _accept_global_flags(cmd)
-            # modules and plugins are in: later collections walk only what the command makes
-            freeze_heap()
+            if _STANDALONE:  # modules and plugins are in: later collections walk only what the command makes
+                freeze_heap()  # (not in a process that goes on after the command: frozen cycles are never freed)
         return cmd
 
     def invoke(self, ctx):
@@ -347,6 +348,8 @@ def console_main() -> None:
     are flushed and anything registered with :mod:`atexit` has run, nothing is left for the
     teardown to do. A process with other threads still running (a plugin's) exits normally.
     """
+    global _STANDALONE
+    _STANDALONE = True
     try:
         main()
         code = 0

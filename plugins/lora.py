@@ -1,0 +1,392 @@
+"""merge-lora: fold a PEFT LoRA adapter into its base model's weights, tensor by tensor.
+
+PEFT's own way (``PeftModel.from_pretrained(base).merge_and_unload()``) builds the whole model in
+memory. Here the base checkpoint stays where it is: each weight the adapter touches is computed
+when it is written (W + scale * B @ A, in float32 or wider, written in W's dtype) and every other
+tensor is copied as it is, so a base of any size merges in the memory of one tensor.
+
+What is merged is what PEFT merges for a LoRA adapter: ``lora_A``/``lora_B`` on linear layers
+(``fan_in_fan_out`` for GPT-2's Conv1D), on embeddings (``lora_embedding_A``/``_B``) and on
+convolutions (1x1 as a matmul, larger kernels by composing the two convolutions), with
+``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per-module ``rank_pattern`` and
+``alpha_pattern``, ``lora_bias``, and ``modules_to_save`` (whole replacement tensors). DoRA,
+trainable tokens, LoRA on bare parameters and other PEFT methods are refused with one line: their
+merge needs more than these tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import OrderedDict
+
+import click
+
+from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
+from ckptsurgeon.keys import align_keys
+from ckptsurgeon.refs import TensorRef, assembled_ref, as_ref, is_tensor_like, tie_key
+from ckptsurgeon.types import Operation
+
+PEFT_PREFIX = "base_model.model."
+_PARTS = ("A", "B", "embedding_A", "embedding_B")
+
+
+def _lora_key(name: str):
+    """(module, part, adapter name or None, param) for ``<module>.lora_A.weight``,
+    ``<module>.lora_B.bias`` or ``<module>.lora_embedding_A``, also with an adapter name before the
+    parameter (a state dict taken from a live PeftModel: ``.lora_A.default.weight``); else None."""
+    mod, sep, tail = name.rpartition(".lora_")
+    if not sep or not mod:
+        return None
+    part, *rest = tail.split(".")
+    if part not in _PARTS or len(rest) > 2:
+        return None
+    adapter, param = None, "weight"
+    if rest and rest[-1] in ("weight", "bias"):
+        param = rest.pop()
+    if rest:
+        adapter = rest.pop()
+    if rest or (param == "bias" and part != "B"):
+        return None
+    return mod, part, adapter, param
+
+
+_REFUSED = {"lora_magnitude_vector": "DoRA (use_dora): its merge renormalises each column with a magnitude vector",
+            "trainable_tokens": "trainable tokens (trainable_token_indices)",
+            "token_adapter": "trainable tokens (trainable_token_indices)"}
+_FLOAT = ("float32", "float64", "bfloat16", "float16")
+
+
+def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
+    """(adapter tensors, adapter_config.json) from a PEFT adapter folder or a weights file inside one."""
+    from ckptsurgeon.loading import load
+
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    cfg_path = os.path.join(folder, "adapter_config.json")
+    try:
+        with open(cfg_path, "rb") as f:
+            config = json.loads(f.read(1 << 22))
+    except FileNotFoundError:
+        raise NotACheckpointError(f"{path}: no adapter_config.json beside the adapter",
+                                  hint="merge-lora needs PEFT's config (r, lora_alpha, targets): "
+                                       "point it at the folder save_pretrained wrote") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise NotACheckpointError(f"{cfg_path}: not a readable adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise NotACheckpointError(f"{cfg_path}: not a JSON object")
+    if os.path.isdir(path):
+        names = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if os.path.isfile(os.path.join(path, n))]
+        if not names:
+            raise NotACheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin in the folder")
+        path = os.path.join(path, names[0])
+    return load(path, trust_pickle=trust_pickle), config
+
+
+def _setting(config: dict, key: str, default):
+    value = config.get(key, default)
+    return default if value is None else value
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern key K for which the
+    module name matches ``(.*\\.)?K$`` gives the value."""
+    for key, value in (patterns or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error:
+            raise UnsupportedError(f"adapter config: the pattern {key!r} is not a valid regex") from None
+    return default
+
+
+def _check_config(config: dict) -> None:
+    kind = str(config.get("peft_type") or "")
+    if kind.upper() != "LORA":
+        raise UnsupportedError(f"this is a PEFT {kind or 'unknown'} adapter; merge-lora merges LoRA adapters",
+                               hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
+    refused = [(bool(config.get("use_dora")), "DoRA (use_dora)"),
+               (bool(config.get("trainable_token_indices")), "trainable tokens (trainable_token_indices)"),
+               (bool(config.get("target_parameters")), "LoRA on bare parameters (target_parameters)"),
+               (bool(config.get("layer_replication")), "layer replication (layer_replication)"),
+               (bool(config.get("alora_invocation_tokens")), "activated LoRA (alora_invocation_tokens)")]
+    for on, what in refused:
+        if on:
+            raise UnsupportedError(f"the adapter uses {what}, which merge-lora does not merge",
+                                   hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
+
+
+def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=False) -> tuple[Checkpoint, dict]:
+    """Merge a PEFT LoRA adapter (its folder, or ``(adapter Checkpoint, config dict)``) into
+    ``base``. Returns the merged checkpoint (merged weights computed when written) and a report.
+    ``scale`` multiplies every update (0.5: half strength).
+
+    Example::
+
+        merged, rep = merge_lora(load("llama_base/"), "my_lora/")
+        save(merged, "llama_merged/", max_shard_size="5GB")
+    """
+    if isinstance(adapter, (str, os.PathLike)):
+        ad, config = read_adapter(os.fspath(adapter), trust_pickle=trust_pickle)
+    else:
+        ad, config = adapter
+    _check_config(config)
+    if not math.isfinite(scale):
+        raise SelectionError(f"--scale {scale} is not a finite number")
+    r_default = _setting(config, "r", None)
+    alpha_default = _setting(config, "lora_alpha", None)
+    rslora = bool(config.get("use_rslora"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+
+    # ---- what the adapter holds, by module
+    mods: "OrderedDict[str, dict]" = OrderedDict()
+    replaced: "OrderedDict[str, object]" = OrderedDict()
+    adapters = set()
+    for key, v in ad.state.items():
+        if not is_tensor_like(v):
+            continue
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for marker, what in _REFUSED.items():
+            if marker in name.split("."):
+                raise UnsupportedError(f"the adapter holds {key!r}: {what}, which merge-lora does not merge",
+                                       hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
+        m = _lora_key(name)
+        if m is None and ".base_layer." in f".{name}":
+            # the wrapped layer's own weight, saved with the adapter (PEFT does this for embeddings:
+            # save_embedding_layers): it replaces the base's, and a LoRA update goes on top of it
+            replaced[name.replace("base_layer.", "")] = v
+            continue
+        if m is None:
+            if "lora_" in name:
+                raise UnsupportedError(f"the adapter holds {key!r}, a LoRA tensor of a kind merge-lora does not know")
+            replaced[name] = v  # modules_to_save: the whole tensor, trained
+            continue
+        mod, part, adapter_name, param = m
+        if adapter_name:
+            adapters.add(adapter_name)
+        mods.setdefault(mod, {})[part + (".bias" if param == "bias" else "")] = v
+    if len(adapters) > 1:
+        raise UnsupportedError(f"the state dict holds several adapters ({', '.join(sorted(adapters))})",
+                               hint="save each with save_pretrained and merge them one at a time")
+    if not mods and not replaced:
+        raise SelectionError("the adapter holds no LoRA tensors")
+    stray = [k for k in replaced if k.rsplit(".", 1)[0] not in mods] if not config.get("modules_to_save") else []
+    if stray:
+        first = stray[0]
+        raise UnsupportedError(f"the adapter holds {first!r}, which is neither a LoRA tensor nor listed in "
+                               "modules_to_save")
+
+    # ---- where each goes in the base
+    base_keys = [k for k, v in base.state.items() if is_tensor_like(v)]
+    wanted = []
+    for mod, parts in mods.items():
+        wanted.append(f"{mod}.weight")
+        if "B.bias" in parts:
+            wanted.append(f"{mod}.bias")
+    wanted += list(replaced)
+    to_common, base_common, alignment = align_keys(wanted, base_keys)
+    base_of = {c: k for k, c in base_common.items()}
+    missing = [w for w in wanted if to_common[w] not in base_of]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SelectionError(f"the base has no {', '.join(map(repr, missing[:3]))}{more} (the adapter's targets)",
+                             hint="is this the base model the adapter was trained on?")
+
+    state = OrderedDict(base.state)
+    storages: dict = {}
+    refs = {k: as_ref(base.state[k], storages) for k in base_keys}
+    tie_of = {k: tie_key(refs[k]) for k in base_keys}
+    ties: dict = {}
+    for k in base_keys:
+        ties.setdefault(tie_of[k], []).append(k)
+    merged, kinds = [], {}
+
+    def put(base_key: str, ref) -> None:
+        for k in ties[tie_of[base_key]]:  # tied names stay one tensor
+            state[k] = refs[k] = ref  # refs: a LoRA update on a replaced weight goes on top of it
+
+    swapped = []
+    for name, v in replaced.items():
+        bkey = base_of[to_common[name]]
+        old, new = refs[bkey], as_ref(v)
+        if tuple(old.shape) != tuple(new.shape):
+            raise SelectionError(f"the adapter's {name!r} has shape {list(new.shape)}, "
+                                 f"the base's {bkey} {list(old.shape)}")
+        if new.dtype != old.dtype and new.dtype in _FLOAT and old.dtype in _FLOAT:
+            new = assembled_ref(old.shape, old.dtype, _cast(new, old.dtype), label=bkey)  # the base's dtype
+        put(bkey, new)
+        swapped.append(bkey)
+    for mod, parts in mods.items():
+        wkey = base_of[to_common[f"{mod}.weight"]]
+        w = refs[wkey]
+        if w.dtype not in _FLOAT:
+            raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
+        r = _pattern_value(ranks, mod, r_default)
+        alpha = _pattern_value(alphas, mod, alpha_default)
+        kind, a, b = _kind(mod, parts, w)
+        if r is None:
+            r = a.shape[0]
+        if alpha is None:
+            raise UnsupportedError("the adapter config names no lora_alpha")
+        if a.shape[0] != r:
+            raise SelectionError(f"{mod}: lora_A has rank {a.shape[0]} but the config says r={r}",
+                                 hint="the adapter_config.json does not belong to these weights")
+        scaling = float(alpha) / (math.sqrt(r) if rslora else r) * scale
+        _check_shapes(mod, kind, a, b, w, fan_in_fan_out)
+        put(wkey, assembled_ref(w.shape, w.dtype, _merged(w, a, b, kind, scaling, fan_in_fan_out), label=wkey))
+        kinds[kind] = kinds.get(kind, 0) + 1
+        entry = {"module": mod, "weight": wkey, "kind": kind, "r": int(r), "alpha": alpha, "scaling": scaling}
+        if "B.bias" in parts:
+            bkey = base_of[to_common[f"{mod}.bias"]]
+            bias, lb = refs[bkey], as_ref(parts["B.bias"])
+            if tuple(lb.shape) != tuple(bias.shape):
+                raise SelectionError(f"{mod}: lora_B.bias has shape {list(lb.shape)}, the base bias {list(bias.shape)}")
+            put(bkey, assembled_ref(bias.shape, bias.dtype, _biased(bias, lb, scaling), label=bkey))
+            entry["bias"] = bkey
+        merged.append(entry)
+    changed = {k for e in merged for k in (e["weight"], e.get("bias")) if k} | set(swapped)
+    changed = {t for k in changed for t in ties[tie_of[k]]}
+    report = {"operation": "merge-lora", "merged": merged, "by_kind": kinds, "replaced": swapped,
+              "scale": scale, "rslora": rslora, "alignment": alignment,
+              "untouched": len(base_keys) - len(changed),
+              "wrapper_untouched": base.wrapper_keys()}
+    return base.with_state(state), report
+
+
+def _kind(mod: str, parts: dict, w: TensorRef):
+    if "embedding_A" in parts or "embedding_B" in parts:
+        if not {"embedding_A", "embedding_B"} <= set(parts):
+            raise SelectionError(f"{mod}: lora_embedding_A or lora_embedding_B is missing")
+        return "embedding", as_ref(parts["embedding_A"]), as_ref(parts["embedding_B"])
+    if not {"A", "B"} <= set(parts):
+        raise SelectionError(f"{mod}: lora_A or lora_B is missing")
+    a, b = as_ref(parts["A"]), as_ref(parts["B"])
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return "linear", a, b
+    if len(a.shape) == len(b.shape) == len(w.shape) and len(w.shape) in (3, 4, 5):
+        return f"conv{len(w.shape) - 2}d", a, b
+    raise SelectionError(f"{mod}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a weight of "
+                         f"shape {list(w.shape)}")
+
+
+def _check_shapes(mod, kind, a, b, w, fan_in_fan_out) -> None:
+    ws = tuple(w.shape)
+    if kind == "linear":  # A: (r, in), B: (out, r); W: (out, in), or (in, out) with fan_in_fan_out
+        want = (ws[1], ws[0]) if fan_in_fan_out and len(ws) == 2 else ws
+        ok = len(ws) == 2 and b.shape[1] == a.shape[0] and (b.shape[0], a.shape[1]) == want
+    elif kind == "embedding":  # A: (r, num_embeddings), B: (embedding_dim, r); W: (num_embeddings, embedding_dim)
+        ok = len(ws) == 2 and b.shape[1] == a.shape[0] and (a.shape[1], b.shape[0]) == ws
+    else:
+        if a.shape[1] != ws[1]:
+            raise UnsupportedError(f"{mod}: a grouped convolution (in-channels {ws[1]} per group, lora_A reads "
+                                   f"{a.shape[1]}): merge it with PEFT")
+        ok = b.shape[0] == ws[0] and b.shape[1] == a.shape[0] and all(s == 1 for s in b.shape[2:]) \
+            and tuple(a.shape[2:]) == ws[2:]
+    if not ok:
+        raise SelectionError(f"{mod}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit the base "
+                             f"weight {list(ws)}" + (" (fan_in_fan_out is on)" if fan_in_fan_out else ""),
+                             hint="is this the base model the adapter was trained on?")
+
+
+def _wide(dtype):
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _merged(w: TensorRef, a: TensorRef, b: TensorRef, kind: str, scaling: float, fan_in_fan_out: bool):
+    def build():
+        import torch
+
+        base = w.to_torch()
+        acc = _wide(base.dtype)
+        A, B = a.to_torch().to(acc), b.to_torch().to(acc)
+        if kind == "linear":
+            delta = B @ A
+            if fan_in_fan_out:
+                delta = delta.T
+        elif kind == "embedding":
+            delta = (B @ A).T
+        elif all(s == 1 for s in base.shape[2:]):  # 1x1: a matmul over channels
+            delta = (B.flatten(1) @ A.flatten(1)).reshape(base.shape)
+        else:  # compose the two convolutions: lora_B (1x1) after lora_A (k x k)
+            conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}
+            delta = conv[base.dim()](A.transpose(0, 1), B).transpose(0, 1)
+        return (base.to(acc) + delta * scaling).to(base.dtype).contiguous()
+    return build
+
+
+def _biased(bias: TensorRef, lb: TensorRef, scaling: float):
+    def build():
+        base = bias.to_torch()
+        acc = _wide(base.dtype)
+        return (base.to(acc) + lb.to_torch().to(acc) * scaling).to(base.dtype).contiguous()
+    return build
+
+
+def _cast(ref: TensorRef, dtype: str):
+    def build():
+        from ckptsurgeon.dtypes import torch_dtype
+
+        return ref.to_torch().to(torch_dtype(dtype)).contiguous()
+    return build
+
+
+def _human(r: dict) -> None:
+    kinds = ", ".join(f"{n} {k}" for k, n in r["by_kind"].items())
+    click.echo(f"merged LoRA into {len(r['merged'])} weight(s) ({kinds})"
+               + (f" at scale {r['scale']}" if r["scale"] != 1.0 else ""))
+    scalings = sorted({e["scaling"] for e in r["merged"]})
+    if scalings:
+        click.echo(f"  scaling (alpha / {'sqrt(r)' if r['rslora'] else 'r'}): "
+                   + ", ".join(f"{s:g}" for s in scalings[:6]) + (" ..." if len(scalings) > 6 else ""))
+    biases = sum("bias" in e for e in r["merged"])
+    if biases:
+        click.echo(f"  and {biases} bias(es) (lora_bias)")
+    if r["replaced"]:
+        click.echo(f"took {len(r['replaced'])} tensor(s) whole from the adapter (modules_to_save, saved base layers): "
+                   f"{', '.join(r['replaced'][:6])}" + (" ..." if len(r["replaced"]) > 6 else ""))
+    if r["alignment"].get("applied"):
+        click.echo(f"note: {r['alignment']['note']}")
+    click.echo(f"{r['untouched']} other tensor(s) copied as they are")
+    cliutil.echo_save(r["save"])
+
+
+@click.command("merge-lora")
+@click.argument("base")
+@click.argument("adapter")
+@click.option("--scale", default=1.0, type=float, show_default=True,
+              help="Multiply every LoRA update by this (0.5: half strength).")
+@cliutil.load_options
+@cliutil.write_options
+@cliutil.json_option
+def merge_lora_cmd(base, adapter, scale, key, trust_pickle, as_json, **write):
+    """Merge a PEFT LoRA adapter into its base model's weights.
+
+    BASE is the base checkpoint (a Hugging Face folder, .safetensors, .pt...); ADAPTER is the
+    folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors).
+    Merged weights are computed one at a time as they are written; the rest is copied.
+
+    \b
+    Examples:
+      ckpt-surgeon merge-lora llama-base/ my-lora/ -o llama-merged/ --max-shard-size 5GB
+      ckpt-surgeon merge-lora base.safetensors my-lora/ -o merged.safetensors --scale 0.5
+    """
+    ck = cliutil.load(base, key, trust_pickle)
+    new, report = merge_lora(ck, adapter, scale=scale, trust_pickle=trust_pickle)
+    report["save"] = cliutil.save(new, **write)
+    cliutil.emit(report, as_json, _human)
+
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [merge_lora_cmd]
+
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("merge_lora", merge_lora, "merge a PEFT LoRA adapter into its base weights")]

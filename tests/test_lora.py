@@ -1,0 +1,204 @@
+"""merge-lora against PEFT itself: adapters written by peft's save_pretrained on real
+transformers models and plain torch modules, merged here and by ``merge_and_unload()``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ckptsurgeon as cs
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(dtype=torch.float32, tie=False):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _adapter(model, folder, **config):
+    """A LoRA adapter with non-zero updates (init_lora_weights=False), saved by PEFT."""
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.25)  # a trained head: not the base's any more
+            if "lora_B" in n and n.endswith("bias"):
+                p.normal_()
+    pm.save_pretrained(str(folder))
+    return pm
+
+
+def _merged_by_peft(base_folder, adapter_folder, loader):
+    base = loader(base_folder)
+    return peft.PeftModel.from_pretrained(base, str(adapter_folder)).merge_and_unload()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_llama_linear_embedding_patterns_and_modules_to_save_equal_peft(tmp_path, cli, rslora):
+    from safetensors.torch import load_file
+
+    _llama().save_pretrained(tmp_path / "base")
+    _adapter(_llama(), tmp_path / "ad", r=4, lora_alpha=8, use_rslora=rslora,
+             target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+             rank_pattern={"down_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+             modules_to_save=["lm_head"])
+    code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "merged",
+                         "--max-shard-size", "5GB")
+    assert code == 0, err
+    assert "merged LoRA into 7 weight(s) (1 embedding, 6 linear)" in out and "lm_head.weight" in out
+    want = _merged_by_peft(tmp_path / "base", tmp_path / "ad", transformers.LlamaForCausalLM.from_pretrained)
+    ref = want.state_dict()
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    assert set(got) == set(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)  # the same float32 arithmetic: bit for bit
+    # the output folder is a model transformers loads, computing what PEFT's merged model computes
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, want(ids).logits, atol=1e-6)
+    # the report says what it did, per module
+    rep = json.loads(cli("merge-lora", tmp_path / "base", tmp_path / "ad", "--dry-run", "--json")[1])
+    scalings = {e["module"]: e["scaling"] for e in rep["merged"]}
+    root = (lambda r: r ** 0.5) if rslora else (lambda r: r)
+    assert scalings["model.layers.1.mlp.down_proj"] == pytest.approx(8 / root(2))
+    assert scalings["model.layers.1.self_attn.q_proj"] == pytest.approx(3 / root(4))
+    assert scalings["model.layers.0.self_attn.q_proj"] == pytest.approx(8 / root(4))
+    assert rep["replaced"] == ["lm_head.weight", "model.embed_tokens.weight"] and rep["untouched"] == 13
+
+
+@pytest.mark.parametrize("case", ["conv1d_bias", "tied_embedding"])
+def test_gpt2_fan_in_fan_out_lora_bias_and_tied_embeddings(tmp_path, case):
+    """GPT-2's Conv1D stores weights transposed (fan_in_fan_out) and lora_bias merges into its
+    bias; a LoRA on the token embedding, tied to the head, changes the head too, and the two
+    names stay one tensor."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    config = (dict(r=3, lora_alpha=6, fan_in_fan_out=True, target_modules=["c_attn"], lora_bias=True)
+              if case == "conv1d_bias" else dict(r=3, lora_alpha=6, target_modules=["wte"]))
+    _adapter(transformers.GPT2LMHeadModel(cfg), tmp_path / "ad", **config)
+    base = cs.load(tmp_path / "base")
+    new, rep = cs.merge_lora(base, tmp_path / "ad")
+    cs.save(new, tmp_path / "merged.pt")
+    got = torch.load(tmp_path / "merged.pt", weights_only=True)
+    want = _merged_by_peft(tmp_path / "base", tmp_path / "ad", transformers.GPT2LMHeadModel.from_pretrained)
+    ref = want.state_dict()
+    for k, v in got.items():
+        assert torch.allclose(v, ref[k], atol=1e-6), k
+    if case == "conv1d_bias":
+        assert rep["by_kind"] == {"linear": 2} and [e["bias"] for e in rep["merged"]] == [
+            "transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"]
+        assert not torch.equal(got["transformer.h.0.attn.c_attn.bias"],
+                               base.state["transformer.h.0.attn.c_attn.bias"].to_torch())
+    else:
+        assert rep["by_kind"] == {"embedding": 1}
+        assert not torch.equal(got["transformer.wte.weight"], base.state["transformer.wte.weight"].to_torch())
+        # a torch-saved state dict names the tied tensor twice: both names get the merged one
+        torch.manual_seed(0)
+        torch.save(transformers.GPT2LMHeadModel(cfg).state_dict(), tmp_path / "base.pt")
+        new, rep = cs.merge_lora(cs.load(tmp_path / "base.pt"), tmp_path / "ad")
+        assert rep["untouched"] == len(new.state) - 2
+        cs.save(new, tmp_path / "merged2.pt")
+        got = torch.load(tmp_path / "merged2.pt", weights_only=True)
+        assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()
+        assert torch.allclose(got["lm_head.weight"], ref["transformer.wte.weight"], atol=1e-6)
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 6, 1)
+        self.c3 = torch.nn.Conv2d(6, 4, (3, 1))  # a kernel that is not square
+        self.fc = torch.nn.Linear(4 * 4 * 6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.relu(self.c3(x)).flatten(1))
+
+
+def test_conv_lora_on_a_plain_torch_module_to_a_pt_file(tmp_path, cli):
+    torch.manual_seed(0)
+    torch.save(ConvNet().state_dict(), tmp_path / "base.pt")
+    net = ConvNet()
+    net.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
+    _adapter(net, tmp_path / "ad", r=2, lora_alpha=5, target_modules=["c1", "c2", "c3", "fc"])
+    code, out, err = cli("merge-lora", tmp_path / "base.pt", tmp_path / "ad", "-o", tmp_path / "merged.pt",
+                         "--scale", "0.5")
+    assert code == 0, err
+    assert "at scale 0.5" in out
+    half = torch.load(tmp_path / "merged.pt", weights_only=True)
+    code, _, err = cli("merge-lora", tmp_path / "base.pt", tmp_path / "ad", "-o", tmp_path / "full.pt")
+    assert code == 0, err
+    got = torch.load(tmp_path / "full.pt", weights_only=True)
+
+    def loader(path):
+        m = ConvNet()
+        m.load_state_dict(torch.load(tmp_path / "base.pt", weights_only=True))
+        return m
+    want = _merged_by_peft(tmp_path / "base.pt", tmp_path / "ad", loader)
+    ref = want.state_dict()
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k
+    x = torch.randn(2, 3, 6, 6)
+    mine = ConvNet()
+    mine.load_state_dict(got)
+    with torch.no_grad():
+        assert torch.allclose(mine(x), want(x), atol=1e-5)
+    base = torch.load(tmp_path / "base.pt", weights_only=True)
+    for k in ("c1.weight", "c3.weight", "fc.weight"):  # --scale 0.5: half of each update
+        assert torch.allclose(half[k] - base[k], (got[k] - base[k]) / 2, atol=1e-6), k
+
+
+def test_bfloat16_base_stays_bfloat16_and_close_to_peft(tmp_path):
+    from safetensors.torch import load_file
+
+    _llama(torch.bfloat16).save_pretrained(tmp_path / "base")
+    _adapter(_llama(torch.bfloat16), tmp_path / "ad", r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"])
+    new, _ = cs.merge_lora(cs.load(tmp_path / "base"), tmp_path / "ad")
+    cs.save(new, tmp_path / "m.safetensors")
+    got = load_file(tmp_path / "m.safetensors")
+    ref = _merged_by_peft(tmp_path / "base", tmp_path / "ad",
+                          lambda p: transformers.LlamaForCausalLM.from_pretrained(p, dtype=torch.bfloat16)).state_dict()
+    for k, v in ref.items():
+        assert got[k].dtype == torch.bfloat16
+        # PEFT adds a bfloat16-rounded update; this adds the float32 one and rounds once
+        assert torch.allclose(got[k].float(), v.float(), atol=2e-2, rtol=1e-2), k
+
+
+def test_refusals_are_one_line(tmp_path, cli):
+    _llama().save_pretrained(tmp_path / "base")
+    _adapter(_llama(), tmp_path / "dora", r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True)
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "dora", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "DoRA" in err and len(err.strip().splitlines()) == 1
+    # an adapter for another model
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    _adapter(_llama(), tmp_path / "ad", r=2, lora_alpha=4, target_modules=["q_proj"])
+    code, _, err = cli("merge-lora", tmp_path / "gpt2", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "the base has no 'model.layers.0.self_attn.q_proj.weight'" in err
+    # a config that does not belong to the weights
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    conf = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**conf, "r": 8}))
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "rank 2 but the config says r=8" in err
+    cfg_path.write_text(json.dumps({**conf, "peft_type": "IA3"}))
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "PEFT IA3 adapter" in err
+    cfg_path.unlink()
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "no adapter_config.json" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    assert "Traceback" not in err
