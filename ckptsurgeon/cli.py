@@ -65,6 +65,12 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("ckpt-surgeon: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:  # stdout closed by its reader (| head): nothing more to say, no error
+            import os
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+            ctx.exit(1)
         except RecursionError:  # only a (hostile) input nested thousands of levels deep gets here
             debug = state(ctx).get("debug", False)
             if debug:

@@ -253,3 +253,18 @@ def test_quiet_and_debug_work_after_the_command_too(sample_dir, tmp_path, cli):
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     code, out, _ = cli("diff", "--help")
     assert "-q, --quiet" in out and "--debug" in out
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`ckpt-surgeon diff a b | head -1`: the pipe closed under a command still printing (rich
+    flushes each print) ends it quietly, as `cat` does, not with an internal error."""
+    import torch
+
+    torch.save({f"layer{i}.weight": torch.zeros(2) for i in range(300)}, tmp_path / "a.pt")
+    torch.save({f"layer{i}.weight": torch.ones(2) for i in range(300)}, tmp_path / "b.pt")
+    for args in (["diff", tmp_path / "a.pt", tmp_path / "b.pt"], ["inspect", tmp_path / "a.pt", "--json"]):
+        proc = subprocess.Popen([sys.executable, "-m", "ckptsurgeon", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the first line
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) in (0, 1) and "error" not in err and "Traceback" not in err, err
