@@ -316,7 +316,9 @@ def _merged(w: TensorRef, a: TensorRef, b: TensorRef, kind: str, scaling: float,
         else:  # compose the two convolutions: lora_B (1x1) after lora_A (k x k)
             conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}
             delta = conv[base.dim()](A.transpose(0, 1), B).transpose(0, 1)
-        return (base.to(acc) + delta * scaling).to(base.dtype).contiguous()
+        # one weight-sized buffer: the update, scaled, then the base added in (a + b rounds as b + a)
+        delta = delta.contiguous().mul_(scaling).add_(base)
+        return delta if delta.dtype == base.dtype else delta.to(base.dtype)
     return build
 
 
