@@ -21,6 +21,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from dataclasses import replace as dc_replace
 
 import click
 
@@ -254,7 +255,10 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
               "scale": scale, "rslora": rslora, "alignment": alignment,
               "untouched": len(base_keys) - len(changed),
               "wrapper_untouched": base.wrapper_keys()}
-    return base.with_state(state), report
+    source = base.source
+    if source is not None and ad.source is not None:  # an output over the adapter needs --in-place too
+        source = dc_replace(source, files=tuple(dict.fromkeys(source.files + ad.source.files)))
+    return base.with_state(state, source=source), report
 
 
 def _kind(mod: str, parts: dict, w: TensorRef):

@@ -197,8 +197,31 @@ def test_refusals_are_one_line(tmp_path, cli):
     cfg_path.write_text(json.dumps({**conf, "peft_type": "IA3"}))
     code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
     assert code == 2 and "PEFT IA3 adapter" in err
+    cfg_path.write_text(json.dumps(conf))
+    # the adapter is an input too: writing over it needs --in-place
+    before = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "ad" / "adapter_model.safetensors")
+    assert code == 2 and "refusing to overwrite the input" in err
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "ad", "--max-shard-size", "1GB")
+    assert code == 2 and "input's folder" in err
+    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == before
     cfg_path.unlink()
     code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
     assert code == 2 and "no adapter_config.json" in err
     assert not (tmp_path / "x.safetensors").exists()
     assert "Traceback" not in err
+
+
+def test_adapter_saved_as_bin_merges_the_same(tmp_path):
+    """An adapter saved with safe_serialization=False (adapter_model.bin, a torch zip) reads the
+    same; the adapter may also be given as its weights file."""
+    _llama().save_pretrained(tmp_path / "base")
+    pm = _adapter(_llama(), tmp_path / "st", r=4, lora_alpha=16, target_modules=["k_proj", "gate_proj"])
+    pm.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    base = cs.load(tmp_path / "base")
+    a, rep = cs.merge_lora(base, tmp_path / "st")
+    b, _ = cs.merge_lora(base, tmp_path / "bin" / "adapter_model.bin")
+    assert rep["by_kind"] == {"linear": 4}
+    for k in a.state:
+        assert torch.equal(a.state[k].to_torch(), b.state[k].to_torch()), k
