@@ -558,15 +558,18 @@ def fuzz_seeds(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["zip", "st", "legacy", "inert"])
 def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
-    """Byte flips and truncations: only ckpt-surgeon's own errors escape. "inert" loads a file
-    with foreign globals with --inert-pickle (flipped names become inert records too) and writes
-    what it read back out, through the inert writer."""
+    """Byte flips and truncations: only ckpt-surgeon's own errors escape, reading, writing a
+    safetensors copy and diffing against the undamaged file. "inert" loads a file with foreign
+    globals with --inert-pickle (flipped names become inert records too) and writes what it read
+    back out, through the inert writer."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     seed = fuzz_seeds[kind]
     work = tmp_path_factory.mktemp(f"fuzz_{kind}")
     path = work / ("f.safetensors" if kind == "st" else "f.pt")
+    original = work / ("seed.safetensors" if kind == "st" else "seed.pt")
+    original.write_bytes(seed)
 
     @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None,
               suppress_health_check=list(HealthCheck))
@@ -587,6 +590,9 @@ def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
             if kind == "inert":
                 cs.save(ck, work / "out.pt")
                 cs.load(work / "out.pt", trust_pickle="inert")
+            else:  # the writers and the diff read the damaged bytes their own ways (mapped, pread, copied)
+                cs.save(ck, work / "out.safetensors", in_place=True)
+                cs.diff(ck, cs.load(original))
         except CkptSurgeonError:
             pass
 
