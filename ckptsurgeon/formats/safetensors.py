@@ -121,7 +121,7 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
         span = ref.byte_span()
         pieces = file_pieces(ref.storage.source, *span) if span is not None else None
         if pieces is not None and _small_record(pieces, ref.nbytes):
-            pieces = ("small", pieces[0][0])
+            pieces = _SmallRecord(pieces[0][0])
         else:
             checks.update((id(r), r) for r, _, _ in pieces or () if r.crc is not None)
         where.append(pieces)
@@ -156,13 +156,13 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
 
             for (_name, ref), pieces in zip(order, where):
                 n = ref.nbytes
-                if n and isinstance(pieces, tuple):  # a small whole record: read and checked here
+                if n and isinstance(pieces, _SmallRecord):  # read and checked here
                     if run:
                         flush()
                         run = None
                     if not small:
                         small_at = pos
-                    src = pieces[1]
+                    src = pieces.source
                     data = src.raw()
                     src.verify_crc_value(crc32(data))
                     small += data
@@ -199,6 +199,15 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
         for sfd in src_fds.values():
             os.close(sfd)
     return pos
+
+
+class _SmallRecord:
+    """A small whole zip record, read through the mapping (see write_data)."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, source: FileRange):
+        self.source = source
 
 
 def _small_record(pieces, nbytes: int) -> bool:
