@@ -257,6 +257,7 @@ class AssembledBytes:
         if parts is not None and len(parts) == 1:
             view = parts[0].read_bytes()  # one piece (a whole DCP chunk): zero-copy over its mapping
         elif parts is not None:
+            give_back_freed_memory(self._length)  # what the tensors built before this one left behind
             out = bytearray(self._length)
             pos = 0
             for p in parts:
