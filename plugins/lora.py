@@ -151,6 +151,10 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         if not is_tensor_like(v):
             continue
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if ".original_module." in f".{name}":
+            continue  # a live ModulesToSaveWrapper's untouched copy of the base's own module
+        # a live wrapper's trained copy (<module>.modules_to_save.<adapter>.weight): the module's
+        name = re.sub(r"(^|\.)modules_to_save\.[^.]+\.", r"\1", name)
         for marker, what in _REFUSED.items():
             if marker in name.split("."):
                 raise UnsupportedError(f"the adapter holds {key!r}: {what}, which merge-lora does not merge",
@@ -366,7 +370,7 @@ def _human(r: dict) -> None:
 @click.argument("base")
 @click.argument("adapter")
 @click.option("--scale", default=1.0, type=float, show_default=True,
-              help="Multiply every LoRA update by this (0.5: half strength).")
+              help="Multiply every LoRA update by this (0.5: half strength; -1 takes a merged adapter back out).")
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option

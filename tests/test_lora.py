@@ -225,3 +225,29 @@ def test_adapter_saved_as_bin_merges_the_same(tmp_path):
     assert rep["by_kind"] == {"linear": 4}
     for k in a.state:
         assert torch.equal(a.state[k].to_torch(), b.state[k].to_torch()), k
+
+
+def test_a_live_peft_state_dict_and_scale_minus_one(tmp_path):
+    """A state dict taken from a live PeftModel (adapter names in the keys, the wrapped layers'
+    base weights, a modules_to_save wrapper with its original copy) merges like the saved
+    adapter; --scale -1 takes a merged adapter back out."""
+    from safetensors.torch import save_file
+
+    _llama().save_pretrained(tmp_path / "base")
+    pm = _adapter(_llama(), tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    live = {k: v.detach().clone() for k, v in pm.state_dict().items() if "lora_" in k or "modules_to_save" in k
+            or "original_module" in k}
+    assert any(".lora_A.default.weight" in k for k in live) and any("original_module" in k for k in live)
+    (tmp_path / "live").mkdir()
+    save_file(live, tmp_path / "live" / "adapter_model.safetensors")
+    (tmp_path / "live" / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+    base = cs.load(tmp_path / "base")
+    a, _ = cs.merge_lora(base, tmp_path / "ad")
+    b, rep = cs.merge_lora(base, tmp_path / "live")
+    assert rep["replaced"] == ["lm_head.weight"] and len(rep["merged"]) == 2
+    for k in a.state:
+        assert torch.equal(a.state[k].to_torch(), b.state[k].to_torch()), k
+    cs.save(a, tmp_path / "merged.safetensors")
+    back, _ = cs.merge_lora(cs.load(tmp_path / "merged.safetensors"), tmp_path / "ad", scale=-1.0)
+    w = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.allclose(back.state[w].to_torch(), base.state[w].to_torch(), atol=1e-6)
