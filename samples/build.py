@@ -78,6 +78,19 @@ def main(out: str) -> None:
     ft["bn4.running_mean"] += 0.1
     torch.save({"model_state_dict": ft, "optimizer_state_dict": opt.state_dict(), "epoch": 6,
                 "scheduler_state_dict": sched.state_dict(), "loss": 0.9}, p("seednet_finetuned.pt"))
+    # a LoRA adapter laid out as PEFT's save_pretrained writes one (r=4 on fc and conv4), for merge-lora
+    lora = p("seednet_lora")
+    os.makedirs(lora, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    pre = "base_model.model."
+    save_file({pre + "fc.lora_A.weight": 0.04 * torch.randn(4, 48, generator=g),
+               pre + "fc.lora_B.weight": 0.04 * torch.randn(10, 4, generator=g),
+               pre + "conv4.lora_A.weight": 0.04 * torch.randn(4, 32, 3, 3, generator=g),
+               pre + "conv4.lora_B.weight": 0.04 * torch.randn(48, 4, 1, 1, generator=g)},
+              os.path.join(lora, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(lora, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["fc", "conv4"],
+                   "fan_in_fan_out": False, "use_rslora": False, "bias": "none"}, f, indent=2)
     # BN-heavy model for fold-bn / bn-to-gn
     torch.manual_seed(1)
     bn = randomize_norm_stats(bnnet(), seed=2).eval()

@@ -18,5 +18,7 @@ run ckpt-surgeon bn-to-gn $S/seednet.pt -o $S/demo_gn.pt --model $M:seednet --gr
 run ckpt-surgeon verify $S/seednet.pt $S/demo_gn.pt --model $M:seednet || true
 run ckpt-surgeon fold-bn $S/bnnet.pt -o $S/demo_folded.pt --model $M:bnnet
 run ckpt-surgeon verify $S/bnnet.pt $S/demo_folded.pt --model $M:bnnet
+run ckpt-surgeon merge-lora $S/seednet.pt $S/seednet_lora -o $S/demo_merged.safetensors
+run ckpt-surgeon diff $S/seednet.pt $S/demo_merged.safetensors || true
 run ckpt-surgeon scan $S/seednet_resume.pt
 echo; echo "demo finished"
