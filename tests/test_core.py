@@ -1072,3 +1072,40 @@ def test_many_small_records_to_safetensors_are_checked_and_batched(tmp_path, cli
     code, _, err = cli("convert", tmp_path / "m.pt", "-o", tmp_path / "bad.safetensors")
     assert code == 2 and "CRC-32 mismatch" in err and "Traceback" not in err
     assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_plain_pickle_of_numpy_arrays_reads_as_tensors(tmp_path, cli):
+    """Detectron2's model-zoo .pkl: a plain pickle (not torch.save) of numpy arrays. torch.load
+    cannot read it; here the arrays become tensors (byte order fixed, non-contiguous ones laid
+    out), the wrapper is kept, and the usual writers apply."""
+    import pickle
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    model = {"backbone.res2.0.conv1.weight": rng.standard_normal((8, 4, 3, 3)).astype(np.float32),
+             "backbone.res2.0.conv1.norm.running_var": rng.random(8),  # float64
+             "roi_heads.box_predictor.cls_score.bias": rng.standard_normal(5).astype(">f4"),  # big-endian
+             "proposal_generator.anchor_generator.cell_anchors.0": np.arange(12, dtype=np.int64).reshape(3, 4).T,
+             "mask": np.array([True, False, True])}
+    with open(tmp_path / "model_final.pkl", "wb") as f:
+        pickle.dump({"model": model, "__author__": "Detectron2 Model Zoo", "matching_heuristics": True,
+                     "classes": ["cat", "dog"]}, f, protocol=4)
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "model_final.pkl", weights_only=True)
+    ck = cs.load(tmp_path / "model_final.pkl")
+    assert ck.source.format == "pickle" and ck.sd_path == ("model",) and len(ck.state) == 5
+    code, out, err = cli("convert", tmp_path / "model_final.pkl", "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    got = load_file(tmp_path / "m.safetensors")
+    for k, v in model.items():
+        assert np.array_equal(got[k].numpy(), v) and got[k].dtype == torch.from_numpy(v.astype(v.dtype.newbyteorder("="))).dtype, k
+    code, _, err = cli("convert", tmp_path / "model_final.pkl", "-o", tmp_path / "m.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert back["__author__"] == "Detectron2 Model Zoo" and set(back["model"]) == set(model)
+    assert torch.equal(back["model"]["mask"], torch.tensor([True, False, True]))
+    code, out, _ = cli("strip-prefix", tmp_path / "model_final.pkl", "--prefix", "backbone.", "--partial",
+                       "-o", tmp_path / "s.safetensors")
+    assert code == 0 and "res2.0.conv1.weight" in load_file(tmp_path / "s.safetensors")

@@ -547,8 +547,12 @@ def _seeds(tmp_path_factory):
 
     torch.save({"model": sd, "ratio": fractions.Fraction(1, 3), "fn": functools.partial(max, 2), "tags": {1, 2}},
                d / "i.pt")
+    import pickle
+
+    with open(d / "p.pkl", "wb") as f:  # a plain pickle of numpy arrays (Detectron2's .pkl)
+        pickle.dump({"model": {k: v.numpy() for k, v in sd.items()}, "__author__": "fuzz"}, f, protocol=4)
     return {k: (d / f).read_bytes() for k, f in (("zip", "z.pt"), ("st", "s.safetensors"), ("legacy", "l.pt"),
-                                                 ("inert", "i.pt"))}
+                                                 ("inert", "i.pt"), ("pkl", "p.pkl"))}
 
 
 @pytest.fixture(scope="module")
@@ -556,7 +560,7 @@ def fuzz_seeds(tmp_path_factory):
     return _seeds(tmp_path_factory)
 
 
-@pytest.mark.parametrize("kind", ["zip", "st", "legacy", "inert"])
+@pytest.mark.parametrize("kind", ["zip", "st", "legacy", "inert", "pkl"])
 def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
     """Byte flips and truncations: only ckpt-surgeon's own errors escape, reading, writing a
     safetensors copy and diffing against the undamaged file. "inert" loads a file with foreign
@@ -567,8 +571,8 @@ def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
 
     seed = fuzz_seeds[kind]
     work = tmp_path_factory.mktemp(f"fuzz_{kind}")
-    path = work / ("f.safetensors" if kind == "st" else "f.pt")
-    original = work / ("seed.safetensors" if kind == "st" else "seed.pt")
+    ext = {"st": ".safetensors", "pkl": ".pkl"}.get(kind, ".pt")
+    path, original = work / f"f{ext}", work / f"seed{ext}"
     original.write_bytes(seed)
 
     @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None,
@@ -1020,3 +1024,35 @@ def test_inert_whole_compiled_model_gives_its_state_dict(tmp_path, cli):
     out = load_file(tmp_path / "m.safetensors")
     assert list(out) == [k[len("_orig_mod."):] for k in ref]
     assert all(torch.equal(out[k[len("_orig_mod."):]], v) for k, v in ref.items())
+
+
+def test_plain_pickles_are_read_allowlist_only(tmp_path, cli):
+    """A plain pickle (not torch.save) goes through the same allowlist: a payload is refused by
+    name and never run (also with --inert-pickle, which records it); a pickle.dump of torch
+    tensors is named as such and reads only with --trust-pickle."""
+    import pickle
+
+    canary = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {canary}",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": {"w": torch.zeros(1).numpy()}, "x": Payload()}, f, protocol=4)
+    code, _, err = cli("inspect", tmp_path / "evil.pkl")
+    assert code == 2 and "system" in err and "nothing was executed" in err
+    code, out, err = cli("convert", tmp_path / "evil.pkl", "--inert-pickle", "-o", tmp_path / "w.safetensors")
+    assert code == 0, err
+    assert not canary.exists()
+    sd = {"w": torch.randn(3, 2), "b": torch.arange(4)}
+    with open(tmp_path / "tensors.pkl", "wb") as f:
+        pickle.dump(sd, f)
+    code, _, err = cli("inspect", tmp_path / "tensors.pkl")
+    assert code == 2 and "plain pickle of torch tensors" in err and "--trust-pickle" in err
+    code, _, err = cli("convert", tmp_path / "tensors.pkl", "--trust-pickle", "-o", tmp_path / "t.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    back = load_file(tmp_path / "t.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from ..types import FormatSpec
-from . import dcp, deepspeed, dtensor_ranks, hf, safetensors, torchfile
+from . import dcp, deepspeed, dtensor_ranks, hf, plainpickle, safetensors, torchfile
 
 
 @hookimpl
@@ -15,6 +15,9 @@ def ckptsurgeon_formats():
                    description="torch.save zip format (read lazily, without torch)"),
         FormatSpec("torch-legacy", (), torchfile.sniff_legacy, torchfile.load_legacy, None, priority=0,
                    description="torch.save legacy pickle format (read with torch.load, weights-only)"),
+        FormatSpec("pickle", (), plainpickle.sniff, plainpickle.load, None, priority=-1,
+                   description="a plain pickle of weights, not torch.save (Detectron2 .pkl: numpy arrays read as tensors); "
+                               "read-only"),
         FormatSpec("safetensors", (".safetensors",), safetensors.sniff, safetensors.load, safetensors.save,
                    priority=1, description="safetensors (read lazily; written zero-copy)"),
         FormatSpec("nemo", (), torchfile.sniff_nemo, torchfile.load_nemo, None, priority=1,
