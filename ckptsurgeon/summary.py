@@ -89,11 +89,25 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "has_module_metadata": ck.metadata is not None,
         "safetensors_metadata": dict(ck.st_metadata),
         "transforms": list(ck.transforms),
-        "notes": list(ck.notes) + ([why] if why else []),
+        "notes": list(ck.notes) + ([why] if why else []) + ([RNG_NOTE] if chosen and looks_like_rng_state(infos, ck.state)
+                                                             else []),
     }
     if values:
         out["nonfinite"] = nonfinite(ck)
     return out
+
+
+RNG_NOTE = ("these are random-number-generator states (a training run's rng_state.pth: Python's, numpy's and "
+            "torch's per device), not model weights")
+_RNG_KEYS = {"python", "numpy", "cpu", "cuda", "mps", "xpu", "npu", "hpu", "mlu", "musa", "torch", "random"}
+
+
+def looks_like_rng_state(infos: Mapping, state: Mapping) -> bool:
+    """Keys like transformers' / accelerate's RNG checkpoint and every tensor a uint8 byte vector
+    (torch.get_rng_state(): the generator's state, not values)."""
+    keys = {str(k) for k in state}
+    return bool(infos) and keys <= _RNG_KEYS and bool(keys & {"cpu", "python", "numpy"}) and all(
+        i["dtype"] == "uint8" and len(i["shape"]) == 1 for i in infos.values())
 
 
 def candidate_sizes(wrapper: Any, candidates) -> list[dict]:

@@ -234,6 +234,10 @@ def test_transformers_trainer_checkpoint_folder(tmp_path, cli, same):
     assert list(rng.state) == ["python", "numpy", "cpu", "cuda"]
     cuda_rng = rng.state["cuda"].to_torch()  # (torch.load wants numpy allowlisted for this file)
     assert cuda_rng.dtype == torch.uint8 and cuda_rng.device.type == "cpu" and cuda_rng.numel() == 16
+    from ckptsurgeon.summary import RNG_NOTE, inspect
+
+    assert RNG_NOTE in inspect(folder / "rng_state.pth")["notes"]  # named for what it is
+    assert RNG_NOTE not in inspect(folder / "model.safetensors")["notes"]
     code, out, err = cli("scan", folder)
     assert code == 1 and "training_args.bin: UNSAFE" in out and "transformers.training_args.TrainingArguments" in out
     assert "model.safetensors: ok" in out and "optimizer.pt: ok" in out
