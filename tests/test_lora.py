@@ -251,3 +251,24 @@ def test_a_live_peft_state_dict_and_scale_minus_one(tmp_path):
     back, _ = cs.merge_lora(cs.load(tmp_path / "merged.safetensors"), tmp_path / "ad", scale=-1.0)
     w = "model.layers.1.self_attn.q_proj.weight"
     assert torch.allclose(back.state[w].to_torch(), base.state[w].to_torch(), atol=1e-6)
+
+
+def test_adapter_written_by_peft_on_a_gpu(tmp_path):
+    """tests/data/gpu/peft_lora: a LoRA adapter PEFT 0.21 saved on an H100 (tests/data/make_gpu.py)
+    merges into a base of its architecture exactly as this machine's PEFT merges it."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get("CKPT_SURGEON_GPU_FIXTURES", Path(__file__).parent / "data" / "gpu")) / "peft_lora"
+    if not folder.is_dir():
+        pytest.skip("no GPU-saved fixtures")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    new, rep = cs.merge_lora(cs.load(tmp_path / "base"), folder)
+    assert rep["by_kind"] == {"linear": 4} and {e["scaling"] for e in rep["merged"]} == {2.0}
+    ref = _merged_by_peft(tmp_path / "base", folder, transformers.LlamaForCausalLM.from_pretrained).state_dict()
+    for k, v in new.state.items():
+        assert torch.equal(v.to_torch(), ref[k]), k
