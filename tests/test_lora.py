@@ -272,3 +272,44 @@ def test_adapter_written_by_peft_on_a_gpu(tmp_path):
     ref = _merged_by_peft(tmp_path / "base", folder, transformers.LlamaForCausalLM.from_pretrained).state_dict()
     for k, v in new.state.items():
         assert torch.equal(v.to_torch(), ref[k]), k
+
+
+def test_extract_lora_round_trips_through_peft_and_merge(tmp_path, cli):
+    """extract-lora: low-rank changes come out exact (rank >= the change's rank), other changed
+    modules whole; PEFT loads the folder onto the base and its merge gives the tuned model back,
+    as does merge-lora. A rank below the change's reports the error it leaves."""
+    from safetensors.torch import load_file
+
+    base = _llama()
+    base.save_pretrained(tmp_path / "base")
+    tuned = _llama()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+            w = tuned.get_submodule(name).weight
+            w += torch.randn(w.shape[0], 3, generator=g) @ torch.randn(3, w.shape[1], generator=g) * 0.01
+        tuned.model.norm.weight += 0.1  # a norm: kept whole
+        tuned.model.embed_tokens.weight[5] += 1.0  # an embedding row: kept whole
+    tuned.save_pretrained(tmp_path / "tuned")
+    code, out, err = cli("extract-lora", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank", "4")
+    assert code == 0, err
+    assert "3 changed weight(s) as rank-4 LoRA updates" in out and "model.norm" in out
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["lm_head", "model.layers.0.self_attn.q_proj",
+                                                 "model.layers.1.mlp.down_proj"]
+    assert sorted(config["modules_to_save"]) == ["model.embed_tokens", "model.norm"]
+    want = tuned.state_dict()
+    merged = _merged_by_peft(tmp_path / "base", tmp_path / "ad", transformers.LlamaForCausalLM.from_pretrained)
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(v, want[k], atol=1e-5), k
+    code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "back.safetensors")
+    assert code == 0, err
+    back = load_file(tmp_path / "back.safetensors")
+    for k, v in want.items():
+        assert torch.allclose(back[k], v, atol=1e-5), k
+    # a rank below the change's: the report says how much is left out
+    adapter, rep = cs.extract_lora(cs.load(tmp_path / "base"), cs.load(tmp_path / "tuned"), rank=1)
+    assert 0.3 < rep["max_rel_error"] < 1.0 and all(e["r"] == 1 for e in rep["low_rank"])
+    # the same model: nothing to extract; another model: one line
+    code, _, err = cli("extract-lora", tmp_path / "base", tmp_path / "base", "-o", tmp_path / "none")
+    assert code == 2 and "no change to extract" in err and not (tmp_path / "none").exists()
