@@ -388,6 +388,9 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, *, rank: int = 16) -> tupl
                                  hint="a LoRA adapter only changes values, not shapes")
         if b.dtype != t.dtype or digest(b) != digest(t):
             changed_by_module.setdefault(module_of(k), []).append(k)
+    keys_of: dict = {}
+    for k in bt:
+        keys_of.setdefault(module_of(k), []).append(k)
     state: OrderedDict = OrderedDict()
     targets, whole, entries = [], [], []
     ranks: dict = {}
@@ -399,7 +402,7 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, *, rank: int = 16) -> tupl
             raise SelectionError(f"top-level tensor(s) changed ({', '.join(keys[:3])}): an adapter changes modules",
                                  hint="nest them under a module name, or keep the whole checkpoint")
         if not low_rank:  # the whole module as trained
-            for k in [k for k in bt if module_of(k) == mod]:
+            for k in keys_of[mod]:
                 state[PEFT_PREFIX + k] = tt[tuned_of[to_common[k]]]
             whole.append(mod)
             continue
