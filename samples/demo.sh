@@ -20,5 +20,6 @@ run ckpt-surgeon fold-bn $S/bnnet.pt -o $S/demo_folded.pt --model $M:bnnet
 run ckpt-surgeon verify $S/bnnet.pt $S/demo_folded.pt --model $M:bnnet
 run ckpt-surgeon merge-lora $S/seednet.pt $S/seednet_lora -o $S/demo_merged.safetensors
 run ckpt-surgeon diff $S/seednet.pt $S/demo_merged.safetensors || true
+run ckpt-surgeon extract-lora $S/seednet.pt $S/demo_merged.safetensors -o $S/demo_extracted_lora --rank 4
 run ckpt-surgeon scan $S/seednet_resume.pt
 echo; echo "demo finished"
