@@ -46,22 +46,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
     with open(path, "rb") as f:
         data = f.read()
     try:
-        unsafe = unsafe_in(data)
-        obj = load_refs(data, _no_storage, inert=unsafe if trust_pickle == INERT else frozenset())
-    except NotFastPath as e:
-        if trust_pickle is not True:
-            if unsafe == [_TORCH_STORAGE]:
-                raise UnsafePickleError(
-                    f"{path} is a plain pickle of torch tensors (pickle.dump of a state dict): each storage is an "
-                    f"embedded torch.save call ({_TORCH_STORAGE}); nothing was executed", globals_=unsafe,
-                    hint="only if you trust where the file came from, re-run with --trust-pickle, and keep the "
-                         "result as .safetensors or .pt") from None
-            if unsafe:
-                raise UnsafePickleError(
-                    f"{path} would import globals outside the weights-only allowlist: {', '.join(unsafe)}; "
-                    "nothing was executed", globals_=unsafe, hint=TRUST_HINT) from None
-            raise CorruptCheckpointError(f"{path}: a pickle this reader does not take ({e})") from None
-        obj = _trusted_load(path, data)
+        obj = _read(path, data, trust_pickle)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e}") from None
     except CkptSurgeonError:
@@ -75,6 +60,30 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             "it lazily")
     source = Source(path=path, format="pickle", size=size, files=(path,), lazy=False, notes=(note,))
     return from_object(obj, source, key=key, trusted=trust_pickle is True)
+
+
+def _read(path: str, data: bytes, trust_pickle):
+    """The allowlist-only read; the globals outside it are looked up (which imports torch, for its
+    allowlist) only when the pickle needs one."""
+    try:
+        return load_refs(data, _no_storage)
+    except NotFastPath as e:
+        unsafe = unsafe_in(data)
+        if trust_pickle == INERT and unsafe:
+            return load_refs(data, _no_storage, inert=unsafe)
+        if trust_pickle is True:
+            return _trusted_load(path, data)
+        if unsafe == [_TORCH_STORAGE]:
+            raise UnsafePickleError(
+                f"{path} is a plain pickle of torch tensors (pickle.dump of a state dict): each storage is an "
+                f"embedded torch.save call ({_TORCH_STORAGE}); nothing was executed", globals_=unsafe,
+                hint="only if you trust where the file came from, re-run with --trust-pickle, and keep the "
+                     "result as .safetensors or .pt") from None
+        if unsafe:
+            raise UnsafePickleError(
+                f"{path} would import globals outside the weights-only allowlist: {', '.join(unsafe)}; "
+                "nothing was executed", globals_=unsafe, hint=TRUST_HINT) from None
+        raise CorruptCheckpointError(f"a pickle this reader does not take ({e})") from None
 
 
 def _no_storage(key, dtype, nbytes):
