@@ -284,6 +284,13 @@ def assembled_ref(shape, dtype: str, build, label: str = "", pieces=None) -> "Te
     return _contiguous(shape, dtype, lambda nbytes: AssembledBytes(nbytes, build, label))
 
 
+def cast_ref(ref: "TensorRef", dtype: str, label: str = "") -> "TensorRef":
+    """``ref`` in another dtype, computed (with torch) only when its bytes are written."""
+    def build():
+        return ref.to_torch().to(dtypes.torch_dtype(dtype)).contiguous()
+    return assembled_ref(ref.shape, dtype, build, label=label)
+
+
 def concat_ref(shape, dtype: str, parts: list, label: str = "") -> "TensorRef":
     """A contiguous tensor of ``shape`` whose bytes are those of ``parts`` (contiguous
     TensorRefs of ``dtype``) one after another: copied from their files, never assembled."""

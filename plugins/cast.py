@@ -11,7 +11,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, parse_patterns, select
-from ckptsurgeon.refs import TensorRef, assembled_ref, is_tensor_like, special_kind, tie_key
+from ckptsurgeon.refs import TensorRef, cast_ref, is_tensor_like, special_kind, tie_key
 from ckptsurgeon.types import Operation
 
 # what a cast reads and writes: the dtypes whose values a plain cast carries (float8/float4 codes
@@ -71,7 +71,7 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         if isinstance(v, TensorRef):
             key = tie_key(v)
             if key not in tied:
-                out = assembled_ref(v.shape, dtype, _caster(v, dtype), label=name)
+                out = cast_ref(v, dtype, label=name)
                 for attr in ("requires_grad", "hooks", "metadata", "param", "attrs"):  # a Parameter stays one
                     setattr(out, attr, getattr(v, attr))
                 tied[key] = out
@@ -91,14 +91,6 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
               "left": dict(left), "bytes_before": before, "bytes_after": after,
               "wrapper_untouched": ck.wrapper_keys()}
     return ck.with_state(new_state), report
-
-
-def _caster(ref: TensorRef, dtype: str):
-    def build():
-        from ckptsurgeon.dtypes import torch_dtype
-
-        return ref.to_torch().to(torch_dtype(dtype)).contiguous()
-    return build
 
 
 def _human(r: dict) -> None:

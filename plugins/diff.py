@@ -159,8 +159,9 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     for ka, name, kb in common:
         va, vb = ta[ka], tb[kb]
         (sa, da), (sb, db) = _info(va), _info(vb)
+        nbytes = _nbytes(va)
         if progress is not None:
-            progress(_nbytes(va))
+            progress(nbytes)
         mod = mods.setdefault(_module(name, depth), {"module": _module(name, depth), "tensors": 0, "changed": 0,
                                                       "diff_sq": 0.0, "ref_sq": 0.0})
         mod["tensors"] += 1
@@ -181,7 +182,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             dtype_changed.append(entry)
             mod["changed"] += 1
             continue
-        if _nbytes(va) >= _PARALLEL_HASH:  # A and B hashed (and CRC-checked) on both cores
+        if nbytes >= _PARALLEL_HASH:  # A and B hashed (and CRC-checked) on both cores
             pending = pool.submit(digest, va)
             same = digest(vb) == pending.result()
         else:  # a small pair: handing it to the other thread costs more than hashing it

@@ -30,7 +30,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
 from ckptsurgeon.keys import align_keys
-from ckptsurgeon.refs import TensorRef, assembled_ref, as_ref, is_tensor_like, tie_key
+from ckptsurgeon.refs import TensorRef, as_ref, assembled_ref, cast_ref, is_tensor_like, tie_key
 from ckptsurgeon.types import Operation
 
 PEFT_PREFIX = "base_model.model."
@@ -88,11 +88,6 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
     return load(path, trust_pickle=trust_pickle), config
 
 
-def _setting(config: dict, key: str, default):
-    value = config.get(key, default)
-    return default if value is None else value
-
-
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern key K for which the
     module name matches ``(.*\\.)?K$`` gives the value."""
@@ -138,8 +133,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
     _check_config(config)
     if not math.isfinite(scale):
         raise SelectionError(f"--scale {scale} is not a finite number")
-    r_default = _setting(config, "r", None)
-    alpha_default = _setting(config, "lora_alpha", None)
+    r_default, alpha_default = config.get("r"), config.get("lora_alpha")
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
@@ -223,7 +217,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
             raise SelectionError(f"the adapter's {name!r} has shape {list(new.shape)}, "
                                  f"the base's {bkey} {list(old.shape)}")
         if new.dtype != old.dtype and new.dtype in _FLOAT and old.dtype in _FLOAT:
-            new = assembled_ref(old.shape, old.dtype, _cast(new, old.dtype), label=bkey)  # the base's dtype
+            new = cast_ref(new, old.dtype, label=bkey)  # the base's dtype
         put(bkey, new)
         swapped.append(bkey)
     for mod, parts in mods.items():
@@ -339,14 +333,6 @@ def _biased(bias: TensorRef, lb: TensorRef, scaling: float):
     return build
 
 
-def _cast(ref: TensorRef, dtype: str):
-    def build():
-        from ckptsurgeon.dtypes import torch_dtype
-
-        return ref.to_torch().to(torch_dtype(dtype)).contiguous()
-    return build
-
-
 # modules whose 2-D weight is an embedding table (PEFT gives nn.Embedding another LoRA layout);
 # their changes are kept whole (modules_to_save) rather than guessed at
 _EMBEDDING = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared)$")
@@ -406,7 +392,7 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, *, rank: int = 16) -> tupl
                 state[PEFT_PREFIX + k] = tt[tuned_of[to_common[k]]]
             whole.append(mod)
             continue
-        a, b_, r, err = _factor(bt[w], tt[tuned_of[to_common[w]]], rank)
+        a, b_, r, err = _factor(bt[w], tt[tuned_of[to_common[w]]], rank, label=w)
         state[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = a
         state[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = b_
         targets.append(mod)
@@ -432,7 +418,7 @@ def _anchored(module: str) -> str:
     return re.escape(module)
 
 
-def _factor(base: TensorRef, tuned: TensorRef, rank: int):
+def _factor(base: TensorRef, tuned: TensorRef, rank: int, label: str = ""):
     """(lora_A, lora_B, r, relative error) of a rank-r approximation of tuned - base.
 
     A matrix much larger than the rank goes through a randomized SVD (torch.svd_lowrank, 4 power
@@ -443,6 +429,9 @@ def _factor(base: TensorRef, tuned: TensorRef, rank: int):
     b, t = base.to_torch(), tuned.to_torch()
     acc = _wide(b.dtype)
     delta = t.to(acc) - b.to(acc)
+    if not bool(torch.isfinite(delta).all()):
+        raise SelectionError(f"{label}: the difference holds NaN or inf; no low-rank update describes it",
+                             hint="check both checkpoints with ckpt-surgeon inspect --values")
     small = min(delta.shape)
     r = min(rank, small)
     if small > 2 * (r + 8):

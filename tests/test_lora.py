@@ -313,3 +313,14 @@ def test_extract_lora_round_trips_through_peft_and_merge(tmp_path, cli):
     # the same model: nothing to extract; another model: one line
     code, _, err = cli("extract-lora", tmp_path / "base", tmp_path / "base", "-o", tmp_path / "none")
     assert code == 2 and "no change to extract" in err and not (tmp_path / "none").exists()
+
+
+def test_extract_lora_of_a_non_finite_change_is_one_line(tmp_path, cli):
+    base = {"fc.weight": torch.randn(40, 40), "fc.bias": torch.zeros(40)}
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["fc.weight"][3, 4] = float("nan")
+    torch.save(base, tmp_path / "a.pt")
+    torch.save(tuned, tmp_path / "b.pt")
+    code, _, err = cli("extract-lora", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "ad")
+    assert code == 2 and "fc.weight: the difference holds NaN or inf" in err and "internal error" not in err
+    assert not (tmp_path / "ad").exists()
