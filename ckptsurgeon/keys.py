@@ -295,6 +295,11 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
                for k in group}
     missing = [k for k in model_sd if k not in sub and k not in tied_ok]
     if strict and (missing or unexpected or mismatched):
+        converted = _load_via_transformers(model, ck, ck_keys)
+        if converted:
+            return converted
+        if _is_transformers_model(model):
+            how += "; transformers' own conversions (from_pretrained) did not load it either"
         parts = []
         if missing:
             parts.append(f"missing {len(missing)}: {', '.join(missing[:6])}")
@@ -308,6 +313,60 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
     with torch.no_grad():
         model.load_state_dict(sub, strict=False)
     return how
+
+
+def _is_transformers_model(model) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(type(model), "from_pretrained") \
+        and hasattr(model, "config")
+
+
+def _load_via_transformers(model, ck, ck_keys: list[str]) -> str | None:
+    """Load a checkpoint whose names or layout are another transformers version's into a
+    transformers model, through transformers' own loading (``from_pretrained`` with a state
+    dict: its key renames, fused/split experts and qkv, ``gamma``/``beta``...), then copy the
+    result into ``model``. Returns how it loaded, or None when that does not give a complete,
+    exact load either (the caller then reports the plain mismatch)."""
+    if not _is_transformers_model(model):
+        return None
+    import logging
+    import warnings
+
+    import torch
+
+    prefix = detect_prefix(ck_keys)
+    state = OrderedDict()
+    for k in ck_keys:
+        v = ck.state[k]
+        state[k[len(prefix):]] = v.to_torch() if hasattr(v, "to_torch") else v
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # its load report and warnings: the caller reports what happened
+    try:
+        from transformers.utils import logging as tlog
+
+        bars = tlog.is_progress_bar_enabled()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - an older transformers without these switches
+        tlog, bars = None, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other, info = type(model).from_pretrained(None, config=model.config, state_dict=state, dtype=dtype,
+                                                      output_loading_info=True)
+    except Exception:  # noqa: BLE001 - transformers could not load it either: report the plain mismatch
+        return None
+    finally:
+        log.setLevel(level)
+        if tlog is not None and bars:
+            tlog.enable_progress_bar()
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
+        return None
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict(), strict=True)
+    renamed = len(set(state) ^ set(model.state_dict()))
+    how = f"strip {prefix!r}, " if prefix else ""
+    return f"{how}converted by transformers' own loading ({renamed} names differ from the model's)"
 
 
 def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:

@@ -237,3 +237,39 @@ def test_cast_of_a_model_folder_records_the_new_dtype_in_its_config(tmp_path, cl
     assert code == 0, err
     assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
     assert next(transformers.LlamaForCausalLM.from_pretrained(folder, dtype="auto").parameters()).dtype == torch.float16
+
+
+def _moe():
+    cfg = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
+def test_verify_loads_names_that_transformers_converts(tmp_path, cli):
+    """transformers >= 5 holds MoE experts fused (one gate_up_proj per layer) and renames some
+    layers in memory, but save_pretrained writes the original per-expert names, as older versions
+    and the Hub's files have them. verify builds the model from config.json and must load such a
+    file the way from_pretrained does (its own conversions), not report every expert missing."""
+    model = _moe()
+    model.save_pretrained(tmp_path / "moe")
+    names = list(cs.load(tmp_path / "moe").state)
+    assert any(".experts.0." in k for k in names)  # the per-expert layout on disk
+    ddp, _ = cs.add_prefix(cs.load(tmp_path / "moe"), "module.")
+    cs.save(ddp, tmp_path / "moe_ddp.pt")
+    code, out, err = cli("verify", tmp_path / "moe", tmp_path / "moe_ddp.pt", "--json")
+    assert code == 0, out + err
+    rep = json.loads(out)
+    assert rep["equivalent"]
+    sd = torch.load(tmp_path / "moe_ddp.pt", weights_only=True)
+    key = next(k for k in sd if "layers.1.mlp.experts.2.down_proj" in k)
+    sd[key] = sd[key] * 1.5
+    torch.save(sd, tmp_path / "bad.pt")
+    code, out, err = cli("verify", tmp_path / "moe", tmp_path / "bad.pt", "--json")
+    assert code == 1 and json.loads(out)["first_divergent"].startswith("model.layers.1.mlp"), out
+    # what neither way can load is still one clear line naming the keys
+    del sd[key]
+    torch.save(sd, tmp_path / "short.pt")
+    code, out, err = cli("verify", tmp_path / "moe", tmp_path / "short.pt")
+    assert code != 0 and "does not load strictly" in err and "Traceback" not in err, err
