@@ -5,10 +5,12 @@
 # .whl/ and are installed to /tmp/site first. From the repository root:
 #
 #     bash benchmarks/gpu_session.sh OUTDIR            # FIXTURES=0: skip step 1, test the committed ones
+#                                                      # GPU_CHECK=0 / SWEEP=0: skip step 2 / 3
 #
 # 1. writes the GPU-saved fixtures (tests/data/make_gpu.py) to OUTDIR/gpu_fixtures.tgz
 # 2. runs benchmarks/gpu_check.py (the README table)
-# 3. runs the whole test suite there, the GPU-saved tests against the files just written
+# 3. runs benchmarks/sweep.py (every surgery on many real architectures, files written from CUDA)
+# 4. runs the whole test suite there, the GPU-saved tests against the files just written
 # Each step has its own time limit; a failing step does not stop the others; the exit status
 # is non-zero when any step failed.
 set -u
@@ -44,9 +46,18 @@ if [ "${FIXTURES:-1}" != 0 ]; then
     tar czf "$OUT/gpu_fixtures.tgz" -C "$OUT/fixtures" gpu && du -sh "$OUT/gpu_fixtures.tgz"
 fi
 
-step "gpu_check"
-timeout 180 python3 benchmarks/gpu_check.py >"$OUT/gpu_check.log" 2>&1 || status=1
-sed -n '/^GPU check on/,$p' "$OUT/gpu_check.log"
+if [ "${GPU_CHECK:-1}" != 0 ]; then
+    step "gpu_check"
+    timeout 180 python3 benchmarks/gpu_check.py >"$OUT/gpu_check.log" 2>&1 || status=1
+    sed -n '/^GPU check on/,$p' "$OUT/gpu_check.log"
+fi
+
+if [ "${SWEEP:-1}" != 0 ]; then
+    step "sweep of real architectures (benchmarks/sweep.py)"
+    timeout 300 python3 benchmarks/sweep.py --device cuda --jobs 8 --json "$OUT/sweep.json" >"$OUT/sweep.log" \
+        2>"$OUT/sweep.err" || status=1
+    cat "$OUT/sweep.log"
+fi
 
 step "test suite (CUDA visible; GPU-saved tests on $fixtures)"
 n=$(( $(nproc) > 8 ? 8 : $(nproc) ))

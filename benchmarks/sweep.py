@@ -323,7 +323,10 @@ def run_case(family: str, name: str, device: str, cli: list[str]) -> dict:
         torch.save(sd, tmp / "cuda.pt")
         want_opt = opt.state_dict()
         scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
-        torch.save({"epoch": 3, "model_state_dict": OrderedDict(("module." + k, v) for k, v in sd.items()),
+        ddp_sd = OrderedDict(("module." + k, v) for k, v in sd.items())  # what DDP(model).state_dict() holds
+        ddp_sd._metadata = OrderedDict([("", {"version": 1})] + [("module" + ("." + k if k else ""), dict(v))
+                                                                 for k, v in sd._metadata.items()])
+        torch.save({"epoch": 3, "model_state_dict": ddp_sd,
                     "optimizer_state_dict": want_opt, "scaler": scaler.state_dict()}, tmp / "ddp_resume.pt")
         torch.save(torch.compile(model).state_dict(), tmp / "compiled.pt")
         n_tensors = sum(isinstance(v, torch.Tensor) for v in want.values())

@@ -310,9 +310,31 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
         raise ModelError(f"checkpoint does not load strictly into the model ({how}): " + "; ".join(parts))
     import torch
 
+    sub = OrderedDict(sub)
+    meta = _metadata_for_model(ck, fn, model_sd)
+    if meta is not None:
+        sub._metadata = meta
     with torch.no_grad():
         model.load_state_dict(sub, strict=False)
     return how
+
+
+def _metadata_for_model(ck, fn, model_sd):
+    """The module versions to load with (``state_dict._metadata``): the checkpoint's, renamed as
+    its keys were aligned; for a checkpoint without them (a dict rebuilt by hand, a safetensors
+    file), the model's own. Without any, torch passes each module version None, which some
+    modules refuse (torchvision's MNASNet raises) and others read as an old layout."""
+    import copy
+
+    from .checkpoint import materialize
+
+    if getattr(ck, "metadata", None) is not None:
+        try:
+            return rename_metadata(copy.deepcopy(materialize(ck.metadata)), fn)
+        except Exception:  # noqa: BLE001 - inert or odd records in the file's metadata: use the model's
+            pass
+    own = getattr(model_sd, "_metadata", None)
+    return copy.deepcopy(own) if own is not None else None
 
 
 def _is_transformers_model(model) -> bool:

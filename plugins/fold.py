@@ -10,8 +10,42 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import ModelError, SelectionError
 from ckptsurgeon.keys import align_to_model
+from ckptsurgeon.layers import bn_kind, without_norm
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import ModelTransform, Operation
+
+
+def _feeder_problem(m) -> str | None:
+    """None when BN can be folded into layer ``m`` (a conv/linear that computes a plain
+    ``x @ W + b`` / ``conv(x, W, b)``), else why not. A subclass with its own forward may transform
+    its weight first (weight standardization renormalises it, so a folded scale would vanish);
+    timm's Conv2dSame only pads its input, which folding does not touch."""
+    from torch import nn
+
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+        if isinstance(m, base):
+            cls = type(m)
+            if cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None):
+                return None
+            if cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm."):
+                return None
+            return f"{cls.__name__} computes its own forward"
+    return "not a conv/linear"
+
+
+def _fx_graph(model):
+    """The model's torch.fx graph with every conv/linear/BN (subclasses included) a leaf, so
+    library subclasses (timm's BatchNormAct2d, Conv2dSame) show up as the module calls they are."""
+    import torch.fx
+    from torch import nn
+
+    leaves = (nn.modules.batchnorm._BatchNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
+    return _Tracer().trace(model)
 
 
 def find_pairs(model) -> tuple[list[tuple[str, str]], list[dict], str]:
@@ -23,10 +57,8 @@ def find_pairs(model) -> tuple[list[tuple[str, str]], list[dict], str]:
     bns = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     pairs, method = [], "torch.fx graph"
     try:
-        import torch.fx
-
-        gm = torch.fx.symbolic_trace(model)
-        for node in gm.graph.nodes:
+        graph = _fx_graph(model)
+        for node in graph.nodes:
             if node.op != "call_module" or node.target not in bns:
                 continue
             src = node.args[0] if node.args else None
@@ -62,17 +94,25 @@ def find_pairs(model) -> tuple[list[tuple[str, str]], list[dict], str]:
         m = model.get_submodule(bn)
         layer = model.get_submodule(src)
         out = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
+        kind, problem = bn_kind(m), _feeder_problem(layer)
         if not m.track_running_stats or m.running_mean is None:
             skipped.append({"bn": bn, "reason": "no running statistics"})
         elif out != m.num_features:
             skipped.append({"bn": bn, "reason": f"channel mismatch with {src}"})
+        elif problem:
+            skipped.append({"bn": bn, "reason": f"follows {src}: {problem}"})
+        elif kind not in ("plain", "norm-act"):
+            skipped.append({"bn": bn, "reason": kind})
         else:
             ok.append((src, bn))
     return ok, skipped, method
 
 
+
+
 def _apply_transform(model, params: dict):
-    """Rebuild the folded architecture: BN -> Identity, a bias on every folded layer."""
+    """Rebuild the folded architecture: BN -> Identity (a norm-act layer -> its drop and act),
+    a bias on every folded layer."""
     import torch
     from torch import nn
 
@@ -83,7 +123,7 @@ def _apply_transform(model, params: dict):
             layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
         parent_name, _, child = bn.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Identity())
+        setattr(parent, child, without_norm(model.get_submodule(bn)))
     return model
 
 

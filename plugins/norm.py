@@ -11,6 +11,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import ModelError, SelectionError
 from ckptsurgeon.keys import align_to_model, detect_norms, detect_prefix, parse_patterns, select
+from ckptsurgeon.layers import group_norm_for, norm_output_module
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import ModelTransform, Operation
 
@@ -63,7 +64,7 @@ def swap_bn_for_gn(model, groups: int = 32, policy: str = "strict", layers=None,
     for name, bn in targets:
         c = bn.num_features
         g = plan[name] if plan is not None else choose_groups(c, groups, policy, name)
-        gn = nn.GroupNorm(g, c, eps=bn.eps, affine=bn.affine)
+        gn = group_norm_for(bn, g)
         if bn.affine:
             with torch.no_grad():
                 gn.weight.copy_(bn.weight)
@@ -236,7 +237,10 @@ def _calibrate(ck, new, model, plan, modules, n, inputs, input_shape, holdout, s
     for name in order:
         bn_mod, gn_mod = ref.get_submodule(name), gn.get_submodule(name)
         ys, xs = [], []
-        h1 = bn_mod.register_forward_hook(lambda m, i, o: ys.append(o.detach()))
+        # the normalised output before a norm-act layer's activation: its drop's input
+        inner = norm_output_module(bn_mod)
+        h1 = (inner.register_forward_hook(lambda m, i, o: ys.append(i[0].detach())) if inner is not None
+              else bn_mod.register_forward_hook(lambda m, i, o: ys.append(o.detach())))
         h2 = gn_mod.register_forward_hook(
             lambda m, i, o: xs.append(torch.nn.functional.group_norm(i[0].detach(), m.num_groups, eps=m.eps)))
         with torch.no_grad():

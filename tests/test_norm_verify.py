@@ -306,3 +306,159 @@ def test_compare_on_awkward_outputs():
     assert v._stats(torch.zeros(0), torch.zeros(0)) is None and v._compare(torch.zeros(0), torch.zeros(0),
                                                                          "float32")["ok"]
     assert v._compare(torch.arange(3), torch.arange(3), "float32")["ok"]
+
+
+class _Versioned(nn.Module):
+    """A layer that reads its saved version on load, as torchvision's MNASNet does (it raises
+    when the version is missing) and BatchNorm does (an old layout below version 2)."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.seen = []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        version = local_metadata.get("version")
+        if version not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        self.seen.append(version)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _versioned_net():
+    return nn.Sequential(_Versioned(), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_verify_and_fold_pass_module_versions(tmp_path):
+    """load_into_model gives the model the checkpoint's module versions (renamed as the keys were
+    aligned), or the model's own when the file has none: a bare dict made it pass version None,
+    which MNASNet-like layers refuse (verify, fold-bn and bn-to-gn all failed on MNASNet)."""
+    torch.manual_seed(0)
+    net = _versioned_net()
+    sd = net.state_dict()
+    ddp = type(sd)(("module." + k, v) for k, v in sd.items())
+    ddp._metadata = type(sd._metadata)(("module" + ("." + k if k else ""), dict(v)) for k, v in sd._metadata.items())
+    ddp._metadata["module.0"]["version"] = 1  # saved by an older release of the layer
+    torch.save(ddp, tmp_path / "ddp.pt")
+    cs.save(cs.strip_prefix(cs.load(tmp_path / "ddp.pt"))[0], tmp_path / "plain.safetensors")  # no versions
+    built = []
+
+    def factory():
+        built.append(_versioned_net())
+        return built[-1]
+
+    rep = cs.verify(tmp_path / "ddp.pt", tmp_path / "plain.safetensors", model=factory, input_shape=(2, 4))
+    assert rep["equivalent"]
+    assert built[0][0].seen == [1] and built[1][0].seen == [2]  # the file's version; the model's own
+    ck = cs.load(tmp_path / "plain.safetensors")
+    assert ck.metadata is None
+    from ckptsurgeon.keys import load_into_model
+
+    fresh = _versioned_net()
+    load_into_model(fresh, cs.load(tmp_path / "ddp.pt"))
+    assert fresh[0].seen == [1] and torch.equal(fresh[2].weight, net[2].weight)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's layer of this name: BN, then its own drop and act, one module (timm keeps the BN
+    parameter names so that weights trained with separate bn/act load)."""
+
+    def __init__(self, n, act):
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                     self.eps)
+        return self.act(self.drop(x))
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's 'same'-padding conv (pads its input, then a plain conv), as TF-ported models use."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+Conv2dSame.__module__ = "timm.layers.conv2d_same"  # the one subclass fold-bn knows by name
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardization (BiT, NFNets): the weight is renormalised in forward, so a BN
+    scale folded into it would vanish: never a fold target."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _TimmLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_stem = Conv2dSame(3, 8, 3, bias=False)
+        self.bn1 = BatchNormAct2d(8, nn.PReLU(8))  # an act with its own parameters
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAct2d(8, nn.SiLU())
+        self.std = StdConv2d(8, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.bn3(self.std(self.bn2(self.conv2(self.bn1(self.conv_stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_fold_bn_into_library_subclasses(tmp_path, models, models_py):
+    """timm builds its nets from subclasses: BatchNormAct2d (BN + drop + act in one module),
+    Conv2dSame. torch.fx traced through them, so fold-bn found no BN in timm's EfficientNet,
+    MobileNetV3, RegNet, DenseNet, CSPDarkNet... Now they are leaves: a norm-act BN folds and
+    leaves its act (PReLU parameters kept under their names); a conv that transforms its own
+    weight (weight standardization) is never folded into."""
+    torch.manual_seed(0)
+    net = models.randomize_norm_stats(_TimmLike()).eval()
+    torch.save(net.state_dict(), tmp_path / "t.pt")
+    new, rep = cs.fold_bn(cs.load(tmp_path / "t.pt"), _TimmLike())
+    assert {(p["layer"], p["bn"]) for p in rep["folded"]} == {("conv_stem", "bn1"), ("conv2", "bn2")}
+    assert rep["skipped"] == [{"bn": "bn3", "reason": "follows std: StdConv2d computes its own forward"}]
+    assert rep["method"] == "torch.fx graph"
+    cs.save(new, tmp_path / "folded.pt")
+    sd = torch.load(tmp_path / "folded.pt", weights_only=True)
+    assert "bn1.act.weight" in sd and "bn1.running_mean" not in sd and "conv_stem.bias" in sd
+    rep = cs.verify(tmp_path / "t.pt", tmp_path / "folded.pt", model=_TimmLike, input_shape=(2, 3, 16, 16))
+    assert rep["equivalent"], rep["outputs"]
+
+
+def test_bn_to_gn_keeps_a_norm_act_layers_activation(tmp_path, models):
+    """bn-to-gn of timm's BatchNormAct2d: the GroupNorm that replaces it keeps its drop and act
+    (a bare GroupNorm dropped the activation: a different function than a norm swap), the act's
+    parameters keep their keys, and calibration fits γ/β to the BN output before the activation."""
+    from ckptsurgeon.layers import bn_kind
+    from ckptsurgeon.plugins.norm import swap_bn_for_gn
+
+    torch.manual_seed(0)
+    net = models.randomize_norm_stats(_TimmLike()).eval()
+    torch.save(net.state_dict(), tmp_path / "t.pt")
+    assert bn_kind(net.bn1) == "norm-act" and bn_kind(net.bn3) == "plain"
+    new, rep = cs.bn_to_gn(cs.load(tmp_path / "t.pt"), groups=4, model=_TimmLike(), calibrate=64,
+                           input_shape=(3, 16, 16))
+    assert rep["error_calibrated"] < rep["error_plain"]
+    cs.save(new, tmp_path / "gn.pt")
+    sd = torch.load(tmp_path / "gn.pt", weights_only=True)
+    assert "bn1.act.weight" in sd and "bn1.running_mean" not in sd
+    swapped = _TimmLike()
+    swap_bn_for_gn(swapped, groups=4)
+    assert isinstance(swapped.bn1, nn.GroupNorm) and isinstance(swapped.bn1.act, nn.PReLU)
+    assert type(swapped.bn3) is nn.GroupNorm
+    swapped.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 8, 5, 5)
+    want = swapped.bn2.act(nn.functional.group_norm(x, 4, swapped.bn2.weight, swapped.bn2.bias))
+    assert torch.allclose(swapped.bn2(x), want)
+    rep = cs.verify(tmp_path / "t.pt", tmp_path / "gn.pt", model=_TimmLike, input_shape=(2, 3, 16, 16))
+    assert rep["transforms_b"] == ["bn-to-gn"] and rep["outputs"][0]["max_abs"] > 0
