@@ -262,6 +262,13 @@ def _calibrate(ck, new, model, plan, modules, n, inputs, input_shape, holdout, s
             gn_mod.weight.copy_(gamma.to(gn_mod.weight.dtype))
             gn_mod.bias.copy_(beta.to(gn_mod.bias.dtype))
     err_cal = _rel_error(ref, gn, held)
+    report.update({"calibrated": True, "calibration_inputs": int(x.shape[0]), "holdout_inputs": int(held.shape[0]),
+                   "error_plain": err_plain, "error_calibrated": err_cal, "calibration_kept": err_cal <= err_plain})
+    if err_cal > err_plain:  # chosen on the held-out inputs: never hand back the worse of the two
+        report["notes"].append(f"calibration on {int(x.shape[0])} inputs raised the held-out error ({err_plain:.4g} "
+                               f"-> {err_cal:.4g}): the plain swap's γ/β are kept; calibrate on more inputs, or "
+                               "on real ones (--inputs)")
+        return new
     state = OrderedDict(new.state)
     for ck_mod, (name, _c) in modules.items():
         mod = gn.get_submodule(name)
@@ -269,8 +276,6 @@ def _calibrate(ck, new, model, plan, modules, n, inputs, input_shape, holdout, s
             k = f"{ck_mod}.{leaf}"
             if k in state:
                 state[k] = getattr(mod, leaf).detach().clone()
-    report.update({"calibrated": True, "calibration_inputs": int(x.shape[0]), "holdout_inputs": int(held.shape[0]),
-                   "error_plain": err_plain, "error_calibrated": err_cal})
     return new.replace(state=state)
 
 
@@ -296,7 +301,7 @@ def _human(r: dict) -> None:
         click.echo(f"relative output error vs the BN model, plain swap: {r['error_plain']:.4g}")
     if r.get("calibrated"):
         click.echo(f"relative output error after calibration on {r['calibration_inputs']} inputs: "
-                   f"{r['error_calibrated']:.4g}")
+                   f"{r['error_calibrated']:.4g}" + ("" if r.get("calibration_kept", True) else " (not kept)"))
     for n in r["notes"]:
         click.echo(f"note: {n}")
     cliutil.echo_save(r["save"])

@@ -462,3 +462,34 @@ def test_bn_to_gn_keeps_a_norm_act_layers_activation(tmp_path, models):
     assert torch.allclose(swapped.bn2(x), want)
     rep = cs.verify(tmp_path / "t.pt", tmp_path / "gn.pt", model=_TimmLike, input_shape=(2, 3, 16, 16))
     assert rep["transforms_b"] == ["bn-to-gn"] and rep["outputs"][0]["max_abs"] > 0
+
+
+def _inorm_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def test_calibration_that_hurts_is_not_kept(tmp_path, cli):
+    """Calibration is judged on held-out inputs. Here BN's statistics are the true ones for
+    random inputs, so the plain swap to per-channel GroupNorm is close (~8 %); calibrating on
+    images that are constant in space gives GN nothing to scale (its input is all zeros) and
+    would zero every γ. The plain swap's γ/β are then what is written, with a note."""
+    torch.manual_seed(0)
+    net = _inorm_net().eval()
+    with torch.no_grad():
+        net[1].running_mean.copy_(net[0].bias)
+        net[1].running_var.copy_((net[0].weight ** 2).sum((1, 2, 3)))
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+    torch.save(torch.randn(8, 3, 1, 1).expand(8, 3, 16, 16).contiguous(), tmp_path / "flat.pt")
+    ck = cs.load(tmp_path / "a.pt")
+    plain, _ = cs.bn_to_gn(ck, groups=8, model=_inorm_net())
+    new, rep = cs.bn_to_gn(ck, groups=8, model=_inorm_net(), calibrate=8, inputs=str(tmp_path / "flat.pt"))
+    assert rep["error_calibrated"] > rep["error_plain"] and rep["calibration_kept"] is False
+    assert any("plain swap" in n for n in rep["notes"])
+    for k in plain.state:
+        a, b = new.state[k], plain.state[k]
+        assert torch.equal(a.to_torch() if hasattr(a, "to_torch") else a, b.to_torch() if hasattr(b, "to_torch") else b)
+    (tmp_path / "m.py").write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 8, 1), "
+                                   "nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))\n")
+    code, out, err = cli("bn-to-gn", tmp_path / "a.pt", "-o", tmp_path / "gn.pt", "--groups", "8",
+                         "--model", f"{tmp_path / 'm.py'}:net", "--calibrate", "8", "--inputs", tmp_path / "flat.pt")
+    assert code == 0 and "(not kept)" in out and "plain swap" in out, out + err
