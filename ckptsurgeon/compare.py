@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .refs import TensorRef, crc32, file_pieces, tensor_bytes
+from .refs import TensorRef, crc32, file_pieces, special_kind, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 
@@ -50,7 +50,50 @@ def digest(v: Any) -> str:
                     src.verify_crc_value(crc)
             return h.hexdigest()
         return xxhash.xxh3_128_hexdigest(v.read_bytes())
+    kind = special_kind(v)
+    if kind in ("quantized", "nested") or (kind or "").startswith("sparse"):
+        h = xxhash.xxh3_128()
+        header, parts = _special_parts(v, kind)
+        h.update(header)
+        for t in parts:
+            h.update(f"|{list(t.shape)}|".encode())
+            h.update(tensor_bytes(t.contiguous()))
+        return h.hexdigest()
     return xxhash.xxh3_128_hexdigest(tensor_bytes(v))
+
+
+def _special_parts(t, kind: str) -> tuple[bytes, list]:
+    """What a tensor that is not flat memory *is*, as plain tensors to hash: a quantized tensor's
+    integer values with its scheme, scales and zero points (two tensors quantize equal only when
+    all of them are); a sparse tensor's dense values; a nested tensor's pieces."""
+    import torch
+
+    if kind == "quantized":
+        scheme = t.qscheme()
+        header = [str(t.dtype), str(scheme)]
+        parts = [t.int_repr()]
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            header += [repr(float(t.q_scale())), repr(int(t.q_zero_point()))]
+        else:
+            header.append(str(t.q_per_channel_axis()))
+            parts += [t.q_per_channel_scales(), t.q_per_channel_zero_points()]
+        return "|".join(header).encode(), parts
+    if kind == "nested":
+        return f"{t.dtype}|nested".encode(), list(t.unbind())
+    return f"{t.dtype}|{kind}".encode(), [t.to_dense()]
+
+
+def plain_values(v):
+    """The values of a quantized / sparse torch tensor as an ordinary tensor (dequantized, dense),
+    for statistics; other values as they are."""
+    if isinstance(v, TensorRef):
+        return v
+    kind = special_kind(v)
+    if kind == "quantized":
+        return v.dequantize()
+    if (kind or "").startswith("sparse"):
+        return v.to_dense()
+    return v
 
 
 def _as_numpy(v):
@@ -99,6 +142,7 @@ def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict | None:
     within atol + rtol·|b| elementwise. None where the dtypes cannot be compared (``comparable``)."""
     import numpy as np
 
+    a, b = plain_values(a), plain_values(b)
     xa, dtype = _as_numpy(a)
     xb, dtype_b = _as_numpy(b)
     if not comparable(dtype, dtype_b):

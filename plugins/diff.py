@@ -76,12 +76,19 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
             if (k,) == tuple(ck.sd_path[:1]) and len(ck.sd_path) == 1:
                 continue
             out[str(k)] = summarise(v)
-    if ck.st_metadata:
-        out["__safetensors_metadata__"] = {k: v for k, v in ck.st_metadata.items() if k != "format"}
-    non_tensor = {k: plain(v, walk) for k, v in ck.state.items() if not is_tensor_like(v)}
+    # "format": "pt" says nothing; an index's total_size / total_parameters follow from the tensors
+    header = {k: v for k, v in (ck.st_metadata or {}).items() if k not in ("format", "total_size", "total_parameters")}
+    if header or _has_header(ck):
+        out["__safetensors_metadata__"] = header
+    non_tensor = {k: summarise(v) for k, v in ck.state.items() if not is_tensor_like(v)}
     if non_tensor:
         out["__state_dict_non_tensor__"] = non_tensor
     return out, walk.truncated
+
+
+def _has_header(ck: Checkpoint) -> bool:
+    """Whether the checkpoint's format has a place for safetensors header metadata."""
+    return ck.source is not None and ck.source.format in ("safetensors", "hf-folder")
 
 
 def _same(a, b) -> bool:
@@ -212,11 +219,23 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
 
     (oa, cut_a), (ob, cut_b) = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
+    notes = [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
+             "levels only: it is larger, deeper, or shares containers without end (a hostile pickle can)"
+             for side, cut in (("A", cut_a), ("B", cut_b)) if cut]
+    if not (_has_header(ca) and _has_header(cb)):  # header metadata where only one format can hold it
+        for side, o in (("A", oa), ("B", ob)):
+            header = o.pop("__safetensors_metadata__", None) if isinstance(o, dict) else None
+            if header:
+                notes.append(f"{side}'s safetensors header metadata ({', '.join(sorted(header))}) not compared: "
+                             f"the other side's format has none")
     meta = {}
     if not _same(oa, ob):  # importing deepdiff costs ~0.2 s: only pay it to describe a difference
         from deepdiff import DeepDiff
 
-        dd = DeepDiff(oa, ob, verbose_level=2)
+        # ignore_private_variables: deepdiff skips keys starting with "__" by default, which hid
+        # every difference under __state_dict_non_tensor__ / __safetensors_metadata__ (and a
+        # wrapper's own "__version__"-style keys)
+        dd = DeepDiff(oa, ob, verbose_level=2, ignore_private_variables=False)
         meta = json.loads(dd.to_json()) if dd else {}
 
     differences = bool(only_a or only_b or renamed or shape_changed or dtype_changed or changed or meta)
@@ -240,9 +259,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         "shape_changed": shape_changed, "dtype_changed": dtype_changed,
         "equal": equal, "close": close, "changed": changed,
         "modules": modules, "nonfinite": nonfinite, "metadata": meta,
-        "notes": [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
-                  "levels only: it is larger, deeper, or shares containers without end (a hostile pickle can)" for side, cut in (("A", cut_a), ("B", cut_b))
-                  if cut],
+        "notes": notes,
         "differences": differences, "identical": identical, "verdict": verdict,
     }
 

@@ -195,3 +195,67 @@ def test_diff_of_many_small_tensors_and_a_large_one(tmp_path, cli):
         f.write(bytes([byte[0] ^ 0x40]))
     code, _, err = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
     assert code == 2 and "CRC-32 mismatch" in err and "data/5" in err and "Traceback" not in err
+
+
+def test_other_content_under_double_underscore_names_is_compared(tmp_path, cli):
+    """deepdiff skips names starting with '__' unless told not to: a safetensors header's
+    metadata, a wrapper's '__version__' and the state dict's non-tensor entries all live under
+    such names, and diff called files that differed only there 'identical'."""
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, str(tmp_path / "m1.safetensors"), metadata={"step": "1"})
+    save_file({"a": torch.ones(2)}, str(tmp_path / "m2.safetensors"), metadata={"step": "2"})
+    torch.save({"state_dict": {"a": torch.ones(2)}, "__version__": 1}, tmp_path / "v1.pt")
+    torch.save({"state_dict": {"a": torch.ones(2)}, "__version__": 2}, tmp_path / "v2.pt")
+    torch.save({"a": torch.ones(2), "_extra": (torch.zeros(2), "x")}, tmp_path / "e1.pt")
+    torch.save({"a": torch.ones(2), "_extra": (torch.ones(2), "x")}, tmp_path / "e2.pt")
+    for a, b, path in [("m1.safetensors", "m2.safetensors", "root['__safetensors_metadata__']['step']"),
+                       ("v1.pt", "v2.pt", "root['__version__']"),
+                       ("e1.pt", "e2.pt", "root['__state_dict_non_tensor__']['_extra'][0]['xxh3']")]:
+        rep = cs.diff(tmp_path / a, tmp_path / b)
+        assert not rep["identical"] and rep["differences"], (a, rep["verdict"])
+        assert path in rep["metadata"]["values_changed"], rep["metadata"]
+        code, out, _ = cli("diff", tmp_path / a, tmp_path / b)
+        assert code == 1 and "other content differs" in out
+    assert cs.diff(tmp_path / "m1.safetensors", tmp_path / "m1.safetensors")["identical"]
+    # header metadata where the other format has no place for it is not a difference, but said
+    torch.save({"a": torch.ones(2)}, tmp_path / "a.pt")
+    rep = cs.diff(tmp_path / "a.pt", tmp_path / "m2.safetensors")
+    assert rep["identical"] and rep["notes"] == ["B's safetensors header metadata (step) not compared: "
+                                                 "the other side's format has none"]
+
+
+def test_diff_of_quantized_checkpoints(tmp_path, cli):
+    """An eager-mode quantized model's state dict: qint8 weights (per channel), per-tensor
+    quantized tensors, and a Linear's packed (weight, bias) tuple. diff refused ('a quantized
+    tensor has no flat bytes'); now equal values hash equal, a changed weight gets statistics on
+    the dequantized values, a scale change alone counts, and the packed tuple is compared."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    w = torch.quantize_per_channel(torch.randn(8, 4), torch.rand(8, dtype=torch.float64) / 10 + 0.01,
+                                   torch.zeros(8, dtype=torch.int64), 0, torch.qint8)
+    t = torch.quantize_per_tensor(torch.randn(5), 0.1, 3, torch.quint8)
+    base = OrderedDict([("conv.weight", w), ("q.act", t), ("fc._packed_params.dtype", torch.qint8),
+                        ("fc._packed_params._packed_params", (w, torch.zeros(8)))])
+    torch.save(base, tmp_path / "q.pt")
+    same = OrderedDict(base)
+    same["conv.weight"] = torch.quantize_per_channel(w.dequantize(), w.q_per_channel_scales(),
+                                                     w.q_per_channel_zero_points(), 0, torch.qint8)
+    torch.save(same, tmp_path / "q_same.pt")
+    rep = cs.diff(tmp_path / "q.pt", tmp_path / "q_same.pt")
+    assert rep["identical"], rep["verdict"]
+    moved = OrderedDict(base)
+    moved["conv.weight"] = torch.quantize_per_channel(w.dequantize() + 0.5, w.q_per_channel_scales(),
+                                                      w.q_per_channel_zero_points(), 0, torch.qint8)
+    moved["q.act"] = torch._make_per_tensor_quantized_tensor(t.int_repr(), 0.2, 3)  # same integers, new scale
+    moved["fc._packed_params._packed_params"] = (moved["conv.weight"], torch.zeros(8))
+    torch.save(moved, tmp_path / "q_moved.pt")
+    rep = cs.diff(tmp_path / "q.pt", tmp_path / "q_moved.pt")
+    changed = {c["name"]: c for c in rep["changed"]}
+    assert set(changed) == {"conv.weight", "q.act"}
+    assert changed["conv.weight"]["max_abs"] == pytest.approx(0.5, abs=0.12)
+    assert changed["q.act"]["max_abs"] > 0
+    assert any("_packed_params" in p for p in rep["metadata"]["values_changed"])
+    code, out, err = cli("diff", tmp_path / "q.pt", tmp_path / "q_moved.pt")
+    assert code == 1 and "Traceback" not in err
