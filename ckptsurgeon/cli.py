@@ -137,8 +137,14 @@ def main_group(ctx, debug, quiet):
         click.echo(f"ckpt-surgeon: warning: {p}", err=True)
 
 
+_WARNED: set = set()
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     text = " ".join(str(message).split())
+    if text in _WARNED:  # the same deprecation from each of torch's call sites: said once
+        return
+    _WARNED.add(text)
     print(f"ckpt-surgeon: warning: {text[:300]}", file=file or sys.stderr)
 
 

@@ -71,8 +71,13 @@ def load(path: str, key=None, trust_pickle=False):
 
     ck = _load(path, key=key, trust_pickle=trust_pickle)
     if not state().get("quiet", False):
+        said = state().setdefault("notes_said", set())
         for note in ck.notes:
-            click.echo(f"ckpt-surgeon: note: {note}", err=True)
+            # a command reading two files (diff, verify, average) says which one; each line once
+            line = note if str(path) in note else f"{path}: {note}"
+            if line not in said:
+                said.add(line)
+                click.echo(f"ckpt-surgeon: note: {line}", err=True)
     return ck
 
 
