@@ -342,12 +342,13 @@ def _is_transformers_model(model) -> bool:
         and hasattr(model, "config")
 
 
-def _load_via_transformers(model, ck, ck_keys: list[str]) -> str | None:
-    """Load a checkpoint whose names or layout are another transformers version's into a
-    transformers model, through transformers' own loading (``from_pretrained`` with a state
-    dict: its key renames, fused/split experts and qkv, ``gamma``/``beta``...), then copy the
-    result into ``model``. Returns how it loaded, or None when that does not give a complete,
-    exact load either (the caller then reports the plain mismatch)."""
+def transformers_convert(model, ck, ck_keys: list[str], *, lenient: bool = False):
+    """The checkpoint's tensors as transformers' own loading puts them into ``model``'s class
+    (``from_pretrained(None, config=model.config, state_dict=...)``: its key renames, fused or
+    split experts and qkv, ``gamma``/``beta``...), for a checkpoint whose names or layout are
+    another transformers version's. Returns (state dict in the model's names, loading info with
+    missing/unexpected/mismatched keys, how) or None where transformers cannot load it at all.
+    ``lenient`` lets shapes mismatch (reported in the info) instead of failing."""
     if not _is_transformers_model(model):
         return None
     import logging
@@ -375,20 +376,33 @@ def _load_via_transformers(model, ck, ck_keys: list[str]) -> str | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             other, info = type(model).from_pretrained(None, config=model.config, state_dict=state, dtype=dtype,
-                                                      output_loading_info=True)
+                                                      output_loading_info=True, ignore_mismatched_sizes=lenient)
     except Exception:  # noqa: BLE001 - transformers could not load it either: report the plain mismatch
         return None
     finally:
         log.setLevel(level)
         if tlog is not None and bars:
             tlog.enable_progress_bar()
+    renamed = len(set(state) ^ set(model.state_dict()))
+    how = (f"strip {prefix!r}, " if prefix else "") + \
+        f"converted by transformers' own loading ({renamed} names differ from the model's)"
+    return other.state_dict(), info, how
+
+
+def _load_via_transformers(model, ck, ck_keys: list[str]) -> str | None:
+    """Load through :func:`transformers_convert` when that loads every tensor exactly; returns
+    how, or None (the caller then reports the plain mismatch)."""
+    got = transformers_convert(model, ck, ck_keys)
+    if got is None:
+        return None
+    converted, info, how = got
     if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
         return None
+    import torch
+
     with torch.no_grad():
-        model.load_state_dict(other.state_dict(), strict=True)
-    renamed = len(set(state) ^ set(model.state_dict()))
-    how = f"strip {prefix!r}, " if prefix else ""
-    return f"{how}converted by transformers' own loading ({renamed} names differ from the model's)"
+        model.load_state_dict(converted, strict=True)
+    return how
 
 
 def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:

@@ -7,7 +7,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, SelectionError
-from ckptsurgeon.keys import align_to_model, detect_prefix, parse_patterns, select
+from ckptsurgeon.keys import align_to_model, detect_prefix, parse_patterns, select, transformers_convert
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import Operation
 
@@ -66,6 +66,24 @@ def load_partial(model, source, *, layers=None, freeze: bool = False, min_match:
         loaded[mk] = k
     missing = [k for k in requested if k not in loaded and k not in {m["key"] for m in mismatched}]
     unexpected = [k for k in ck_keys if k not in used]
+    values = None  # model name -> tensor, when transformers converted the checkpoint
+    if missing and unexpected:
+        # names on both sides left unmatched: maybe another transformers version's names/layout
+        # (fused MoE experts, renamed layers). Load it the way from_pretrained does, when that
+        # matches more of what is requested (a backbone-only file leaves nothing unexpected and
+        # never pays for this: it builds a second model)
+        got = transformers_convert(model, ck, ck_keys, lenient=True)
+        if got is not None:
+            converted, info, how_t = got
+            bad = set(info.get("missing_keys") or ()) | {m[0] for m in info.get("mismatched_keys") or ()}
+            ok = [k for k in requested if k in converted and k not in bad]
+            if len(ok) > len(loaded):
+                how, values = how_t, converted
+                loaded = {k: k for k in ok}
+                mismatched = [{"key": m[0], "checkpoint": list(m[1]), "model": list(m[2])}
+                              for m in info.get("mismatched_keys") or () if m[0] in requested_set]
+                missing = [k for k in requested if k not in loaded and k not in {m["key"] for m in mismatched}]
+                unexpected = sorted(info.get("unexpected_keys") or ())
     fraction = len(loaded) / len(requested) if requested else 0.0
     report = {
         "alignment": how,
@@ -81,7 +99,11 @@ def load_partial(model, source, *, layers=None, freeze: bool = False, min_match:
             f"{len(missing)} missing)", report, hint="check --layers / prefixes, or lower min_match")
     if dry_run:
         return report
-    sub = {mk: ck.state[k].to_torch() if hasattr(ck.state[k], "to_torch") else ck.state[k] for mk, k in loaded.items()}
+    if values is not None:
+        sub = {mk: values[mk] for mk in loaded}
+    else:
+        sub = {mk: ck.state[k].to_torch() if hasattr(ck.state[k], "to_torch") else ck.state[k]
+               for mk, k in loaded.items()}
     with torch.no_grad():
         result = model.load_state_dict(sub, strict=False)
     del result

@@ -4,6 +4,7 @@ save_pretrained folders (single, sharded, .bin), GPT-2's tied lm_head, verify bu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -273,3 +274,31 @@ def test_verify_loads_names_that_transformers_converts(tmp_path, cli):
     torch.save(sd, tmp_path / "short.pt")
     code, out, err = cli("verify", tmp_path / "moe", tmp_path / "short.pt")
     assert code != 0 and "does not load strictly" in err and "Traceback" not in err, err
+
+
+def test_load_partial_and_check_through_transformers_conversions(tmp_path, cli):
+    """A per-expert (original-layout) checkpoint loaded partially into a transformers >= 5 model
+    whose experts are fused: matched through transformers' own conversions, the fused expert
+    tensors loaded with exactly the file's values; a backbone-only file still loads plainly."""
+    model = _moe()
+    model.save_pretrained(tmp_path / "moe")
+    ck = cs.load(tmp_path / "moe")
+    fresh = _moe()
+    torch.manual_seed(1)
+    for p in fresh.parameters():
+        torch.nn.init.normal_(p)
+    rep = cs.load_partial(fresh, ck, layers=["model.layers.1"], min_match=1.0)
+    assert rep["fraction"] == 1.0 and "converted by transformers" in rep["alignment"], rep["alignment"]
+    for k, v in model.state_dict().items():
+        if k.startswith("model.layers.1."):
+            assert torch.equal(fresh.state_dict()[k], v), k
+    assert not torch.equal(fresh.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
+    (tmp_path / "m.py").write_text("import sys\nsys.path.insert(0, %r)\nfrom test_transformers import _moe\n\n"
+                                   "def moe():\n    return _moe()\n" % str(Path(__file__).parent))
+    code, out, err = cli("check", tmp_path / "moe", "--model", f"{tmp_path / 'm.py'}:moe", "--json")
+    assert code == 0, out + err
+    assert json.loads(out)["fraction"] == 1.0
+    # a file holding only the attention weights, by their (unchanged) names: the plain path
+    part, _ = cs.extract(ck, ["re:self_attn"])
+    rep = cs.load_partial(_moe(), part, layers=["re:self_attn"], min_match=1.0)
+    assert rep["alignment"] == "as is" and rep["fraction"] == 1.0
