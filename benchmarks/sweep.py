@@ -20,6 +20,8 @@ CLI for one strip-prefix per model) it checks, each against ``torch.load`` / ``s
   extract      the first child module's weights, exactly
   diff         identical across the compile prefix; one perturbed tensor found and nothing else
   cast         bfloat16 cast: floating tensors == tensor.to(bfloat16), the others untouched
+  average      the resume dict and a perturbed copy: the float64 mean, integers kept
+  lora         (transformers) extract-lora of rank-2 changes to four weights, merged back
   verify       the stripped checkpoint computes what the original does (forward on the device)
   fold-bn      BN folded where the model has BN (a refusal with a reason counts as n/a)
   bn-to-gn     a plain swap runs and verify measures the divergence without an error
@@ -420,6 +422,61 @@ def run_case(family: str, name: str, device: str, cli: list[str]) -> dict:
             why = same_sd(got, exp)
             assert why is None, why
 
+        def c_average():
+            torch.save(pert_sd(), tmp / "other.pt")
+            soup, rep = cs.average([cs.load(tmp / "ddp_resume.pt"), cs.load(tmp / "other.pt")])
+            cs.save(soup, tmp / "soup.pt")
+            got = torch.load(tmp / "soup.pt", weights_only=True)["model_state_dict"]
+            other = torch.load(tmp / "other.pt", weights_only=True)
+            for k, v in want.items():
+                if not isinstance(v, torch.Tensor):
+                    continue
+                g = got["module." + k]
+                if v.is_floating_point():
+                    exp = ((v.double() + other[k].double()) / 2).to(v.dtype)
+                    assert torch.equal(g, exp), f"{k}: not the float64 mean"
+                else:
+                    assert torch.equal(g, v), f"{k}: integer tensor changed"
+
+        def pert_sd():
+            """The state dict moved a little, tied tensors (one storage) moved alike and kept tied."""
+            g = torch.Generator().manual_seed(3)
+            out, by_ptr = OrderedDict(), {}
+            for k, v in want.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    tie = (sd[k].data_ptr(), tuple(v.shape))
+                    if tie not in by_ptr:
+                        by_ptr[tie] = v + torch.randn(v.shape, generator=g).to(v.dtype) * 1e-2
+                    v = by_ptr[tie]
+                out[k] = v
+            return out
+
+        def c_lora():
+            if not is_hf:
+                raise NA("not a transformers model")
+            lin = [k for k, v in want.items() if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point()
+                   and min(v.shape) >= 8 and "embed" not in k and "wte" not in k and "shared" not in k
+                   and "lm_head" not in k][:4]
+            if not lin:
+                raise NA("no 2-D weights")
+            g = torch.Generator().manual_seed(4)
+            tuned = OrderedDict(want)
+            for k in lin:  # a rank-2 change per chosen weight
+                o, i = want[k].shape
+                tuned[k] = want[k] + (torch.randn(o, 2, generator=g) @ torch.randn(2, i, generator=g) * 1e-2
+                                      ).to(want[k].dtype)
+            torch.save(tuned, tmp / "tuned.pt")
+            adapter, rep = cs.extract_lora(cs.load(tmp / "cuda.pt"), cs.load(tmp / "tuned.pt"), rank=4)
+            cs.save_adapter(adapter, rep["adapter_config"], tmp / "lora")
+            merged, _ = cs.merge_lora(cs.load(tmp / "cuda.pt"), str(tmp / "lora"))
+            cs.save(merged, tmp / "merged.pt")
+            got = torch.load(tmp / "merged.pt", weights_only=True)
+            for k, v in tuned.items():
+                if isinstance(v, torch.Tensor):
+                    assert torch.allclose(got[k].double(), v.double(), atol=1e-5, rtol=1e-4), \
+                        f"{k}: max err {(got[k].double() - v.double()).abs().max():.3g}"
+            return f"{len(lin)} weights, rank 4, merged back"
+
         verify_kw = {}
         if inputs is not None and inputs != "skip":
             x = inputs(factory())
@@ -505,7 +562,8 @@ def run_case(family: str, name: str, device: str, cli: list[str]) -> dict:
 
         for label, fn in [("load", c_load), ("strip-ddp", c_strip_ddp), ("strip-cli", c_strip_cli),
                           ("strip-compile", c_strip_compile), ("safetensors", c_safetensors), ("extract", c_extract),
-                          ("diff", c_diff), ("cast", c_cast), ("verify", c_verify), ("fold-bn", c_fold),
+                          ("diff", c_diff), ("cast", c_cast), ("average", c_average), ("lora", c_lora),
+                          ("verify", c_verify), ("fold-bn", c_fold),
                           ("bn-to-gn", c_gn), ("hf-folder", c_hf)]:
             check(label, fn)
     return {"model": f"{family}.{name}", "tensors": n_tensors, "checks": checks,

@@ -60,6 +60,13 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
     new_state: OrderedDict = OrderedDict(first.state)
     made: dict = {}
     averaged = kept_first = 0
+    # tensors the first checkpoint ties (one storage: an embedding and its LM head) stay one tensor
+    # only where every other checkpoint holds them equal too; else each gets its own mean
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(_tie(tensors[0][name]), []).append(name)
+    tied = {n: g for g in groups.values() if len(g) > 1 for n in g}
+    broken: set = set()
     for name in names:
         refs = [tensors[0][name]] + [tensors[j + 1][m[name]] for j, m in enumerate(matched)]
         infos = [tensor_info(r) for r in refs]
@@ -73,11 +80,21 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
                 notes.append(f"{name} ({dtype}) differs across the checkpoints: the first one's kept")
             kept_first += 1
             continue
-        key = tie_key(refs[0]) if isinstance(refs[0], TensorRef) else id(refs[0])
+        if name in tied:
+            from ckptsurgeon.compare import digest
+
+            key = (_tie(refs[0]),) + tuple(digest(r) for r in refs[1:])
+            if any(k[0] == key[0] and k != key for k in made):
+                broken.add(tuple(tied[name]))
+        else:
+            key = ("own", name)
         if key not in made:
             made[key] = assembled_ref(infos[0]["shape"], dtype, _mean(refs, share, dtype), label=name)
         new_state[name] = made[key]
         averaged += 1
+    for group in sorted(broken):
+        notes.append(f"{' / '.join(group)} are one tensor in the first checkpoint but differ in another: "
+                     "averaged separately, no longer tied")
     if first.wrapper_keys():
         notes.append("wrapper content (epoch, optimizer state...) is the first checkpoint's; its optimizer state "
                      "does not belong to the averaged weights")
@@ -87,6 +104,10 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
     files = tuple(dict.fromkeys(f for ck in cks if ck.source for f in ck.source.files))
     source = dc_replace(first.source, files=files) if first.source else None
     return first.with_state(new_state, source=source), report
+
+
+def _tie(ref):
+    return tie_key(ref) if isinstance(ref, TensorRef) else id(ref)
 
 
 def _all_equal(refs) -> bool:

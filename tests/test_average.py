@@ -83,3 +83,24 @@ def test_average_refuses_what_is_not_one_model(tmp_path, cli):
     code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "d.safetensors", "-o", tmp_path / "d.safetensors")
     assert code == 2 and "refusing to overwrite the input" in err  # the second input too, not just the first
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_tie_of_the_first_checkpoint_is_kept_only_where_all_agree(tmp_path):
+    """An embedding tied to its LM head (one storage) in the first checkpoint: the mean was
+    written once and shared, so when another checkpoint holds the two differently the head got
+    the embedding's mean, silently. Now each gets its own mean there (with a note); where every
+    checkpoint holds them equal, the output keeps them tied."""
+    t = torch.zeros(2, 2)
+    torch.save({"emb": t, "head": t}, tmp_path / "a.pt")
+    torch.save({"emb": t + 1, "head": t + 2}, tmp_path / "b.pt")
+    torch.save({"emb": t + 4, "head": t + 4}, tmp_path / "c.pt")  # equal, but two storages
+    soup, rep = cs.average([cs.load(tmp_path / "a.pt"), cs.load(tmp_path / "b.pt")])
+    cs.save(soup, tmp_path / "ab.pt")
+    got = torch.load(tmp_path / "ab.pt", weights_only=True)
+    assert got["emb"].eq(0.5).all() and got["head"].eq(1.0).all()
+    assert any("no longer tied" in n for n in rep["notes"])
+    soup, rep = cs.average([cs.load(tmp_path / "a.pt"), cs.load(tmp_path / "c.pt")])
+    cs.save(soup, tmp_path / "ac.pt")
+    got = torch.load(tmp_path / "ac.pt", weights_only=True)
+    assert got["emb"].eq(2.0).all() and got["emb"].data_ptr() == got["head"].data_ptr()
+    assert not any("tied" in n for n in rep["notes"])
