@@ -35,10 +35,22 @@ def read_header(path: str, base: int = 0) -> tuple[dict, dict, int]:
         if 8 + n > size:
             raise CorruptCheckpointError(f"{path}: safetensors header length {n} runs past the end of the file")
         raw = f.read(n)
+    dup: list = []
+
+    def _pairs(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                dup.append(k)
+            seen[k] = v
+        return seen
+
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_pairs)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if dup:  # JSON would keep the last silently: which tensor the file means is ambiguous
+        raise CorruptCheckpointError(f"{path}: safetensors header names {dup[0]!r} twice")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}

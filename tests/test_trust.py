@@ -277,6 +277,8 @@ def _corrupt_cases(tmp_path):
         "st truncated data": _st({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 7),
         "st metadata not strings": _st({"__metadata__": {"a": 1}}),
         "st entry not an object": _st({"a": 5}),
+        "st duplicate name": (lambda h: struct.pack("<Q", len(h)) + h + b"\0" * 16)(
+            b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'),
     }
     buf = io.BytesIO()
     torch.save({"w": torch.randn(100)}, buf, _use_new_zipfile_serialization=False)
