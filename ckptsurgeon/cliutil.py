@@ -40,6 +40,9 @@ def load_options(f: Callable) -> Callable:
 
 
 def write_options(f: Callable) -> Callable:
+    f = click.option("--state-dict-only", is_flag=True,
+                     help="Write the state dict alone, without its wrapper (epoch, optimizer, Lightning "
+                          "loops...): what model.load_state_dict(torch.load(f)) expects.")(f)
     f = click.option("--dedupe-tied", is_flag=True,
                      help="safetensors: keep one copy of tied tensors instead of writing each name.")(f)
     f = click.option("--max-shard-size", default=None, metavar="SIZE",
@@ -99,7 +102,7 @@ def progress_bar(total: int, description: str):
 
 
 def save(ck, output: str | None, *, out_format=None, dry_run=False, in_place=False, max_shard_size=None,
-         dedupe_tied=False) -> dict:
+         dedupe_tied=False, state_dict_only=False) -> dict:
     from .errors import OutputError
     from .saving import save as _save
 
@@ -108,13 +111,14 @@ def save(ck, output: str | None, *, out_format=None, dry_run=False, in_place=Fal
             raise OutputError("no output given", hint="add -o OUTPUT (or --dry-run)")
         # a dry run without -o still reports what a torch file would hold
         rep = _save(ck, os.path.join(os.getcwd(), "dry-run.pt"), format=out_format, dry_run=True,
-                    max_shard_size=max_shard_size, dedupe_tied=dedupe_tied)
+                    max_shard_size=max_shard_size, dedupe_tied=dedupe_tied, state_dict_only=state_dict_only)
         rep.update(output=None, dry_run=True)
         return rep
     total = ck.summary()["bytes"]
     with progress_bar(total, f"writing {output}") as cb:
         rep = _save(ck, output, format=out_format, in_place=in_place, dry_run=dry_run,
-                    max_shard_size=max_shard_size, dedupe_tied=dedupe_tied, progress=cb)
+                    max_shard_size=max_shard_size, dedupe_tied=dedupe_tied, state_dict_only=state_dict_only,
+                    progress=cb)
     rep["dry_run"] = dry_run
     return rep
 

@@ -27,18 +27,25 @@ def output_format(path: str, format: str | None = None, max_shard_size=None) -> 
 
 
 def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = False, dry_run: bool = False,
-         max_shard_size=None, dedupe_tied: bool = False, progress=None) -> dict:
+         max_shard_size=None, dedupe_tied: bool = False, state_dict_only: bool = False, progress=None) -> dict:
     """Write ``ck`` to ``path`` atomically and return a report (what was written, what was not).
 
     The format follows the extension (``.safetensors``; anything else is a torch zip) unless
     ``format`` says otherwise; ``max_shard_size`` ('5GB') writes a Hugging Face sharded folder.
-    The input file is never overwritten unless ``in_place=True``.
+    The input file is never overwritten unless ``in_place=True``. ``state_dict_only`` writes the
+    state dict alone, without the wrapper around it (a Lightning checkpoint's epoch, optimizer
+    and loop states; a resume dict's other entries): what ``model.load_state_dict(torch.load(f))``
+    expects.
 
     Example::
 
         save(load("model_dp.pt"), "model.safetensors")
     """
     path = os.fspath(path)
+    dropped = []
+    if state_dict_only and (ck.sd_path or ck.wrapper is not None):
+        dropped = [k for k in ck.wrapper_keys() if k != str(ck.sd_path[0] if ck.sd_path else "")]
+        ck = ck.replace(wrapper=None, sd_path=(), candidates=())
     fmt = output_format(path, format, max_shard_size)
     formats = get_manager().formats()
     if fmt not in formats or formats[fmt][0].save is None:
@@ -57,4 +64,7 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
     options = {"dry_run": dry_run, "dedupe_tied": dedupe_tied, "progress": progress}
     if max_shard_size is not None:
         options["max_shard_size"] = max_shard_size
-    return formats[fmt][0].save(ck, path, **options)
+    report = formats[fmt][0].save(ck, path, **options)
+    if dropped:
+        report.setdefault("notes", []).insert(0, f"state dict only: the wrapper around it not written ({', '.join(dropped)})")
+    return report

@@ -83,3 +83,24 @@ def test_omegaconf_hyperparameters_are_refused_or_read_inert(tmp_path, cli):
     assert after == before and "/data" in repr(before)  # the DictConfig's content, record for record
     code, out, _ = cli("scan", tmp_path / "s.ckpt")
     assert code == 1 and "omegaconf.dictconfig.DictConfig" in out  # as unsafe for torch.load as the input
+
+
+def test_state_dict_only_writes_what_load_state_dict_expects(tmp_path, cli):
+    """The everyday export: a Lightning checkpoint -> a plain state dict .pt (prefix stripped)
+    that model.load_state_dict(torch.load(f)) takes; the wrapper entries are named as not
+    written. Also through the API, on a DDP resume dict."""
+    src = Path(__file__).parent / "data" / "lightning" / "plain.ckpt"
+    code, out, err = cli("strip-prefix", src, "-o", tmp_path / "weights.pt", "--state-dict-only")
+    assert code == 0, err
+    assert "not written (epoch, global_step" in out and "state_dict," not in out
+    sd = torch.load(tmp_path / "weights.pt", weights_only=True)
+    full = torch.load(src, weights_only=True)["state_dict"]
+    assert list(sd) == [k[len("model."):] for k in full]
+    assert all(torch.equal(sd[k[len("model."):]], v) for k, v in full.items())
+    assert hasattr(sd, "_metadata")  # module versions kept, as torch.save(model.state_dict()) has them
+    torch.save({"epoch": 2, "model_state_dict": {"module.w": torch.ones(2)}, "optimizer_state_dict": {}},
+               tmp_path / "resume.pt")
+    new, _ = cs.strip_prefix(cs.load(tmp_path / "resume.pt"))
+    rep = cs.save(new, tmp_path / "w.pt", state_dict_only=True)
+    assert torch.load(tmp_path / "w.pt", weights_only=True).keys() == {"w"}
+    assert "epoch, optimizer_state_dict" in rep["notes"][0]
