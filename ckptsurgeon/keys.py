@@ -40,6 +40,30 @@ def detect_prefix(keys: Iterable[str], known: tuple = KNOWN_PREFIXES, partial: b
         stack += found
 
 
+#: Wrapper module names found *inside* keys when a submodule, not the whole model, was wrapped:
+#: torch.compile per block (``layers.0._orig_mod.attn.wq.weight``: torchtitan and FSDP2 recipes
+#: compile each block), FSDP1 auto-wrapping and activation checkpointing saved through
+#: ``named_parameters()``. No real module is named so.
+INNER_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def drop_inner_wrappers(key: str) -> str:
+    """``key`` without wrapper components (INNER_WRAPPERS) anywhere before its leaf name."""
+    parts = key.split(".")
+    if len(parts) < 2 or not any(p in INNER_WRAPPERS for p in parts[:-1]):
+        return key
+    return ".".join([p for p in parts[:-1] if p not in INNER_WRAPPERS] + parts[-1:])
+
+
+def inner_wrappers(keys: Iterable[str]) -> dict:
+    """{wrapper component: number of keys carrying it inside} (see INNER_WRAPPERS)."""
+    out: dict = {}
+    for k in keys:
+        for p in set(k.split(".")[:-1]) & set(INNER_WRAPPERS):
+            out[p] = out.get(p, 0) + 1
+    return out
+
+
 def prefix_report(keys: Iterable[str]) -> list[dict]:
     """For each known prefix seen at the start of keys: how many keys carry it."""
     keys = list(keys)
@@ -258,6 +282,9 @@ def align_to_model(ck_keys: list[str], model_keys: list[str]):
                                lambda k, a=ck_prefix, p=t + ".": p + (k[len(a):] if k.startswith(a) else k)))
     for t in top_modules(ck_keys)[:50]:
         candidates.append((f"strip {t + '.'!r}", lambda k, p=t + ".": k[len(p):] if k.startswith(p) else k))
+    if inner_wrappers(ck_keys) and not inner_wrappers(model_keys):  # per-block compile / wrap
+        candidates += [(f"{how}, drop inner {'/'.join(sorted(inner_wrappers(ck_keys)))}",
+                        lambda k, f=f: drop_inner_wrappers(f(k))) for how, f in list(candidates)]
     best = max(candidates, key=lambda c: sum(1 for k in ck_keys if c[1](k) in model_set))
     return best
 
@@ -414,6 +441,21 @@ def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tu
     if not enabled:
         return plain_a, plain_b, report
     same = len(set(a_keys) & set(b_keys))
+    ia, ib = inner_wrappers(a_keys), inner_wrappers(b_keys)
+    if ia != ib:  # one side wrapped submodules (per-block torch.compile): compare without those parts
+        da = {k: drop_inner_wrappers(k) for k in a_keys}
+        db = {k: drop_inner_wrappers(k) for k in b_keys}
+        if len(set(da.values())) == len(da) and len(set(db.values())) == len(db):
+            a2, b2, rep = align_keys(list(da.values()), list(db.values()), enabled)
+            na = {k: a2[da[k]] for k in a_keys}
+            nb = {k: b2[db[k]] for k in b_keys}
+            if len(set(na.values()) & set(nb.values())) > same:
+                dropped = "/".join(sorted(set(ia) | set(ib)))
+                note = f"aligned keys by dropping the inner wrapper component(s) {dropped}"
+                if rep.get("applied"):
+                    note += "; " + rep["note"].replace("aligned keys by ", "")
+                rep = dict(rep, applied=True, inner=sorted(set(ia) | set(ib)), note=note)
+                return na, nb, rep
     pa, pb = detect_prefix(a_keys), detect_prefix(b_keys)
     if pa == pb:
         return plain_a, plain_b, report

@@ -7,7 +7,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import SelectionError
-from ckptsurgeon.keys import detect_prefix, prefix_report
+from ckptsurgeon.keys import detect_prefix, drop_inner_wrappers, inner_wrappers, prefix_report
 from ckptsurgeon.transform import rename_keys
 from ckptsurgeon.types import Operation
 
@@ -25,21 +25,33 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
     """
     keys = list(ck.state)
     detected = prefix is None
+    inner: dict = {}
     if detected:
         prefix = detect_prefix(keys, partial=partial)
-        if not prefix:
+        inner = inner_wrappers(k[len(prefix):] if k.startswith(prefix) else k for k in keys)
+        if not prefix and not inner:
             seen = ", ".join(f"{p['prefix']} ({p['keys']}/{p['of']})" for p in prefix_report(keys)) or "none"
             raise SelectionError("no wrapper prefix is carried by every key (known prefixes seen: " + seen + ")",
                                  hint="pass --prefix, or --partial to strip where present")
+        if not prefix:  # only wrapped submodules (per-block torch.compile): drop those components
+            new, changed = rename_keys(ck, drop_inner_wrappers)
+            return new, {"operation": "strip-prefix", "prefix": "", "inner": inner, "detected": True,
+                         "renamed": len(changed), "unchanged": len(keys) - len(changed),
+                         "wrapper_untouched": ck.wrapper_keys()}
     n = sum(1 for k in keys if k.startswith(prefix))
     if n == 0:
         raise SelectionError(f"no key starts with {prefix!r}", hint=f"first key: {keys[0]!r}" if keys else None)
     if n < len(keys) and not partial:
         raise SelectionError(f"only {n} of {len(keys)} keys start with {prefix!r}",
                              hint="pass --partial to strip it where present")
-    new, changed = rename_keys(ck, lambda k: k[len(prefix):] if k.startswith(prefix) else k)
+    if inner:
+        new, changed = rename_keys(ck, lambda k: drop_inner_wrappers(k[len(prefix):] if k.startswith(prefix) else k))
+    else:
+        new, changed = rename_keys(ck, lambda k: k[len(prefix):] if k.startswith(prefix) else k)
     report = {"operation": "strip-prefix", "prefix": prefix, "detected": detected, "renamed": len(changed),
               "unchanged": len(keys) - len(changed), "wrapper_untouched": ck.wrapper_keys()}
+    if inner:
+        report["inner"] = inner
     return new, report
 
 
@@ -64,8 +76,13 @@ def _human(report: dict) -> None:
     op = report["operation"]
     if op == "strip-prefix":
         how = "detected" if report["detected"] else "given"
-        click.echo(f"stripped {how} prefix {report['prefix']!r} from {report['renamed']} keys"
-                   + (f" ({report['unchanged']} keys without it kept)" if report["unchanged"] else ""))
+        if report["prefix"]:
+            click.echo(f"stripped {how} prefix {report['prefix']!r} from {report['renamed']} keys"
+                       + (f" ({report['unchanged']} keys without it kept)" if report["unchanged"] else ""))
+        if report.get("inner"):
+            parts = ", ".join(f"{p!r} ({n} keys)" for p, n in sorted(report["inner"].items()))
+            click.echo(f"dropped inner wrapper component(s) {parts}: submodules wrapped on their own "
+                       "(torch.compile per block, FSDP/activation-checkpoint wrappers)")
     else:
         click.echo(f"added prefix {report['prefix']!r} to {report['renamed']} keys")
     for n in report.get("notes", []):

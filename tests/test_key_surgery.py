@@ -174,3 +174,57 @@ def test_check_cli(sample_dir, cli, models_py):
     assert code == 0 and "loaded 28 of 28" in out
     code, out, err = cli("check", sample_dir / "seednet.pt", "--model", f"{models_py}:bnnet", "--json")
     assert code == 1 and json.loads(out)["loaded"] == 0
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_per_block_compile_and_wrappers_inside_keys(tmp_path, cli):
+    """torchtitan-style training compiles each block (model.layers[i] = torch.compile(block)) and
+    wraps the model in DDP: keys read module.layers.0._orig_mod.0.weight. strip-prefix found no
+    prefix carried by every key and gave up; now the leading stack and the inner wrapper parts go,
+    _metadata follows, and diff / verify line such a file up with a plain one."""
+    torch.manual_seed(0)
+    model = _Blocks().eval()
+    plain = model.state_dict()
+    torch.save(plain, tmp_path / "plain.pt")
+    for i in range(2):
+        model.layers[i] = torch.compile(model.layers[i])
+    compiled = model.state_dict()
+    assert "layers.0._orig_mod.0.weight" in compiled
+    torch.save(compiled, tmp_path / "blocks.pt")
+    ddp = OrderedDict(("module." + k, v) for k, v in compiled.items())
+    ddp._metadata = OrderedDict([("", {"version": 1})] + [("module" + ("." + k if k else ""), v)
+                                                         for k, v in compiled._metadata.items()])
+    torch.save({"model": ddp, "step": 7}, tmp_path / "ddp_blocks.pt")
+    for src in ("blocks.pt", "ddp_blocks.pt"):
+        code, out, err = cli("strip-prefix", tmp_path / src, "-o", tmp_path / "out.pt")
+        assert code == 0 and "'_orig_mod' (8 keys)" in out, out + err
+        got = torch.load(tmp_path / "out.pt", weights_only=True)
+        got = got["model"] if "model" in got else got
+        assert list(got) == list(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+        _Blocks().load_state_dict(got, strict=True)
+    assert "layers.0" in torch.load(tmp_path / "out.pt", weights_only=True)["model"]._metadata
+    rep = cs.diff(tmp_path / "plain.pt", tmp_path / "ddp_blocks.pt")
+    assert rep["equal"] == len(plain) and not rep["only_in_a"] and not rep["only_in_b"] and not rep["changed"]
+    assert "_orig_mod" in rep["alignment"]["note"] and "'module.' from B" in rep["alignment"]["note"]
+    rep = cs.verify(tmp_path / "plain.pt", tmp_path / "ddp_blocks.pt", model=_Blocks, input_shape=(2, 4))
+    assert rep["equivalent"] and "drop inner _orig_mod" in rep["alignment"]["b"]
+    # a model whose own keys carry the wrapper (compiled per block here too) loads as is
+    blocks = _Blocks()
+    for i in range(2):
+        blocks.layers[i] = torch.compile(blocks.layers[i])
+    from ckptsurgeon.keys import load_into_model
+
+    assert load_into_model(blocks, cs.load(tmp_path / "blocks.pt")) == "as is"
