@@ -218,6 +218,8 @@ def _human(r: dict) -> None:
     if "check" in r:
         click.echo(f"check on random inputs: max |error| {r['check']['max_abs_error']:.3g}, "
                    f"relative {r['check']['relative_error']:.3g} (run `ckpt-surgeon verify` for the full check)")
+    elif r.get("check_skipped"):
+        click.echo(f"quick check skipped: {r['check_skipped']}")
     cliutil.echo_save(r["save"])
 
 
@@ -247,6 +249,9 @@ def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, as_js
         report["check"] = _check(ck, new, model, parse_shape(input_shape))
     except SelectionError as e:
         report["check_skipped"] = e.one_line()
+    except Exception as e:  # noqa: BLE001 - the quick check's inputs do not fit the model: said, not fatal
+        report["check_skipped"] = (f"the quick check's forward failed: {type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:200]} (pass --input-shape, or run verify)")
     report["save"] = cliutil.save(new, **write)
     cliutil.emit(report, as_json, _human)
 

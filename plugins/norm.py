@@ -9,7 +9,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
-from ckptsurgeon.errors import ModelError, SelectionError
+from ckptsurgeon.errors import CkptSurgeonError, ModelError, SelectionError
 from ckptsurgeon.keys import align_to_model, detect_norms, detect_prefix, parse_patterns, select
 from ckptsurgeon.layers import group_norm_for, norm_output_module
 from ckptsurgeon.refs import is_tensor_like
@@ -168,12 +168,21 @@ def bn_to_gn(ck: Checkpoint, *, groups: int = 32, policy: str = "strict", model=
     report = {"operation": "bn-to-gn", "groups": groups, "policy": policy, "layers": per_layer,
               "dropped_buffers": len(drop & set(ck.state)), "notes": notes, "calibrated": False}
     new = ck.replace(state=state, metadata=meta, transforms=tuple(ck.transforms) + (transform,))
-    if calibrate:
-        if model is None:
-            raise SelectionError("--calibrate needs --model (and --input-shape or --inputs)")
-        new = _calibrate(ck, new, model, plan, modules, calibrate, inputs, input_shape, holdout, seed, report)
-    elif model is not None and (inputs is not None or input_shape is not None):
-        report["error_plain"] = _measure(ck, new, model, plan, inputs, input_shape, holdout, seed)
+    try:
+        if calibrate:
+            if model is None:
+                raise SelectionError("--calibrate needs --model (and --input-shape or --inputs)")
+            new = _calibrate(ck, new, model, plan, modules, calibrate, inputs, input_shape, holdout, seed, report)
+        elif model is not None and (inputs is not None or input_shape is not None):
+            report["error_plain"] = _measure(ck, new, model, plan, inputs, input_shape, holdout, seed)
+    except CkptSurgeonError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the inputs do not fit the model: a user error, in one line
+        what = f"inputs of shape {list(input_shape)} per sample" if input_shape else \
+            ("the --inputs tensors" if inputs is not None else "inputs of the shape inferred from the first layer")
+        raise ModelError(f"the model's forward failed on {what}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}",
+                         hint="pass --input-shape (per sample, e.g. 3,224,224) or --inputs") from None
     return new, report
 
 

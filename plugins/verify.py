@@ -121,12 +121,19 @@ def _from_hf_config(ck: Checkpoint):
         import transformers
     except ImportError:
         raise SelectionError("building from config.json needs transformers", hint="pip install transformers, or pass --model") from None
-    config = transformers.AutoConfig.from_pretrained(folder)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        return transformers.AutoModel.from_config(config)
-    return cls(config)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        if cls is None:
+            return transformers.AutoModel.from_config(config)
+        return cls(config)
+    except ImportError as e:  # a config that needs another library (timm's hub configs: TimmWrapper)
+        raise SelectionError(f"building the model from {cfg} needs a library that is not installed: "
+                             f"{' '.join(str(e).split())[:200]}", hint="install it, or pass --model") from None
+    except Exception as e:  # noqa: BLE001 - a config transformers does not know, or cannot build
+        raise SelectionError(f"transformers cannot build a model from {cfg}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
 
 
 def apply_transforms(model, transforms):
@@ -299,15 +306,29 @@ def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
     return move(x)
 
 
-def _run(model, x):
+def _describe(x) -> str:
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(_describe(v) for v in x) + ")"
+    shape = getattr(x, "shape", None)
+    return f"{str(getattr(x, 'dtype', '')).replace('torch.', '')}{list(shape)}" if shape is not None else type(x).__name__
+
+
+def _run(model, x, which: str = "A"):
     import torch
 
-    with torch.no_grad():
-        if isinstance(x, dict):
-            return model(**x)
-        if isinstance(x, (list, tuple)):
-            return model(*x)
-        return model(x)
+    try:
+        with torch.no_grad():
+            if isinstance(x, dict):
+                return model(**x)
+            if isinstance(x, (list, tuple)):
+                return model(*x)
+            return model(x)
+    except Exception as e:  # noqa: BLE001 - the inputs do not fit the model: a user error, said in one line
+        raise ModelError(f"model {which}'s forward failed on the inputs {_describe(x)}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:240]}",
+                         hint="check --input-shape (batch included) or --inputs") from None
 
 
 def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, batch: int = 2, device="auto",
@@ -355,8 +376,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     with no_tf32():
         rec_a, rec_b = (_Recorder(model_a), _Recorder(model_b)) if localize else (None, None)
         t1 = time.perf_counter()
-        out_a = _run(model_a, x_a)
-        out_b = _run(model_b, x_b)
+        out_a = _run(model_a, x_a, "A")
+        out_b = _run(model_b, x_b, "B")
         if dev.type == "cuda" or dev_b.type == "cuda":
             torch.cuda.synchronize()
         t_run = time.perf_counter() - t1

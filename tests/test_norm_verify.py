@@ -493,3 +493,30 @@ def test_calibration_that_hurts_is_not_kept(tmp_path, cli):
     code, out, err = cli("bn-to-gn", tmp_path / "a.pt", "-o", tmp_path / "gn.pt", "--groups", "8",
                          "--model", f"{tmp_path / 'm.py'}:net", "--calibrate", "8", "--inputs", tmp_path / "flat.pt")
     assert code == 0 and "(not kept)" in out and "plain swap" in out, out + err
+
+
+def test_inputs_that_do_not_fit_the_model_are_one_line(tmp_path, cli):
+    """A wrong --input-shape (or an inferred one that does not fit: a Linear after Flatten fixes
+    the spatial size) made the forward raise inside verify and bn-to-gn --calibrate: 'internal
+    error'. Now one line naming the inputs and the option; fold-bn's optional quick check says
+    it was skipped and why, and still writes."""
+    (tmp_path / "m.py").write_text(
+        "import torch\n\ndef net():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), "
+        "torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 2))\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("m_fit", tmp_path / "m.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.save(mod.net().state_dict(), tmp_path / "n.pt")
+    model = f"{tmp_path / 'm.py'}:net"
+    code, out, err = cli("verify", tmp_path / "n.pt", tmp_path / "n.pt", "--model", model, "--input-shape", "2,3,9,9")
+    assert code == 2 and "forward failed on the inputs float32[2, 3, 9, 9]" in err and "--input-shape" in err, err
+    assert len(err.strip().splitlines()) == 1 and "internal" not in err
+    code, out, err = cli("bn-to-gn", tmp_path / "n.pt", "-o", tmp_path / "g.pt", "--model", model, "--calibrate", "4",
+                         "--groups", "4")
+    assert code == 2 and "forward failed" in err and "internal" not in err and not (tmp_path / "g.pt").exists(), err
+    code, out, err = cli("fold-bn", tmp_path / "n.pt", "-o", tmp_path / "f.pt", "--model", model)
+    assert code == 0 and "quick check skipped" in out and (tmp_path / "f.pt").exists(), out + err
+    code, out, err = cli("verify", tmp_path / "n.pt", tmp_path / "f.pt", "--model", model, "--input-shape", "2,3,8,8")
+    assert code == 0, out + err

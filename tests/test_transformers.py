@@ -302,3 +302,23 @@ def test_load_partial_and_check_through_transformers_conversions(tmp_path, cli):
     part, _ = cs.extract(ck, ["re:self_attn"])
     rep = cs.load_partial(_moe(), part, layers=["re:self_attn"], min_match=1.0)
     assert rep["alignment"] == "as is" and rep["fraction"] == 1.0
+
+
+def test_verify_of_a_folder_transformers_cannot_build_is_one_line(tmp_path, cli):
+    """A config.json transformers does not know, or one that needs another library (timm's hub
+    folders map to TimmWrapper, which imports timm): one line naming the file and --model, not
+    'internal error'."""
+    import importlib.util
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "m").mkdir()
+    save_file({"conv.weight": torch.randn(2, 3, 1, 1)}, str(tmp_path / "m" / "model.safetensors"))
+    configs = [{"model_type": "no_such_model_xyz"}, {"architecture": "resnet18"}]
+    if importlib.util.find_spec("timm") is None:
+        configs.append({"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": {"input_size": [3, 8, 8]}})
+    for cfg in configs:
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        code, out, err = cli("verify", tmp_path / "m", tmp_path / "m" / "model.safetensors")
+        assert code == 2 and "config.json" in err and "--model" in err and "internal" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
