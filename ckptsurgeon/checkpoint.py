@@ -259,13 +259,19 @@ def unflatten(state: Mapping[str, Any], nodes: tuple) -> Any:
 def is_state_dict(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or not obj:
         return False
-    n_tensor = 0
+    n_tensor = n_files = 0
     for k, v in obj.items():
         if not isinstance(k, str):
             return False
         if is_tensor_like(v):
             n_tensor += 1
-    return n_tensor > 0 and n_tensor * 2 >= len(obj)
+        if k.endswith(_FILE_SUFFIXES):
+            n_files += 1
+    # every key a checkpoint file name: Lightning's ModelCheckpoint.best_k_models ({path: score})
+    return n_tensor > 0 and n_tensor * 2 >= len(obj) and n_files < len(obj)
+
+
+_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".tar")
 
 
 def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:

@@ -47,8 +47,9 @@ def test_lightning_checkpoint_reads_by_default_and_rewrites_for_lightning(tmp_pa
     ck = cs.load(DATA / "plain.ckpt")
     assert ck.source.lazy and ck.sd_path == ("state_dict",) and list(ck.state) == list(module_sd)
     assert all(torch.equal(ck.state[k].to_torch(), v) for k, v in module_sd.items())
-    # callbacks' state (ModelCheckpoint's best_k_models maps paths to tensors) is a candidate, not the pick
-    assert any(c.startswith("callbacks/ModelCheckpoint{") for c in ck.candidates)
+    # callbacks' state (ModelCheckpoint's best_k_models maps checkpoint paths to score tensors) is
+    # no state dict: not even listed as a candidate
+    assert ck.candidates == ("state_dict",), ck.candidates
     cs.save(ck, tmp_path / "same.ckpt")
     assert _pickle(tmp_path / "same.ckpt") == _pickle(DATA / "plain.ckpt")  # unchanged: the same pickle
 
