@@ -140,6 +140,38 @@ def main_group(ctx, debug, quiet):
 _WARNED: set = set()
 
 
+def _fold_candidates(names: list[str], most: int = 8) -> str:
+    """Candidate paths with numbered runs folded (an optimizer's per-parameter states:
+    ``optimizer_state_dict/state/{0..5}``), at most ``most`` shown."""
+    import re
+
+    out: list = []
+    runs: dict = {}
+    for n in names:
+        m = re.fullmatch(r"(.*/)(\d+)", n)
+        if m:
+            if m.group(1) not in runs:
+                runs[m.group(1)] = []
+                out.append(m.group(1))
+            runs[m.group(1)].append(int(m.group(2)))
+        else:
+            out.append(n)
+    text = []
+    for n in out:
+        if n in runs:
+            nums = sorted(runs[n])
+            if len(nums) == 1:
+                text.append(f"{n}{nums[0]}")
+            elif nums == list(range(nums[0], nums[-1] + 1)):
+                text.append(f"{n}{{{nums[0]}..{nums[-1]}}}")
+            else:
+                text.append(f"{n}{{{','.join(map(str, nums))}}}")
+        else:
+            text.append(n)
+    more = f" and {len(text) - most} more" if len(text) > most else ""
+    return ", ".join(text[:most]) + more
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     text = " ".join(str(message).split())
     if text in _WARNED:  # the same deprecation from each of torch's call sites: said once
@@ -194,7 +226,7 @@ def _print_inspect(info: dict) -> None:
             c.print(f"note: {n}")
         return
     c.print(f"state dict at: {at}"
-            + (f" (candidates: {', '.join(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
+            + (f" (candidates: {_fold_candidates(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
     c.print(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
     if info["tied"]:
         shown = ", ".join(f"{a} = {b}" for a, b in info["tied"][:4]) + (" ..." if len(info["tied"]) > 4 else "")

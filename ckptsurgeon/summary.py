@@ -22,6 +22,12 @@ def describe_value(v: Any) -> str:
         i = tensor_info(v)
         return f"tensor {i['dtype']}{i['shape']}"
     if isinstance(v, Mapping):
+        # a small flat mapping of plain values (Lightning's hyper_parameters, a config): show them
+        if 0 < len(v) <= 12 and all(isinstance(k, str) for k in v) and \
+                all(isinstance(x, (int, float, bool, str)) or x is None for x in v.values()):
+            text = "{" + ", ".join(f"{k}: {x!r}" for k, x in v.items()) + "}"
+            if len(text) <= 120:
+                return text
         return f"dict ({len(v)} keys)"
     if isinstance(v, (list, tuple)):
         return f"{type(v).__name__} ({len(v)} items)"

@@ -274,3 +274,22 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
         proc.stdout.close()  # the reader is gone before the first line
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=60) in (0, 1) and "error" not in err and "Traceback" not in err, err
+
+
+def test_inspect_shows_small_configs_and_folds_numbered_candidates(tmp_path, cli):
+    """inspect shows a small flat mapping of plain values (Lightning's hyper_parameters, AMP
+    scaler state) inline, and folds an optimizer's per-parameter states in the candidate list."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+                "hyper_parameters": {"lr": 0.01, "name": "run1", "dropout": None},
+                "big": {f"k{i}": i for i in range(20)}}, tmp_path / "r.pt")
+    code, out, err = cli("inspect", tmp_path / "r.pt")
+    assert code == 0, err
+    assert "hyper_parameters: {lr: 0.01, name: 'run1', dropout: None}" in out
+    assert "big: dict (20 keys)" in out
+    assert "optimizer_state_dict/state/{0..3}" in out, out
