@@ -124,7 +124,9 @@ def _from_hf_config(ck: Checkpoint):
     try:
         config = transformers.AutoConfig.from_pretrained(folder)
         arch = (getattr(config, "architectures", None) or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            cls = None  # the config names something else of transformers' (a function...): never call it
         if cls is None:
             return transformers.AutoModel.from_config(config)
         return cls(config)

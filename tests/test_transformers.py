@@ -322,3 +322,16 @@ def test_verify_of_a_folder_transformers_cannot_build_is_one_line(tmp_path, cli)
         code, out, err = cli("verify", tmp_path / "m", tmp_path / "m" / "model.safetensors")
         assert code == 2 and "config.json" in err and "--model" in err and "internal" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_verify_never_calls_what_config_architectures_names_unless_a_model_class(tmp_path):
+    """config.json's "architectures" is looked up in transformers by name: only a PreTrainedModel
+    class is built from it; any other name (here the pipeline() function, which was called with the
+    config) falls back to AutoModel."""
+    model = _bert()
+    model.save_pretrained(tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg["architectures"] = ["pipeline"]
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    rep = cs.verify(tmp_path / "b", tmp_path / "b")
+    assert rep["equivalent"]
