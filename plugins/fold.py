@@ -48,9 +48,88 @@ def _fx_graph(model):
     return _Tracer().trace(model)
 
 
-def find_pairs(model) -> tuple[list[tuple[str, str]], list[dict], str]:
+#: Calls that read a tensor's metadata, not its values: not a use of the values for _traced_pairs.
+_METADATA_CALLS = frozenset({"dim", "size", "numel", "stride", "is_contiguous", "is_floating_point", "is_complex",
+                             "element_size", "ndimension", "nelement", "get_device", "data_ptr", "storage_offset",
+                             "__len__"})
+_METADATA_PROPS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse",
+                             "is_quantized", "is_meta", "names", "grad_fn", "is_leaf"})
+
+
+def _traced_pairs(model, x) -> list[tuple[str, str]]:
+    """(layer, bn) pairs seen in one real forward pass on ``x``: the BN's input is the very tensor a
+    conv/linear returned, and nothing else -- no other module, no torch function outside the BN --
+    reads that tensor's values (every torch call is watched through a TorchFunctionMode, so a
+    residual ``x + conv(x)``-style second use is seen). Layers or BNs called more than once are left
+    out. For models torch.fx cannot trace (data-dependent control flow, HF models)."""
+    import torch
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    feeders = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    produced: dict = {}  # id(output tensor) -> layer name
+    calls: dict = {}  # module name -> number of calls
+    bn_input: dict = {}  # bn name -> id(its input)
+    uses: dict = {}  # id(tensor) -> value uses outside BN forwards
+    alive: list = []  # outputs kept alive so that no id is reused during the pass
+    inside_bn = [0]
+
+    def count(obj):
+        if isinstance(obj, torch.Tensor):
+            uses[id(obj)] = uses.get(id(obj), 0) + 1
+        elif isinstance(obj, (list, tuple)):
+            for o in obj:
+                count(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                count(o)
+
+    class _Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            prop = getattr(getattr(func, "__self__", None), "__name__", None) if name == "__get__" else None
+            if not inside_bn[0] and name not in _METADATA_CALLS and prop not in _METADATA_PROPS:
+                count(args)
+                count(kwargs or {})
+            return func(*args, **(kwargs or {}))
+
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, feeders):
+            def after(mod, args, out, name=name):
+                calls[name] = calls.get(name, 0) + 1
+                if isinstance(out, torch.Tensor):
+                    produced[id(out)] = name
+                    alive.append(out)
+            hooks.append(m.register_forward_hook(after))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            def before(mod, args, name=name):
+                calls[name] = calls.get(name, 0) + 1
+                bn_input[name] = id(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+                inside_bn[0] += 1
+
+            def done(mod, args, out):
+                inside_bn[0] -= 1
+            hooks += [m.register_forward_pre_hook(before), m.register_forward_hook(done)]
+    try:
+        with torch.no_grad(), _Watch():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = []
+    for bn, src_id in bn_input.items():
+        src = produced.get(src_id)
+        if src is not None and calls.get(src) == 1 and calls.get(bn) == 1 and uses.get(src_id, 0) == 0:
+            pairs.append((src, bn))
+    return pairs
+
+
+def find_pairs(model, inputs=None) -> tuple[list[tuple[str, str]], list[dict], str]:
     """(conv/linear, bn) pairs where the BN directly and only consumes the layer's output;
-    BNs left alone with the reason; how pairs were found (torch.fx graph or module order)."""
+    BNs left alone with the reason; how pairs were found: the torch.fx graph; else one traced
+    forward pass (``inputs``: a tensor or a per-sample shape, default inferred from the first
+    layer); else, when no input runs the model, neighbours in a Sequential."""
     from torch import nn
 
     feeders = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -66,7 +145,25 @@ def find_pairs(model) -> tuple[list[tuple[str, str]], list[dict], str]:
                     and len(src.users) == 1):
                 pairs.append((src.target, node.target))
     except Exception:
-        method = "module order (torch.fx could not trace the model)"
+        pairs = None
+    if pairs is None:
+        try:
+            import copy
+
+            import torch
+
+            from ckptsurgeon.inputs import infer_sample_shape, random_inputs
+
+            if isinstance(inputs, torch.Tensor):
+                x = inputs
+            else:
+                x = random_inputs(tuple(inputs) if inputs else infer_sample_shape(model), 2, seed=0)
+            pairs = _traced_pairs(copy.deepcopy(model).eval(), x)
+            method = "a traced forward pass (torch.fx could not trace the model)"
+        except Exception:  # noqa: BLE001 - no input runs it: fall back to Sequential neighbours
+            pairs = None
+    if pairs is None:
+        method = "module order (torch.fx could not trace the model, nor a forward pass run it)"
         pairs = []
         for _parent_name, parent in model.named_modules():
             if not isinstance(parent, nn.Sequential):
@@ -127,8 +224,10 @@ def _apply_transform(model, params: dict):
     return model
 
 
-def fold_bn(ck: Checkpoint, model) -> tuple[Checkpoint, dict]:
+def fold_bn(ck: Checkpoint, model, *, input_shape=None) -> tuple[Checkpoint, dict]:
     """Fold every foldable BN of ``model`` (W' = W·γ/σ, b' = (b−μ)·γ/σ + β) in the checkpoint.
+    Pairs come from the model's torch.fx graph, or, where fx cannot trace it, from one forward
+    pass on random inputs (``input_shape`` per sample; default inferred from the first layer).
 
     Example::
 
@@ -141,7 +240,7 @@ def fold_bn(ck: Checkpoint, model) -> tuple[Checkpoint, dict]:
     keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
     how, fn = align_to_model(keys, list(model.state_dict()))
     inv = {fn(k): k for k in keys}
-    pairs, skipped, method = find_pairs(model)
+    pairs, skipped, method = find_pairs(model, input_shape)
     if not pairs:
         raise SelectionError("no BatchNorm directly follows a conv/linear layer in this model",
                              hint=f"looked with {method}")
@@ -225,7 +324,8 @@ def _human(r: dict) -> None:
 
 @click.command("fold-bn")
 @click.argument("path")
-@click.option("--input-shape", default=None, help="Per-sample input shape for the quick equivalence check.")
+@click.option("--input-shape", default=None,
+              help="Per-sample input shape: for the quick equivalence check, and to trace models torch.fx cannot.")
 @cliutil.model_options
 @cliutil.load_options
 @cliutil.write_options
@@ -244,7 +344,7 @@ def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, as_js
         raise SelectionError("fold-bn needs --model", hint="e.g. --model samples/models.py:bnnet")
     model = build_model(model_spec, cliutil.parse_model_args(model_args))
     ck = cliutil.load(path, key, trust_pickle)
-    new, report = fold_bn(ck, model)
+    new, report = fold_bn(ck, model, input_shape=parse_shape(input_shape))
     try:
         report["check"] = _check(ck, new, model, parse_shape(input_shape))
     except SelectionError as e:

@@ -520,3 +520,41 @@ def test_inputs_that_do_not_fit_the_model_are_one_line(tmp_path, cli):
     assert code == 0 and "quick check skipped" in out and (tmp_path / "f.pt").exists(), out + err
     code, out, err = cli("verify", tmp_path / "n.pt", tmp_path / "f.pt", "--model", model, "--input-shape", "2,3,8,8")
     assert code == 0, out + err
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow (torch.fx cannot trace it), a conv whose output a residual
+    add also reads (folding its BN would change what the add sees), a BN after a reshape, and
+    a conv called twice (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.shared, self.bn3 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.fc, self.bn4 = nn.Linear(8, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        if x.mean() > -1e9:  # data-dependent: fx gives up here
+            y = self.conv2(x)
+            x = self.bn2(y) + y  # the conv's output is read twice
+        x = self.bn3(self.shared(self.shared(x)))
+        return self.bn4(self.fc(x.mean((2, 3))).reshape(-1, 6))
+
+
+def test_fold_bn_traces_a_forward_pass_where_fx_cannot(tmp_path, models):
+    """HF ResNet, MobileViT and any model with data-dependent control flow: torch.fx cannot trace
+    them, and the Sequential-neighbour fallback found nothing. One forward pass with every torch
+    call watched finds the pairs whose conv output only the BN reads."""
+    torch.manual_seed(0)
+    net = models.randomize_norm_stats(_Untraceable()).eval()
+    torch.save(net.state_dict(), tmp_path / "u.pt")
+    new, rep = cs.fold_bn(cs.load(tmp_path / "u.pt"), _Untraceable(), input_shape=(3, 8, 8))
+    assert rep["method"].startswith("a traced forward pass")
+    assert [(p["layer"], p["bn"]) for p in rep["folded"]] == [("conv1", "bn1")]
+    left = {s["bn"] for s in rep["skipped"]}
+    assert left == {"bn2", "bn3", "bn4"}, rep["skipped"]
+    cs.save(new, tmp_path / "f.pt")
+    rep = cs.verify(tmp_path / "u.pt", tmp_path / "f.pt", model=_Untraceable, input_shape=(2, 3, 8, 8))
+    assert rep["equivalent"], rep["outputs"]
