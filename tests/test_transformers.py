@@ -335,3 +335,42 @@ def test_verify_never_calls_what_config_architectures_names_unless_a_model_class
     (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
     rep = cs.verify(tmp_path / "b", tmp_path / "b")
     assert rep["equivalent"]
+
+
+def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, cli):
+    """huggingface_hub's cache keeps every file of a snapshot as a symlink into ../../blobs/. The
+    index check resolved symlinks, so every sharded model downloaded from the Hub was refused
+    ("points outside the folder"). Names are checked now (no absolute path, no '..'), not where
+    the user's own symlinks lead; an index naming ../ is still refused."""
+    import hashlib
+    import os
+
+    model, src = _llama(tmp_path)
+    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    blobs = tmp_path / "hub" / "models--org--tiny" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(src.iterdir()):
+        data = f.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        os.symlink(f"../../blobs/{digest}", snap / f.name)
+    assert len(list(snap.glob("*.safetensors"))) > 1 and (snap / "model.safetensors.index.json").is_symlink()
+    rep = cs.diff(src, snap)
+    assert rep["identical"], rep["verdict"]
+    code, out, err = cli("verify", src, snap)
+    assert code == 0, out + err
+    code, out, err = cli("convert", snap, "-o", tmp_path / "one.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "one.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in cs.load(src).torch_state_dict().items())
+    # the index itself still may not name a file outside its folder
+    index = json.loads((snap / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../blobs/" + os.readlink(snap / index["weight_map"][first]).split("/")[-1]
+    (snap / "model.safetensors.index.json").unlink()
+    (snap / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, out, err = cli("inspect", snap)
+    assert code == 2 and "points outside the folder" in err, err

@@ -200,15 +200,17 @@ def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{index}: not a valid weights index ({e})") from None
-    real_folder = os.path.realpath(folder)
+    # the index may only name files inside its folder -- checked on the names (no absolute path,
+    # no '..'), not on where symlinks lead: the Hugging Face cache's snapshot folders hold every
+    # file as a symlink into ../../blobs/, and those are the user's files, not the index's doing
     shards: "OrderedDict[str, list[str]]" = OrderedDict()
     for name, shard in weight_map.items():
         names = shards.get(shard) if isinstance(shard, str) else None
         if names is None:  # a shard's path is checked once, not once per tensor it holds
             if not isinstance(shard, str) or not shard:
                 raise CorruptCheckpointError(f"{index}: tensor {name!r} maps to an invalid shard {shard!r}")
-            full = os.path.realpath(os.path.join(folder, shard))
-            if os.path.isabs(shard) or os.path.commonpath([real_folder, full]) != real_folder:
+            full = os.path.normpath(os.path.join(folder, shard))
+            if os.path.isabs(shard) or "\\" in shard or os.path.commonpath([folder, full]) != folder:
                 raise CorruptCheckpointError(f"{index}: shard {shard!r} points outside the folder {folder}")
             names = shards[shard] = []
         names.append(name)
