@@ -101,3 +101,24 @@ print(peak[0] - start)
                          capture_output=True, text=True, check=True, env={**os.environ, "CKPT_SURGEON_FSYNC": "0"})
     grew = int(out.stdout.split()[-1])
     assert grew < 150, f"anonymous memory grew by {grew} MiB writing 256 MiB"
+
+
+def test_cast_keeps_the_scales_of_float8_weights(tmp_path, cli):
+    """An FP8 checkpoint (DeepSeek-V3 style: float8_e4m3fn weights, float32 weight_scale_inv
+    beside them): a bfloat16 cast of the rest leaves the fp8 weights and their scales as stored --
+    a scale rounded to bfloat16 changes every value it dequantizes."""
+    from safetensors.torch import load_file, save_file
+
+    scale = torch.tensor([[1.000123, 0.5]], dtype=torch.float32)
+    save_file({"layers.0.mlp.weight": torch.randn(4, 4).to(torch.float8_e4m3fn),
+               "layers.0.mlp.weight_scale_inv": scale,
+               "layers.0.norm.weight": torch.ones(4),
+               "lm_head.weight": torch.randn(4, 4)}, str(tmp_path / "fp8.safetensors"))
+    new, rep = cs.cast(cs.load(tmp_path / "fp8.safetensors"), "bfloat16")
+    assert rep["left"]["the scale of a float8/float4 weight"] == 1
+    cs.save(new, tmp_path / "out.safetensors")
+    got = load_file(tmp_path / "out.safetensors")
+    assert got["layers.0.mlp.weight_scale_inv"].dtype == torch.float32
+    assert torch.equal(got["layers.0.mlp.weight_scale_inv"], scale)
+    assert got["layers.0.mlp.weight"].dtype == torch.float8_e4m3fn
+    assert got["lm_head.weight"].dtype == torch.bfloat16 and got["layers.0.norm.weight"].dtype == torch.bfloat16
