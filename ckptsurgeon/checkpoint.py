@@ -102,6 +102,18 @@ class Checkpoint:
                 first[key] = name
         return out
 
+    def low_precision_scales(self) -> set:
+        """Names of the scales that go with float8/float4 weights (a ``*scale*`` tensor of the same
+        module: DeepSeek-V3's ``weight_scale_inv``, FP8 exports' ``weight_scale`` / ``input_scale``,
+        MX block scales). They belong to their codes: casting or averaging them alone would change
+        every value they dequantize."""
+        modules = {name.rpartition(".")[0] for name, v in self.tensor_items()
+                   if tensor_info(v)["dtype"].startswith(("float8", "float4"))}
+        if not modules:
+            return set()
+        return {name for name, _v in self.tensor_items()
+                if name.rpartition(".")[0] in modules and "scale" in name.rpartition(".")[2]}
+
     def wrapper_keys(self) -> list[str]:
         if isinstance(self.wrapper, Mapping) and self.sd_path:
             return [str(k) for k in self.wrapper.keys()]

@@ -45,7 +45,7 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         if missing:
             raise SelectionError(f"--keep pattern(s) matched nothing: {', '.join(map(repr, missing))}")
         kept = set(chosen)
-    scales = _quantization_scales(ck)
+    scales = ck.low_precision_scales()
     new_state: OrderedDict = OrderedDict()
     tied: dict = {}
     changes: Counter = Counter()
@@ -94,25 +94,6 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
               "left": dict(left), "bytes_before": before, "bytes_after": after,
               "wrapper_untouched": ck.wrapper_keys()}
     return ck.with_state(new_state), report
-
-
-def _quantization_scales(ck: Checkpoint) -> set:
-    """Names of the scales of float8/float4 weights (DeepSeek-V3's ``weight_scale_inv``, the
-    ``weight_scale`` / ``input_scale`` of FP8 exports, MX block scales): they stay as stored -- a
-    scale rounded to bfloat16 changes every value it dequantizes -- and so do the low-precision
-    weights themselves (they are never cast)."""
-    modules = set()
-    for name, v in ck.state.items():
-        if is_tensor_like(v) and tensor_info(v)["dtype"].startswith(("float8", "float4")):
-            modules.add(name.rpartition(".")[0])
-    if not modules:
-        return set()
-    out = set()
-    for name, v in ck.state.items():
-        mod, _, leaf = name.rpartition(".")
-        if mod in modules and is_tensor_like(v) and "scale" in leaf:
-            out.add(name)
-    return out
 
 
 def _human(r: dict) -> None:

@@ -104,3 +104,21 @@ def test_a_tie_of_the_first_checkpoint_is_kept_only_where_all_agree(tmp_path):
     got = torch.load(tmp_path / "ac.pt", weights_only=True)
     assert got["emb"].eq(2.0).all() and got["emb"].data_ptr() == got["head"].data_ptr()
     assert not any("tied" in n for n in rep["notes"])
+
+
+def test_average_keeps_a_float8_weight_and_its_scale_together(tmp_path):
+    """float8 codes are not averaged (the first's are kept); their scale was averaged anyway, so the
+    output paired the first's codes with a mean scale. The scale now goes with its codes."""
+    a = {"m.weight": torch.randn(4, 4).to(torch.float8_e4m3fn), "m.weight_scale_inv": torch.ones(1),
+         "n.weight": torch.ones(2)}
+    b = {"m.weight": torch.randn(4, 4).to(torch.float8_e4m3fn), "m.weight_scale_inv": torch.ones(1) * 3,
+         "n.weight": torch.ones(2) * 3}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    soup, rep = cs.average([cs.load(tmp_path / "a.safetensors"), cs.load(tmp_path / "b.safetensors")])
+    cs.save(soup, tmp_path / "s.safetensors")
+    got = load_file(tmp_path / "s.safetensors")
+    assert torch.equal(got["m.weight_scale_inv"], a["m.weight_scale_inv"])
+    assert torch.equal(got["m.weight"].view(torch.uint8), a["m.weight"].view(torch.uint8))
+    assert torch.equal(got["n.weight"], torch.full((2,), 2.0))
+    assert any("m.weight_scale_inv" in n for n in rep["notes"])
