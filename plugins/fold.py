@@ -75,8 +75,11 @@ def _traced_pairs(model, x) -> list[tuple[str, str]]:
     inside_bn = [0]
 
     def count(obj):
+        # only the layers' outputs, which are kept alive from their creation: an id of a tensor
+        # freed earlier may come back as a layer's output, and must not bring its uses along
         if isinstance(obj, torch.Tensor):
-            uses[id(obj)] = uses.get(id(obj), 0) + 1
+            if id(obj) in produced:
+                uses[id(obj)] = uses.get(id(obj), 0) + 1
         elif isinstance(obj, (list, tuple)):
             for o in obj:
                 count(o)
