@@ -499,7 +499,8 @@ def run_case(family: str, name: str, device: str, cli: list[str]) -> dict:
             if inputs == "skip":
                 raise NA("detection model")
             try:
-                folded, rep = cs.fold_bn(cs.load(tmp / "cuda.pt"), factory())
+                folded, rep = cs.fold_bn(cs.load(tmp / "cuda.pt"), factory(),
+                                         input_shape=shape[1:] if shape is not None else None)
             except CkptSurgeonError as e:
                 raise NA(e.one_line()[:160]) from None
             cs.save(folded, tmp / "folded.pt")
