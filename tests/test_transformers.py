@@ -374,3 +374,20 @@ def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, cli):
     (snap / "model.safetensors.index.json").write_text(json.dumps(index))
     code, out, err = cli("inspect", snap)
     assert code == 2 and "points outside the folder" in err, err
+
+
+def test_accelerate_folder_with_two_models_names_the_second(tmp_path, cli):
+    """accelerate's save_state writes one file per prepared model (model.safetensors,
+    model_1.safetensors, ...): the folder reads as the first, and the others are named, not
+    silently ignored."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "state").mkdir()
+    save_file({"a.weight": torch.ones(2)}, str(tmp_path / "state" / "model.safetensors"))
+    save_file({"d.weight": torch.ones(3)}, str(tmp_path / "state" / "model_1.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "state" / "optimizer.bin")
+    ck = cs.load(tmp_path / "state")
+    assert list(ck.state) == ["a.weight"]
+    assert any("model_1.safetensors" in n and "not read" in n for n in ck.notes), ck.notes
+    code, out, err = cli("inspect", tmp_path / "state" / "model_1.safetensors")
+    assert code == 0 and "tensors: 1" in out

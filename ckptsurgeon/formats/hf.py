@@ -52,6 +52,11 @@ def load(path: str, *, key=None, trust_pickle: bool = False, **_) -> Checkpoint:
         adapter = peft_adapter(path)
         if adapter:
             ck = replace(ck, notes=ck.notes + (adapter,))
+        more = _more_models(path)
+        if more:  # accelerate save_state of several prepared models: model.safetensors, model_1.safetensors...
+            ck = replace(ck, notes=ck.notes + (
+                f"other models saved beside this one, not read: {', '.join(more)} (pass one by path: "
+                f"{os.path.join(path, more[0])})",))
         beside = training_state_files(path)
         if beside:  # transformers Trainer checkpoint-N/, accelerate save_state: the model is what was read
             ck = replace(ck, notes=ck.notes + (
@@ -88,6 +93,19 @@ def peft_adapter(folder: str) -> str | None:
 
 _STATE_FILE = re.compile(r"^(optimizer|scheduler|scaler|lr_scheduler)(_\d+)?\.(pt|bin|pth)$|"
                          r"^(rng_state|random_states)(_\d+)?\.(pth|pkl)$|^(trainer_state\.json|training_args\.bin)$")
+
+
+_MORE_MODELS = re.compile(r"^(model|pytorch_model)_\d+\.(safetensors|bin)$")
+
+
+def _more_models(folder: str) -> list[str]:
+    """The further models an accelerate ``save_state`` keeps beside ``model.safetensors``
+    (``model_1.safetensors``, ``pytorch_model_1.bin``...: one per prepared model)."""
+    try:
+        names = [f for f in os.listdir(folder) if _MORE_MODELS.match(f)]
+    except OSError:
+        return []
+    return sorted(names, key=lambda f: (int(re.search(r"_(\d+)\.", f).group(1)), f))
 
 
 def training_state_files(folder: str) -> list[str]:
