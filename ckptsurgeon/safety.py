@@ -27,10 +27,15 @@ SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
 #: object is made from strings without touching the filesystem), so they are allowed by default.
 #: (``pathlib._local`` is where Python 3.13 pickles them from.) frozenset and slice are builtins
 #: that torch's list happens to lack. ``io.BytesIO`` is how Transformer Engine saves each layer's
-#: ``_extra_state`` (Megatron, NeMo): a buffer made from bytes and a position.
+#: ``_extra_state`` (Megatron, NeMo): a buffer made from bytes and a position. A
+#: ``collections.defaultdict`` (a metrics history: ``defaultdict(list)``) pickles its default
+#: factory by name: the builtin container and number types are allowed as such (calling one makes
+#: an empty list/dict/set or a 0), so such a history loads; any other factory stays refused.
 DATA_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
                 "pathlib._local.PosixPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
-                "builtins.frozenset", "builtins.slice", "_io.BytesIO")
+                "builtins.frozenset", "builtins.slice", "_io.BytesIO",
+                "collections.defaultdict", "builtins.list", "builtins.dict", "builtins.set", "builtins.int",
+                "builtins.float")
 
 #: numpy numbers, which resume checkpoints are full of: ``np.random.get_state()`` (a uint32
 #: array), metrics and epochs as numpy scalars. An array is rebuilt from a shape, a dtype and raw

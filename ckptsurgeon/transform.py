@@ -27,6 +27,11 @@ def rename_keys(ck: Checkpoint, fn: Callable[[str], str]) -> tuple[Checkpoint, "
         new_state[nk] = v
         if nk != k:
             changed[k] = nk
+    if "" in origin and "" not in ck.state:  # a name stripped away entirely (strip-prefix --prefix w of 'w')
+        from .errors import SelectionError
+
+        raise SelectionError(f"renaming {origin[''][0]!r} would leave an empty name, nothing written",
+                             hint="a prefix or rule must leave some of each name")
     collisions = {nk: olds for nk, olds in origin.items() if len(olds) > 1}
     if collisions:
         sample = "; ".join(f"{' + '.join(o)} -> {n}" for n, o in list(collisions.items())[:5])

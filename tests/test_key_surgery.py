@@ -228,3 +228,10 @@ def test_per_block_compile_and_wrappers_inside_keys(tmp_path, cli):
     from ckptsurgeon.keys import load_into_model
 
     assert load_into_model(blocks, cs.load(tmp_path / "blocks.pt")) == "as is"
+
+
+def test_a_rename_that_empties_a_name_is_refused(tmp_path, cli):
+    torch.save({"w": torch.ones(2), "w.b": torch.ones(1)}, tmp_path / "a.pt")
+    for args in (["strip-prefix", "--prefix", "w", "--partial"], ["rename", "--map", "^w$=>"]):
+        code, out, err = cli(args[0], tmp_path / "a.pt", *args[1:], "-o", tmp_path / "b.pt")
+        assert code == 2 and "empty name" in err and not (tmp_path / "b.pt").exists(), err

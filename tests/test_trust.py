@@ -1060,3 +1060,23 @@ def test_plain_pickles_are_read_allowlist_only(tmp_path, cli):
 
     back = load_file(tmp_path / "t.safetensors")
     assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_a_defaultdict_metrics_history_loads_by_default(tmp_path, cli):
+    """history = defaultdict(list) saved beside the weights pickles defaultdict and its factory
+    by name; both are plain data (the factory makes an empty list), so the file reads without
+    --trust-pickle and comes back the same. Another factory (a function) stays refused."""
+    import collections
+
+    hist = collections.defaultdict(list)
+    hist["loss"] += [0.5, 0.25]
+    torch.save({"model": {"module.w": torch.ones(2)}, "history": hist, "counts": collections.defaultdict(int)},
+               tmp_path / "h.pt")
+    code, out, err = cli("strip-prefix", tmp_path / "h.pt", "-o", tmp_path / "h2.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "h2.pt", weights_only=False)
+    assert back["history"] == {"loss": [0.5, 0.25]} and back["history"].default_factory is list
+    assert back["counts"].default_factory is int and list(back["model"]) == ["w"]
+    torch.save({"model": {"w": torch.ones(2)}, "h": collections.defaultdict(os.getcwd)}, tmp_path / "bad.pt")
+    code, out, err = cli("inspect", tmp_path / "bad.pt")
+    assert code == 2 and "getcwd" in err, err
