@@ -301,7 +301,7 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
     model_sd = model.state_dict()
     ck_keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
     how, fn = align_to_model(ck_keys, list(model_sd))
-    sub, unexpected, mismatched = {}, [], []
+    sub, unexpected, mismatched = OrderedDict(), [], []
     for k in ck_keys:
         mk = fn(k)
         if mk not in model_sd:
@@ -337,7 +337,6 @@ def load_into_model(model, ck, *, strict: bool = True) -> str:
         raise ModelError(f"checkpoint does not load strictly into the model ({how}): " + "; ".join(parts))
     import torch
 
-    sub = OrderedDict(sub)
     meta = _metadata_for_model(ck, fn, model_sd)
     if meta is not None:
         sub._metadata = meta

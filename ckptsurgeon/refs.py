@@ -694,6 +694,12 @@ def special_kind(t) -> str | None:
     return None
 
 
+def plain_form(kind: str) -> str:
+    """How a tensor of a special kind (see special_kind) becomes a plain one, for messages."""
+    return {"quantized": "t.dequantize()", "nested": "t.to_padded_tensor(0)",
+            "meta": "real data (a meta tensor has none)"}.get(kind, "t.to_dense()")
+
+
 def tensor_bytes(t) -> memoryview:
     """Raw bytes of a contiguous CPU tensor, any dtype."""
     import torch
@@ -702,10 +708,8 @@ def tensor_bytes(t) -> memoryview:
     if kind:
         from .errors import UnsupportedError
 
-        how = {"quantized": ".dequantize()", "nested": ".to_padded_tensor(0)",
-               "meta": "real data (a meta tensor has none)"}.get(kind, ".to_dense()")
         raise UnsupportedError(f"a {kind} tensor has no flat bytes to compare or copy",
-                               hint=f"convert it to a plain tensor first ({how})")
+                               hint=f"convert it to a plain tensor first ({plain_form(kind)})")
     t = t.detach().contiguous()
     if t.numel() == 0:
         return memoryview(bytearray(0))

@@ -30,6 +30,8 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
 
         soup, rep = average([load("run1.pt"), load("run2.pt"), load("run3.pt")], weights=[2, 1, 1])
     """
+    from ckptsurgeon.compare import digest
+
     if len(cks) < 2:
         raise SelectionError("average needs at least two checkpoints")
     if weights is None:
@@ -82,8 +84,6 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
             kept_first += 1
             continue
         if name in tied:
-            from ckptsurgeon.compare import digest
-
             key = (_tie(refs[0]),) + tuple(digest(r) for r in refs[1:])
             if any(k[0] == key[0] and k != key for k in made):
                 broken.add(tuple(tied[name]))

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..errors import UnsupportedError
-from ..refs import FileRange, TensorRef, as_ref, crc32, file_pieces, is_tensor_like, special_kind, tie_key
+from ..refs import FileRange, TensorRef, as_ref, crc32, file_pieces, is_tensor_like, plain_form, special_kind, tie_key
 from ..stfmt import build_header, load_entries
 from ..zipfmt import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
 
@@ -47,9 +47,8 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
             continue
         kind = special_kind(v) if not isinstance(v, TensorRef) else None
         if kind:
-            how = {"quantized": "t.dequantize()", "nested": "t.to_padded_tensor(0)"}.get(kind, "t.to_dense()")
             raise UnsupportedError(f"safetensors cannot store {name!r}: a {kind} tensor (it holds flat arrays only)",
-                                   hint=f"write a torch file (.pt) instead, or store {how} in its place")
+                                   hint=f"write a torch file (.pt) instead, or store {plain_form(kind)} in its place")
         ref = as_ref(v, storages)
         sig = tie_key(ref)
         if sig in seen:
