@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import click
 
+from .dtypes import human_bytes
+
 
 def state(ctx: click.Context | None = None) -> dict:
     ctx = ctx or click.get_current_context()
@@ -157,14 +159,6 @@ def echo_save(rep: dict) -> None:
                f"{human_bytes(rep.get('bytes', 0))})")
     for n in rep.get("notes", []):
         click.echo(f"  note: {n}")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def parse_model_args(items) -> dict:

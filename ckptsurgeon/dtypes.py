@@ -79,3 +79,12 @@ def torch_dtype(name: str):
 def dtype_name(dt) -> str:
     """'float32' for torch.float32."""
     return str(dt).replace("torch.", "")
+
+
+def human_bytes(n: float) -> str:
+    """A byte count as people read it: ``12 B``, ``3.1 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from . import dtypes
 from .errors import CorruptCheckpointError, OutputError, UnsupportedError
-from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
+from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, compact_storages, inert_class
 
 
 class NotFastPath(Exception):
@@ -516,18 +516,29 @@ class _RefPickler(pickle.Pickler):
     10x the C pickler.)
     """
 
-    def __init__(self, file):
+    def __init__(self, file, remap: dict | None = None, like: "_RefPickler | None" = None):
         super().__init__(file, protocol=2)
         self.storages: list[StorageRef] = []
         self._keys: dict[int, str] = {}
-        self._torch_storages: dict = {}
-        self._torch_refs: dict = {}
+        # real tensors met in the graph, wrapped once: a second pass (``like``) reuses the wraps
+        self._torch_storages: dict = like._torch_storages if like else {}
+        self._torch_refs: dict = like._torch_refs if like else {}
         self.token = os.urandom(8).hex()
         self.names: dict[bytes, GlobalRef] = {}
+        self.remap = remap or {}  # id(TensorRef) -> the same view on a compacted storage
+        # what compacting needs: per storage the views written of it, and the storages pickled
+        # other than as the storage of the tensor being reduced (they are written whole)
+        self.views: dict[int, tuple[StorageRef, list[TensorRef]]] = {}
+        self.whole: set[int] = set()
+        self._expect = None
 
     def persistent_id(self, obj):
         if type(obj) is not StorageRef:
             return None
+        if obj is self._expect:
+            self._expect = None
+        else:
+            self.whole.add(id(obj))
         key = self._keys.get(id(obj))
         if key is None:
             key = str(len(self.storages))
@@ -573,6 +584,9 @@ class _RefPickler(pickle.Pickler):
         return NotImplemented
 
     def _tensor_reduce(self, obj: TensorRef):
+        obj = self.remap.get(id(obj), obj)
+        self.views.setdefault(id(obj.storage), (obj.storage, []))[1].append(obj)
+        self._expect = obj.storage
         hooks = obj.hooks if obj.hooks is not None else OrderedDict()
         legacy = dtypes.DTYPE_TO_STORAGE.get(obj.storage.dtype)
         if legacy is not None and obj.storage.dtype == obj.dtype:
@@ -614,10 +628,28 @@ def _inert_reduce(obj: InertObject):
     return type(obj), tuple(rec["args"]), rec["state"], items, dictitems
 
 
-def dump_refs(obj: Any) -> tuple[bytes, list[StorageRef]]:
-    """Pickle a stand-in graph; returns the bytes and the storages in key order."""
+def dump_refs(obj: Any, *, compact: bool = True, report: dict | None = None) -> tuple[bytes, list[StorageRef]]:
+    """Pickle a stand-in graph; returns the bytes and the storages in key order.
+
+    ``compact``: a storage whose tensors being written leave a large part of it unused (a
+    DeepSpeed or Megatron state dict's parameters are views of one flat buffer; ``extract``
+    keeps some of them) is written as only the parts still used, the views moved to match
+    (:func:`refs.compact_storages`); torch.save would write the whole buffer with every subset.
+    The graph is pickled once more then (the pickle is small). ``report`` (a dict) gets
+    ``compacted``: how many storages and bytes were left out."""
+    pickler, data = _dump(obj, None)
+    if compact:
+        remap, saved = compact_storages(pickler.views, pickler.whole)
+        if remap:
+            pickler, data = _dump(obj, remap, like=pickler)
+            if report is not None:
+                report["compacted"] = saved
+    return data, pickler.storages
+
+
+def _dump(obj: Any, remap: dict | None, like: "_RefPickler | None" = None) -> tuple["_RefPickler", bytes]:
     buf = io.BytesIO()
-    p = _RefPickler(buf)
+    p = _RefPickler(buf, remap=remap, like=like)
     try:
         p.dump(obj)
     except RecursionError:
@@ -638,7 +670,7 @@ def dump_refs(obj: Any) -> tuple[bytes, list[StorageRef]]:
     data, n = placeholder.subn(real, buf.getvalue())
     if n != len(p.names):  # every registered global is written exactly once (then memoized)
         raise RuntimeError(f"pickle rewrite found {n} of {len(p.names)} globals")
-    return data, p.storages
+    return p, data
 
 
 # --------------------------------------------------------------------------- static scan

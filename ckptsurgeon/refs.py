@@ -9,6 +9,7 @@ importing torch. Only :meth:`TensorRef.to_torch` imports torch.
 
 from __future__ import annotations
 
+import bisect
 import math
 import mmap
 import os
@@ -364,6 +365,70 @@ def file_pieces(source, start: int, length: int) -> list[tuple[FileRange, int, i
             out += sub
         pos += span[1]
     return out
+
+
+COMPACT_MIN_UNUSED = 1 << 20  # bytes a storage must waste before it is cut (and 1/8 of it)
+_COMPACT_ALIGN = 64  # kept parts start and end on this (every itemsize divides it)
+
+
+def compact_storages(views: dict, whole: set) -> tuple[dict, dict]:
+    """Which storages to write as only the parts their tensors use, and the views moved there.
+
+    ``views``: id(storage) -> (StorageRef, [TensorRef views of it being written]); ``whole``:
+    ids of storages written other than through a view (a bare storage), never cut. A storage is
+    cut where the bytes no view reaches come to at least :data:`COMPACT_MIN_UNUSED` and an
+    eighth of it, so a whole state dict keeps its records byte for byte. The kept parts (each
+    view's first to last byte, widened to 64-byte boundaries, overlaps merged) follow each other
+    in the new storage, copied from the old one's file (:func:`file_pieces`); each view keeps
+    its shape and strides and gets the offset of the same element there, so views that shared
+    or overlapped still do. Returns ``({id(old view): new view}, {"storages": n, "bytes": saved})``.
+    """
+    remap: dict = {}
+    saved = {"storages": 0, "bytes": 0}
+    for sid, (storage, refs) in views.items():
+        if sid in whole:
+            continue
+        total = storage.nbytes
+        spans = []
+        for r in {id(r): r for r in refs}.values():
+            if r.numel:
+                r.check_bounds()
+                last = r.offset + sum((s - 1) * st for s, st in zip(r.shape, r.stride))
+                spans.append((r.offset * r.itemsize, (last + 1) * r.itemsize))
+        kept: list[list[int]] = []
+        for lo, hi in sorted(spans):
+            lo = lo // _COMPACT_ALIGN * _COMPACT_ALIGN
+            hi = min(-(-hi // _COMPACT_ALIGN) * _COMPACT_ALIGN, total)
+            if kept and lo <= kept[-1][1]:
+                kept[-1][1] = max(kept[-1][1], hi)
+            else:
+                kept.append([lo, hi])
+        used = sum(hi - lo for lo, hi in kept)
+        if total - used < max(COMPACT_MIN_UNUSED, total // 8):
+            continue
+        isz = dtypes.itemsize(storage.dtype)
+        parts, bases, at = [], [], 0
+        for lo, hi in kept:
+            parts.append(TensorRef(storage, lo // isz, ((hi - lo) // isz,), (1,), storage.dtype))
+            bases.append(at - lo)  # a kept byte's new position: its old one plus this
+            at += hi - lo
+        los = [lo for lo, _ in kept]
+        label = f"storage {storage.key}" if storage.key is not None else "a storage"
+        source = AssembledBytes(used, None, f"{label} (the parts still used)", parts) if parts else MemoryBytes(b"")
+        new = StorageRef(storage.dtype, used // isz, source, storage_type=storage.storage_type,
+                         location=storage.location, key=storage.key)
+        for r in refs:
+            if id(r) in remap:
+                continue
+            offset = 0
+            if r.numel:
+                byte = r.offset * r.itemsize
+                offset = (byte + bases[bisect.bisect_right(los, byte) - 1]) // r.itemsize
+            remap[id(r)] = TensorRef(new, offset, r.shape, r.stride, r.dtype, requires_grad=r.requires_grad,
+                                     hooks=r.hooks, metadata=r.metadata, param=r.param, attrs=r.attrs)
+        saved["storages"] += 1
+        saved["bytes"] += total - used
+    return remap, saved
 
 
 # --------------------------------------------------------------------------- pickle stand-ins

@@ -235,3 +235,73 @@ def test_a_rename_that_empties_a_name_is_refused(tmp_path, cli):
     for args in (["strip-prefix", "--prefix", "w", "--partial"], ["rename", "--map", "^w$=>"]):
         code, out, err = cli(args[0], tmp_path / "a.pt", *args[1:], "-o", tmp_path / "b.pt")
         assert code == 2 and "empty name" in err and not (tmp_path / "b.pt").exists(), err
+
+
+def _flat_buffer_state(dtype=torch.float32, n_layers=8, cols=512):
+    """Parameters as views of one flat buffer, as DeepSpeed ZeRO-1/2 and Megatron's contiguous
+    buffers leave them: torch.save writes the buffer once, every view points into it."""
+    rows = (512 << 10) // cols // torch.empty(0, dtype=dtype).element_size()  # 512 KiB a layer
+    per = rows * cols + cols
+    flat = torch.randn(n_layers * per + 64).to(dtype)
+    sd = OrderedDict()
+    for i in range(n_layers):
+        base = i * per
+        sd[f"module.layer{i}.weight"] = flat[base:base + rows * cols].view(rows, cols)
+        sd[f"module.layer{i}.bias"] = flat[base + rows * cols:base + per]
+    sd["module.layer0.tied"] = sd["module.layer0.weight"]  # tied: same view
+    sd["module.layer1.wt"] = sd["module.layer1.weight"].t()  # a transposed view of another
+    sd["module.layer1.overlap"] = flat[per - 8:per + 8]  # reaches across two layers' bytes
+    return flat, sd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_extract_cuts_a_shared_flat_buffer_to_what_is_kept(tmp_path, cli, flip_byte, dtype):
+    flat, sd = _flat_buffer_state(dtype)
+    path = tmp_path / "ds.pt"
+    torch.save({"module": sd, "epoch": 2}, path)
+    size = path.stat().st_size
+    code, out, err = cli("extract", path, "--layers", "module.layer0,module.layer1", "-o", tmp_path / "x.pt")
+    assert code == 0, err
+    assert "cut to the parts still used" in out + err
+    x_size = (tmp_path / "x.pt").stat().st_size
+    kept = sd["module.layer2.weight"].storage_offset() * flat.element_size()  # layers 0 and 1
+    assert x_size < kept + 64 * 1024 and x_size < size / 3  # about layers 0-1, not the whole buffer
+
+    def same(a, b):
+        return a.shape == b.shape and a.stride() == b.stride() and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    for mmap in (False, True):
+        out_sd = torch.load(tmp_path / "x.pt", weights_only=True, mmap=mmap)["module"]
+        assert set(out_sd) == {k for k in sd if k.startswith(("module.layer0.", "module.layer1."))}
+        for k, v in out_sd.items():
+            assert same(v.contiguous(), sd[k].contiguous()) and v.stride() == sd[k].stride(), k
+        # views that shared bytes still share them: one storage, ties at the same place
+        assert out_sd["module.layer0.tied"].data_ptr() == out_sd["module.layer0.weight"].data_ptr()
+        assert out_sd["module.layer1.wt"].data_ptr() == out_sd["module.layer1.weight"].data_ptr()
+        assert len({v.untyped_storage().data_ptr() for v in out_sd.values()}) == 1
+        assert (out_sd["module.layer1.overlap"][:8].view(torch.uint8)
+                == out_sd["module.layer0.bias"][-8:].view(torch.uint8)).all()
+
+    # everything kept: the buffer is copied as it was, record for record
+    code, _, err = cli("strip-prefix", path, "-o", tmp_path / "s.pt", "-q")
+    assert code == 0 and abs((tmp_path / "s.pt").stat().st_size - size) < 4096, err
+
+    # a damaged byte in a part left out still stops the write: the record's CRC covers it all
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
+    flip_byte(path, info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - 100)
+    code, _, err = cli("extract", path, "--layers", "module.layer0", "-o", tmp_path / "bad.pt")
+    assert code == 2 and "CRC-32 mismatch" in err and not (tmp_path / "bad.pt").exists(), err
+
+
+def test_a_storage_pickled_bare_is_never_cut(tmp_path):
+    flat, sd = _flat_buffer_state(torch.float8_e4m3fn)  # an untyped storage, as torch saves float8 ones
+    torch.save({"module": sd, "buffer": flat.untyped_storage()}, tmp_path / "a.pt")
+    new, _ = cs.extract(cs.load(tmp_path / "a.pt"), ["module.layer0"])
+    rep = cs.save(new, tmp_path / "b.pt")
+    assert not any("cut to" in n for n in rep["notes"])
+    out = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert out["buffer"].nbytes() == flat.untyped_storage().nbytes()
+    assert torch.equal(out["module"]["module.layer0.weight"].view(torch.uint8), sd["module.layer0.weight"].view(torch.uint8))

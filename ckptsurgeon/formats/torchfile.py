@@ -7,6 +7,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Mapping
 
+from .. import dtypes
 from ..atomic import atomic_output, atomic_path, fsync_wanted
 from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_tensor_tree, materialize,
                           path_str)
@@ -358,9 +359,14 @@ def _detached(t):
 def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=None, **_) -> dict:
     obj = ck.assemble()
     notes = []
+    cut: dict = {}
     try:
-        pkl, storages = dump_refs(obj)
+        pkl, storages = dump_refs(obj, report=cut)
         fast = True
+        if cut:
+            n, saved = cut["compacted"]["storages"], cut["compacted"]["bytes"]
+            notes.append(f"{n} storage(s) shared with tensors not written were cut to the parts still used "
+                         f"({dtypes.human_bytes(saved)} left out; torch.save would write them whole)")
     except (NotFastPath, UnsupportedError) as e:
         fast, storages = False, []
         notes.append(f"written with torch.save ({e})")
