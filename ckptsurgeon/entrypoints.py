@@ -6,7 +6,11 @@ surgery on a small file costs. The result only changes when something is install
 and an install or removal always adds, renames or deletes a ``*.dist-info`` folder in a
 ``sys.path`` folder, which changes that folder's modification time. So the list is kept in a
 small JSON file keyed on the interpreter and ``sys.path``, and trusted only while every
-``sys.path`` entry still has the modification time it had when the list was made; any change
+``sys.path`` entry still has the modification time it had when the list was made. A folder whose
+time changed without a distribution coming or going -- the working directory, first on
+``sys.path`` under ``python -m`` or a script, changes with every output written there -- is
+listed again: the list stays valid while its ``*.dist-info``/``*.egg-info``/``*.egg-link``
+entries are the same names with the same times (a reinstall makes a new folder); anything else
 means a fresh scan. (stevedore keeps an entry-point cache on the same principle.)
 
 Environment:
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 
 CACHE_ENV = "CKPT_SURGEON_CACHE_DIR"
 _OFF = ("off", "0", "no", "false", "none")
-_FORMAT = 1
+_FORMAT = 2
+_DIST_SUFFIXES = (".dist-info", ".egg-info", ".egg-link")
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,11 @@ class EntryPoint:
 def entry_points(group: str) -> list[EntryPoint]:
     """Every entry point of ``group`` in the installed distributions (from the cache when valid)."""
     path = cache_file(group)
-    stamp = _stamp()
     if path:
-        cached = _read(path, stamp)
+        cached = _read(path)
         if cached is not None:
             return cached
+        stamp = _stamp()  # before the scan: an install during it makes the next run scan again
     found = _scan(group)
     if path:
         _write(path, stamp, found)
@@ -70,22 +75,53 @@ def cache_file(group: str) -> str | None:
     return os.path.join(folder, f"entry-points-{zlib.crc32(key.encode()):08x}.json")
 
 
+def _head() -> list:
+    return [_FORMAT, sys.executable, sys.version]
+
+
+def _mtime(entry: str) -> int | None:
+    try:
+        return os.stat(entry or ".").st_mtime_ns
+    except OSError:
+        return None
+
+
+def _dists(entry: str) -> list | None:
+    """The distribution entries of a sys.path folder, ``[[name, mtime], ...]`` sorted; None when
+    it cannot be listed (a zip file, a missing folder)."""
+    try:
+        with os.scandir(entry or ".") as it:
+            return sorted([e.name, e.stat(follow_symlinks=False).st_mtime_ns]
+                          for e in it if e.name.endswith(_DIST_SUFFIXES))
+    except OSError:
+        return None
+
+
 def _stamp() -> list:
-    """The key and the modification time of every sys.path entry (None where it is missing)."""
-    out = []
-    for entry in sys.path:
-        try:
-            out.append([entry, os.stat(entry or ".").st_mtime_ns])
-        except OSError:
-            out.append([entry, None])
-    return [_FORMAT, sys.executable, sys.version, out]
+    """The key, and per sys.path entry its modification time (None where it is missing) and its
+    distribution entries."""
+    return _head() + [[[e, _mtime(e), _dists(e)] for e in sys.path]]
 
 
-def _read(path: str, stamp: list) -> list[EntryPoint] | None:
+def _valid(stamp) -> bool:
+    if not isinstance(stamp, list) or len(stamp) != 4 or stamp[:3] != _head():
+        return False
+    rows = stamp[3]
+    if not isinstance(rows, list) or [r[0] if isinstance(r, list) and r else None for r in rows] != sys.path:
+        return False
+    for entry, mtime, dists in rows:
+        if _mtime(entry) == mtime:
+            continue
+        if dists is None or _dists(entry) != dists:  # a distribution came, went or was reinstalled
+            return False
+    return True
+
+
+def _read(path: str) -> list[EntryPoint] | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        if data.get("stamp") != stamp:
+        if not _valid(data.get("stamp")):
             return None
         return [EntryPoint(*map(str, row)) for row in data["entry_points"]]
     except (OSError, ValueError, TypeError, KeyError):

@@ -113,6 +113,12 @@ def test_entry_point_index_is_reused_and_rebuilt_when_sys_path_changes(tmp_path)
     data["entry_points"].append(["from_the_index", "no_such_module_xyz", "nobody", "1"])
     index.write_text(json.dumps(data))
     assert "from_the_index" in _plugin_names(site, cache)
+    # a file written into a sys.path folder (an output in the working directory, first on
+    # sys.path under `python -m`) changes its time but no distribution: the index stays
+    mtime = site.stat().st_mtime_ns
+    (site / "out.pt").write_bytes(b"x")
+    assert site.stat().st_mtime_ns != mtime
+    assert "from_the_index" in _plugin_names(site, cache)
     # a damaged index is ignored, never fatal
     index.write_text("{not json")
     assert _plugin_names(site, cache) == before
