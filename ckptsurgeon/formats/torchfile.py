@@ -365,8 +365,8 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
         fast = True
         if cut:
             n, saved = cut["compacted"]["storages"], cut["compacted"]["bytes"]
-            notes.append(f"{n} storage(s) shared with tensors not written were cut to the parts still used "
-                         f"({dtypes.human_bytes(saved)} left out; torch.save would write them whole)")
+            notes.append(f"{n} storage(s) cut to the parts the written tensors use ({dtypes.human_bytes(saved)} "
+                         "that none of them reaches left out; torch.save would write them whole)")
     except (NotFastPath, UnsupportedError) as e:
         fast, storages = False, []
         notes.append(f"written with torch.save ({e})")
