@@ -386,9 +386,9 @@ def compact_storages(views: dict, whole: set) -> tuple[dict, dict]:
     remap: dict = {}
     saved = {"storages": 0, "bytes": 0}
     for sid, (storage, refs) in views.items():
-        if sid in whole:
-            continue
         total = storage.nbytes
+        if total < COMPACT_MIN_UNUSED or sid in whole:  # (most storages: too small to waste enough)
+            continue
         spans = []
         for r in {id(r): r for r in refs}.values():
             if r.numel:
