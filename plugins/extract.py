@@ -19,7 +19,8 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
     ``layers``/``exclude``: module paths matched on whole components (``layer1`` matches
     ``layer1.0.conv1.weight``, not ``layer10``), globs (``*.bn*``) or regexes (``re:^enc\\.``),
     tried with and without the checkpoint's wrapper prefix. Every pattern must match something.
-    A selected module's other tensors (BN running stats...) come along. ``reroot`` removes a
+    A selected module's other tensors (BN running stats...) come along; the model's own top-level
+    tensors (``cls_token``, ``pos_embed``) only where chosen themselves. ``reroot`` removes a
     prefix from the kept names. Optimizer state in the wrapper is dropped (it no longer matches).
 
     Example::
@@ -37,9 +38,14 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
     if missing:
         raise SelectionError(f"layer pattern(s) matched nothing: {', '.join(map(repr, missing))}",
                              hint=f"top-level modules: {', '.join(top_modules(keys, strip)[:12])}")
-    # a selected module brings all of its own tensors (buffers included)
-    modules = {module_of(k) for k in chosen}
-    chosen_set = set(chosen) | {k for k in keys if module_of(k) in modules}
+    # a selected module brings all of its own tensors (buffers included); the model's own
+    # top-level tensors (ViT's cls_token, pos_embed) are no one module's: each comes alone
+    def owner(k: str) -> str:
+        bare = k[len(strip):] if strip and k.startswith(strip) else k
+        return module_of(k) if "." in bare else ""
+
+    modules = {owner(k) for k in chosen} - {""}
+    chosen_set = set(chosen) | {k for k in keys if owner(k) in modules}
     if exc:
         dropped, ecounts = select(sorted(chosen_set), exc, strip)
         emissing = [p for p, n in ecounts.items() if n == 0]

@@ -128,6 +128,14 @@ def test_extract_layers_buffers_reroot(sample_dir, tmp_path, models):
         cs.extract(ck, ["conv"])
     new, _ = cs.extract(ck, ["*.running_*"])
     assert all("running" in k or k.endswith(("weight", "bias", "num_batches_tracked")) for k in new.state)
+    # the model's own top-level tensors (a ViT's cls_token, pos_embed) belong to no one module:
+    # each comes only when chosen, with or without a wrapper prefix
+    for pre in ("", "module."):
+        sd = {f"{pre}cls_token": torch.zeros(1, 1, 4), f"{pre}pos_embed": torch.zeros(1, 5, 4),
+              f"{pre}patch_embed.proj.weight": torch.zeros(4, 3, 2, 2), f"{pre}patch_embed.proj.bias": torch.zeros(4)}
+        torch.save(sd, tmp_path / "vit.pt")
+        new, _ = cs.extract(cs.load(tmp_path / "vit.pt"), ["cls_token", "patch_embed.proj.weight"])
+        assert set(new.state) == {f"{pre}cls_token", f"{pre}patch_embed.proj.weight", f"{pre}patch_embed.proj.bias"}
 
 
 def test_extract_reroot_loads_into_submodel(tmp_path, models):
