@@ -135,6 +135,15 @@ def comparable(dtype_a: str, dtype_b: str) -> bool:
     return (dtype_a == "float4_e2m1fn_x2") == (dtype_b == "float4_e2m1fn_x2")
 
 
+def check_tolerances(atol, rtol) -> None:
+    """Refuse a tolerance that is negative or NaN (None: the caller's default)."""
+    from .errors import SelectionError
+
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None and not v >= 0:
+            raise SelectionError(f"--{name} {v} must be 0 or more")
+
+
 def stats(a, b, atol: float = 0.0, rtol: float = 0.0) -> dict | None:
     """Difference statistics of two same-shape tensors (TensorRefs or torch tensors), in float64,
     also across dtypes (float32 against its bfloat16 copy): max|a-b|, mean|a-b|, relative L2

@@ -117,9 +117,10 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         rep = diff("epoch10.pt", "epoch20.safetensors")
         rep["identical"], rep["changed"][0]["name"], rep["modules"][0]
     """
-    from ckptsurgeon.compare import digest, stats
+    from ckptsurgeon.compare import check_tolerances, digest, stats
     from ckptsurgeon.loading import load
 
+    check_tolerances(atol, rtol)
     ca = a if isinstance(a, Checkpoint) else load(a, key=key_a, trust_pickle=trust_pickle)
     cb = b if isinstance(b, Checkpoint) else load(b, key=key_b, trust_pickle=trust_pickle)
     ta = OrderedDict((k, v) for k, v in ca.state.items() if is_tensor_like(v))

@@ -101,6 +101,10 @@ def bn_to_gn(ck: Checkpoint, *, groups: int = 32, policy: str = "strict", model=
 
         new, rep = bn_to_gn(ck, groups=32, policy="nearest")
     """
+    if groups <= 0:
+        raise SelectionError("--groups must be positive")
+    if calibrate < 0:
+        raise SelectionError(f"--calibrate {calibrate}: the number of inputs must be 0 (no calibration) or more")
     keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
     strip = detect_prefix(keys)
     notes, skipped = [], []

@@ -347,10 +347,12 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     """
     import torch
 
+    from ckptsurgeon.compare import check_tolerances
     from ckptsurgeon.dtypes import torch_dtype
     from ckptsurgeon.keys import load_into_model
     from ckptsurgeon.loading import load
 
+    check_tolerances(atol, rtol)
     t0 = time.perf_counter()
     ca = a if isinstance(a, Checkpoint) else load(a, key=key_a, trust_pickle=trust_pickle)
     cb = b if isinstance(b, Checkpoint) else load(b, key=key_b, trust_pickle=trust_pickle)

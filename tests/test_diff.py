@@ -259,3 +259,10 @@ def test_diff_of_quantized_checkpoints(tmp_path, cli):
     assert any("_packed_params" in p for p in rep["metadata"]["values_changed"])
     code, out, err = cli("diff", tmp_path / "q.pt", tmp_path / "q_moved.pt")
     assert code == 1 and "Traceback" not in err
+
+
+def test_a_negative_or_nan_tolerance_is_refused(sample_dir, cli):
+    for cmd in (["diff"], ["verify", "--model", "samples/models.py:seednet"]):
+        for opt, val in (("--atol", "-1"), ("--rtol", "nan")):
+            code, _, err = cli(*cmd, sample_dir / "seednet.pt", sample_dir / "seednet.pt", opt, val)
+            assert code == 2 and f"{opt} {float(val)} must be 0 or more" in err, err

@@ -23,6 +23,14 @@ def test_choose_groups_policies():
         choose_groups(48, 32, "strict", "bn4")
 
 
+def test_bn_to_gn_numbers_checked_first(sample_dir, cli, models_py):
+    # before: --groups 0 lost to a key-reading question, --calibrate -5 built a tensor of size -5
+    for extra, msg in ((["--groups", "0"], "--groups must be positive"),
+                       (["--groups", "8", "--calibrate", "-5", "--model", f"{models_py}:bnnet"], "--calibrate -5")):
+        code, _, err = cli("bn-to-gn", sample_dir / "bnnet.pt", "-o", sample_dir / "never.pt", *extra)
+        assert code == 2 and msg in err and not (sample_dir / "never.pt").exists(), err
+
+
 def test_swap_bn_for_gn_model(models):
     net = models.randomize_norm_stats(models.seednet(), seed=4)
     replaced = cs.swap_bn_for_gn(net, groups=32, policy="nearest")
