@@ -39,6 +39,8 @@ def load_partial(model, source, *, layers=None, freeze: bool = False, min_match:
 
     from ckptsurgeon.loading import load
 
+    if not 0 <= min_match <= 1:
+        raise SelectionError(f"--min-match {min_match} is a fraction of the requested tensors: between 0 and 1")
     ck = source if isinstance(source, Checkpoint) else load(source, key=key, trust_pickle=trust_pickle)
     model_sd = model.state_dict()
     model_keys = list(model_sd)

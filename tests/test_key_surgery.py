@@ -182,6 +182,9 @@ def test_check_cli(sample_dir, cli, models_py):
     assert code == 0 and "loaded 28 of 28" in out
     code, out, err = cli("check", sample_dir / "seednet.pt", "--model", f"{models_py}:bnnet", "--json")
     assert code == 1 and json.loads(out)["loaded"] == 0
+    for bad in ("5", "-1"):  # a fraction: above 1 failed every load, below 0 passed any
+        code, _, err = cli("check", sample_dir / "seednet.pt", "--model", f"{models_py}:seednet", "--min-match", bad)
+        assert code == 2 and "between 0 and 1" in err, err
 
 
 class _Blocks(nn.Module):
