@@ -102,17 +102,32 @@ class Checkpoint:
                 first[key] = name
         return out
 
-    def low_precision_scales(self) -> set:
-        """Names of the scales that go with float8/float4 weights (a ``*scale*`` tensor of the same
-        module: DeepSeek-V3's ``weight_scale_inv``, FP8 exports' ``weight_scale`` / ``input_scale``,
-        MX block scales). They belong to their codes: casting or averaging them alone would change
-        every value they dequantize."""
-        modules = {name.rpartition(".")[0] for name, v in self.tensor_items()
-                   if tensor_info(v)["dtype"].startswith(("float8", "float4"))}
-        if not modules:
+    def quantization_data(self) -> set:
+        """Names of the floating-point tensors that belong to a quantized weight's codes: they are
+        only meaningful with those exact codes, so casting or averaging them alone would change
+        every value they dequantize.
+
+        A module's weight is held as codes when a tensor named ``weight*`` or ``qweight`` has an
+        integer, float8 or float4 dtype (FP8 exports and DeepSeek-V3, GPTQ/AWQ ``qweight``,
+        bitsandbytes int8 and 4-bit, compressed-tensors ``weight_packed``). Its quantization data
+        are then that module's other floating tensors except ``bias`` (``weight_scale_inv``,
+        ``weight_scale``/``input_scale``, GPTQ/AWQ ``scales``, bitsandbytes ``SCB``), and for
+        bitsandbytes 4-bit everything under ``<weight>.`` (``weight.absmax``, ``weight.quant_map``,
+        the nested ones)."""
+        items = [(name, tensor_info(v)["dtype"]) for name, v in self.tensor_items()]
+        coded: set = set()
+        for name, dtype in items:
+            module, _, leaf = name.rpartition(".")
+            codes = dtype.startswith(("float8", "float4")) or (
+                dtype not in dtypes.FLOATING and dtype != "bool" and not dtype.startswith("complex"))
+            if codes and (leaf.startswith("weight") or leaf == "qweight"):
+                coded.add(module)
+                coded.add(name)  # bitsandbytes 4-bit: <module>.weight.absmax...
+        if not coded:
             return set()
-        return {name for name, _v in self.tensor_items()
-                if name.rpartition(".")[0] in modules and "scale" in name.rpartition(".")[2]}
+        return {name for name, dtype in items
+                if dtype in dtypes.FLOATING and not dtype.startswith(("float8", "float4"))
+                and name.rpartition(".")[0] in coded and name.rpartition(".")[2] != "bias"}
 
     def wrapper_keys(self) -> list[str]:
         if isinstance(self.wrapper, Mapping) and self.sd_path:

@@ -60,7 +60,7 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
             notes.append(f"checkpoint {i}: {alignment['note'].replace('A', 'the first').replace('B', 'this one')}")
         matched.append({k: inv[ma[k]] for k in names})
     new_state: OrderedDict = OrderedDict(first.state)
-    scales = first.low_precision_scales()  # kept with their float8/float4 codes, which are not averaged
+    qdata = first.quantization_data()  # kept with their codes (integer/float8/float4), never averaged
     made: dict = {}
     averaged = kept_first = 0
     # tensors the first checkpoint ties (one storage: an embedding and its LM head) stay one tensor
@@ -78,7 +78,7 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
             raise SelectionError(f"{name}: shapes differ across the checkpoints ({', '.join(map(str, shapes))})")
         dtype = infos[0]["dtype"]
         if dtype not in FLOATING or dtype.startswith("float8") or dtype.startswith("float4") or \
-                any(i["dtype"].startswith(("float8", "float4", "complex")) for i in infos) or name in scales:
+                any(i["dtype"].startswith(("float8", "float4", "complex")) for i in infos) or name in qdata:
             if not _all_equal(refs):
                 notes.append(f"{name} ({dtype}) differs across the checkpoints: the first one's kept")
             kept_first += 1

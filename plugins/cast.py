@@ -45,7 +45,7 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         if missing:
             raise SelectionError(f"--keep pattern(s) matched nothing: {', '.join(map(repr, missing))}")
         kept = set(chosen)
-    scales = ck.low_precision_scales()
+    qdata = ck.quantization_data()
     new_state: OrderedDict = OrderedDict()
     tied: dict = {}
     changes: Counter = Counter()
@@ -59,14 +59,14 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         src = info["dtype"]
         before += info["nbytes"]
         castable = src in TARGETS and src != dtype and (not only or src in only) and name not in kept \
-            and name not in scales
+            and name not in qdata
         if castable and not isinstance(v, TensorRef) and special_kind(v):
             castable = False  # sparse, quantized, nested: no plain cast
         if not castable:
             new_state[name] = v
             after += info["nbytes"]
             reason = ("kept by --keep" if name in kept else "already " + dtype if src == dtype
-                      else "the scale of a float8/float4 weight" if name in scales
+                      else "quantization data of a quantized weight" if name in qdata
                       else "not in --only" if only and src in TARGETS else f"{src}, not cast")
             left[reason] += 1
             continue

@@ -115,10 +115,62 @@ def test_cast_keeps_the_scales_of_float8_weights(tmp_path, cli):
                "layers.0.norm.weight": torch.ones(4),
                "lm_head.weight": torch.randn(4, 4)}, str(tmp_path / "fp8.safetensors"))
     new, rep = cs.cast(cs.load(tmp_path / "fp8.safetensors"), "bfloat16")
-    assert rep["left"]["the scale of a float8/float4 weight"] == 1
+    assert rep["left"]["quantization data of a quantized weight"] == 1
     cs.save(new, tmp_path / "out.safetensors")
     got = load_file(tmp_path / "out.safetensors")
     assert got["layers.0.mlp.weight_scale_inv"].dtype == torch.float32
     assert torch.equal(got["layers.0.mlp.weight_scale_inv"], scale)
     assert got["layers.0.mlp.weight"].dtype == torch.float8_e4m3fn
     assert got["lm_head.weight"].dtype == torch.bfloat16 and got["layers.0.norm.weight"].dtype == torch.bfloat16
+
+
+def test_cast_and_average_keep_the_data_of_integer_quantized_weights(tmp_path):
+    """GPTQ/AWQ (int32 qweight + fp16 scales), bitsandbytes int8 (int8 weight + SCB) and 4-bit
+    (uint8 weight + weight.absmax / weight.quant_map...), compressed-tensors (int32 weight_packed +
+    weight_scale): the floating tensors that dequantize the codes keep their dtype and values under
+    a cast, and the first checkpoint's under average (with its codes); biases, norms and the
+    unquantized layers are cast and averaged as usual."""
+    from safetensors.torch import load_file, save_file
+
+    fp16 = torch.float16
+
+    def quantized(seed):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s, dt=torch.float32: torch.randn(*s, generator=g).to(dt)  # noqa: E731
+        return {
+            "gptq.qweight": torch.randint(0, 2**31 - 1, (2, 8), dtype=torch.int32, generator=g),
+            "gptq.qzeros": torch.randint(0, 2**31 - 1, (1, 1), dtype=torch.int32, generator=g),
+            "gptq.scales": r(1, 8, dt=fp16), "gptq.g_idx": torch.zeros(16, dtype=torch.int32),
+            "gptq.bias": r(8, dt=fp16),
+            "int8.weight": torch.randint(-127, 127, (8, 8), dtype=torch.int8, generator=g), "int8.SCB": r(8),
+            "nf4.weight": torch.randint(0, 255, (32, 1), dtype=torch.uint8, generator=g),
+            "nf4.weight.absmax": r(4), "nf4.weight.quant_map": r(16),
+            "nf4.weight.quant_state.bitsandbytes__nf4": torch.randint(0, 255, (40,), dtype=torch.uint8, generator=g),
+            "ct.weight_packed": torch.randint(0, 2**31 - 1, (8, 1), dtype=torch.int32, generator=g),
+            "ct.weight_scale": r(8, 1, dt=torch.bfloat16), "ct.weight_shape": torch.tensor([8, 8]),
+            "norm.weight": r(8, dt=fp16), "lm_head.weight": r(8, 8, dt=fp16),
+        }
+
+    qdata = {"gptq.scales", "int8.SCB", "nf4.weight.absmax", "nf4.weight.quant_map", "ct.weight_scale"}
+    a, b = quantized(0), quantized(1)
+    b.update({k: v for k, v in a.items() if v.dtype in (torch.int32, torch.int8, torch.uint8, torch.int64)})
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    assert cs.load(tmp_path / "a.safetensors").quantization_data() == qdata
+
+    new, rep = cs.cast(cs.load(tmp_path / "a.safetensors"), "bfloat16")
+    assert rep["left"]["quantization data of a quantized weight"] == len(qdata) - 1  # ct's is bfloat16 already
+    cs.save(new, tmp_path / "cast.safetensors")
+    got = load_file(tmp_path / "cast.safetensors")
+    for k in qdata:
+        assert got[k].dtype == a[k].dtype and torch.equal(got[k], a[k]), k
+    for k in ("gptq.bias", "norm.weight", "lm_head.weight"):
+        assert got[k].dtype == torch.bfloat16, k
+
+    new, rep = cs.average([cs.load(tmp_path / "a.safetensors"), cs.load(tmp_path / "b.safetensors")])
+    cs.save(new, tmp_path / "avg.safetensors")
+    got = load_file(tmp_path / "avg.safetensors")
+    for k in qdata:
+        assert torch.equal(got[k], a[k]), k  # with the first's codes, the first's data
+    mean = ((a["lm_head.weight"].double() + b["lm_head.weight"].double()) / 2).to(fp16)
+    assert torch.equal(got["lm_head.weight"], mean)
