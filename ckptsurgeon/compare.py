@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .errors import SelectionError
 from .refs import TensorRef, crc32, file_pieces, special_kind, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
@@ -137,8 +138,6 @@ def comparable(dtype_a: str, dtype_b: str) -> bool:
 
 def check_tolerances(atol, rtol) -> None:
     """Refuse a tolerance that is negative or NaN (None: the caller's default)."""
-    from .errors import SelectionError
-
     for name, v in (("atol", atol), ("rtol", rtol)):
         if v is not None and not v >= 0:
             raise SelectionError(f"--{name} {v} must be 0 or more")
