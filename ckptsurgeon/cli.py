@@ -232,6 +232,11 @@ def _print_inspect(info: dict) -> None:
         shown = ", ".join(f"{a} = {b}" for a, b in info["tied"][:4]) + (" ..." if len(info["tied"]) > 4 else "")
         c.print(f"tied: {shown} ({info['unique_parameters']:,} parameters counting each tensor once)",
                 markup=False)
+    if info["shared_storages"]:
+        sh = info["shared_storages"]
+        c.print(f"shared storages: {sum(d['tensors'] for d in sh)} tensors are views of {len(sh)} "
+                f"storage{'s' if len(sh) > 1 else ''} ({human_bytes(sum(d['bytes'] for d in sh))} in all)",
+                markup=False)
     c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["prefix"]:
         c.print(f"wrapper prefix on every key: [bold]{info['prefix']}[/bold]  (strip with: ckpt-surgeon strip-prefix)")

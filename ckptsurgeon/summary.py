@@ -14,7 +14,19 @@ from typing import Any, Mapping
 from .checkpoint import Checkpoint, node_at, tensor_info
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
-from .refs import InertObject, is_tensor_like
+from .refs import InertObject, TensorRef, is_tensor_like, tie_key
+
+
+def shared_storages(ck: Checkpoint) -> list[dict]:
+    """Storages that several different tensors are views of (a DeepSpeed or Megatron flat
+    parameter buffer): ``{"tensors": n, "bytes": storage size}`` each, largest first. Names of
+    one tied tensor count once."""
+    views: dict = {}
+    for _name, v in ck.tensor_items():
+        if isinstance(v, TensorRef):
+            views.setdefault(id(v.storage), (v.storage, set()))[1].add(tie_key(v))
+    out = [{"tensors": len(keys), "bytes": storage.nbytes} for storage, keys in views.values() if len(keys) > 1]
+    return sorted(out, key=lambda d: -d["bytes"])
 
 
 def describe_value(v: Any) -> str:
@@ -83,6 +95,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "tensors": summ["tensors"],
         "parameters": summ["parameters"],
         "tied": [list(t) for t in tied],  # (alias, name): one tensor under two names
+        "shared_storages": shared_storages(ck),
         "unique_parameters": summ["parameters"] - sum(sizes[a] for a, _ in tied),
         "bytes": summ["bytes"],
         "bytes_by_dtype": summ["bytes_by_dtype"],

@@ -271,6 +271,9 @@ def test_extract_cuts_a_shared_flat_buffer_to_what_is_kept(tmp_path, cli, flip_b
     path = tmp_path / "ds.pt"
     torch.save({"module": sd, "epoch": 2}, path)
     size = path.stat().st_size
+    code, out, _ = cli("inspect", path, "--json")
+    # 16 layer tensors, the transposed and the overlapping view; the tie counts once
+    assert json.loads(out)["shared_storages"] == [{"tensors": 18, "bytes": flat.untyped_storage().nbytes()}]
     code, out, err = cli("extract", path, "--layers", "module.layer0,module.layer1", "-o", tmp_path / "x.pt")
     assert code == 0, err
     assert "cut to the parts the written tensors use" in out + err
