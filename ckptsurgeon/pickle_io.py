@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from . import dtypes
 from .errors import CorruptCheckpointError, OutputError, UnsupportedError
-from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, compact_storages, inert_class
+from .layout import compact_storages
+from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
 
 
 class NotFastPath(Exception):
@@ -634,7 +635,7 @@ def dump_refs(obj: Any, *, compact: bool = True, report: dict | None = None) -> 
     ``compact``: a storage whose tensors being written leave a large part of it unused (a
     DeepSpeed or Megatron state dict's parameters are views of one flat buffer; ``extract``
     keeps some of them) is written as only the parts still used, the views moved to match
-    (:func:`refs.compact_storages`); torch.save would write the whole buffer with every subset.
+    (:func:`layout.compact_storages`); torch.save would write the whole buffer with every subset.
     The graph is pickled once more then (the pickle is small). ``report`` (a dict) gets
     ``compacted``: how many storages and bytes were left out."""
     pickler, data = _dump(obj, None)

@@ -13,7 +13,8 @@ from ckptsurgeon.checkpoint import Checkpoint, tensor_info
 from ckptsurgeon.dtypes import FLOATING
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import align_keys
-from ckptsurgeon.refs import TensorRef, assembled_ref, is_tensor_like, tie_key
+from ckptsurgeon.layout import assembled_ref
+from ckptsurgeon.refs import TensorRef, is_tensor_like, tie_key
 from ckptsurgeon.types import Operation
 
 

@@ -11,7 +11,8 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, parse_patterns, select
-from ckptsurgeon.refs import TensorRef, cast_ref, is_tensor_like, special_kind, tie_key
+from ckptsurgeon.layout import cast_ref
+from ckptsurgeon.refs import TensorRef, is_tensor_like, special_kind, tie_key
 from ckptsurgeon.types import Operation
 
 # what a cast reads and writes: the dtypes whose values a plain cast carries (float8/float4 codes

@@ -30,7 +30,8 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
 from ckptsurgeon.keys import align_keys
-from ckptsurgeon.refs import TensorRef, as_ref, assembled_ref, cast_ref, is_tensor_like, tie_key
+from ckptsurgeon.layout import assembled_ref, cast_ref
+from ckptsurgeon.refs import TensorRef, as_ref, is_tensor_like, tie_key
 from ckptsurgeon.types import Operation
 
 PEFT_PREFIX = "base_model.model."

@@ -28,7 +28,8 @@ from ..checkpoint import Source
 from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
                       UnsupportedError)
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs, scan_globals
-from ..refs import CallRef, GlobalRef, InertObject, TensorRef, assembled_ref, deferred_ref
+from ..layout import assembled_ref, deferred_ref
+from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..zipfmt import TorchZip
 
 METADATA = ".metadata"

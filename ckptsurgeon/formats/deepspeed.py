@@ -42,7 +42,8 @@ from dataclasses import replace
 from ..checkpoint import Checkpoint, Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import InertPrefix, NotFastPath, load_refs
-from ..refs import CallRef, GlobalRef, InertObject, TensorRef, concat_ref
+from ..layout import concat_ref
+from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..safety import TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..checkpoint import Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import DTensorShard, NotFastPath, load_refs
-from ..refs import assembled_ref
+from ..layout import assembled_ref
 from ..safety import INERT, TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 
