@@ -18,9 +18,15 @@ def parse_shape(text: str | None):
 
 
 def infer_sample_shape(model):
-    """A plausible per-sample input shape from the first conv / linear / embedding layer."""
+    """A per-sample input shape: the one the model declares (timm's ``pretrained_cfg["input_size"]``,
+    a transformers vision config's ``num_channels`` x ``image_size``), else a plausible one from the
+    first conv / linear layer (32 per spatial side: a model fixed to another size needs
+    ``--input-shape``)."""
     from torch import nn
 
+    declared = _declared_sample_shape(model)
+    if declared:
+        return declared
     for m in model.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
@@ -28,6 +34,21 @@ def infer_sample_shape(model):
         if isinstance(m, nn.Linear):
             return (m.in_features,)
     raise SelectionError("cannot infer the model's input shape", hint="pass --input-shape (e.g. 3,224,224)")
+
+
+def _declared_sample_shape(model) -> tuple | None:
+    cfg = getattr(model, "pretrained_cfg", None)  # timm: set on every model create_model builds
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, (list, tuple)) and len(size) >= 2 and all(isinstance(v, int) and v > 0 for v in size):
+        return tuple(size)
+    config = getattr(model, "config", None)
+    image, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if isinstance(image, int) and isinstance(channels, int) and image > 0 and channels > 0:
+        return (channels, image, image)
+    if isinstance(image, (list, tuple)) and len(image) == 2 and isinstance(channels, int) and channels > 0 \
+            and all(isinstance(v, int) and v > 0 for v in image):
+        return (channels,) + tuple(image)
+    return None
 
 
 def random_inputs(shape, n: int | None = None, seed: int = 0, dtype=None):

@@ -117,6 +117,9 @@ def _from_hf_config(ck: Checkpoint):
     cfg = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg):
         raise SelectionError("verify needs --model (or a Hugging Face folder with config.json)")
+    timm_model = _from_timm_config(cfg)
+    if timm_model is not None:
+        return timm_model
     try:
         import transformers
     except ImportError:
@@ -135,6 +138,38 @@ def _from_hf_config(ck: Checkpoint):
                              f"{' '.join(str(e).split())[:200]}", hint="install it, or pass --model") from None
     except Exception as e:  # noqa: BLE001 - a config transformers does not know, or cannot build
         raise SelectionError(f"transformers cannot build a model from {cfg}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
+
+
+def _from_timm_config(cfg: str):
+    """The model a timm Hugging Face Hub folder describes (its config.json names an
+    ``architecture`` and no transformers ``model_type``), built by timm as its own hub loader
+    does -- ``create_model(architecture, num_classes=..., **model_args)``, random weights, no
+    download -- so the folder's weights load under their own names. None for other configs."""
+    import json
+
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        return None  # transformers reports an unreadable config.json
+    if not isinstance(conf, dict) or "model_type" in conf or not isinstance(conf.get("architecture"), str):
+        return None
+    try:
+        import timm
+    except ImportError as e:
+        raise SelectionError(f"{cfg} describes a timm model ({conf['architecture']}): building it needs timm "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                             hint="pip install timm, or pass --model") from None
+    pretrained = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else conf
+    kwargs = dict(conf.get("model_args") or {})
+    num_classes = conf.get("num_classes", pretrained.get("num_classes"))
+    if isinstance(num_classes, int):
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        return timm.create_model(conf["architecture"], pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - an architecture this timm does not have, bad model_args
+        raise SelectionError(f"timm cannot build {conf['architecture']!r} from {cfg}: {type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import ckptsurgeon as cs
@@ -314,14 +315,55 @@ def test_verify_of_a_folder_transformers_cannot_build_is_one_line(tmp_path, cli)
 
     (tmp_path / "m").mkdir()
     save_file({"conv.weight": torch.randn(2, 3, 1, 1)}, str(tmp_path / "m" / "model.safetensors"))
-    configs = [{"model_type": "no_such_model_xyz"}, {"architecture": "resnet18"}]
-    if importlib.util.find_spec("timm") is None:
-        configs.append({"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": {"input_size": [3, 8, 8]}})
+    configs = [{"model_type": "no_such_model_xyz"}, {"architecture": "no_such_timm_model_xyz"}]
+    if importlib.util.find_spec("timm") is None:  # timm hub folders, built by timm: here without it
+        configs += [{"architecture": "resnet18"},
+                    {"architecture": "resnet18", "num_classes": 10, "pretrained_cfg": {"input_size": [3, 8, 8]}}]
     for cfg in configs:
         (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
         code, out, err = cli("verify", tmp_path / "m", tmp_path / "m" / "model.safetensors")
         assert code == 2 and "config.json" in err and "--model" in err and "internal" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+        if "architecture" in cfg:
+            assert "timm" in err, err
+
+
+def test_verify_of_a_timm_hub_folder_builds_the_model_with_timm(tmp_path, cli):
+    """A timm model on the Hugging Face Hub is a folder of config.json (architecture, num_classes,
+    pretrained_cfg with the input size) and model.safetensors under timm's own names: verify builds
+    it with timm.create_model as timm's hub loader does, at the input size the config declares
+    (a ViT accepts no other). transformers would build a TimmWrapper whose names differ."""
+    timm = pytest.importorskip("timm")  # not importable beside the CPU wheel (torchvision): GPU image
+    from safetensors.torch import save_file
+
+    for arch, size in (("resnet18", 64), ("vit_tiny_patch16_224", 224)):
+        torch.manual_seed(0)
+        model = timm.create_model(arch, pretrained=False, num_classes=7)
+        folder = tmp_path / arch
+        folder.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+        cfg = {"architecture": arch, "num_classes": 7, "num_features": model.num_features,
+               "pretrained_cfg": {"input_size": [3, size, size], "num_classes": 1000}}
+        (folder / "config.json").write_text(json.dumps(cfg))
+        code, out, err = cli("cast", folder, "-o", tmp_path / f"{arch}_bf16.safetensors", "--dtype", "bfloat16")
+        assert code == 0, err
+        code, out, err = cli("verify", folder, folder / "model.safetensors", "--json")
+        assert code == 0 and json.loads(out)["equivalent"], out + err
+        assert json.loads(out)["outputs"][0]["shape"] == [2, 7]
+        code, out, err = cli("verify", folder, tmp_path / f"{arch}_bf16.safetensors", "--dtype", "bfloat16", "--json")
+        assert code == 0 and json.loads(out)["equivalent"], out + err
+
+
+def test_verify_takes_the_input_size_a_vision_config_declares(tmp_path, cli):
+    """A ViT checks its input against config.image_size: the shape guessed from its first conv
+    (32 per side) failed; the declared num_channels x image_size is used now."""
+    cfg = transformers.ViTConfig(image_size=48, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=37, num_labels=3)
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    code, out, err = cli("verify", tmp_path / "vit", tmp_path / "vit", "--json")
+    assert code == 0 and json.loads(out)["equivalent"], out + err
+    assert json.loads(out)["outputs"][0]["shape"] == [2, 3]
 
 
 def test_verify_never_calls_what_config_architectures_names_unless_a_model_class(tmp_path):
