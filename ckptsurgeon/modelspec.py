@@ -1,4 +1,5 @@
-"""Build a model from ``package.module:callable`` or ``path/to/file.py:callable``."""
+"""Build a model from ``package.module:callable`` or ``path/to/file.py:callable``, or from the
+``config.json`` of a Hugging Face or timm folder."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib.util
 import os
 import sys
 
-from .errors import ModelError
+from .errors import ModelError, SelectionError
 
 
 def resolve(spec: str):
@@ -55,3 +56,74 @@ def build_model(spec: str, kwargs: dict | None = None):
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"model factory {spec} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def build_from_config(ck, command: str = "this command"):
+    """The model the ``config.json`` beside a checkpoint describes, with random weights: a
+    timm Hub folder's (see :func:`_from_timm_config`), else transformers' (the class its
+    ``architectures`` names, if a PreTrainedModel; else AutoModel). ``command`` names the caller
+    in the error raised where there is no config.json.
+
+    Example::
+
+        model = build_from_config(load("bert-folder/"), "verify")
+    """
+    src = ck.source.path if ck.source else ""
+    folder = src if os.path.isdir(src) else os.path.dirname(src)
+    cfg = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg):
+        raise SelectionError(f"{command} needs --model (or a Hugging Face or timm folder with config.json)")
+    timm_model = _from_timm_config(cfg)
+    if timm_model is not None:
+        return timm_model
+    try:
+        import transformers
+    except ImportError:
+        raise SelectionError("building from config.json needs transformers", hint="pip install transformers, or pass --model") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            cls = None  # the config names something else of transformers' (a function...): never call it
+        if cls is None:
+            return transformers.AutoModel.from_config(config)
+        return cls(config)
+    except ImportError as e:  # a config that needs another library (timm's hub configs: TimmWrapper)
+        raise SelectionError(f"building the model from {cfg} needs a library that is not installed: "
+                             f"{' '.join(str(e).split())[:200]}", hint="install it, or pass --model") from None
+    except Exception as e:  # noqa: BLE001 - a config transformers does not know, or cannot build
+        raise SelectionError(f"transformers cannot build a model from {cfg}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
+
+
+def _from_timm_config(cfg: str):
+    """The model a timm Hugging Face Hub folder describes (its config.json names an
+    ``architecture`` and no transformers ``model_type``), built by timm as its own hub loader
+    does -- ``create_model(architecture, num_classes=..., **model_args)``, random weights, no
+    download -- so the folder's weights load under their own names. None for other configs."""
+    import json
+
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            conf = json.load(f)
+    except (OSError, ValueError):
+        return None  # transformers reports an unreadable config.json
+    if not isinstance(conf, dict) or "model_type" in conf or not isinstance(conf.get("architecture"), str):
+        return None
+    try:
+        import timm
+    except ImportError as e:
+        raise SelectionError(f"{cfg} describes a timm model ({conf['architecture']}): building it needs timm "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                             hint="pip install timm, or pass --model") from None
+    pretrained = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else conf
+    kwargs = dict(conf.get("model_args") or {})
+    num_classes = conf.get("num_classes", pretrained.get("num_classes"))
+    if isinstance(num_classes, int):
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        return timm.create_model(conf["architecture"], pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - an architecture this timm does not have, bad model_args
+        raise SelectionError(f"timm cannot build {conf['architecture']!r} from {cfg}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None

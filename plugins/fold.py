@@ -336,17 +336,21 @@ def _human(r: dict) -> None:
 def fold_cmd(path, input_shape, model_spec, model_args, key, trust_pickle, as_json, **write):
     """Fold BatchNorm into the preceding conv/linear layers.
 
+    The model comes from --model, or from the config.json of a Hugging Face or timm folder.
+
     \b
-    Example:
+    Examples:
       ckpt-surgeon fold-bn model.pt -o folded.pt --model 'samples/models.py:bnnet'
+      ckpt-surgeon fold-bn timm-resnet50/ -o folded.safetensors
     """
     from ckptsurgeon.inputs import parse_shape
-    from ckptsurgeon.modelspec import build_model
+    from ckptsurgeon.modelspec import build_from_config, build_model
 
-    if not model_spec:
-        raise SelectionError("fold-bn needs --model", hint="e.g. --model samples/models.py:bnnet")
-    model = build_model(model_spec, cliutil.parse_model_args(model_args))
     ck = cliutil.load(path, key, trust_pickle)
+    if model_spec:
+        model = build_model(model_spec, cliutil.parse_model_args(model_args))
+    else:
+        model = build_from_config(ck, "fold-bn")
     new, report = fold_bn(ck, model, input_shape=parse_shape(input_shape))
     try:
         report["check"] = _check(ck, new, model, parse_shape(input_shape))

@@ -433,3 +433,24 @@ def test_accelerate_folder_with_two_models_names_the_second(tmp_path, cli):
     assert any("model_1.safetensors" in n and "not read" in n for n in ck.notes), ck.notes
     code, out, err = cli("inspect", tmp_path / "state" / "model_1.safetensors")
     assert code == 0 and "tensors: 1" in out
+
+
+def test_fold_bn_of_a_model_folder_needs_no_model_option(tmp_path, cli):
+    """fold-bn and verify build the model from the folder's config.json (as verify already did),
+    so a Hugging Face (or timm) folder is folded and checked without --model."""
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(cfg)
+    for m in model.modules():  # trained-looking statistics, so the fold changes the weights
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model.save_pretrained(tmp_path / "resnet")
+    code, out, err = cli("fold-bn", tmp_path / "resnet", "-o", tmp_path / "folded.safetensors", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["folded"]) >= 4
+    code, out, err = cli("verify", tmp_path / "resnet", tmp_path / "folded.safetensors", "--json")
+    assert code == 0 and json.loads(out)["equivalent"], out + err
+    # a lone file has no config to build from: one line naming the option
+    code, _, err = cli("fold-bn", tmp_path / "folded.safetensors", "-o", tmp_path / "again.safetensors")
+    assert code == 2 and "fold-bn needs --model" in err, err
