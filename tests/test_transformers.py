@@ -352,6 +352,11 @@ def test_verify_of_a_timm_hub_folder_builds_the_model_with_timm(tmp_path, cli):
         assert json.loads(out)["outputs"][0]["shape"] == [2, 7]
         code, out, err = cli("verify", folder, tmp_path / f"{arch}_bf16.safetensors", "--dtype", "bfloat16", "--json")
         assert code == 0 and json.loads(out)["equivalent"], out + err
+        if arch == "resnet18":  # fold-bn builds the model from the folder too
+            code, out, err = cli("fold-bn", folder, "-o", tmp_path / "folded.safetensors", "--json")
+            assert code == 0 and len(json.loads(out)["folded"]) == 20, out + err
+            code, out, err = cli("verify", folder, tmp_path / "folded.safetensors", "--json")
+            assert code == 0 and json.loads(out)["equivalent"], out + err
 
 
 def test_verify_takes_the_input_size_a_vision_config_declares(tmp_path, cli):
