@@ -1,4 +1,5 @@
-"""Inputs for running a model: seeded random tensors of a given shape, or a tensor file."""
+"""Running a model: its inputs (seeded random tensors of a given shape, or a tensor file) and the
+tensors of what it returns."""
 
 from __future__ import annotations
 
@@ -81,3 +82,38 @@ def load_inputs(path: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SelectionError(f"cannot load inputs from {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def output_leaves(out, path: str = "output") -> list:
+    """``(path, tensor)`` for every tensor in a model's output: a tensor, tuples, lists, dicts,
+    a transformers ModelOutput.
+
+    Example::
+
+        output_leaves(model(x))  # [("output.logits", tensor(...))]
+    """
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [(path, out)]
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):
+        out = {k: out[k] for k in out.keys()}
+    if isinstance(out, dict):
+        return [leaf for k, v in out.items() for leaf in output_leaves(v, f"{path}.{k}")]
+    if isinstance(out, (list, tuple)):
+        return [leaf for i, v in enumerate(out) for leaf in output_leaves(v, f"{path}[{i}]")]
+    return []
+
+
+def relative_error(ref_out, out) -> tuple[float, float]:
+    """(max |a-b|, ||a-b|| / ||a||) over all the floating tensors of two outputs of one structure."""
+    import torch
+
+    la, lb = output_leaves(ref_out), output_leaves(out)
+    pairs = [(a, b) for (_, a), (_, b) in zip(la, lb) if a.is_floating_point() and a.shape == b.shape]
+    if len(la) != len(lb) or not pairs:
+        raise SelectionError("the two models' outputs cannot be compared (different structures, or no "
+                             "floating-point tensors)")
+    a = torch.cat([x.detach().double().flatten() for x, _ in pairs])
+    b = torch.cat([y.detach().double().flatten() for _, y in pairs])
+    return float((a - b).abs().max()), float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12))

@@ -220,9 +220,10 @@ def _heldout(model, inputs, input_shape, holdout, seed):
 def _rel_error(ref, other, x) -> float:
     import torch
 
+    from ckptsurgeon.inputs import relative_error
+
     with torch.no_grad():
-        a, b = ref(x), other(x)
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12))
+        return relative_error(ref(x), other(x))[1]
 
 
 def _measure(ck, new, model, plan, inputs, input_shape, holdout, seed) -> float:
@@ -345,12 +346,14 @@ def bn_to_gn_cmd(path, groups, groups_policy, layers, calibrate, input_shape, in
     """
     from ckptsurgeon.inputs import parse_shape
 
+    from ckptsurgeon.modelspec import build_from_config, build_model
+
+    ck = cliutil.load(path, key, trust_pickle)
     model = None
     if model_spec:
-        from ckptsurgeon.modelspec import build_model
-
         model = build_model(model_spec, cliutil.parse_model_args(model_args))
-    ck = cliutil.load(path, key, trust_pickle)
+    elif calibrate > 0:  # calibration runs the model: a model folder's config.json describes it
+        model = build_from_config(ck, "bn-to-gn --calibrate")
     new, report = bn_to_gn(ck, groups=groups, policy=groups_policy, model=model, layers=layers, calibrate=calibrate,
                            inputs=inputs, input_shape=parse_shape(input_shape))
     report["save"] = cliutil.save(new, **write)

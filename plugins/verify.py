@@ -11,6 +11,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import EXIT_FINDING, ModelError, SelectionError
+from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
 
 # Per-dtype base tolerances; the allowed max |a-b| is atol + rtol * max|reference| (see README).
@@ -118,27 +119,6 @@ def apply_transforms(model, transforms):
     return model
 
 
-def _leaves(out, path="output"):
-    """(path, tensor) leaves of a model output: tensors, tuples, lists, dicts, HF ModelOutput."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [(path, out)]
-    if hasattr(out, "to_tuple") and hasattr(out, "keys"):
-        out = {k: out[k] for k in out.keys()}
-    if isinstance(out, dict):
-        res = []
-        for k, v in out.items():
-            res += _leaves(v, f"{path}.{k}")
-        return res
-    if isinstance(out, (list, tuple)):
-        res = []
-        for i, v in enumerate(out):
-            res += _leaves(v, f"{path}[{i}]")
-        return res
-    return []
-
-
 def _tolerances(dtype_name: str, atol, rtol) -> tuple[float, float]:
     base_atol, base_rtol = TOLERANCES.get(dtype_name, TOLERANCES["float32"])
     return (base_atol if atol is None else atol), (base_rtol if rtol is None else rtol)
@@ -236,7 +216,7 @@ class _Recorder:
 
     def _hook(self, name, kind):
         def fn(_m, _i, out):
-            leaves = _leaves(out)
+            leaves = output_leaves(out)
             if not leaves:
                 return
             calls = self.calls.get(name, 0)
@@ -359,7 +339,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         if localize:
             rec_a.remove()
             rec_b.remove()
-    la, lb = _leaves(out_a), _leaves(out_b)
+    la, lb = output_leaves(out_a), output_leaves(out_b)
     if len(la) != len(lb):
         raise ModelError(f"the models return different output structures ({len(la)} vs {len(lb)} tensors)")
     pairs = []

@@ -453,9 +453,23 @@ def test_fold_bn_of_a_model_folder_needs_no_model_option(tmp_path, cli):
     model.save_pretrained(tmp_path / "resnet")
     code, out, err = cli("fold-bn", tmp_path / "resnet", "-o", tmp_path / "folded.safetensors", "--json")
     assert code == 0, err
-    assert len(json.loads(out)["folded"]) >= 4
+    rep = json.loads(out)
+    assert len(rep["folded"]) >= 4
+    # its quick check compares ModelOutputs (logits), not only bare tensors: before, it was skipped
+    assert rep["check"]["relative_error"] < 1e-5, rep.get("check_skipped")
     code, out, err = cli("verify", tmp_path / "resnet", tmp_path / "folded.safetensors", "--json")
     assert code == 0 and json.loads(out)["equivalent"], out + err
     # a lone file has no config to build from: one line naming the option
     code, _, err = cli("fold-bn", tmp_path / "folded.safetensors", "-o", tmp_path / "again.safetensors")
     assert code == 2 and "fold-bn needs --model" in err, err
+
+
+def test_bn_to_gn_calibrates_a_model_folder_without_a_model_option(tmp_path, cli):
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    torch.manual_seed(0)
+    transformers.ResNetForImageClassification(cfg).save_pretrained(tmp_path / "resnet")
+    code, out, err = cli("bn-to-gn", tmp_path / "resnet", "-o", tmp_path / "gn.safetensors", "--groups", "4", "--groups-policy", "nearest",
+                         "--calibrate", "8", "--input-shape", "3,32,32", "--json")
+    assert code == 0 and json.loads(out)["calibrated"], out + err
+    code, _, err = cli("bn-to-gn", tmp_path / "gn.safetensors", "-o", tmp_path / "x.safetensors", "--calibrate", "8")
+    assert code == 2 and "--calibrate needs --model" in err, err
