@@ -412,22 +412,37 @@ def transformers_convert(model, ck, ck_keys: list[str], *, lenient: bool = False
     renamed = len(set(state) ^ set(model.state_dict()))
     how = (f"strip {prefix!r}, " if prefix else "") + \
         f"converted by transformers' own loading ({renamed} names differ from the model's)"
+    # what it did not take, as given (a conv bias fold-bn added, in a model class built without it)
+    info["unexpected_tensors"] = {k: state[k] for k in info.get("unexpected_keys") or () if k in state}
     return other.state_dict(), info, how
 
 
 def _load_via_transformers(model, ck, ck_keys: list[str]) -> str | None:
-    """Load through :func:`transformers_convert` when that loads every tensor exactly; returns
-    how, or None (the caller then reports the plain mismatch)."""
+    """Load through :func:`transformers_convert` when that, together with what it did not take,
+    loads ``model`` strictly; returns how, or None (the caller then reports the plain mismatch).
+
+    transformers converts into a model freshly built from the config; ``model`` may have been
+    changed since by a surgery's transform (fold-bn: BatchNorms gone, biases added). So the
+    tensors it converted are used (not the fresh ones it made up for what the file lacks: the
+    folded BatchNorms) plus those it did not take, under their own names (the added biases), and
+    ``model`` must take exactly that set."""
     got = transformers_convert(model, ck, ck_keys)
     if got is None:
         return None
     converted, info, how = got
-    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")):
+    if info.get("mismatched_keys") or info.get("error_msgs"):
         return None
+    missing = set(info.get("missing_keys") or ())
+    state = {k: v for k, v in converted.items() if k not in missing}
+    for k, v in info.get("unexpected_tensors", {}).items():
+        state.setdefault(k, v)
     import torch
 
-    with torch.no_grad():
-        model.load_state_dict(converted, strict=True)
+    try:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return None
     return how
 
 

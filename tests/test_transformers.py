@@ -473,3 +473,25 @@ def test_bn_to_gn_calibrates_a_model_folder_without_a_model_option(tmp_path, cli
     assert code == 0 and json.loads(out)["calibrated"], out + err
     code, _, err = cli("bn-to-gn", tmp_path / "gn.safetensors", "-o", tmp_path / "x.safetensors", "--calibrate", "8")
     assert code == 2 and "--calibrate needs --model" in err, err
+
+
+def test_fold_bn_of_a_model_whose_names_transformers_converts(tmp_path, cli):
+    """transformers >= 5 renames Segformer in memory (encoder.block.0.0 -> stages.0.blocks.0...)
+    while save_pretrained writes the original names. B of a fold-bn then loads through
+    transformers' own conversion into a model built from the config -- which still has the
+    BatchNorm and no fused bias: the converted tensors plus the ones it did not take must now load
+    the folded model strictly (before: 'does not load strictly', and the quick check skipped)."""
+    cfg = transformers.SegformerConfig(num_encoder_blocks=1, depths=[1], sr_ratios=[1], hidden_sizes=[16],
+                                       num_attention_heads=[1], decoder_hidden_size=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(cfg)
+    model.decode_head.batch_norm.running_mean.uniform_(-1, 1)
+    model.decode_head.batch_norm.running_var.uniform_(0.5, 2)
+    model.save_pretrained(tmp_path / "seg")
+    code, out, err = cli("fold-bn", tmp_path / "seg", "-o", tmp_path / "folded.safetensors", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert [p["bn"] for p in rep["folded"]] == ["decode_head.batch_norm"]
+    assert rep["check"]["relative_error"] < 1e-5, rep.get("check_skipped")
+    code, out, err = cli("verify", tmp_path / "seg", tmp_path / "folded.safetensors", "--json")
+    assert code == 0 and json.loads(out)["equivalent"], out + err
