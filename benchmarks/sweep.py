@@ -126,6 +126,11 @@ def hf_cases():
         ("ResNet(HF,BN)", "ResNetConfig", "ResNetForImageClassification",
          dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5),
          lambda m: {"pixel_values": _randn((2, 3, 32, 32))}),
+        # BN in its decode head, and names transformers >= 5 converts on load
+        ("Segformer(BN,renamed)", "SegformerConfig", "SegformerForSemanticSegmentation",
+         dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+              decoder_hidden_size=16, num_labels=3),
+         lambda m: {"pixel_values": _randn((2, 3, 32, 32))}),
     ]
 
 
