@@ -348,9 +348,25 @@ class _RefUnpickler(pickle.Unpickler):
         if f"{module}.{name}" in OTHER_OS_PATHS:
             return inert_class(*as_written)
         if f"{module}.{name}" in self._inert:  # --inert-pickle: record it (as written), import nothing
+            if key == ("builtins", "getattr"):
+                return self._nested_class_or_call(as_written)
             self.inert_seen.add(f"{module}.{name}")
             return inert_class(*as_written)
         raise NotFastPath(f"{module}.{name}")
+
+    def _nested_class_or_call(self, as_written):
+        """``getattr`` as a protocol-2 pickle uses it for a nested class (``Outer.Inner`` is written
+        ``getattr(Outer, 'Inner')``, then NEWOBJ of it, which wants a type): on an inert class, the
+        inert class of the nested name -- nothing looked up, nothing imported. Any other use is
+        recorded as the call it is."""
+        def getattr_(owner, attr):
+            if isinstance(owner, type) and issubclass(owner, InertObject) and isinstance(attr, str) \
+                    and attr.isidentifier():
+                self.inert_seen.add(f"{owner.inert_module}.{owner.inert_name}.{attr}")
+                return inert_class(owner.inert_module, f"{owner.inert_name}.{attr}")
+            self.inert_seen.add("builtins.getattr")
+            return inert_class(*as_written)(owner, attr)
+        return getattr_
 
     def persistent_load(self, pid):
         if self.legacy and isinstance(pid, tuple) and len(pid) == 6:
@@ -501,6 +517,7 @@ _PARAM = GlobalRef("torch._utils", "_rebuild_parameter")
 _PARAM_STATE = GlobalRef("torch._utils", "_rebuild_parameter_with_state")
 _FROM_TYPE = GlobalRef("torch._tensor", "_rebuild_from_type_v2")
 _UNTYPED = GlobalRef("torch.storage", "UntypedStorage")
+_GETATTR = GlobalRef("__builtin__", "getattr")  # as Python's protocol-2 pickler names it
 _TYPED = {name: GlobalRef("torch", name) for name in dtypes.STORAGE_TO_DTYPE}
 _REFS_MODULE = GlobalRef.__module__
 
@@ -568,6 +585,10 @@ class _RefPickler(pickle.Pickler):
             return (obj.func, tuple(obj.args)) if obj.state is None else (obj.func, tuple(obj.args), obj.state)
         if isinstance(obj, InertObject):
             return _inert_reduce(obj)
+        if isinstance(obj, type) and issubclass(obj, InertObject) and "." in obj.inert_name:
+            # a nested class: written as protocol-2 pickles write one, getattr(Outer, 'Inner')
+            outer, _, inner = obj.inert_name.rpartition(".")
+            return _GETATTR, (inert_class(obj.inert_module, outer), inner)
         if isinstance(obj, type) and issubclass(obj, InertObject):  # the class itself: its global
             name = f"_G{self.token}_{len(self.names)}"
             setattr(sys.modules[_REFS_MODULE], name, obj)

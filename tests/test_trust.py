@@ -779,6 +779,10 @@ class Slotted:
     __slots__ = ("a", "b")
     def __init__(self, a):
         self.a, self.b = a, [2]
+class Runner:
+    class State:  # a nested class: protocol 2 pickles it as getattr(Runner, 'State')
+        def __init__(self, step):
+            self.step = step
 '''
 
 
@@ -811,7 +815,7 @@ def _save_foreign(lib, sd, path, loss):
     torch.save({"state_dict": sd, "epoch": 2,
                 "hyper_parameters": {"cfg": lib.Cfg(0.1, [1, 2]), "mode": lib.Mode.TRAIN},
                 "message_hub": {"loss": lib.HistoryBuffer(loss), "tags": lib.Tags(["a", "b"]),
-                                "meta": lib.Meta(seed=3), "slots": lib.Slotted(1)},
+                                "meta": lib.Meta(seed=3), "slots": lib.Slotted(1), "state": lib.Runner.State(7)},
                 "fn": functools.partial(max, 3), "cls": lib.Cfg,
                 "buffered": lib.HistoryBuffer([torch.ones(2)])}, path)
 
@@ -863,6 +867,7 @@ def test_inert_pickle_reads_foreign_objects_without_importing_them(tmp_path, mon
     assert type(hub["tags"]) is lib.Tags and hub["tags"] == ["a", "b"]
     assert type(hub["meta"]) is lib.Meta and hub["meta"] == {"seed": 3}
     assert (hub["slots"].a, hub["slots"].b) == (1, [2])
+    assert type(hub["state"]) is lib.Runner.State and hub["state"].step == 7  # before: "malformed" pickle
     assert back["fn"](1) == 3 and back["cls"] is lib.Cfg
     assert torch.equal(back["buffered"]._log[0], torch.ones(2))
     monkeypatch.delitem(sys.modules, "foreignlib")
