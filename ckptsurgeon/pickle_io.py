@@ -197,8 +197,21 @@ DTENSOR_NAMES = frozenset({"DTensor", "DTensorSpec", "TensorMeta", "ShardOrderEn
                            "Replicate", "Partial", "_Partial", "_StridedShard", "_MeshLayout", "_FlatLayout"})
 
 
+#: What an FSDP1 SHARDED_STATE_DICT (a ShardedTensor per parameter) pickles, saved per rank with
+#: torch.save: torch.distributed._shard's data classes, recorded inert the same way (the
+#: ShardedTensor becomes its rank's piece; see _sharded_tensor).
+SHARDED_TENSOR_NAMES = frozenset({"ShardedTensor", "ShardMetadata", "_remote_device", "ShardedTensorMetadata",
+                                  "TensorProperties", "MEM_FORMAT_ENCODING", "ChunkShardingSpec",
+                                  "EnumerableShardingSpec"})
+
+
 def is_dtensor_global(module: str, name: str) -> bool:
-    return module.startswith("torch.distributed.") and name in DTENSOR_NAMES
+    return module.startswith("torch.distributed.") and (name in DTENSOR_NAMES or name in SHARDED_TENSOR_NAMES)
+
+
+def _is_sharded_tensor_class(obj) -> bool:
+    return (isinstance(obj, type) and issubclass(obj, InertObject) and obj.inert_name == "ShardedTensor"
+            and obj.inert_module.startswith("torch.distributed."))
 
 
 class _DTensorType(GlobalRef):
@@ -227,10 +240,12 @@ def _placement_objs(spec) -> list:
 
 
 class DTensorShard:
-    """One rank's piece of a DTensor sharded over a 1-D device mesh, as a per-rank torch.save file
-    holds it: the local tensor, the global shape, the sharded dimension (None: replicated) and
-    this rank's coordinate on the mesh. :mod:`ckptsurgeon.formats.dtensor_ranks` puts the pieces
-    of all ranks together."""
+    """One rank's piece of a DTensor sharded over a 1-D device mesh (or of an FSDP1 ShardedTensor),
+    as a per-rank torch.save file holds it: the local tensor, the global shape, the sharded
+    dimension (None: replicated) and this piece's place along it (its coordinate on the mesh; for a
+    ShardedTensor, its rank among all shards' offsets). ``local`` None: this rank holds no piece
+    (a ShardedTensor smaller than the world). :mod:`ckptsurgeon.formats.dtensor_ranks` puts the
+    pieces of all ranks together."""
 
     def __init__(self, local: TensorRef, size: tuple, dim: int | None, coordinate: int):
         self.local, self.size, self.dim, self.coordinate = local, size, dim, coordinate
@@ -288,9 +303,51 @@ _DTENSOR_HINT = ("save a full state dict (torch.distributed.checkpoint.state_dic
                  "torch.distributed.checkpoint and pass that folder")
 
 
+def _sharded_tensor(args, state, collect: bool = False):
+    """A pickled ShardedTensor (torch.distributed._shard; FSDP1's SHARDED_STATE_DICT) -> its one
+    local shard when that is the whole tensor; with ``collect``, a :class:`DTensorShard` (the
+    sharded dimension and this shard's place among all shards' offsets, both read from the
+    metadata every rank's file holds); else one rank's piece, which this file alone cannot rebuild."""
+    size = args[2] if isinstance(args, tuple) and len(args) > 2 else None
+    if isinstance(size, CallRef):  # torch.Size(...)
+        size = size.args[0] if size.args else None
+    shards = state[0] if isinstance(state, tuple) and state else None
+    meta = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+    if not isinstance(size, (tuple, list)) or not isinstance(shards, list) or not isinstance(meta, InertObject):
+        raise NotFastPath("a ShardedTensor of an unknown layout")
+    size = tuple(size)
+    if len(shards) > 1 or not all(isinstance(x, InertObject) for x in shards):
+        raise UnsupportedError(f"a ShardedTensor with {len(shards)} local shards on one rank: only one shard per "
+                               "rank is put together here", hint=_DTENSOR_HINT)
+    offsets_of = lambda m: tuple(_state_dict_of(m._inert["state"]).get("shard_offsets") or ())  # noqa: E731
+    everyone = [offsets_of(m) for m in _state_dict_of(meta._inert["state"]).get("shards_metadata") or ()
+                if isinstance(m, InertObject)]
+    dims = {i for o in everyone for i, v in enumerate(o) if v}
+    local = mine = None
+    if shards:
+        fields = _state_dict_of(shards[0]._inert["state"])
+        local, own = fields.get("tensor"), fields.get("metadata")
+        if not isinstance(local, TensorRef) or not isinstance(own, InertObject):
+            raise NotFastPath("a ShardedTensor shard without a plain tensor")
+        mine = offsets_of(own)
+        if not collect and tuple(local.shape) == size and len(everyone) <= 1:
+            return local  # one rank's file that holds the whole tensor (a world of one)
+    if not collect or len(dims) > 1 or (mine is not None and mine not in everyone):
+        piece = f"one rank's piece {list(local.shape)}" if local is not None else "no piece"
+        raise UnsupportedError(f"a ShardedTensor (FSDP1 SHARDED_STATE_DICT) sharded across ranks: this file holds "
+                               f"{piece} of a {list(size)} tensor",
+                               hint="pass the folder of every rank's file, or " + _DTENSOR_HINT)
+    dim = min(dims) if dims else 0
+    if local is None:  # a rank left without rows (a parameter smaller than the world): nothing to add
+        return DTensorShard(None, size, dim, None)
+    return DTensorShard(local, size, dim, sorted(everyone, key=lambda o: o[dim]).index(mine))
+
+
 def _rebuild_from_type(func, new_type, args, state, collect: bool = False):
     if isinstance(new_type, _DTensorType):
         return _dtensor(args, state, collect)
+    if _is_sharded_tensor_class(new_type):
+        return _sharded_tensor(args, state, collect)
     if new_type == _PLAIN_TENSOR and callable(func) and isinstance(args, tuple):
         # a plain tensor with Python attributes (torch pickles its __dict__ this way): the tensor,
         # the attributes kept to be written back -- and set by to_torch, as torch.load does
@@ -347,23 +404,27 @@ class _RefUnpickler(pickle.Unpickler):
             return data
         if f"{module}.{name}" in OTHER_OS_PATHS:
             return inert_class(*as_written)
+        if key == ("builtins", "getattr"):  # a nested class of an inert class: never a lookup
+            return self._nested_class_or_call(as_written, record=f"{module}.{name}" in self._inert)
         if f"{module}.{name}" in self._inert:  # --inert-pickle: record it (as written), import nothing
-            if key == ("builtins", "getattr"):
-                return self._nested_class_or_call(as_written)
             self.inert_seen.add(f"{module}.{name}")
             return inert_class(*as_written)
         raise NotFastPath(f"{module}.{name}")
 
-    def _nested_class_or_call(self, as_written):
+    def _nested_class_or_call(self, as_written, record: bool):
         """``getattr`` as a protocol-2 pickle uses it for a nested class (``Outer.Inner`` is written
         ``getattr(Outer, 'Inner')``, then NEWOBJ of it, which wants a type): on an inert class, the
-        inert class of the nested name -- nothing looked up, nothing imported. Any other use is
-        recorded as the call it is."""
+        inert class of the nested name -- nothing looked up, nothing imported (so also outside
+        --inert-pickle, for the classes read inert by default: ``ShardedTensor.ProcessGroupState``).
+        Any other use is recorded as the call it is with ``record`` (--inert-pickle), else refused."""
         def getattr_(owner, attr):
             if isinstance(owner, type) and issubclass(owner, InertObject) and isinstance(attr, str) \
                     and attr.isidentifier():
-                self.inert_seen.add(f"{owner.inert_module}.{owner.inert_name}.{attr}")
+                if record:
+                    self.inert_seen.add(f"{owner.inert_module}.{owner.inert_name}.{attr}")
                 return inert_class(owner.inert_module, f"{owner.inert_name}.{attr}")
+            if not record:
+                raise NotFastPath("builtins.getattr")
             self.inert_seen.add("builtins.getattr")
             return inert_class(*as_written)(owner, attr)
         return getattr_

@@ -280,6 +280,55 @@ def test_torch_saved_dtensors(tmp_path, cli):
             assert "full_state_dict" in err and not (tmp_path / "x.safetensors").exists()
 
 
+def _torch_save_fsdp1_sharded(rank, world, out, initfile):
+    """FSDP1 with SHARDED_STATE_DICT, each rank torch.save-ing its state dict of ShardedTensors."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    warnings.simplefilter("ignore")  # FSDP1 and ShardedTensor deprecation notices
+    dist.init_process_group("gloo", init_method=f"file://{initfile}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the last layer has one row: the second rank holds no piece of it
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 5), torch.nn.Linear(5, 1))
+        if rank == 0:
+            torch.save(net.state_dict(), f"{out}/plain.pt")
+        model = FSDP(net, device_id=torch.device("cpu"), use_orig_params=True)
+        with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT):
+            sd = model.state_dict()
+        os.makedirs(f"{out}/fsdp1", exist_ok=True)
+        torch.save({"model": sd, "step": 4}, f"{out}/fsdp1/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_sharded_state_dict_rank_files_are_put_together(tmp_path, cli):
+    """FSDP1's SHARDED_STATE_DICT holds ShardedTensors, which torch.load cannot even read without
+    a process group ("Need to initialize default process group"). A folder of the ranks' files
+    is read here without one, torch.distributed._shard's classes recorded inert (its nested
+    ShardedTensor.ProcessGroupState included), each parameter put together from the ranks' pieces
+    -- a rank may hold none -- equal to the unsharded model. One rank's file alone is one line."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not built")
+    mp.spawn(_torch_save_fsdp1_sharded, args=(2, str(tmp_path), str(tmp_path / "init")), nprocs=2)
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    ck = cs.load(tmp_path / "fsdp1")
+    assert ck.source.format == "dtensor-ranks" and ck.sd_path == ("model",) and ck.wrapper["step"] == 4
+    got = ck.torch_state_dict()
+    assert list(got) == list(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    code, _, err = cli("strip-prefix", tmp_path / "fsdp1", "--prefix", "0.", "--partial", "-o", tmp_path / "s.pt")
+    assert code == 0, err
+    saved = torch.load(tmp_path / "s.pt", weights_only=True)  # plain tensors: loads anywhere
+    assert saved["step"] == 4 and torch.equal(saved["model"]["weight"], plain["0.weight"])
+    assert torch.equal(saved["model"]["3.weight"], plain["3.weight"])
+    code, _, err = cli("inspect", tmp_path / "fsdp1" / "rank1.pt")
+    assert code == 2 and "ShardedTensor" in err and "folder" in err and len(err.strip().splitlines()) == 1, err
+
+
 class _Payload:
     def __init__(self, cmd):
         self.cmd = cmd

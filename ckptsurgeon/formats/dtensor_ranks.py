@@ -1,5 +1,6 @@
 """A folder of per-rank torch.save files holding DTensors (FSDP2 / tensor-parallel scripts that
-``torch.save(model.state_dict(), f"rank{rank}.pt")`` on every rank), put back together.
+``torch.save(model.state_dict(), f"rank{rank}.pt")`` on every rank), or FSDP1's ShardedTensors
+(SHARDED_STATE_DICT saved the same way), put back together.
 
 Each file is read on the fast path (nothing imported, the DTensor's spec and mesh recorded
 inert); a DTensor holding one rank's piece becomes a :class:`~ckptsurgeon.pickle_io.DTensorShard`
@@ -27,7 +28,11 @@ from ..safety import INERT, TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 
 EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt")
-_MARK = b"\nDTensor\n"  # the class as a GLOBAL line names it
+_MARKS = (b"\nDTensor\n", b"\nShardedTensor\n")  # the classes as GLOBAL lines name them
+
+
+def _marked(data: bytes) -> bool:
+    return any(m in data for m in _MARKS)
 
 
 def _files(folder: str) -> list[str]:
@@ -55,7 +60,7 @@ def sniff(path: str, head: bytes) -> bool:
     if len(files) < 2:
         return False
     data = _pickle_of(files[0])
-    return data is not None and _MARK in data
+    return data is not None and _marked(data)
 
 
 def load(path: str, *, key=None, trust_pickle=False, **_):
@@ -69,9 +74,10 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
             data = z.read("data.pkl")
             if z.has("byteorder") and z.read("byteorder").strip() == b"big":
                 raise UnsupportedError(f"{f}: written on a big-endian machine", hint="pass the files one by one")
-            if _MARK not in data:
-                raise NotACheckpointError(f"{f}: holds no DTensor, unlike {os.path.basename(files[0])} "
-                                          "(a folder of per-rank DTensor files is read as one checkpoint)",
+            if not _marked(data):
+                raise NotACheckpointError(f"{f}: holds no DTensor or ShardedTensor, unlike "
+                                          f"{os.path.basename(files[0])} (a folder of per-rank files of sharded "
+                                          "tensors is read as one checkpoint)",
                                           hint="move the other files out, or pass one file")
 
             def source(k, dtype, nbytes, z=z):
@@ -102,7 +108,8 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         obj = _merge(graphs, (), assembled, {})
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e.message}", hint=e.hint) from None
-    notes = [f"per-rank DTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s), put together when "
+    notes = [f"per-rank DTensor/ShardedTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s), put "
+             "together when "
              "read, one at a time"
              + (f" (e.g. {assembled[0]})" if assembled else "") + "; everything else from "
              + os.path.basename(files[0])]
@@ -159,11 +166,12 @@ def _assemble(shards: list, path: tuple):
         raise CorruptCheckpointError(f"the ranks disagree on the shape or placement of {_where(path)}")
     if not isinstance(dim, int) or not 0 <= dim < len(size):
         raise CorruptCheckpointError(f"{_where(path)}: a piece of a {list(size)} tensor sharded on dimension {dim!r}")
-    coords = sorted(s.coordinate for s in shards)
-    if coords != list(range(len(shards))):
-        raise CorruptCheckpointError(f"{_where(path)}: rank coordinates {coords} are not 0..{len(shards) - 1} "
+    held = [s for s in shards if s.local is not None]  # (a rank may hold no piece of a small ShardedTensor)
+    coords = sorted(s.coordinate for s in held)
+    if not held or coords != list(range(len(held))):
+        raise CorruptCheckpointError(f"{_where(path)}: rank coordinates {coords} are not 0..{len(held) - 1} "
                                      "(a rank's file missing, or files of two runs?)")
-    pieces = [s.local for s in sorted(shards, key=lambda s: s.coordinate)]
+    pieces = [s.local for s in sorted(held, key=lambda s: s.coordinate)]
     dtype = pieces[0].dtype
     made = list(size)
     made[dim] = sum(p.shape[dim] if len(p.shape) == len(size) else -1 for p in pieces)
