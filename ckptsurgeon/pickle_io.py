@@ -319,9 +319,18 @@ def _sharded_tensor(args, state, collect: bool = False):
     if len(shards) > 1 or not all(isinstance(x, InertObject) for x in shards):
         raise UnsupportedError(f"a ShardedTensor with {len(shards)} local shards on one rank: only one shard per "
                                "rank is put together here", hint=_DTENSOR_HINT)
-    offsets_of = lambda m: tuple(_state_dict_of(m._inert["state"]).get("shard_offsets") or ())  # noqa: E731
-    everyone = [offsets_of(m) for m in _state_dict_of(meta._inert["state"]).get("shards_metadata") or ()
-                if isinstance(m, InertObject)]
+    if not all(isinstance(n, int) and n >= 0 for n in size):
+        raise CorruptCheckpointError(f"a ShardedTensor of shape {size!r}")
+
+    def offsets_of(m) -> tuple:
+        got = _state_dict_of(m._inert["state"]).get("shard_offsets")
+        if not (isinstance(got, (list, tuple)) and len(got) == len(size)
+                and all(isinstance(n, int) and 0 <= n <= s for n, s in zip(got, size))):
+            raise CorruptCheckpointError(f"a ShardedTensor shard at offsets {got!r} of a {list(size)} tensor")
+        return tuple(got)
+
+    listed = _state_dict_of(meta._inert["state"]).get("shards_metadata")
+    everyone = [offsets_of(m) for m in listed if isinstance(m, InertObject)] if isinstance(listed, list) else []
     dims = {i for o in everyone for i, v in enumerate(o) if v}
     local = mine = None
     if shards:
