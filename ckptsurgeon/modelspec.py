@@ -118,7 +118,7 @@ def _from_timm_config(cfg: str):
                              f"({type(e).__name__}: {' '.join(str(e).split())[:120]})",
                              hint="pip install timm, or pass --model") from None
     pretrained = conf.get("pretrained_cfg") if isinstance(conf.get("pretrained_cfg"), dict) else conf
-    kwargs = dict(conf.get("model_args") or {})
+    kwargs = dict(conf["model_args"]) if isinstance(conf.get("model_args"), dict) else {}
     num_classes = conf.get("num_classes", pretrained.get("num_classes"))
     if isinstance(num_classes, int):
         kwargs.setdefault("num_classes", num_classes)

@@ -108,9 +108,8 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         obj = _merge(graphs, (), assembled, {})
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e.message}", hint=e.hint) from None
-    notes = [f"per-rank DTensor/ShardedTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s), put "
-             "together when "
-             "read, one at a time"
+    notes = [f"per-rank DTensor/ShardedTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s), "
+             "put together when read, one at a time"
              + (f" (e.g. {assembled[0]})" if assembled else "") + "; everything else from "
              + os.path.basename(files[0])]
     size = sum(os.path.getsize(f) for f in files)
