@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from typing import Iterator
 
@@ -33,16 +34,42 @@ def check_output_path(path: str, inputs: tuple = (), in_place: bool = False) -> 
                               hint="choose another -o, or pass --in-place")
     if os.path.isdir(path):
         raise OutputError(f"output {path} is a directory")
-    parent = os.path.dirname(os.path.abspath(path))
+    _refuse_special(path)
+    parent = os.path.dirname(final_path(path))
     if not os.path.isdir(parent):
         raise OutputError(f"output directory {parent} does not exist")
     return path
 
 
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_special(path: str) -> None:
+    """An existing output that is not a regular file (``-o /dev/null``, a FIFO) would be
+    replaced by the rename -- as root even a device node. Writers need a seekable file anyway."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    for test, kind in _KINDS:
+        if test(mode):
+            raise OutputError(f"output {path} is {kind}, not a regular file; refusing to replace it",
+                              hint="write to a file path")
+
+
+def final_path(path: str) -> str:
+    """Where the output lands: through a symbolic link (as ``torch.save`` or ``cp`` write),
+    not over the link itself; the temp file goes beside that target so the rename stays atomic."""
+    path = os.path.abspath(path)
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[int]:
     """Yield a writable fd; on success the data appears at ``path`` atomically."""
-    path = os.path.abspath(path)
+    path = final_path(path)
+    _refuse_special(path)
     parent = os.path.dirname(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)

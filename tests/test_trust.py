@@ -443,6 +443,41 @@ def test_path_and_output_errors(tmp_path, sample_dir, cli, monkeypatch):
     assert not (tmp_path / "e.pt").exists()
 
 
+def test_output_through_links_and_never_over_special_files(tmp_path, sample_dir, cli):
+    """-o through a symbolic link writes the link's target (as torch.save and cp do) and keeps
+    the link; an output that is a FIFO or a device is refused, never renamed over (as root a
+    rename replaced /dev/full with a regular file)."""
+    import stat
+
+    import ckptsurgeon as cs
+
+    good = sample_dir / "seednet.pt"
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "model.pt"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    code, out, err = cli("convert", good, "-o", link)
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    a, b = torch.load(good, weights_only=True), torch.load(target, weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["model.pt"]  # no temp left
+    dangling = tmp_path / "dangling.safetensors"
+    dangling.symlink_to(tmp_path / "real" / "new.safetensors")
+    cs.save(cs.load(good), dangling)
+    assert dangling.is_symlink() and (tmp_path / "real" / "new.safetensors").stat().st_size > 0
+
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    _one_line_error(*cli("convert", good, "-o", fifo))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(cs.CkptSurgeonError, match="not a regular file"):
+        cs.save(cs.load(good), fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.safetensors", "link.pt", "pipe.pt", "real"]
+
+
 def test_disk_full_leaves_nothing(tmp_path, sample_dir, cli, monkeypatch):
     """A writer that runs out of space mid-file: a clean error, no output, no temp file."""
     import ckptsurgeon.zipfmt as zf
