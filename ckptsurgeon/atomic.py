@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-import tempfile
 from typing import Iterator
 
 from .errors import OutputError
@@ -45,17 +44,23 @@ _KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")
           (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
 
 
-def _refuse_special(path: str) -> None:
-    """An existing output that is not a regular file (``-o /dev/null``, a FIFO) would be
-    replaced by the rename -- as root even a device node. Writers need a seekable file anyway."""
+def special_kind(path: str) -> str | None:
+    """'a pipe', 'a character device'... for an existing path that is not a regular file or a
+    folder (following links); None otherwise."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return
-    for test, kind in _KINDS:
-        if test(mode):
-            raise OutputError(f"output {path} is {kind}, not a regular file; refusing to replace it",
-                              hint="write to a file path")
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), None)
+
+
+def _refuse_special(path: str) -> None:
+    """An existing output that is not a regular file (``-o /dev/null``, a FIFO) would be
+    replaced by the rename -- as root even a device node. Writers need a seekable file anyway."""
+    kind = special_kind(path)
+    if kind:
+        raise OutputError(f"output {path} is {kind}, not a regular file; refusing to replace it",
+                          hint="write to a file path")
 
 
 def final_path(path: str) -> str:
@@ -68,6 +73,8 @@ def final_path(path: str) -> str:
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[int]:
     """Yield a writable fd; on success the data appears at ``path`` atomically."""
+    import tempfile  # not for reading (inspect)
+
     path = final_path(path)
     _refuse_special(path)
     parent = os.path.dirname(path)

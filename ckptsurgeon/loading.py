@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .atomic import special_kind
 from .checkpoint import Checkpoint
 from .errors import CkptSurgeonError, CorruptCheckpointError, InputNotFoundError, NotACheckpointError, PluginError
 from .gcpause import paused_gc
@@ -35,6 +36,10 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
 
 
 def load_file(path: str, *, key=None, trust_pickle=False, format=None) -> Checkpoint:
+    kind = special_kind(path)
+    if kind and kind != "a block device":  # a pipe cannot be read in place (seeks, mmap)
+        raise NotACheckpointError(f"{path} is {kind}, not a file: checkpoints are read in place",
+                                  hint="save the stream to a file first")
     try:
         with open(path, "rb") as f:
             head = f.read(512)  # formats sniff the first 64 bytes; a tar header needs 262

@@ -475,6 +475,10 @@ def test_output_through_links_and_never_over_special_files(tmp_path, sample_dir,
     with pytest.raises(cs.CkptSurgeonError, match="not a regular file"):
         cs.save(cs.load(good), fifo)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    # a pipe as input (`inspect <(cat x.pt)`): one line naming it, never "damaged zip container"
+    code, out, err = cli("inspect", fifo)
+    _one_line_error(code, out, err)
+    assert "is a pipe" in err and "damaged" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.safetensors", "link.pt", "pipe.pt", "real"]
 
 
