@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -659,6 +660,20 @@ def is_tensor_like(v) -> bool:
 
         return isinstance(v, torch.Tensor)
     return False
+
+
+def holds_tensors(v, depth: int = 4) -> bool:
+    """Whether a non-tensor value carries tensors in its lists, tuples or mappings (a quantized
+    module's ``_packed_params`` tuple, a nested dict of weights)."""
+    if is_tensor_like(v):
+        return True
+    if depth <= 0:
+        return False
+    if isinstance(v, Mapping):
+        v = v.values()
+    elif not isinstance(v, (list, tuple)):
+        return False
+    return any(holds_tensors(x, depth - 1) for x in v)
 
 
 def as_ref(v, storages: dict | None = None) -> TensorRef:

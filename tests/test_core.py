@@ -733,11 +733,27 @@ def test_legacy_resume_dict_converts_with_wrapper(sample_dir, tmp_path, cli):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("kind", ["sparse_coo", "nested", "quantized"])
+@pytest.mark.parametrize("kind", ["sparse_coo", "nested", "quantized", "packed"])
 def test_special_tensors_pass_through_torch_output_and_fail_cleanly_elsewhere(tmp_path, cli, kind):
     """Sparse, nested and quantized tensors survive a key surgery into a torch file and diff
     compares them (across the prefix); where they have no flat bytes (safetensors) the CLI says
-    so in one line, exit 2."""
+    so in one line, exit 2. "packed": a dynamically quantized Linear's own state dict, whose
+    weights sit in a ``_packed_params`` tuple (not a tensor entry): safetensors once dropped it
+    with a note and wrote the scale and zero point alone."""
+    if kind == "packed":
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 3)), {torch.nn.Linear})
+        torch.save(torch.nn.DataParallel(q).state_dict(), tmp_path / "a.pt")  # _metadata: packing versions
+        code, _, err = cli("strip-prefix", tmp_path / "a.pt", "-o", tmp_path / "b.pt")
+        assert code == 0, err
+        fresh = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 3)), {torch.nn.Linear})
+        fresh.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=False))
+        x = torch.randn(2, 4)
+        assert torch.equal(fresh(x), q(x))
+        code, _, err = cli("convert", tmp_path / "a.pt", "-o", tmp_path / "c.safetensors")
+        lines = [x for x in err.splitlines() if "error" in x]
+        assert code == 2 and len(lines) == 1 and "_packed_params" in lines[0] and "tuple" in lines[0], err
+        assert not (tmp_path / "c.safetensors").exists()
+        return
     if kind == "sparse_coo":
         special = torch.randn(4, 4).to_sparse()
     elif kind == "nested":

@@ -9,7 +9,8 @@ from collections import OrderedDict
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..errors import UnsupportedError
-from ..refs import FileRange, TensorRef, as_ref, crc32, file_pieces, is_tensor_like, plain_form, special_kind, tie_key
+from ..refs import (FileRange, TensorRef, as_ref, crc32, file_pieces, holds_tensors, is_tensor_like, plain_form,
+                    special_kind, tie_key)
 from ..stfmt import build_header, load_entries
 from ..zipfmt import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
 
@@ -43,6 +44,10 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
     storages: dict = {}
     for name, v in ck.state.items():
         if not is_tensor_like(v):
+            if holds_tensors(v):  # weights, not bookkeeping: never dropped with a note
+                raise UnsupportedError(f"safetensors cannot store {name!r}: a {type(v).__name__} holding tensors "
+                                       "(a quantized module's packed weights, a nested container)",
+                                       hint="write a torch file (.pt) instead")
             dropped.append(name)
             continue
         kind = special_kind(v) if not isinstance(v, TensorRef) else None
