@@ -44,12 +44,59 @@ def _declared_sample_shape(model) -> tuple | None:
         return tuple(size)
     config = getattr(model, "config", None)
     image, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if image is None and channels is None:  # diffusers: in_channels x sample_size (latent or pixel)
+        image, channels = _config_get(config, "sample_size"), _config_get(config, "in_channels")
     if isinstance(image, int) and isinstance(channels, int) and image > 0 and channels > 0:
         return (channels, image, image)
     if isinstance(image, (list, tuple)) and len(image) == 2 and isinstance(channels, int) and channels > 0 \
             and all(isinstance(v, int) and v > 0 for v in image):
         return (channels,) + tuple(image)
     return None
+
+
+def _config_get(config, name):
+    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+    return value if isinstance(value, (int, list, tuple)) and not isinstance(value, bool) else None
+
+
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+def with_required_arguments(model, x, seed: int = 0):
+    """``x`` as the model's first forward argument plus seeded values for the further arguments
+    its forward requires that a diffusion model takes -- ``timestep`` (one per sample) and
+    ``encoder_hidden_states`` (8 tokens of the config's ``cross_attention_dim``) -- as keyword
+    arguments; ``x`` itself when the forward requires nothing more. Another required argument
+    cannot be made up: a one-line error asks for ``--inputs``."""
+    import inspect
+
+    import torch
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return x
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if not params or params[0].kind not in kinds:
+        return x
+    required = [p for p in params[1:] if p.default is inspect.Parameter.empty and p.kind in kinds]
+    if not required:
+        return x
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    out = {params[0].name: x}
+    for p in required:
+        if p.name in _TIMESTEP_NAMES:
+            out[p.name] = torch.randint(1, 1000, (n,), generator=g)
+            continue
+        dim = _config_get(getattr(model, "config", None), "cross_attention_dim")
+        dim = dim[0] if isinstance(dim, (list, tuple)) and dim else dim
+        if p.name == "encoder_hidden_states" and isinstance(dim, int) and dim > 0:
+            out[p.name] = torch.randn((n, 8, dim), generator=g)
+            continue
+        raise SelectionError(f"the model's forward also requires {p.name!r}, which cannot be made up",
+                             hint="pass --inputs (a file holding a dict of the forward's arguments)")
+    return out
 
 
 def random_inputs(shape, n: int | None = None, seed: int = 0, dtype=None):

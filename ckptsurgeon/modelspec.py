@@ -60,7 +60,8 @@ def build_model(spec: str, kwargs: dict | None = None):
 
 def build_from_config(ck, command: str = "this command"):
     """The model the ``config.json`` beside a checkpoint describes, with random weights: a
-    timm Hub folder's (see :func:`_from_timm_config`), else transformers' (the class its
+    timm Hub folder's (see :func:`_from_timm_config`), a diffusers model folder's (see
+    :func:`_from_diffusers_config`), else transformers' (the class its
     ``architectures`` names, if a PreTrainedModel; else AutoModel). ``command`` names the caller
     in the error raised where there is no config.json.
 
@@ -73,9 +74,10 @@ def build_from_config(ck, command: str = "this command"):
     cfg = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg):
         raise SelectionError(f"{command} needs --model (or a Hugging Face or timm folder with config.json)")
-    timm_model = _from_timm_config(cfg)
-    if timm_model is not None:
-        return timm_model
+    for builder in (_from_timm_config, _from_diffusers_config):
+        model = builder(cfg)
+        if model is not None:
+            return model
     try:
         import transformers
     except ImportError:
@@ -97,19 +99,50 @@ def build_from_config(ck, command: str = "this command"):
                              f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
 
 
-def _from_timm_config(cfg: str):
-    """The model a timm Hugging Face Hub folder describes (its config.json names an
-    ``architecture`` and no transformers ``model_type``), built by timm as its own hub loader
-    does -- ``create_model(architecture, num_classes=..., **model_args)``, random weights, no
-    download -- so the folder's weights load under their own names. None for other configs."""
+def _read_config(cfg: str):
     import json
 
     try:
         with open(cfg, encoding="utf-8") as f:
             conf = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # transformers reports an unreadable config.json
-    if not isinstance(conf, dict) or "model_type" in conf or not isinstance(conf.get("architecture"), str):
+    return conf if isinstance(conf, dict) else None
+
+
+def _from_diffusers_config(cfg: str):
+    """The model a diffusers model folder describes (config.json with ``_class_name`` and
+    ``_diffusers_version``, as ModelMixin.save_pretrained writes), built with the class's
+    ``from_config`` -- only a ModelMixin subclass of diffusers itself is ever called. None for
+    other configs."""
+    conf = _read_config(cfg)
+    if conf is None or "model_type" in conf or not isinstance(conf.get("_class_name"), str) \
+            or "_diffusers_version" not in conf:
+        return None
+    name = conf["_class_name"]
+    try:
+        import diffusers
+    except ImportError as e:
+        raise SelectionError(f"{cfg} describes a diffusers model ({name}): building it needs diffusers "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:120]})",
+                             hint="pip install diffusers, or pass --model") from None
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise SelectionError(f"{cfg} names {name!r}, which is not a diffusers model class", hint="pass --model")
+    try:
+        return cls.from_config(conf)
+    except Exception as e:  # noqa: BLE001 - a config this diffusers cannot build
+        raise SelectionError(f"diffusers cannot build {name} from {cfg}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
+
+
+def _from_timm_config(cfg: str):
+    """The model a timm Hugging Face Hub folder describes (its config.json names an
+    ``architecture`` and no transformers ``model_type``), built by timm as its own hub loader
+    does -- ``create_model(architecture, num_classes=..., **model_args)``, random weights, no
+    download -- so the folder's weights load under their own names. None for other configs."""
+    conf = _read_config(cfg)
+    if conf is None or "model_type" in conf or not isinstance(conf.get("architecture"), str):
         return None
     try:
         import timm

@@ -7,16 +7,23 @@ import os
 from .atomic import check_output_path
 from .checkpoint import Checkpoint
 from .errors import OutputError, PluginError
+from .formats.hf import model_folder
 from .manager import get_manager
 
 
-def output_format(path: str, format: str | None = None, max_shard_size=None) -> str:
+def output_format(path: str, format: str | None = None, max_shard_size=None, from_model_folder: bool = False) -> str:
+    """The format an output path asks for: a folder (a path ending in a separator, an existing
+    folder, --max-shard-size, or no extension at all when the input was a model folder, as
+    save_pretrained writes one) is a Hugging Face folder; .safetensors; a plugin's extension;
+    anything else a torch zip."""
     if format:
         return format
     ext = os.path.splitext(str(path))[1].lower()
     if os.path.isdir(path) and ext in (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors"):
         raise OutputError(f"output {path} is a directory", hint="name a file, or a folder for sharded output")
     if max_shard_size or str(path).endswith(os.sep) or os.path.isdir(path):
+        return "hf-folder"
+    if from_model_folder and not ext and not os.path.exists(path):
         return "hf-folder"
     if ext == ".safetensors":
         return "safetensors"
@@ -46,7 +53,7 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
     if state_dict_only and (ck.sd_path or ck.wrapper is not None):
         dropped = [k for k in ck.wrapper_keys() if k != str(ck.sd_path[0] if ck.sd_path else "")]
         ck = ck.replace(wrapper=None, sd_path=(), candidates=())
-    fmt = output_format(path, format, max_shard_size)
+    fmt = output_format(path, format, max_shard_size, from_model_folder=model_folder(ck) is not None)
     formats = get_manager().formats()
     if fmt not in formats or formats[fmt][0].save is None:
         writable = sorted(n for n, (s, _) in formats.items() if s.save is not None)

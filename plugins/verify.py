@@ -234,7 +234,7 @@ class _Recorder:
 def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
     import torch
 
-    from ckptsurgeon.inputs import infer_sample_shape, load_inputs, random_inputs
+    from ckptsurgeon.inputs import infer_sample_shape, load_inputs, random_inputs, with_required_arguments
 
     if inputs is not None:
         x = load_inputs(inputs) if isinstance(inputs, str) else inputs
@@ -244,7 +244,7 @@ def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
         x = {"input_ids": torch.randint(0, model.config.vocab_size, shape, generator=g)}
     else:
         shape = tuple(input_shape) if input_shape else (batch,) + tuple(infer_sample_shape(model))
-        x = random_inputs(shape, seed=seed)
+        x = with_required_arguments(model, random_inputs(shape, seed=seed), seed=seed)
 
     def move(v):
         if isinstance(v, torch.Tensor):

@@ -528,6 +528,13 @@ def test_inputs_that_do_not_fit_the_model_are_one_line(tmp_path, cli):
     assert code == 0 and "quick check skipped" in out and (tmp_path / "f.pt").exists(), out + err
     code, out, err = cli("verify", tmp_path / "n.pt", tmp_path / "f.pt", "--model", model, "--input-shape", "2,3,8,8")
     assert code == 0, out + err
+    # a forward that requires a second argument no one can make up: one line asking for --inputs
+    (tmp_path / "m2.py").write_text(
+        "import torch\n\nclass Masked(torch.nn.Linear):\n    def forward(self, x, mask):\n"
+        "        return super().forward(x) * mask\n\ndef net():\n    return Masked(4, 2)\n")
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "l.pt")
+    code, out, err = cli("verify", tmp_path / "l.pt", tmp_path / "l.pt", "--model", f"{tmp_path / 'm2.py'}:net")
+    assert code == 2 and "requires 'mask'" in err and "--inputs" in err and len(err.strip().splitlines()) == 1, err
 
 
 class _Untraceable(nn.Module):

@@ -495,3 +495,74 @@ def test_fold_bn_of_a_model_whose_names_transformers_converts(tmp_path, cli):
     assert rep["check"]["relative_error"] < 1e-5, rep.get("check_skipped")
     code, out, err = cli("verify", tmp_path / "seg", tmp_path / "folded.safetensors", "--json")
     assert code == 0 and json.loads(out)["equivalent"], out + err
+
+
+def test_diffusers_model_folder_keeps_the_names_diffusers_loads(tmp_path, cli):
+    """A diffusers model folder (diffusion_pytorch_model*.safetensors, config.json with
+    _class_name) written back as a folder keeps diffusers' names: transformers' model.safetensors
+    is a file diffusers' from_pretrained does not look for. An output path without an extension
+    is a folder when the input was one (as save_pretrained writes), a torch file otherwise."""
+    diffusers = pytest.importorskip("diffusers")  # a test extra; skipped only where it cannot be imported
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet.save_pretrained(tmp_path / "unet", max_shard_size="40KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    code, out, err = cli("cast", tmp_path / "unet", "--dtype", "bfloat16", "-o", tmp_path / "bf16")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "bf16").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    back = diffusers.UNet2DModel.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
+    for k, v in unet.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16)), k
+    for limit, n in (("30KB", None), ("1GB", 1), ("60KB", None)):  # re-written in the same folder
+        code, out, err = cli("convert", tmp_path / "unet", "-o", tmp_path / "re", "--max-shard-size", limit)
+        assert code == 0, err
+        names = sorted(p.name for p in (tmp_path / "re").iterdir())
+        weights = [x for x in names if x != "config.json"]
+        assert all(x.startswith("diffusion_pytorch_model") for x in weights), names
+        if n == 1:
+            assert weights == ["diffusion_pytorch_model.safetensors"]
+        else:
+            assert "diffusion_pytorch_model.safetensors.index.json" in weights and len(weights) > 2
+        again = diffusers.UNet2DModel.from_pretrained(tmp_path / "re")
+        for k, v in unet.state_dict().items():
+            assert torch.equal(again.state_dict()[k], v), k
+    # a single file read from outside a model folder: an extension-less output stays a torch file
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    code, out, err = cli("convert", tmp_path / "unet.pt", "-o", tmp_path / "plain")
+    assert code == 0 and (tmp_path / "plain").is_file(), err
+
+
+def test_verify_builds_diffusers_models_from_their_folder(tmp_path, cli):
+    """verify of two diffusers model folders needs no option: the model is built with diffusers
+    from config.json (_class_name), run at its declared in_channels x sample_size with the seeded
+    timestep and encoder_hidden_states its forward requires."""
+    diffusers = pytest.importorskip("diffusers")
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    unet.save_pretrained(tmp_path / "unet")
+    code, out, err = cli("convert", tmp_path / "unet", "-o", tmp_path / "copy", "--max-shard-size", "50KB")
+    assert code == 0, err
+    code, out, err = cli("verify", tmp_path / "unet", tmp_path / "copy")
+    assert code == 0 and "EQUIVALENT" in out and "[2, 4, 8, 8]" in out, out + err
+    sd = dict(unet.state_dict())
+    k = "conv_in.weight"
+    sd[k] = sd[k] + 0.05
+    changed = diffusers.UNet2DConditionModel.from_config(unet.config)
+    changed.load_state_dict(sd)
+    changed.save_pretrained(tmp_path / "changed")
+    code, out, err = cli("verify", tmp_path / "unet", tmp_path / "changed")
+    assert code == 1 and "NOT EQUIVALENT" in out and "conv_in" in out, out + err
+    # a config naming something diffusers has that is not a model class is never called
+    cfg = json.loads((tmp_path / "copy" / "config.json").read_text())
+    cfg["_class_name"] = "DDPMScheduler"
+    (tmp_path / "copy" / "config.json").write_text(json.dumps(cfg))
+    code, out, err = cli("verify", tmp_path / "copy", tmp_path / "unet")
+    assert code == 2 and "not a diffusers model class" in err and len(err.strip().splitlines()) == 1, err

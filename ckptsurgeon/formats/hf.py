@@ -274,7 +274,8 @@ def parse_size(text) -> int:
 
 def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run: bool = False,
                  dedupe_tied: bool = False, progress=None, **_) -> dict:
-    """safetensors shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``."""
+    """safetensors shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``
+    (``diffusion_pytorch_model.*`` for a diffusers model folder, the names diffusers loads)."""
     limit = parse_size(max_shard_size)
     items, notes, tied = st.plan(ck, dedupe_tied=dedupe_tied)
     groups, cur, cur_size = [], [], 0
@@ -287,15 +288,16 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     if cur or not groups:
         groups.append(cur)
     n = len(groups)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    src_folder = model_folder(ck)
+    stem = weights_stem(ck, src_folder, out_dir)
+    names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total = sum(r.nbytes for _, r in items)
     report = {"output": out_dir, "format": "hf-sharded", "shards": names, "tensors": len(items),
               "bytes": total, "tied": tied, "notes": notes}
-    src_folder = _model_folder(ck)
     side = side_files(src_folder, out_dir)
-    stale = _our_weight_files(out_dir) - set(names) if os.path.isdir(out_dir) else set()
+    stale = _our_weight_files(out_dir, stem) - set(names) if os.path.isdir(out_dir) else set()
     if n > 1:
-        stale.discard(INDEX)
+        stale.discard(_index(stem))
     if side:
         report["notes"] = report["notes"] + [f"from the source folder too: {', '.join(side)}"]
     if stale:
@@ -309,7 +311,7 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     if not os.path.isdir(parent):
         raise OutputError(f"output directory {parent} does not exist")
     os.makedirs(out_dir, exist_ok=True)
-    _commit_shards(out_dir, names, groups, total, progress)
+    _commit_shards(out_dir, stem, names, groups, total, progress)
     for f in side:
         if f == "config.json" and config is not None:
             continue
@@ -353,30 +355,55 @@ def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
     return cfg, f"config.json: {keys[0]} {before} -> {dtype}, the weights written"
 
 
-INDEX = "model.safetensors.index.json"
-# shards as this writer names them, also under the interim name a file system without hard links keeps
-_OUR_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors(\.ckpt-surgeon-[0-9a-f]{8})?$")
+DIFFUSERS_STEM = "diffusion_pytorch_model"
+INDEX = "model.safetensors.index.json"  # transformers' (the default stem's) index
 
 
-def _our_weight_files(folder: str) -> set[str]:
-    """Files in ``folder`` named as this writer names its output (single file, index, shards)."""
+def _index(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
+
+
+def weights_stem(ck: Checkpoint, src_folder: str | None, out_dir: str) -> str:
+    """How the output folder's weights are named: ``diffusion_pytorch_model`` for a diffusers
+    model (read from such files, or a config.json that diffusers wrote: ``_diffusers_version``
+    / ``_class_name``, in the source folder or the output folder), which diffusers' from_pretrained
+    looks for; ``model`` (transformers' name) otherwise."""
+    files = ck.source.files if ck.source is not None else ()
+    if any(os.path.basename(f).startswith(DIFFUSERS_STEM) for f in files):
+        return DIFFUSERS_STEM
+    for folder in (src_folder, out_dir):
+        try:
+            with open(os.path.join(folder, "config.json"), "rb") as f:
+                cfg = json.loads(f.read(16 << 20))
+        except (OSError, TypeError, ValueError, RecursionError):
+            continue
+        if isinstance(cfg, dict) and ("_diffusers_version" in cfg or "_class_name" in cfg):
+            return DIFFUSERS_STEM
+    return "model"
+
+
+def _our_weight_files(folder: str, stem: str) -> set[str]:
+    """Files in ``folder`` named as this writer names its output (single file, index, shards;
+    shards also under the interim name a file system without hard links keeps)."""
+    shard = re.compile(rf"^{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors(\.ckpt-surgeon-[0-9a-f]{{8}})?$")
     try:
-        return {f for f in os.listdir(folder) if f in ("model.safetensors", INDEX) or _OUR_SHARD.match(f)}
+        return {f for f in os.listdir(folder) if f in (f"{stem}.safetensors", _index(stem)) or shard.match(f)}
     except OSError:
         return set()
 
 
-def _commit_shards(out_dir: str, names: list[str], groups: list, total: int, progress) -> None:
+def _commit_shards(out_dir: str, stem: str, names: list[str], groups: list, total: int, progress) -> None:
     """Write the shards so that at every moment the folder reads (in transformers' order: single
     file, then index) as the complete earlier checkpoint or the complete new one -- also when the
     folder is the input's, whose shards are read while the new ones are written: every shard is
     written under a name of its own first, and nothing the earlier checkpoint uses is replaced
     before all the new bytes are on disk.
 
-    One file: renaming it to model.safetensors is the switch. Several: the index is replaced
-    (pointing at the new names) and an earlier model.safetensors, which would come first, removed;
+    One file: renaming it to {stem}.safetensors is the switch. Several: the index is replaced
+    (pointing at the new names) and an earlier {stem}.safetensors, which would come first, removed;
     then the shards get their usual names through hard links and a second index replacement."""
-    earlier = _our_weight_files(out_dir) - {INDEX}  # what the folder's earlier checkpoint may use
+    index, single = _index(stem), f"{stem}.safetensors"
+    earlier = _our_weight_files(out_dir, stem) - {index}  # what the folder's earlier checkpoint may use
     token = os.urandom(4).hex()
     interim = [f"{name}.ckpt-surgeon-{token}" for name in names]
     meta = {"format": "pt"}
@@ -391,10 +418,10 @@ def _commit_shards(out_dir: str, names: list[str], groups: list, total: int, pro
         if len(names) == 1:
             os.replace(os.path.join(out_dir, interim[0]), os.path.join(out_dir, names[0]))  # the switch
             interim = []
-            _remove(out_dir, (earlier | {INDEX}) - {names[0]})
+            _remove(out_dir, (earlier | {index}) - {names[0]})
             return
-        _write_index(out_dir, total, weight_map)  # the switch, unless an earlier single file comes first:
-        _remove(out_dir, ["model.safetensors"])   # then this is
+        _write_index(out_dir, index, total, weight_map)  # the switch, unless an earlier single file comes
+        _remove(out_dir, [single])                        # first: then this is
         _remove(out_dir, earlier)  # the earlier shards: no index names them any more
         try:
             for tmp, name in zip(interim, names):
@@ -406,7 +433,7 @@ def _commit_shards(out_dir: str, names: list[str], groups: list, total: int, pro
             interim = []
             return
         final = dict(zip(interim, names))
-        _write_index(out_dir, total, {k: final[v] for k, v in weight_map.items()})
+        _write_index(out_dir, index, total, {k: final[v] for k, v in weight_map.items()})
     except OSError as e:
         raise OutputError(f"cannot write {out_dir}: {e.strerror or e}") from None
     finally:
@@ -423,9 +450,9 @@ def _remove(folder: str, names) -> None:
             os.unlink(os.path.join(folder, f))
 
 
-def _write_index(out_dir: str, total: int, weight_map: dict) -> None:
+def _write_index(out_dir: str, name: str, total: int, weight_map: dict) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with atomic_output(os.path.join(out_dir, INDEX)) as fd:
+    with atomic_output(os.path.join(out_dir, name)) as fd:
         os.write(fd, json.dumps(index, indent=2).encode())
 
 
@@ -433,7 +460,7 @@ def _write_index(out_dir: str, total: int, weight_map: dict) -> None:
 _SIDE_EXT = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".md")
 
 
-def _model_folder(ck: Checkpoint) -> str | None:
+def model_folder(ck: Checkpoint) -> str | None:
     """The Hugging Face model folder ``ck`` was read from (one with a config.json), or None."""
     src = ck.source
     if src is None or not src.path:
@@ -444,7 +471,7 @@ def _model_folder(ck: Checkpoint) -> str | None:
 
 def side_files(folder: str | None, out_dir: str) -> list[str]:
     """The config, generation config, tokenizer files, chat template and custom code of the model
-    folder ``folder`` (see _model_folder), which a sharded output folder needs to load with
+    folder ``folder`` (see model_folder), which a sharded output folder needs to load with
     from_pretrained; files already in ``out_dir`` are kept, weights and training state are not copied."""
     if folder is None or (os.path.isdir(out_dir) and os.path.samefile(folder, out_dir)):
         return []
