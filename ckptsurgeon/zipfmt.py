@@ -31,6 +31,7 @@ _LOCATOR64 = struct.Struct("<IIQI")
 _U32 = 0xFFFFFFFF
 PAGE = 4096
 MAX_COMPRESSED_RECORD = 1 << 30  # a compressed (repacked) record is inflated in memory: up to this size
+MAX_COMPRESSED_SMALL = 256 << 20  # the same for the pickle and the other small records
 SMALL_RECORD = 64 << 10  # records up to this size are read and written, not kernel-copied
 PENDING_MAX = 1 << 20
 COPY_ALIGN = 64 << 10  # kernel copies start on this destination boundary (see copy_range)
@@ -114,9 +115,18 @@ class TorchZip:
             raise NotACheckpointError(f"{path}: {what} with no data.pkl record, not a torch checkpoint")
 
     def read(self, name: str) -> bytes:
-        """A small record's bytes (CRC checked by zipfile)."""
+        """A small record's bytes (CRC checked by zipfile). A compressed one (torch never
+        compresses; a repacked archive may) that declares more than MAX_COMPRESSED_SMALL is
+        refused before inflating: a 400 KB deflated data.pkl inflated to 400 MiB (zipfile stops
+        at the declared size, so the declaration bounds the memory)."""
         try:
-            return self._zf.read(self.infos[name])
+            info = self.infos[name]
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSED_SMALL:
+                raise UnsupportedError(
+                    f"{self.path}: record {name} is compressed and inflates to {info.file_size:,} bytes "
+                    f"({info.file_size / max(info.compress_size, 1):,.0f}x its stored size): not inflated",
+                    hint="torch writes records uncompressed; re-save the checkpoint with torch.save")
+            return self._zf.read(info)
         except KeyError:
             raise CorruptCheckpointError(f"{self.path}: missing record {self.prefix}/{name}") from None
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError, struct.error, ValueError) as e:

@@ -838,6 +838,7 @@ def test_deepspeed_folder_and_zero3_placeholders(tmp_path, cli):
 def test_repacked_zip_with_compressed_records(tmp_path, cli, monkeypatch):
     """torch writes records uncompressed; an archive re-zipped with deflate still reads (each
     record inflated in memory), and a record too big to inflate (a zip bomb's claim) is refused."""
+    import pickle
     import zipfile
 
     from ckptsurgeon import zipfmt
@@ -858,6 +859,19 @@ def test_repacked_zip_with_compressed_records(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(zipfmt, "MAX_COMPRESSED_RECORD", 1000)
     code, _, err = cli("convert", tmp_path / "deflated.pt", "-o", tmp_path / "again.pt")
     assert code == 2 and "compressed" in err and len(err.strip().splitlines()) == 1
+
+    # a deflate bomb in the pickle itself: ~300 KB on disk, 300 MiB inflated; refused unread
+    with zipfile.ZipFile(tmp_path / "orig.pt") as src, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = pickle.dumps({"w": "x" * (300 << 20)}, protocol=2)
+                dst.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(info, data)
+    assert (tmp_path / "bomb.pt").stat().st_size < 1 << 20
+    code, _, err = cli("inspect", tmp_path / "bomb.pt")
+    assert code == 2 and "data.pkl is compressed and inflates to" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_big_endian_checkpoint_reads_byte_swapped(tmp_path, cli):
