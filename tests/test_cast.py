@@ -174,3 +174,32 @@ def test_cast_and_average_keep_the_data_of_integer_quantized_weights(tmp_path):
         assert torch.equal(got[k], a[k]), k  # with the first's codes, the first's data
     mean = ((a["lm_head.weight"].double() + b["lm_head.weight"].double()) / 2).to(fp16)
     assert torch.equal(got["lm_head.weight"], mean)
+
+
+def test_cast_of_large_tensors_to_torch_zip_records_right_crcs(tmp_path, cli):
+    """Built tensors of more than a MiB are written from where they were built and their CRC-32
+    computed on the checking thread while the next is built (resolved when the zip is finished):
+    every record's CRC matches (zipfile.testzip), values equal torch's cast; a damaged source
+    record is still caught (its own CRC) and nothing is written."""
+    import zipfile
+
+    torch.manual_seed(0)
+    sd = OrderedDict((f"l{i}.weight", torch.randn(600, 700)) for i in range(5))  # 1.6 MiB each
+    sd["small"] = torch.randn(3)
+    torch.save(sd, tmp_path / "a.pt")
+    code, out, err = cli("cast", tmp_path / "a.pt", "--dtype", "float16", "-o", tmp_path / "h.pt")
+    assert code == 0, err
+    with zipfile.ZipFile(tmp_path / "h.pt") as z:
+        assert z.testzip() is None
+    got = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert all(torch.equal(got[k], v.half()) for k, v in sd.items())
+    again = cs.load(tmp_path / "h.pt").torch_state_dict()  # ckpt-surgeon checks each CRC as it reads
+    assert all(torch.equal(again[k], v.half()) for k, v in sd.items())
+
+    raw = bytearray((tmp_path / "a.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "a.pt") as z:
+        info = z.getinfo(next(n for n in z.namelist() if n.endswith("data/3")))
+    raw[info.header_offset + 4096] ^= 0xFF  # inside record data/3's bytes
+    (tmp_path / "bad.pt").write_bytes(bytes(raw))
+    code, out, err = cli("cast", tmp_path / "bad.pt", "--dtype", "float16", "-o", tmp_path / "h2.pt")
+    assert code == 2 and "CRC" in err and not (tmp_path / "h2.pt").exists(), err
