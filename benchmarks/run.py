@@ -51,6 +51,14 @@ from safetensors.torch import load_file, save_file
 sd = load_file(sys.argv[1])
 save_file({k[len("module."):]: v for k, v in sd.items()}, sys.argv[2])
 """
+NAIVE_CAST = """
+import sys, torch
+from collections import OrderedDict
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=True)
+new = OrderedDict((k, v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in sd.items())
+new._metadata = sd._metadata
+torch.save(new, sys.argv[2])
+"""
 NAIVE_DIFF = """
 import sys, torch
 a = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
@@ -316,6 +324,12 @@ def bench_size(size: float, work: Path, repeat: int, naive_max: float) -> list[d
     r("extract half the layers (Python API in a running process: load+extract+save, FSYNC=0)",
       [PY, "-c", IN_PROCESS, "extract", str(a), str(out), layers],
       base="cp of a file the size of the extracted part", env=nofsync, self_timed=True)
+    phase(a)  # a computed surgery: against the naive path (no cp can do it)
+    if naive:
+        r("cast to bfloat16 naive torch.load(mmap=True)/.to/torch.save", [PY, "-c", NAIVE_CAST, str(a), str(out)])
+    r("cast to bfloat16 (ckpt-surgeon, CKPT_SURGEON_FSYNC=0)",
+      [CLI, "-q", "cast", str(a), "--dtype", "bfloat16", "-o", str(out)],
+      base="cast to bfloat16 naive torch.load(mmap=True)/.to/torch.save" if naive else None, env=nofsync)
     phase(a, b, writes=False)  # diff reads only: no page cache to fill, no primer needed
     r("read both files (cat)", ["cat", str(a), str(b)])
     r("diff (ckpt-surgeon)", [CLI, "-q", "diff", str(a), str(b), "--json"], base="read both files (cat)")
