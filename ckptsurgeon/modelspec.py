@@ -99,25 +99,15 @@ def build_from_config(ck, command: str = "this command"):
                              f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
 
 
-def _read_config(cfg: str):
-    import json
-
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            conf = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return None  # transformers reports an unreadable config.json
-    return conf if isinstance(conf, dict) else None
-
-
 def _from_diffusers_config(cfg: str):
     """The model a diffusers model folder describes (config.json with ``_class_name`` and
     ``_diffusers_version``, as ModelMixin.save_pretrained writes), built with the class's
     ``from_config`` -- only a ModelMixin subclass of diffusers itself is ever called. None for
     other configs."""
-    conf = _read_config(cfg)
-    if conf is None or "model_type" in conf or not isinstance(conf.get("_class_name"), str) \
-            or "_diffusers_version" not in conf:
+    from .formats.hf import is_diffusers_config, read_config
+
+    conf = read_config(os.path.dirname(cfg))
+    if not is_diffusers_config(conf) or "model_type" in conf:
         return None
     name = conf["_class_name"]
     try:
@@ -141,7 +131,9 @@ def _from_timm_config(cfg: str):
     ``architecture`` and no transformers ``model_type``), built by timm as its own hub loader
     does -- ``create_model(architecture, num_classes=..., **model_args)``, random weights, no
     download -- so the folder's weights load under their own names. None for other configs."""
-    conf = _read_config(cfg)
+    from .formats.hf import read_config
+
+    conf = read_config(os.path.dirname(cfg))
     if conf is None or "model_type" in conf or not isinstance(conf.get("architecture"), str):
         return None
     try:

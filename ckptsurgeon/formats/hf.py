@@ -338,12 +338,8 @@ def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
     if len(floats) != 1:
         return None
     (dtype,) = floats
-    try:
-        with open(os.path.join(folder, "config.json"), "rb") as f:
-            cfg = json.loads(f.read(16 << 20))
-    except (OSError, ValueError, RecursionError, TypeError):
-        return None
-    if not isinstance(cfg, dict):
+    cfg = read_config(folder)
+    if cfg is None:
         return None
     keys = [k for k in ("dtype", "torch_dtype") if isinstance(cfg.get(k), str) and cfg[k] in _PLAIN_FLOATS]
     if not keys or all(cfg[k] == dtype for k in keys):
@@ -363,22 +359,31 @@ def _index(stem: str) -> str:
     return f"{stem}.safetensors.index.json"
 
 
+def read_config(folder: str) -> dict | None:
+    """``folder``'s config.json as a dict; None when it is missing, unreadable or not an object."""
+    try:
+        with open(os.path.join(folder, "config.json"), "rb") as f:
+            cfg = json.loads(f.read(16 << 20))
+    except (OSError, ValueError, RecursionError, TypeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def is_diffusers_config(cfg) -> bool:
+    """A config.json diffusers' save_pretrained wrote (a model's or a pipeline's)."""
+    return isinstance(cfg, dict) and isinstance(cfg.get("_class_name"), str) and "_diffusers_version" in cfg
+
+
 def weights_stem(ck: Checkpoint, src_folder: str | None, out_dir: str) -> str:
     """How the output folder's weights are named: ``diffusion_pytorch_model`` for a diffusers
-    model (read from such files, or a config.json that diffusers wrote: ``_diffusers_version``
-    / ``_class_name``, in the source folder or the output folder), which diffusers' from_pretrained
+    model (read from such files, or a config.json that diffusers wrote, in the source folder or
+    the output folder), which diffusers' from_pretrained
     looks for; ``model`` (transformers' name) otherwise."""
     files = ck.source.files if ck.source is not None else ()
     if any(os.path.basename(f).startswith(DIFFUSERS_STEM) for f in files):
         return DIFFUSERS_STEM
-    for folder in (src_folder, out_dir):
-        try:
-            with open(os.path.join(folder, "config.json"), "rb") as f:
-                cfg = json.loads(f.read(16 << 20))
-        except (OSError, TypeError, ValueError, RecursionError):
-            continue
-        if isinstance(cfg, dict) and ("_diffusers_version" in cfg or "_class_name" in cfg):
-            return DIFFUSERS_STEM
+    if any(is_diffusers_config(read_config(folder)) for folder in (src_folder, out_dir) if folder):
+        return DIFFUSERS_STEM
     return "model"
 
 
