@@ -431,6 +431,12 @@ def test_path_and_output_errors(tmp_path, sample_dir, cli, monkeypatch):
     _one_line_error(*cli("inspect", tmp_path / "missing.pt"))
     (tmp_path / "d").mkdir()
     _one_line_error(*cli("inspect", tmp_path / "d"))  # a directory without weights
+    (tmp_path / "tf").mkdir()  # a transformers folder with TensorFlow weights only: said so
+    (tmp_path / "tf" / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "tf" / "tf_model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    code, out, err = cli("inspect", tmp_path / "tf")
+    _one_line_error(code, out, err)
+    assert "TensorFlow or Flax weights only (tf_model.h5)" in err and "from_tf=True" in err, err
     _one_line_error(*cli("convert", good, "-o", tmp_path / "no" / "such" / "dir.pt"))
     (tmp_path / "afile").write_text("x")
     _one_line_error(*cli("convert", good, "-o", tmp_path / "afile" / "x.pt"))

@@ -143,6 +143,12 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
                     f"{path} holds no weights itself; these folders do: {', '.join(parts[:12])}"
                     + (f" and {len(parts) - 12} more" if len(parts) > 12 else ""),
                     hint=f"pass one of them, e.g. {os.path.join(path, parts[0])}")
+            other = sorted(f for f in os.listdir(path) if f.startswith(_OTHER_FRAMEWORKS))
+            if other and not weights:  # transformers' TensorFlow / Flax weights only
+                raise NotACheckpointError(
+                    f"{path} holds TensorFlow or Flax weights only ({', '.join(other[:4])}), no PyTorch weights",
+                    hint="convert them with transformers (from_pretrained(path, from_tf=True) or from_flax=True, "
+                         "then save_pretrained)")
             raise NotACheckpointError(
                 f"{path} is a directory without a weights index or a single weights file",
                 hint="pass the file itself" if weights else "expected model.safetensors or an *.index.json")
@@ -352,6 +358,7 @@ def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
 
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
+_OTHER_FRAMEWORKS = ("tf_model", "flax_model")  # transformers' TensorFlow (.h5) and Flax (.msgpack) weights
 INDEX = "model.safetensors.index.json"  # transformers' (the default stem's) index
 
 
