@@ -108,7 +108,6 @@ def _check_config(config: dict) -> None:
                                hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
     refused = [(bool(config.get("use_dora")), "DoRA (use_dora)"),
                (bool(config.get("trainable_token_indices")), "trainable tokens (trainable_token_indices)"),
-               (bool(config.get("target_parameters")), "LoRA on bare parameters (target_parameters)"),
                (bool(config.get("layer_replication")), "layer replication (layer_replication)"),
                (bool(config.get("alora_invocation_tokens")), "activated LoRA (alora_invocation_tokens)")]
     for on, what in refused:
@@ -183,14 +182,24 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
 
     # ---- where each goes in the base
     base_keys = [k for k, v in base.state.items() if is_tensor_like(v)]
-    wanted = []
+    wanted, candidates = [], {}
+    targets = [t for t in config.get("target_parameters") or () if isinstance(t, str) and t]
     for mod, parts in mods.items():
         wanted.append(f"{mod}.weight")
         if "B.bias" in parts:
             wanted.append(f"{mod}.bias")
+        if targets:  # LoRA on a bare parameter: the parameters of its module the config targets
+            candidates[mod] = _parameter_candidates(mod, targets)
     wanted += list(replaced)
-    to_common, base_common, alignment = align_keys(wanted, base_keys)
+    to_common, base_common, alignment = align_keys(wanted + [c for cs in candidates.values() for c in cs], base_keys)
     base_of = {c: k for k, c in base_common.items()}
+    params = {}  # mod -> (base key, layout) for the LoRAs on bare parameters
+    for mod, cands in candidates.items():
+        if to_common[f"{mod}.weight"] in base_of and not mod.endswith(".base_layer"):
+            continue  # a module's weight (target_modules): the usual merge
+        params[mod] = _parameter_target(mod, mods[mod], [base_of[to_common[c]] for c in cands
+                                                          if to_common[c] in base_of], refs_of=base.state)
+        wanted.remove(f"{mod}.weight")
     missing = [w for w in wanted if to_common[w] not in base_of]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -222,22 +231,24 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         put(bkey, new)
         swapped.append(bkey)
     for mod, parts in mods.items():
-        wkey = base_of[to_common[f"{mod}.weight"]]
+        wkey, layout = params[mod] if mod in params else (base_of[to_common[f"{mod}.weight"]], None)
         w = refs[wkey]
         if w.dtype not in _FLOAT:
             raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
         r = _pattern_value(ranks, mod, r_default)
         alpha = _pattern_value(alphas, mod, alpha_default)
-        kind, a, b = _kind(mod, parts, w)
+        kind, a, b = _kind(mod, parts, w) if layout is None else (layout, as_ref(parts["A"]), as_ref(parts["B"]))
+        experts = w.shape[0] if layout in ("experts", "experts_transposed") else 1
         if r is None:
-            r = a.shape[0]
+            r = a.shape[0] // experts
         if alpha is None:
             raise UnsupportedError("the adapter config names no lora_alpha")
-        if a.shape[0] != r:
-            raise SelectionError(f"{mod}: lora_A has rank {a.shape[0]} but the config says r={r}",
+        if a.shape[0] != r * experts:
+            raise SelectionError(f"{mod}: lora_A has rank {a.shape[0] // experts} but the config says r={r}",
                                  hint="the adapter_config.json does not belong to these weights")
         scaling = float(alpha) / (math.sqrt(r) if rslora else r) * scale
-        _check_shapes(mod, kind, a, b, w, fan_in_fan_out)
+        if layout is None:
+            _check_shapes(mod, kind, a, b, w, fan_in_fan_out)
         put(wkey, assembled_ref(w.shape, w.dtype, _merged(w, a, b, kind, scaling, fan_in_fan_out), label=wkey))
         kinds[kind] = kinds.get(kind, 0) + 1
         entry = {"module": mod, "weight": wkey, "kind": kind, "r": int(r), "alpha": alpha, "scaling": scaling}
@@ -259,6 +270,56 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
     if source is not None and ad.source is not None:  # an output over the adapter needs --in-place too
         source = dc_replace(source, files=tuple(dict.fromkeys(source.files + ad.source.files)))
     return base.with_state(state, source=source), report
+
+
+def _parameter_candidates(mod: str, targets: list[str]) -> list[str]:
+    """The parameters of ``mod``'s module (``.base_layer`` nesting removed: PEFT wraps one
+    ParamWrapper in the next for each parameter of a module) whose names end with one of the
+    config's ``target_parameters``, as PEFT matches them."""
+    owner = mod
+    while owner.endswith(".base_layer"):
+        owner = owner[: -len(".base_layer")]
+    out = []
+    for t in targets:
+        name = f"{owner}.{t.rsplit('.', 1)[-1]}"
+        if (name == t or name.endswith("." + t)) and name not in out:
+            out.append(name)
+    return out
+
+
+def _parameter_target(mod: str, parts: dict, keys: list[str], refs_of) -> tuple[str, str]:
+    """(base key, layout) of the one targeted parameter a LoRA on bare parameters fits, by shape:
+    lora_A (E*r, in) and lora_B (out, r*E) fit a 2-D (out, in) weight ("linear"), a 3-D experts
+    weight (E, out, in) ("experts") or, for a module whose experts are stored transposed, (E, in,
+    out) ("experts_transposed"). PEFT reads the last from the module's ``is_transposed``, which
+    no file holds: a square expert matrix that fits both ways is refused, never guessed."""
+    if "B.bias" in parts or not {"A", "B"} <= set(parts):
+        raise UnsupportedError(f"{mod}: a LoRA on a bare parameter with "
+                               f"{'a lora_B bias' if 'B.bias' in parts else 'lora_A or lora_B missing'}",
+                               hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
+    a, b = as_ref(parts["A"]), as_ref(parts["B"])
+    fits = []
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        (ra, fan_in), (fan_out, rb) = a.shape, b.shape
+        for key in keys:
+            ws = tuple(as_ref(refs_of[key]).shape)
+            if len(ws) == 2 and ra == rb and ws == (fan_out, fan_in):
+                fits.append((key, "linear"))
+            elif len(ws) == 3 and ra == rb and ws[0] and ra % ws[0] == 0:
+                if ws[1:] == (fan_out, fan_in):
+                    fits.append((key, "experts"))
+                if ws[1:] == (fan_in, fan_out):
+                    fits.append((key, "experts_transposed"))
+    if len(fits) == 1:
+        return fits[0]
+    shapes = f"lora_A {list(a.shape)}, lora_B {list(b.shape)}"
+    if not fits:
+        raise SelectionError(f"{mod}: no targeted parameter ({', '.join(keys) or 'none in the base'}) fits {shapes}",
+                             hint="is this the base model the adapter was trained on? (transformers may save "
+                                  "fused experts under per-expert names: merge it with PEFT)")
+    raise UnsupportedError(f"{mod}: {shapes} fit more than one way ({', '.join(f'{k} as {v}' for k, v in fits)}): "
+                           "which one depends on the module (is_transposed), not on the file",
+                           hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
 
 
 def _kind(mod: str, parts: dict, w: TensorRef):
@@ -309,7 +370,11 @@ def _merged(w: TensorRef, a: TensorRef, b: TensorRef, kind: str, scaling: float,
         base = w.to_torch()
         acc = _wide(base.dtype)
         A, B = a.to_torch().to(acc), b.to_torch().to(acc)
-        if kind == "linear":
+        if kind in ("experts", "experts_transposed"):  # PEFT's ParamWrapper: A (E*r, in), B (out, r*E)
+            e = base.shape[0]
+            A3, B3 = A.reshape(e, -1, A.shape[-1]), B.reshape(B.shape[0], -1, e)
+            delta = torch.einsum("ore,eri->eio" if kind == "experts_transposed" else "ore,eri->eoi", B3, A3)
+        elif kind == "linear":
             delta = B @ A
             if fan_in_fan_out:
                 delta = delta.T

@@ -324,3 +324,65 @@ def test_extract_lora_of_a_non_finite_change_is_one_line(tmp_path, cli):
     code, _, err = cli("extract-lora", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "ad")
     assert code == 2 and "fc.weight: the difference holds NaN or inf" in err and "internal error" not in err
     assert not (tmp_path / "ad").exists()
+
+
+def _gpt_oss():
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=32, layer_types=["full_attention"])
+    return transformers.GptOssForCausalLM(cfg).eval()
+
+
+def _qwen3_moe(moe_intermediate=12):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      moe_intermediate_size=moe_intermediate, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+                                      num_experts_per_tok=2, head_dim=8, max_position_embeddings=32)
+    return transformers.Qwen3MoeForCausalLM(cfg).eval()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
+    """PEFT's target_parameters (LoRA on a bare nn.Parameter: MoE experts stored as one 3-D
+    tensor) merge as PEFT merges them: lora_A (E*r, in), lora_B (out, r*E), the update per
+    expert einsum('ore,eri->eoi'), or 'eio' where the experts are stored (E, in, out) --
+    GPT-OSS (is_transposed, saved under its in-memory names) and Qwen3-MoE's in-memory layout
+    (E, out, in); two parameters of one module nest (experts.base_layer.lora_*)."""
+    from safetensors.torch import load_file
+
+    oss = _gpt_oss()
+    oss.save_pretrained(tmp_path / "oss")
+    _adapter(_gpt_oss(), tmp_path / "oss_ad", r=2, lora_alpha=8, target_modules=["q_proj"],
+             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    code, out, err = cli("merge-lora", tmp_path / "oss", tmp_path / "oss_ad", "-o", tmp_path / "oss_m")
+    assert code == 0 and "(2 experts_transposed, 1 linear)" in out, out + err
+    want = _merged_by_peft(tmp_path / "oss", tmp_path / "oss_ad", transformers.GptOssForCausalLM.from_pretrained)
+    got, base = load_file(tmp_path / "oss_m" / "model.safetensors"), oss.state_dict()
+    for k, v in want.state_dict().items():
+        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
+    assert not torch.equal(got["model.layers.0.mlp.experts.gate_up_proj"], base["model.layers.0.mlp.experts.gate_up_proj"])
+    assert not torch.equal(got["model.layers.0.mlp.experts.down_proj"], base["model.layers.0.mlp.experts.down_proj"])
+
+    # Qwen3-MoE keeps (E, out, in) in memory; its own state dict (fused names) as the base
+    torch.save(_qwen3_moe().state_dict(), tmp_path / "qwen.pt")
+    pm = _adapter(_qwen3_moe(), tmp_path / "qwen_ad", r=2, lora_alpha=4,
+                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    code, out, err = cli("merge-lora", tmp_path / "qwen.pt", tmp_path / "qwen_ad", "-o", tmp_path / "qwen_m.pt")
+    assert code == 0 and "(2 experts)" in out, out + err
+    ref = pm.merge_and_unload().state_dict()
+    got = torch.load(tmp_path / "qwen_m.pt", weights_only=True)
+    for k, v in ref.items():
+        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
+
+    # a square expert matrix fits (E, out, in) and (E, in, out): which one is the module's, not the file's
+    torch.save(_qwen3_moe(8).state_dict(), tmp_path / "sq.pt")
+    _adapter(_qwen3_moe(8), tmp_path / "sq_ad", r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj"])
+    code, out, err = cli("merge-lora", tmp_path / "sq.pt", tmp_path / "sq_ad", "-o", tmp_path / "sq_m.pt")
+    assert code == 2 and "more than one way" in err and len(err.strip().splitlines()) == 1, err
+    # transformers saves Qwen3-MoE's fused experts under per-expert names: no parameter to merge into
+    _qwen3_moe().save_pretrained(tmp_path / "qwen_folder")
+    code, out, err = cli("merge-lora", tmp_path / "qwen_folder", tmp_path / "qwen_ad", "-o", tmp_path / "q.pt")
+    assert code == 2 and "no targeted parameter" in err and len(err.strip().splitlines()) == 1, err
+    assert not any((tmp_path / n).exists() for n in ("sq_m.pt", "q.pt"))
