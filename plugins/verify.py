@@ -259,6 +259,16 @@ def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
     return move(x)
 
 
+def _moved(model, device, dtype):
+    """The model on ``device`` in ``dtype``, in eval mode; the dtype is passed only when some
+    floating-point tensor has another (diffusers warns on any ``.to(dtype)``, "modules that should
+    be kept in float32: []", for a model already in it)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+        return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()
+
+
 def _describe(x) -> str:
     if isinstance(x, dict):
         return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
@@ -323,8 +333,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     dev_b = dev
     if cross_device:
         dev, dev_b = torch.device("cpu"), torch.device("cuda")
-    model_a = model_a.to(device=dev, dtype=tdtype).eval()
-    model_b = model_b.to(device=dev_b, dtype=tdtype).eval()
+    model_a = _moved(model_a, dev, tdtype)
+    model_b = _moved(model_b, dev_b, tdtype)
     x_a = _make_inputs(model_a, inputs, input_shape, batch, seed, dev, tdtype)
     x_b = _make_inputs(model_a, inputs, input_shape, batch, seed, dev_b, tdtype)
     t_build = time.perf_counter() - t0
