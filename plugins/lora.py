@@ -64,12 +64,26 @@ _REFUSED = {"lora_magnitude_vector": "DoRA (use_dora): its merge renormalises ea
 _FLOAT = ("float32", "float64", "bfloat16", "float16")
 
 
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA = "lora_adapter_metadata"  # the LoraConfig diffusers embeds in the safetensors header
+ALPHA_IS_RANK = "ckpt_surgeon.alpha_is_rank"  # no alphas saved: each module's alpha is its rank (scale 1)
+FROM_DIFFUSERS = "ckpt_surgeon.diffusers"  # read from a diffusers LoRA file: names may carry a component
+
+
 def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
-    """(adapter tensors, adapter_config.json) from a PEFT adapter folder or a weights file inside one."""
+    """(adapter tensors, adapter config) from a PEFT adapter folder or a weights file inside one
+    (adapter_config.json + adapter_model.*), or from a diffusers LoRA file
+    (``pytorch_lora_weights.safetensors``, as ``save_lora_weights`` / ``save_lora_adapter``
+    write it: the LoraConfig in its header, ``lora_adapter_metadata``; tensors and config keys
+    prefixed ``unet.``/``transformer.``/``text_encoder.`` when a pipeline saved them)."""
     from ckptsurgeon.loading import load
 
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "adapter_config.json")
+    diffusers_file = path if path.endswith(".safetensors") and not os.path.isdir(path) else \
+        os.path.join(path, DIFFUSERS_LORA)
+    if not os.path.exists(cfg_path) and os.path.isfile(diffusers_file):
+        return _read_diffusers_lora(load(diffusers_file))
     try:
         with open(cfg_path, "rb") as f:
             config = json.loads(f.read(1 << 22))
@@ -87,6 +101,53 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
             raise NotACheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin in the folder")
         path = os.path.join(path, names[0])
     return load(path, trust_pickle=trust_pickle), config
+
+
+def _read_diffusers_lora(ck: Checkpoint) -> tuple[Checkpoint, dict]:
+    """A diffusers LoRA file as (tensors, config). Without the embedded config (files written
+    before diffusers kept it) each module's alpha is its rank, as diffusers loads them."""
+    raw = (ck.st_metadata or {}).get(DIFFUSERS_METADATA)
+    config: dict = {}
+    if raw:
+        try:
+            config = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise NotACheckpointError(f"{ck.source.path}: its {DIFFUSERS_METADATA} is not JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise NotACheckpointError(f"{ck.source.path}: its {DIFFUSERS_METADATA} is not a JSON object")
+    else:
+        config = {ALPHA_IS_RANK: True}
+    config.setdefault("peft_type", "LORA")
+    config[FROM_DIFFUSERS] = True
+    return ck, config
+
+
+def _component(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Checkpoint, dict, list[str]]:
+    """A diffusers pipeline's LoRA holds several models' updates under ``unet.``,
+    ``transformer.``, ``text_encoder.``... (config keys prefixed the same): the one whose modules
+    the base has, prefix dropped; the names of the others (merged into their own base by another
+    run). Anything else is returned as it is."""
+    names = [k for k, v in ad.state.items() if is_tensor_like(v)]
+    comps = {k.split(".", 1)[0] for k in names}
+    if not config.get(FROM_DIFFUSERS) or not names or len(comps) > 8 or not all(c in _PIPELINE_COMPONENTS or c.startswith(_PIPELINE_COMPONENTS)
+                                              for c in comps):
+        return ad, config, []
+    base = {k.rsplit(".", 1)[0] for k in base_keys}
+
+    def hits(c):
+        mods = {_lora_key(k[len(c) + 1:])[0] for k in names if k.startswith(c + ".") and _lora_key(k[len(c) + 1:])}
+        return len(mods & base)
+    best = max(sorted(comps), key=hits)
+    if not hits(best):
+        return ad, config, []  # no component fits: the usual "the base has no ..." error follows
+    state = OrderedDict((k[len(best) + 1:], v) for k, v in ad.state.items() if k.startswith(best + "."))
+    prefixed = {k for k in config if k.split(".", 1)[0] in comps and "." in k}
+    cfg = {k: v for k, v in config.items() if k not in prefixed}
+    cfg.update({k[len(best) + 1:]: v for k, v in config.items() if k.startswith(best + ".")})
+    return ad.with_state(state), cfg, sorted(comps - {best})
+
+
+_PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "prior", "controlnet", "vae")
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -130,6 +191,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         ad, config = read_adapter(os.fspath(adapter), trust_pickle=trust_pickle)
     else:
         ad, config = adapter
+    ad, config, other_components = _component(ad, config, [k for k, v in base.state.items() if is_tensor_like(v)])
     _check_config(config)
     if not math.isfinite(scale):
         raise SelectionError(f"--scale {scale} is not a finite number")
@@ -237,10 +299,14 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
             raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
         r = _pattern_value(ranks, mod, r_default)
         alpha = _pattern_value(alphas, mod, alpha_default)
+        if config.get(ALPHA_IS_RANK):
+            r = alpha = None  # both from lora_A's rank below
         kind, a, b = _kind(mod, parts, w) if layout is None else (layout, as_ref(parts["A"]), as_ref(parts["B"]))
         experts = w.shape[0] if layout in ("experts", "experts_transposed") else 1
         if r is None:
             r = a.shape[0] // experts
+        if alpha is None and config.get(ALPHA_IS_RANK):
+            alpha = r
         if alpha is None:
             raise UnsupportedError("the adapter config names no lora_alpha")
         if a.shape[0] != r * experts:
@@ -266,6 +332,10 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
               "scale": scale, "rslora": rslora, "alignment": alignment,
               "untouched": len(base_keys) - len(changed),
               "wrapper_untouched": base.wrapper_keys()}
+    if other_components:
+        report["other_components"] = other_components
+    if config.get(ALPHA_IS_RANK):
+        report["alpha_is_rank"] = True
     source = base.source
     if source is not None and ad.source is not None:  # an output over the adapter needs --in-place too
         source = dc_replace(source, files=tuple(dict.fromkeys(source.files + ad.source.files)))
@@ -568,6 +638,12 @@ def _human(r: dict) -> None:
                    f"{', '.join(r['replaced'][:6])}" + (" ..." if len(r["replaced"]) > 6 else ""))
     if r["alignment"].get("applied"):
         click.echo(f"note: {r['alignment']['note']}")
+    if r.get("alpha_is_rank"):
+        click.echo("note: the adapter records no alpha (a diffusers LoRA file without its config): "
+                   "each module's alpha is its rank, scale 1, as diffusers loads it")
+    if r.get("other_components"):
+        click.echo(f"note: the adapter's updates for {', '.join(r['other_components'])} are not for this base "
+                   "(merge each into its own model folder)")
     click.echo(f"{r['untouched']} other tensor(s) copied as they are")
     cliutil.echo_save(r["save"])
 
@@ -584,7 +660,8 @@ def merge_lora_cmd(base, adapter, scale, key, trust_pickle, as_json, **write):
     """Merge a PEFT LoRA adapter into its base model's weights.
 
     BASE is the base checkpoint (a Hugging Face folder, .safetensors, .pt...); ADAPTER is the
-    folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors).
+    folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors), or a
+    diffusers LoRA (pytorch_lora_weights.safetensors) for a diffusers model folder.
     Merged weights are computed one at a time as they are written; the rest is copied.
 
     \b

@@ -386,3 +386,59 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
     code, out, err = cli("merge-lora", tmp_path / "qwen_folder", tmp_path / "qwen_ad", "-o", tmp_path / "q.pt")
     assert code == 2 and "no targeted parameter" in err and len(err.strip().splitlines()) == 1, err
     assert not any((tmp_path / n).exists() for n in ("sq_m.pt", "q.pt"))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_diffusers_lora_files_merge_as_diffusers_fuses_them(tmp_path, cli):
+    """A diffusers LoRA file (pytorch_lora_weights.safetensors: the LoraConfig in its header;
+    tensor and config names prefixed unet./text_encoder. when a pipeline saved it) merges into
+    a diffusers model folder as diffusers' fuse_lora does; the pipeline's other component is
+    named, not merged; a file without the config gets alpha = rank per module (scale 1), as
+    diffusers loads it."""
+    diffusers = pytest.importorskip("diffusers")
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def unet():
+        torch.manual_seed(0)
+        return diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+    unet().save_pretrained(tmp_path / "base")
+    model = unet()
+    torch.manual_seed(1)
+    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v", "to_out.0"],
+                                      init_lora_weights=False))
+    lora = get_peft_model_state_dict(model)
+    config = model.peft_config["default"].to_dict()
+    model.save_lora_adapter(tmp_path / "model_level")  # unprefixed names
+    # a pipeline's file: unet. and text_encoder. parts, their configs prefixed the same way
+    te = {f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_{p}.weight": torch.randn(2, 2)
+          for p in "AB"}
+    meta = {f"unet.{k}": v for k, v in config.items()}
+    meta.update({f"text_encoder.{k}": v for k, v in config.items()})
+    (tmp_path / "pipe").mkdir()
+    save_file({**{f"unet.{k}": v.contiguous() for k, v in lora.items()}, **te},
+              tmp_path / "pipe" / "pytorch_lora_weights.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps(meta, default=list)})
+    model.fuse_lora()
+    model.unload_lora()
+    want = model.state_dict()
+    for adapter in ("model_level", "pipe"):
+        code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / adapter, "-o", tmp_path / f"m_{adapter}")
+        assert code == 0 and "merged LoRA into" in out and "scaling (alpha / r): 3" in out, out + err
+        assert ("text_encoder" in out) == (adapter == "pipe"), out
+        got = load_file(tmp_path / f"m_{adapter}" / "diffusion_pytorch_model.safetensors")
+        for k, v in want.items():
+            assert torch.allclose(got[k], v, atol=1e-6), k
+    # no config in the header: alpha = rank, scale 1
+    save_file({k: v.contiguous() for k, v in lora.items()}, tmp_path / "bare.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "bare.safetensors", "-o", tmp_path / "m_bare")
+    assert code == 0 and "alpha is its rank" in out and "scaling (alpha / r): 1" in out, out + err
+    base = load_file(tmp_path / "base" / "diffusion_pytorch_model.safetensors")
+    got = load_file(tmp_path / "m_bare" / "diffusion_pytorch_model.safetensors")
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    expected = base[f"{k}.weight"] + lora[f"{k}.lora_B.weight"] @ lora[f"{k}.lora_A.weight"]
+    assert torch.allclose(got[f"{k}.weight"], expected, atol=1e-6)
