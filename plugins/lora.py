@@ -148,6 +148,70 @@ def _component(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Chec
 
 
 _PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "prior", "controlnet", "vae")
+MODULE_ALPHAS = "ckpt_surgeon.module_alphas"  # exact alpha per module (a kohya file's .alpha tensors)
+OTHER_PARTS = "ckpt_surgeon.other_parts"  # a kohya file's parts for other models (lora_te when the base is a UNet)
+# kohya-ss sd-scripts names a module by its path with dots as underscores, after a model prefix
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
+_KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B"}
+
+
+def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Checkpoint, dict]:
+    """A kohya-ss LoRA (``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
+    / ``.alpha``, as sd-scripts and most Stable Diffusion LoRAs are shared) as PEFT names on the
+    base's own modules: each underscored name is matched against the base's module paths (any
+    trailing part of them, dots as underscores: a diffusers folder's ``down_blocks.0...`` or a
+    single-file checkpoint's ``model.diffusion_model.input_blocks.4.1...``); a name that matches
+    no module, or several, is an error -- nothing is merged by a guess. Without an ``.alpha``
+    a module's alpha is its rank (scale 1), as sd-scripts loads it. Other adapters pass as they are."""
+    names = [k for k, v in ad.state.items() if is_tensor_like(v)]
+    if not any(k.endswith(".lora_down.weight") for k in names):
+        return ad, config
+    groups: dict = {}
+    for k in names:
+        kname, _, part = k.partition(".")
+        if part not in _KOHYA_PARTS and part != "alpha":
+            what = "DoRA" if "dora" in part else "LyCORIS (LoHa/LoKr)" if part.startswith(("hada_", "lokr_")) \
+                else f"a {part!r} tensor"
+            raise UnsupportedError(f"the adapter holds {k!r}: {what}, which merge-lora does not merge")
+        groups.setdefault(kname, {})[part] = ad.state[k]
+    index: dict = {}
+    for key in base_keys:
+        if key.endswith(".weight"):
+            parts = key[: -len(".weight")].split(".")
+            for i in range(len(parts)):
+                index.setdefault("_".join(parts[i:]), set()).add(".".join(parts))
+    state, alphas, unmatched = OrderedDict(), {}, []
+    found_of = {}
+    for kname in groups:
+        prefix = next((p for p in _KOHYA_PREFIXES if kname.startswith(p)), "")
+        found_of[kname] = (prefix, index.get(kname[len(prefix):], set()) if prefix else set())
+    # a model the base is not (a text encoder's modules beside a UNet base): left for its own base
+    hit = {prefix for prefix, found in found_of.values() if found}
+    skipped = sorted({prefix.rstrip("_") for prefix, _ in found_of.values() if prefix and prefix not in hit})
+    for kname, parts in groups.items():
+        prefix, found = found_of[kname]
+        if hit and prefix and prefix not in hit:
+            continue
+        if len(found) != 1:
+            unmatched.append((kname, sorted(found)))
+            continue
+        (mod,) = found
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise SelectionError(f"{kname}: lora_down or lora_up is missing")
+        state[f"{mod}.lora_A.weight"] = parts["lora_down.weight"]
+        state[f"{mod}.lora_B.weight"] = parts["lora_up.weight"]
+        if "alpha" in parts:
+            alphas[mod] = float(as_ref(parts["alpha"]).to_torch().float().reshape(-1)[0])
+    if unmatched:
+        name, found = unmatched[0]
+        why = f"matches {len(found)} modules ({', '.join(found[:3])})" if found else "matches no module of the base"
+        raise SelectionError(f"kohya LoRA module {name} {why}"
+                             + (f" ({len(unmatched)} such modules)" if len(unmatched) > 1 else ""),
+                             hint="is this the base model the LoRA was trained on? (SD 1.x LoRAs use diffusers "
+                                  "names: merge them into a diffusers folder)")
+    config = {"peft_type": "LORA", MODULE_ALPHAS: alphas, ALPHA_IS_RANK: len(alphas) < len(state) // 2,
+              OTHER_PARTS: skipped}
+    return ad.with_state(state), config
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -191,7 +255,10 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         ad, config = read_adapter(os.fspath(adapter), trust_pickle=trust_pickle)
     else:
         ad, config = adapter
-    ad, config, other_components = _component(ad, config, [k for k, v in base.state.items() if is_tensor_like(v)])
+    base_tensor_keys = [k for k, v in base.state.items() if is_tensor_like(v)]
+    ad, config, other_components = _component(ad, config, base_tensor_keys)
+    ad, config = _from_kohya(ad, config, base_tensor_keys)
+    other_components = other_components + list(config.get(OTHER_PARTS, ()))
     _check_config(config)
     if not math.isfinite(scale):
         raise SelectionError(f"--scale {scale} is not a finite number")
@@ -301,6 +368,8 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         alpha = _pattern_value(alphas, mod, alpha_default)
         if config.get(ALPHA_IS_RANK):
             r = alpha = None  # both from lora_A's rank below
+        if mod in config.get(MODULE_ALPHAS, {}):
+            r, alpha = None, config[MODULE_ALPHAS][mod]  # a kohya file's own alpha per module
         kind, a, b = _kind(mod, parts, w) if layout is None else (layout, as_ref(parts["A"]), as_ref(parts["B"]))
         experts = w.shape[0] if layout in ("experts", "experts_transposed") else 1
         if r is None:
@@ -639,8 +708,8 @@ def _human(r: dict) -> None:
     if r["alignment"].get("applied"):
         click.echo(f"note: {r['alignment']['note']}")
     if r.get("alpha_is_rank"):
-        click.echo("note: the adapter records no alpha (a diffusers LoRA file without its config): "
-                   "each module's alpha is its rank, scale 1, as diffusers loads it")
+        click.echo("note: the adapter records no alpha (a diffusers LoRA file without its config, a kohya "
+                   "module without .alpha): such a module's alpha is its rank, scale 1, as those tools load it")
     if r.get("other_components"):
         click.echo(f"note: the adapter's updates for {', '.join(r['other_components'])} are not for this base "
                    "(merge each into its own model folder)")

@@ -442,3 +442,73 @@ def test_diffusers_lora_files_merge_as_diffusers_fuses_them(tmp_path, cli):
     k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     expected = base[f"{k}.weight"] + lora[f"{k}.lora_B.weight"] @ lora[f"{k}.lora_A.weight"]
     assert torch.allclose(got[f"{k}.weight"], expected, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_kohya_lora_merges_by_the_base_modules_names(tmp_path, cli):
+    """A kohya-ss LoRA (lora_unet_<path_with_underscores>.lora_down/.lora_up/.alpha, the form
+    Stable Diffusion LoRAs are shared in) merges into the modules whose paths it names: a diffusers
+    folder, or a single file whose names carry a prefix (model.diffusion_model.); the same update
+    as diffusers' fuse_lora for the same factors and alpha; a LoCon conv (3x3 down, 1x1 up)
+    computes what the LoRA branch computes; a module without .alpha gets scale 1; a name that
+    matches no module is refused in one line."""
+    diffusers = pytest.importorskip("diffusers")
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def unet():
+        torch.manual_seed(0)
+        return diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+    unet().save_pretrained(tmp_path / "base")
+    model = unet()
+    torch.manual_seed(1)
+    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    lora = get_peft_model_state_dict(model)
+    model.fuse_lora()
+    model.unload_lora()
+    want = model.state_dict()
+    kohya = {}
+    for k, v in lora.items():
+        mod, _, part = k.partition(".lora_")
+        name = "lora_unet_" + mod.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = v.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(6.0, dtype=torch.float16)
+    g = torch.Generator().manual_seed(2)
+    down, up = torch.randn(3, 4, 3, 3, generator=g), torch.randn(8, 3, 1, 1, generator=g)
+    kohya["lora_unet_conv_in.lora_down.weight"], kohya["lora_unet_conv_in.lora_up.weight"] = down, up  # no alpha
+    # a text encoder's part, as most SD LoRAs carry: for another model, named and left alone
+    kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.randn(2, 12)
+    kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.randn(12, 2)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "kohya.safetensors", "-o", tmp_path / "m")
+    assert code == 0 and "merged LoRA into" in out and "1 conv2d" in out and "alpha is its rank" in out, out + err
+    assert "updates for lora_te are not for this base" in out, out
+    got = load_file(tmp_path / "m" / "diffusion_pytorch_model.safetensors")
+    base = load_file(tmp_path / "base" / "diffusion_pytorch_model.safetensors")
+    for k, v in want.items():
+        if not k.startswith("conv_in."):
+            assert torch.allclose(got[k], v, atol=1e-6), k
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    conv = torch.nn.functional.conv2d
+    branch = conv(conv(x, down, padding=1), up)  # the LoRA branch at scale 1 (alpha = rank)
+    assert torch.allclose(conv(x, got["conv_in.weight"], padding=1),
+                          conv(x, base["conv_in.weight"], padding=1) + branch, atol=1e-4)
+
+    # a single file with the UNet under model.diffusion_model.: matched by the trailing part of each path
+    save_file({f"model.diffusion_model.{k}": v for k, v in base.items()}, tmp_path / "single.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "single.safetensors", tmp_path / "kohya.safetensors",
+                         "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    one = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(one[f"model.diffusion_model.{k}"], v) for k, v in got.items())
+
+    kohya["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.randn(2, 8)
+    kohya["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.randn(8, 2)
+    save_file(kohya, tmp_path / "bad.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "bad.safetensors", "-o", tmp_path / "m2")
+    assert code == 2 and "lora_unet_no_such_block_to_q matches no module" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m2").exists()
