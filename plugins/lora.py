@@ -129,9 +129,8 @@ def _component(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Chec
     run). Anything else is returned as it is."""
     names = [k for k, v in ad.state.items() if is_tensor_like(v)]
     comps = {k.split(".", 1)[0] for k in names}
-    if not config.get(FROM_DIFFUSERS) or not names or len(comps) > 8 or not all(c in _PIPELINE_COMPONENTS or c.startswith(_PIPELINE_COMPONENTS)
-                                              for c in comps):
-        return ad, config, []
+    if not config.get(FROM_DIFFUSERS) or not names or not all(c.startswith(_PIPELINE_COMPONENTS) for c in comps):
+        return ad, config, []  # (text_encoder_2 starts with text_encoder)
     base = {k.rsplit(".", 1)[0] for k in base_keys}
 
     def hits(c):
@@ -152,7 +151,7 @@ MODULE_ALPHAS = "ckpt_surgeon.module_alphas"  # exact alpha per module (a kohya 
 OTHER_PARTS = "ckpt_surgeon.other_parts"  # a kohya file's parts for other models (lora_te when the base is a UNet)
 # kohya-ss sd-scripts names a module by its path with dots as underscores, after a model prefix
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
-_KOHYA_PARTS = {"lora_down.weight": "A", "lora_up.weight": "B"}
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Checkpoint, dict]:
@@ -169,7 +168,7 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
     groups: dict = {}
     for k in names:
         kname, _, part = k.partition(".")
-        if part not in _KOHYA_PARTS and part != "alpha":
+        if part not in _KOHYA_PARTS:
             what = "DoRA" if "dora" in part else "LyCORIS (LoHa/LoKr)" if part.startswith(("hada_", "lokr_")) \
                 else f"a {part!r} tensor"
             raise UnsupportedError(f"the adapter holds {k!r}: {what}, which merge-lora does not merge")
