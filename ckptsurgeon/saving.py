@@ -49,6 +49,9 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
         save(load("model_dp.pt"), "model.safetensors")
     """
     path = os.fspath(path)
+    if path == "-":  # a file named "-" is never what was meant
+        raise OutputError("cannot write a checkpoint to standard output (it is written with seeks, then renamed)",
+                          hint="name an output file, e.g. -o out.pt")
     dropped = []
     if state_dict_only and (ck.sd_path or ck.wrapper is not None):
         dropped = [k for k in ck.wrapper_keys() if k != str(ck.sd_path[0] if ck.sd_path else "")]

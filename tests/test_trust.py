@@ -443,6 +443,9 @@ def test_path_and_output_errors(tmp_path, sample_dir, cli, monkeypatch):
     (tmp_path / "dir.pt").mkdir()
     _one_line_error(*cli("convert", good, "-o", tmp_path / "dir.pt"))  # output is a directory
     _one_line_error(*cli("convert", good, "-o", good))  # the input itself
+    code, out, err = cli("convert", good, "-o", "-")  # stdout: never a file named "-"
+    _one_line_error(code, out, err)
+    assert "standard output" in err and not os.path.exists("-")
     _one_line_error(*cli("extract", good, "--layers", "nothere", "-o", tmp_path / "e.pt"))
     _one_line_error(*cli("rename", good, "--map", "zzz=>y", "-o", tmp_path / "e.pt"))
     _one_line_error(*cli("rename", good, "--map", r"\.weight$=>.bias", "-o", tmp_path / "e.pt"))  # collision
