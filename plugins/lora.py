@@ -28,7 +28,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
-from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
+from ckptsurgeon.errors import InputNotFoundError, NotACheckpointError, SelectionError, UnsupportedError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.layout import assembled_ref, cast_ref
 from ckptsurgeon.refs import TensorRef, as_ref, is_tensor_like, tie_key
@@ -64,7 +64,7 @@ _REFUSED = {"lora_magnitude_vector": "DoRA (use_dora): its merge renormalises ea
 _FLOAT = ("float32", "float64", "bfloat16", "float16")
 
 
-DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+DIFFUSERS_LORA = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # the LoraConfig diffusers embeds in the safetensors header
 ALPHA_IS_RANK = "ckpt_surgeon.alpha_is_rank"  # no alphas saved: each module's alpha is its rank (scale 1)
 FROM_DIFFUSERS = "ckpt_surgeon.diffusers"  # read from a diffusers LoRA file: names may carry a component
@@ -78,12 +78,16 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
     prefixed ``unet.``/``transformer.``/``text_encoder.`` when a pipeline saved them)."""
     from ckptsurgeon.loading import load
 
+    if not os.path.exists(path):
+        raise InputNotFoundError(f"{path}: no such file or directory")
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "adapter_config.json")
-    diffusers_file = path if path.endswith(".safetensors") and not os.path.isdir(path) else \
-        os.path.join(path, DIFFUSERS_LORA)
+    if os.path.isdir(path):
+        diffusers_file = next((os.path.join(path, n) for n in DIFFUSERS_LORA if os.path.isfile(os.path.join(path, n))), "")
+    else:
+        diffusers_file = path  # a LoRA file without a config beside it (diffusers, kohya .safetensors/.pt)
     if not os.path.exists(cfg_path) and os.path.isfile(diffusers_file):
-        return _read_diffusers_lora(load(diffusers_file))
+        return _read_diffusers_lora(load(diffusers_file, trust_pickle=trust_pickle))
     try:
         with open(cfg_path, "rb") as f:
             config = json.loads(f.read(1 << 22))
@@ -106,7 +110,7 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
 def _read_diffusers_lora(ck: Checkpoint) -> tuple[Checkpoint, dict]:
     """A diffusers LoRA file as (tensors, config). Without the embedded config (files written
     before diffusers kept it) each module's alpha is its rank, as diffusers loads them."""
-    raw = (ck.st_metadata or {}).get(DIFFUSERS_METADATA)
+    raw = (ck.st_metadata or {}).get(DIFFUSERS_METADATA)  # (a .bin has no header: alpha = rank)
     config: dict = {}
     if raw:
         try:

@@ -433,15 +433,18 @@ def test_diffusers_lora_files_merge_as_diffusers_fuses_them(tmp_path, cli):
         got = load_file(tmp_path / f"m_{adapter}" / "diffusion_pytorch_model.safetensors")
         for k, v in want.items():
             assert torch.allclose(got[k], v, atol=1e-6), k
-    # no config in the header: alpha = rank, scale 1
+    # no config in the header (or a .bin, which has none): alpha = rank, scale 1
     save_file({k: v.contiguous() for k, v in lora.items()}, tmp_path / "bare.safetensors")
-    code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "bare.safetensors", "-o", tmp_path / "m_bare")
-    assert code == 0 and "alpha is its rank" in out and "scaling (alpha / r): 1" in out, out + err
+    (tmp_path / "old").mkdir()
+    torch.save(lora, tmp_path / "old" / "pytorch_lora_weights.bin")
     base = load_file(tmp_path / "base" / "diffusion_pytorch_model.safetensors")
-    got = load_file(tmp_path / "m_bare" / "diffusion_pytorch_model.safetensors")
     k = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     expected = base[f"{k}.weight"] + lora[f"{k}.lora_B.weight"] @ lora[f"{k}.lora_A.weight"]
-    assert torch.allclose(got[f"{k}.weight"], expected, atol=1e-6)
+    for adapter in (tmp_path / "bare.safetensors", tmp_path / "old"):
+        code, out, err = cli("merge-lora", tmp_path / "base", adapter, "-o", tmp_path / "m_bare")
+        assert code == 0 and "alpha is its rank" in out and "scaling (alpha / r): 1" in out, out + err
+        got = load_file(tmp_path / "m_bare" / "diffusion_pytorch_model.safetensors")
+        assert torch.allclose(got[f"{k}.weight"], expected, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore")
