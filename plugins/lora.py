@@ -204,7 +204,10 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
         state[f"{mod}.lora_A.weight"] = parts["lora_down.weight"]
         state[f"{mod}.lora_B.weight"] = parts["lora_up.weight"]
         if "alpha" in parts:
-            alphas[mod] = float(as_ref(parts["alpha"]).to_torch().float().reshape(-1)[0])
+            alpha = as_ref(parts["alpha"]).to_torch()
+            if alpha.numel() != 1:
+                raise SelectionError(f"{kname}.alpha holds {alpha.numel()} values, not one")
+            alphas[mod] = _number(float(alpha.float().reshape(-1)[0]), f"{kname}.alpha", False)
     if unmatched:
         name, found = unmatched[0]
         why = f"matches {len(found)} modules ({', '.join(found[:3])})" if found else "matches no module of the base"
@@ -242,6 +245,27 @@ def _check_config(config: dict) -> None:
         if on:
             raise UnsupportedError(f"the adapter uses {what}, which merge-lora does not merge",
                                    hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
+    # the numbers every merged weight is scaled by: a NaN alpha would write NaN weights
+    for key, positive in (("r", True), ("lora_alpha", False)):
+        if config.get(key) is not None:
+            _number(config[key], f"adapter config: {key}", positive)
+    for key, positive in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key)
+        if patterns is not None and not isinstance(patterns, dict):
+            raise SelectionError(f"adapter config: {key} is a {type(patterns).__name__}, not a mapping")
+        for name, value in (patterns or {}).items():
+            _number(value, f"adapter config: {key}[{name!r}]", positive)
+    targets = config.get("target_parameters")
+    if targets is not None and not (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)):
+        raise SelectionError("adapter config: target_parameters is not a list of names")
+
+
+def _number(value, what: str, positive: bool) -> float:
+    """``value`` as a finite number (positive where a rank is meant); a one-line error otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise SelectionError(f"{what} is {value!r}, not a {'positive' if positive else 'finite'} number")
+    return float(value)
 
 
 def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=False) -> tuple[Checkpoint, dict]:

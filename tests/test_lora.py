@@ -197,6 +197,14 @@ def test_refusals_are_one_line(tmp_path, cli):
     cfg_path.write_text(json.dumps({**conf, "peft_type": "IA3"}))
     code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
     assert code == 2 and "PEFT IA3 adapter" in err
+    # numbers that would scale every weight wrongly (a NaN alpha wrote NaN weights), malformed patterns
+    for change, words in (({"lora_alpha": float("nan")}, "lora_alpha is nan"), ({"lora_alpha": "x"}, "lora_alpha is 'x'"),
+                          ({"rank_pattern": [1, 2]}, "rank_pattern is a list"),
+                          ({"alpha_pattern": {"q_proj": None}}, "alpha_pattern['q_proj'] is None"),
+                          ({"target_parameters": 5}, "target_parameters is not a list")):
+        cfg_path.write_text(json.dumps({**conf, **change}))
+        code, _, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "x.safetensors")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, (change, err)
     cfg_path.write_text(json.dumps(conf))
     # the adapter is an input too: writing over it needs --in-place
     before = (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
@@ -509,6 +517,12 @@ def test_kohya_lora_merges_by_the_base_modules_names(tmp_path, cli):
     one = load_file(tmp_path / "m.safetensors")
     assert all(torch.equal(one[f"model.diffusion_model.{k}"], v) for k, v in got.items())
 
+    for bad, words in ((torch.empty(0), "holds 0 values"), (torch.ones(3), "holds 3 values"),
+                       (torch.tensor(float("nan")), "alpha is nan")):
+        name = next(iter(kohya)).split(".")[0]
+        save_file({**kohya, f"{name}.alpha": bad}, tmp_path / "bad_alpha.safetensors")
+        code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "bad_alpha.safetensors", "-o", tmp_path / "m3")
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     kohya["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.randn(2, 8)
     kohya["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.randn(8, 2)
     save_file(kohya, tmp_path / "bad.safetensors")
