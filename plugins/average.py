@@ -3,6 +3,8 @@ late-training checkpoints (SWA-style) -- computed tensor by tensor, never holdin
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from dataclasses import replace as dc_replace
 
@@ -40,6 +42,8 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
     weights = [float(w) for w in weights]
     if len(weights) != len(cks):
         raise SelectionError(f"{len(weights)} weight(s) for {len(cks)} checkpoints")
+    if not all(math.isfinite(w) for w in weights):  # a NaN weight made every averaged tensor NaN
+        raise SelectionError(f"weights must be finite numbers, got {', '.join(f'{w:g}' for w in weights)}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise SelectionError("weights must be >= 0 and not all 0")
     share = [w / sum(weights) for w in weights]

@@ -79,6 +79,10 @@ def test_average_refuses_what_is_not_one_model(tmp_path, cli):
     code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "a.safetensors", "--weights", "1,x",
                        "-o", tmp_path / "o.safetensors")
     assert code == 2 and "--weights" in err
+    for weights in ("nan,1", "inf,1", "1,-1", "0,0"):  # a NaN weight wrote NaN tensors, exit 0
+        code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "a.safetensors", "--weights", weights,
+                           "-o", tmp_path / "o.safetensors")
+        assert code == 2 and "weights must be" in err and len(err.strip().splitlines()) == 1, err
     save_file(_run(3), tmp_path / "d.safetensors")
     code, _, err = cli("average", tmp_path / "a.safetensors", tmp_path / "d.safetensors", "-o", tmp_path / "d.safetensors")
     assert code == 2 and "refusing to overwrite the input" in err  # the second input too, not just the first

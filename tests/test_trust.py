@@ -443,6 +443,10 @@ def test_path_and_output_errors(tmp_path, sample_dir, cli, monkeypatch):
     (tmp_path / "dir.pt").mkdir()
     _one_line_error(*cli("convert", good, "-o", tmp_path / "dir.pt"))  # output is a directory
     _one_line_error(*cli("convert", good, "-o", good))  # the input itself
+    for size in ("0", "0MB", "-5GB", "abc"):
+        code, out, err = cli("convert", good, "-o", tmp_path / "shards", "--max-shard-size", size)
+        _one_line_error(code, out, err)
+        assert "size" in err and not (tmp_path / "shards").exists()
     code, out, err = cli("convert", good, "-o", "-")  # stdout: never a file named "-"
     _one_line_error(code, out, err)
     assert "standard output" in err and not os.path.exists("-")

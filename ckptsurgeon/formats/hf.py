@@ -267,15 +267,20 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.I)
 
 
 def parse_size(text) -> int:
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise OutputError(f"cannot read the size {text!r}", hint="use e.g. 5GB, 500MB or 2GiB")
-    num, unit = float(m.group(1)), m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.replace("I", "").replace("B", "") or ""]
-    return int(num * base ** power)
+    """Bytes of a size like 5GB (10^9), 2GiB (2^30), 500MB or a plain number; at least 1."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise OutputError(f"cannot read the size {text!r}", hint="use e.g. 5GB, 500MB or 2GiB")
+        num, unit = float(m.group(1)), m.group(2).upper()
+        base = 1024 if "I" in unit else 1000
+        power = {"": 0, "B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.replace("I", "").replace("B", "") or ""]
+        size = int(num * base ** power)
+    if size < 1:
+        raise OutputError(f"the size {text!r} is not positive", hint="use e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run: bool = False,
