@@ -259,6 +259,9 @@ def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
     return move(x)
 
 
+_RUN_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
 def _moved(model, device, dtype):
     """The model on ``device`` in ``dtype``, in eval mode; the dtype is passed only when some
     floating-point tensor has another (diffusers warns on any ``.to(dtype)``, "modules that should
@@ -306,6 +309,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         rep = verify("model_dp.pt", "model.pt", model="samples/models.py:seednet")
         rep["equivalent"], rep["first_divergent"]
     """
+    if dtype not in _RUN_DTYPES:  # a model runs in a floating-point dtype only: checked before any work
+        raise SelectionError(f"--dtype {dtype!r}: verify runs models in {', '.join(_RUN_DTYPES)}")
     import torch
 
     from ckptsurgeon.compare import check_tolerances

@@ -219,6 +219,10 @@ def test_verify_dtype_and_device_errors(sample_dir, models_py, cli):
     r = cs.verify(sample_dir / "seednet.pt", sample_dir / "seednet.safetensors", model=f"{models_py}:seednet",
                   dtype="bfloat16")
     assert r["equivalent"] and "0.05" in r["outputs"][0]["rule"]
+    for bad in ("int8", "bool", "nonsense"):  # int8 was an internal error from nn.Module.to
+        code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
+                             f"{models_py}:seednet", "--dtype", bad)
+        assert code == 2 and f"--dtype '{bad}'" in err and len(err.strip().splitlines()) == 1, err
     if not torch.cuda.is_available():
         code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
                              f"{models_py}:seednet", "--device", "cuda")
