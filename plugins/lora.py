@@ -83,7 +83,8 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "adapter_config.json")
     if os.path.isdir(path):
-        diffusers_file = next((os.path.join(path, n) for n in DIFFUSERS_LORA if os.path.isfile(os.path.join(path, n))), "")
+        diffusers_file = next((os.path.join(path, n) for n in DIFFUSERS_LORA
+                               if os.path.isfile(os.path.join(path, n))), "")
     else:
         diffusers_file = path  # a LoRA file without a config beside it (diffusers, kohya .safetensors/.pt)
     if not os.path.exists(cfg_path) and os.path.isfile(diffusers_file):

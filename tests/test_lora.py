@@ -396,6 +396,15 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
     assert not any((tmp_path / n).exists() for n in ("sq_m.pt", "q.pt"))
 
 
+def _tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_diffusers_lora_files_merge_as_diffusers_fuses_them(tmp_path, cli):
     """A diffusers LoRA file (pytorch_lora_weights.safetensors: the LoraConfig in its header;
@@ -403,17 +412,11 @@ def test_diffusers_lora_files_merge_as_diffusers_fuses_them(tmp_path, cli):
     a diffusers model folder as diffusers' fuse_lora does; the pipeline's other component is
     named, not merged; a file without the config gets alpha = rank per module (scale 1), as
     diffusers loads it."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    def unet():
-        torch.manual_seed(0)
-        return diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-
+    unet = _tiny_unet
     unet().save_pretrained(tmp_path / "base")
     model = unet()
     torch.manual_seed(1)
@@ -463,17 +466,11 @@ def test_kohya_lora_merges_by_the_base_modules_names(tmp_path, cli):
     as diffusers' fuse_lora for the same factors and alpha; a LoCon conv (3x3 down, 1x1 up)
     computes what the LoRA branch computes; a module without .alpha gets scale 1; a name that
     matches no module is refused in one line."""
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    def unet():
-        torch.manual_seed(0)
-        return diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-            norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-
+    unet = _tiny_unet
     unet().save_pretrained(tmp_path / "base")
     model = unet()
     torch.manual_seed(1)
