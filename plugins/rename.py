@@ -27,7 +27,7 @@ def load_rules(path: str) -> list[tuple[str, str]]:
     """Rules from .json/.yaml/.toml: {pattern: replacement}, [[pattern, replacement], ...]
     or {"rules": [...]}; order is kept."""
     if not os.path.isfile(path):
-        raise SelectionError(f"map file {path} does not exist")
+        raise SelectionError(f"map file {path} " + ("is not a file" if os.path.exists(path) else "does not exist"))
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext in (".yaml", ".yml"):
