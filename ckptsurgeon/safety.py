@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
+from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from .pickle_io import OTHER_OS_PATHS, is_dtensor_global, scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
@@ -164,11 +164,21 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
     if head == b"PK\x03\x04":
         import zipfile
 
+        from .zipfmt import MAX_COMPRESSED_SMALL
+
         try:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
-                    if info.filename.endswith(".pkl"):
-                        result[info.filename] = scan_globals(zf.read(info))
+                    if not info.filename.endswith(".pkl"):
+                        continue
+                    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSED_SMALL:
+                        raise UnsupportedError(f"{path}: {info.filename} is compressed and inflates to "
+                                               f"{info.file_size:,} bytes: not inflated")
+                    name, n = info.filename, 1
+                    while name in result:  # a second record of one name: each scanned, each listed
+                        n += 1
+                        name = f"{info.filename} (copy {n})"
+                    result[name] = scan_globals(zf.read(info))
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})") from None
         return result

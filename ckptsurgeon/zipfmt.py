@@ -103,6 +103,13 @@ class TorchZip:
         self.infos = {}
         for info in infos:
             head, _, rest = info.filename.partition("/")
+            if head == self.prefix and rest in self.infos:
+                # torch never writes a name twice; readers differ on which copy they take (a
+                # scanner may see one data.pkl and a loader the other): refused, not guessed
+                self.close()
+                raise CorruptCheckpointError(f"{path}: the archive holds record {info.filename} twice",
+                                             hint="not written by torch.save; re-save the checkpoint from a "
+                                                  "trusted copy")
             if head == self.prefix and rest:
                 self.infos[rest] = info
         if "data.pkl" not in self.infos:

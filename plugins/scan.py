@@ -80,6 +80,10 @@ def scan(path: str) -> dict:
                 entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"
             for names in entry["pickles"].values():
                 entry["unsafe"] += [n for n in dict.fromkeys(names) if n not in allowed and n not in entry["unsafe"]]
+            twice = sorted({k.split(" (copy ")[0] for k in entry["pickles"] if " (copy " in k})
+            if twice:  # torch never writes a name twice, and readers differ on which copy they take
+                entry["error"] = (f"{f}: the archive holds {', '.join(twice)} more than once (a loader may read "
+                                  "another copy than a scanner): not a file torch.save wrote")
         except CkptSurgeonError as e:
             if not os.path.isdir(path):
                 raise

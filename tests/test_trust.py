@@ -173,6 +173,30 @@ def test_second_data_pkl_in_zip(tmp_path, cli):
     assert not canary.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_a_record_name_twice_is_refused_and_scan_shows_every_copy(tmp_path, cli):
+    """A zip holding data.pkl twice (the first a payload, the second benign): readers differ on
+    which copy they take, and scan keyed its findings by name, so the benign copy hid the
+    payload ("ok", exit 0). Now scan lists both copies and the payload's global (exit 1) and
+    names the duplicate; loading refuses the archive in one line; nothing runs."""
+    canary = tmp_path / "canary"
+    p = tmp_path / "twice.pt"
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(p, "w") as dst:
+        for info in src.infolist():
+            if info.filename.endswith("/data.pkl"):
+                dst.writestr(info.filename, pickle.dumps(Reduce(os.system, (_touch_cmd(canary),)), protocol=2))
+            dst.writestr(info.filename, src.read(info))
+    code, out, err = cli("scan", p)
+    assert code == 1 and "unsafe global: posix.system" in out and "(copy 2)" in out and "more than once" in out, out
+    code, out, err = cli("inspect", p)
+    assert code == 2 and "twice" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(cs.CkptSurgeonError):
+        cs.load(p, trust_pickle="inert")
+    assert not canary.exists()
+
+
 def test_hostile_hf_shard(tmp_path):
     canary = tmp_path / "canary"
     folder = tmp_path / "hf"
