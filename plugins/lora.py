@@ -354,8 +354,10 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
     for mod, cands in candidates.items():
         if to_common[f"{mod}.weight"] in base_of and not mod.endswith(".base_layer"):
             continue  # a module's weight (target_modules): the usual merge
-        params[mod] = _parameter_target(mod, mods[mod], [base_of[to_common[c]] for c in cands
-                                                          if to_common[c] in base_of], refs_of=base.state)
+        present = [base_of[to_common[c]] for c in cands if to_common[c] in base_of]
+        split = None if present else _split_experts(mod, mods[mod], cands, base.state)
+        params[mod] = ("", "experts_split", split) if split else \
+            _parameter_target(mod, mods[mod], present, refs_of=base.state) + (None,)
         wanted.remove(f"{mod}.weight")
     missing = [w for w in wanted if to_common[w] not in base_of]
     if missing:
@@ -388,7 +390,13 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         put(bkey, new)
         swapped.append(bkey)
     for mod, parts in mods.items():
-        wkey, layout = params[mod] if mod in params else (base_of[to_common[f"{mod}.weight"]], None)
+        wkey, layout, split = params[mod] if mod in params else (base_of[to_common[f"{mod}.weight"]], None, None)
+        if split:  # fused in memory, one weight per expert (and per part) in the file
+            entry = _merge_split_experts(mod, parts, split, refs, put, ranks, alphas, r_default, alpha_default,
+                                         rslora, scale)
+            kinds["experts"] = kinds.get("experts", 0) + 1
+            merged.append(entry)
+            continue
         w = refs[wkey]
         if w.dtype not in _FLOAT:
             raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
@@ -423,7 +431,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
             put(bkey, assembled_ref(bias.shape, bias.dtype, _biased(bias, lb, scaling), label=bkey))
             entry["bias"] = bkey
         merged.append(entry)
-    changed = {k for e in merged for k in (e["weight"], e.get("bias")) if k} | set(swapped)
+    changed = {k for e in merged for k in (e["weight"], e.get("bias"), *e.get("weights", ())) if k} | set(swapped)
     changed = {t for k in changed for t in ties[tie_of[k]]}
     report = {"operation": "merge-lora", "merged": merged, "by_kind": kinds, "replaced": swapped,
               "scale": scale, "rslora": rslora, "alignment": alignment,
@@ -487,6 +495,81 @@ def _parameter_target(mod: str, parts: dict, keys: list[str], refs_of) -> tuple[
     raise UnsupportedError(f"{mod}: {shapes} fit more than one way ({', '.join(f'{k} as {v}' for k, v in fits)}): "
                            "which one depends on the module (is_transposed), not on the file",
                            hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
+
+
+def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | None:
+    """Where a LoRA on a fused experts parameter goes when the file holds one weight per expert:
+    transformers >= 5 fuses ``experts.{e}.gate_proj.weight`` + ``experts.{e}.up_proj.weight``
+    into ``experts.gate_up_proj`` (E, out, in) -- the parts concatenated along ``out`` in the
+    order the name gives them -- and ``experts.{e}.down_proj.weight`` into ``experts.down_proj``,
+    and saves them split again. {"param", "experts": E, "pieces": [(e, key, row0, row1)]} for
+    the one candidate whose per-expert weights exist and fit the LoRA's shapes; None otherwise."""
+    if not {"A", "B"} <= set(parts) or "B.bias" in parts:
+        return None
+    a, b = as_ref(parts["A"]), as_ref(parts["B"])
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return None
+    found = []
+    for cand in cands:
+        owner, _, pname = cand.rpartition(".")
+        if not pname.endswith("_proj"):
+            continue
+        names = [f"{n}_proj" for n in pname[: -len("_proj")].split("_")]
+        experts = 0
+        while all(f"{owner}.{experts}.{n}.weight" in state for n in names):
+            experts += 1
+        if not experts:
+            continue
+        pieces, row, ok = [], 0, True
+        for e in range(experts):
+            row = 0
+            for n in names:
+                key = f"{owner}.{e}.{n}.weight"
+                shape = tuple(as_ref(state[key]).shape)
+                ok = ok and len(shape) == 2 and shape[1] == a.shape[1]
+                pieces.append((e, key, row, row + (shape[0] if shape else 0)))
+                row += shape[0] if shape else 0
+        if ok and b.shape[0] == row and a.shape[0] == b.shape[1] and a.shape[0] % experts == 0:
+            found.append({"param": cand, "experts": experts, "pieces": pieces})
+    return found[0] if len(found) == 1 else None
+
+
+def _merge_split_experts(mod, parts, split, refs, put, ranks, alphas, r_default, alpha_default, rslora, scale):
+    """Merge PEFT's update of a fused experts parameter into the per-expert weights of the file
+    (see _split_experts): expert e's update is lora_B[:, :, e] @ lora_A[e] (B's r*E axis ordered
+    (r, E), A's (E, r)), its rows split among the parts."""
+    a, b = as_ref(parts["A"]), as_ref(parts["B"])
+    experts = split["experts"]
+    r = _pattern_value(ranks, mod, r_default)
+    r = a.shape[0] // experts if r is None else r
+    alpha = _pattern_value(alphas, mod, alpha_default)
+    if alpha is None:
+        raise UnsupportedError("the adapter config names no lora_alpha")
+    if a.shape[0] != r * experts:
+        raise SelectionError(f"{mod}: lora_A has rank {a.shape[0] // experts} but the config says r={r}",
+                             hint="the adapter_config.json does not belong to these weights")
+    scaling = float(alpha) / (math.sqrt(r) if rslora else r) * scale
+    keys = []
+    for e, key, row0, row1 in split["pieces"]:
+        w = refs[key]
+        if w.dtype not in _FLOAT:
+            raise UnsupportedError(f"{key} is {w.dtype}: merge-lora merges into floating-point weights")
+        put(key, assembled_ref(w.shape, w.dtype, _expert_piece(w, a, b, e, experts, row0, row1, scaling), label=key))
+        keys.append(key)
+    return {"module": mod, "weight": keys[0], "weights": keys, "kind": "experts",
+            "parameter": split["param"], "experts": experts, "r": int(r), "alpha": alpha, "scaling": scaling}
+
+
+def _expert_piece(w: TensorRef, a: TensorRef, b: TensorRef, e: int, experts: int, row0: int, row1: int,
+                  scaling: float):
+    def build():
+        base = w.to_torch()
+        acc = _wide(base.dtype)
+        A = a.to_torch().to(acc).reshape(experts, -1, a.shape[1])[e]
+        B = b.to_torch().to(acc).reshape(b.shape[0], -1, experts)[row0:row1, :, e]
+        delta = (B @ A).mul_(scaling).add_(base)
+        return delta if delta.dtype == base.dtype else delta.to(base.dtype)
+    return build
 
 
 def _kind(mod: str, parts: dict, w: TensorRef):
@@ -721,7 +804,8 @@ def _human_extract(r: dict) -> None:
 
 def _human(r: dict) -> None:
     kinds = ", ".join(f"{n} {k}" for k, n in r["by_kind"].items())
-    click.echo(f"merged LoRA into {len(r['merged'])} weight(s) ({kinds})"
+    weights = sum(len(e.get("weights", (e["weight"],))) for e in r["merged"])
+    click.echo(f"merged LoRA into {weights} weight(s) ({kinds})"
                + (f" at scale {r['scale']}" if r["scale"] != 1.0 else ""))
     scalings = sorted({e["scaling"] for e in r["merged"]})
     if scalings:

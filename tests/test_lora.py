@@ -357,7 +357,9 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
     tensor) merge as PEFT merges them: lora_A (E*r, in), lora_B (out, r*E), the update per
     expert einsum('ore,eri->eoi'), or 'eio' where the experts are stored (E, in, out) --
     GPT-OSS (is_transposed, saved under its in-memory names) and Qwen3-MoE's in-memory layout
-    (E, out, in); two parameters of one module nest (experts.base_layer.lora_*)."""
+    (E, out, in); two parameters of one module nest (experts.base_layer.lora_*); a base saved
+    under per-expert names (transformers >= 5 splits fused experts when saving) gets each expert's
+    part of the update."""
     from safetensors.torch import load_file
 
     oss = _gpt_oss()
@@ -379,19 +381,40 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     code, out, err = cli("merge-lora", tmp_path / "qwen.pt", tmp_path / "qwen_ad", "-o", tmp_path / "qwen_m.pt")
     assert code == 0 and "(2 experts)" in out, out + err
-    ref = pm.merge_and_unload().state_dict()
+    merged_by_peft = pm.merge_and_unload()
+    ref = merged_by_peft.state_dict()
     got = torch.load(tmp_path / "qwen_m.pt", weights_only=True)
     for k, v in ref.items():
         assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
 
     # a square expert matrix fits (E, out, in) and (E, in, out): which one is the module's, not the file's
     torch.save(_qwen3_moe(8).state_dict(), tmp_path / "sq.pt")
-    _adapter(_qwen3_moe(8), tmp_path / "sq_ad", r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj"])
+    pm_sq = _adapter(_qwen3_moe(8), tmp_path / "sq_ad", r=2, lora_alpha=4,
+                     target_parameters=["mlp.experts.gate_up_proj"])
     code, out, err = cli("merge-lora", tmp_path / "sq.pt", tmp_path / "sq_ad", "-o", tmp_path / "sq_m.pt")
     assert code == 2 and "more than one way" in err and len(err.strip().splitlines()) == 1, err
-    # transformers saves Qwen3-MoE's fused experts under per-expert names: no parameter to merge into
+    # transformers saves Qwen3-MoE's fused experts under per-expert names (experts.{e}.gate_proj.weight,
+    # .up_proj, .down_proj): the update of expert e goes to its own weights, gate_up's rows split
     _qwen3_moe().save_pretrained(tmp_path / "qwen_folder")
-    code, out, err = cli("merge-lora", tmp_path / "qwen_folder", tmp_path / "qwen_ad", "-o", tmp_path / "q.pt")
+    merged_by_peft.save_pretrained(tmp_path / "qwen_ref")
+    code, out, err = cli("merge-lora", tmp_path / "qwen_folder", tmp_path / "qwen_ad", "-o", tmp_path / "q_m")
+    assert code == 0 and "(2 experts)" in out, out + err
+    got = load_file(tmp_path / "q_m" / "model.safetensors")
+    want = load_file(tmp_path / "qwen_ref" / "model.safetensors")
+    assert set(got) == set(want) and "model.layers.0.mlp.experts.3.up_proj.weight" in got
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
+    # split this way the square matrix is no longer ambiguous: the file's per-expert Linears say (out, in)
+    _qwen3_moe(8).save_pretrained(tmp_path / "sq_folder")
+    code, out, err = cli("merge-lora", tmp_path / "sq_folder", tmp_path / "sq_ad", "-o", tmp_path / "sq_f")
+    assert code == 0 and "(1 experts)" in out, out + err
+    pm_sq.merge_and_unload().save_pretrained(tmp_path / "sq_ref")
+    got = load_file(tmp_path / "sq_f" / "model.safetensors")
+    want = load_file(tmp_path / "sq_ref" / "model.safetensors")
+    assert all(torch.allclose(got[k], v, atol=1e-6, rtol=1e-6) for k, v in want.items())
+    # a base with neither the fused parameter nor per-expert weights: one line
+    torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(16, 16)}, tmp_path / "other.pt")
+    code, out, err = cli("merge-lora", tmp_path / "other.pt", tmp_path / "qwen_ad", "-o", tmp_path / "q.pt")
     assert code == 2 and "no targeted parameter" in err and len(err.strip().splitlines()) == 1, err
     assert not any((tmp_path / n).exists() for n in ("sq_m.pt", "q.pt"))
 
