@@ -520,7 +520,7 @@ def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | Non
             experts += 1
         if not experts:
             continue
-        pieces, row, ok = [], 0, True
+        pieces, ok = [], True
         for e in range(experts):
             row = 0
             for n in names:
@@ -529,7 +529,8 @@ def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | Non
                 ok = ok and len(shape) == 2 and shape[1] == a.shape[1]
                 pieces.append((e, key, row, row + (shape[0] if shape else 0)))
                 row += shape[0] if shape else 0
-        if ok and b.shape[0] == row and a.shape[0] == b.shape[1] and a.shape[0] % experts == 0:
+            ok = ok and row == b.shape[0]  # every expert: the fused rows lora_B gives
+        if ok and a.shape[0] == b.shape[1] and a.shape[0] % experts == 0:
             found.append({"param": cand, "experts": experts, "pieces": pieces})
     return found[0] if len(found) == 1 else None
 
