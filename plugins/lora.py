@@ -497,6 +497,13 @@ def _parameter_target(mod: str, parts: dict, keys: list[str], refs_of) -> tuple[
                            hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
 
 
+# How files name the experts transformers >= 5 fuses in memory: ((module path in memory, in the
+# file), {part: name in the file}). Qwen2/3-MoE, OLMoE, DeepSeek...: experts.{e}.gate_proj /
+# up_proj / down_proj under the same path; Mixtral, PhiMoE: block_sparse_moe.experts.{e}.w1 / w3 / w2.
+_EXPERT_FILES = ((("", ""), {}),
+                 ((".mlp.experts", ".block_sparse_moe.experts"), {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}))
+
+
 def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | None:
     """Where a LoRA on a fused experts parameter goes when the file holds one weight per expert:
     transformers >= 5 fuses ``experts.{e}.gate_proj.weight`` + ``experts.{e}.up_proj.weight``
@@ -510,11 +517,16 @@ def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | Non
     if len(a.shape) != 2 or len(b.shape) != 2:
         return None
     found = []
-    for cand in cands:
+    for cand, scheme in ((c, sch) for c in cands for sch in _EXPERT_FILES):
         owner, _, pname = cand.rpartition(".")
         if not pname.endswith("_proj"):
             continue
-        names = [f"{n}_proj" for n in pname[: -len("_proj")].split("_")]
+        (mem_path, file_path), part_names = scheme
+        if mem_path:
+            if not owner.endswith(mem_path):
+                continue
+            owner = owner[: -len(mem_path)] + file_path
+        names = [part_names.get(f"{n}_proj", f"{n}_proj") for n in pname[: -len("_proj")].split("_")]
         experts = 0
         while all(f"{owner}.{experts}.{n}.weight" in state for n in names):
             experts += 1

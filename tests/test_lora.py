@@ -412,6 +412,23 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
     got = load_file(tmp_path / "sq_f" / "model.safetensors")
     want = load_file(tmp_path / "sq_ref" / "model.safetensors")
     assert all(torch.allclose(got[k], v, atol=1e-6, rtol=1e-6) for k, v in want.items())
+    # Mixtral's file: block_sparse_moe.experts.{e}.w1 / w3 / w2 for the fused mlp.experts parameters
+    torch.manual_seed(0)
+    mix_cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                         num_experts_per_tok=2, max_position_embeddings=32)
+    transformers.MixtralForCausalLM(mix_cfg).save_pretrained(tmp_path / "mix")
+    mix = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mix")
+    pm_mix = _adapter(mix, tmp_path / "mix_ad", r=2, lora_alpha=4, target_modules=["q_proj"],
+                      target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    pm_mix.merge_and_unload().save_pretrained(tmp_path / "mix_ref")
+    code, out, err = cli("merge-lora", tmp_path / "mix", tmp_path / "mix_ad", "-o", tmp_path / "mix_m")
+    assert code == 0 and "merged LoRA into 13 weight(s) (2 experts, 1 linear)" in out, out + err
+    got = load_file(tmp_path / "mix_m" / "model.safetensors")
+    want = load_file(tmp_path / "mix_ref" / "model.safetensors")
+    assert set(got) == set(want) and "model.layers.0.block_sparse_moe.experts.3.w3.weight" in got
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
     # a base with neither the fused parameter nor per-expert weights: one line
     torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(16, 16)}, tmp_path / "other.pt")
     code, out, err = cli("merge-lora", tmp_path / "other.pt", tmp_path / "qwen_ad", "-o", tmp_path / "q.pt")
