@@ -290,10 +290,8 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
     _check_config(config)
     if not math.isfinite(scale):
         raise SelectionError(f"--scale {scale} is not a finite number")
-    r_default, alpha_default = config.get("r"), config.get("lora_alpha")
     rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
 
     # ---- what the adapter holds, by module
     mods: "OrderedDict[str, dict]" = OrderedDict()
@@ -392,32 +390,16 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
     for mod, parts in mods.items():
         wkey, layout, split = params[mod] if mod in params else (base_of[to_common[f"{mod}.weight"]], None, None)
         if split:  # fused in memory, one weight per expert (and per part) in the file
-            entry = _merge_split_experts(mod, parts, split, refs, put, ranks, alphas, r_default, alpha_default,
-                                         rslora, scale)
+            entry = _merge_split_experts(mod, parts, split, refs, put, config, scale)
             kinds["experts"] = kinds.get("experts", 0) + 1
             merged.append(entry)
             continue
         w = refs[wkey]
         if w.dtype not in _FLOAT:
             raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
-        r = _pattern_value(ranks, mod, r_default)
-        alpha = _pattern_value(alphas, mod, alpha_default)
-        if config.get(ALPHA_IS_RANK):
-            r = alpha = None  # both from lora_A's rank below
-        if mod in config.get(MODULE_ALPHAS, {}):
-            r, alpha = None, config[MODULE_ALPHAS][mod]  # a kohya file's own alpha per module
         kind, a, b = _kind(mod, parts, w) if layout is None else (layout, as_ref(parts["A"]), as_ref(parts["B"]))
         experts = w.shape[0] if layout in ("experts", "experts_transposed") else 1
-        if r is None:
-            r = a.shape[0] // experts
-        if alpha is None and config.get(ALPHA_IS_RANK):
-            alpha = r
-        if alpha is None:
-            raise UnsupportedError("the adapter config names no lora_alpha")
-        if a.shape[0] != r * experts:
-            raise SelectionError(f"{mod}: lora_A has rank {a.shape[0] // experts} but the config says r={r}",
-                                 hint="the adapter_config.json does not belong to these weights")
-        scaling = float(alpha) / (math.sqrt(r) if rslora else r) * scale
+        r, alpha, scaling = _rank_alpha_scaling(mod, a, experts, config, scale)
         if layout is None:
             _check_shapes(mod, kind, a, b, w, fan_in_fan_out)
         put(wkey, assembled_ref(w.shape, w.dtype, _merged(w, a, b, kind, scaling, fan_in_fan_out), label=wkey))
@@ -547,21 +529,35 @@ def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | Non
     return found[0] if len(found) == 1 else None
 
 
-def _merge_split_experts(mod, parts, split, refs, put, ranks, alphas, r_default, alpha_default, rslora, scale):
-    """Merge PEFT's update of a fused experts parameter into the per-expert weights of the file
-    (see _split_experts): expert e's update is lora_B[:, :, e] @ lora_A[e] (B's r*E axis ordered
-    (r, E), A's (E, r)), its rows split among the parts."""
-    a, b = as_ref(parts["A"]), as_ref(parts["B"])
-    experts = split["experts"]
-    r = _pattern_value(ranks, mod, r_default)
-    r = a.shape[0] // experts if r is None else r
-    alpha = _pattern_value(alphas, mod, alpha_default)
+def _rank_alpha_scaling(mod: str, a: TensorRef, experts: int, config: dict, scale: float):
+    """(r, alpha, scaling) of one module's update: r and alpha from the config (its patterns by
+    PEFT's rule), or from lora_A's rows where the adapter records no alpha (alpha = r) or its own
+    per module (a kohya file); ``experts`` updates share lora_A's rows."""
+    r = _pattern_value(config.get("rank_pattern") or {}, mod, config.get("r"))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, mod, config.get("lora_alpha"))
+    if config.get(ALPHA_IS_RANK):
+        r = alpha = None  # both from lora_A's rank below
+    if mod in config.get(MODULE_ALPHAS, {}):
+        r, alpha = None, config[MODULE_ALPHAS][mod]
+    if r is None:
+        r = a.shape[0] // experts
+    if alpha is None and config.get(ALPHA_IS_RANK):
+        alpha = r
     if alpha is None:
         raise UnsupportedError("the adapter config names no lora_alpha")
     if a.shape[0] != r * experts:
         raise SelectionError(f"{mod}: lora_A has rank {a.shape[0] // experts} but the config says r={r}",
                              hint="the adapter_config.json does not belong to these weights")
-    scaling = float(alpha) / (math.sqrt(r) if rslora else r) * scale
+    return r, alpha, float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r) * scale
+
+
+def _merge_split_experts(mod, parts, split, refs, put, config, scale):
+    """Merge PEFT's update of a fused experts parameter into the per-expert weights of the file
+    (see _split_experts): expert e's update is lora_B[:, :, e] @ lora_A[e] (B's r*E axis ordered
+    (r, E), A's (E, r)), its rows split among the parts."""
+    a, b = as_ref(parts["A"]), as_ref(parts["B"])
+    experts = split["experts"]
+    r, alpha, scaling = _rank_alpha_scaling(mod, a, experts, config, scale)
     keys = []
     for e, key, row0, row1 in split["pieces"]:
         w = refs[key]

@@ -342,6 +342,18 @@ def _gpt_oss():
     return transformers.GptOssForCausalLM(cfg).eval()
 
 
+def _same_folders(got_folder, want_folder) -> set:
+    """The tensor names of two single-file model folders, after asserting they hold the same
+    tensors within 1e-6 (ours against PEFT's merge saved by save_pretrained)."""
+    from safetensors.torch import load_file
+
+    got, want = load_file(got_folder / "model.safetensors"), load_file(want_folder / "model.safetensors")
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
+    return set(got)
+
+
 def _qwen3_moe(moe_intermediate=12):
     torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
@@ -399,19 +411,13 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
     merged_by_peft.save_pretrained(tmp_path / "qwen_ref")
     code, out, err = cli("merge-lora", tmp_path / "qwen_folder", tmp_path / "qwen_ad", "-o", tmp_path / "q_m")
     assert code == 0 and "(2 experts)" in out, out + err
-    got = load_file(tmp_path / "q_m" / "model.safetensors")
-    want = load_file(tmp_path / "qwen_ref" / "model.safetensors")
-    assert set(got) == set(want) and "model.layers.0.mlp.experts.3.up_proj.weight" in got
-    for k, v in want.items():
-        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in _same_folders(tmp_path / "q_m", tmp_path / "qwen_ref")
     # split this way the square matrix is no longer ambiguous: the file's per-expert Linears say (out, in)
     _qwen3_moe(8).save_pretrained(tmp_path / "sq_folder")
     code, out, err = cli("merge-lora", tmp_path / "sq_folder", tmp_path / "sq_ad", "-o", tmp_path / "sq_f")
     assert code == 0 and "(1 experts)" in out, out + err
     pm_sq.merge_and_unload().save_pretrained(tmp_path / "sq_ref")
-    got = load_file(tmp_path / "sq_f" / "model.safetensors")
-    want = load_file(tmp_path / "sq_ref" / "model.safetensors")
-    assert all(torch.allclose(got[k], v, atol=1e-6, rtol=1e-6) for k, v in want.items())
+    _same_folders(tmp_path / "sq_f", tmp_path / "sq_ref")
     # Mixtral's file: block_sparse_moe.experts.{e}.w1 / w3 / w2 for the fused mlp.experts parameters
     torch.manual_seed(0)
     mix_cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=1,
@@ -424,11 +430,8 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
     pm_mix.merge_and_unload().save_pretrained(tmp_path / "mix_ref")
     code, out, err = cli("merge-lora", tmp_path / "mix", tmp_path / "mix_ad", "-o", tmp_path / "mix_m")
     assert code == 0 and "merged LoRA into 13 weight(s) (2 experts, 1 linear)" in out, out + err
-    got = load_file(tmp_path / "mix_m" / "model.safetensors")
-    want = load_file(tmp_path / "mix_ref" / "model.safetensors")
-    assert set(got) == set(want) and "model.layers.0.block_sparse_moe.experts.3.w3.weight" in got
-    for k, v in want.items():
-        assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-6), k
+    assert "model.layers.0.block_sparse_moe.experts.3.w3.weight" in _same_folders(tmp_path / "mix_m",
+                                                                                  tmp_path / "mix_ref")
     # a base with neither the fused parameter nor per-expert weights: one line
     torch.save({"model.layers.0.self_attn.q_proj.weight": torch.zeros(16, 16)}, tmp_path / "other.pt")
     code, out, err = cli("merge-lora", tmp_path / "other.pt", tmp_path / "qwen_ad", "-o", tmp_path / "q.pt")
