@@ -850,14 +850,16 @@ def merge_lora_cmd(base, adapter, scale, key, trust_pickle, as_json, **write):
     """Merge a PEFT LoRA adapter into its base model's weights.
 
     BASE is the base checkpoint (a Hugging Face folder, .safetensors, .pt...); ADAPTER is the
-    folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors), or a
-    diffusers LoRA (pytorch_lora_weights.safetensors) for a diffusers model folder.
+    folder PEFT's save_pretrained wrote (adapter_config.json + adapter_model.safetensors), a
+    diffusers LoRA (pytorch_lora_weights.safetensors) or a kohya-ss LoRA file (lora_unet_*
+    names) for the model it was trained on.
     Merged weights are computed one at a time as they are written; the rest is copied.
 
     \b
     Examples:
       ckpt-surgeon merge-lora llama-base/ my-lora/ -o llama-merged/ --max-shard-size 5GB
       ckpt-surgeon merge-lora base.safetensors my-lora/ -o merged.safetensors --scale 0.5
+      ckpt-surgeon merge-lora sd15/unet/ style_lora.safetensors -o sd15_styled_unet/
     """
     ck = cliutil.load(base, key, trust_pickle)
     new, report = merge_lora(ck, adapter, scale=scale, trust_pickle=trust_pickle)
