@@ -38,6 +38,8 @@ DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_DTYPE.items()}
 # bytes (float4_e2m1fn_x2: two values per element). The last dimension differs by this factor,
 # as safetensors' own torch bridge converts it ([..., 2n] F4 <-> [..., n] float4_e2m1fn_x2).
 PACKED_PER_ELEMENT = {"float4_e2m1fn_x2": 2}
+#: the floating-point dtypes a model computes in and a checkpoint is cast between
+PLAIN_FLOATS = ("float32", "bfloat16", "float16", "float64")
 # dtypes the safetensors format defines that torch has no dtype for (6-bit floats, packed).
 SAFETENSORS_NO_TORCH = {"F6_E2M3": 6, "F6_E3M2": 6}
 

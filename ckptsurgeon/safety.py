@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
 from .pickle_io import OTHER_OS_PATHS, is_dtensor_global, scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
@@ -164,16 +164,14 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
     if head == b"PK\x03\x04":
         import zipfile
 
-        from .zipfmt import MAX_COMPRESSED_SMALL
+        from .zipfmt import MAX_COMPRESSED_SMALL, refuse_inflating
 
         try:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
                     if not info.filename.endswith(".pkl"):
                         continue
-                    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSED_SMALL:
-                        raise UnsupportedError(f"{path}: {info.filename} is compressed and inflates to "
-                                               f"{info.file_size:,} bytes: not inflated")
+                    refuse_inflating(path, info, MAX_COMPRESSED_SMALL)
                     name, n = info.filename, 1
                     while name in result:  # a second record of one name: each scanned, each listed
                         n += 1

@@ -73,6 +73,17 @@ class _Window(io.RawIOBase):
         super().close()
 
 
+def refuse_inflating(path: str, info: zipfile.ZipInfo, limit: int) -> None:
+    """A compressed record (torch never compresses; a repacked archive may) that declares more
+    than ``limit`` bytes is refused before inflating: zipfile stops at the declared size, so the
+    declaration bounds the memory (a 400 KB deflated pickle declared 400 MiB)."""
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > limit:
+        raise UnsupportedError(
+            f"{path}: record {info.filename} is compressed and inflates to {info.file_size:,} bytes "
+            f"({info.file_size / max(info.compress_size, 1):,.0f}x its stored size): not inflated",
+            hint="torch writes records uncompressed; re-save the checkpoint with torch.save")
+
+
 class TorchZip:
     """An open torch zip checkpoint: its records, their byte ranges and CRCs.
 
@@ -121,18 +132,12 @@ class TorchZip:
             what = "a numpy .npz archive" if path.lower().endswith(".npz") else "a zip archive"
             raise NotACheckpointError(f"{path}: {what} with no data.pkl record, not a torch checkpoint")
 
-    def read(self, name: str) -> bytes:
-        """A small record's bytes (CRC checked by zipfile). A compressed one (torch never
-        compresses; a repacked archive may) that declares more than MAX_COMPRESSED_SMALL is
-        refused before inflating: a 400 KB deflated data.pkl inflated to 400 MiB (zipfile stops
-        at the declared size, so the declaration bounds the memory)."""
+    def read(self, name: str, limit: int = MAX_COMPRESSED_SMALL) -> bytes:
+        """A record's bytes (CRC checked by zipfile); a compressed one declaring more than
+        ``limit`` is refused (see refuse_inflating)."""
         try:
             info = self.infos[name]
-            if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSED_SMALL:
-                raise UnsupportedError(
-                    f"{self.path}: record {name} is compressed and inflates to {info.file_size:,} bytes "
-                    f"({info.file_size / max(info.compress_size, 1):,.0f}x its stored size): not inflated",
-                    hint="torch writes records uncompressed; re-save the checkpoint with torch.save")
+            refuse_inflating(self.path, info, limit)
             return self._zf.read(info)
         except KeyError:
             raise CorruptCheckpointError(f"{self.path}: missing record {self.prefix}/{name}") from None
@@ -153,11 +158,7 @@ class TorchZip:
         if info.compress_type != zipfile.ZIP_STORED:
             # torch never compresses records; a repacked archive may. Inflating needs memory for
             # the whole record, so a huge one (or a zip bomb declaring one) is refused, not read.
-            if info.file_size > MAX_COMPRESSED_RECORD:
-                raise UnsupportedError(
-                    f"{self.path}: record {name} is compressed and inflates to {info.file_size:,} bytes",
-                    hint="torch writes records uncompressed; re-save the checkpoint with torch.save")
-            data = bytearray(self.read(name))  # writable: torch.frombuffer warns about read-only buffers
+            data = bytearray(self.read(name, MAX_COMPRESSED_RECORD))  # writable: torch.frombuffer wants it
             return MemoryBytes(memoryview(data)[:nbytes], label=label or name)
         offset = self.data_offset(info)
         if offset + info.file_size > self.base + self.size:

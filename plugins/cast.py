@@ -9,6 +9,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
+from ckptsurgeon.dtypes import PLAIN_FLOATS
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, parse_patterns, select
 from ckptsurgeon.layout import cast_ref
@@ -17,7 +18,7 @@ from ckptsurgeon.types import Operation
 
 # what a cast reads and writes: the dtypes whose values a plain cast carries (float8/float4 codes
 # need their scales, which live elsewhere; complex and integer tensors are not weights to cast)
-TARGETS = ("float32", "bfloat16", "float16", "float64")
+TARGETS = PLAIN_FLOATS
 
 
 def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, dict]:

@@ -28,6 +28,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.dtypes import PLAIN_FLOATS
 from ckptsurgeon.errors import InputNotFoundError, NotACheckpointError, SelectionError, UnsupportedError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.layout import assembled_ref, cast_ref
@@ -61,7 +62,6 @@ def _lora_key(name: str):
 _REFUSED = {"lora_magnitude_vector": "DoRA (use_dora): its merge renormalises each column with a magnitude vector",
             "trainable_tokens": "trainable tokens (trainable_token_indices)",
             "token_adapter": "trainable tokens (trainable_token_indices)"}
-_FLOAT = ("float32", "float64", "bfloat16", "float16")
 
 
 DIFFUSERS_LORA = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -383,7 +383,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         if tuple(old.shape) != tuple(new.shape):
             raise SelectionError(f"the adapter's {name!r} has shape {list(new.shape)}, "
                                  f"the base's {bkey} {list(old.shape)}")
-        if new.dtype != old.dtype and new.dtype in _FLOAT and old.dtype in _FLOAT:
+        if new.dtype != old.dtype and new.dtype in PLAIN_FLOATS and old.dtype in PLAIN_FLOATS:
             new = cast_ref(new, old.dtype, label=bkey)  # the base's dtype
         put(bkey, new)
         swapped.append(bkey)
@@ -395,7 +395,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
             merged.append(entry)
             continue
         w = refs[wkey]
-        if w.dtype not in _FLOAT:
+        if w.dtype not in PLAIN_FLOATS:
             raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
         kind, a, b = _kind(mod, parts, w) if layout is None else (layout, as_ref(parts["A"]), as_ref(parts["B"]))
         experts = w.shape[0] if layout in ("experts", "experts_transposed") else 1
@@ -561,7 +561,7 @@ def _merge_split_experts(mod, parts, split, refs, put, config, scale):
     keys = []
     for e, key, row0, row1 in split["pieces"]:
         w = refs[key]
-        if w.dtype not in _FLOAT:
+        if w.dtype not in PLAIN_FLOATS:
             raise UnsupportedError(f"{key} is {w.dtype}: merge-lora merges into floating-point weights")
         put(key, assembled_ref(w.shape, w.dtype, _expert_piece(w, a, b, e, experts, row0, row1, scaling), label=key))
         keys.append(key)
@@ -707,8 +707,8 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, *, rank: int = 16) -> tupl
     ranks: dict = {}
     for mod, keys in changed_by_module.items():
         w = f"{mod}.weight" if mod else "weight"
-        low_rank = (keys == [w] and len(bt[w].shape) == 2 and bt[w].dtype in _FLOAT and tt[tuned_of[to_common[w]]].dtype
-                    in _FLOAT and not _EMBEDDING.search(mod) and mod != "")
+        low_rank = (keys == [w] and len(bt[w].shape) == 2 and bt[w].dtype in PLAIN_FLOATS and tt[tuned_of[to_common[w]]].dtype
+                    in PLAIN_FLOATS and not _EMBEDDING.search(mod) and mod != "")
         if not mod:
             raise SelectionError(f"top-level tensor(s) changed ({', '.join(keys[:3])}): an adapter changes modules",
                                  hint="nest them under a module name, or keep the whole checkpoint")

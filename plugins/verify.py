@@ -10,6 +10,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.dtypes import PLAIN_FLOATS
 from ckptsurgeon.errors import EXIT_FINDING, ModelError, SelectionError
 from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
@@ -259,9 +260,6 @@ def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
     return move(x)
 
 
-_RUN_DTYPES = ("float32", "float64", "float16", "bfloat16")
-
-
 def _moved(model, device, dtype):
     """The model on ``device`` in ``dtype``, in eval mode; the dtype is passed only when some
     floating-point tensor has another (diffusers warns on any ``.to(dtype)``, "modules that should
@@ -309,8 +307,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         rep = verify("model_dp.pt", "model.pt", model="samples/models.py:seednet")
         rep["equivalent"], rep["first_divergent"]
     """
-    if dtype not in _RUN_DTYPES:  # a model runs in a floating-point dtype only: checked before any work
-        raise SelectionError(f"--dtype {dtype!r}: verify runs models in {', '.join(_RUN_DTYPES)}")
+    if dtype not in PLAIN_FLOATS:  # a model runs in a floating-point dtype only: checked before any work
+        raise SelectionError(f"--dtype {dtype!r}: verify runs models in {', '.join(PLAIN_FLOATS)}")
     import torch
 
     from ckptsurgeon.compare import check_tolerances

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from ..atomic import _fsync_dir, atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
+from ..dtypes import PLAIN_FLOATS
 from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
 from . import safetensors as st
 
@@ -335,7 +336,6 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     return report
 
 
-_PLAIN_FLOATS = ("float32", "bfloat16", "float16", "float64")
 
 
 def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
@@ -345,14 +345,14 @@ def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
     from_pretrained(dtype="auto") would load it back as float32); None otherwise. save_pretrained
     records the model's dtype there the same way."""
     written = {str(getattr(r, "dtype", "")).replace("torch.", "") for _, r in items}
-    floats = written & set(_PLAIN_FLOATS)
+    floats = written & set(PLAIN_FLOATS)
     if len(floats) != 1:
         return None
     (dtype,) = floats
     cfg = read_config(folder)
     if cfg is None:
         return None
-    keys = [k for k in ("dtype", "torch_dtype") if isinstance(cfg.get(k), str) and cfg[k] in _PLAIN_FLOATS]
+    keys = [k for k in ("dtype", "torch_dtype") if isinstance(cfg.get(k), str) and cfg[k] in PLAIN_FLOATS]
     if not keys or all(cfg[k] == dtype for k in keys):
         return None
     before = cfg[keys[0]]
