@@ -766,8 +766,12 @@ def test_special_tensors_pass_through_torch_output_and_fail_cleanly_elsewhere(tm
     torch.save(sd, tmp_path / "a.pt")
     code, out, err = cli("inspect", tmp_path / "a.pt", "--json")
     assert code == 0, err
-    code, _, err = cli("strip-prefix", tmp_path / "a.pt", "-o", tmp_path / "b.pt")
+    code, out, err = cli("strip-prefix", tmp_path / "a.pt", "-o", tmp_path / "b.pt", "--json")
     assert code == 0, err
+    import json
+
+    written = json.loads(out)["save"]  # torch.save's path counts what the tensors hold (said 0 B)
+    assert written["bytes"] >= lin.weight.nbytes + lin.bias.nbytes, written
     got = torch.load(tmp_path / "b.pt", weights_only=True)
     assert torch.equal(got["weight"], lin.weight.detach())
     if kind == "nested":

@@ -370,7 +370,8 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
     except (NotFastPath, UnsupportedError) as e:
         fast, storages = False, []
         notes.append(f"written with torch.save ({e})")
-    total = sum(s.nbytes for s in storages)
+    # torch.save's path: what the tensors hold (their storages are torch's to lay out)
+    total = sum(s.nbytes for s in storages) if fast else ck.summary()["bytes"]
     report = {"output": path, "format": "torch-zip", "tensors": sum(1 for _ in ck.tensor_items()),
               "storages": len(storages), "bytes": total, "notes": notes}
     if dry_run:
