@@ -417,14 +417,34 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     if not primary and len(ema) == 1 and len(top_level) <= 1:
         return ema[0], candidates
     names = [path_str(c) for c in candidates]
-    if isinstance(obj, Mapping) and "param_groups" in obj and all(c[:1] == ("state",) for c in candidates):
-        raise AmbiguousStateDictError(
-            f"an optimizer's state dict (torch.optim: 'state' and 'param_groups'), not a model's; its per-parameter "
-            f"states: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}",
-            candidates=names, hint="choose one with --key (e.g. --key state/0)")
+    optimizer = describe_optimizer(obj, candidates)
+    if optimizer:
+        raise AmbiguousStateDictError(f"{optimizer}; its per-parameter states: {', '.join(names[:8])}"
+                                      f"{' ...' if len(names) > 8 else ''}",
+                                      candidates=names, hint="choose one with --key (e.g. --key state/0)")
     raise AmbiguousStateDictError(
         f"several state dicts in the checkpoint: {', '.join(names)}",
         candidates=names, hint="choose one with --key (API: key=...)")
+
+
+def describe_optimizer(obj: Any, candidates: list[tuple]) -> str | None:
+    """One line about a torch.optim state dict ('state' + 'param_groups', every candidate a
+    per-parameter state), or None when ``obj`` is not one."""
+    if not (isinstance(obj, Mapping) and "param_groups" in obj and candidates
+            and all(c[:1] == ("state",) for c in candidates)):
+        return None
+    states = obj.get("state")
+    names: dict = {}
+    for v in states.values() if isinstance(states, Mapping) else ():
+        if isinstance(v, Mapping):
+            names.update(dict.fromkeys(map(str, v)))
+    groups = obj["param_groups"]
+    lrs = [g.get("lr") for g in groups if isinstance(g, Mapping)] if isinstance(groups, (list, tuple)) else []
+    lr = sorted({x for x in lrs if isinstance(x, (int, float)) and not isinstance(x, bool)})
+    n_groups = f"{len(groups)} param group{'s' * (len(groups) != 1)}" if isinstance(groups, (list, tuple)) else ""
+    return (f"an optimizer's state dict (torch.optim), not a model's: {len(states) if isinstance(states, Mapping) else '?'} "
+            f"parameter state(s) ({', '.join(list(names)[:6]) or 'empty'})"
+            + (f", {n_groups}" if n_groups else "") + (f" (lr {', '.join(f'{x:g}' for x in lr[:4])})" if lr else ""))
 
 
 # --------------------------------------------------------------------------- materialising

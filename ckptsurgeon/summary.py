@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from .checkpoint import Checkpoint, node_at, tensor_info
+from .checkpoint import Checkpoint, describe_optimizer, node_at, tensor_info
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
@@ -68,7 +68,9 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         if e.overview is None:
             raise
         ck, chosen = e.overview, False  # an optimizer state, several models, an RNG state: the whole file
-        why = (f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"
+        optimizer = describe_optimizer(ck.wrapper, [tuple(c.split("/")) for c in ck.candidates])
+        why = (f"{optimizer}: pick a parameter's state with --key (e.g. --key state/0) to see it" if optimizer
+               else f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"
                if isinstance(e, AmbiguousStateDictError) else e.one_line())
     src = ck.source
     infos = OrderedDict((k, tensor_info(v)) for k, v in ck.tensor_items())

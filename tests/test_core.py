@@ -561,6 +561,9 @@ def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     assert sizes["state/0"]["tensors"] == 3 and sizes["state/0"]["bytes"] == 4 + 2 * 4 * 12
     code, text, _ = cli("inspect", tmp_path / "optim.pt")
     assert code == 0 and "pick one with --key" in text and "state/3: 3 tensors" in text
+    # said "4 state dicts and none is clearly the model's": it says what the file is
+    assert "an optimizer's state dict" in text and "4 parameter state(s) (step, exp_avg, exp_avg_sq)" in text, text
+    assert "1 param group (lr 0.001)" in text
     code, _, err = cli("strip-prefix", tmp_path / "optim.pt", "-o", tmp_path / "x.pt")
     assert code == 2 and "optimizer's state dict" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("inspect", tmp_path / "optim.pt", "--key", "state/9")
