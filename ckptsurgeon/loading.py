@@ -103,6 +103,10 @@ _OTHER_FORMATS = {  # by extension, for files whose bytes say little
 
 
 def describe(head: bytes, path: str = "") -> str:
+    import re
+
+    from . import dtypes
+
     ext = os.path.splitext(path)[1].lower()
     if ext in _OTHER_FORMATS:
         return f"by its name, {_OTHER_FORMATS[ext]}, not a PyTorch checkpoint"
@@ -121,6 +125,12 @@ def describe(head: bytes, path: str = "") -> str:
         return "it is an HDF5 file, as Keras and TensorFlow save"
     if head.startswith(b"GGUF"):
         return "it is a GGUF file, as llama.cpp saves"
+    if head.startswith(b"version https://git-lfs"):  # a clone without `git lfs`: the pointer, not the file
+        size = re.search(rb"\nsize (\d+)", head)
+        of = f" to a {dtypes.human_bytes(int(size.group(1)))} file" if size else ""
+        return f"it is a Git LFS pointer{of}, not the file: run `git lfs pull` in the clone, or download the file"
+    if re.match(rb"\s*<(!doctype html|html|head|body)\b", head[:512], re.I):
+        return "it is an HTML page, not weights: the download saved a web page (an error or login page?)"
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "it is a tar archive; a .nemo file? extract it and pass the checkpoint inside"
     try:

@@ -923,10 +923,15 @@ def test_big_endian_checkpoint_reads_byte_swapped(tmp_path, cli):
 
 
 @pytest.mark.parametrize("head,says", [(b"\x89HDF\r\n\x1a\n", "HDF5"), (b"GGUF\x03\x00\x00\x00", "GGUF"),
-                                       (b"x".ljust(257, b"\0") + b"ustar\x0000", "tar archive")])
+                                       (b"x".ljust(257, b"\0") + b"ustar\x0000", "tar archive"),
+                                       (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\n"
+                                        b"size 440473133\n", "Git LFS pointer to a 420.1 MiB file"),
+                                       (b"\n  <!DOCTYPE html>\n<html><body>Sign in", "HTML page")])
 def test_other_model_formats_are_named(tmp_path, cli, head, says):
+    """Other formats, and the two usual wrong downloads: a clone without git-lfs keeps a pointer
+    file in place of the weights; a download of a page (login, error) saves HTML."""
     p = tmp_path / "model.pt"
-    p.write_bytes(head + b"\0" * 600)
+    p.write_bytes(head + (b"" if head.isascii() else b"\0" * 600))
     code, _, err = cli("inspect", p)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
 
