@@ -59,6 +59,11 @@ def _run_load(spec, path, **options) -> Checkpoint:
     try:
         with paused_gc():  # a few objects per tensor, no cycles: see gcpause
             return spec.load(path, **options)
+    except CorruptCheckpointError as e:
+        if str(path) not in e.message:  # a reader's own words ("the pickle is malformed"): say which file
+            e.message = f"{path}: {e.message}"
+            e.args = (e.message,)
+        raise
     except CkptSurgeonError:
         raise
     except (MemoryError, RecursionError) as e:

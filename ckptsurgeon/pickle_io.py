@@ -18,12 +18,14 @@ numbering storages ``0..n-1`` in first-use order as ``torch.save`` does.
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import functools
 import io
 import os
 import pickle
 import re
 import sys
+import threading
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
@@ -503,9 +505,43 @@ def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, in
     return _load_with(unpickler, inert, seen)
 
 
+_HOOK_LOCK = threading.Lock()
+_HOOK_DEPTH = 0
+_HOOK_PREVIOUS = None
+
+
+def _quiet_excepthook(kind, value, tb):
+    if kind is SystemError and str(value) == "deallocated bytearray object has exported buffers":
+        return
+    (_HOOK_PREVIOUS or sys.__excepthook__)(kind, value, tb)
+
+
+@contextlib.contextmanager
+def _no_stray_bytearray_error():
+    """A damaged BYTEARRAY8 length (terabytes) makes CPython < 3.12 fail the allocation and then
+    free a half-built bytearray whose export count was never set: it prints a SystemError through
+    sys.excepthook beside the MemoryError we report (two lines on stderr where one belongs). That
+    one message is dropped while a pickle loads; any other goes to the hook that was there."""
+    global _HOOK_DEPTH, _HOOK_PREVIOUS
+    with _HOOK_LOCK:
+        if _HOOK_DEPTH == 0:
+            _HOOK_PREVIOUS, sys.excepthook = sys.excepthook, _quiet_excepthook
+        _HOOK_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _HOOK_LOCK:
+            _HOOK_DEPTH -= 1
+            if _HOOK_DEPTH == 0:
+                if sys.excepthook is _quiet_excepthook:
+                    sys.excepthook = _HOOK_PREVIOUS
+                _HOOK_PREVIOUS = None
+
+
 def _load_with(unpickler: _RefUnpickler, inert=frozenset(), seen: set | None = None) -> Any:
     try:
-        obj = unpickler.load()
+        with _no_stray_bytearray_error():
+            obj = unpickler.load()
         if seen is not None:
             seen |= unpickler.inert_seen
         if unpickler.numpy_seen and not inert:
@@ -543,11 +579,11 @@ def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[Storage
         info = _plain_load(f)
         if not isinstance(info, dict) or info.get("little_endian") is not True:
             raise NotFastPath("legacy file written on a big-endian machine")
-        unpickler = _RefUnpickler(f, lambda key, dtype, nbytes: None,
+        unpickler = _RefUnpickler(_Bounded(f, size), lambda key, dtype, nbytes: None,
                                   inert if isinstance(inert, _Everything) else frozenset(inert))
         unpickler.legacy = True
         obj = _load_with(unpickler, inert)
-        keys = _plain_load(f)
+        keys = _plain_load(_Bounded(f, size))
         offset = f.tell()
     storages = unpickler._storages
     if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
@@ -570,10 +606,34 @@ def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[Storage
     return obj, ordered
 
 
+class _Bounded:
+    """A file as the unpickler reads it, asking for no more than the file holds: a damaged
+    length (BINBYTES8, BYTEARRAY8) of terabytes otherwise made the buffered reader allocate it
+    (MemoryError, and CPython printing a stray SystemError); now the pickle is just truncated."""
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def _left(self, n) -> int:
+        left = max(0, self._size - self._f.tell())
+        return left if n is None or n < 0 else min(n, left)
+
+    def read(self, n=-1) -> bytes:
+        return self._f.read(self._left(n))
+
+    def readline(self, n=-1) -> bytes:
+        return self._f.readline(self._left(n))
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        return self._f.readinto(view[:self._left(len(view))])
+
+
 def _plain_load(f) -> Any:
     """One small pickle of a legacy file (numbers, a dict, a list): no globals allowed."""
     try:
-        return _NoGlobals(f).load()
+        with _no_stray_bytearray_error():
+            return _NoGlobals(f).load()
     except NotFastPath:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
