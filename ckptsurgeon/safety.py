@@ -164,7 +164,7 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
     if head == b"PK\x03\x04":
         import zipfile
 
-        from .zipfmt import MAX_COMPRESSED_SMALL, refuse_inflating
+        from .zipfmt import MAX_COMPRESSED_SMALL, ZIP_ERRORS, refuse_inflating
 
         try:
             with zipfile.ZipFile(path) as zf:
@@ -177,7 +177,7 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
                         n += 1
                         name = f"{info.filename} (copy {n})"
                     result[name] = scan_globals(zf.read(info))
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except ZIP_ERRORS as e:
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})") from None
         return result
     size = os.path.getsize(path)

@@ -14,8 +14,9 @@ import io
 import os
 import struct
 import uuid
+import lzma  # (zipfile imports it anyway)
 import zipfile
-import zlib  # noqa: F401  (zlib.error is caught below)
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -31,6 +32,10 @@ _LOCATOR64 = struct.Struct("<IIQI")
 _U32 = 0xFFFFFFFF
 PAGE = 4096
 MAX_COMPRESSED_RECORD = 1 << 30  # a compressed (repacked) record is inflated in memory: up to this size
+#: what zipfile raises on a damaged or unusual archive: bad headers, a bad deflate/LZMA stream, an
+#: unknown compression method or zip version (NotImplementedError), encryption (RuntimeError)
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, OSError, EOFError,
+              struct.error, ValueError, NotImplementedError, RuntimeError)
 MAX_COMPRESSED_SMALL = 256 << 20  # the same for the pickle and the other small records
 SMALL_RECORD = 64 << 10  # records up to this size are read and written, not kernel-copied
 PENDING_MAX = 1 << 20
@@ -100,8 +105,7 @@ class TorchZip:
                 self._window = _Window(open(path, "rb"), base, length)
             zf = zipfile.ZipFile(self._window or path)
             infos = zf.infolist()
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
-                struct.error, NotImplementedError) as e:
+        except ZIP_ERRORS as e:
             if self._window is not None:
                 self._window.close()
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})",
@@ -141,7 +145,7 @@ class TorchZip:
             return self._zf.read(info)
         except KeyError:
             raise CorruptCheckpointError(f"{self.path}: missing record {self.prefix}/{name}") from None
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, struct.error, ValueError) as e:
+        except ZIP_ERRORS as e:
             raise CorruptCheckpointError(f"{self.path}: record {name} is damaged ({e})") from None
 
     def has(self, name: str) -> bool:
