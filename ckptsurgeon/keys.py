@@ -145,20 +145,36 @@ def detect_norms(shapes: "OrderedDict[str, tuple]") -> list[dict]:
 
 
 def module_tree(sizes: "OrderedDict[str, int]", depth: int = 2) -> list[dict]:
-    """Parameter counts aggregated by module path down to ``depth`` components, in key order."""
-    agg: OrderedDict[str, dict] = OrderedDict()
+    """Parameter counts aggregated by module path down to ``depth`` components, depth first: each
+    module right after its parent (a safetensors file orders its keys by dtype first, so a module
+    could otherwise land under another module's heading). Siblings keep the order they first
+    appear in, except numbered ones (``layer.0``, ``layer.1`` ...), which come in numeric order
+    (safetensors' alphabetical order puts ``layer.10`` before ``layer.2``)."""
+    agg: dict[str, dict] = {}
+    children: dict[str, list[str]] = {"": []}
     for key, numel in sizes.items():
         parts = key.split(".")
-        for d in range(1, min(depth, len(parts) - 1) + 1):
+        for d in range(1, max(min(depth, len(parts) - 1), 1) + 1):
             path = ".".join(parts[:d])
-            node = agg.setdefault(path, {"module": path, "depth": d, "tensors": 0, "parameters": 0})
+            node = agg.get(path)
+            if node is None:
+                node = agg[path] = {"module": path, "depth": d, "tensors": 0, "parameters": 0}
+                children.setdefault(".".join(parts[:d - 1]), []).append(path)
             node["tensors"] += 1
             node["parameters"] += numel
-        if len(parts) == 1:
-            node = agg.setdefault(key, {"module": key, "depth": 1, "tensors": 0, "parameters": 0})
-            node["tensors"] += 1
-            node["parameters"] += numel
-    return list(agg.values())
+    out: list[dict] = []
+
+    def visit(parent: str) -> None:
+        kids = children.get(parent, [])
+        lasts = [k.rpartition(".")[2] for k in kids]
+        if all(x.isdigit() for x in lasts):
+            kids = [k for _, k in sorted(zip(map(int, lasts), kids))]
+        for k in kids:
+            out.append(agg[k])
+            visit(k)
+
+    visit("")
+    return out
 
 
 # --------------------------------------------------------------------------- layer patterns

@@ -196,6 +196,27 @@ def test_inspect_folds_runs_of_alike_numbered_modules(tmp_path, cli):
     assert len(json.loads(out)["modules"]) == 1 + 1 + 12 * 3 + 1 + 1 + 1 + 2 + 1 + 300 * 3
 
 
+def test_inspect_tree_of_a_safetensors_file_is_in_model_order(tmp_path, cli):
+    """safetensors orders a file's keys by dtype, then alphabetically: a BatchNorm's int64
+    counter comes first and layer.10 before layer.2. The module table still shows each module
+    under its own parent, numbered ones in numeric order (folded into one run)."""
+    import torch
+    from safetensors.torch import save_file
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    sd = {f"enc.{k}": v for k, v in net.state_dict().items()}
+    sd |= {f"dec.{k}": v.clone() for k, v in net.state_dict().items() if "num_batches" not in k}
+    sd |= {f"blocks.layer.{i}.w": torch.zeros(2) for i in range(12)}
+    save_file(sd, tmp_path / "m.safetensors")
+    code, out, err = cli("inspect", tmp_path / "m.safetensors", "--depth", "3")
+    assert code == 0, err
+    rows = [line.split()[0] for line in out.splitlines()[out.splitlines().index(next(
+        x for x in out.splitlines() if x.startswith("module"))) + 1:]]
+    # enc first: its int64 counter is the file's first key; then the file's (alphabetical) order
+    assert rows == ["enc", "enc.0", "enc.1", "enc.2", "blocks", "blocks.layer", "blocks.layer.{0..11}",
+                    "dec", "dec.0", "dec.1", "dec.2"], out
+
+
 def test_a_bare_tensor_or_list_is_named_with_the_way_out(tmp_path, cli):
     """torch.save(tensor) / torch.save([t1, t2]): no names to give the tensors; the error says
     what the file holds (not an internal class name) and how to save it."""
