@@ -607,26 +607,28 @@ def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[Storage
 
 
 class _Bounded:
-    """A file as the unpickler reads it, asking for no more than the file holds: a damaged
-    length (BINBYTES8, BYTEARRAY8) of terabytes otherwise made the buffered reader allocate it
-    (MemoryError, and CPython printing a stray SystemError); now the pickle is just truncated."""
+    """A file as the unpickler reads it, never asked for more than the file holds: a damaged
+    length (BINBYTES8, BYTEARRAY8) of terabytes otherwise made the buffered reader try to allocate
+    it (a MemoryError, or gigabytes of address space); now the pickle just ends early. Small reads
+    (every opcode's argument) go straight through."""
+
+    _SMALL = 1 << 20
 
     def __init__(self, f, size: int):
         self._f, self._size = f, size
+        self.readline = f.readline  # a line ends at a newline or the end of the file
+        self.peek = f.peek  # the unpickler prefetches through it: one read per buffer, not per opcode
 
     def _left(self, n) -> int:
         left = max(0, self._size - self._f.tell())
         return left if n is None or n < 0 else min(n, left)
 
     def read(self, n=-1) -> bytes:
-        return self._f.read(self._left(n))
-
-    def readline(self, n=-1) -> bytes:
-        return self._f.readline(self._left(n))
+        return self._f.read(n if 0 <= n <= self._SMALL else self._left(n))
 
     def readinto(self, buf) -> int:
         view = memoryview(buf).cast("B")
-        return self._f.readinto(view[:self._left(len(view))])
+        return self._f.readinto(view if len(view) <= self._SMALL else view[:self._left(len(view))])
 
 
 def _plain_load(f) -> Any:
