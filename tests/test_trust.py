@@ -371,6 +371,11 @@ def _corrupt_cases(tmp_path):
     cases["data.pkl encrypted"] = _patch_record(z, "data.pkl", {8: 0x0809}, {6: 0x0809})
     cases["data.pkl compression method 99"] = _patch_record(z, "data.pkl", {10: 99}, {8: 99})
     cases["storage record compression method 99"] = _patch_record(z, "data/2", {10: 99}, {8: 99})
+    cases["data.pkl length of exabytes"] = _zip_edit(
+        z, lambda n, d: b"\x80\x05\x96" + struct.pack("<Q", 5 << 60) + b"abc." if n.endswith("data.pkl") else d)
+    # the usual wrong downloads: a clone without git-lfs, a saved login or error page
+    cases["Git LFS pointer"] = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 440473133\n"
+    cases["HTML page"] = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n"
     return cases
 
 
