@@ -71,7 +71,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         optimizer = describe_optimizer(ck.wrapper, [tuple(c.split("/")) for c in ck.candidates])
         why = (f"{optimizer}: pick a parameter's state with --key (e.g. --key state/0) to see it" if optimizer
                else f"{len(ck.candidates)} state dicts and none is clearly the model's: pick one with --key to see it"
-               if isinstance(e, AmbiguousStateDictError) else e.one_line())
+               if isinstance(e, AmbiguousStateDictError) else describe_training_state(ck.wrapper) or e.one_line())
     src = ck.source
     infos = OrderedDict((k, tensor_info(v)) for k, v in ck.tensor_items())
     shapes = OrderedDict((k, tuple(i["shape"])) for k, i in infos.items())
@@ -121,6 +121,29 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
 RNG_NOTE = ("these are random-number-generator states (a training run's rng_state.pth: Python's, numpy's and "
             "torch's per device), not model weights")
 _RNG_KEYS = {"python", "numpy", "cpu", "cuda", "mps", "xpu", "npu", "hpu", "mlu", "musa", "torch", "random"}
+
+
+def describe_training_state(obj: Any) -> str | None:
+    """What a resume folder's other files hold, when ``obj`` is one of them (no model weights): a
+    learning-rate scheduler's state_dict, a GradScaler's, accelerate's random_states_N.pkl."""
+    if not isinstance(obj, Mapping):
+        return None
+    keys = {str(k) for k in obj}
+    if "last_epoch" in keys and keys & {"base_lrs", "_last_lr"}:
+        lrs = obj.get("_last_lr") or obj.get("base_lrs")
+        lr = (f", lr {', '.join(f'{x:g}' for x in lrs[:4])}" if isinstance(lrs, (list, tuple)) and lrs
+              and all(isinstance(x, (int, float)) for x in lrs[:4]) else "")
+        return (f"a learning-rate scheduler's state (torch.optim.lr_scheduler: last_epoch {obj.get('last_epoch')}{lr}), "
+                "not model weights")
+    if {"scale", "growth_factor", "backoff_factor", "growth_interval"} <= keys:
+        scale = obj.get("scale")
+        return (f"a GradScaler's state (mixed-precision loss scale {scale:g}), not model weights"
+                if isinstance(scale, (int, float)) else "a GradScaler's state (mixed-precision loss scale), not model weights")
+    if {"random_state", "torch_manual_seed"} <= keys:
+        return "random-number-generator states (accelerate's random_states_N.pkl), not model weights"
+    if keys <= _RNG_KEYS and {"python", "cpu"} <= keys:  # transformers' rng_state.pth
+        return RNG_NOTE
+    return None
 
 
 def looks_like_rng_state(infos: Mapping, state: Mapping) -> bool:

@@ -803,12 +803,36 @@ def test_inspect_shows_a_file_without_a_state_dict(tmp_path, cli):
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, p)
     code, out, err = cli("inspect", p)
     assert code == 0, err
-    assert "cpu: tensor uint8" in out and "state dict at: none" in out and "no state dict" in out
+    assert "cpu: tensor uint8" in out and "state dict at: none" in out and "random-number-generator states" in out
     code, out, _ = cli("inspect", "--json", p)
     info = json.loads(out)
     assert code == 0 and info["state_dict_at"] is None and info["candidates"] == [] and info["tensors"] == 0
     code, _, err = cli("strip-prefix", p, "-o", tmp_path / "out.pt")
     assert code == 2 and "no state dict" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_names_a_resume_folders_other_files(tmp_path, cli):
+    """A training run's other files hold no model weights: inspect says what each is (it said
+    "no state dict found; top level: [...]") -- a scheduler's, a GradScaler's, accelerate's RNG states."""
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    opt.step()
+    sched.step()
+    torch.save(sched.state_dict(), tmp_path / "scheduler.pt")
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), tmp_path / "scaler.pt")
+    import random
+
+    import numpy as np
+
+    torch.save({"step": 0, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                "torch_manual_seed": torch.get_rng_state()}, tmp_path / "random_states_0.pkl")
+    expected = {"scheduler.pt": "a learning-rate scheduler's state (torch.optim.lr_scheduler: last_epoch 1, lr 0.05)",
+                "scaler.pt": "a GradScaler's state (mixed-precision loss scale 65536)",
+                "random_states_0.pkl": "random-number-generator states (accelerate's"}
+    for name, says in expected.items():
+        code, out, err = cli("inspect", tmp_path / name)
+        assert code == 0 and says in out and "not model weights" in out, out + err
 
 
 def _deepspeed_states(module_sd, stage):
