@@ -162,8 +162,17 @@ def _check_view(storage, offset, size, stride):
 
 def _rebuild_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     _check_view(storage, offset, size, stride)
-    return TensorRef(storage, offset, size, stride, storage.dtype, requires_grad=bool(requires_grad),
-                     hooks=hooks, metadata=metadata)
+    return _checked(TensorRef(storage, offset, size, stride, storage.dtype, requires_grad=bool(requires_grad),
+                              hooks=hooks, metadata=metadata))
+
+
+def _checked(t: TensorRef) -> TensorRef:
+    """A view from the pickle, checked against its storage as it is read: a contiguous view is
+    later copied as a byte range without going through torch, so one reaching past its storage
+    (a damaged offset) would have been written with the next record's bytes, and a negative size
+    as a negative byte count."""
+    t.check_bounds()
+    return t
 
 
 def _rebuild_v1(storage, offset, size, stride):
@@ -174,8 +183,8 @@ def _rebuild_v3(storage, offset, size, stride, requires_grad, hooks, dtype, meta
     _check_view(storage, offset, size, stride)
     if not isinstance(dtype, GlobalRef) or dtype.module != "torch" or dtype.name not in dtypes.ITEMSIZE:
         raise NotFastPath("tensor with unknown dtype")
-    return TensorRef(storage, offset, size, stride, dtype.name, requires_grad=bool(requires_grad),
-                     hooks=hooks, metadata=metadata)
+    return _checked(TensorRef(storage, offset, size, stride, dtype.name, requires_grad=bool(requires_grad),
+                              hooks=hooks, metadata=metadata))
 
 
 def _rebuild_param(data, requires_grad, hooks, state=None):

@@ -371,6 +371,14 @@ def _corrupt_cases(tmp_path):
     cases["data.pkl encrypted"] = _patch_record(z, "data.pkl", {8: 0x0809}, {6: 0x0809})
     cases["data.pkl compression method 99"] = _patch_record(z, "data.pkl", {10: 99}, {8: 99})
     cases["storage record compression method 99"] = _patch_record(z, "data/2", {10: 99}, {8: 99})
+    # views that reach outside their storage: a contiguous one is copied as a byte range, so an
+    # offset one element too far once wrote the next zip structure's bytes as the tensor's (exit 0)
+    def view_edit(old, new):
+        return _zip_edit(z, lambda n, d: d.replace(old, new, 1) if n.endswith("data.pkl") else d)
+
+    cases["tensor offset one element past its storage"] = view_edit(b"K\x00K@K@\x86", b"K\x01K@K@\x86")
+    cases["tensor of negative size"] = view_edit(b"K\x00K@K@\x86", b"K\x00J\xc0\xff\xff\xffK@\x86")
+    cases["tensor stride past its storage"] = view_edit(b"K@K\x01\x86", b"K@K\x02\x86")
     cases["data.pkl length of exabytes"] = _zip_edit(
         z, lambda n, d: b"\x80\x05\x96" + struct.pack("<Q", 5 << 60) + b"abc." if n.endswith("data.pkl") else d)
     # the usual wrong downloads: a clone without git-lfs, a saved login or error page
