@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Iterable
 
 from .checkpoint import KNOWN_PREFIXES
@@ -251,13 +252,26 @@ def select(keys, patterns: list[Pattern], strip: str = "") -> tuple[list[str], d
     return chosen, counts
 
 
+def filter_metadata(metadata, keep):
+    """``_metadata`` without the module paths ``keep`` refuses. What is not a mapping of module
+    paths (an odd or hostile file's ``_metadata``: a string, a list, int keys) is carried as it
+    is: nothing to filter by."""
+    if not isinstance(metadata, Mapping):
+        return metadata
+    return OrderedDict((m, v) for m, v in metadata.items() if not isinstance(m, str) or keep(m))
+
+
 def rename_metadata(metadata, fn):
-    """Apply a key-renaming function to ``_metadata``'s module paths (renamed entries win)."""
-    if metadata is None:
-        return None
+    """Apply a key-renaming function to ``_metadata``'s module paths (renamed entries win);
+    entries that are no module path, or a ``_metadata`` that is no mapping, are carried as they are."""
+    if not isinstance(metadata, Mapping):
+        return metadata
     out: OrderedDict = OrderedDict()
     changed: set = set()
     for mod, value in metadata.items():
+        if not isinstance(mod, str):
+            out.setdefault(mod, value)
+            continue
         probe = (mod + "." if mod else "") + "__leaf__"
         new = fn(probe)
         if new is None:

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 from .checkpoint import Checkpoint
 from .errors import KeyCollisionError
-from .keys import module_of, rename_metadata
+from .keys import filter_metadata, module_of, rename_metadata
 
 
 def rename_keys(ck: Checkpoint, fn: Callable[[str], str]) -> tuple[Checkpoint, "OrderedDict[str, str]"]:
@@ -45,13 +45,9 @@ def keep_keys(ck: Checkpoint, keys: Iterable[str]) -> Checkpoint:
     """New checkpoint holding only ``keys`` (in the original order)."""
     wanted = set(keys)
     state = OrderedDict((k, v) for k, v in ck.state.items() if k in wanted)
-    meta = None
-    if ck.metadata is not None:
-        modules = {module_of(k) for k in state}
-        prefixes = set()
-        for m in modules:
-            parts = m.split(".") if m else []
-            for i in range(len(parts) + 1):
-                prefixes.add(".".join(parts[:i]))
-        meta = OrderedDict((m, v) for m, v in ck.metadata.items() if m in prefixes)
-    return ck.replace(state=state, metadata=meta)
+    prefixes = set()
+    for m in {module_of(k) for k in state}:
+        parts = m.split(".") if m else []
+        for i in range(len(parts) + 1):
+            prefixes.add(".".join(parts[:i]))
+    return ck.replace(state=state, metadata=filter_metadata(ck.metadata, prefixes.__contains__))

@@ -9,7 +9,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import ModelError, SelectionError
-from ckptsurgeon.keys import align_to_model
+from ckptsurgeon.keys import align_to_model, filter_metadata
 from ckptsurgeon.layers import bn_kind, without_norm
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import ModelTransform, Operation
@@ -284,9 +284,7 @@ def fold_bn(ck: Checkpoint, model, *, input_shape=None) -> tuple[Checkpoint, dic
         for leaf in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             state.pop(f"{ck_bn}.{leaf}", None)
         folded.append({"layer": src, "bn": bn, "added_bias": b is None})
-    meta = None
-    if ck.metadata is not None:
-        meta = OrderedDict((m, v) for m, v in ck.metadata.items() if m not in dropped_modules)
+    meta = filter_metadata(ck.metadata, lambda m: m not in dropped_modules)
     transform = {"name": "fold-bn", "params": {"pairs": [[p["layer"], p["bn"]] for p in folded]}}
     report = {"operation": "fold-bn", "method": method, "alignment": how, "folded": folded, "skipped": skipped}
     return ck.replace(state=state, metadata=meta, transforms=tuple(ck.transforms) + (transform,)), report

@@ -70,6 +70,25 @@ def test_metadata_follows_strip(sample_dir):
     assert "bn1" in new.metadata and "module.bn1" not in new.metadata and "" in new.metadata
 
 
+@pytest.mark.parametrize("odd", ["junk", 5, [1, 2], {1: {}, "module.a": {"version": 1}}])
+def test_an_odd_metadata_is_carried_not_a_crash(tmp_path, cli, odd):
+    """A state dict's ``_metadata`` that is no mapping of module paths (a string, a number, a
+    list, int keys) was an internal error in strip-prefix, extract and add-prefix; what cannot be
+    renamed is carried as it is, the module paths that can are."""
+    sd = OrderedDict([("module.a.weight", torch.ones(2)), ("module.b.weight", torch.zeros(2))])
+    sd._metadata = odd
+    torch.save(sd, tmp_path / "odd.pt")
+    for cmd in (["strip-prefix"], ["extract", "--layers", "module.a"], ["add-prefix", "--prefix", "x."]):
+        code, _, err = cli(*cmd, tmp_path / "odd.pt", "-o", tmp_path / "out.pt", "-q")
+        assert code == 0, (cmd, err)
+        got = torch.load(tmp_path / "out.pt", weights_only=True)
+        if isinstance(odd, dict):
+            renamed = {"strip-prefix": "a", "extract": "module.a", "add-prefix": "x.module.a"}[cmd[0]]
+            assert got._metadata == OrderedDict([(1, {}), (renamed, {"version": 1})]), (cmd, got._metadata)
+        else:
+            assert got._metadata == odd
+
+
 def test_strip_errors(sample_dir, tmp_path):
     with pytest.raises(SelectionError, match="no wrapper prefix"):
         cs.strip_prefix(cs.load(sample_dir / "seednet.pt"))
