@@ -283,6 +283,13 @@ def unflatten(state: Mapping[str, Any], nodes: tuple) -> Any:
 
 
 # --------------------------------------------------------------------------- state dict location
+def _names_tensors(obj: Any) -> bool:
+    """A mapping of names holding at least one tensor: what --key may choose explicitly even when
+    other values outnumber the tensors (``sd["epoch"] = 3`` on a small model's state dict)."""
+    return (isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj)
+            and any(is_tensor_like(v) for v in obj.values()))
+
+
 def is_state_dict(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or not obj:
         return False
@@ -377,7 +384,7 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                 node, path = node_at(obj, parts)
             except (KeyError, TypeError, IndexError, ValueError):
                 continue
-            if is_state_dict(node) or is_tensor_tree(node):
+            if is_state_dict(node) or is_tensor_tree(node) or _names_tensors(node):
                 return path, candidates
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
@@ -389,6 +396,10 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
         hint = None
         if isinstance(obj, Mapping):
             top = list(obj.keys())[:12]
+            if _names_tensors(obj):
+                n = sum(1 for v in obj.values() if is_tensor_like(v))
+                hint = (f"its {n} tensor(s) are outnumbered by the {len(obj) - n} other values; to take it as "
+                        "the state dict anyway: --key '<bare>'")
         elif is_tensor_like(obj):  # torch.save(tensor): a tensor, but no name to give it
             shape = list(getattr(obj, "shape", ()))
             top = f"one tensor {shape} {str(getattr(obj, 'dtype', '')).replace('torch.', '')}"

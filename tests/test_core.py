@@ -811,6 +811,23 @@ def test_inspect_shows_a_file_without_a_state_dict(tmp_path, cli):
     assert code == 2 and "no state dict" in err and len(err.strip().splitlines()) == 1
 
 
+def test_key_takes_a_state_dict_whose_other_values_outnumber_its_tensors(tmp_path, cli):
+    """``sd["epoch"] = 3`` and friends on a small model's state dict: more other values than
+    tensors, so it is not taken on its own; the error says how, and --key '<bare>' takes it
+    (an explicit --key once refused it as "does not hold a state dict")."""
+    sd = OrderedDict([("module.a.weight", torch.ones(2)), ("module.a.bias", torch.zeros(2)),
+                      ("module.scale", 2.0), ("module.tag", "v1"), ("module.n", None)])
+    torch.save(sd, tmp_path / "nt.pt")
+    code, _, err = cli("strip-prefix", tmp_path / "nt.pt", "-o", tmp_path / "o.pt")
+    assert code == 2 and "--key '<bare>'" in err and "2 tensor(s) are outnumbered by the 3" in err, err
+    code, _, err = cli("strip-prefix", tmp_path / "nt.pt", "--key", "<bare>", "-o", tmp_path / "o.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert list(back) == ["a.weight", "a.bias", "scale", "tag", "n"] and back["scale"] == 2.0
+    code, _, err = cli("inspect", tmp_path / "nt.pt", "--key", "x")
+    assert code == 2 and "is not in the checkpoint" in err
+
+
 def test_inspect_names_a_resume_folders_other_files(tmp_path, cli):
     """A training run's other files hold no model weights: inspect says what each is (it said
     "no state dict found; top level: [...]") -- a scheduler's, a GradScaler's, accelerate's RNG states."""
