@@ -24,6 +24,27 @@ _STANDALONE = False  # set by console_main: this process ends with the command
 
 
 class LazyGroup(click.Group):
+    def main(self, args=None, prog_name=None, **extra):
+        """click's main, with its own errors (a missing or invalid option, an unknown command) in
+        one line on stderr like every other error, instead of a usage block; exit code 2 as click's."""
+        extra.pop("standalone_mode", None)
+        try:
+            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `ckpt-surgeon` (click >= 8.2): the help
+                click.echo(e.format_message(), err=True)
+                sys.exit(e.exit_code)
+            where = e.ctx.command_path if e.ctx is not None else (prog_name or "ckpt-surgeon")
+            click.echo(f"ckpt-surgeon: error: {e.format_message().rstrip('.')} (see: {where} --help)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"ckpt-surgeon: error: {e.format_message().rstrip('.')}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C or end of input while click itself was reading
+            click.echo("ckpt-surgeon: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def _plugin_commands(self) -> dict:
         from .manager import get_manager
 
@@ -109,7 +130,7 @@ def _accept_global_flags(cmd: click.Command) -> None:
                                        is_eager=True, help="Show tracebacks for errors (also before the command)."))
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, name="ckpt-surgeon", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="ckpt-surgeon")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
@@ -184,7 +205,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 @click.argument("path")
 @load_options
 @json_option
-@click.option("--depth", default=2, show_default=True, help="Module tree depth.")
+@click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1), help="Module tree depth.")
 @click.option("--values", is_flag=True, help="Also read tensors and report NaN/Inf (reads all data).")
 def inspect_cmd(path, key, trust_pickle, as_json, depth, values):
     """Summarise a checkpoint without reading tensor data.

@@ -155,7 +155,7 @@ def module_tree(sizes: "OrderedDict[str, int]", depth: int = 2) -> list[dict]:
     children: dict[str, list[str]] = {"": []}
     for key, numel in sizes.items():
         parts = key.split(".")
-        for d in range(1, max(min(depth, len(parts) - 1), 1) + 1):
+        for d in range(1, (min(depth, len(parts) - 1) if len(parts) > 1 else 1) + 1):
             path = ".".join(parts[:d])
             node = agg.get(path)
             if node is None:

@@ -380,7 +380,7 @@ def _human(r: dict) -> None:
 @click.option("--atol", default=0.0, show_default=True, help="Absolute tolerance for 'equal'.")
 @click.option("--rtol", default=0.0, show_default=True, help="Relative tolerance for 'equal'.")
 @click.option("--no-align", is_flag=True, help="Do not align keys across wrapper prefixes.")
-@click.option("--depth", default=1, show_default=True, help="Module depth of the roll-up.")
+@click.option("--depth", default=1, show_default=True, type=click.IntRange(min=1), help="Module depth of the roll-up.")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Bar chart of change per module (matplotlib).")
 @click.option("--key-a", default=None, help="State-dict location in A.")
 @click.option("--key-b", default=None, help="State-dict location in B.")

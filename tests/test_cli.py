@@ -148,6 +148,25 @@ def test_missing_output_is_an_error(sample_dir, cli):
     assert code == 2 and "-o" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("args,says", [
+    (["extract", "{ck}", "-o", "x.pt"], "Missing option '--layers' (see: ckpt-surgeon extract --help)"),
+    (["cast", "{ck}", "--dtype", "int3", "-o", "x.pt"], "Invalid value for '--dtype'"),
+    (["inspect", "{ck}", "--depth", "0"], "Invalid value for '--depth': 0 is not in the range x>=1"),
+    (["diff", "{ck}", "{ck}", "--depth", "-2"], "Invalid value for '--depth'"),
+    (["diff", "{ck}"], "Missing argument 'B'"),
+    (["no-such-command"], "No such command 'no-such-command' (see: ckpt-surgeon --help)"),
+    (["--no-such-flag"], "No such option '--no-such-flag'"),
+    (["strip-prefix", "{ck}", "--prefix", "", "-o", "x.pt"], "an empty prefix changes nothing"),
+])
+def test_usage_errors_are_one_line(sample_dir, tmp_path, cli, args, says):
+    """A missing or invalid option, an unknown command: one line on stderr, exit 2, like every
+    other error (click printed a usage block: three lines and a blank). --depth below 1 showed a
+    table anyway; an empty --prefix to strip wrote an unchanged copy."""
+    code, out, err = cli(*[tmp_path / a if a == "x.pt" else a.format(ck=sample_dir / "seednet_dp.pt") for a in args])
+    assert code == 2 and out == "" and not (tmp_path / "x.pt").exists(), (code, out)
+    assert err.count("\n") == 1 and err.startswith("ckpt-surgeon: error: ") and says in err, err
+
+
 def test_inspect_human_output(sample_dir, cli):
     code, out, err = cli("inspect", sample_dir / "seednet_resume.pt")
     assert code == 0
