@@ -23,6 +23,10 @@ CORE_COMMANDS = ("inspect", "convert", "plugins")
 _STANDALONE = False  # set by console_main: this process ends with the command
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split()).rstrip(".")
+
+
 class LazyGroup(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         """click's main, with its own errors (a missing or invalid option, an unknown command) in
@@ -35,10 +39,10 @@ class LazyGroup(click.Group):
                 click.echo(e.format_message(), err=True)
                 sys.exit(e.exit_code)
             where = e.ctx.command_path if e.ctx is not None else (prog_name or "ckpt-surgeon")
-            click.echo(f"ckpt-surgeon: error: {e.format_message().rstrip('.')} (see: {where} --help)", err=True)
+            click.echo(f"ckpt-surgeon: error: {_one_line(e.format_message())} (see: {where} --help)", err=True)
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            click.echo(f"ckpt-surgeon: error: {e.format_message().rstrip('.')}", err=True)
+            click.echo(f"ckpt-surgeon: error: {_one_line(e.format_message())}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:  # Ctrl-C or end of input while click itself was reading
             click.echo("ckpt-surgeon: interrupted", err=True)
