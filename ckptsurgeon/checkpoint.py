@@ -394,6 +394,9 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
         return (), candidates  # an empty state dict (a module without parameters): nothing to choose
     if not candidates:
         hint = None
+        what = describe_training_state(obj)
+        if what:  # a scheduler's, a GradScaler's, an RNG state: say what it is
+            raise NoStateDictError(f"no state dict here: {what}")
         if isinstance(obj, Mapping):
             top = list(obj.keys())[:12]
             if _names_tensors(obj):
@@ -456,6 +459,34 @@ def describe_optimizer(obj: Any, candidates: list[tuple]) -> str | None:
     return (f"an optimizer's state dict (torch.optim), not a model's: {len(states) if isinstance(states, Mapping) else '?'} "
             f"parameter state(s) ({', '.join(list(names)[:6]) or 'empty'})"
             + (f", {n_groups}" if n_groups else "") + (f" (lr {', '.join(f'{x:g}' for x in lr[:4])})" if lr else ""))
+
+
+RNG_NOTE = ("these are random-number-generator states (a training run's rng_state.pth: Python's, numpy's and "
+            "torch's per device), not model weights")
+_RNG_KEYS = {"python", "numpy", "cpu", "cuda", "mps", "xpu", "npu", "hpu", "mlu", "musa", "torch", "random"}
+
+
+def describe_training_state(obj: Any) -> str | None:
+    """What a resume folder's other files hold, when ``obj`` is one of them (no model weights): a
+    learning-rate scheduler's state_dict, a GradScaler's, accelerate's random_states_N.pkl."""
+    if not isinstance(obj, Mapping):
+        return None
+    keys = {str(k) for k in obj}
+    if "last_epoch" in keys and keys & {"base_lrs", "_last_lr"}:
+        lrs = obj.get("_last_lr") or obj.get("base_lrs")
+        lr = (f", lr {', '.join(f'{x:g}' for x in lrs[:4])}" if isinstance(lrs, (list, tuple)) and lrs
+              and all(isinstance(x, (int, float)) for x in lrs[:4]) else "")
+        return (f"a learning-rate scheduler's state (torch.optim.lr_scheduler: last_epoch {obj.get('last_epoch')}{lr}), "
+                "not model weights")
+    if {"scale", "growth_factor", "backoff_factor", "growth_interval"} <= keys:
+        scale = obj.get("scale")
+        return (f"a GradScaler's state (mixed-precision loss scale {scale:g}), not model weights"
+                if isinstance(scale, (int, float)) else "a GradScaler's state (mixed-precision loss scale), not model weights")
+    if {"random_state", "torch_manual_seed"} <= keys:
+        return "random-number-generator states (accelerate's random_states_N.pkl), not model weights"
+    if keys <= _RNG_KEYS and {"python", "cpu"} <= keys:  # transformers' rng_state.pth
+        return RNG_NOTE
+    return None
 
 
 # --------------------------------------------------------------------------- materialising

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from .checkpoint import Checkpoint, describe_optimizer, node_at, tensor_info
+from .checkpoint import (_RNG_KEYS, RNG_NOTE, Checkpoint, describe_optimizer, describe_training_state, node_at,
+                         tensor_info)
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
@@ -116,34 +117,6 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
     if values:
         out["nonfinite"] = nonfinite(ck)
     return out
-
-
-RNG_NOTE = ("these are random-number-generator states (a training run's rng_state.pth: Python's, numpy's and "
-            "torch's per device), not model weights")
-_RNG_KEYS = {"python", "numpy", "cpu", "cuda", "mps", "xpu", "npu", "hpu", "mlu", "musa", "torch", "random"}
-
-
-def describe_training_state(obj: Any) -> str | None:
-    """What a resume folder's other files hold, when ``obj`` is one of them (no model weights): a
-    learning-rate scheduler's state_dict, a GradScaler's, accelerate's random_states_N.pkl."""
-    if not isinstance(obj, Mapping):
-        return None
-    keys = {str(k) for k in obj}
-    if "last_epoch" in keys and keys & {"base_lrs", "_last_lr"}:
-        lrs = obj.get("_last_lr") or obj.get("base_lrs")
-        lr = (f", lr {', '.join(f'{x:g}' for x in lrs[:4])}" if isinstance(lrs, (list, tuple)) and lrs
-              and all(isinstance(x, (int, float)) for x in lrs[:4]) else "")
-        return (f"a learning-rate scheduler's state (torch.optim.lr_scheduler: last_epoch {obj.get('last_epoch')}{lr}), "
-                "not model weights")
-    if {"scale", "growth_factor", "backoff_factor", "growth_interval"} <= keys:
-        scale = obj.get("scale")
-        return (f"a GradScaler's state (mixed-precision loss scale {scale:g}), not model weights"
-                if isinstance(scale, (int, float)) else "a GradScaler's state (mixed-precision loss scale), not model weights")
-    if {"random_state", "torch_manual_seed"} <= keys:
-        return "random-number-generator states (accelerate's random_states_N.pkl), not model weights"
-    if keys <= _RNG_KEYS and {"python", "cpu"} <= keys:  # transformers' rng_state.pth
-        return RNG_NOTE
-    return None
 
 
 def looks_like_rng_state(infos: Mapping, state: Mapping) -> bool:

@@ -850,6 +850,8 @@ def test_inspect_names_a_resume_folders_other_files(tmp_path, cli):
     for name, says in expected.items():
         code, out, err = cli("inspect", tmp_path / name)
         assert code == 0 and says in out and "not model weights" in out, out + err
+        code, _, err = cli("strip-prefix", tmp_path / name, "-o", tmp_path / "o.pt")  # the surgeries say it too
+        assert code == 2 and f"no state dict here: {says}" in err and err.count("\n") == 1, err
 
 
 def _deepspeed_states(module_sd, stage):
