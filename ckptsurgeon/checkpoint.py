@@ -456,7 +456,8 @@ def describe_optimizer(obj: Any, candidates: list[tuple]) -> str | None:
     lrs = [g.get("lr") for g in groups if isinstance(g, Mapping)] if isinstance(groups, (list, tuple)) else []
     lr = sorted({x for x in lrs if isinstance(x, (int, float)) and not isinstance(x, bool)})
     n_groups = f"{len(groups)} param group{'s' * (len(groups) != 1)}" if isinstance(groups, (list, tuple)) else ""
-    return (f"an optimizer's state dict (torch.optim), not a model's: {len(states) if isinstance(states, Mapping) else '?'} "
+    n_states = len(states) if isinstance(states, Mapping) else "?"
+    return (f"an optimizer's state dict (torch.optim), not a model's: {n_states} "
             f"parameter state(s) ({', '.join(list(names)[:6]) or 'empty'})"
             + (f", {n_groups}" if n_groups else "") + (f" (lr {', '.join(f'{x:g}' for x in lr[:4])})" if lr else ""))
 
@@ -476,12 +477,12 @@ def describe_training_state(obj: Any) -> str | None:
         lrs = obj.get("_last_lr") or obj.get("base_lrs")
         lr = (f", lr {', '.join(f'{x:g}' for x in lrs[:4])}" if isinstance(lrs, (list, tuple)) and lrs
               and all(isinstance(x, (int, float)) for x in lrs[:4]) else "")
-        return (f"a learning-rate scheduler's state (torch.optim.lr_scheduler: last_epoch {obj.get('last_epoch')}{lr}), "
-                "not model weights")
+        return ("a learning-rate scheduler's state (torch.optim.lr_scheduler: "
+                f"last_epoch {obj.get('last_epoch')}{lr}), not model weights")
     if {"scale", "growth_factor", "backoff_factor", "growth_interval"} <= keys:
         scale = obj.get("scale")
-        return (f"a GradScaler's state (mixed-precision loss scale {scale:g}), not model weights"
-                if isinstance(scale, (int, float)) else "a GradScaler's state (mixed-precision loss scale), not model weights")
+        of = f" {scale:g}" if isinstance(scale, (int, float)) else ""
+        return f"a GradScaler's state (mixed-precision loss scale{of}), not model weights"
     if {"random_state", "torch_manual_seed"} <= keys:
         return "random-number-generator states (accelerate's random_states_N.pkl), not model weights"
     if keys <= _RNG_KEYS and {"python", "cpu"} <= keys:  # transformers' rng_state.pth

@@ -39,7 +39,8 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
                          "renamed": len(changed), "unchanged": len(keys) - len(changed),
                          "wrapper_untouched": ck.wrapper_keys()}
     if not prefix:
-        raise SelectionError("an empty prefix changes nothing", hint="e.g. --prefix module., or leave --prefix out to detect it")
+        raise SelectionError("an empty prefix changes nothing",
+                             hint="e.g. --prefix module., or leave --prefix out to detect it")
     n = sum(1 for k in keys if k.startswith(prefix))
     if n == 0:
         raise SelectionError(f"no key starts with {prefix!r}", hint=f"first key: {keys[0]!r}" if keys else None)
