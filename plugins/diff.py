@@ -39,6 +39,30 @@ def _module(name: str, depth: int) -> str:
     return ".".join(parts[:max(1, min(depth, len(parts) - 1))])
 
 
+def _sides(a, b, key_a, key_b, trust_pickle, loader) -> tuple[Checkpoint, Checkpoint, list[str]]:
+    """Both sides read with ``loader`` (paths; Checkpoints are taken as they are). Two files with
+    no model state dict (optimizer states, schedulers, RNG states) and no --key are compared as
+    wholes: every tensor by hash at its place, with the rest (the notes say so). One such file
+    against a model's checkpoint is an error: its own."""
+    from ckptsurgeon.errors import AmbiguousStateDictError, NoStateDictError
+
+    sides, why = [], []
+    for x, key in ((a, key_a), (b, key_b)):
+        try:
+            sides.append(x if isinstance(x, Checkpoint) else loader(x, key=key, trust_pickle=trust_pickle))
+            why.append(None)
+        except (AmbiguousStateDictError, NoStateDictError) as e:
+            if key is not None or e.overview is None:
+                raise
+            sides.append(e.overview)
+            why.append(e)
+    if (why[0] is None) != (why[1] is None):
+        raise why[0] or why[1]
+    whole = [f"{side}: {' '.join(e.message.split('; ')[0].split())}; compared as a whole: its tensors by hash, "
+             "with the other content" for side, e in zip("AB", why) if e is not None]
+    return sides[0], sides[1], whole
+
+
 def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
     """Non-tensor content for deepdiff: the wrapper minus the state dict, tensors as summaries;
     and whether it was cut short (see checkpoint.Walk: a hostile pickle can expand without end)."""
@@ -70,7 +94,7 @@ def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
             walk.active.discard(id(obj))
 
     out = {}
-    if isinstance(ck.wrapper, (Mapping, list, tuple)) and ck.sd_path:
+    if isinstance(ck.wrapper, (Mapping, list, tuple)) and (ck.sd_path or not ck.state):  # (a whole file)
         items = ck.wrapper.items() if isinstance(ck.wrapper, Mapping) else enumerate(ck.wrapper)
         for k, v in items:
             if (k,) == tuple(ck.sd_path[:1]) and len(ck.sd_path) == 1:
@@ -121,8 +145,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     from ckptsurgeon.loading import load
 
     check_tolerances(atol, rtol)
-    ca = a if isinstance(a, Checkpoint) else load(a, key=key_a, trust_pickle=trust_pickle)
-    cb = b if isinstance(b, Checkpoint) else load(b, key=key_b, trust_pickle=trust_pickle)
+    ca, cb, whole = _sides(a, b, key_a, key_b, trust_pickle, load)
     ta = OrderedDict((k, v) for k, v in ca.state.items() if is_tensor_like(v))
     tb = OrderedDict((k, v) for k, v in cb.state.items() if is_tensor_like(v))
     ma, mb, alignment = align_keys(list(ta), list(tb), align)
@@ -220,7 +243,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
 
     (oa, cut_a), (ob, cut_b) = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
-    notes = [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
+    notes = whole + [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
              "levels only: it is larger, deeper, or shares containers without end (a hostile pickle can)"
              for side, cut in (("A", cut_a), ("B", cut_b)) if cut]
     if not (_has_header(ca) and _has_header(cb)):  # header metadata where only one format can hold it
@@ -395,10 +418,10 @@ def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_p
       ckpt-surgeon diff epoch10.pt epoch20.safetensors --json > report.json
       ckpt-surgeon diff base/ finetuned/ --atol 1e-6 --plot change.png
     """
-    ca = cliutil.load(a, key_a, trust_pickle)
-    cb = cliutil.load(b, key_b, trust_pickle)
+    ca, cb, whole = _sides(a, b, key_a, key_b, trust_pickle, cliutil.load)
     with cliutil.progress_bar(ca.summary()["bytes"], "comparing") as cb_progress:
         report = diff(ca, cb, atol=atol, rtol=rtol, align=not no_align, depth=depth, progress=cb_progress)
+    report["notes"][:0] = whole
     if plot_path:
         plot(report, plot_path)
     cliutil.emit(report, as_json, _human)

@@ -266,3 +266,31 @@ def test_a_negative_or_nan_tolerance_is_refused(sample_dir, cli):
         for opt, val in (("--atol", "-1"), ("--rtol", "nan")):
             code, _, err = cli(*cmd, sample_dir / "seednet.pt", sample_dir / "seednet.pt", opt, val)
             assert code == 2 and f"{opt} {float(val)} must be 0 or more" in err, err
+
+
+def test_two_files_without_a_model_state_dict_are_compared_as_wholes(sample_dir, tmp_path, cli):
+    """Two optimizer (or scheduler) files: every tensor by hash at its place, with the rest (it
+    was an error: "choose one with --key"); one such file against a model's checkpoint stays an
+    error, and so does an explicit --key that names nothing."""
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "o1.pt")
+    torch.save(opt.state_dict(), tmp_path / "o1_again.pt")
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "o2.pt")
+    code, out, err = cli("diff", tmp_path / "o1.pt", tmp_path / "o1_again.pt")
+    assert code == 0 and "identical" in out and "compared as a whole" in out, out + err
+    code, out, err = cli("diff", tmp_path / "o1.pt", tmp_path / "o2.pt", "--json")
+    assert code == 1, err
+    rep = json.loads(out)
+    changed = set(rep["metadata"]["values_changed"])
+    assert "root['state'][0]['exp_avg']['xxh3']" in changed and "root['state'][1]['exp_avg_sq']['xxh3']" in changed
+    assert rep["notes"][0].startswith("A: an optimizer's state dict (torch.optim), not a model's: 2 parameter state(s)")
+    rep = cs.diff(str(tmp_path / "o1.pt"), str(tmp_path / "o2.pt"))  # the API alike
+    assert rep["differences"] and "compared as a whole" in rep["notes"][1]
+    code, _, err = cli("diff", tmp_path / "o1.pt", sample_dir / "seednet.pt")
+    assert code == 2 and "an optimizer's state dict" in err and err.count("\n") == 1
+    code, _, err = cli("diff", tmp_path / "o1.pt", tmp_path / "o2.pt", "--key-a", "nothing")
+    assert code == 2 and "is not in the checkpoint" in err
