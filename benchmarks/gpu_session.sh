@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything this project checks on a GPU machine, in one run of a few minutes (see README, "On a
 # GPU"). The machine's Python must already hold torch (CUDA), and ideally timm, torchvision,
-# transformers, Lightning; packages it lacks (deepdiff and its needs, isal) may sit as wheels in
-# .whl/ and are installed to /tmp/site first. From the repository root:
+# transformers, Lightning; packages it lacks may sit as wheels in .whl/ and are installed to
+# /tmp/site first: deepdiff with orderly-set and cachebox (deepdiff 9 imports cachebox only when it
+# compares, so a missing one passed the version print below and failed every diff), isal, and for
+# the diffusers tests diffusers with importlib_metadata. From the repository root:
 #
 #     bash benchmarks/gpu_session.sh OUTDIR            # FIXTURES=0: skip step 1, test the committed ones
 #                                                      # GPU_CHECK=0 / SWEEP=0: skip step 2 / 3
@@ -29,11 +31,17 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 - <<'EOF'
 import importlib
-for m in ("torch", "transformers", "timm", "torchvision", "lightning", "safetensors", "deepdiff", "isal", "xxhash"):
+for m in ("torch", "transformers", "timm", "torchvision", "lightning", "safetensors", "deepdiff", "isal", "xxhash", "diffusers", "peft"):
     try:
-        print(m, importlib.import_module(m).__version__)
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", None) or getattr(mod, "VERSION", "?"))
     except Exception as e:
         print(m, "missing:", type(e).__name__)
+try:  # what diff runs: a comparison, not only the import
+    from deepdiff import DeepDiff
+    DeepDiff({"a": 1}, {"a": 2})
+except Exception as e:
+    print("deepdiff CANNOT COMPARE:", type(e).__name__, e)
 EOF
 
 fixtures=tests/data/gpu
