@@ -11,11 +11,15 @@ from .formats.hf import model_folder
 from .manager import get_manager
 
 
-def output_format(path: str, format: str | None = None, max_shard_size=None, from_model_folder: bool = False) -> str:
+def output_format(path: str, format: str | None = None, max_shard_size=None, from_model_folder: bool = False,
+                  input_format: str | None = None) -> str:
     """The format an output path asks for: a folder (a path ending in a separator, an existing
     folder, --max-shard-size, or no extension at all when the input was a model folder, as
     save_pretrained writes one) is a Hugging Face folder; .safetensors; a plugin's extension;
-    anything else a torch zip."""
+    torch's extensions (.pt, .pth, .bin, .ckpt, .tar, .pkl) a torch zip. A path with no extension,
+    or one no writer claims (``model.st``, ``weights.v2``), keeps ``input_format`` where it is a
+    single-file format that can be written (a safetensors input stays safetensors); else a torch
+    zip."""
     if format:
         return format
     ext = os.path.splitext(str(path))[1].lower()
@@ -25,20 +29,34 @@ def output_format(path: str, format: str | None = None, max_shard_size=None, fro
         return "hf-folder"
     if from_model_folder and not ext and not os.path.exists(path):
         return "hf-folder"
+    formats = get_manager().formats()
+    claimed = _claimed(ext, formats)
+    if claimed:
+        return claimed
+    keep = formats.get(input_format) if input_format not in (None, "hf-folder") else None
+    if keep is not None and keep[0].save is not None:
+        return input_format
+    return "torch-zip"
+
+
+def _claimed(ext: str, formats) -> str | None:
+    """The writable format an output extension names, if any."""
     if ext == ".safetensors":
         return "safetensors"
-    for name, (spec, _p) in get_manager().formats().items():
+    for name, (spec, _p) in formats.items():  # a plugin's claim first: it may take .bin or .pt
         if spec.save is not None and ext in spec.extensions and name != "torch-zip":
             return name
-    return "torch-zip"
+    if ext and "torch-zip" in formats and ext in formats["torch-zip"][0].extensions:
+        return "torch-zip"
+    return None
 
 
 def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = False, dry_run: bool = False,
          max_shard_size=None, dedupe_tied: bool = False, state_dict_only: bool = False, progress=None) -> dict:
     """Write ``ck`` to ``path`` atomically and return a report (what was written, what was not).
 
-    The format follows the extension (``.safetensors``; anything else is a torch zip) unless
-    ``format`` says otherwise; ``max_shard_size`` ('5GB') writes a Hugging Face sharded folder.
+    The format follows the extension (``.safetensors``; torch's own are a torch zip; none or an
+    unknown one keeps a safetensors input's format, else a torch zip) unless ``format`` says otherwise; ``max_shard_size`` ('5GB') writes a Hugging Face sharded folder.
     The input file is never overwritten unless ``in_place=True``. ``state_dict_only`` writes the
     state dict alone, without the wrapper around it (a Lightning checkpoint's epoch, optimizer
     and loop states; a resume dict's other entries): what ``model.load_state_dict(torch.load(f))``
@@ -56,7 +74,8 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
     if state_dict_only and (ck.sd_path or ck.wrapper is not None):
         dropped = [k for k in ck.wrapper_keys() if k != str(ck.sd_path[0] if ck.sd_path else "")]
         ck = ck.replace(wrapper=None, sd_path=(), candidates=())
-    fmt = output_format(path, format, max_shard_size, from_model_folder=model_folder(ck) is not None)
+    fmt = output_format(path, format, max_shard_size, from_model_folder=model_folder(ck) is not None,
+                        input_format=ck.source.format if ck.source else None)
     formats = get_manager().formats()
     if fmt not in formats or formats[fmt][0].save is None:
         writable = sorted(n for n, (s, _) in formats.items() if s.save is not None)
@@ -77,4 +96,10 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
     report = formats[fmt][0].save(ck, path, **options)
     if dropped:
         report.setdefault("notes", []).insert(0, f"state dict only: the wrapper around it not written ({', '.join(dropped)})")
+    ext = os.path.splitext(path)[1]
+    if not format and fmt != "hf-folder" and not _claimed(ext.lower(), formats):
+        why = f"its extension {ext!r} names no format" if ext else "it has no extension"
+        kept = ck.source is not None and fmt == ck.source.format
+        report.setdefault("notes", []).append(
+            f"written as {fmt}{' like the input' if kept else ''}: {why} (--format, or .pt / .safetensors, to choose)")
     return report

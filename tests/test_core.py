@@ -1195,3 +1195,35 @@ def test_plain_pickle_of_numpy_arrays_reads_as_tensors(tmp_path, cli):
     code, out, _ = cli("strip-prefix", tmp_path / "model_final.pkl", "--prefix", "backbone.", "--partial",
                        "-o", tmp_path / "s.safetensors")
     assert code == 0 and "res2.0.conv1.weight" in load_file(tmp_path / "s.safetensors")
+
+
+def test_output_without_a_known_extension_keeps_the_input_format(tmp_path, cli):
+    """`-o model.st` (or no extension) from a safetensors file stays safetensors, with a note;
+    torch's extensions and .safetensors still choose; a legacy input with no extension becomes a
+    torch zip (legacy is never written), also noted."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    st = tmp_path / "in.safetensors"
+    save_file({"module.a": torch.arange(4.0), "module.b": torch.ones(2, 2)}, str(st))
+    for name in ("out.st", "out"):
+        out = tmp_path / name
+        code, stdout, _ = cli("strip-prefix", st, "-o", out)
+        assert code == 0, stdout
+        assert "written as safetensors like the input" in stdout
+        with safe_open(str(out), "pt") as f:
+            assert sorted(f.keys()) == ["a", "b"]
+            assert torch.equal(f.get_tensor("a"), torch.arange(4.0))
+    code, stdout, _ = cli("strip-prefix", st, "-o", tmp_path / "out.pth")
+    assert code == 0 and "note: written as" not in stdout
+    assert torch.equal(torch.load(tmp_path / "out.pth", weights_only=True)["a"], torch.arange(4.0))
+    code, stdout, _ = cli("convert", st, "-o", tmp_path / "forced", "--format", "torch-zip")
+    assert code == 0 and "note: written as" not in stdout and zipfile.is_zipfile(tmp_path / "forced")
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"module.w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    code, stdout, _ = cli("strip-prefix", legacy, "-o", tmp_path / "plain")
+    assert code == 0 and "written as torch-zip: it has no extension" in stdout
+    assert torch.equal(torch.load(tmp_path / "plain", weights_only=True)["w"], torch.ones(3))
+    rep = cs.save(cs.load(st), tmp_path / "api.weights")
+    assert rep["format"] == "safetensors"
