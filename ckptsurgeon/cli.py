@@ -15,7 +15,7 @@ import sys
 import click
 
 from . import __version__
-from .cliutil import emit, human_bytes, json_option, load_options, state, write_options
+from .cliutil import echo_notes, emit, human_bytes, json_option, load_options, state, write_options
 from .errors import EXIT_ERROR, CkptSurgeonError
 from .gcpause import freeze_heap
 
@@ -247,8 +247,7 @@ def _print_inspect(info: dict) -> None:
             c.print(f"  {cand['at']}: {cand['tensors']} tensors, {human_bytes(cand['bytes'])}")
         if len(info["candidate_sizes"]) > 20:
             c.print(f"  ... and {len(info['candidate_sizes']) - 20} more")
-        for n in info["notes"]:
-            c.print(f"note: {n}")
+        echo_notes(info["notes"], c.print)
         return
     c.print(f"state dict at: {at}"
             + (f" (candidates: {_fold_candidates(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
@@ -286,8 +285,7 @@ def _print_inspect(info: dict) -> None:
     c.print(t)
     if len(rows) > MAX_MODULE_ROWS:
         c.print(f"... and {len(rows) - MAX_MODULE_ROWS} more module rows (all of them: --json)")
-    for n in info["notes"]:
-        c.print(f"note: {n}")
+    echo_notes(info["notes"], c.print)
 
 
 MAX_MODULE_ROWS = 200

@@ -148,6 +148,14 @@ def console():
     return Console(highlight=False, soft_wrap=True)
 
 
+def echo_notes(notes, out: Callable | None = None, indent: str = "") -> None:
+    """A report's notes, one line each, unless --quiet (the --json report keeps them)."""
+    if state().get("quiet", False):
+        return
+    for n in notes or ():
+        (out or click.echo)(f"{indent}note: {n}")
+
+
 def echo_save(rep: dict) -> None:
     if rep.get("output") is None:
         if rep.get("dry_run"):
@@ -157,8 +165,7 @@ def echo_save(rep: dict) -> None:
     verb = "would write" if rep.get("dry_run") else "wrote"
     click.echo(f"{verb} {rep['output']} ({rep.get('format')}, {rep.get('tensors', 0)} tensors, "
                f"{human_bytes(rep.get('bytes', 0))})")
-    for n in rep.get("notes", []):
-        click.echo(f"  note: {n}")
+    echo_notes(rep.get("notes"), indent="  ")
 
 
 def parse_model_args(items) -> dict:

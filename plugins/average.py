@@ -142,8 +142,7 @@ def _human(r: dict) -> None:
     click.echo(f"averaged {r['averaged']} tensor(s) over {r['inputs']} checkpoints (weights {w})")
     if r["kept_from_first"]:
         click.echo(f"kept {r['kept_from_first']} non-float tensor(s) from the first")
-    for n in r["notes"]:
-        click.echo(f"note: {n}")
+    cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])
 
 

@@ -105,8 +105,8 @@ def _human(r: dict) -> None:
         click.echo(f"left {n} tensor(s) as they are: {why}")
     click.echo(f"tensor bytes {cliutil.human_bytes(r['bytes_before'])} -> {cliutil.human_bytes(r['bytes_after'])}")
     if r["wrapper_untouched"]:
-        click.echo(f"note: wrapper entries kept as they are (optimizer state included): "
-                   f"{', '.join(map(str, r['wrapper_untouched'][:8]))}")
+        cliutil.echo_notes([f"wrapper entries kept as they are (optimizer state included): "
+                            f"{', '.join(map(str, r['wrapper_untouched'][:8]))}"])
     cliutil.echo_save(r["save"])
 
 

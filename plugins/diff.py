@@ -346,7 +346,7 @@ def _human(r: dict) -> None:
     c.print(f"A: {r['a']['path']} ({r['a']['format']}, {r['a']['tensors']} tensors)")
     c.print(f"B: {r['b']['path']} ({r['b']['format']}, {r['b']['tensors']} tensors)")
     if r["alignment"]["applied"]:
-        c.print(f"note: {r['alignment']['note']}")
+        cliutil.echo_notes([r["alignment"]["note"]], c.print)
     for label, items in (("only in A", r["only_in_a"]), ("only in B", r["only_in_b"])):
         if items:
             c.print(f"{label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
@@ -392,8 +392,7 @@ def _human(r: dict) -> None:
                     c.print(f"  {kind}: {path}: {json.dumps(val, default=str)[:160]}")
             else:
                 c.print(f"  {kind}: {json.dumps(items, default=str)[:200]}")
-    for note in r.get("notes", ()):
-        c.print(f"note: {note}")
+    cliutil.echo_notes(r.get("notes"), c.print)
     c.print(f"[bold]{r['verdict']}[/bold]")
 
 

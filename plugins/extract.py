@@ -92,8 +92,7 @@ def _human(r: dict) -> None:
                f"left out {r['left_out']}")
     for p, n in r["patterns"].items():
         click.echo(f"  {p!r}: {n} keys")
-    for n in r["notes"]:
-        click.echo(f"note: {n}")
+    cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])
 
 

@@ -807,7 +807,7 @@ def _human_extract(r: dict) -> None:
         click.echo(f"{len(r['modules_to_save'])} changed module(s) kept whole (modules_to_save): "
                    + ", ".join(r["modules_to_save"][:6]) + (" ..." if len(r["modules_to_save"]) > 6 else ""))
     if r["alignment"].get("applied"):
-        click.echo(f"note: {r['alignment']['note']}")
+        cliutil.echo_notes([r["alignment"]["note"]])
     cliutil.echo_save(r["save"])
 
 
@@ -827,13 +827,13 @@ def _human(r: dict) -> None:
         click.echo(f"took {len(r['replaced'])} tensor(s) whole from the adapter (modules_to_save, saved base layers): "
                    f"{', '.join(r['replaced'][:6])}" + (" ..." if len(r["replaced"]) > 6 else ""))
     if r["alignment"].get("applied"):
-        click.echo(f"note: {r['alignment']['note']}")
+        cliutil.echo_notes([r["alignment"]["note"]])
     if r.get("alpha_is_rank"):
-        click.echo("note: the adapter records no alpha (a diffusers LoRA file without its config, a kohya "
-                   "module without .alpha): such a module's alpha is its rank, scale 1, as those tools load it")
+        cliutil.echo_notes(["the adapter records no alpha (a diffusers LoRA file without its config, a kohya "
+                            "module without .alpha): such a module's alpha is its rank, scale 1, as those tools load it"])
     if r.get("other_components"):
-        click.echo(f"note: the adapter's updates for {', '.join(r['other_components'])} are not for this base "
-                   "(merge each into its own model folder)")
+        cliutil.echo_notes([f"the adapter's updates for {', '.join(r['other_components'])} are not for this base "
+                            "(merge each into its own model folder)"])
     click.echo(f"{r['untouched']} other tensor(s) copied as they are")
     cliutil.echo_save(r["save"])
 

@@ -316,8 +316,7 @@ def _human(r: dict) -> None:
     if r.get("calibrated"):
         click.echo(f"relative output error after calibration on {r['calibration_inputs']} inputs: "
                    f"{r['error_calibrated']:.4g}" + ("" if r.get("calibration_kept", True) else " (not kept)"))
-    for n in r["notes"]:
-        click.echo(f"note: {n}")
+    cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])
 
 

@@ -88,8 +88,7 @@ def _human(report: dict) -> None:
                        "(torch.compile per block, FSDP/activation-checkpoint wrappers)")
     else:
         click.echo(f"added prefix {report['prefix']!r} to {report['renamed']} keys")
-    for n in report.get("notes", []):
-        click.echo(f"note: {n}")
+    cliutil.echo_notes(report.get("notes"))
     cliutil.echo_save(report["save"])
 
 

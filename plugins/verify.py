@@ -423,8 +423,7 @@ def _human(r: dict) -> None:
         bad = [m for m in r["modules"] if not m["ok"] and not m["changed_by_surgery"]][:10]
         for m in bad:
             click.echo(f"  {m['module']} ({m['type']}): max |a-b| {m['max_abs']:.3g}, relative {m['rel']:.3g}")
-    for n in r["notes"]:
-        click.echo(f"note: {n}")
+    cliutil.echo_notes(r["notes"])
     click.echo("EQUIVALENT" if r["equivalent"] else "NOT EQUIVALENT")
 
 

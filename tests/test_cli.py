@@ -285,6 +285,8 @@ def test_a_compressed_checkpoint_is_named(tmp_path, cli):
 def test_quiet_and_debug_work_after_the_command_too(sample_dir, tmp_path, cli):
     from pathlib import Path
 
+    import torch
+
     src = Path(__file__).parent / "data" / "gpu" / "lightning_fsdp.ckpt"
     code, out, err = cli("convert", src, "-o", tmp_path / "a.safetensors")
     assert code == 0 and "note: " in err and "lightning_fsdp.ckpt: merged Lightning's meta.pt" in err
@@ -293,6 +295,18 @@ def test_quiet_and_debug_work_after_the_command_too(sample_dir, tmp_path, cli):
                  ("convert", src, "--quiet", "-o", tmp_path / "d.safetensors")):
         code, out, err = cli(*args)
         assert code == 0 and "note:" not in err, args
+    # the report's own notes on stdout (what the output did not carry) go too; --json keeps them
+    md = tmp_path / "md.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)).state_dict(), md)
+    code, out, _ = cli("convert", md, "-o", tmp_path / "e.safetensors")
+    assert code == 0 and "note: state_dict._metadata (module versions) not carried" in out
+    for args in (("-q", "convert", md, "-o", tmp_path / "f.safetensors"),
+                 ("strip-prefix", tmp_path / "e.safetensors", "--prefix", "0.", "-o", tmp_path / "g.st", "-q"),
+                 ("-q", "inspect", src)):
+        code, out, _ = cli(*args)
+        assert code == 0 and "note:" not in out and out.strip(), (args, out)
+    code, out, _ = cli("-q", "convert", md, "-o", tmp_path / "h.safetensors", "--json")
+    assert code == 0 and any("_metadata" in n for n in json.loads(out)["notes"])
     code, _, err = cli("strip-prefix", tmp_path / "missing.pt", "-o", tmp_path / "x.pt", "--debug")
     assert code == 2 and "Traceback" in err and err.strip().endswith("no such file or directory")
     code, _, err = cli("strip-prefix", tmp_path / "missing.pt", "-o", tmp_path / "x.pt")
