@@ -130,6 +130,127 @@ def _same(a, b) -> bool:
         return False
 
 
+#: What deepdiff is handed at most, in nodes over both sides weighted by depth (a node n levels
+#: down costs n + 1): deepdiff takes ~0.1 ms a node near the root and ~1 ms forty levels down (it
+#: copies the path at each step). Unbounded, a 100,000-item loss history that changed took 12 s
+#: and 9 MB of report, and a "billion laughs" pickle, cut at the walk's budget, minutes. Beyond it
+#: the rest is counted, not itemised (a note says so): ~1.5 s at most.
+DEEPDIFF_BUDGET = 60_000
+#: A list longer than this on both sides is itemised by its first LONG_LIST differing positions
+#: (and its first LONG_LIST extra items) only.
+LONG_LIST = 100
+_EQUAL = object()
+
+
+class _Trim:
+    """Both summaries with what is equal left out, for deepdiff (see DEEPDIFF_BUDGET): entries of a
+    mapping equal on both sides are dropped; a long list becomes a mapping of its differing
+    positions (deepdiff writes a list's index and such a key alike: root['history'][7]); a value
+    on one side only, when large, becomes a one-line description. Past the budget, pairs still to
+    visit become one marker on both sides (deepdiff sees them equal) and ``cut`` counts them."""
+
+    def __init__(self, budget: int = DEEPDIFF_BUDGET):
+        self.left = budget
+        self.cut = 0
+        self.notes: list[str] = []
+
+    def pair(self, a, b, path: str = "root", depth: int = 0):
+        if _same(a, b):
+            return _EQUAL
+        if self.left <= 0:
+            self.cut += 1
+            return "<not itemised>", "<not itemised>"
+        self.left -= depth + 1
+        if isinstance(a, dict) and isinstance(b, dict):
+            ta, tb = {}, {}
+            for k, v in a.items():
+                if k in b:
+                    r = self.pair(v, b[k], f"{path}[{k!r}]", depth + 1)
+                    if r is not _EQUAL:
+                        ta[k], tb[k] = r
+                else:
+                    ta[k] = self.one(v, depth + 1)
+            for k, v in b.items():
+                if k not in a:
+                    tb[k] = self.one(v, depth + 1)
+            return ta, tb
+        if isinstance(a, list) and isinstance(b, list) and max(len(a), len(b)) > LONG_LIST:
+            return self.long(a, b, path, depth)
+        cost = (_nodes(a, self.left) + _nodes(b, self.left)) * (depth + 1)
+        if cost > self.left:  # too large to hand over whole: go into it where both are mappings or lists
+            if isinstance(a, list) and isinstance(b, list):
+                return self.long(a, b, path, depth)
+            return self.one(a, depth), self.one(b, depth)
+        self.left -= cost
+        return a, b
+
+    def long(self, a: list, b: list, path: str, depth: int):
+        common = min(len(a), len(b))
+        ta, tb = {}, {}
+        differing = 0
+        for i in range(common):
+            if not _same(a[i], b[i]):
+                differing += 1
+                if differing <= LONG_LIST:
+                    r = self.pair(a[i], b[i], f"{path}[{i}]", depth + 1)
+                    ta[i], tb[i] = r
+        for seq, out in ((a, ta), (b, tb)):
+            for i in range(common, min(len(seq), common + LONG_LIST)):
+                out[i] = self.one(seq[i], depth + 1)
+        extra = max(len(a), len(b)) - common
+        if differing > LONG_LIST or extra > LONG_LIST:
+            self.notes.append(
+                f"{path}: a list of {len(a):,} items against {len(b):,}, {differing:,} position(s) differ"
+                f"{f', {extra:,} item(s) on one side only' if extra else ''}: the first "
+                f"{min(differing, LONG_LIST)} differing and {min(extra, LONG_LIST)} extra item(s) itemised")
+        return ta, tb
+
+    def one(self, v, depth: int):
+        """A value on one side only: itself, or where large a one-line description."""
+        cost = _nodes(v, 1000) * (depth + 1)
+        if cost > 1000 * (depth + 1) or cost > self.left:
+            kind = "mapping" if isinstance(v, dict) else "list" if isinstance(v, list) else type(v).__name__
+            return f"<{kind} of {_count(v):,} item(s): not itemised>"
+        self.left -= cost
+        return v
+
+
+def _nodes(v, cap: int) -> int:
+    """Nodes in a summary, counted up to ``cap``."""
+    n, todo = 0, [v]
+    while todo and n <= cap:
+        x = todo.pop()
+        n += 1
+        if isinstance(x, dict):
+            todo.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+    return n
+
+
+def _count(v) -> int:
+    return len(v) if isinstance(v, (dict, list, tuple)) else 1
+
+
+def _deepdiff(oa, ob) -> tuple[dict, list[str]]:
+    """deepdiff of two summaries within DEEPDIFF_BUDGET, and notes on what was not itemised."""
+    trim = _Trim()
+    r = trim.pair(oa, ob)
+    if r is _EQUAL:
+        return {}, []
+    from deepdiff import DeepDiff  # importing it costs ~0.2 s: only paid to describe a difference
+
+    # ignore_private_variables: deepdiff skips keys starting with "__" by default, which hid every
+    # difference under __state_dict_non_tensor__ / __safetensors_metadata__ (and a wrapper's own
+    # "__version__"-style keys)
+    dd = DeepDiff(r[0], r[1], verbose_level=2, ignore_private_variables=False)
+    notes = trim.notes[:20] + ([f"... and {len(trim.notes) - 20} more such lists"] if len(trim.notes) > 20 else [])
+    if trim.cut:
+        notes.append(f"the other content differs in more places than itemised: {trim.cut:,} more differing "
+                     "part(s) counted, not itemised")
+    return (json.loads(dd.to_json()) if dd else {}), notes
+
+
 def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_a=None, key_b=None,
          trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True, progress=None) -> dict:
     """Compare two checkpoints (paths or Checkpoints), tensor by tensor, each pair read once.
@@ -252,17 +373,10 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             if header:
                 notes.append(f"{side}'s safetensors header metadata ({', '.join(sorted(header))}) not compared: "
                              f"the other side's format has none")
-    meta = {}
-    if not _same(oa, ob):  # importing deepdiff costs ~0.2 s: only pay it to describe a difference
-        from deepdiff import DeepDiff
-
-        # ignore_private_variables: deepdiff skips keys starting with "__" by default, which hid
-        # every difference under __state_dict_non_tensor__ / __safetensors_metadata__ (and a
-        # wrapper's own "__version__"-style keys)
-        dd = DeepDiff(oa, ob, verbose_level=2, ignore_private_variables=False)
-        meta = json.loads(dd.to_json()) if dd else {}
-
-    differences = bool(only_a or only_b or renamed or shape_changed or dtype_changed or changed or meta)
+    other_differs = not _same(oa, ob)
+    meta, meta_notes = _deepdiff(oa, ob) if other_differs else ({}, [])
+    notes += meta_notes
+    differences = bool(only_a or only_b or renamed or shape_changed or dtype_changed or changed or other_differs)
     identical = not differences and not close
     if identical:
         verdict = "identical: every tensor is bitwise equal and the other content matches"
@@ -273,7 +387,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
                  (dtype_changed, "dtype change(s)"), (renamed, "rename(s)"), (only_a, "only in A"),
                  (only_b, "only in B")]
         bits = [f"{len(items)} {label}" for items, label in found if items]
-        verdict = "different: " + ", ".join(bits + (["other content differs"] if meta else []))
+        verdict = "different: " + ", ".join(bits + (["other content differs"] if other_differs else []))
     return {
         "schema": SCHEMA,
         "a": _side(ca, len(ta)), "b": _side(cb, len(tb)),

@@ -133,6 +133,49 @@ def test_diff_of_wrappers_holding_cycles(tmp_path, cli):
     assert code == 1 and "root['l'][1]" in out, out + err
 
 
+def test_large_or_self_similar_other_content_is_itemised_within_a_budget(tmp_path, cli):
+    """deepdiff is handed what differs, within a budget: a loss history of 100,000 floats that
+    changed (with 500 more steps) is itemised by its first differing and extra positions, with a
+    note; an equal 50,000-entry mapping beside it costs nothing; a 2 KB "billion laughs" pickle
+    (one dict shared by both slots of the next, forty levels) against its variant finishes with
+    the difference found and a note that the rest was counted, not itemised (both took minutes)."""
+    from ckptsurgeon.plugins.diff import LONG_LIST
+
+    sd = {"w": torch.ones(3)}
+    hist = [i / 7 for i in range(100_000)]
+    vocab = {f"t{i}": i for i in range(50_000)}
+    torch.save({"state_dict": sd, "history": hist, "epoch": 1, "vocab": vocab}, tmp_path / "a.pt")
+    torch.save({"state_dict": sd, "history": [x + 1e-3 for x in hist] + [0.5] * 500, "epoch": 2, "vocab": vocab,
+                "extra": list(range(5000))}, tmp_path / "b.pt")
+    rep = cs.diff(tmp_path / "a.pt", tmp_path / "b.pt")
+    meta = rep["metadata"]
+    assert rep["differences"] and rep["verdict"] == "different: other content differs"
+    changed = meta["values_changed"]
+    assert changed["root['epoch']"] == {"new_value": 2, "old_value": 1}
+    assert changed["root['history'][0]"] == {"new_value": 1e-3, "old_value": 0.0}
+    assert len(changed) == LONG_LIST + 1 and f"root['history'][{LONG_LIST}]" not in changed
+    added = meta["dictionary_item_added"]
+    assert added["root['history'][100000]"] == 0.5 and len(added) == LONG_LIST + 1
+    assert added["root['extra']"] == "<list of 5,000 item(s): not itemised>"
+    assert not any("vocab" in k for kind in meta.values() for k in kind)
+    assert any("root['history']: a list of 100,000 items against 100,500, 100,000 position(s) differ, 500 item(s) "
+               "on one side only" in n for n in rep["notes"])
+
+    def laughs(leaf):
+        d = leaf
+        for _ in range(40):
+            d = {"a": d, "b": d}
+        return d
+
+    torch.save({"state_dict": sd, "laughs": laughs({"w": 1})}, tmp_path / "l1.pt")
+    torch.save({"state_dict": sd, "laughs": laughs({"w": 2})}, tmp_path / "l2.pt")
+    code, out, err = cli("diff", tmp_path / "l1.pt", tmp_path / "l2.pt")
+    assert code == 1 and "different: other content differs" in out, out + err
+    assert "values_changed: root['laughs']['a']['a']" in out and "counted, not itemised" in out
+    code, out, err = cli("diff", tmp_path / "l1.pt", tmp_path / "l1.pt")
+    assert code == 0 and "identical" in out
+
+
 def test_dtype_changes_report_how_much_the_values_moved(tmp_path, cli):
     """A float32 model against its bfloat16 copy: every tensor is a dtype change, and the report
     says how far the values moved (computed in float64 across the two dtypes), per tensor in JSON
