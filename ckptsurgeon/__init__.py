@@ -10,6 +10,7 @@ Example::
     ck = cs.load("model_dp.pt")
     new, report = cs.strip_prefix(ck)
     cs.save(new, "model.safetensors")
+    cs.inspect("model.safetensors")["tensors"]
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def __getattr__(name: str):
 
     if name.startswith("_"):
         raise AttributeError(name)
+    if name == "inspect":  # the core's own reader, beside the plugins' operations: cs.inspect(path)
+        from .summary import inspect
+
+        return inspect
     if importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f"{__name__}.{name}")
     from . import manager
@@ -50,4 +55,4 @@ def __getattr__(name: str):
 def __dir__():
     from .manager import get_manager
 
-    return sorted(set(globals()) | set(get_manager().operations()))
+    return sorted(set(globals()) | set(get_manager().operations()) | {"inspect"})

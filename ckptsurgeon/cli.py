@@ -112,9 +112,25 @@ class LazyGroup(click.Group):
 
                 traceback.print_exc()
             msg = " ".join(str(e).split())[:400]
-            click.echo(f"ckpt-surgeon: internal error: {type(e).__name__}: {msg} (re-run with --debug for details)",
-                       err=True)
+            if _out_of_memory(e):  # not a bug: the machine ran short (an allocation torch or Python refused)
+                click.echo(f"ckpt-surgeon: error: out of memory: {msg or type(e).__name__} (free memory, or make "
+                           "the job smaller: a torch zip output keeps tensor views as they are)", err=True)
+            else:
+                click.echo(f"ckpt-surgeon: internal error: {type(e).__name__}: {msg} (re-run with --debug for details)",
+                           err=True)
             ctx.exit(EXIT_ERROR)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation refused for want of memory (Python's MemoryError, torch's
+    CPU allocator error, numpy's _ArrayMemoryError, an mmap's ENOMEM)."""
+    if isinstance(e, MemoryError):
+        return True
+    if isinstance(e, OSError) and e.errno == 12:  # ENOMEM
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text
+                                            or "DefaultCPUAllocator" in text)
 
 
 def _set_global_flag(ctx, param, value):
@@ -261,6 +277,13 @@ def _print_inspect(info: dict) -> None:
         c.print(f"shared storages: {sum(d['tensors'] for d in sh)} tensors are views of {len(sh)} "
                 f"storage{'s' if len(sh) > 1 else ''} ({human_bytes(sum(d['bytes'] for d in sh))} in all)",
                 markup=False)
+    if info["broadcast_views"]:
+        bv = info["broadcast_views"]
+        c.print(f"broadcast views: {len(bv)} tensor{'s are' if len(bv) > 1 else ' is'} "
+                f"{human_bytes(sum(d['dense_bytes'] for d in bv))} dense over "
+                f"{human_bytes(sum(d['storage_bytes'] for d in bv))} of storage (expand, stride 0: "
+                f"{', '.join(d['name'] for d in bv[:3])}{' ...' if len(bv) > 3 else ''}); "
+                "written dense outside a torch zip", markup=False)
     c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["prefix"]:
         c.print(f"wrapper prefix on every key: [bold]{info['prefix']}[/bold]  (strip with: ckpt-surgeon strip-prefix)")

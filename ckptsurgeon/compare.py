@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from .errors import SelectionError
-from .refs import TensorRef, crc32, file_pieces, special_kind, tensor_bytes
+from .refs import TensorRef, check_dense_fits, crc32, file_pieces, special_kind, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 
@@ -219,6 +219,9 @@ def complex_dtype(dtype: str) -> bool:
 def _stats_torch(a, b, atol, rtol) -> dict:
     import torch
 
+    for x in (a, b):
+        if isinstance(x, TensorRef):
+            check_dense_fits(x)
     ta = (a.to_torch() if isinstance(a, TensorRef) else a).detach().reshape(-1)
     tb = (b.to_torch() if isinstance(b, TensorRef) else b).detach().reshape(-1)
     if ta.is_complex():

@@ -95,6 +95,12 @@ class KeyCollisionError(CkptSurgeonError):
         self.collisions = dict(collisions or {})
 
 
+class MemoryLimitError(CkptSurgeonError):
+    """The work needs more memory than there is (a tensor far larger dense than in its file)."""
+
+    kind = "memory"
+
+
 class OutputError(CkptSurgeonError):
     """The output cannot be written (refused overwrite, missing directory, disk full...)."""
 

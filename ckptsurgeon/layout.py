@@ -13,7 +13,7 @@ import bisect
 
 from . import dtypes
 from .errors import CorruptCheckpointError
-from .refs import AssembledBytes, MemoryBytes, StorageRef, TensorRef, contiguous_stride
+from .refs import AssembledBytes, MemoryBytes, StorageRef, TensorRef, check_dense_fits, contiguous_stride
 
 
 def assembled_ref(shape, dtype: str, build, label: str = "", pieces=None) -> TensorRef:
@@ -30,6 +30,7 @@ def cast_ref(ref: TensorRef, dtype: str, label: str = "") -> TensorRef:
     """``ref`` in another dtype, computed (with torch) only when its bytes are written."""
     def build():
         return ref.to_torch().to(dtypes.torch_dtype(dtype)).contiguous()
+    check_dense_fits(ref, label)  # before anything is written
     return assembled_ref(ref.shape, dtype, build, label=label)
 
 

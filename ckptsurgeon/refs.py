@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import dtypes
-from .errors import CorruptCheckpointError, InputNotFoundError
+from .errors import CorruptCheckpointError, InputNotFoundError, MemoryLimitError
 
 try:  # ISA-L's CRC-32 (same polynomial as zlib/zip) runs ~3x faster than zlib's here
     from isal.isal_zlib import crc32 as _crc32
@@ -455,6 +455,35 @@ def _storage_type_for(dtype: str) -> GlobalRef:
     return GlobalRef("torch", name) if name else GlobalRef("torch.storage", "UntypedStorage")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_dense_fits(ref: "TensorRef", name: str = "") -> None:
+    """Before a view is made dense: refuse, in one clear line, one whose dense form is far larger
+    than the storage it views (a broadcast ``expand``, stride 0) and than the memory available.
+    A 1.8 KB file holding ``torch.ones(1).expand(10**6, 10**6)`` asked torch for 4 TB (an
+    allocator error), and a smaller such view fits the address space and is killed by the kernel."""
+    dense = ref.nbytes
+    if dense <= max(2 * ref.storage.nbytes, 256 << 20):
+        return
+    avail = available_memory()
+    if avail is not None and dense > avail:
+        raise MemoryLimitError(
+            f"{f'{name}: ' if name else ''}a tensor of shape {list(ref.shape)} (strides {list(ref.stride)}) views "
+            f"{dtypes.human_bytes(ref.storage.nbytes)} of storage but is {dtypes.human_bytes(dense)} dense, "
+            f"more than the {dtypes.human_bytes(avail)} of memory available",
+            hint="a torch zip output (.pt) keeps such a view as it is; other outputs and comparisons need it dense")
+
+
 def contiguous_stride(shape) -> tuple:
     """Row-major strides (in elements) of a tensor of ``shape``."""
     stride, acc = [], 1
@@ -535,6 +564,7 @@ class TensorRef:
         if span is not None:
             start, length = span
             return self.storage.source.buffer()[start:start + length]
+        check_dense_fits(self)
         t = self.to_torch().contiguous()
         return tensor_bytes(t)
 

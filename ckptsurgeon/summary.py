@@ -30,6 +30,15 @@ def shared_storages(ck: Checkpoint) -> list[dict]:
     return sorted(out, key=lambda d: -d["bytes"])
 
 
+def broadcast_views(ck: Checkpoint) -> list[dict]:
+    """Tensors more than twice as large dense as the storage they view (``expand``: stride 0):
+    ``{"name", "dense_bytes", "storage_bytes"}``, largest first. Written dense (safetensors, a
+    cast) they take their dense size; a torch zip keeps them as views."""
+    out = [{"name": k, "dense_bytes": v.nbytes, "storage_bytes": v.storage.nbytes} for k, v in ck.tensor_items()
+           if isinstance(v, TensorRef) and v.nbytes > 2 * v.storage.nbytes and v.nbytes > 4096]
+    return sorted(out, key=lambda d: -d["dense_bytes"])
+
+
 def describe_value(v: Any) -> str:
     if is_tensor_like(v):
         i = tensor_info(v)
@@ -99,6 +108,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "parameters": summ["parameters"],
         "tied": [list(t) for t in tied],  # (alias, name): one tensor under two names
         "shared_storages": shared_storages(ck),
+        "broadcast_views": broadcast_views(ck),
         "unique_parameters": summ["parameters"] - sum(sizes[a] for a, _ in tied),
         "bytes": summ["bytes"],
         "bytes_by_dtype": summ["bytes_by_dtype"],

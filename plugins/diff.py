@@ -19,7 +19,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, Walk, plain
 from ckptsurgeon.errors import EXIT_FINDING, SelectionError
 from ckptsurgeon.keys import align_keys
-from ckptsurgeon.refs import TensorRef, is_tensor_like
+from ckptsurgeon.refs import TensorRef, check_dense_fits, is_tensor_like
 from ckptsurgeon.types import Operation
 
 SCHEMA = "ckpt-surgeon.diff/1"
@@ -269,6 +269,10 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     ca, cb, whole = _sides(a, b, key_a, key_b, trust_pickle, load)
     ta = OrderedDict((k, v) for k, v in ca.state.items() if is_tensor_like(v))
     tb = OrderedDict((k, v) for k, v in cb.state.items() if is_tensor_like(v))
+    for side, tensors in (("A", ta), ("B", tb)):  # hashed in row-major order: a broadcast view is made dense
+        for k, v in tensors.items():
+            if isinstance(v, TensorRef) and not v.is_contiguous():
+                check_dense_fits(v, f"{k} (in {side})")
     ma, mb, alignment = align_keys(list(ta), list(tb), align)
     inv_b = {c: k for k, c in mb.items()}
     common = [(k, ma[k], inv_b[ma[k]]) for k in ta if ma[k] in inv_b]

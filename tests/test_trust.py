@@ -1232,3 +1232,37 @@ def test_a_defaultdict_metrics_history_loads_by_default(tmp_path, cli):
     torch.save({"model": {"w": torch.ones(2)}, "h": collections.defaultdict(os.getcwd)}, tmp_path / "bad.pt")
     code, out, err = cli("inspect", tmp_path / "bad.pt")
     assert code == 2 and "getcwd" in err, err
+
+
+def test_a_tiny_file_holding_a_huge_broadcast_view(tmp_path, cli):
+    """A 2 KB file can hold ``torch.ones(1).expand(2**29, 2**29)``: 4 bytes of storage, an exbibyte
+    dense. inspect says so; a torch zip output keeps the view (nothing made dense); safetensors,
+    a cast and diff need it dense and refuse in one line naming the tensor (they asked torch for
+    the whole of it: an internal error, or on a smaller view the kernel's OOM killer); an
+    allocation refused elsewhere (average computes in float64) is an out-of-memory error, not a
+    bug report. No output is left behind."""
+    src = tmp_path / "ex.pt"
+    torch.save({"w": torch.ones(1).expand(2**29, 2**29), "b": torch.zeros(2)}, src)
+    other = tmp_path / "ex2.pt"
+    torch.save({"w": torch.ones(1).expand(2**29, 2**29), "b": torch.ones(2)}, other)
+    assert src.stat().st_size < 4096
+    code, out, err = cli("inspect", src)
+    assert code == 0 and "broadcast views: 1 tensor is 1.0 EiB dense over 4 B of storage (expand, stride 0: w)" in out
+    info = cs.inspect(src)
+    assert info["broadcast_views"] == [{"name": "w", "dense_bytes": 1 << 60, "storage_bytes": 4}]
+
+    code, out, err = cli("convert", src, "-o", tmp_path / "kept.pt")
+    assert code == 0, err
+    w = torch.load(tmp_path / "kept.pt", weights_only=True)["w"]
+    assert w.shape == (2**29, 2**29) and w.stride() == (0, 0) and w[123, 456].item() == 1.0
+
+    for args in (("convert", src, "-o", tmp_path / "o.safetensors"),
+                 ("cast", src, "--dtype", "bfloat16", "-o", tmp_path / "c.pt"),
+                 ("diff", src, other)):
+        code, out, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert "w" in err and "a tensor of shape [536870912, 536870912] (strides [0, 0]) views 4 B of storage but is " \
+               "1.0 EiB dense, more than the" in err, err
+    code, out, err = cli("average", src, other, "-o", tmp_path / "avg.pt")
+    assert code == 2 and err.startswith("ckpt-surgeon: error: out of memory: ") and "internal" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex.pt", "ex2.pt", "kept.pt"]

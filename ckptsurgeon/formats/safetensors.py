@@ -9,8 +9,8 @@ from collections import OrderedDict
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..errors import UnsupportedError
-from ..refs import (FileRange, TensorRef, as_ref, crc32, file_pieces, holds_tensors, is_tensor_like, plain_form,
-                    special_kind, tie_key)
+from ..refs import (FileRange, TensorRef, as_ref, check_dense_fits, crc32, file_pieces, holds_tensors, is_tensor_like,
+                    plain_form, special_kind, tie_key)
 from ..stfmt import build_header, load_entries
 from ..zipfmt import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
 
@@ -63,6 +63,7 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
         else:
             seen[sig] = name
         if not ref.is_contiguous():
+            check_dense_fits(ref, name)
             ref = TensorRef.from_torch(ref.to_torch().contiguous())
         items.append((name, ref))
     if dropped:
