@@ -36,6 +36,8 @@ def check_output_path(path: str, inputs: tuple = (), in_place: bool = False) -> 
     _refuse_special(path)
     parent = os.path.dirname(final_path(path))
     if not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise OutputError(f"output directory {parent} is a file, not a directory")
         raise OutputError(f"output directory {parent} does not exist")
     return path
 

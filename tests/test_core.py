@@ -633,8 +633,10 @@ def test_never_overwrites_input_and_leaves_no_temp(sample_dir, tmp_path):
     assert torch.load(src, weights_only=True).keys() == torch.load(sample_dir / "seednet.pt", weights_only=True).keys()
     assert before  # input content read before
     assert [p.name for p in tmp_path.iterdir()] == ["in.pt"]
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match="missing_dir does not exist"):
         cs.save(ck, tmp_path / "missing_dir" / "x.pt")
+    with pytest.raises(OutputError, match="in.pt is a file, not a directory"):
+        cs.save(ck, src / "x.pt")
 
 
 def test_loading_pauses_the_garbage_collector_and_restores_it(sample_dir, tmp_path):
