@@ -1016,6 +1016,14 @@ def test_sharded_folder_without_its_index(tmp_path, cli):
     (folder / "model-00002-of-00003.safetensors").unlink()
     code, _, err = cli("inspect", folder)
     assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "1 of the 3 shards of model.safetensors missing (model-00002-of-00003.safetensors)" in err
+    # one shard left of a set is no whole model: read alone, it passed for one and convert wrote a third of it
+    (folder / "model-00003-of-00003.safetensors").unlink()
+    code, _, err = cli("convert", folder, "-o", tmp_path / "part.safetensors")
+    assert code == 2 and "2 of the 3 shards of model.safetensors missing" in err, err
+    assert not (tmp_path / "part.safetensors").exists()
+    code, out, err = cli("inspect", folder / "model-00001-of-00003.safetensors")  # asked for by name: read, said
+    assert code == 0 and "this is shard 1 of 3 of a sharded model: only its tensors were read" in out, err
 
 
 def test_nemo_archive_read_in_place(tmp_path, cli):

@@ -133,6 +133,7 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
             if picked is not None:
                 return load_file(picked, key=key, trust_pickle=trust_pickle)
             weights = sorted(f for f in os.listdir(path) if f.endswith(WEIGHT_EXT))
+            _refuse_incomplete_shards(path, weights)
             if len(weights) == 1:
                 return load_file(os.path.join(path, weights[0]), key=key, trust_pickle=trust_pickle)
             shards = _indexless_shards(weights)
@@ -177,6 +178,24 @@ def _indexless_shards(names: list[str]) -> list[str] | None:
     if [int(m["i"]) for m, _ in order] != list(range(1, total + 1)):
         return None
     return [n for _, n in order]
+
+
+def _refuse_incomplete_shards(folder: str, names: list[str]) -> None:
+    """A set of ``-0000i-of-0000n`` shards with no index and some missing (a copy that stopped, a
+    download of one shard): an error naming what is missing. Read alone, one shard of two passed
+    for the whole model and a convert wrote half of it."""
+    sets: dict = {}
+    for name in names:
+        m = _SHARD.match(name)
+        if m:
+            sets.setdefault((m["stem"], int(m["n"]), m["ext"]), set()).add(int(m["i"]))
+    for (stem, n, ext), have in sorted(sets.items()):
+        missing = [f"{stem}-{i:05d}-of-{n:05d}{ext}" for i in range(1, n + 1) if i not in have]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise CorruptCheckpointError(
+                f"{folder}: {len(missing)} of the {n} shards of {stem}{ext} missing ({shown}), and no index file",
+                hint="copy the whole set (with its .index.json); to read a shard alone, pass its file")
 
 
 def _load_shards(folder: str, shards: list[str], trust_pickle) -> Checkpoint:
