@@ -71,6 +71,9 @@ def add_prefix(ck: Checkpoint, prefix: str) -> tuple[Checkpoint, dict]:
     if not prefix.endswith("."):
         prefix += "."
         notes.append(f"prefix normalised to {prefix!r}")
+    keys = [k for k in ck.state if isinstance(k, str)]
+    if keys and all(k.startswith(prefix) for k in keys):  # twice DataParallel-wrapped is rarely what was meant
+        notes.append(f"every key already started with {prefix!r}: they now start with {prefix + prefix!r}")
     new, changed = rename_keys(ck, lambda k: prefix + k)
     return new, {"operation": "add-prefix", "prefix": prefix, "renamed": len(changed), "notes": notes}
 

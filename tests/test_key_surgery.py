@@ -61,8 +61,11 @@ def test_strip_then_add_round_trips_bytes_and_wrapper(sample_dir, tmp_path):
         assert torch.equal(x["optimizer_state_dict"]["state"][i]["exp_avg"], y["optimizer_state_dict"]["state"][i]["exp_avg"])
     # and through safetensors the other way round
     cs.save(stripped, tmp_path / "s.safetensors")
-    back2, _ = cs.add_prefix(cs.load(tmp_path / "s.safetensors"), "module")  # '.' added
-    assert set(back2.state) == set(a.state)
+    back2, rep = cs.add_prefix(cs.load(tmp_path / "s.safetensors"), "module")  # '.' added
+    assert set(back2.state) == set(a.state) and not any("already" in n for n in rep["notes"])
+    # adding it again is allowed (nested DataParallel exists) but said
+    _, rep = cs.add_prefix(back2, "module.")
+    assert "every key already started with 'module.': they now start with 'module.module.'" in rep["notes"]
 
 
 def test_metadata_follows_strip(sample_dir):
