@@ -55,7 +55,36 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
               "unchanged": len(keys) - len(changed), "wrapper_untouched": ck.wrapper_keys()}
     if inner:
         report["inner"] = inner
+    others = _other_state_dicts_with(ck, prefix)
+    if others:  # timm's state_dict_ema, an EMA callback's copy: one state dict is rewritten per run
+        report["notes"] = [f"{', '.join(others)} also carr{'ies' if len(others) == 1 else 'y'} {prefix!r} on every key, "
+                           f"left as {'it is' if len(others) == 1 else 'they are'} (to strip it too: run strip-prefix "
+                           f"on the output with --key {others[0]})"]
     return new, report
+
+
+def _other_state_dicts_with(ck: Checkpoint, prefix: str) -> list[str]:
+    """The wrapper's other state dicts (ck.candidates, as paths) whose every key starts with ``prefix``."""
+    from collections.abc import Mapping
+
+    from ckptsurgeon.checkpoint import path_str
+
+    out = []
+    for cand in ck.candidates:
+        if cand in (path_str(ck.sd_path), "<bare>"):
+            continue
+        node = ck.wrapper
+        for part in cand.split("/"):
+            if isinstance(node, Mapping):
+                node = next((v for k, v in node.items() if str(k) == part), None)
+            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = None
+        keys = [k for k in node if isinstance(k, str)] if isinstance(node, Mapping) else []
+        if keys and all(k.startswith(prefix) for k in keys):
+            out.append(cand)
+    return out
 
 
 def add_prefix(ck: Checkpoint, prefix: str) -> tuple[Checkpoint, dict]:

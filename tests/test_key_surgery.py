@@ -386,3 +386,26 @@ def test_subsets_of_views_of_one_buffer_round_trip(tmp_path):
                     if sd[k1].numel() and sd[k2].numel() and sd[k1].data_ptr() == sd[k2].data_ptr():
                         assert out[k1].data_ptr() == out[k2].data_ptr(), (k1, k2)
     assert cut > 30  # most subsets leave most of the 3 MiB unused
+
+
+def test_strip_prefix_names_other_state_dicts_with_the_prefix(tmp_path, cli):
+    """A timm train.py checkpoint holds state_dict and state_dict_ema, both DDP-prefixed: one is
+    rewritten per run (the chosen one), and the report names the other with the way to strip it."""
+    import argparse
+
+    sd = OrderedDict((f"module.blocks.{i}.weight", torch.randn(4, 4)) for i in range(3))
+    ema = OrderedDict((k, v + 1) for k, v in sd.items())
+    torch.save({"epoch": 3, "state_dict": sd, "state_dict_ema": ema, "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "ckpt.pth.tar")
+    code, out, err = cli("strip-prefix", tmp_path / "ckpt.pth.tar", "-o", tmp_path / "a.pth")
+    assert code == 0, err
+    assert "note: state_dict_ema also carries 'module.' on every key, left as it is (to strip it too: run " \
+           "strip-prefix on the output with --key state_dict_ema)" in out
+    code, out, err = cli("strip-prefix", tmp_path / "a.pth", "--key", "state_dict_ema", "-o", tmp_path / "b.pth")
+    assert code == 0 and "also carries" not in out, err
+    both = torch.load(tmp_path / "b.pth", weights_only=False)  # (argparse.Namespace: our own file)
+    assert list(both["state_dict"]) == list(both["state_dict_ema"]) == [f"blocks.{i}.weight" for i in range(3)]
+    assert torch.equal(both["state_dict_ema"]["blocks.1.weight"], ema["module.blocks.1.weight"])
+    _, rep = cs.strip_prefix(cs.load(tmp_path / "ckpt.pth.tar", key="state_dict_ema"))
+    assert rep["notes"] == ["state_dict also carries 'module.' on every key, left as it is (to strip it too: run "
+                            "strip-prefix on the output with --key state_dict)"]
