@@ -243,7 +243,17 @@ def _deepdiff(oa, ob) -> tuple[dict, list[str]]:
     # ignore_private_variables: deepdiff skips keys starting with "__" by default, which hid every
     # difference under __state_dict_non_tensor__ / __safetensors_metadata__ (and a wrapper's own
     # "__version__"-style keys)
-    dd = DeepDiff(r[0], r[1], verbose_level=2, ignore_private_variables=False)
+    # threshold_to_diff_deeper=0: keys added and removed are itemised however few keys two mappings
+    # share (deepdiff >= 8 otherwise reports a mapping sharing under a third of its keys as one
+    # replaced value; leaving equal entries out above would change which, and 7 always itemised).
+    # zip_ordered_iterables: lists compared position by position, as the long ones are above; its
+    # pairing of list items by hash took [0, 1] and [0, True] for equal (1 == True), so a flag that
+    # became a number was "other content differs" with nothing itemised.
+    options = {"verbose_level": 2, "ignore_private_variables": False, "zip_ordered_iterables": True}
+    try:
+        dd = DeepDiff(r[0], r[1], threshold_to_diff_deeper=0, **options)
+    except (TypeError, ValueError):  # deepdiff 7: no such parameter
+        dd = DeepDiff(r[0], r[1], **options)
     notes = trim.notes[:20] + ([f"... and {len(trim.notes) - 20} more such lists"] if len(trim.notes) > 20 else [])
     if trim.cut:
         notes.append(f"the other content differs in more places than itemised: {trim.cut:,} more differing "

@@ -176,6 +176,21 @@ def test_large_or_self_similar_other_content_is_itemised_within_a_budget(tmp_pat
     assert code == 0 and "identical" in out
 
 
+def test_other_content_differences_are_itemised_as_they_are(tmp_path):
+    """What deepdiff reports does not depend on what the budget left out: a mapping that shares
+    one key of four with the other side lists the keys added and removed (deepdiff 8 called it one
+    replaced value once the equal entries were left out), and a flag that became a number inside a
+    list (True -> 1, equal in Python) is a type change, not a silent "differs"."""
+    sd = {"w": torch.ones(2)}
+    torch.save({"state_dict": sd, "cfg": {"same": 1, "a": 1, "b": 2}, "flags": [0, True]}, tmp_path / "a.pt")
+    torch.save({"state_dict": sd, "cfg": {"same": 1, "c": 3, "d": 4}, "flags": [0, 1]}, tmp_path / "b.pt")
+    meta = cs.diff(tmp_path / "a.pt", tmp_path / "b.pt")["metadata"]
+    assert meta["dictionary_item_removed"] == {"root['cfg']['a']": 1, "root['cfg']['b']": 2}
+    assert meta["dictionary_item_added"] == {"root['cfg']['c']": 3, "root['cfg']['d']": 4}
+    assert meta["type_changes"]["root['flags'][1]"]["old_value"] is True
+    assert meta["type_changes"]["root['flags'][1]"]["new_value"] == 1
+
+
 def test_dtype_changes_report_how_much_the_values_moved(tmp_path, cli):
     """A float32 model against its bfloat16 copy: every tensor is a dtype change, and the report
     says how far the values moved (computed in float64 across the two dtypes), per tensor in JSON
