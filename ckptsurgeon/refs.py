@@ -677,6 +677,8 @@ def tensor_bytes(t) -> memoryview:
     if t.numel() == 0:
         return memoryview(bytearray(0))
     flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # one element under any stride counts as contiguous, but cannot be viewed as bytes
+        flat = flat.as_strided((1,), (1,))
     u8 = flat.view(torch.uint8) if flat.element_size() > 0 else flat
     return memoryview(u8.numpy()).cast("B")
 

@@ -203,3 +203,25 @@ def test_cast_of_large_tensors_to_torch_zip_records_right_crcs(tmp_path, cli):
     (tmp_path / "bad.pt").write_bytes(bytes(raw))
     code, out, err = cli("cast", tmp_path / "bad.pt", "--dtype", "float16", "-o", tmp_path / "h2.pt")
     assert code == 2 and "CRC" in err and not (tmp_path / "h2.pt").exists(), err
+
+
+def test_one_element_tensors_under_any_stride(tmp_path, cli):
+    """A one-element tensor counts as contiguous whatever its stride (a BatchNorm statistic sliced
+    with [::2] from a two-element buffer): cast kept the stride through .to() and failed to view it
+    as bytes (an internal error, found by a structured fuzz); convert and diff too."""
+    src = tmp_path / "s.pt"
+    odd = torch.tensor([2.5, 7.0])[::2]
+    assert odd.stride() == (2,) and odd.is_contiguous()
+    torch.save({"bn.running_mean": odd, "w": torch.ones(2, 2), "e": torch.tensor([[1.5, 9.0]])[:, ::2]}, src)
+    for args in (("cast", src, "--dtype", "float16", "-o", tmp_path / "c.pt"),
+                 ("cast", src, "--dtype", "bfloat16", "-o", tmp_path / "c.safetensors"),
+                 ("convert", src, "-o", tmp_path / "v.safetensors")):
+        code, out, err = cli(*args)
+        assert code == 0, (args, err)
+    c = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert c["bn.running_mean"].dtype == torch.float16 and c["bn.running_mean"].tolist() == [2.5]
+    assert c["e"].tolist() == [[1.5]]
+    assert load_file(tmp_path / "c.safetensors")["bn.running_mean"].tolist() == [2.5]
+    assert load_file(tmp_path / "v.safetensors")["e"].tolist() == [[1.5]]
+    code, out, err = cli("diff", src, tmp_path / "c.pt")
+    assert code == 1 and "dtype change" in out, err
