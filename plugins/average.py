@@ -82,10 +82,12 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
         if len(shapes) > 1:
             raise SelectionError(f"{name}: shapes differ across the checkpoints ({', '.join(map(str, shapes))})")
         dtype = infos[0]["dtype"]
-        if dtype not in FLOATING or dtype.startswith("float8") or dtype.startswith("float4") or \
+        layout = next((i["layout"] for i in infos if i.get("layout")), None)  # sparse, nested, quantized
+        if dtype not in FLOATING or dtype.startswith("float8") or dtype.startswith("float4") or layout or \
                 any(i["dtype"].startswith(("float8", "float4", "complex")) for i in infos) or name in qdata:
             if not _all_equal(refs):
-                notes.append(f"{name} ({dtype}) differs across the checkpoints: the first one's kept")
+                what = f"a {layout} {dtype} tensor, not averaged" if layout else dtype
+                notes.append(f"{name} ({what}) differs across the checkpoints: the first one's kept")
             kept_first += 1
             continue
         if name in tied:
@@ -141,7 +143,8 @@ def _human(r: dict) -> None:
     w = ", ".join(f"{x:.4g}" for x in r["weights"])
     click.echo(f"averaged {r['averaged']} tensor(s) over {r['inputs']} checkpoints (weights {w})")
     if r["kept_from_first"]:
-        click.echo(f"kept {r['kept_from_first']} non-float tensor(s) from the first")
+        click.echo(f"kept {r['kept_from_first']} tensor(s) from the first as they are (integer, quantized, float8/4, "
+                   "complex or sparse: not averaged)")
     cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])
 
