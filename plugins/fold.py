@@ -249,12 +249,18 @@ def fold_bn(ck: Checkpoint, model, *, input_shape=None) -> tuple[Checkpoint, dic
                              hint=f"looked with {method}")
     state = OrderedDict(ck.state)
     dropped_modules = set()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def get(name):
         if name not in inv:
             raise ModelError(f"{name} is not in the checkpoint ({how})")
         v = ck.state[inv[name]]
-        return (v.to_torch() if hasattr(v, "to_torch") else v).detach()
+        t = (v.to_torch() if hasattr(v, "to_torch") else v).detach()
+        if name in expected and tuple(t.shape) != expected[name]:  # another architecture, or a damaged file
+            raise ModelError(f"{inv[name]} has shape {list(t.shape)} in the checkpoint, the model's {name} has "
+                             f"{list(expected[name])}", hint="--model must build the checkpoint's architecture "
+                             "(ckpt-surgeon check lists every mismatch)")
+        return t
 
     folded = []
     for src, bn in pairs:

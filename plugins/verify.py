@@ -387,7 +387,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         c = _compare(ta, tb, dtype, atol, rtol, st)
         entry = {"module": key[0] + (f"#{key[1]}" if key[1] else ""), "type": kind, "type_b": kind_b,
                  "max_abs": c["max_abs"], "rel": c["rel"], "tolerance": c["tolerance"], "ok": c["ok"],
-                 "changed_by_surgery": key[0] in by_design}
+                 "reason": c.get("reason", ""), "changed_by_surgery": key[0] in by_design}
         modules.append(entry)
         if not c["ok"] and first is None and key[0] not in by_design:
             first = entry["module"]
@@ -422,7 +422,10 @@ def _human(r: dict) -> None:
         click.echo(f"first divergent module: {r['first_divergent']}")
         bad = [m for m in r["modules"] if not m["ok"] and not m["changed_by_surgery"]][:10]
         for m in bad:
-            click.echo(f"  {m['module']} ({m['type']}): max |a-b| {m['max_abs']:.3g}, relative {m['rel']:.3g}")
+            if m["max_abs"] is None:  # no number to give: NaN on one side only, shapes or integers that differ
+                click.echo(f"  {m['module']} ({m['type']}): {m.get('reason') or 'differs'}")
+            else:
+                click.echo(f"  {m['module']} ({m['type']}): max |a-b| {m['max_abs']:.3g}, relative {m['rel']:.3g}")
     cliutil.echo_notes(r["notes"])
     click.echo("EQUIVALENT" if r["equivalent"] else "NOT EQUIVALENT")
 

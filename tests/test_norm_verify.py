@@ -577,3 +577,22 @@ def test_fold_bn_traces_a_forward_pass_where_fx_cannot(tmp_path, models):
     cs.save(new, tmp_path / "f.pt")
     rep = cs.verify(tmp_path / "u.pt", tmp_path / "f.pt", model=_Untraceable, input_shape=(2, 3, 8, 8))
     assert rep["equivalent"], rep["outputs"]
+
+
+def test_verify_names_a_nan_module_and_fold_bn_a_shape_mismatch(sample_dir, tmp_path, models_py, cli):
+    """Found by fuzzing checkpoints against their model: a module whose output is NaN on one side
+    only has no max |a-b| to print (verify's report stopped with an internal error), and a BN
+    statistic of another shape than the model's reached fold-bn's arithmetic (a broadcast error)."""
+    sd = torch.load(sample_dir / "bnnet.pt", weights_only=True)
+    nan = dict(sd)
+    nan["head.weight"] = sd["head.weight"] * float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    code, out, err = cli("verify", sample_dir / "bnnet.pt", tmp_path / "nan.pt", "--model", f"{models_py}:bnnet")
+    assert code == 1 and "  head (Linear): NaN in one output only" in out and "NOT EQUIVALENT" in out, out + err
+    bad = dict(sd)
+    bad["stem.1.running_var"] = torch.ones(3, 3)
+    torch.save(bad, tmp_path / "bad.pt")
+    code, out, err = cli("fold-bn", tmp_path / "bad.pt", "--model", f"{models_py}:bnnet", "-o", tmp_path / "f.pt")
+    assert code == 2 and "stem.1.running_var has shape [3, 3] in the checkpoint, the model's stem.1.running_var has " \
+                         "[24]" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "f.pt").exists()
