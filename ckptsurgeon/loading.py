@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 from .atomic import special_kind
 from .checkpoint import Checkpoint
@@ -34,10 +33,12 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
         spec = _pick(path, b"", format)
         return _run_load(spec, path, key=key, trust_pickle=trust_pickle)
     ck = load_file(path, key=key, trust_pickle=trust_pickle, format=format)
-    shard = re.match(r"^.+-(\d{5})-of-(\d{5})\.[A-Za-z]+$", os.path.basename(path))
-    if shard and int(shard[2]) > 1:  # a surgery on it writes that part only: say so, once
+    from .formats.hf import shard_position
+
+    shard = shard_position(path)
+    if shard and shard[1] > 1:  # a surgery on it writes that part only: say so, once
         ck = ck.replace(notes=ck.notes + (
-            f"this is shard {int(shard[1])} of {int(shard[2])} of a sharded model: only its tensors were read "
+            f"this is shard {shard[0]} of {shard[1]} of a sharded model: only its tensors were read "
             f"(pass the folder, {os.path.dirname(os.path.abspath(path))}, for the whole model)",))
     return ck
 

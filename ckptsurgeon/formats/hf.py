@@ -180,6 +180,12 @@ def _indexless_shards(names: list[str]) -> list[str] | None:
     return [n for _, n in order]
 
 
+def shard_position(name: str) -> tuple[int, int] | None:
+    """(i, n) for a file named like a shard, ``model-0000i-of-0000n.safetensors``; else None."""
+    m = _SHARD.match(os.path.basename(name))
+    return (int(m["i"]), int(m["n"])) if m else None
+
+
 def _refuse_incomplete_shards(folder: str, names: list[str]) -> None:
     """A set of ``-0000i-of-0000n`` shards with no index and some missing (a copy that stopped, a
     download of one shard): an error naming what is missing. Read alone, one shard of two passed
