@@ -189,11 +189,13 @@ class _Trim:
         ta, tb = {}, {}
         differing = 0
         for i in range(common):
-            if not _same(a[i], b[i]):
-                differing += 1
-                if differing <= LONG_LIST:
-                    r = self.pair(a[i], b[i], f"{path}[{i}]", depth + 1)
+            if differing < LONG_LIST:  # itemised (pair compares first)
+                r = self.pair(a[i], b[i], f"{path}[{i}]", depth + 1)
+                if r is not _EQUAL:
                     ta[i], tb[i] = r
+                    differing += 1
+            elif not _same(a[i], b[i]):  # counted only
+                differing += 1
         for seq, out in ((a, ta), (b, tb)):
             for i in range(common, min(len(seq), common + LONG_LIST)):
                 out[i] = self.one(seq[i], depth + 1)

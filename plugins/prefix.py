@@ -67,20 +67,16 @@ def _other_state_dicts_with(ck: Checkpoint, prefix: str) -> list[str]:
     """The wrapper's other state dicts (ck.candidates, as paths) whose every key starts with ``prefix``."""
     from collections.abc import Mapping
 
-    from ckptsurgeon.checkpoint import path_str
+    from ckptsurgeon.checkpoint import node_at, path_str
 
     out = []
     for cand in ck.candidates:
         if cand in (path_str(ck.sd_path), "<bare>"):
             continue
-        node = ck.wrapper
-        for part in cand.split("/"):
-            if isinstance(node, Mapping):
-                node = next((v for k, v in node.items() if str(k) == part), None)
-            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                node = None
+        try:
+            node, _ = node_at(ck.wrapper, cand.split("/"))
+        except (KeyError, IndexError, TypeError, ValueError):
+            continue
         keys = [k for k in node if isinstance(k, str)] if isinstance(node, Mapping) else []
         if keys and all(k.startswith(prefix) for k in keys):
             out.append(cand)
