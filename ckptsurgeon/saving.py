@@ -102,4 +102,10 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
         kept = ck.source is not None and fmt == ck.source.format
         report.setdefault("notes", []).append(
             f"written as {fmt}{' like the input' if kept else ''}: {why} (--format, or .pt / .safetensors, to choose)")
+    named = _claimed(ext.lower(), formats) if format and fmt != "hf-folder" else None
+    if named and named != fmt:  # torch.load itself reads any *.safetensors path as safetensors
+        why = " (torch.load takes every *.safetensors path for safetensors)" if named == "safetensors" else ""
+        report.setdefault("notes", []).append(
+            f"written as {fmt} under a name that says {named} ({ext}): readers that go by the name{why} "
+            f"will fail on it; rename it to match")
     return report

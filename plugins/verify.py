@@ -11,7 +11,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.dtypes import PLAIN_FLOATS
-from ckptsurgeon.errors import EXIT_FINDING, ModelError, SelectionError
+from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, ModelError, SelectionError
 from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
 
@@ -111,12 +111,27 @@ def build(model_spec, model_args, ck: Checkpoint):
     return build_from_config(ck, "verify")
 
 
-def apply_transforms(model, transforms):
+def apply_transforms(model, transforms, side: str = ""):
+    """The architecture changes a surgery recorded in the checkpoint (fold-bn, bn-to-gn), applied
+    to a freshly built model. A record that does not fit the model (another architecture: a
+    layer it names is missing or of another kind) is the user's model choice, not a bug: one line."""
     from ckptsurgeon.manager import get_manager
 
     m = get_manager()
     for t in transforms:
-        model = m.transform(t["name"]).apply(model, t.get("params", {})) or model
+        spec = m.transform(t["name"])
+        try:
+            model = spec.apply(model, t.get("params", {})) or model
+        except CkptSurgeonError as e:
+            if not side:
+                raise
+            raise ModelError(f"{side}: {e.message}", hint=e.hint or f"pass the --model the checkpoint was made from "
+                             f"with {t['name']}") from None
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            what = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ModelError(f"{side + ': ' if side else ''}the {t['name']} change recorded in the checkpoint does not fit "
+                             f"the model ({type(model).__name__}): {what}",
+                             hint=f"pass the --model the checkpoint was made from with {t['name']}") from None
     return model
 
 
@@ -325,9 +340,9 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     if cross_device:
         if not torch.cuda.is_available():
             raise SelectionError("--cross-device compares CPU and CUDA, but CUDA is not available here")
-    model_a = apply_transforms(build(model, model_args, ca), ca.transforms)
+    model_a = apply_transforms(build(model, model_args, ca), ca.transforms, "A")
     how_a = load_into_model(model_a, ca)
-    model_b = apply_transforms(build(model, model_args, ca if not model else cb), cb.transforms)
+    model_b = apply_transforms(build(model, model_args, ca if not model else cb), cb.transforms, "B")
     try:
         how_b = load_into_model(model_b, cb)
     except ModelError as e:

@@ -1237,3 +1237,21 @@ def test_output_without_a_known_extension_keeps_the_input_format(tmp_path, cli):
     assert torch.equal(torch.load(tmp_path / "plain", weights_only=True)["w"], torch.ones(3))
     rep = cs.save(cs.load(st), tmp_path / "api.weights")
     assert rep["format"] == "safetensors"
+
+
+def test_format_that_contradicts_the_name_is_noted(tmp_path, cli):
+    """Found by fuzzing CLI options: `--format torch-zip -o x.safetensors` wrote a file that
+    torch.load itself cannot read (it takes every *.safetensors path for safetensors) without a
+    word. The user asked for it, so it is written, with a note; the other way round too."""
+    src = tmp_path / "in.pt"
+    torch.save({"module.a": torch.arange(4.0)}, src)
+    code, stdout, err = cli("strip-prefix", src, "-o", tmp_path / "x.safetensors", "--format", "torch-zip")
+    assert code == 0 and zipfile.is_zipfile(tmp_path / "x.safetensors"), err
+    assert "written as torch-zip under a name that says safetensors (.safetensors)" in stdout
+    assert "torch.load takes every *.safetensors path" in stdout
+    code, stdout, err = cli("strip-prefix", src, "-o", tmp_path / "x.pt", "--format", "safetensors")
+    assert code == 0 and "written as safetensors under a name that says torch-zip (.pt)" in stdout, err
+    code, stdout, err = cli("strip-prefix", src, "-o", tmp_path / "y.pt", "--format", "torch-zip")
+    assert code == 0 and "note:" not in stdout, stdout
+    code, stdout, err = cli("strip-prefix", src, "-o", tmp_path / "z.safetensors", "-q", "--format", "torch-zip")
+    assert code == 0 and "note:" not in stdout, stdout  # --quiet silences notes

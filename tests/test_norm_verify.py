@@ -596,3 +596,20 @@ def test_verify_names_a_nan_module_and_fold_bn_a_shape_mismatch(sample_dir, tmp_
     assert code == 2 and "stem.1.running_var has shape [3, 3] in the checkpoint, the model's stem.1.running_var has " \
                          "[24]" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "f.pt").exists()
+
+
+def test_verify_with_a_model_the_recorded_change_does_not_fit(sample_dir, tmp_path, models_py, cli):
+    """Found by fuzzing CLI options: a fold-bn (or bn-to-gn) output verified against another
+    architecture's --model stopped with an internal error (the recorded change named a layer the
+    model does not have). It is the user's model choice: one line naming the side and the change."""
+    code, _, err = cli("fold-bn", sample_dir / "bnnet.pt", "--model", f"{models_py}:bnnet", "-o", tmp_path / "f.pt")
+    assert code == 0, err
+    code, _, err = cli("bn-to-gn", sample_dir / "bnnet.pt", "--model", f"{models_py}:bnnet", "--groups", "2",
+                       "-o", tmp_path / "g.pt")
+    assert code == 0, err
+    for out, expected in (("f.pt", "B: the fold-bn change recorded in the checkpoint does not fit the model (SeedNet)"),
+                          ("g.pt", "B: bn-to-gn: the model has no BatchNorm named")):
+        code, _, err = cli("verify", sample_dir / "seednet.pt", tmp_path / out, "--model", f"{models_py}:seednet")
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("verify", tmp_path / "f.pt", sample_dir / "seednet.pt", "--model", f"{models_py}:seednet")
+    assert code == 2 and "A: the fold-bn change" in err and "internal error" not in err, err
