@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
+from .extents import same_bytes
 from .refs import FileRange, MemoryBytes, crc32, crc32_combine, file_pieces, pread_chunks
 
 ALIGN = 64
@@ -430,6 +431,11 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     Records of at most SMALL_RECORD bytes are read and written with the headers around them
     instead, and checked as they are read (300 tiny copy_file_range calls cost ~10 ms).
     ``writeback``: the caller will fsync; start write-back early (:class:`EarlyWriteback`).
+
+    On a filesystem that shares blocks (XFS, btrfs), a record the kernel reflinked -- its bytes
+    provably on the input's own blocks (:mod:`ckptsurgeon.extents`) -- is not read back: it was
+    not copied, so there is no copy to check, and it keeps the input's stored CRC-32, which a
+    damaged input fails in the output as it does in the input. Returns the bytes so shared.
     """
     w = ZipWriter(fd, prefix)
     early = EarlyWriteback(fd, writeback)
@@ -438,6 +444,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     w.add(".storage_alignment", MemoryBytes(str(ALIGN).encode()))
     w.add("byteorder", MemoryBytes(byteorder))
     pool = None
+    shared = 0
     try:
         checks = []
         for key, storage in enumerate(storages):
@@ -467,6 +474,9 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
                 fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
                 early.written(entry.data_offset, entry.size, ready=fut)
                 entry.crc = fut.result
+            elif copied and whole and stored is not None and same_bytes(
+                    w._src_fd(src.path), src.offset, fd, entry.data_offset, entry.size):
+                shared += entry.size  # the input's own blocks (a reflink): no copy to check, its stored CRC carried
             elif copied:
                 if whole:
                     fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
@@ -494,6 +504,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
         w.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+    return shared
 
 
 def _with_crc(pieces) -> list:

@@ -382,10 +382,15 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
     if fast:
         src = ck.source  # (a big-endian file is read through torch.load: its tensors are native)
         with atomic_output(path) as fd:
-            write_torch_zip(fd, pkl, storages, prefix=(src.zip_prefix if src else "archive") or "archive",
-                            byteorder=src.byteorder if src else b"little",
-                            version=src.version if src else b"3\n", extra_records=extra, progress=progress,
-                            writeback=fsync_wanted())
+            shared = write_torch_zip(fd, pkl, storages, prefix=(src.zip_prefix if src else "archive") or "archive",
+                                     byteorder=src.byteorder if src else b"little",
+                                     version=src.version if src else b"3\n", extra_records=extra,
+                                     progress=progress, writeback=fsync_wanted())
+        if shared:
+            report["shared_bytes"] = shared
+            notes.append(f"{dtypes.human_bytes(shared)} of tensor data on the input's own disk blocks (the filesystem "
+                         "shared them, as cp --reflink does: nothing copied, no space used; not read back, their "
+                         "stored CRC-32s carried)")
     else:
         import torch
 
