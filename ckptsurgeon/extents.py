@@ -48,14 +48,14 @@ def extents(fd: int, start: int, length: int) -> list[tuple[int, int, int]] | No
         mapped = _HEAD.unpack_from(buf, 0)[3]
         if not mapped:
             break  # a hole
-        last = False
+        last, before = False, start
         for i in range(mapped):
             logical, physical, n, _r1, _r2, flags, *_ = _EXTENT.unpack_from(buf, _HEAD.size + i * _EXTENT.size)
             if not flags & _NOT_PLAIN and physical:
                 out.append((logical, physical, n))
             start = max(start, logical + n)
             last = bool(flags & _LAST)
-        if last:
+        if last or start <= before:  # the end, or an answer that does not move on
             break
     return out
 
