@@ -116,11 +116,19 @@ def rename(ck: Checkpoint, rules, *, allow_unmatched: bool = False) -> tuple[Che
     return new, report
 
 
+LIST_MAX = 40  # renames printed in full by a real run; above this, the first half of it
+
+
 def _human(report: dict) -> None:
     for r in report["rules"]:
         click.echo(f"rule {r['pattern']!r} => {r['replacement']!r}: {r['matched']} keys")
-    for old, new in report["mapping"].items():
+    mapping = list(report["mapping"].items())
+    # a review (--dry-run) lists every rename; a real run on a large model shows a sample
+    shown = mapping if report["save"].get("dry_run") or len(mapping) <= LIST_MAX else mapping[:LIST_MAX // 2]
+    for old, new in shown:
         click.echo(f"  {old} -> {new}")
+    if len(shown) < len(mapping):
+        click.echo(f"  ... and {len(mapping) - len(shown)} more (every rename: --dry-run, or --json)")
     click.echo(f"{report['renamed']} keys renamed")
     cliutil.echo_save(report["save"])
 

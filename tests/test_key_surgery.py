@@ -409,3 +409,20 @@ def test_strip_prefix_names_other_state_dicts_with_the_prefix(tmp_path, cli):
     _, rep = cs.strip_prefix(cs.load(tmp_path / "ckpt.pth.tar", key="state_dict_ema"))
     assert rep["notes"] == ["state_dict also carries 'module.' on every key, left as it is (to strip it too: run "
                             "strip-prefix on the output with --key state_dict)"]
+
+
+def test_rename_of_a_large_model_prints_a_sample_and_a_dry_run_every_rename(tmp_path, cli):
+    """A 7,000-key model printed 7,000 lines per rename; a real run now shows a sample and
+    the count, --dry-run (the review) and --json keep every rename."""
+    src = tmp_path / "big.pt"
+    torch.save({f"module.l{i}.w": torch.zeros(1) for i in range(100)}, src)
+    code, out, err = cli("rename", src, "-o", tmp_path / "o.pt", "--map", r"^module\.=>")
+    lines = out.splitlines()
+    assert code == 0 and "  module.l0.w -> l0.w" in lines and "  ... and 80 more (every rename: --dry-run, or --json)" in lines
+    assert sum(" -> " in line for line in lines) == 20 and "100 keys renamed" in lines, out
+    code, out, err = cli("rename", src, "-o", tmp_path / "o.pt", "--map", r"^module\.=>", "--dry-run")
+    assert code == 0 and sum(" -> " in line for line in out.splitlines()) == 100 and "more" not in out, out
+    code, out, err = cli("rename", src, "-o", tmp_path / "o.pt", "--map", r"^module\.=>", "--json")
+    assert code == 0 and len(json.loads(out)["mapping"]) == 100
+    code, out, err = cli("rename", src, "-o", tmp_path / "o2.pt", "--map", r"^module\.l([0-9])\.=>x\1.")
+    assert code == 0 and sum(" -> " in line for line in out.splitlines()) == 10 and "more" not in out, out
