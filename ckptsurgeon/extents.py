@@ -3,15 +3,15 @@
 On filesystems that share blocks between files (XFS with reflink, the default since xfsprogs
 5.1; btrfs), ``copy_file_range`` between page-congruent offsets shares the source's blocks
 instead of copying them: a 2 GiB copy takes milliseconds and no disk space, which is what ``cp``
-does there. Reading such a record back to check its CRC-32 is then the whole cost of a surgery
-(measured on XFS, 2 GiB torch zip strip-prefix: 0.7-2.6 s with the read-back, 0.09 s without),
-and proves nothing about the copy: the blocks *are* the input's.
+does there. Reading such a record back to check its CRC-32 then reads the output's blocks from
+disk (its page cache is empty), and checks no copy: the blocks *are* the input's.
 
 So the zip writer asks here, with the ``FS_IOC_FIEMAP`` ioctl (read-only, no sync), which bytes
 of the output record map to the same physical blocks as the corresponding bytes of the input.
 Those are the input's bytes by construction. The few bytes the kernel copied instead (the
 record's first and last partial blocks, up to ``MAX_GAP``) are compared with the input's
-directly. Anything else -- an extent still delayed-allocated (ext4, any fresh copy), compressed,
+directly. The writer then checks the record's CRC-32 on the input, usually still in the page
+cache. Anything else -- an extent still delayed-allocated (ext4, any fresh copy), compressed,
 inline, or a filesystem without FIEMAP -- answers False and the record is read back as before.
 """
 

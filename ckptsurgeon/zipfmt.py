@@ -433,9 +433,10 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     ``writeback``: the caller will fsync; start write-back early (:class:`EarlyWriteback`).
 
     On a filesystem that shares blocks (XFS, btrfs), a record the kernel reflinked -- its bytes
-    provably on the input's own blocks (:mod:`ckptsurgeon.extents`) -- is not read back: it was
-    not copied, so there is no copy to check, and it keeps the input's stored CRC-32, which a
-    damaged input fails in the output as it does in the input. Returns the bytes so shared.
+    provably on the input's own blocks (:mod:`ckptsurgeon.extents`) -- is not read back: no copy
+    was made to check. Its stored CRC-32 is checked by reading the input's record instead (its
+    page cache, when warm, rather than the output's blocks from disk), so a damaged input still
+    aborts the write. Returns the bytes so shared.
     """
     w = ZipWriter(fd, prefix)
     early = EarlyWriteback(fd, writeback)
@@ -476,7 +477,8 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
                 entry.crc = fut.result
             elif copied and whole and stored is not None and same_bytes(
                     w._src_fd(src.path), src.offset, fd, entry.data_offset, entry.size):
-                shared += entry.size  # the input's own blocks (a reflink): no copy to check, its stored CRC carried
+                shared += entry.size  # the input's own blocks (a reflink): no copy to check, but the
+                checks.append((None, pool.submit(src.check_crc)))  # input's bytes are, read from the input
             elif copied:
                 if whole:
                     fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)

@@ -389,8 +389,8 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
         if shared:
             report["shared_bytes"] = shared
             notes.append(f"{dtypes.human_bytes(shared)} of tensor data on the input's own disk blocks (the filesystem "
-                         "shared them, as cp --reflink does: nothing copied, no space used; not read back, their "
-                         "stored CRC-32s carried)")
+                         "shared them, as cp --reflink does: nothing copied, no space used; checked against their "
+                         "CRC-32s in the input)")
     else:
         import torch
 
