@@ -29,6 +29,13 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        from .formats.hf import hub_snapshot
+
+        hub = hub_snapshot(path)
+        if hub is not None:  # ~/.cache/huggingface/hub/models--org--name: the snapshot it stands for
+            ck = load(hub[0], key=key, trust_pickle=trust_pickle, format=format)
+            return ck.replace(notes=(hub[1],) + tuple(ck.notes))
     if os.path.isdir(path) or path.endswith(".index.json"):
         spec = _pick(path, b"", format)
         return _run_load(spec, path, key=key, trust_pickle=trust_pickle)

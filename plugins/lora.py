@@ -80,6 +80,11 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
 
     if not os.path.exists(path):
         raise InputNotFoundError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        from ckptsurgeon.formats.hf import hub_snapshot
+
+        hub = hub_snapshot(path)  # an adapter repo in ~/.cache/huggingface/hub: its snapshot
+        path = hub[0] if hub is not None else path
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "adapter_config.json")
     if os.path.isdir(path):

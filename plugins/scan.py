@@ -7,25 +7,58 @@ import os
 import click
 
 from ckptsurgeon import cliutil, hookimpl
-from ckptsurgeon.errors import EXIT_ERROR, EXIT_FINDING, CkptSurgeonError, InputNotFoundError
+from ckptsurgeon.errors import EXIT_ERROR, EXIT_FINDING, CkptSurgeonError, InputNotFoundError, NotACheckpointError
 from ckptsurgeon.types import Operation
 
 
-#: in a folder, files that are not checkpoints (configs, tokenizers, docs, DeepSpeed's scripts
-#: and its 'latest' tag name): not read. Anything else is.
+#: in a folder, files that are not checkpoints by their name (configs, tokenizers, docs,
+#: scripts): not read. Files named like checkpoints always are; any other file is read when its
+#: first bytes are a zip, a pickle (protocol 2+), a tar or a safetensors header -- so a LICENSE or
+#: DeepSpeed's 'latest' is passed over, and a pickle renamed to hide is not.
 NOT_CHECKPOINTS = (".json", ".md", ".txt", ".py", ".yaml", ".yml", ".model", ".tiktoken", ".gitattributes",
                    ".gitignore", ".png", ".jpg")
+CHECKPOINT_NAMES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors", ".nemo", ".tar", ".joblib")
 
 
-def _files(path: str) -> list[str]:
-    if os.path.isdir(path):
-        from ckptsurgeon.formats.deepspeed import tag_folder
+def _looks_like_checkpoint(path: str) -> bool:
+    name = os.path.basename(path).lower()
+    if name.endswith(NOT_CHECKPOINTS):
+        return False
+    if name.endswith(CHECKPOINT_NAMES):
+        return True
+    from ckptsurgeon.formats.safetensors import sniff as st_sniff
 
-        folder = tag_folder(path) or path  # a DeepSpeed folder: the tag its 'latest' names
-        return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                      if os.path.isfile(os.path.join(folder, f)) and not f.lower().endswith(NOT_CHECKPOINTS)
-                      and f != "latest")
-    return [path]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(263)
+    except OSError:
+        return True  # unreadable: let the scan say so
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[257:262] == b"ustar" or st_sniff(path, head[:16])
+
+
+def _targets(path: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """What to scan under ``path``: ("file", f) and ("dcp", folder) items, and notes. A folder is
+    walked whole (a diffusers pipeline's components, Llama's original/ weights, every DeepSpeed
+    tag), hidden folders aside; a Hugging Face cache repo folder stands for its snapshot."""
+    from ckptsurgeon.formats import dcp
+    from ckptsurgeon.formats.hf import hub_snapshot
+
+    if not os.path.isdir(path):
+        return [("dcp", os.path.dirname(path) or ".") if dcp.sniff(path, b"") else ("file", path)], []
+    notes = []
+    hub = hub_snapshot(path)
+    if hub is not None:
+        path = hub[0]
+        notes.append(hub[1].replace(": read snapshot", ": scanned snapshot"))
+    out = []
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if dcp.sniff(folder, b""):  # its .distcp files are many archives end to end: read through the metadata
+            out.append(("dcp", folder))
+            continue
+        out += [("file", os.path.join(folder, f)) for f in sorted(files)
+                if os.path.isfile(os.path.join(folder, f)) and _looks_like_checkpoint(os.path.join(folder, f))]
+    return out, notes
 
 
 def _is_tar(path: str) -> bool:
@@ -55,12 +88,16 @@ def scan(path: str) -> dict:
     files, unsafe_all = [], []
     from ckptsurgeon.formats import dcp
 
-    if dcp.sniff(path, b""):  # a torch.distributed.checkpoint folder (or its .metadata)
-        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-        files = dcp.scan_folder(folder, allowed)
-        unsafe_all = list(dict.fromkeys(n for f in files for n in f["unsafe"]))
-        return {"path": path, "files": files, "unsafe": unsafe_all}
-    for f in _files(path):
+    targets, notes = _targets(path)
+    if not targets:
+        raise NotACheckpointError(f"{path}: no checkpoint file in this folder or below it (nothing to scan)",
+                                  hint="pass the folder or file that holds the weights")
+    for kind, f in targets:
+        if kind == "dcp":  # a torch.distributed.checkpoint folder (or its .metadata)
+            found = dcp.scan_folder(f, allowed)
+            files += found
+            unsafe_all += [n for e in found for n in e["unsafe"] if n not in unsafe_all]
+            continue
         entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None}
         try:
             with open(f, "rb") as fh:
@@ -92,7 +129,7 @@ def scan(path: str) -> dict:
             raise InputNotFoundError(f"{f}: cannot read ({e.strerror})") from None
         unsafe_all += [n for n in entry["unsafe"] if n not in unsafe_all]
         files.append(entry)
-    return {"path": path, "files": files, "unsafe": unsafe_all}
+    return {"path": path, "files": files, "unsafe": unsafe_all, "notes": notes}
 
 
 @click.command("scan")
@@ -112,6 +149,7 @@ def scan_cmd(paths, as_json):
         cliutil.emit({"reports": reports, "unsafe": unsafe}, True)
     else:
         for r in reports:
+            cliutil.echo_notes(r["notes"], out=lambda line: click.echo(f"ckpt-surgeon: {line}", err=True))
             for f in r["files"]:
                 status = "ERROR " + f["error"] if f["error"] else ("UNSAFE" if f["unsafe"] else "ok")
                 click.echo(f"{f['file']}: {status} ({f['format']})")

@@ -384,24 +384,35 @@ def test_verify_never_calls_what_config_architectures_names_unless_a_model_class
     assert rep["equivalent"]
 
 
-def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, cli):
-    """huggingface_hub's cache keeps every file of a snapshot as a symlink into ../../blobs/. The
-    index check resolved symlinks, so every sharded model downloaded from the Hub was refused
-    ("points outside the folder"). Names are checked now (no absolute path, no '..'), not where
-    the user's own symlinks lead; an index naming ../ is still refused."""
+def _hub_cache(repo, src, commit: str, main: bool = True):
+    """``src``'s files laid out as huggingface_hub caches a download: blobs named by their hash,
+    ``snapshots/<commit>/`` of symlinks into ``../../blobs/``, ``refs/main`` naming the commit."""
     import hashlib
     import os
 
-    model, src = _llama(tmp_path)
-    snap = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
-    blobs = tmp_path / "hub" / "models--org--tiny" / "blobs"
+    snap, blobs = repo / "snapshots" / commit, repo / "blobs"
     snap.mkdir(parents=True)
-    blobs.mkdir()
+    blobs.mkdir(exist_ok=True)
     for f in sorted(src.iterdir()):
         data = f.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         (blobs / digest).write_bytes(data)
         os.symlink(f"../../blobs/{digest}", snap / f.name)
+    if main:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, cli):
+    """huggingface_hub's cache keeps every file of a snapshot as a symlink into ../../blobs/. The
+    index check resolved symlinks, so every sharded model downloaded from the Hub was refused
+    ("points outside the folder"). Names are checked now (no absolute path, no '..'), not where
+    the user's own symlinks lead; an index naming ../ is still refused."""
+    import os
+
+    model, src = _llama(tmp_path)
+    snap = _hub_cache(tmp_path / "hub" / "models--org--tiny", src, "abc123")
     assert len(list(snap.glob("*.safetensors"))) > 1 and (snap / "model.safetensors.index.json").is_symlink()
     rep = cs.diff(src, snap)
     assert rep["identical"], rep["verdict"]
@@ -421,6 +432,42 @@ def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, cli):
     (snap / "model.safetensors.index.json").write_text(json.dumps(index))
     code, out, err = cli("inspect", snap)
     assert code == 2 and "points outside the folder" in err, err
+
+
+def test_hugging_face_cache_repo_folder_reads_its_snapshot(tmp_path, cli):
+    """The folder people find under ~/.cache/huggingface/hub is the repo's, models--org--name/,
+    not a snapshot: it was refused ("a directory without a weights index"). It now reads as the
+    snapshot refs/main names (or the only one), with a note; several and none named is an error
+    listing them, and refs/main can only name a snapshot that is there."""
+    model, src = _llama(tmp_path)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap = _hub_cache(repo, src, "abc123def4567890")
+    code, out, err = cli("convert", repo, "-o", tmp_path / "one.safetensors")
+    assert code == 0, err
+    assert "Hugging Face cache of org/tiny: read snapshot abc123def456 (refs/main)" in err
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "one.safetensors")
+    assert all(torch.equal(got[k], v) for k, v in cs.load(snap).torch_state_dict().items())
+    assert cs.diff(repo, src)["identical"]
+    # a second snapshot (an older revision): refs/main still decides
+    (repo / "snapshots" / "0ld").mkdir()
+    assert list(cs.load(repo).state) == list(cs.load(snap).state)
+    # refs/main pointing nowhere (or outside): with two snapshots, neither is guessed
+    (repo / "refs" / "main").write_text("../../../elsewhere")
+    code, out, err = cli("inspect", repo)
+    assert code == 2 and "2 snapshots and no refs/main naming one of them: 0ld, abc123def4567890" in err, err
+    (repo / "snapshots" / "0ld").rmdir()
+    code, out, err = cli("inspect", repo)
+    assert code == 0 and "read snapshot abc123def456 (its only snapshot)" in out + err, out + err
+    # a PEFT adapter repo in the cache merges from its repo folder too
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    _hub_cache(tmp_path / "hub" / "models--org--tiny-lora", tmp_path / "ad", "feed")
+    code, out, err = cli("merge-lora", repo, tmp_path / "hub" / "models--org--tiny-lora", "--dry-run")
+    assert code == 0 and "merged LoRA into 2 weight(s)" in out, out + err
 
 
 def test_accelerate_folder_with_two_models_names_the_second(tmp_path, cli):

@@ -197,6 +197,48 @@ def test_a_record_name_twice_is_refused_and_scan_shows_every_copy(tmp_path, cli)
     assert not canary.exists()
 
 
+def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli):
+    """scan of a folder read its top level only, by name: a diffusers pipeline (weights in
+    unet/, text_encoder/) or a Llama repo's original/consolidated.00.pth passed "ok" unread, and
+    a LICENSE stopped it with an error. Now the tree is walked; files named like docs are passed
+    over, other files are read when their bytes are a zip, a pickle, a tar or safetensors (a
+    payload renamed to hide is found); a folder with nothing to scan is an error; a Hugging Face
+    cache repo folder is scanned as its snapshot."""
+    from safetensors.torch import save_file
+
+    canary = tmp_path / "canary"
+    top = tmp_path / "pipe"
+    for sub in ("unet", "text_encoder", "original", ".git"):
+        (top / sub).mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, top / "unet" / "diffusion_pytorch_model.safetensors")
+    torch.save({"w": torch.ones(2)}, top / "text_encoder" / "pytorch_model.bin")
+    torch.save({"w": Reduce(os.system, (_touch_cmd(canary),))}, top / "original" / "consolidated.00.pth")
+    (top / "LICENSE").write_text("MIT License\n")
+    (top / "model_index.json").write_text("{}")
+    (top / ".git" / "packed").write_bytes(b"\x80\x02K\x01.")  # hidden folders are not walked
+    code, out, err = cli("scan", top)
+    assert code == 1 and "original/consolidated.00.pth: UNSAFE" in out and "unsafe global: posix.system" in out, out + err
+    assert "unet/diffusion_pytorch_model.safetensors: ok" in out and "text_encoder/pytorch_model.bin: ok" in out
+    assert "LICENSE" not in out and "model_index" not in out and ".git" not in out
+    (top / "original" / "consolidated.00.pth").rename(top / "NOTICE")  # no extension: found by its bytes
+    code, out, err = cli("scan", top)
+    assert code == 1 and "NOTICE: UNSAFE" in out, out + err
+    empty = tmp_path / "docs"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "README.md").write_text("# hi")
+    code, out, err = cli("scan", empty)
+    assert code == 2 and "no checkpoint file in this folder or below it" in err, err
+    repo = tmp_path / "models--org--pipe"
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (top / "NOTICE").rename(repo / "blobs" / "0123abcd")  # the blob store is not scanned: the snapshot is
+    os.symlink(str(top), repo / "snapshots" / "c0ffee")
+    code, out, err = cli("scan", repo)
+    assert code == 0 and "Hugging Face cache of org/pipe: scanned snapshot c0ffee (its only snapshot)" in err, out + err
+    assert out.count(": ok") == 2 and "0123abcd" not in out
+    assert not canary.exists()
+
+
 def test_hostile_hf_shard(tmp_path):
     canary = tmp_path / "canary"
     folder = tmp_path / "hf"

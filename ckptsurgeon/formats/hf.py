@@ -30,6 +30,37 @@ WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "diffusion_
                 "diffusion_pytorch_model.bin", "model.pt", "model.pth")
 
 
+def hub_snapshot(folder: str) -> tuple[str, str] | None:
+    """(snapshot folder, a note) for a huggingface_hub cache repo folder -- ``models--org--name/``
+    with ``blobs/``, ``refs/`` and ``snapshots/<commit>/`` -- the folder people find under
+    ``~/.cache/huggingface/hub``; None for any other folder. The snapshot is the one ``refs/main``
+    names, or the only one there is; several and none named is an error listing them."""
+    snaps = os.path.join(folder, "snapshots")
+    if not os.path.isdir(snaps) or not any(os.path.isdir(os.path.join(folder, d)) for d in ("refs", "blobs")):
+        return None
+    names = sorted(d for d in os.listdir(snaps) if os.path.isdir(os.path.join(snaps, d)))
+    repo = os.path.basename(os.path.normpath(os.path.abspath(folder)))
+    parts = repo.split("--")
+    repo_id = "/".join(parts[1:]) if len(parts) > 1 and parts[0] in ("models", "datasets", "spaces") else repo
+    try:
+        with open(os.path.join(folder, "refs", "main"), "rb") as f:
+            ref = f.read(256).decode("ascii", "replace").strip()
+    except OSError:
+        ref = ""
+    if ref in names:  # a name from the listing: never a path the file could point elsewhere with
+        pick, how = ref, "refs/main"
+    elif len(names) == 1:
+        pick, how = names[0], "its only snapshot"
+    elif not names:
+        raise NotACheckpointError(f"{folder}: a Hugging Face cache folder ({repo_id}) with no snapshot downloaded")
+    else:
+        raise NotACheckpointError(
+            f"{folder}: a Hugging Face cache folder ({repo_id}) with {len(names)} snapshots and no refs/main "
+            f"naming one of them: {', '.join(names[:6])}" + (" ..." if len(names) > 6 else ""),
+            hint=f"pass the snapshot, e.g. {os.path.join(snaps, names[0])}")
+    return os.path.join(snaps, pick), f"Hugging Face cache of {repo_id}: read snapshot {pick[:12]} ({how})"
+
+
 def find_weights(folder: str) -> tuple[str | None, list[str]]:
     """(the weights file or index a model folder is read from, the other known weight files
     beside it that it takes precedence over); (None, []) where none of the known names is there."""
