@@ -445,7 +445,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
     w.add(".storage_alignment", MemoryBytes(str(ALIGN).encode()))
     w.add("byteorder", MemoryBytes(byteorder))
     pool = None
-    shared = 0
+    shared, shared_srcs = 0, []
     try:
         checks = []
         for key, storage in enumerate(storages):
@@ -478,7 +478,7 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
             elif copied and whole and stored is not None and same_bytes(
                     w._src_fd(src.path), src.offset, fd, entry.data_offset, entry.size):
                 shared += entry.size  # the input's own blocks (a reflink): no copy to check, but the
-                checks.append((None, pool.submit(src.check_crc)))  # input's bytes are, read from the input
+                shared_srcs.append(src)  # input's bytes are, read from the input (below)
             elif copied:
                 if whole:
                     fut = pool.submit(_crc_of_written, fd, entry.data_offset, entry.size)
@@ -491,6 +491,11 @@ def write_torch_zip(fd: int, pickle_bytes: bytes, storages: list, *, prefix: str
                     entry.crc = fut.result  # resolved (and patched in) when the zip is finished
             if progress:
                 progress(storage.nbytes)
+        # records on the input's own blocks: nothing was copied, so this thread is free to check
+        # half of them while the checking thread does the other half (a read of the input each)
+        checks += [(None, pool.submit(r.check_crc)) for r in shared_srcs[1::2]]
+        for r in shared_srcs[::2]:
+            r.check_crc()
         for src, fut in checks:
             got = fut.result()  # a piece's own check raises CorruptCheckpointError on a mismatch
             if src is not None:
