@@ -34,8 +34,10 @@ MAX_GAP = 256 << 10  # bytes compared directly (a record's unshared head and tai
 def extents(fd: int, start: int, length: int) -> list[tuple[int, int, int]] | None:
     """(logical, physical, length) of the plain extents of ``fd`` over [start, start+length);
     None where the filesystem cannot say (no FIEMAP)."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
     out: list[tuple[int, int, int]] = []
     end = start + length
     while start < end:
