@@ -75,6 +75,19 @@ def final_path(path: str) -> str:
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[int]:
     """Yield a writable fd; on success the data appears at ``path`` atomically."""
+    with _atomic(path) as (fd, _tmp):
+        yield fd
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Like :func:`atomic_output` for writers that want a path (torch.save): the temp file's."""
+    with _atomic(path) as (_fd, tmp):
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic(path: str) -> Iterator[tuple[int, str]]:
     import tempfile  # not for reading (inspect)
 
     path = final_path(path)
@@ -94,7 +107,7 @@ def atomic_output(path: str) -> Iterator[int]:
             os.umask(umask)
             mode = 0o666 & ~umask
         os.fchmod(fd, mode)
-        yield fd
+        yield fd, tmp
         if fsync_wanted():
             os.fsync(fd)
         os.close(fd)
@@ -115,16 +128,6 @@ def atomic_output(path: str) -> Iterator[int]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Like :func:`atomic_output` for writers that want a path (torch.save)."""
-    with atomic_output(path) as fd:
-        tmp = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else None
-        if tmp is None:  # pragma: no cover - non-Linux
-            raise OutputError("atomic_path needs /proc")
-        yield tmp
 
 
 def fsync_wanted() -> bool:
