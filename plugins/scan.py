@@ -159,7 +159,10 @@ def scan_cmd(paths, as_json):
                     click.echo(f"  unsafe global: {n}")
     if unsafe:
         click.get_current_context().exit(EXIT_FINDING)
-    if errors:
+    if errors:  # each named in the report above; the error itself, one line, where errors go
+        bad = [f["file"] for r in reports for f in r["files"] if f["error"]]
+        click.echo(f"ckpt-surgeon: error: {len(bad)} file(s) could not be scanned: {', '.join(bad[:3])}"
+                   + (" ..." if len(bad) > 3 else ""), err=True)
         click.get_current_context().exit(EXIT_ERROR)
 
 

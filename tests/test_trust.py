@@ -223,6 +223,13 @@ def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli):
     (top / "original" / "consolidated.00.pth").rename(top / "NOTICE")  # no extension: found by its bytes
     code, out, err = cli("scan", top)
     assert code == 1 and "NOTICE: UNSAFE" in out, out + err
+    (top / "NOTICE").rename(tmp_path / "NOTICE.keep")
+    (top / "broken.pt").write_bytes((top / "text_encoder" / "pytorch_model.bin").read_bytes()[:100])
+    code, out, err = cli("scan", top)  # a damaged file: its line in the report, and the error on stderr
+    assert code == 2 and "broken.pt: ERROR" in out and "unet/diffusion_pytorch_model.safetensors: ok" in out
+    assert err.strip().splitlines() == [f"ckpt-surgeon: error: 1 file(s) could not be scanned: {top / 'broken.pt'}"], err
+    (top / "broken.pt").unlink()
+    (tmp_path / "NOTICE.keep").rename(top / "NOTICE")
     empty = tmp_path / "docs"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "README.md").write_text("# hi")
