@@ -37,9 +37,10 @@ def _looks_like_checkpoint(path: str) -> bool:
 
 
 def _targets(path: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """What to scan under ``path``: ("file", f) and ("dcp", folder) items, and notes. A folder is
-    walked whole (a diffusers pipeline's components, Llama's original/ weights, every DeepSpeed
-    tag), hidden folders aside; a Hugging Face cache repo folder stands for its snapshot."""
+    """What to scan under ``path``: ("file", f), ("dcp", folder) and ("unreadable", message)
+    items, and notes. A folder is walked whole (a diffusers pipeline's components, Llama's
+    original/ weights, every DeepSpeed tag), hidden folders aside; a Hugging Face cache repo
+    folder stands for its snapshot; a sub-folder that cannot be listed is an error, not a gap."""
     from ckptsurgeon.formats import dcp
     from ckptsurgeon.formats.hf import hub_snapshot
 
@@ -51,7 +52,11 @@ def _targets(path: str) -> tuple[list[tuple[str, str]], list[str]]:
         path = hub[0]
         notes.append(hub[1].replace(": read snapshot", ": scanned snapshot"))
     out = []
-    for folder, dirs, files in os.walk(path):
+
+    def unreadable(e: OSError) -> None:  # a folder os.walk cannot list: an error, not silently skipped
+        out.append(("unreadable", f"{e.filename}: cannot be read ({e.strerror})"))  # (kind, what)
+
+    for folder, dirs, files in os.walk(path, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if dcp.sniff(folder, b""):  # its .distcp files are many archives end to end: read through the metadata
             out.append(("dcp", folder))
@@ -93,6 +98,10 @@ def scan(path: str) -> dict:
         raise NotACheckpointError(f"{path}: no checkpoint file in this folder or below it (nothing to scan)",
                                   hint="pass the folder or file that holds the weights")
     for kind, f in targets:
+        if kind == "unreadable":  # f is the message, naming the folder
+            files.append({"file": f.rsplit(": cannot be read", 1)[0], "format": None, "pickles": {}, "unsafe": [],
+                          "error": f})
+            continue
         if kind == "dcp":  # a torch.distributed.checkpoint folder (or its .metadata)
             found = dcp.scan_folder(f, allowed)
             files += found
@@ -157,12 +166,13 @@ def scan_cmd(paths, as_json):
                     click.echo(f"  {pkl}: {len(names)} global(s), {len(set(names))} distinct")
                 for n in f["unsafe"]:
                     click.echo(f"  unsafe global: {n}")
-    if unsafe:
-        click.get_current_context().exit(EXIT_FINDING)
     if errors:  # each named in the report above; the error itself, one line, where errors go
         bad = [f["file"] for r in reports for f in r["files"] if f["error"]]
-        click.echo(f"ckpt-surgeon: error: {len(bad)} file(s) could not be scanned: {', '.join(bad[:3])}"
+        click.echo(f"ckpt-surgeon: error: errors in {len(bad)} file(s) (see the report): {', '.join(bad[:3])}"
                    + (" ..." if len(bad) > 3 else ""), err=True)
+    if unsafe:  # the finding decides the exit code: an unsafe global found is what a caller must see
+        click.get_current_context().exit(EXIT_FINDING)
+    if errors:
         click.get_current_context().exit(EXIT_ERROR)
 
 

@@ -197,7 +197,7 @@ def test_a_record_name_twice_is_refused_and_scan_shows_every_copy(tmp_path, cli)
     assert not canary.exists()
 
 
-def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli):
+def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli, monkeypatch):
     """scan of a folder read its top level only, by name: a diffusers pipeline (weights in
     unet/, text_encoder/) or a Llama repo's original/consolidated.00.pth passed "ok" unread, and
     a LICENSE stopped it with an error. Now the tree is walked; files named like docs are passed
@@ -227,9 +227,22 @@ def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli):
     (top / "broken.pt").write_bytes((top / "text_encoder" / "pytorch_model.bin").read_bytes()[:100])
     code, out, err = cli("scan", top)  # a damaged file: its line in the report, and the error on stderr
     assert code == 2 and "broken.pt: ERROR" in out and "unet/diffusion_pytorch_model.safetensors: ok" in out
-    assert err.strip().splitlines() == [f"ckpt-surgeon: error: 1 file(s) could not be scanned: {top / 'broken.pt'}"], err
+    assert err.strip().splitlines() == [f"ckpt-surgeon: error: errors in 1 file(s) (see the report): {top / 'broken.pt'}"], err
     (top / "broken.pt").unlink()
     (tmp_path / "NOTICE.keep").rename(top / "NOTICE")
+    # a sub-folder that cannot be listed (as root permissions do not stop it: the listing fails)
+    real_scandir = os.scandir
+
+    def scandir(p="."):
+        if str(p).endswith("unet"):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_scandir(p)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = cli("scan", top)
+    monkeypatch.undo()
+    assert code == 1 and f"{top / 'unet'}: ERROR {top / 'unet'}: cannot be read (Permission denied)" in out, out
+    assert err.strip().splitlines() == [f"ckpt-surgeon: error: errors in 1 file(s) (see the report): {top / 'unet'}"]
     empty = tmp_path / "docs"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "README.md").write_text("# hi")
