@@ -28,7 +28,9 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or directory")
+        from .formats.hf import existing_or_cached
+
+        path = existing_or_cached(path)  # a Hub repo id downloaded before: its cache folder
     if os.path.isdir(path):
         from .formats.hf import hub_snapshot
 

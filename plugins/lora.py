@@ -29,7 +29,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.dtypes import PLAIN_FLOATS
-from ckptsurgeon.errors import InputNotFoundError, NotACheckpointError, SelectionError, UnsupportedError
+from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.layout import assembled_ref, cast_ref
 from ckptsurgeon.refs import TensorRef, as_ref, is_tensor_like, tie_key
@@ -78,10 +78,10 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
     prefixed ``unet.``/``transformer.``/``text_encoder.`` when a pipeline saved them)."""
     from ckptsurgeon.loading import load
 
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or directory")
+    from ckptsurgeon.formats.hf import existing_or_cached, hub_snapshot
+
+    path = existing_or_cached(os.fspath(path))  # (a Hub repo id downloaded before: its cache folder)
     if os.path.isdir(path):
-        from ckptsurgeon.formats.hf import hub_snapshot
 
         hub = hub_snapshot(path)  # an adapter repo in ~/.cache/huggingface/hub: its snapshot
         path = hub[0] if hub is not None else path

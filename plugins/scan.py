@@ -87,8 +87,9 @@ def scan(path: str) -> dict:
     from ckptsurgeon.safety import allowed_globals, pickle_globals
     from ckptsurgeon.stfmt import read_header
 
-    if not os.path.exists(path):
-        raise InputNotFoundError(f"{path}: no such file or directory")
+    from ckptsurgeon.formats.hf import existing_or_cached
+
+    path = existing_or_cached(os.fspath(path))  # (a Hub repo id downloaded before: its cache folder)
     allowed = allowed_globals()
     files, unsafe_all = [], []
     from ckptsurgeon.formats import dcp

@@ -434,7 +434,7 @@ def test_hugging_face_cache_snapshot_with_symlinked_shards(tmp_path, cli):
     assert code == 2 and "points outside the folder" in err, err
 
 
-def test_hugging_face_cache_repo_folder_reads_its_snapshot(tmp_path, cli):
+def test_hugging_face_cache_repo_folder_reads_its_snapshot(tmp_path, cli, monkeypatch):
     """The folder people find under ~/.cache/huggingface/hub is the repo's, models--org--name/,
     not a snapshot: it was refused ("a directory without a weights index"). It now reads as the
     snapshot refs/main names (or the only one), with a note; several and none named is an error
@@ -468,6 +468,17 @@ def test_hugging_face_cache_repo_folder_reads_its_snapshot(tmp_path, cli):
     _hub_cache(tmp_path / "hub" / "models--org--tiny-lora", tmp_path / "ad", "feed")
     code, out, err = cli("merge-lora", repo, tmp_path / "hub" / "models--org--tiny-lora", "--dry-run")
     assert code == 0 and "merged LoRA into 2 weight(s)" in out, out + err
+    # and by repo id, from the cache huggingface_hub uses (nothing downloaded)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, out, err = cli("merge-lora", "org/tiny", "org/tiny-lora", "--dry-run")
+    assert code == 0 and "merged LoRA into 2 weight(s)" in out and "Hugging Face cache of org/tiny" in err, out + err
+    code, out, err = cli("scan", "org/tiny")
+    assert code == 0 and out.count(": ok") == len(list(snap.glob("*.safetensors"))) > 1, out + err
+    code, out, err = cli("inspect", "org/not-downloaded")
+    assert code == 2 and f"not in the local cache ({tmp_path / 'hub'}): download it first (huggingface-cli " \
+                         "download org/not-downloaded)" in err, err
+    code, out, err = cli("inspect", "runs/last.ckpt")  # a missing file is not taken for a repo id
+    assert code == 2 and err.strip() == "ckpt-surgeon: error: runs/last.ckpt: no such file or directory", err
 
 
 def test_accelerate_folder_with_two_models_names_the_second(tmp_path, cli):

@@ -12,7 +12,7 @@ from dataclasses import replace
 from ..atomic import _fsync_dir, atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..dtypes import PLAIN_FLOATS
-from ..errors import CorruptCheckpointError, NotACheckpointError, OutputError
+from ..errors import CorruptCheckpointError, InputNotFoundError, NotACheckpointError, OutputError
 from . import safetensors as st
 
 WEIGHT_EXT = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -59,6 +59,42 @@ def hub_snapshot(folder: str) -> tuple[str, str] | None:
             f"naming one of them: {', '.join(names[:6])}" + (" ..." if len(names) > 6 else ""),
             hint=f"pass the snapshot, e.g. {os.path.join(snaps, names[0])}")
     return os.path.join(snaps, pick), f"Hugging Face cache of {repo_id}: read snapshot {pick[:12]} ({how})"
+
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def hub_cache_dir() -> str:
+    """Where huggingface_hub keeps downloads: HF_HUB_CACHE, else HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub or ~/.cache/huggingface/hub (its own defaults)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return os.path.expanduser(explicit)
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def _repo_id_like(name: str) -> bool:
+    return bool(_REPO_ID.match(name)) and ".." not in name and not name.lower().endswith(WEIGHT_EXT)
+
+
+def existing_or_cached(path: str) -> str:
+    """``path`` itself when it exists; for a path that does not but reads as a Hub repo id
+    (``org/name``, ``gpt2``), its folder in the local huggingface_hub cache when it was
+    downloaded (nothing is fetched). Otherwise InputNotFoundError, with the way to download it
+    where the name looks like ``org/name``."""
+    if os.path.exists(path):
+        return path
+    if _repo_id_like(path):
+        folder = os.path.join(hub_cache_dir(), "models--" + path.replace("/", "--"))
+        if os.path.isdir(os.path.join(folder, "snapshots")):
+            return folder
+    hint = None
+    if _repo_id_like(path) and path.count("/") == 1:
+        hint = (f"if it is a Hugging Face repo id, it is not in the local cache ({hub_cache_dir()}): "
+                f"download it first (huggingface-cli download {path})")
+    raise InputNotFoundError(f"{path}: no such file or directory", hint=hint)
 
 
 def find_weights(folder: str) -> tuple[str | None, list[str]]:
