@@ -38,6 +38,8 @@ def hub_snapshot(folder: str) -> tuple[str, str] | None:
     snaps = os.path.join(folder, "snapshots")
     if not os.path.isdir(snaps) or not any(os.path.isdir(os.path.join(folder, d)) for d in ("refs", "blobs")):
         return None
+    if any(f.endswith(WEIGHT_EXT + (".index.json",)) for f in os.listdir(folder)):
+        return None  # weights of its own: a model folder that happens to have such sub-folders
     names = sorted(d for d in os.listdir(snaps) if os.path.isdir(os.path.join(snaps, d)))
     repo = os.path.basename(os.path.normpath(os.path.abspath(folder)))
     parts = repo.split("--")
