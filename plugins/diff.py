@@ -274,7 +274,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         rep = diff("epoch10.pt", "epoch20.safetensors")
         rep["identical"], rep["changed"][0]["name"], rep["modules"][0]
     """
-    from ckptsurgeon.compare import check_tolerances, digest, stats
+    from ckptsurgeon.compare import SharedBlocks, check_tolerances, digest, stats
     from ckptsurgeon.loading import load
 
     check_tolerances(atol, rtol)
@@ -323,55 +323,62 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=1)
+    shared = SharedBlocks()
     mods: "OrderedDict[str, dict]" = OrderedDict()
-    for ka, name, kb in common:
-        va, vb = ta[ka], tb[kb]
-        (sa, da), (sb, db) = _info(va), _info(vb)
-        nbytes = _nbytes(va)
-        if progress is not None:
-            progress(nbytes)
-        mod = mods.setdefault(_module(name, depth), {"module": _module(name, depth), "tensors": 0, "changed": 0,
-                                                      "diff_sq": 0.0, "ref_sq": 0.0})
-        mod["tensors"] += 1
-        if sa != sb:
-            shape_changed.append({"name": name, "a": list(sa), "b": list(sb)})
-            mod["changed"] += 1
-            continue
-        if da != db:  # the values compared all the same (a float32 model against its bfloat16 copy)
+    try:
+        for ka, name, kb in common:
+            va, vb = ta[ka], tb[kb]
+            (sa, da), (sb, db) = _info(va), _info(vb)
+            nbytes = _nbytes(va)
+            if progress is not None:
+                progress(nbytes)
+            mod = mods.setdefault(_module(name, depth), {"module": _module(name, depth), "tensors": 0, "changed": 0,
+                                                          "diff_sq": 0.0, "ref_sq": 0.0})
+            mod["tensors"] += 1
+            if sa != sb:
+                shape_changed.append({"name": name, "a": list(sa), "b": list(sb)})
+                mod["changed"] += 1
+                continue
+            if da != db:  # the values compared all the same (a float32 model against its bfloat16 copy)
+                s = stats(va, vb, atol, rtol)
+                entry = {"name": name, "a": da, "b": db}
+                if s is not None:
+                    nf = s.pop("nonfinite", None)
+                    if nf:
+                        nonfinite.append({"name": name, **nf})
+                    entry.update({k: _num(v) for k, v in s.items() if k not in ("diff_sq", "ref_sq", "close")})
+                    mod["diff_sq"] += s["diff_sq"]
+                    mod["ref_sq"] += s["ref_sq"]
+                dtype_changed.append(entry)
+                mod["changed"] += 1
+                continue
+            if nbytes >= _PARALLEL_HASH and shared.same(va, vb):  # the same disk blocks (a reflink copy)
+                equal += 1
+                continue
+            if nbytes >= _PARALLEL_HASH:  # A and B hashed (and CRC-checked) on both cores
+                pending = pool.submit(digest, va)
+                same = digest(vb) == pending.result()
+            else:  # a small pair: handing it to the other thread costs more than hashing it
+                same = digest(va) == digest(vb)
+            if same:
+                equal += 1
+                continue
             s = stats(va, vb, atol, rtol)
-            entry = {"name": name, "a": da, "b": db}
-            if s is not None:
-                nf = s.pop("nonfinite", None)
-                if nf:
-                    nonfinite.append({"name": name, **nf})
-                entry.update({k: _num(v) for k, v in s.items() if k not in ("diff_sq", "ref_sq", "close")})
-                mod["diff_sq"] += s["diff_sq"]
-                mod["ref_sq"] += s["ref_sq"]
-            dtype_changed.append(entry)
+            nf = s.pop("nonfinite", None)
+            if nf:
+                nonfinite.append({"name": name, **nf})
+            entry = {"name": name, "shape": list(sa), "dtype": da, **{k: _num(v) for k, v in s.items()
+                                                                       if k not in ("diff_sq", "ref_sq", "close")}}
+            mod["diff_sq"] += s["diff_sq"]
+            mod["ref_sq"] += s["ref_sq"]
+            if s["close"] and (atol or rtol):
+                close.append(entry)
+                continue
+            changed.append(entry)
             mod["changed"] += 1
-            continue
-        if nbytes >= _PARALLEL_HASH:  # A and B hashed (and CRC-checked) on both cores
-            pending = pool.submit(digest, va)
-            same = digest(vb) == pending.result()
-        else:  # a small pair: handing it to the other thread costs more than hashing it
-            same = digest(va) == digest(vb)
-        if same:
-            equal += 1
-            continue
-        s = stats(va, vb, atol, rtol)
-        nf = s.pop("nonfinite", None)
-        if nf:
-            nonfinite.append({"name": name, **nf})
-        entry = {"name": name, "shape": list(sa), "dtype": da, **{k: _num(v) for k, v in s.items()
-                                                                   if k not in ("diff_sq", "ref_sq", "close")}}
-        mod["diff_sq"] += s["diff_sq"]
-        mod["ref_sq"] += s["ref_sq"]
-        if s["close"] and (atol or rtol):
-            close.append(entry)
-            continue
-        changed.append(entry)
-        mod["changed"] += 1
-    pool.shutdown()
+    finally:
+        pool.shutdown()
+        shared.close()
     changed.sort(key=lambda e: (-(e["rel_l2"] if e["rel_l2"] is not None else math.inf), e["name"]))
     modules = []
     for m in mods.values():

@@ -168,3 +168,33 @@ def test_a_damaged_input_is_refused_though_nothing_is_copied(reflink_dir, flip_b
     torch.save(sd, src)  # the same file undamaged: written, its records shared
     code, stdout, err = cli("strip-prefix", src, "-o", out)
     assert code == 0 and torch.equal(torch.load(out, weights_only=True)["b"], torch.zeros(4)), err
+
+
+def test_diff_of_tensors_on_the_same_blocks_reads_one_side(reflink_dir, cli, monkeypatch):
+    """diff of an input and its reflinked output: pairs on the same disk blocks are equal
+    without hashing either side; their CRC-32s are checked with one read of A. A pair that no
+    longer shares its blocks (B rewritten) is hashed and found to differ, as anywhere else."""
+    import ckptsurgeon.compare as compare
+
+    d = reflink_dir
+    src, out = os.path.join(d, "d_in.pt"), os.path.join(d, "d_out.pt")
+    torch.manual_seed(0)
+    sd = {f"module.layer{i}.weight": torch.randn(512, 1024) for i in range(4)}
+    sd["module.small"] = torch.arange(10.0)
+    torch.save(sd, src)
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    code, _, err = cli("strip-prefix", src, "-o", out)
+    assert code == 0, err
+    hashed = []
+    real = compare.digest
+    monkeypatch.setattr(compare, "digest", lambda v: hashed.append(v) or real(v))
+    code, stdout, err = cli("diff", src, out)
+    assert code == 0 and "identical" in stdout, stdout + err
+    assert len(hashed) == 2  # the small pair only (A and B); the four large pairs by their blocks
+    changed = dict(torch.load(out, weights_only=True))
+    changed["layer2.weight"] = changed["layer2.weight"] + 1
+    torch.save(changed, out)
+    hashed.clear()
+    code, stdout, err = cli("diff", src, out)
+    assert code == 1 and "layer2.weight" in stdout, stdout + err
