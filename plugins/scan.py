@@ -36,16 +36,16 @@ def _looks_like_checkpoint(path: str) -> bool:
     return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[257:262] == b"ustar" or st_sniff(path, head[:16])
 
 
-def _targets(path: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """What to scan under ``path``: ("file", f), ("dcp", folder) and ("unreadable", message)
-    items, and notes. A folder is walked whole (a diffusers pipeline's components, Llama's
+def _targets(path: str) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """What to scan under ``path``: ("file", f, ""), ("dcp", folder, "") and ("unreadable",
+    folder, why) items, and notes. A folder is walked whole (a diffusers pipeline's components, Llama's
     original/ weights, every DeepSpeed tag), hidden folders aside; a Hugging Face cache repo
     folder stands for its snapshot; a sub-folder that cannot be listed is an error, not a gap."""
     from ckptsurgeon.formats import dcp
     from ckptsurgeon.formats.hf import hub_snapshot
 
     if not os.path.isdir(path):
-        return [("dcp", os.path.dirname(path) or ".") if dcp.sniff(path, b"") else ("file", path)], []
+        return [("dcp", os.path.dirname(path) or ".", "") if dcp.sniff(path, b"") else ("file", path, "")], []
     notes = []
     hub = hub_snapshot(path)
     if hub is not None:
@@ -54,14 +54,14 @@ def _targets(path: str) -> tuple[list[tuple[str, str]], list[str]]:
     out = []
 
     def unreadable(e: OSError) -> None:  # a folder os.walk cannot list: an error, not silently skipped
-        out.append(("unreadable", f"{e.filename}: cannot be read ({e.strerror})"))  # (kind, what)
+        out.append(("unreadable", e.filename, e.strerror or str(e)))
 
     for folder, dirs, files in os.walk(path, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if dcp.sniff(folder, b""):  # its .distcp files are many archives end to end: read through the metadata
-            out.append(("dcp", folder))
+            out.append(("dcp", folder, ""))
             continue
-        out += [("file", os.path.join(folder, f)) for f in sorted(files)
+        out += [("file", os.path.join(folder, f), "") for f in sorted(files)
                 if os.path.isfile(os.path.join(folder, f)) and _looks_like_checkpoint(os.path.join(folder, f))]
     return out, notes
 
@@ -73,11 +73,13 @@ def _is_tar(path: str) -> bool:
 
 
 def scan(path: str) -> dict:
-    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...]}], 'unsafe': [...]}.
+    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...], error}],
+    'unsafe': [...], 'notes': [...]}.
 
     Every pickle inside a torch zip is read (a second ``.pkl`` record is a classic hiding
     place), a legacy file's leading pickles too; safetensors files hold no pickle and are only
-    header-checked. A global counts as unsafe when it is outside torch's weights-only
+    header-checked. A folder is walked whole (see :func:`_targets`); a Hub repo id that is not a
+    path is looked up in the local huggingface_hub cache. A global counts as unsafe when it is outside torch's weights-only
     allowlist (plus globals registered with ``torch.serialization.add_safe_globals``).
 
     Example::
@@ -98,10 +100,9 @@ def scan(path: str) -> dict:
     if not targets:
         raise NotACheckpointError(f"{path}: no checkpoint file in this folder or below it (nothing to scan)",
                                   hint="pass the folder or file that holds the weights")
-    for kind, f in targets:
-        if kind == "unreadable":  # f is the message, naming the folder
-            files.append({"file": f.rsplit(": cannot be read", 1)[0], "format": None, "pickles": {}, "unsafe": [],
-                          "error": f})
+    for kind, f, why in targets:
+        if kind == "unreadable":
+            files.append({"file": f, "format": None, "pickles": {}, "unsafe": [], "error": f"{f}: cannot be read ({why})"})
             continue
         if kind == "dcp":  # a torch.distributed.checkpoint folder (or its .metadata)
             found = dcp.scan_folder(f, allowed)
