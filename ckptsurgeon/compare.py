@@ -31,8 +31,10 @@ class SharedBlocks:
     of A instead of reading and hashing both sides. Anywhere else :meth:`same` answers False at
     the cost of an ioctl, and the pair is hashed as before."""
 
-    def __init__(self):
+    def __init__(self, pool=None):
         self._fds: dict[str, int] = {}
+        self._pool = pool  # a checking thread: every other pair's CRC read goes there
+        self._pending: list = []
 
     def _fd(self, path: str) -> int:
         import os
@@ -68,12 +70,27 @@ class SharedBlocks:
         except OSError:
             return False
         if ra.crc is not None or rb.crc is not None:
-            crc = 0
-            for chunk in ra.chunks(at_a, n):
-                crc = crc32(chunk, crc)
-            ra.verify_crc_value(crc)  # CorruptCheckpointError, naming the file, when it does not match
-            rb.verify_crc_value(crc)
+            if self._pool is not None and len(self._pending) % 2 == 0:
+                self._pending.append(self._pool.submit(self._check, ra, at_a, n, rb))
+            else:
+                self._pending.append(None)
+                self._check(ra, at_a, n, rb)
         return True
+
+    @staticmethod
+    def _check(ra, at: int, n: int, rb) -> None:
+        crc = 0
+        for chunk in ra.chunks(at, n):
+            crc = crc32(chunk, crc)
+        ra.verify_crc_value(crc)  # CorruptCheckpointError, naming the file, when it does not match
+        rb.verify_crc_value(crc)
+
+    def finish(self) -> None:
+        """Wait for the CRC checks handed to the checking thread (raising what they found)."""
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            if fut is not None:
+                fut.result()
 
     def close(self) -> None:
         import os

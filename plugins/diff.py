@@ -323,7 +323,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max_workers=1)
-    shared = SharedBlocks()
+    shared = SharedBlocks(pool)
     mods: "OrderedDict[str, dict]" = OrderedDict()
     try:
         for ka, name, kb in common:
@@ -376,6 +376,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
                 continue
             changed.append(entry)
             mod["changed"] += 1
+        shared.finish()
     finally:
         pool.shutdown()
         shared.close()
