@@ -76,15 +76,12 @@ def read_adapter(path: str, *, trust_pickle=False) -> tuple[Checkpoint, dict]:
     (``pytorch_lora_weights.safetensors``, as ``save_lora_weights`` / ``save_lora_adapter``
     write it: the LoraConfig in its header, ``lora_adapter_metadata``; tensors and config keys
     prefixed ``unet.``/``transformer.``/``text_encoder.`` when a pipeline saved them)."""
+    from ckptsurgeon.formats.hf import existing_or_cached, hub_snapshot
     from ckptsurgeon.loading import load
 
-    from ckptsurgeon.formats.hf import existing_or_cached, hub_snapshot
-
     path = existing_or_cached(os.fspath(path))  # (a Hub repo id downloaded before: its cache folder)
-    if os.path.isdir(path):
-
-        hub = hub_snapshot(path)  # an adapter repo in ~/.cache/huggingface/hub: its snapshot
-        path = hub[0] if hub is not None else path
+    hub = hub_snapshot(path) if os.path.isdir(path) else None
+    path = hub[0] if hub is not None else path  # an adapter repo in ~/.cache/huggingface/hub: its snapshot
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(folder, "adapter_config.json")
     if os.path.isdir(path):

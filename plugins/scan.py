@@ -86,10 +86,9 @@ def scan(path: str) -> dict:
 
         rep = scan("download.bin"); rep["unsafe"]   # ['posix.system']
     """
+    from ckptsurgeon.formats.hf import existing_or_cached
     from ckptsurgeon.safety import allowed_globals, pickle_globals
     from ckptsurgeon.stfmt import read_header
-
-    from ckptsurgeon.formats.hf import existing_or_cached
 
     path = existing_or_cached(os.fspath(path))  # (a Hub repo id downloaded before: its cache folder)
     allowed = allowed_globals()
