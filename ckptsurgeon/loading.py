@@ -124,6 +124,13 @@ _OTHER_FORMATS = {  # by extension, for files whose bytes say little
 }
 
 
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
 def describe(head: bytes, path: str = "") -> str:
     import re
 
@@ -132,6 +139,11 @@ def describe(head: bytes, path: str = "") -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in _OTHER_FORMATS:
         return f"by its name, {_OTHER_FORMATS[ext]}, not a PyTorch checkpoint"
+    if re.search(r"\.(index|data-\d{5}-of-\d{5})$", os.path.basename(path)) and \
+            any(re.search(r"\.data-\d{5}-of-\d{5}$", f) for f in _listdir(os.path.dirname(path) or ".")):
+        return ("by its name, part of a TensorFlow checkpoint (.index + .data-NNNNN-of-NNNNN), not a PyTorch one: "
+                "load it in TensorFlow, or with transformers' from_pretrained(..., from_tf=True), and save it "
+                "with PyTorch")
     if head.startswith(b"\x93NUMPY"):
         return "it is a numpy .npy array"
     if head.startswith(b"\x89PNG"):

@@ -1255,3 +1255,26 @@ def test_format_that_contradicts_the_name_is_noted(tmp_path, cli):
     assert code == 0 and "note:" not in stdout, stdout
     code, stdout, err = cli("strip-prefix", src, "-o", tmp_path / "z.safetensors", "-q", "--format", "torch-zip")
     assert code == 0 and "note:" not in stdout, stdout  # --quiet silences notes
+
+
+def test_tensorflow_checkpoints_are_named(tmp_path, cli):
+    """tf.train.Checkpoint files (model.ckpt.index + model.ckpt.data-00000-of-00001, often
+    beside a PyTorch `.ckpt` in the same runs folder) and a SavedModel folder: named as
+    TensorFlow's, not 'unrecognised bytes' or 'a directory without weights'."""
+    tf = tmp_path / "tf"
+    tf.mkdir()
+    (tf / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n')
+    (tf / "model.ckpt.index").write_bytes(os.urandom(300))
+    (tf / "model.ckpt.data-00000-of-00001").write_bytes(os.urandom(3000))
+    for p in (tf / "model.ckpt.index", tf / "model.ckpt.data-00000-of-00001"):
+        code, _, err = cli("inspect", p)
+        assert code == 2 and "part of a TensorFlow checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("inspect", tf)
+    assert code == 2 and "TensorFlow or Flax weights only (model.ckpt.data-00000-of-00001)" in err, err
+    (tmp_path / "sm" / "variables").mkdir(parents=True)
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"\x08\x01")
+    code, _, err = cli("inspect", tmp_path / "sm")
+    assert code == 2 and "TensorFlow or Flax weights only (saved_model.pb)" in err, err
+    (tmp_path / "x.index").write_bytes(os.urandom(300))  # an .index alone is not taken for TensorFlow's
+    code, _, err = cli("inspect", tmp_path / "x.index")
+    assert code == 2 and "TensorFlow" not in err, err
