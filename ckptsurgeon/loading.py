@@ -139,8 +139,11 @@ def describe(head: bytes, path: str = "") -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in _OTHER_FORMATS:
         return f"by its name, {_OTHER_FORMATS[ext]}, not a PyTorch checkpoint"
-    if re.search(r"\.(index|data-\d{5}-of-\d{5})$", os.path.basename(path)) and \
-            any(re.search(r"\.data-\d{5}-of-\d{5}$", f) for f in _listdir(os.path.dirname(path) or ".")):
+    from .formats.hf import TF_CHECKPOINT_DATA
+
+    name = os.path.basename(path)
+    if (name.endswith(".index") or TF_CHECKPOINT_DATA.search(name)) and \
+            any(TF_CHECKPOINT_DATA.search(f) for f in _listdir(os.path.dirname(path) or ".")):
         return ("by its name, part of a TensorFlow checkpoint (.index + .data-NNNNN-of-NNNNN), not a PyTorch one: "
                 "load it in TensorFlow, or with transformers' from_pretrained(..., from_tf=True), and save it "
                 "with PyTorch")

@@ -215,7 +215,7 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
                     + (f" and {len(parts) - 12} more" if len(parts) > 12 else ""),
                     hint=f"pass one of them, e.g. {os.path.join(path, parts[0])}")
             other = sorted(f for f in os.listdir(path) if f.startswith(_OTHER_FRAMEWORKS) or f == "saved_model.pb"
-                           or _TF_CHECKPOINT.search(f))
+                           or TF_CHECKPOINT_DATA.search(f))
             if other and not weights:  # transformers' TensorFlow / Flax weights only
                 raise NotACheckpointError(
                     f"{path} holds TensorFlow or Flax weights only ({', '.join(other[:4])}), no PyTorch weights",
@@ -459,7 +459,7 @@ def _config_with_dtype(folder: str, items) -> tuple[dict, str] | None:
 
 DIFFUSERS_STEM = "diffusion_pytorch_model"
 _OTHER_FRAMEWORKS = ("tf_model", "flax_model")  # transformers' TensorFlow (.h5) and Flax (.msgpack) weights
-_TF_CHECKPOINT = re.compile(r"\.data-\d{5}-of-\d{5}$")  # tf.train.Checkpoint's data files (beside an .index)
+TF_CHECKPOINT_DATA = re.compile(r"\.data-\d{5}-of-\d{5}$")  # tf.train.Checkpoint's data files (beside an .index)
 INDEX = "model.safetensors.index.json"  # transformers' (the default stem's) index
 
 
