@@ -302,6 +302,7 @@ def _print_inspect(info: dict) -> None:
             f"{b['tensor']} (nan {b['nan']}, inf {b['inf']})" for b in bad))
     label = f"module (below {info['modules_below']})" if info.get("modules_below") else "module"
     t = Table(label, "tensors", "parameters", box=None, pad_edge=False)
+    t.columns[0].overflow = "fold"
     rows = module_rows(info["modules"])
     for depth, name, tensors, params in rows[:MAX_MODULE_ROWS]:
         t.add_row("  " * (depth - 1) + name, str(tensors), f"{params:,}")
@@ -415,6 +416,8 @@ def plugins_cmd(as_json):
         from .cliutil import console
 
         t = Table("plugin", "module", "distribution", "status", "hooks")
+        for col in t.columns:
+            col.overflow = "fold"
         for p in r["plugins"]:
             dist = f"{p['distribution']} {p['version']}".strip()
             hooks = ", ".join(h.replace("ckptsurgeon_", "") for h in p["hooks"])

@@ -143,9 +143,15 @@ def _json_default(o: Any):
 
 
 def console():
+    """The console the human-readable reports print on. Written to a file or a pipe (``> diff.txt``,
+    ``| less``) it is as wide as a table needs instead of rich's 80 columns, which cut tensor names
+    to ``transformer.h.0.ln…``; ``COLUMNS`` still sets the width where given."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    width = None
+    if not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+        width = 400
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def echo_notes(notes, out: Callable | None = None, indent: str = "") -> None:

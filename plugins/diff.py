@@ -506,6 +506,9 @@ def _human(r: dict) -> None:
                 f"max|a-b| {max(x.get('max_abs') or 0 for x in xs):.3g}" if worst.get("rel_l2") is not None else ""))
     if r["changed"]:
         t = Table("tensor", "max|a-b|", "mean|a-b|", "rel L2", "cosine", "differing", title="changed tensors (most first)")
+        t.columns[0].overflow = "fold"  # a narrow terminal wraps the name, never cuts it
+        for col in t.columns[1:]:
+            col.min_width = len(str(col.header))
         for e in r["changed"][:30]:
             t.add_row(e["name"], f"{e['max_abs']:.3g}", f"{e['mean_abs']:.3g}",
                       "n/a" if e["rel_l2"] is None else f"{100 * e['rel_l2']:.3g}%",
@@ -516,6 +519,7 @@ def _human(r: dict) -> None:
     touched = [m for m in r["modules"] if m["changed"]]
     if touched:
         t = Table("module", "changed", "rel L2", title="per module")
+        t.columns[0].overflow = "fold"
         for m in touched:
             t.add_row(m["module"], f"{m['changed']}/{m['tensors']}",
                       "n/a" if m["rel_l2"] is None else f"{100 * m['rel_l2']:.3g}%")

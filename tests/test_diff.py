@@ -352,3 +352,20 @@ def test_two_files_without_a_model_state_dict_are_compared_as_wholes(sample_dir,
     assert code == 2 and "an optimizer's state dict" in err and err.count("\n") == 1
     code, _, err = cli("diff", tmp_path / "o1.pt", tmp_path / "o2.pt", "--key-a", "nothing")
     assert code == 2 and "is not in the checkpoint" in err
+
+
+def test_report_written_to_a_file_keeps_long_tensor_names_whole(tmp_path, cli, monkeypatch):
+    """Piped or redirected (`diff a b > report.txt`), the tables are as wide as they need: rich's
+    default of 80 columns cut every name to `model.encoder.layers.0.self_…`. A narrow terminal
+    (COLUMNS) wraps the name rather than cutting it."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    name = "model.encoder.layers.0.self_attention.query_key_value_projection.lora_adapter_B.weight"
+    torch.save({name: torch.ones(4), "b": torch.ones(2)}, tmp_path / "a.pt")
+    torch.save({name: torch.full((4,), 2.0), "b": torch.ones(2)}, tmp_path / "b.pt")
+    code, out, err = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert code == 1 and name in out and "…" not in out
+    monkeypatch.setenv("COLUMNS", "70")
+    code, out, err = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
+    assert code == 1 and table and max(len(line) for line in table) <= 70
+    assert name in "".join(line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 7)
