@@ -67,7 +67,13 @@ class LazyGroup(click.Group):
         return sorted(set(self.commands) | set(self._plugin_commands()))
 
     def get_command(self, ctx, name):
-        cmd = self.commands[name] if name in self.commands else self._plugin_commands().get(name)
+        if name in self.commands:
+            cmd = self.commands[name]
+        else:  # only the plugin that provides it is imported (see manager.Manager)
+            from .manager import get_manager
+
+            found = get_manager().command(name)
+            cmd = found[0] if found is not None else None
         if cmd is not None:
             _accept_global_flags(cmd)
             if _STANDALONE:  # modules and plugins are in: later collections walk only what the command makes
@@ -176,6 +182,7 @@ def main_group(ctx, debug, quiet):
     m = get_manager()
     for p in m.problems:
         click.echo(f"ckpt-surgeon: warning: {p}", err=True)
+    m.echo = lambda p: click.echo(f"ckpt-surgeon: warning: {p}", err=True)  # a plugin imported later
 
 
 _WARNED: set = set()
@@ -397,6 +404,7 @@ def plugins_cmd(as_json):
     from .manager import get_manager
 
     m = get_manager()
+    m.load_all()
     provided = {
         "formats": {k: p for k, (_, p) in m.formats().items()},
         "commands": {k: p for k, (_, p) in m.commands().items()},

@@ -167,3 +167,117 @@ def _dist_of(ep, cache: dict) -> tuple[str, str]:
             got = ("", "")
         cache[id(d)] = got
     return got
+
+
+# --------------------------------------------------------------------------- the plugin index
+_INDEX_FORMAT = 1
+
+
+class PluginIndex:
+    """What each entry point's plugin implements and provides (hook names; command, format,
+    operation and model-transform names), remembered so that a run imports only the plugins it
+    needs: ``strip-prefix`` imports the plugin that provides it, not all twelve (~25 ms of a
+    ~0.12 s run here), and a third-party plugin that imports torch at module level costs
+    nothing to the commands that are not its own.
+
+    A plugin's record holds every file its import brought in from its own top-level package
+    (path, modification time, size), and is trusted only while each of them is unchanged: an
+    upgrade, a reinstall or an edit of an editable install makes the next run import the plugin
+    again and record it anew. The entry points themselves are checked as before (see the module
+    docstring), and a record is keyed on the entry point, its distribution and version.
+    """
+
+    def __init__(self, path: str, head: list):
+        self.path, self.head = path, head
+        self.records: dict[str, dict] = {}
+        self.dirty = False
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if data.get("head") == head and isinstance(data.get("plugins"), dict):
+                self.records = data["plugins"]
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+
+    @classmethod
+    def open(cls, group: str, head: list) -> "PluginIndex | None":
+        path = cache_file(group)
+        if not path:
+            return None
+        folder, name = os.path.split(path)
+        return cls(os.path.join(folder, name.replace("entry-points-", "plugins-", 1)), [_INDEX_FORMAT] + head)
+
+    @staticmethod
+    def key(ep: EntryPoint) -> str:
+        return "\0".join((ep.name, ep.value, ep.dist, ep.version))
+
+    def valid(self, ep: EntryPoint) -> dict | None:
+        """The record of ``ep`` if every file it names is as it was, else None."""
+        rec = self.records.get(self.key(ep))
+        try:
+            if not rec or not rec["files"]:
+                return None
+            for path, mtime, size in rec["files"]:
+                st = os.stat(path)
+                if st.st_mtime_ns != mtime or st.st_size != size:
+                    return None
+            if not isinstance(rec["hooks"], list) or not isinstance(rec["provides"], dict):
+                return None
+        except (OSError, TypeError, ValueError, KeyError):
+            return None
+        return rec
+
+    def remember(self, ep: EntryPoint, files: list[str], hooks: list[str], provides: dict) -> None:
+        rows = []
+        for path in sorted(set(files)):
+            try:
+                st = os.stat(path)
+            except OSError:
+                return self.forget(ep)  # a file that cannot be checked: no record
+            rows.append([path, st.st_mtime_ns, st.st_size])
+        rec = {"files": rows, "hooks": sorted(hooks), "provides": provides}
+        if rows and self.records.get(self.key(ep)) != rec:
+            self.records[self.key(ep)] = rec
+            self.dirty = True
+
+    def forget(self, ep: EntryPoint) -> None:
+        if self.records.pop(self.key(ep), None) is not None:
+            self.dirty = True
+
+    def save(self, keep: set[str]) -> None:
+        """Write the records of the entry points in ``keep`` (best effort, atomically)."""
+        stale = set(self.records) - keep
+        if not self.dirty and not stale:
+            return
+        for k in stale:
+            del self.records[k]
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"head": self.head, "plugins": self.records}, f)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def module_files(modname: str, before: set[str]) -> list[str] | None:
+    """The source files behind plugin module ``modname``: its own, and those of every module of
+    its top-level package that its import brought in (``before``: ``sys.modules`` before it).
+    None when the module has no file to check (a namespace package, a built-in)."""
+    own = sys.modules.get(modname)
+    path = getattr(own, "__file__", None)
+    if not path:
+        return None
+    top = modname.split(".")[0]
+    files = [path]
+    for name in set(sys.modules) - before:
+        if name == top or name.startswith(top + "."):
+            f = getattr(sys.modules.get(name), "__file__", None)
+            if f:
+                files.append(f)
+    return files

@@ -2,7 +2,8 @@
 
 Entry points of the ``ckptsurgeon`` group are loaded one at a time: a plugin that fails to
 import or registers a hook nobody specified becomes a *problem* (a warning on stderr and a
-``broken`` line in ``ckpt-surgeon plugins``), never a dead CLI.
+``broken`` line in ``ckpt-surgeon plugins``), never a dead CLI. A plugin the plugin index
+vouches for is imported only when something it provides is asked for (see :class:`Manager`).
 
 Environment:
   ``CKPT_SURGEON_DISABLE_PLUGIN_AUTOLOAD=1``  load only ckpt-surgeon's own plugins
@@ -21,7 +22,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .entrypoints import entry_points
+from .entrypoints import EntryPoint, PluginIndex, entry_points, module_files
 from .errors import CkptSurgeonError, PluginError
 from .types import PluginInfo
 
@@ -32,24 +33,45 @@ EXTRA_ENV = "CKPT_SURGEON_PLUGINS"
 BUILTIN = ("ckptsurgeon.formats",)
 
 
+# the hooks whose items carry a name, and so can be looked up one at a time
+NAMED_HOOKS = ("ckptsurgeon_commands", "ckptsurgeon_formats", "ckptsurgeon_operations", "ckptsurgeon_model_transforms")
+
+
 class Manager:
+    """The plugins, loaded as they are needed.
+
+    Every entry point is known from the start, but a plugin the index (:class:`PluginIndex`)
+    vouches for is imported only when something it provides is asked for: a command by name, an
+    operation, a model transform, or any plugin's formats. A plugin without a valid record (new,
+    changed, broken, or the cache switched off) is imported at once, as before, and recorded.
+    Results are the same as loading everything: hook results are ordered by registration rank
+    (builtin, then entry-point order, then ``CKPT_SURGEON_PLUGINS``), whatever order the imports
+    happened in, so the first registration still wins a conflict.
+    """
+
     def __init__(self, autoload: bool = True, extra: list[str] | None = None):
         self.pm = pluggy.PluginManager("ckptsurgeon")
         self.pm.add_hookspecs(hookspecs.CkptSurgeonSpecs)
         self.infos: list[PluginInfo] = []
         self.problems: list[str] = []
         self.conflicts: list[str] = []
+        self.echo = None  # set by the CLI once it has shown the start-up problems: later ones at once
         self._cache: dict[str, Any] = {}
+        self._rank: dict[str, int] = {}
+        self._pending: dict[str, tuple] = {}  # name -> (entry point, index record): not imported yet
+        self._results: dict[tuple, Any] = {}  # (plugin, hook) -> its items, or the exception it raised
+        self._eps: dict[str, EntryPoint] = {}
+        self._index = PluginIndex.open(GROUP, _index_head()) if autoload else None
         for modname in BUILTIN:
+            self._rank[modname] = -1
             self._register_module(modname, name=modname, status="builtin", dist=OWN_DIST)
         if autoload:
             self._load_entry_points()
         for modname in (extra if extra is not None else _env_list(EXTRA_ENV)):
+            self._rank.setdefault(modname, len(self._rank))
             self._register_module(modname, name=modname, status="loaded", dist="")
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as e:
-            self._drop(e.plugin, f"unknown hook: {e}")
+        self._check_pending()
+        self._save_index()
 
     # ---- loading
     def _load_entry_points(self) -> None:
@@ -63,17 +85,47 @@ class Manager:
             if only_own and dist.lower() != OWN_DIST:
                 self.infos.append(PluginInfo(ep.name, ep.value, dist, version, status="disabled"))
                 continue
-            if self.pm.has_plugin(ep.name):
-                self.conflicts.append(f"plugin name {ep.name!r} registered twice ({ep.value}); second ignored")
+            if self.pm.has_plugin(ep.name) or ep.name in self._pending:
+                self._note(self.conflicts, f"plugin name {ep.name!r} registered twice ({ep.value}); second ignored")
                 continue
-            try:
-                module = ep.load()
-                self.pm.register(module, name=ep.name)
-                self.infos.append(PluginInfo(ep.name, ep.value, dist, version, self._hooks_of(module)))
-            except Exception as e:  # a broken plugin must not kill the CLI
-                msg = f"plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}"
-                self.problems.append(msg)
-                self.infos.append(PluginInfo(ep.name, ep.value, dist, version, status="broken", error=str(e)))
+            self._rank[ep.name] = len(self._rank)
+            self._eps[ep.name] = ep
+            record = self._index.valid(ep) if self._index is not None else None
+            if record is not None:
+                self._pending[ep.name] = (ep, record)
+            else:
+                self._import(ep)
+
+    def _import(self, ep: EntryPoint) -> None:
+        before = set(sys.modules)
+        try:
+            module = ep.load()
+            self.pm.register(module, name=ep.name)
+        except Exception as e:  # a broken plugin must not kill the CLI
+            self._problem(f"plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}")
+            self.infos.append(PluginInfo(ep.name, ep.value, ep.dist, ep.version, status="broken", error=str(e)))
+            if self._index is not None:
+                self._index.forget(ep)
+            return
+        hooks = self._hooks_of(module)
+        self.infos.append(PluginInfo(ep.name, ep.value, ep.dist, ep.version, hooks))
+        for hook in hooks:  # a hook already collected without this plugin is collected again
+            self._cache.pop(hook, None)
+        if self._index is None:
+            return
+        files = module_files(ep.value.partition(":")[0].partition("[")[0].strip(), before)
+        provides: dict = {}
+        for hook in hooks:
+            if hook in NAMED_HOOKS:
+                items = self._items(ep.name, hook)
+                if isinstance(items, BaseException):
+                    files = None  # a failing hook: imported (and reported) on every run
+                    break
+                provides[hook] = [str(getattr(i, "name", "")) for i in items]
+        if files:
+            self._index.remember(ep, files, hooks, provides)
+        else:
+            self._index.forget(ep)
 
     def _register_module(self, modname: str, name: str, status: str, dist: str) -> None:
         try:
@@ -81,47 +133,127 @@ class Manager:
             self.pm.register(module, name=name)
             self.infos.append(PluginInfo(name, modname, dist, _version(dist), self._hooks_of(module), status=status))
         except Exception as e:
-            self.problems.append(f"plugin {name!r} failed to load: {type(e).__name__}: {e}")
+            self._problem(f"plugin {name!r} failed to load: {type(e).__name__}: {e}")
             self.infos.append(PluginInfo(name, modname, dist, status="broken", error=str(e)))
+
+    def _check_pending(self) -> None:
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as e:
+                self._drop(e.plugin, f"unknown hook: {e}")
 
     def _drop(self, plugin, reason: str) -> None:
         name = self.pm.get_name(plugin) if plugin is not None else "?"
         if plugin is not None:
             self.pm.unregister(plugin)
-        self.problems.append(f"plugin {name!r} disabled: {reason}")
+        self._problem(f"plugin {name!r} disabled: {reason}")
         for info in self.infos:
             if info.name == name:
                 info.status, info.error = "broken", reason
+        if self._index is not None and name in self._eps:
+            self._index.forget(self._eps[name])
+        self._cache.clear()
 
     def _hooks_of(self, module) -> list[str]:
         return sorted(n for n in hookspecs.HOOK_NAMES if hasattr(module, n))
 
+    def _load_pending(self, wanted) -> None:
+        """Import the plugins not imported yet whose record satisfies ``wanted(record)``."""
+        global _LAZY
+        names = sorted((n for n, (_, rec) in self._pending.items() if wanted(rec)), key=self._rank.__getitem__)
+        if not names or _LAZY:  # (a plugin's import asking for more plugins gets what is loaded)
+            return
+        _LAZY = True
+        try:
+            for name in names:
+                ep, _ = self._pending.pop(name)
+                self._import(ep)
+            self._check_pending()
+        finally:
+            _LAZY = False
+        self._save_index()
+
+    def load_all(self) -> None:
+        """Import every plugin (``ckpt-surgeon plugins`` shows them all, as they are)."""
+        self._load_pending(lambda rec: True)
+        self.infos.sort(key=lambda i: self._rank.get(i.name, len(self._rank)))
+
+    def _save_index(self) -> None:
+        if self._index is not None:
+            self._index.save({PluginIndex.key(ep) for ep in self._eps.values()})
+
+    def _note(self, where: list, msg: str) -> None:
+        if msg not in where:
+            where.append(msg)
+
+    def _problem(self, msg: str) -> None:
+        if msg not in self.problems:
+            self.problems.append(msg)
+            if self.echo is not None:
+                self.echo(msg)
+
     # ---- collecting
-    def _collect(self, hook: str, attr: str) -> dict[str, tuple[Any, str]]:
-        if hook in self._cache:
-            return self._cache[hook]
-        out: dict[str, tuple[Any, str]] = {}
-        caller = getattr(self.pm.hook, hook)
-        # call plugin by plugin so one failing plugin is isolated and attributable
-        for impl in caller.get_hookimpls():  # registration order
-            pname = impl.plugin_name
+    def _items(self, pname: str, hook: str):
+        """What plugin ``pname``'s ``hook`` returns (called once), or the exception it raised."""
+        key = (pname, hook)
+        if key not in self._results:
             try:
-                items = impl.function() or []
+                got = []
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin_name == pname:
+                        got.extend(impl.function() or [])
+                self._results[key] = got
             except Exception as e:
-                self.problems.append(f"plugin {pname!r} failed in {hook}: {type(e).__name__}: {e}")
+                self._results[key] = e
+        return self._results[key]
+
+    def _gather(self, hook: str, attr: str) -> dict[str, tuple[Any, str]]:
+        """The items of ``hook`` from the plugins imported so far, by ``attr``; first registration wins."""
+        out: dict[str, tuple[Any, str]] = {}
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        # pluggy's order (trylast, plain, tryfirst), each in registration rank, not import order
+        impls = sorted(impls, key=lambda i: (0 if i.trylast else 2 if i.tryfirst else 1,
+                                             self._rank.get(i.plugin_name, len(self._rank))))
+        done = set()
+        for impl in impls:  # plugin by plugin, so one failing plugin is isolated and attributable
+            pname = impl.plugin_name
+            if pname in done:
+                continue
+            done.add(pname)
+            items = self._items(pname, hook)
+            if isinstance(items, BaseException):
+                self._problem(f"plugin {pname!r} failed in {hook}: {type(items).__name__}: {items}")
                 continue
             for item in items:
                 key = getattr(item, attr, None)
                 if key is None:
-                    self.problems.append(f"plugin {pname!r} returned an item without a {attr} from {hook}")
+                    self._problem(f"plugin {pname!r} returned an item without a {attr} from {hook}")
                     continue
                 if key in out:
-                    self.conflicts.append(
-                        f"{hook}: {key!r} provided by both {out[key][1]!r} and {pname!r}; keeping {out[key][1]!r}")
+                    self._note(self.conflicts, f"{hook}: {key!r} provided by both {out[key][1]!r} and {pname!r}; "
+                                               f"keeping {out[key][1]!r}")
                     continue
                 out[key] = (item, pname)
-        self._cache[hook] = out
         return out
+
+    def _collect(self, hook: str, attr: str) -> dict[str, tuple[Any, str]]:
+        if hook not in self._cache:
+            self._load_pending(lambda rec: hook in rec["hooks"])
+            self._cache[hook] = self._gather(hook, attr)
+        return self._cache[hook]
+
+    def _lookup(self, hook: str, name: str):
+        """``(item, plugin)`` for the item ``name`` of ``hook``, importing only the plugins that
+        provide it; None where no plugin does."""
+        if hook in self._cache:
+            return self._cache[hook].get(name)
+        self._load_pending(lambda rec: name in rec["provides"].get(hook, ()))
+        found = self._gather(hook, "name").get(name)
+        if found is None:  # not where the index says: look everywhere
+            found = self._collect(hook, "name").get(name)
+        return found
 
     def formats(self) -> dict[str, tuple[Any, str]]:
         return self._collect("ckptsurgeon_formats", "name")
@@ -135,18 +267,22 @@ class Manager:
     def model_transforms(self) -> dict[str, tuple[Any, str]]:
         return self._collect("ckptsurgeon_model_transforms", "name")
 
+    def command(self, name: str):
+        """The click command ``name`` and its plugin, or None."""
+        return self._lookup("ckptsurgeon_commands", name)
+
     def operation(self, name: str):
-        try:
-            return self.operations()[name][0].func
-        except KeyError:
-            raise PluginError(f"no plugin provides the operation {name!r}") from None
+        found = self._lookup("ckptsurgeon_operations", name)
+        if found is None:
+            raise PluginError(f"no plugin provides the operation {name!r}")
+        return found[0].func
 
     def transform(self, name: str):
-        try:
-            return self.model_transforms()[name][0]
-        except KeyError:
+        found = self._lookup("ckptsurgeon_model_transforms", name)
+        if found is None:
             known = ", ".join(sorted(self.model_transforms())) or "none"
-            raise PluginError(f"no plugin provides the model transform {name!r} (known: {known})") from None
+            raise PluginError(f"no plugin provides the model transform {name!r} (known: {known})")
+        return found[0]
 
 
 def _env_list(var: str) -> list[str]:
@@ -168,8 +304,21 @@ def _version(dist: str) -> str:
         return ""
 
 
+def _index_head() -> list:
+    """What every record of the plugin index depends on besides its own files: this version of
+    ckpt-surgeon and its hook specifications."""
+    from . import __version__
+
+    try:
+        specs = os.stat(hookspecs.__file__).st_mtime_ns
+    except (OSError, TypeError):
+        specs = 0
+    return [__version__, specs]
+
+
 _MANAGER: Manager | None = None
 _BUILDING = False
+_LAZY = False  # a plugin is being imported on demand
 
 
 def get_manager() -> Manager:
@@ -187,7 +336,7 @@ def get_manager() -> Manager:
 
 def building() -> bool:
     """True while the shared manager is loading plugins."""
-    return _BUILDING
+    return _BUILDING or _LAZY
 
 
 def reset_manager(manager: Manager | None = None) -> None:

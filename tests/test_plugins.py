@@ -66,11 +66,12 @@ def test_third_party_command_format_operation(plugin_site, sample_dir, tmp_path)
 
 
 def test_broken_plugins_warn_but_cli_works(plugin_site, sample_dir):
-    res = _cli(plugin_site, "inspect", sample_dir / "seednet.pt", "--json")
-    assert res.returncode == 0
-    assert json.loads(res.stdout)["tensors"] == 28
-    assert "broken_import" in res.stderr and "broken on purpose" in res.stderr
-    assert "bad_hook" in res.stderr and "unknown hook" in res.stderr
+    for _ in range(2):  # a broken plugin is never recorded in the plugin index: it warns on every run
+        res = _cli(plugin_site, "inspect", sample_dir / "seednet.pt", "--json")
+        assert res.returncode == 0
+        assert json.loads(res.stdout)["tensors"] == 28
+        assert "broken_import" in res.stderr and "broken on purpose" in res.stderr
+        assert "bad_hook" in res.stderr and "unknown hook" in res.stderr
     rep = json.loads(_cli(plugin_site, "plugins", "--json").stdout)
     status = {p["name"]: p["status"] for p in rep["plugins"]}
     assert status["broken_import"] == "broken" and status["bad_hook"] == "broken"
@@ -210,3 +211,93 @@ def test_api_builds_one_plugin_manager(tmp_path):
     assert res.stdout.split(None, 1) == ["1", "['w'] []\n"]
     with pytest.raises(AttributeError):
         ckptsurgeon.no_such_operation  # noqa: B018
+
+
+HEAVY_PLUGIN = '''
+import os
+import click
+from ckptsurgeon import hookimpl
+from ckptsurgeon.types import Operation
+
+with open(os.environ["HEAVY_MARK"], "a") as f:  # stands for an expensive import (torch, a model zoo)
+    f.write("imported\\n")
+
+@click.command("heavy")
+def heavy():
+    click.echo("heavy ran")
+
+@hookimpl
+def ckptsurgeon_commands():
+    return [heavy]
+
+@hookimpl
+def ckptsurgeon_operations():
+    return [Operation("heavy_op", lambda ck: (ck, {}))]
+'''
+
+RUN_AND_LIST = (
+    "import sys\n"
+    "from ckptsurgeon.cli import main\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+    "print('PLUGINS', sorted(m.split('.')[-1] for m in sys.modules if m.startswith('ckptsurgeon.plugins.')), code)\n")
+
+
+def _fake_dist(site: Path, module_source: str) -> Path:
+    """A distribution as pip leaves it (module + dist-info with its entry points), without pip."""
+    site.mkdir(exist_ok=True)
+    (site / "heavy_plugin.py").write_text(module_source)
+    info = site / "heavy_plugin-1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: heavy-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[ckptsurgeon]\nheavy = heavy_plugin\n")
+    return site / "heavy_plugin.py"
+
+
+def test_plugins_are_imported_only_when_what_they_provide_is_asked_for(tmp_path, sample_dir):
+    """With the plugin index (beside the entry-point index), a run imports only the plugins it
+    needs: strip-prefix imports the prefix plugin, not the other eleven nor a third-party plugin
+    with an expensive import; that plugin's own command imports it. A changed plugin file, or an
+    index that no longer tells the truth, means importing it as before -- never a missing command."""
+    site, cache, mark = tmp_path / "site", tmp_path / "cache", tmp_path / "mark"
+    source = _fake_dist(site, HEAVY_PLUGIN)
+    env = dict(os.environ, PYTHONPATH=str(site), CKPT_SURGEON_CACHE_DIR=str(cache), HEAVY_MARK=str(mark),
+               CKPT_SURGEON_FSYNC="0")
+
+    def run(*args):
+        res = subprocess.run([sys.executable, "-c", RUN_AND_LIST, *map(str, args)], capture_output=True, text=True,
+                             env=env, timeout=120, cwd=tmp_path)
+        line = [x for x in res.stdout.splitlines() if x.startswith("PLUGINS")][-1]
+        return res, line, (mark.read_text().count("imported") if mark.exists() else 0)
+
+    strip = ("-q", "strip-prefix", sample_dir / "seednet_dp.pt", "-o", tmp_path / "out.pt")
+    res, line, n = run(*strip)
+    assert "0" in line.split()[-1] and n == 1 and len(eval(line[8:line.rindex("]") + 1])) == 12  # first run: all
+    res, line, n = run(*strip)
+    assert res.returncode == 0 and line.startswith("PLUGINS ['prefix']") and n == 1, (res.stderr, line)
+    res, line, n = run("heavy")
+    assert "heavy ran" in res.stdout and n == 2 and "prefix" not in line
+    res, line, n = run("-q", "extract", sample_dir / "seednet.pt", "--layers", "conv1", "-o", tmp_path / "e.pt")
+    assert res.returncode == 0 and line.startswith("PLUGINS ['extract']") and n == 2, (res.stderr, line)
+    # the API's operations: every plugin that has operations
+    res = subprocess.run([sys.executable, "-c", "import ckptsurgeon as cs; print(cs.heavy_op)"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "lambda" in res.stdout, res.stderr
+    # an edit of the plugin (an editable install): imported again, recorded again
+    source.write_text(HEAVY_PLUGIN + "\n# changed\n")
+    assert run(*strip)[2] == 4 and run(*strip)[2] == 4
+    # an index that lies (the command moved to another plugin's record): found all the same
+    (index,) = cache.glob("plugins-*.json")
+    data = json.loads(index.read_text())
+    for key, rec in data["plugins"].items():
+        if key.startswith("heavy\0"):
+            rec["provides"]["ckptsurgeon_commands"] = []
+        if key.startswith("rename\0"):
+            rec["provides"]["ckptsurgeon_commands"] = ["heavy"]
+    index.write_text(json.dumps(data))
+    res, line, n = run("heavy")
+    assert "heavy ran" in res.stdout and n == 5 and "rename" in line
+    # `plugins` shows every plugin, in entry-point order, the same as without the index
+    listed = [p["name"] for p in json.loads(run("plugins", "--json")[0].stdout.split("PLUGINS")[0])["plugins"]]
+    env["CKPT_SURGEON_CACHE_DIR"] = "off"
+    assert listed == [p["name"] for p in json.loads(run("plugins", "--json")[0].stdout.split("PLUGINS")[0])["plugins"]]
+    assert "heavy" in listed and len(listed) == 14
