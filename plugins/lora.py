@@ -161,6 +161,79 @@ _KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
+# A diffusers UNet module as the original (LDM) UNet of a Stable Diffusion single file names it.
+# sd-scripts names SD 1.x/2.x UNet modules by their diffusers paths (down_blocks_0_attentions_0_...),
+# SDXL ones by the LDM paths; a single-file checkpoint (v1-5-pruned.safetensors) holds the LDM
+# UNet (model.diffusion_model.input_blocks.1.1...). The layout is LDM's openaimodel.UNetModel,
+# the same one diffusers' single-file loader converts from: with L resnets per down block,
+# input_blocks.0 is conv_in, down block i's j-th resnet/attention is input_blocks.(L+1)i+j+1 .0/.1
+# and its downsampler input_blocks.(L+1)(i+1).0.op; up block i (L+1 resnets) is output_blocks.
+# (L+1)i+j .0/.1 with its upsampler after them (.1.conv, or .2.conv after an attention); the middle
+# block is resnet, attention, resnet; in a resnet norm1/conv1/time_emb_proj/norm2/conv2/
+# conv_shortcut are in_layers.0/in_layers.2/emb_layers.1/out_layers.0/out_layers.3/skip_connection.
+_LDM_TOP = {"conv_in": "input_blocks_0_0", "time_embedding_linear_1": "time_embed_0",
+            "time_embedding_linear_2": "time_embed_2", "conv_norm_out": "out_0", "conv_out": "out_2"}
+_LDM_RESNET = {"norm1": "in_layers_0", "conv1": "in_layers_2", "time_emb_proj": "emb_layers_1",
+               "norm2": "out_layers_0", "conv2": "out_layers_3", "conv_shortcut": "skip_connection"}
+_DIFFUSERS_BLOCK = re.compile(r"(down|up)_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)")
+_DIFFUSERS_MID = re.compile(r"mid_block_(resnets|attentions)_(\d+)_(.+)")
+_DIFFUSERS_SAMPLER = re.compile(r"(down|up)_blocks_(\d+)_(downsamplers|upsamplers)_0_conv")
+
+
+def _ldm_resnets_per_block(base_keys: list[str]) -> int | None:
+    """L, the resnets per down block of an LDM UNet, from where its downsamplers are
+    (input_blocks.(L+1)(i+1).0.op); None for a base that is not one."""
+    at = sorted({int(m.group(1)) for k in base_keys for m in [re.search(r"(?:^|\.)input_blocks\.(\d+)\.0\.op\.", k)]
+                 if m})
+    if not at or any(b != at[0] * (i + 1) for i, b in enumerate(at)):
+        return None
+    return at[0] - 1
+
+
+def _ldm_names(name: str, per_block: int) -> list[str]:
+    """The LDM module paths (dots as underscores) a diffusers UNet module path may be; two for an
+    upsampler, whose place depends on whether its block has attentions (the base decides)."""
+    if name in _LDM_TOP:
+        return [_LDM_TOP[name]]
+    step = per_block + 1
+    m = _DIFFUSERS_BLOCK.fullmatch(name)
+    if m:
+        side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        block = f"input_blocks_{step * i + j + 1}" if side == "down" else f"output_blocks_{step * i + j}"
+        if kind == "attentions":
+            return [f"{block}_1_{rest}"]
+        return [f"{block}_0_{_LDM_RESNET[rest]}"] if rest in _LDM_RESNET else []
+    m = _DIFFUSERS_MID.fullmatch(name)
+    if m:
+        kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "attentions":
+            return [f"middle_block_{2 * j + 1}_{rest}"]
+        return [f"middle_block_{2 * j}_{_LDM_RESNET[rest]}"] if rest in _LDM_RESNET else []
+    m = _DIFFUSERS_SAMPLER.fullmatch(name)
+    if m:
+        i = int(m.group(2))
+        if m.group(1) == "down":
+            return [f"input_blocks_{step * (i + 1)}_0_op"]
+        return [f"output_blocks_{step * i + per_block}_1_conv", f"output_blocks_{step * i + per_block}_2_conv"]
+    return []
+
+
+def _single_file_roots(base_keys: list[str]) -> dict:
+    """Where each kohya part's modules live in a Stable Diffusion single file (the UNet under
+    model.diffusion_model., SD 1.x/2.x's text encoder under cond_stage_model., SDXL's two under
+    conditioner.embedders.0/1.), for the parts whose root the base has; {} for any other base.
+    A trailing-name match outside its root is another model's module: the VAE has a conv_in too."""
+    tops = {k.split(".", 1)[0] for k in base_keys}
+    out = {}
+    if "model" in tops and any(k.startswith("model.diffusion_model.") for k in base_keys):
+        out["lora_unet_"] = "model.diffusion_model."
+    if "cond_stage_model" in tops:
+        out["lora_te_"] = "cond_stage_model."
+    if "conditioner" in tops:
+        out.update({"lora_te1_": "conditioner.embedders.0.", "lora_te2_": "conditioner.embedders.1."})
+    return out
+
+
 def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Checkpoint, dict]:
     """A kohya-ss LoRA (``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
     / ``.alpha``, as sd-scripts and most Stable Diffusion LoRAs are shared) as PEFT names on the
@@ -188,9 +261,22 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
                 index.setdefault("_".join(parts[i:]), set()).add(".".join(parts))
     state, alphas, unmatched = OrderedDict(), {}, []
     found_of = {}
+    per_block = None
+    roots = _single_file_roots(base_keys)
     for kname in groups:
         prefix = next((p for p in _KOHYA_PREFIXES if kname.startswith(p)), "")
-        found_of[kname] = (prefix, index.get(kname[len(prefix):], set()) if prefix else set())
+        found = index.get(kname[len(prefix):], set()) if prefix else set()
+        root = roots.get(prefix)
+        if root:  # a single file: the UNet's (text encoder's) modules only, never the VAE's conv_in
+            found = {m for m in found if m.startswith(root)}
+        if not found and prefix == "lora_unet_":  # an SD 1.x/2.x LoRA (diffusers names), an LDM base?
+            if per_block is None:
+                per_block = _ldm_resnets_per_block(base_keys) or 0
+            for ldm in _ldm_names(kname[len(prefix):], per_block) if per_block else ():
+                found = index.get(ldm, set())
+                if found:
+                    break
+        found_of[kname] = (prefix, found)
     # a model the base is not (a text encoder's modules beside a UNet base): left for its own base
     hit = {prefix for prefix, found in found_of.values() if found}
     skipped = sorted({prefix.rstrip("_") for prefix, _ in found_of.values() if prefix and prefix not in hit})
@@ -216,8 +302,8 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
         why = f"matches {len(found)} modules ({', '.join(found[:3])})" if found else "matches no module of the base"
         raise SelectionError(f"kohya LoRA module {name} {why}"
                              + (f" ({len(unmatched)} such modules)" if len(unmatched) > 1 else ""),
-                             hint="is this the base model the LoRA was trained on? (SD 1.x LoRAs use diffusers "
-                                  "names: merge them into a diffusers folder)")
+                             hint="is this the base model the LoRA was trained on? (an SD 1.x/2.x LoRA merges "
+                                  "into the same model's diffusers folder or single file; SDXL's likewise)")
     config = {"peft_type": "LORA", MODULE_ALPHAS: alphas, ALPHA_IS_RANK: len(alphas) < len(state) // 2,
               OTHER_PARTS: skipped}
     return ad.with_state(state), config

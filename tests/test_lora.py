@@ -569,3 +569,111 @@ def test_kohya_lora_merges_by_the_base_modules_names(tmp_path, cli):
     code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "bad.safetensors", "-o", tmp_path / "m2")
     assert code == 2 and "lora_unet_no_such_block_to_q matches no module" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m2").exists()
+
+
+def _sd1_unet():
+    """A UNet laid out as Stable Diffusion 1.x's (four blocks, two resnets each, attention in all
+    but the last down / first up block), small."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 8, 16, 16),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
+
+
+def _as_ldm(sd: dict, per_block: int = 2, attn_up: tuple = (1, 2, 3)) -> dict:
+    """diffusers UNet names -> the original LDM UNet's, as a single file holds them (the test's own
+    table; the test checks it against diffusers' single-file converter)."""
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    out = {}
+    n = per_block + 1
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] in ("down_blocks", "up_blocks"):
+            i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
+            if kind == "downsamplers":
+                new = [f"input_blocks.{n * (i + 1)}.0.op", *rest[1:]]
+            elif kind == "upsamplers":
+                new = [f"output_blocks.{n * i + per_block}.{2 if i in attn_up else 1}", *rest]
+            else:
+                block = f"input_blocks.{n * i + j + 1}" if p[0] == "down_blocks" else f"output_blocks.{n * i + j}"
+                new = [block, "1", *rest] if kind == "attentions" else [block, "0", res[rest[0]], rest[1]]
+        elif p[0] == "mid_block":
+            j = int(p[2])
+            new = [f"middle_block.{2 * j + 1}", *p[3:]] if p[1] == "attentions" else \
+                [f"middle_block.{2 * j}", res[p[3]], p[4]]
+        else:
+            new = [top[".".join(p[:-1])], p[-1]]
+        out["model.diffusion_model." + ".".join(new)] = v
+    return out
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_sd1_kohya_lora_merges_into_a_single_file_checkpoint(tmp_path, cli):
+    """An SD 1.x kohya LoRA names UNet modules by their diffusers paths (lora_unet_down_blocks_0_
+    attentions_0_...), while an SD 1.x single file (v1-5-pruned.safetensors) holds the original
+    LDM UNet (model.diffusion_model.input_blocks.1.1...). Merged into the single file, every
+    module -- attention projections, LoCon resnet convs, samplers, conv_in/out, the time
+    embedding -- gets exactly the update it gets in the same model's diffusers folder."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    unet = _sd1_unet()
+    unet.save_pretrained(tmp_path / "base")
+    base = load_file(tmp_path / "base" / "diffusion_pytorch_model.safetensors")
+    ldm = _as_ldm(base)
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))  # the table agrees with diffusers' converter
+    assert set(back) == set(base) and all(torch.equal(back[k], base[k]) for k in base)
+    ldm["first_stage_model.encoder.conv_in.weight"] = torch.randn(4, 3, 3, 3)  # a single file's VAE beside it
+    q_proj = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    ldm[q_proj] = torch.randn(12, 12)  # and its text encoder
+    save_file(ldm, tmp_path / "single.safetensors")
+
+    targets = ["down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+               "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k",
+               "mid_block.attentions.0.proj_in", "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.2",
+               "down_blocks.1.resnets.0.conv1", "up_blocks.0.resnets.2.conv_shortcut",
+               "up_blocks.2.resnets.1.conv2", "mid_block.resnets.1.time_emb_proj",
+               "down_blocks.2.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv", "up_blocks.1.upsamplers.0.conv",
+               "conv_in", "conv_out", "time_embedding.linear_1"]
+    g = torch.Generator().manual_seed(3)
+    kohya = {}
+    for t in targets:
+        w = base[f"{t}.weight"]
+        name = "lora_unet_" + t.replace(".", "_")
+        if w.dim() == 4:
+            down, up = torch.randn(2, w.shape[1], *w.shape[2:], generator=g), torch.randn(w.shape[0], 2, 1, 1, generator=g)
+        else:
+            down, up = torch.randn(2, w.shape[1], generator=g), torch.randn(w.shape[0], 2, generator=g)
+        kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"] = down, up
+        kohya[f"{name}.alpha"] = torch.tensor(1.0)
+    te_down, te_up = torch.randn(2, 12, generator=g), torch.randn(12, 2, generator=g)
+    kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = te_down
+    kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = te_up
+    kohya["lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"] = torch.tensor(1.0)
+    save_file(kohya, tmp_path / "sd1_lora.safetensors")
+
+    code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "sd1_lora.safetensors", "-o", tmp_path / "m")
+    assert code == 0 and "updates for lora_te are not for this base" in out, out + err
+    want = load_file(tmp_path / "m" / "diffusion_pytorch_model.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "single.safetensors", tmp_path / "sd1_lora.safetensors",
+                         "-o", tmp_path / "m.safetensors")
+    assert code == 0, err
+    got = load_file(tmp_path / "m.safetensors")
+    assert set(got) == set(ldm)
+    for k, v in _as_ldm(want).items():
+        assert torch.allclose(got[k], v, atol=1e-6), k
+    assert torch.allclose(got[q_proj], ldm[q_proj] + 0.5 * te_up @ te_down, atol=1e-5)  # alpha 1, rank 2
+    assert torch.equal(got["first_stage_model.encoder.conv_in.weight"], ldm["first_stage_model.encoder.conv_in.weight"])
+    changed = {k for k in base if not torch.equal(want[k], base[k])}
+    assert changed == {f"{t}.weight" for t in targets}
+    # a module this layout does not have is still refused, naming it
+    kohya["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.randn(2, 8, 1, 1)
+    kohya["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.randn(8, 2, 1, 1)
+    save_file(kohya, tmp_path / "bad.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "single.safetensors", tmp_path / "bad.safetensors",
+                         "-o", tmp_path / "bad_out.safetensors")
+    assert code == 2 and "lora_unet_down_blocks_9_attentions_0_proj_in matches no module" in err, err
