@@ -15,6 +15,11 @@ rounds (see interleaved; use an even --repeat). Every run starts
 after a sync (untimed), and each group of operations runs with only the files it reads in the
 page cache (see cache_only). Pass
 `--out /dev/shm/bench` to take the disk (and its write-back) out of the comparison.
+It runs the ``ckpt-surgeon`` beside the Python that runs it: for the figures a user gets, run it
+from a regular install (``pip install .`` into a fresh venv) and from outside the source tree. An
+editable install's import hook (``pip install -e``, what ``make install`` makes) cost ~40 ms per
+process here (tiny strip-prefix 0.10-0.12 s against 0.14-0.16 s), and under the source tree
+``python -c`` imports ``ckptsurgeon`` from it, where the first-party plugins are not importable.
 `--many N` adds a checkpoint of N small tensors (per-tensor costs, as in a mixture of experts),
 each operation paired with the naive path it replaces. With a writable cgroup-v1 memory controller it also runs strip-prefix and diff on the largest
 file under a memory cap several times smaller than the file.
