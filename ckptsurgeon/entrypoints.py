@@ -221,8 +221,13 @@ class PluginIndex:
                 st = os.stat(path)
                 if st.st_mtime_ns != mtime or st.st_size != size:
                     return None
-            if not isinstance(rec["hooks"], list) or not isinstance(rec["provides"], dict):
+            hooks, provides = rec["hooks"], rec["provides"]
+            if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks) \
+                    or not isinstance(provides, dict):
                 return None
+            for names in provides.values():  # a hand-edited or damaged file is ignored, never fatal
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    return None
         except (OSError, TypeError, ValueError, KeyError):
             return None
         return rec
