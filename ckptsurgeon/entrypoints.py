@@ -42,9 +42,13 @@ class EntryPoint:
     dist: str = ""
     version: str = ""
 
+    @property
+    def module(self) -> str:
+        return self.value.partition("[")[0].partition(":")[0].strip()
+
     def load(self):
-        module, _, attrs = self.value.partition("[")[0].partition(":")
-        obj = importlib.import_module(module.strip())
+        attrs = self.value.partition("[")[0].partition(":")[2]
+        obj = importlib.import_module(self.module)
         for attr in attrs.strip().split(".") if attrs.strip() else ():
             obj = getattr(obj, attr)
         return obj

@@ -82,6 +82,7 @@ class Manager:
             if (ep.name, ep.value) in seen:
                 continue
             seen.add((ep.name, ep.value))
+            self._eps.setdefault(ep.name, ep)  # (a disabled plugin's record is kept for the next run)
             if only_own and dist.lower() != OWN_DIST:
                 self.infos.append(PluginInfo(ep.name, ep.value, dist, version, status="disabled"))
                 continue
@@ -89,7 +90,6 @@ class Manager:
                 self._note(self.conflicts, f"plugin name {ep.name!r} registered twice ({ep.value}); second ignored")
                 continue
             self._rank[ep.name] = len(self._rank)
-            self._eps[ep.name] = ep
             record = self._index.valid(ep) if self._index is not None else None
             if record is not None:
                 self._pending[ep.name] = (ep, record)
@@ -113,7 +113,7 @@ class Manager:
             self._cache.pop(hook, None)
         if self._index is None:
             return
-        files = module_files(ep.value.partition(":")[0].partition("[")[0].strip(), before)
+        files = module_files(ep.module, before)
         provides: dict = {}
         for hook in hooks:
             if hook in NAMED_HOOKS:
@@ -143,6 +143,8 @@ class Manager:
                 return
             except pluggy.PluginValidationError as e:
                 self._drop(e.plugin, f"unknown hook: {e}")
+                if e.plugin is None:  # nothing to unregister: asking again would loop
+                    return
 
     def _drop(self, plugin, reason: str) -> None:
         name = self.pm.get_name(plugin) if plugin is not None else "?"
