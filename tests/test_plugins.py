@@ -278,6 +278,13 @@ def test_plugins_are_imported_only_when_what_they_provide_is_asked_for(tmp_path,
     assert "heavy ran" in res.stdout and n == 2 and "prefix" not in line
     res, line, n = run("-q", "extract", sample_dir / "seednet.pt", "--layers", "conv1", "-o", tmp_path / "e.pt")
     assert line == "PLUGINS ['extract'] 0" and n == 2, (res.stderr, line)
+    # a command that needs another plugin's model transform (verify of a fold-bn output) imports that one too
+    model = f"{REPO / 'samples' / 'models.py'}:bnnet"
+    res, line, n = run("-q", "fold-bn", sample_dir / "bnnet.pt", "-o", tmp_path / "folded.pt", "--model", model)
+    assert line == "PLUGINS ['fold'] 0", (res.stderr, line)
+    res, line, n = run("verify", sample_dir / "bnnet.pt", tmp_path / "folded.pt", "--model", model,
+                       "--input-shape", "2,3,16,16")
+    assert "EQUIVALENT" in res.stdout and line == "PLUGINS ['fold', 'verify'] 0", (res.stdout, res.stderr, line)
     # the API's operations: every plugin that has operations
     res = subprocess.run([sys.executable, "-c", "import ckptsurgeon as cs; print(cs.heavy_op)"], env=env,
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
