@@ -280,6 +280,18 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
     # a model the base is not (a text encoder's modules beside a UNet base): left for its own base
     hit = {prefix for prefix, found in found_of.values() if found}
     skipped = sorted({prefix.rstrip("_") for prefix, _ in found_of.values() if prefix and prefix not in hit})
+    held = sorted({prefix for prefix, _ in found_of.values() if prefix and prefix not in hit and roots.get(prefix)})
+    if held and hit:  # the base holds that model, under names this part cannot be mapped to: not another model's
+        root = roots[held[0]]
+        openclip = any(k.startswith(root) and ".resblocks." in k for k in base_keys)
+        layout = ("in OpenCLIP's layout (q, k and v fused in attn.in_proj_weight)" if openclip
+                  else "under names its modules cannot be matched to")
+        keep = ",".join(f"re:^{p}" for p in sorted(hit))
+        raise UnsupportedError(
+            f"the adapter's {held[0].rstrip('_')} updates are for the model this file holds under {root}, "
+            f"but {layout}, which merge-lora does not merge into; nothing was merged",
+            hint=f"merge the other parts alone: ckpt-surgeon extract LORA_FILE --layers '{keep}' -o parts.safetensors, "
+                 "then merge-lora with parts.safetensors")
     for kname, parts in groups.items():
         prefix, found = found_of[kname]
         if hit and prefix and prefix not in hit:

@@ -581,6 +581,9 @@ def _sd1_unet():
         norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2)
 
 
+_LDM_CONV_IN = "input_blocks.0.0.weight"
+
+
 def _as_ldm(sd: dict, per_block: int = 2, attn_up: tuple = (1, 2, 3)) -> dict:
     """diffusers UNet names -> the original LDM UNet's, as a single file holds them (the test's own
     table; the test checks it against diffusers' single-file converter)."""
@@ -670,6 +673,23 @@ def test_sd1_kohya_lora_merges_into_a_single_file_checkpoint(tmp_path, cli):
     assert torch.equal(got["first_stage_model.encoder.conv_in.weight"], ldm["first_stage_model.encoder.conv_in.weight"])
     changed = {k for k in base if not torch.equal(want[k], base[k])}
     assert changed == {f"{t}.weight" for t in targets}
+    # an SD 2.x single file holds its text encoder in OpenCLIP's layout (q/k/v fused): the lora_te
+    # part is for it but cannot be merged into it -- refused, not left out unsaid; the hint's command works
+    sd2 = {k: v for k, v in ldm.items() if not k.startswith("cond_stage_model.")}
+    sd2["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.randn(36, 12)
+    save_file(sd2, tmp_path / "sd2.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "sd2.safetensors", tmp_path / "sd1_lora.safetensors",
+                         "-o", tmp_path / "sd2_out.safetensors")
+    assert code == 2 and "lora_te updates" in err and "OpenCLIP" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sd2_out.safetensors").exists()
+    code, out, err = cli("extract", tmp_path / "sd1_lora.safetensors", "--layers", "re:^lora_unet_",
+                         "-o", tmp_path / "parts.safetensors")
+    assert code == 0, err
+    code, out, err = cli("merge-lora", tmp_path / "sd2.safetensors", tmp_path / "parts.safetensors",
+                         "-o", tmp_path / "sd2_out.safetensors")
+    assert code == 0, err
+    assert torch.equal(load_file(tmp_path / "sd2_out.safetensors")[f"model.diffusion_model.{_LDM_CONV_IN}"],
+                       got[f"model.diffusion_model.{_LDM_CONV_IN}"])
     # a module this layout does not have is still refused, naming it
     kohya["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.randn(2, 8, 1, 1)
     kohya["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.randn(8, 2, 1, 1)
