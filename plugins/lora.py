@@ -234,6 +234,75 @@ def _single_file_roots(base_keys: list[str]) -> dict:
     return out
 
 
+WEIGHT_OF = "ckpt_surgeon.weight_of"  # module -> the base key its update goes to, where not <module>.weight
+_HF_CLIP = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn_(q|k|v|out)_proj|mlp_fc1|mlp_fc2)")
+_OPENCLIP_PART = {"self_attn_out_proj": "attn.out_proj", "mlp_fc1": "mlp.c_fc", "mlp_fc2": "mlp.c_proj"}
+
+
+def _openclip_parts(prefix: str, root: str, groups: dict, base_keys: list[str]):
+    """A kohya text-encoder part (Hugging Face CLIP names: ``text_model_encoder_layers_N_self_attn_
+    q_proj``...) as updates of the same model in OpenCLIP's layout, as SD 2.x and SDXL single files
+    hold it under ``root`` (``...transformer.resblocks.N.attn.in_proj_weight`` with q, k and v
+    stacked in that order, ``attn.out_proj``, ``mlp.c_fc``, ``mlp.c_proj``). q, k and v of a layer
+    become one LoRA on the stacked weight whose rank is the sum of theirs: lora_A their lora_downs
+    stacked, lora_B their lora_ups each scaled by its alpha/rank and placed in its third of the
+    rows, so the update is exactly theirs side by side. Returns ({module: {"A", "B", "alpha",
+    "weight"}}) or None where a name or a shape does not fit (the caller refuses the part)."""
+    fused = [k for k in base_keys if k.startswith(root) and k.endswith(".attn.in_proj_weight") and ".resblocks." in k]
+    if not fused:
+        return None
+    at = fused[0].index(".resblocks.") + len(".resblocks.")
+    blocks = fused[0][:at]  # e.g. conditioner.embedders.1.model.transformer.resblocks.
+    keys = set(base_keys)
+    out: dict = {}
+    qkv: dict = {}
+    for kname, parts in groups.items():
+        if not kname.startswith(prefix):
+            continue
+        m = _HF_CLIP.fullmatch(kname[len(prefix):])
+        if m is None or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            return None
+        layer, which, proj = int(m.group(1)), m.group(2), m.group(3)
+        if proj in ("q", "k", "v"):
+            qkv.setdefault(layer, {})["qkv".index(proj)] = (kname, parts)
+            continue
+        mod = f"{blocks}{layer}.{_OPENCLIP_PART[which]}"
+        if f"{mod}.weight" not in keys:
+            return None
+        out[mod] = {"A": parts["lora_down.weight"], "B": parts["lora_up.weight"], "alpha": parts.get("alpha")}
+    import torch
+
+    for layer, got in qkv.items():
+        wkey = f"{blocks}{layer}.attn.in_proj_weight"
+        if wkey not in keys:
+            return None
+        downs, ups = [], []
+        for slot, (kname, parts) in sorted(got.items()):
+            down, up = as_ref(parts["lora_down.weight"]).to_torch(), as_ref(parts["lora_up.weight"]).to_torch()
+            if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+                return None
+            alpha = down.shape[0]  # none saved: its rank (scale 1), as sd-scripts loads it
+            if "alpha" in parts:
+                value = as_ref(parts["alpha"]).to_torch()
+                if value.numel() != 1:
+                    raise SelectionError(f"{kname}.alpha holds {value.numel()} values, not one")
+                alpha = _number(float(value.float().reshape(-1)[0]), f"{kname}.alpha", False)
+            downs.append(down.float())
+            ups.append((slot, up.float() * (alpha / down.shape[0])))
+        d = ups[0][1].shape[0]
+        if any(u.shape[0] != d for _, u in ups) or any(x.shape[1] != downs[0].shape[1] for x in downs):
+            return None
+        a = torch.cat(downs)
+        b = torch.zeros(3 * d, a.shape[0])
+        col = 0
+        for slot, up in ups:
+            b[slot * d:(slot + 1) * d, col:col + up.shape[1]] = up
+            col += up.shape[1]
+        out[f"{blocks}{layer}.attn.in_proj"] = {"A": a, "B": b, "alpha": torch.tensor(float(a.shape[0])),
+                                                "weight": wkey}
+    return out
+
+
 def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Checkpoint, dict]:
     """A kohya-ss LoRA (``lora_unet_<path_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
     / ``.alpha``, as sd-scripts and most Stable Diffusion LoRAs are shared) as PEFT names on the
@@ -281,17 +350,34 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
     hit = {prefix for prefix, found in found_of.values() if found}
     skipped = sorted({prefix.rstrip("_") for prefix, _ in found_of.values() if prefix and prefix not in hit})
     held = sorted({prefix for prefix, _ in found_of.values() if prefix and prefix not in hit and roots.get(prefix)})
+    openclip: dict = {}
+    for prefix in list(held) if hit else ():
+        mapped = _openclip_parts(prefix, roots[prefix], groups, base_keys)
+        if mapped is not None:  # the same text encoder in OpenCLIP's layout: merged there
+            openclip.update(mapped)
+            held.remove(prefix)
+            skipped.remove(prefix.rstrip("_"))
     if held and hit:  # the base holds that model, under names this part cannot be mapped to: not another model's
         root = roots[held[0]]
-        openclip = any(k.startswith(root) and ".resblocks." in k for k in base_keys)
-        layout = ("in OpenCLIP's layout (q, k and v fused in attn.in_proj_weight)" if openclip
-                  else "under names its modules cannot be matched to")
+        fused = any(k.startswith(root) and ".resblocks." in k for k in base_keys)
+        layout = ("in OpenCLIP's layout (q, k and v fused in attn.in_proj_weight), which not all of its modules "
+                  "map onto" if fused else "under names its modules cannot be matched to")
         keep = ",".join(f"re:^{p}" for p in sorted(hit))
         raise UnsupportedError(
             f"the adapter's {held[0].rstrip('_')} updates are for the model this file holds under {root}, "
-            f"but {layout}, which merge-lora does not merge into; nothing was merged",
+            f"but {layout}; nothing was merged",
             hint=f"merge the other parts alone: ckpt-surgeon extract LORA_FILE --layers '{keep}' -o parts.safetensors, "
                  "then merge-lora with parts.safetensors")
+    weight_of = {}
+    for mod, parts in openclip.items():
+        state[f"{mod}.lora_A.weight"], state[f"{mod}.lora_B.weight"] = parts["A"], parts["B"]
+        if parts.get("weight"):
+            weight_of[mod] = parts["weight"]
+        if parts["alpha"] is not None:
+            alpha = as_ref(parts["alpha"]).to_torch()
+            if alpha.numel() != 1:
+                raise SelectionError(f"{mod}: alpha holds {alpha.numel()} values, not one")
+            alphas[mod] = _number(float(alpha.float().reshape(-1)[0]), f"{mod} alpha", False)
     for kname, parts in groups.items():
         prefix, found = found_of[kname]
         if hit and prefix and prefix not in hit:
@@ -317,7 +403,7 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
                              hint="is this the base model the LoRA was trained on? (an SD 1.x/2.x LoRA merges "
                                   "into the same model's diffusers folder or single file; SDXL's likewise)")
     config = {"peft_type": "LORA", MODULE_ALPHAS: alphas, ALPHA_IS_RANK: len(alphas) < len(state) // 2,
-              OTHER_PARTS: skipped}
+              OTHER_PARTS: skipped, WEIGHT_OF: weight_of}
     return ad.with_state(state), config
 
 
@@ -439,8 +525,9 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
     base_keys = [k for k, v in base.state.items() if is_tensor_like(v)]
     wanted, candidates = [], {}
     targets = [t for t in config.get("target_parameters") or () if isinstance(t, str) and t]
+    weight_of = config.get(WEIGHT_OF) or {}
     for mod, parts in mods.items():
-        wanted.append(f"{mod}.weight")
+        wanted.append(weight_of.get(mod, f"{mod}.weight"))
         if "B.bias" in parts:
             wanted.append(f"{mod}.bias")
         if targets:  # LoRA on a bare parameter: the parameters of its module the config targets
@@ -488,7 +575,8 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         put(bkey, new)
         swapped.append(bkey)
     for mod, parts in mods.items():
-        wkey, layout, split = params[mod] if mod in params else (base_of[to_common[f"{mod}.weight"]], None, None)
+        wkey, layout, split = params[mod] if mod in params else \
+            (base_of[to_common[weight_of.get(mod, f"{mod}.weight")]], None, None)
         if split:  # fused in memory, one weight per expert (and per part) in the file
             entry = _merge_split_experts(mod, parts, split, refs, put, config, scale)
             kinds["experts"] = kinds.get("experts", 0) + 1

@@ -673,22 +673,83 @@ def test_sd1_kohya_lora_merges_into_a_single_file_checkpoint(tmp_path, cli):
     assert torch.equal(got["first_stage_model.encoder.conv_in.weight"], ldm["first_stage_model.encoder.conv_in.weight"])
     changed = {k for k in base if not torch.equal(want[k], base[k])}
     assert changed == {f"{t}.weight" for t in targets}
-    # an SD 2.x single file holds its text encoder in OpenCLIP's layout (q/k/v fused): the lora_te
-    # part is for it but cannot be merged into it -- refused, not left out unsaid; the hint's command works
-    sd2 = {k: v for k, v in ldm.items() if not k.startswith("cond_stage_model.")}
-    sd2["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.randn(36, 12)
+    # an SD 2.x single file holds its text encoder in OpenCLIP's layout (q/k/v stacked in
+    # attn.in_proj_weight, out_proj, mlp.c_fc/c_proj): the lora_te part (Hugging Face CLIP names)
+    # merges there exactly as into the same weights under Hugging Face names
+    g2 = torch.Generator().manual_seed(4)
+    clip = {"attn.in_proj_weight": torch.randn(36, 12, generator=g2), "attn.out_proj.weight": torch.randn(12, 12, generator=g2),
+            "mlp.c_fc.weight": torch.randn(48, 12, generator=g2), "mlp.c_proj.weight": torch.randn(12, 48, generator=g2)}
+    unet_only = {k: v for k, v in ldm.items() if not k.startswith("cond_stage_model.")}
+    sd2 = dict(unet_only, **{f"cond_stage_model.model.transformer.resblocks.0.{k}": v for k, v in clip.items()})
+    hf = "cond_stage_model.transformer.text_model.encoder.layers.0."
+    sd1 = dict(unet_only, **{f"{hf}self_attn.{p}_proj.weight": clip["attn.in_proj_weight"][12 * i:12 * (i + 1)]
+                             for i, p in enumerate("qkv")})
+    sd1.update({f"{hf}self_attn.out_proj.weight": clip["attn.out_proj.weight"], f"{hf}mlp.fc1.weight": clip["mlp.c_fc.weight"],
+                f"{hf}mlp.fc2.weight": clip["mlp.c_proj.weight"]})
     save_file(sd2, tmp_path / "sd2.safetensors")
-    code, out, err = cli("merge-lora", tmp_path / "sd2.safetensors", tmp_path / "sd1_lora.safetensors",
-                         "-o", tmp_path / "sd2_out.safetensors")
+    save_file(sd1, tmp_path / "sd1_hf.safetensors")
+    te = {k: v for k, v in kohya.items() if not k.startswith("lora_te_")}
+    for name, (rows, cols, rank, alpha) in {"self_attn_q_proj": (12, 12, 2, 1.0), "self_attn_v_proj": (12, 12, 3, None),
+                                            "self_attn_out_proj": (12, 12, 2, 4.0), "mlp_fc1": (48, 12, 2, 2.0)}.items():
+        key = f"lora_te_text_model_encoder_layers_0_{name}"
+        te[f"{key}.lora_down.weight"] = torch.randn(rank, cols, generator=g2)
+        te[f"{key}.lora_up.weight"] = torch.randn(rows, rank, generator=g2)
+        if alpha is not None:
+            te[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(te, tmp_path / "te_lora.safetensors")
+    outs = {}
+    for base_name in ("sd2", "sd1_hf"):
+        code, out, err = cli("merge-lora", tmp_path / f"{base_name}.safetensors", tmp_path / "te_lora.safetensors",
+                             "-o", tmp_path / f"{base_name}_out.safetensors")
+        assert code == 0 and "not for this base" not in out, out + err
+        outs[base_name] = load_file(tmp_path / f"{base_name}_out.safetensors")
+    a, b = outs["sd2"], outs["sd1_hf"]
+    fused = a["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"]
+    for i, p in enumerate("qkv"):
+        assert torch.allclose(fused[12 * i:12 * (i + 1)], b[f"{hf}self_attn.{p}_proj.weight"], atol=1e-5), p
+    assert torch.equal(fused[12:24], clip["attn.in_proj_weight"][12:24])  # k: no update
+    assert not torch.equal(fused[:12], clip["attn.in_proj_weight"][:12])
+    for mine, theirs in (("attn.out_proj", "self_attn.out_proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        assert torch.allclose(a[f"cond_stage_model.model.transformer.resblocks.0.{mine}.weight"], b[f"{hf}{theirs}.weight"],
+                              atol=1e-5), mine
+    assert all(torch.equal(a[k], b[k]) for k in unet_only)
+    # SDXL's single file: lora_te1 -> conditioner.embedders.0 (Hugging Face names), lora_te2 ->
+    # conditioner.embedders.1 (OpenCLIP's), each only under its own root
+    xl = dict(unet_only, **{k.replace("cond_stage_model.", "conditioner.embedders.0."): v.clone() for k, v in sd1.items()
+                            if k.startswith("cond_stage_model.")})
+    xl.update({k.replace("cond_stage_model.", "conditioner.embedders.1."): v for k, v in sd2.items()
+               if k.startswith("cond_stage_model.")})
+    save_file(xl, tmp_path / "xl.safetensors")
+    te12 = {k: v for k, v in te.items() if not k.startswith("lora_te_")}
+    te12.update({k.replace("lora_te_", prefix): v.clone() for k, v in te.items() if k.startswith("lora_te_")
+                 for prefix in ("lora_te1_", "lora_te2_")})
+    save_file(te12, tmp_path / "te12.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "xl.safetensors", tmp_path / "te12.safetensors",
+                         "-o", tmp_path / "xl_out.safetensors")
+    assert code == 0 and "not for this base" not in out, out + err
+    c = load_file(tmp_path / "xl_out.safetensors")
+    for k, v in a.items():
+        if k.startswith("cond_stage_model."):
+            assert torch.equal(c[k.replace("cond_stage_model.", "conditioner.embedders.1.")], v), k
+    for k, v in b.items():
+        if k.startswith("cond_stage_model."):
+            assert torch.equal(c[k.replace("cond_stage_model.", "conditioner.embedders.0.")], v), k
+    # a module the OpenCLIP layout cannot take (a layer it does not have): the part is refused, not
+    # left out unsaid; the hint's command merges the rest
+    te["lora_te_text_model_encoder_layers_7_mlp_fc2.lora_down.weight"] = torch.randn(2, 48)
+    te["lora_te_text_model_encoder_layers_7_mlp_fc2.lora_up.weight"] = torch.randn(12, 2)
+    save_file(te, tmp_path / "te_lora7.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "sd2.safetensors", tmp_path / "te_lora7.safetensors",
+                         "-o", tmp_path / "sd2_bad.safetensors")
     assert code == 2 and "lora_te updates" in err and "OpenCLIP" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "sd2_out.safetensors").exists()
-    code, out, err = cli("extract", tmp_path / "sd1_lora.safetensors", "--layers", "re:^lora_unet_",
+    assert not (tmp_path / "sd2_bad.safetensors").exists()
+    code, out, err = cli("extract", tmp_path / "te_lora7.safetensors", "--layers", "re:^lora_unet_",
                          "-o", tmp_path / "parts.safetensors")
     assert code == 0, err
     code, out, err = cli("merge-lora", tmp_path / "sd2.safetensors", tmp_path / "parts.safetensors",
-                         "-o", tmp_path / "sd2_out.safetensors")
+                         "-o", tmp_path / "sd2_unet.safetensors")
     assert code == 0, err
-    assert torch.equal(load_file(tmp_path / "sd2_out.safetensors")[f"model.diffusion_model.{_LDM_CONV_IN}"],
+    assert torch.equal(load_file(tmp_path / "sd2_unet.safetensors")[f"model.diffusion_model.{_LDM_CONV_IN}"],
                        got[f"model.diffusion_model.{_LDM_CONV_IN}"])
     # a module this layout does not have is still refused, naming it
     kohya["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.randn(2, 8, 1, 1)
