@@ -351,12 +351,15 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
     skipped = sorted({prefix.rstrip("_") for prefix, _ in found_of.values() if prefix and prefix not in hit})
     held = sorted({prefix for prefix, _ in found_of.values() if prefix and prefix not in hit and roots.get(prefix)})
     openclip: dict = {}
-    for prefix in list(held) if hit else ():
+    handled = set()
+    for prefix in list(held):
         mapped = _openclip_parts(prefix, roots[prefix], groups, base_keys)
         if mapped is not None:  # the same text encoder in OpenCLIP's layout: merged there
             openclip.update(mapped)
             held.remove(prefix)
             skipped.remove(prefix.rstrip("_"))
+            hit.add(prefix)
+            handled.add(prefix)
     if held and hit:  # the base holds that model, under names this part cannot be mapped to: not another model's
         root = roots[held[0]]
         fused = any(k.startswith(root) and ".resblocks." in k for k in base_keys)
@@ -382,6 +385,8 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
         prefix, found = found_of[kname]
         if hit and prefix and prefix not in hit:
             continue
+        if prefix in handled:
+            continue  # merged through its OpenCLIP modules above
         if len(found) != 1:
             unmatched.append((kname, sorted(found)))
             continue

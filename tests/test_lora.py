@@ -734,6 +734,15 @@ def test_sd1_kohya_lora_merges_into_a_single_file_checkpoint(tmp_path, cli):
     for k, v in b.items():
         if k.startswith("cond_stage_model."):
             assert torch.equal(c[k.replace("cond_stage_model.", "conditioner.embedders.0.")], v), k
+    # a LoRA of the text encoder alone merges too
+    only_te = {k: v for k, v in te.items() if k.startswith("lora_te_")}
+    save_file(only_te, tmp_path / "only_te.safetensors")
+    code, out, err = cli("merge-lora", tmp_path / "sd2.safetensors", tmp_path / "only_te.safetensors",
+                         "-o", tmp_path / "sd2_te.safetensors")
+    assert code == 0, err
+    te_only_out = load_file(tmp_path / "sd2_te.safetensors")
+    assert all(torch.equal(te_only_out[k], a[k]) for k in a if k.startswith("cond_stage_model."))
+    assert all(torch.equal(te_only_out[k], sd2[k]) for k in unet_only)
     # a module the OpenCLIP layout cannot take (a layer it does not have): the part is refused, not
     # left out unsaid; the hint's command merges the rest
     te["lora_te_text_model_encoder_layers_7_mlp_fc2.lora_down.weight"] = torch.randn(2, 48)
