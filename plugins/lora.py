@@ -1053,6 +1053,7 @@ def merge_lora_cmd(base, adapter, scale, key, trust_pickle, as_json, **write):
       ckpt-surgeon merge-lora llama-base/ my-lora/ -o llama-merged/ --max-shard-size 5GB
       ckpt-surgeon merge-lora base.safetensors my-lora/ -o merged.safetensors --scale 0.5
       ckpt-surgeon merge-lora sd15/unet/ style_lora.safetensors -o sd15_styled_unet/
+      ckpt-surgeon merge-lora v1-5-pruned.safetensors style_lora.safetensors -o v1-5-styled.safetensors
     """
     ck = cliutil.load(base, key, trust_pickle)
     new, report = merge_lora(ck, adapter, scale=scale, trust_pickle=trust_pickle)
