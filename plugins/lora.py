@@ -616,6 +616,10 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         report["other_components"] = other_components
     if config.get(ALPHA_IS_RANK):
         report["alpha_is_rank"] = True
+    ema = sum(k.startswith("model_ema.") for k in base_keys)
+    if ema and any(k.startswith("model.diffusion_model.") for k in changed):
+        report["notes"] = [f"the file also holds an EMA copy of the UNet (model_ema.*, {ema} tensors), left as it "
+                           "is: Stable Diffusion tools run the non-EMA weights unless told to use the EMA ones"]
     source = base.source
     if source is not None and ad.source is not None:  # an output over the adapter needs --in-place too
         source = dc_replace(source, files=tuple(dict.fromkeys(source.files + ad.source.files)))
@@ -1027,6 +1031,7 @@ def _human(r: dict) -> None:
     if r.get("other_components"):
         cliutil.echo_notes([f"the adapter's updates for {', '.join(r['other_components'])} are not for this base "
                             "(merge each into its own model folder)"])
+    cliutil.echo_notes(r.get("notes"))
     click.echo(f"{r['untouched']} other tensor(s) copied as they are")
     cliutil.echo_save(r["save"])
 
