@@ -133,18 +133,24 @@ def _read(path: str) -> list[EntryPoint] | None:
 
 
 def _write(path: str, stamp: list, eps: list[EntryPoint]) -> None:
-    """Best effort: an unwritable cache folder only means the next run scans again."""
+    _write_json(path, {"stamp": stamp, "entry_points": [[e.name, e.value, e.dist, e.version] for e in eps]})
+
+
+def _write_json(path: str, data) -> bool:
+    """Best effort, atomically: an unwritable cache folder only means the next run scans again."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"stamp": stamp, "entry_points": [[e.name, e.value, e.dist, e.version] for e in eps]}, f)
+            json.dump(data, f)
         os.replace(tmp, path)
+        return True
     except OSError:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        return False
 
 
 def _scan(group: str) -> list[EntryPoint]:
@@ -260,18 +266,8 @@ class PluginIndex:
             return
         for k in stale:
             del self.records[k]
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"head": self.head, "plugins": self.records}, f)
-            os.replace(tmp, self.path)
+        if _write_json(self.path, {"head": self.head, "plugins": self.records}):
             self.dirty = False
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def module_files(modname: str, before: set[str]) -> list[str] | None:

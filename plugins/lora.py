@@ -239,6 +239,17 @@ _HF_CLIP = re.compile(r"text_model_encoder_layers_(\d+)_(self_attn_(q|k|v|out)_p
 _OPENCLIP_PART = {"self_attn_out_proj": "attn.out_proj", "mlp_fc1": "mlp.c_fc", "mlp_fc2": "mlp.c_proj"}
 
 
+def _kohya_alpha(kname: str, parts: dict) -> float | None:
+    """A kohya module's ``.alpha`` as a finite number (one line where it is not); None where the
+    file saves none."""
+    if "alpha" not in parts:
+        return None
+    value = as_ref(parts["alpha"]).to_torch()
+    if value.numel() != 1:
+        raise SelectionError(f"{kname}.alpha holds {value.numel()} values, not one")
+    return _number(float(value.float().reshape(-1)[0]), f"{kname}.alpha", False)
+
+
 def _openclip_parts(prefix: str, root: str, groups: dict, base_keys: list[str]):
     """A kohya text-encoder part (Hugging Face CLIP names: ``text_model_encoder_layers_N_self_attn_
     q_proj``...) as updates of the same model in OpenCLIP's layout, as SD 2.x and SDXL single files
@@ -246,8 +257,8 @@ def _openclip_parts(prefix: str, root: str, groups: dict, base_keys: list[str]):
     stacked in that order, ``attn.out_proj``, ``mlp.c_fc``, ``mlp.c_proj``). q, k and v of a layer
     become one LoRA on the stacked weight whose rank is the sum of theirs: lora_A their lora_downs
     stacked, lora_B their lora_ups each scaled by its alpha/rank and placed in its third of the
-    rows, so the update is exactly theirs side by side. Returns ({module: {"A", "B", "alpha",
-    "weight"}}) or None where a name or a shape does not fit (the caller refuses the part)."""
+    rows, so the update is exactly theirs side by side. Returns {module: {"A", "B", "alpha" (a
+    number or None), "weight" (where not <module>.weight)}}, or None where a name or a shape does not fit (the caller refuses the part)."""
     fused = [k for k in base_keys if k.startswith(root) and k.endswith(".attn.in_proj_weight") and ".resblocks." in k]
     if not fused:
         return None
@@ -269,7 +280,7 @@ def _openclip_parts(prefix: str, root: str, groups: dict, base_keys: list[str]):
         mod = f"{blocks}{layer}.{_OPENCLIP_PART[which]}"
         if f"{mod}.weight" not in keys:
             return None
-        out[mod] = {"A": parts["lora_down.weight"], "B": parts["lora_up.weight"], "alpha": parts.get("alpha")}
+        out[mod] = {"A": parts["lora_down.weight"], "B": parts["lora_up.weight"], "alpha": _kohya_alpha(kname, parts)}
     import torch
 
     for layer, got in qkv.items():
@@ -281,12 +292,9 @@ def _openclip_parts(prefix: str, root: str, groups: dict, base_keys: list[str]):
             down, up = as_ref(parts["lora_down.weight"]).to_torch(), as_ref(parts["lora_up.weight"]).to_torch()
             if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
                 return None
-            alpha = down.shape[0]  # none saved: its rank (scale 1), as sd-scripts loads it
-            if "alpha" in parts:
-                value = as_ref(parts["alpha"]).to_torch()
-                if value.numel() != 1:
-                    raise SelectionError(f"{kname}.alpha holds {value.numel()} values, not one")
-                alpha = _number(float(value.float().reshape(-1)[0]), f"{kname}.alpha", False)
+            alpha = _kohya_alpha(kname, parts)
+            if alpha is None:  # none saved: its rank (scale 1), as sd-scripts loads it
+                alpha = down.shape[0]
             downs.append(down.float())
             ups.append((slot, up.float() * (alpha / down.shape[0])))
         d = ups[0][1].shape[0]
@@ -298,8 +306,7 @@ def _openclip_parts(prefix: str, root: str, groups: dict, base_keys: list[str]):
         for slot, up in ups:
             b[slot * d:(slot + 1) * d, col:col + up.shape[1]] = up
             col += up.shape[1]
-        out[f"{blocks}{layer}.attn.in_proj"] = {"A": a, "B": b, "alpha": torch.tensor(float(a.shape[0])),
-                                                "weight": wkey}
+        out[f"{blocks}{layer}.attn.in_proj"] = {"A": a, "B": b, "alpha": float(a.shape[0]), "weight": wkey}
     return out
 
 
@@ -377,10 +384,7 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
         if parts.get("weight"):
             weight_of[mod] = parts["weight"]
         if parts["alpha"] is not None:
-            alpha = as_ref(parts["alpha"]).to_torch()
-            if alpha.numel() != 1:
-                raise SelectionError(f"{mod}: alpha holds {alpha.numel()} values, not one")
-            alphas[mod] = _number(float(alpha.float().reshape(-1)[0]), f"{mod} alpha", False)
+            alphas[mod] = parts["alpha"]
     for kname, parts in groups.items():
         prefix, found = found_of[kname]
         if hit and prefix and prefix not in hit:
@@ -395,11 +399,9 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
             raise SelectionError(f"{kname}: lora_down or lora_up is missing")
         state[f"{mod}.lora_A.weight"] = parts["lora_down.weight"]
         state[f"{mod}.lora_B.weight"] = parts["lora_up.weight"]
-        if "alpha" in parts:
-            alpha = as_ref(parts["alpha"]).to_torch()
-            if alpha.numel() != 1:
-                raise SelectionError(f"{kname}.alpha holds {alpha.numel()} values, not one")
-            alphas[mod] = _number(float(alpha.float().reshape(-1)[0]), f"{kname}.alpha", False)
+        alpha = _kohya_alpha(kname, parts)
+        if alpha is not None:
+            alphas[mod] = alpha
     if unmatched:
         name, found = unmatched[0]
         why = f"matches {len(found)} modules ({', '.join(found[:3])})" if found else "matches no module of the base"
