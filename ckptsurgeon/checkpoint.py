@@ -14,6 +14,8 @@ Example::
 from __future__ import annotations
 
 import copy
+import io
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace as dc_replace
 from typing import Any, Iterator, Mapping
@@ -202,7 +204,7 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
     "."-joined flat names split back unambiguously."""
     if not isinstance(obj, Mapping) or not obj or is_state_dict(obj):
         return False
-    leaves = tensors = 0
+    leaves = tensors = extra = 0
     nested = False
     stack = [(obj, 0)]
     seen = {id(obj)}
@@ -222,7 +224,8 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
             else:
                 leaves += 1
                 tensors += is_tensor_like(v)
-    return nested and tensors > 0 and tensors * 2 >= leaves
+                extra += _is_extra_state(k, v)
+    return nested and tensors > 0 and (tensors + extra) * 2 >= leaves
 
 
 def flatten(tree: Mapping) -> tuple["OrderedDict[str, Any]", tuple]:
@@ -293,16 +296,24 @@ def _names_tensors(obj: Any) -> bool:
 def is_state_dict(obj: Any) -> bool:
     if not isinstance(obj, Mapping) or not obj:
         return False
-    n_tensor = n_files = 0
+    n_tensor = n_files = n_extra = 0
     for k, v in obj.items():
         if not isinstance(k, str):
             return False
         if is_tensor_like(v):
             n_tensor += 1
+        n_extra += _is_extra_state(k, v)
         if k.endswith(_FILE_SUFFIXES):
             n_files += 1
     # every key a checkpoint file name: Lightning's ModelCheckpoint.best_k_models ({path: score})
-    return n_tensor > 0 and n_tensor * 2 >= len(obj) and n_files < len(obj)
+    return n_tensor > 0 and (n_tensor + n_extra) * 2 >= len(obj) and n_files < len(obj)
+
+
+def _is_extra_state(k: str, v: Any) -> bool:
+    """A module's ``get_extra_state()`` entry (``<module>._extra_state``): part of a state dict
+    although not a tensor -- Transformer Engine saves one per layer (a BytesIO, or None), so a
+    Megatron layer without biases holds almost as many of them as tensors."""
+    return (k == "_extra_state" or k.endswith("._extra_state")) and not is_tensor_like(v)
 
 
 _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".tar")
@@ -598,8 +609,10 @@ def _plain(obj: Any, active: Walk) -> Any:
         return sorted((plain(v, active) for v in obj), key=repr)
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    if isinstance(obj, bytes):
-        return f"<{len(obj)} bytes>"
+    if isinstance(obj, (bytes, bytearray)):
+        return _plain_bytes(obj)
+    if isinstance(obj, io.BytesIO):  # Transformer Engine's extra state: compared by content, not address
+        return {"<BytesIO>": _plain_bytes(obj.getbuffer())}
     if isinstance(obj, InertObject):  # compared by how the pickle builds it
         rec = obj._inert
         out = {f"<inert {obj.inert_module}.{obj.inert_name}>": plain(list(rec["args"]), active)}
@@ -616,4 +629,19 @@ def _plain(obj: Any, active: Walk) -> Any:
 
         data = obj.tobytes()  # a large array: dtype, shape and a hash of its bytes
         return {"<ndarray>": f"{obj.dtype}{list(obj.shape)}", "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
-    return repr(obj)
+    cls = type(obj)
+    if cls.__repr__ is object.__repr__ and isinstance(getattr(obj, "__dict__", None), dict):
+        # (a trusted load's plain object) its class and attributes: its repr is just its address
+        return {f"<object {cls.__module__}.{cls.__qualname__}>": plain(obj.__dict__, active)}
+    return _ADDRESS.sub("", repr(obj))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # "<Foo object at 0x7f..>": differs between two loads of one file
+
+
+def _plain_bytes(data) -> Any:
+    if len(data) <= 32:
+        return f"<bytes {bytes(data).hex()}>"
+    import hashlib
+
+    return {"<bytes>": len(data), "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}

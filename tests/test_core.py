@@ -523,6 +523,59 @@ def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
         cs.load(tmp_path / "ed.pt")
     assert list(cs.load(tmp_path / "ed.pt", key="<bare>").state) == ["encoder.w", "decoder.w"]
 
+def test_transformer_engine_extra_state_counts_as_module_state(tmp_path, cli):
+    """Transformer Engine saves one ``_extra_state`` per layer (a BytesIO, or None): a Megatron
+    layer without biases holds almost as many of them as tensors, and an extract of one layer
+    fewer. Before, such a part was not recognised as a state dict once tensors were under half
+    its entries; and diff compared the BytesIO by its address, so a file differed from itself."""
+    import io
+
+    def extra(payload):
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        buf.seek(0)
+        return buf
+
+    enc = OrderedDict([("layers.0.self_attention.linear_qkv.weight", torch.randn(6, 4)),
+                       ("layers.0.self_attention.linear_qkv._extra_state", extra({"scale": 1.0})),
+                       ("layers.0.self_attention.core_attention._extra_state", None),
+                       ("layers.0.mlp.linear_fc1._extra_state", extra({"scale": 2.0}))])
+    obj = {"model": {"language_model": {"encoder": enc}}, "iteration": 5}
+    torch.save(obj, tmp_path / "te.pt")
+    ck = cs.load(tmp_path / "te.pt")
+    assert ck.sd_path == ("model",)
+    assert list(ck.state) == [f"language_model.encoder.{k}" for k in enc]
+    torch.save({"layers.0.w": torch.ones(2), "layers.0._extra_state": None, "layers.1._extra_state": None}, tmp_path / "flat.pt")
+    assert list(cs.load(tmp_path / "flat.pt").state) == ["layers.0.w", "layers.0._extra_state", "layers.1._extra_state"]
+
+    # a file is identical to itself; extra state of other bytes, or other bytes of one length, differ
+    rep = cs.diff(tmp_path / "te.pt", tmp_path / "te.pt")
+    assert rep["identical"], rep["verdict"]
+    enc2 = OrderedDict(enc)
+    enc2["layers.0.mlp.linear_fc1._extra_state"] = extra({"scale": 3.0})
+    torch.save({"model": {"language_model": {"encoder": enc2}}, "iteration": 5}, tmp_path / "te2.pt")
+    rep = cs.diff(tmp_path / "te.pt", tmp_path / "te2.pt")
+    assert not rep["identical"] and rep["equal"] == 1 and "linear_fc1._extra_state" in json.dumps(rep["metadata"])
+    code, out, _ = cli("diff", tmp_path / "te.pt", tmp_path / "te2.pt")
+    assert code == 1 and "linear_fc1._extra_state" in out
+    torch.save({"w": torch.ones(2), "blob": b"a" * 100}, tmp_path / "b1.pt")
+    torch.save({"w": torch.ones(2), "blob": b"b" * 100}, tmp_path / "b2.pt")
+    assert not cs.diff(tmp_path / "b1.pt", tmp_path / "b2.pt")["identical"]
+    assert cs.diff(tmp_path / "b1.pt", tmp_path / "b1.pt")["identical"]
+
+
+class _Config:  # an object with the default repr, which is just its address
+    def __init__(self, lr):
+        self.lr = lr
+
+
+def test_plain_objects_compare_by_attributes_not_address():
+    from ckptsurgeon.checkpoint import plain
+
+    assert plain(_Config(1)) == plain(_Config(1)) != plain(_Config(2))
+    assert "0x" not in json.dumps(plain({"f": _Config(1), "g": (lambda: 0)}))
+
+
 
 def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     """Optimizer states are keyed by int parameter ids (and Lightning keeps them in a list):
