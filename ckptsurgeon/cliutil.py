@@ -58,6 +58,20 @@ def write_options(f: Callable) -> Callable:
     return f
 
 
+class FloatDtype(click.Choice):
+    """One of PLAIN_FLOATS, also as people type it: bf16, fp16, half, torch.float32, FLOAT32."""
+
+    def __init__(self):
+        from .dtypes import PLAIN_FLOATS
+
+        super().__init__(PLAIN_FLOATS)
+
+    def convert(self, value, param, ctx):
+        from .dtypes import plain_float
+
+        return super().convert(plain_float(value), param, ctx)
+
+
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")(f)
 

@@ -40,6 +40,18 @@ DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_DTYPE.items()}
 PACKED_PER_ELEMENT = {"float4_e2m1fn_x2": 2}
 #: the floating-point dtypes a model computes in and a checkpoint is cast between
 PLAIN_FLOATS = ("float32", "bfloat16", "float16", "float64")
+#: what people type for them (``--dtype bf16``, ``torch.float16``, ``half``)
+FLOAT_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "bf16": "bfloat16",
+                 "fp16": "float16", "f16": "float16", "half": "float16",
+                 "fp64": "float64", "f64": "float64", "double": "float64"}
+
+
+def plain_float(name: str) -> str:
+    """``name`` as one of PLAIN_FLOATS when it is one or an alias of one; else unchanged."""
+    n = str(name).strip().lower()
+    n = n[len("torch."):] if n.startswith("torch.") else n
+    n = FLOAT_ALIASES.get(n, n)
+    return n if n in PLAIN_FLOATS else name
 # dtypes the safetensors format defines that torch has no dtype for (6-bit floats, packed).
 SAFETENSORS_NO_TORCH = {"F6_E2M3": 6, "F6_E3M2": 6}
 

@@ -9,7 +9,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
-from ckptsurgeon.dtypes import PLAIN_FLOATS
+from ckptsurgeon.dtypes import PLAIN_FLOATS, plain_float
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, parse_patterns, select
 from ckptsurgeon.layout import cast_ref
@@ -33,6 +33,7 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
 
         new, rep = cast(load("model.safetensors"), "bfloat16", keep=["*norm*"])
     """
+    dtype, only = plain_float(dtype), tuple(plain_float(d) for d in only)
     if dtype not in TARGETS:
         raise SelectionError(f"cannot cast to {dtype!r}", hint=f"one of: {', '.join(TARGETS)}")
     for d in only:
@@ -112,10 +113,10 @@ def _human(r: dict) -> None:
 
 @click.command("cast")
 @click.argument("path")
-@click.option("--dtype", "dtype", required=True, type=click.Choice(TARGETS), help="Target dtype.")
+@click.option("--dtype", "dtype", required=True, type=cliutil.FloatDtype(), help="Target dtype (bf16, fp16... accepted).")
 @click.option("--keep", multiple=True, metavar="PATTERN",
               help="Tensors to leave as they are (module path, glob or re:regex; repeatable), e.g. '*norm*'.")
-@click.option("--only", multiple=True, type=click.Choice(TARGETS), help="Cast only tensors of this dtype (repeatable).")
+@click.option("--only", multiple=True, type=cliutil.FloatDtype(), help="Cast only tensors of this dtype (repeatable).")
 @cliutil.load_options
 @cliutil.write_options
 @cliutil.json_option

@@ -10,7 +10,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
-from ckptsurgeon.dtypes import PLAIN_FLOATS
+from ckptsurgeon.dtypes import PLAIN_FLOATS, plain_float
 from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, ModelError, SelectionError
 from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
@@ -322,6 +322,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         rep = verify("model_dp.pt", "model.pt", model="samples/models.py:seednet")
         rep["equivalent"], rep["first_divergent"]
     """
+    dtype = plain_float(dtype)
     if dtype not in PLAIN_FLOATS:  # a model runs in a floating-point dtype only: checked before any work
         raise SelectionError(f"--dtype {dtype!r}: verify runs models in {', '.join(PLAIN_FLOATS)}")
     import torch
@@ -452,7 +453,8 @@ def _human(r: dict) -> None:
 @click.option("--input-shape", default=None, help="Full input shape incl. batch, e.g. 8,3,224,224.")
 @click.option("--inputs", default=None, help="Tensor file (torch.save / safetensors) with inputs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", default="float32", show_default=True, help="float32, float64, float16 or bfloat16.")
+@click.option("--dtype", default="float32", show_default=True, type=cliutil.FloatDtype(),
+              help="The dtype the models run in (bf16, fp16... accepted).")
 @click.option("--atol", type=float, default=None, help="Override the absolute tolerance.")
 @click.option("--rtol", type=float, default=None, help="Override the relative tolerance (x max|ref|).")
 @click.option("--cross-device", is_flag=True, help="Run A on CPU and B on CUDA (CPU vs GPU agreement).")

@@ -62,6 +62,22 @@ def test_cast_then_verify_in_that_dtype_is_exact(sample_dir, tmp_path, models_py
     assert json.loads(out)["outputs"][0]["max_abs"] == 0
 
 
+def test_dtypes_as_people_type_them(sample_dir, tmp_path, models_py, cli):
+    """bf16, fp16, half, torch.float32: accepted by the CLI and the API; anything else refused in one line."""
+    save_file({"w": torch.randn(3), "h": torch.randn(2).half(), "i": torch.arange(2)}, tmp_path / "a.safetensors")
+    code, _, err = cli("cast", tmp_path / "a.safetensors", "--dtype", "bf16", "--only", "FP32", "-o", tmp_path / "b.safetensors")
+    assert code == 0, err
+    out = load_file(tmp_path / "b.safetensors")
+    assert (out["w"].dtype, out["h"].dtype, out["i"].dtype) == (torch.bfloat16, torch.float16, torch.int64)
+    new, rep = cs.cast(cs.load(tmp_path / "a.safetensors"), "torch.half")
+    assert rep["dtype"] == "float16" and new.state["w"].dtype == "float16"
+    code, _, err = cli("cast", tmp_path / "a.safetensors", "--dtype", "int8", "-o", tmp_path / "c.safetensors")
+    assert code == 2 and "'int8' is not one of" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
+                         f"{models_py}:seednet", "--dtype", "fp64", "--json")
+    assert code == 0, out + err
+
+
 def test_cast_with_nothing_to_do_is_an_error(tmp_path, cli):
     save_file({"pos": torch.arange(4), "w": torch.randn(2).bfloat16()}, tmp_path / "a.safetensors")
     code, _, err = cli("cast", tmp_path / "a.safetensors", "--dtype", "bfloat16", "-o", tmp_path / "b.safetensors")

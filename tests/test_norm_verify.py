@@ -222,7 +222,9 @@ def test_verify_dtype_and_device_errors(sample_dir, models_py, cli):
     for bad in ("int8", "bool", "nonsense"):  # int8 was an internal error from nn.Module.to
         code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
                              f"{models_py}:seednet", "--dtype", bad)
-        assert code == 2 and f"--dtype '{bad}'" in err and len(err.strip().splitlines()) == 1, err
+        assert code == 2 and f"'--dtype': '{bad}' is not one of" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SelectionError, match="verify runs models in"):
+        cs.verify(sample_dir / "seednet.pt", sample_dir / "seednet.pt", model=f"{models_py}:seednet", dtype="int8")
     if not torch.cuda.is_available():
         code, out, err = cli("verify", sample_dir / "seednet.pt", sample_dir / "seednet.pt", "--model",
                              f"{models_py}:seednet", "--device", "cuda")
