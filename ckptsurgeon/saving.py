@@ -15,7 +15,7 @@ def output_format(path: str, format: str | None = None, max_shard_size=None, fro
                   input_format: str | None = None) -> str:
     """The format an output path asks for: a folder (a path ending in a separator, an existing
     folder, --max-shard-size, or no extension at all when the input was a model folder, as
-    save_pretrained writes one) is a Hugging Face folder; .safetensors; a plugin's extension;
+    save_pretrained writes one, or a sharded folder) is a Hugging Face folder; .safetensors; a plugin's extension;
     torch's extensions (.pt, .pth, .bin, .ckpt, .tar, .pkl) a torch zip. A path with no extension,
     or one no writer claims (``model.st``, ``weights.v2``), keeps ``input_format`` where it is a
     single-file format that can be written (a safetensors input stays safetensors); else a torch
@@ -27,8 +27,8 @@ def output_format(path: str, format: str | None = None, max_shard_size=None, fro
         raise OutputError(f"output {path} is a directory", hint="name a file, or a folder for sharded output")
     if max_shard_size or str(path).endswith(os.sep) or os.path.isdir(path):
         return "hf-folder"
-    if from_model_folder and not ext and not os.path.exists(path):
-        return "hf-folder"
+    if (from_model_folder or input_format == "hf-folder") and not ext and not os.path.exists(path):
+        return "hf-folder"  # a sharded folder in, a folder out (`strip-prefix ckpt_dir -o ckpt_dir2`)
     formats = get_manager().formats()
     claimed = _claimed(ext, formats)
     if claimed:

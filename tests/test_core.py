@@ -1291,6 +1291,14 @@ def test_output_without_a_known_extension_keeps_the_input_format(tmp_path, cli):
     rep = cs.save(cs.load(st), tmp_path / "api.weights")
     assert rep["format"] == "safetensors"
 
+    # a sharded folder (no config.json) in, no extension out: a sharded folder, as the input was
+    sharded = tmp_path / "sharded"
+    cs.save(cs.load(st), sharded, max_shard_size=16)
+    assert cs.load(sharded).source.format == "hf-folder"
+    code, stdout, err = cli("strip-prefix", sharded, "-o", tmp_path / "sharded2")
+    assert code == 0, err
+    assert (tmp_path / "sharded2").is_dir() and sorted(cs.load(tmp_path / "sharded2").state) == ["a", "b"]
+
 
 def test_format_that_contradicts_the_name_is_noted(tmp_path, cli):
     """Found by fuzzing CLI options: `--format torch-zip -o x.safetensors` wrote a file that
