@@ -497,7 +497,7 @@ class TensorRef:
     """A tensor as a view (offset, shape, stride) on a :class:`StorageRef`; no bytes read."""
 
     __slots__ = ("storage", "offset", "shape", "stride", "dtype", "requires_grad", "hooks",
-                 "metadata", "param", "attrs", "__weakref__")
+                 "metadata", "param", "attrs", "numel", "__weakref__")
 
     def __init__(self, storage: StorageRef, offset: int, shape, stride, dtype: str | None = None, *,
                  requires_grad: bool = False, hooks: Any = None, metadata: Any = None, param=None,
@@ -506,6 +506,7 @@ class TensorRef:
         self.offset = int(offset)
         self.shape = tuple(map(int, shape))
         self.stride = tuple(map(int, stride))
+        self.numel = math.prod(self.shape)  # (a MoE checkpoint has 10^5 tensors: asked for often)
         self.dtype = dtype or storage.dtype
         self.requires_grad = bool(requires_grad)
         self.hooks = hooks
@@ -518,16 +519,12 @@ class TensorRef:
 
     # ---- facts, no data
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def itemsize(self) -> int:
-        return dtypes.itemsize(self.dtype)
+        return dtypes.ITEMSIZE.get(self.dtype) or dtypes.itemsize(self.dtype)  # (the lookup alone: hot)
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.itemsize
+        return self.numel * (dtypes.ITEMSIZE.get(self.dtype) or dtypes.itemsize(self.dtype))
 
     def is_contiguous(self) -> bool:
         expected = 1

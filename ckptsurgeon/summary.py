@@ -22,10 +22,13 @@ def shared_storages(ck: Checkpoint) -> list[dict]:
     """Storages that several different tensors are views of (a DeepSpeed or Megatron flat
     parameter buffer): ``{"tensors": n, "bytes": storage size}`` each, largest first. Names of
     one tied tensor count once."""
+    first: dict = {}  # storage -> its first view; most storages have one (a view key each: 10^5 tuples)
     views: dict = {}
     for _name, v in ck.tensor_items():
         if isinstance(v, TensorRef):
-            views.setdefault(id(v.storage), (v.storage, set()))[1].add(tie_key(v))
+            one = first.setdefault(id(v.storage), v)
+            if one is not v:
+                views.setdefault(id(v.storage), (v.storage, {tie_key(one)}))[1].add(tie_key(v))
     out = [{"tensors": len(keys), "bytes": storage.nbytes} for storage, keys in views.values() if len(keys) > 1]
     return sorted(out, key=lambda d: -d["bytes"])
 
