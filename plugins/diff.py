@@ -546,8 +546,8 @@ def _human(r: dict) -> None:
 @click.option("--no-align", is_flag=True, help="Do not align keys across wrapper prefixes.")
 @click.option("--depth", default=1, show_default=True, type=click.IntRange(min=1), help="Module depth of the roll-up.")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Bar chart of change per module (matplotlib).")
-@click.option("--key-a", default=None, help="State-dict location in A.")
-@click.option("--key-b", default=None, help="State-dict location in B.")
+@click.option("--key-a", default=None, metavar="PATH", help="Where the state dict sits in A (e.g. state_dict, model/ema).")
+@click.option("--key-b", default=None, metavar="PATH", help="Where the state dict sits in B.")
 @cliutil.pickle_options
 @cliutil.json_option
 def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_pickle, as_json):

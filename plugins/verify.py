@@ -458,8 +458,8 @@ def _human(r: dict) -> None:
 @click.option("--atol", type=float, default=None, help="Override the absolute tolerance.")
 @click.option("--rtol", type=float, default=None, help="Override the relative tolerance (x max|ref|).")
 @click.option("--cross-device", is_flag=True, help="Run A on CPU and B on CUDA (CPU vs GPU agreement).")
-@click.option("--key-a", default=None)
-@click.option("--key-b", default=None)
+@click.option("--key-a", default=None, metavar="PATH", help="Where the state dict sits in A (e.g. state_dict, model/ema).")
+@click.option("--key-b", default=None, metavar="PATH", help="Where the state dict sits in B.")
 @cliutil.pickle_options
 @cliutil.json_option
 def verify_cmd(a, b, model_spec, model_args, input_shape, inputs, device, dtype, atol, rtol, cross_device, key_a,

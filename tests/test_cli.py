@@ -22,6 +22,19 @@ def test_every_command_has_help_with_example(cli):
         assert "Example" in text, name
 
 
+def test_every_option_of_every_command_says_what_it_does():
+    import click
+
+    from ckptsurgeon.cli import main_group
+
+    ctx = click.Context(main_group)
+    names = main_group.list_commands(ctx)
+    assert set(WRITERS + REPORTERS) <= set(names)
+    bare = [f"{name} {p.opts[0]}" for name in names for p in main_group.get_command(ctx, name).params
+            if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    assert not bare, bare
+
+
 @pytest.mark.parametrize("name", WRITERS)
 def test_writers_take_output_and_dry_run(cli, name):
     _, text, _ = cli(name, "--help")
