@@ -564,6 +564,35 @@ def test_transformer_engine_extra_state_counts_as_module_state(tmp_path, cli):
     assert cs.diff(tmp_path / "b1.pt", tmp_path / "b1.pt")["identical"]
 
 
+def test_weights_saved_as_numpy_arrays_are_read_as_tensors(tmp_path, cli):
+    """A converted Caffe/TensorFlow/JAX model saved with its weights as numpy arrays: read as
+    tensors of the same dtype, shape and values, with a note (it was "no state dict found")."""
+    import numpy as np
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]  # not contiguous
+    torch.save({"model": {"conv1.weight": w, "fc.bias": np.ones(3, dtype=np.float16),
+                          "fc.idx": np.arange(2), "fc.n": 3, "fc.be": np.arange(3, dtype=">f4")}, "epoch": 7},
+               tmp_path / "np.pt")
+    ck = cs.load(tmp_path / "np.pt")
+    assert ck.sd_path == ("model",) and any("numpy array" in n for n in ck.notes)
+    code, _, err = cli("convert", tmp_path / "np.pt", "-o", tmp_path / "np.safetensors")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    out = load_file(tmp_path / "np.safetensors")
+    assert torch.equal(out["conv1.weight"], torch.from_numpy(np.ascontiguousarray(w)))
+    assert out["fc.bias"].dtype == torch.float16 and out["fc.idx"].dtype == torch.int64
+    assert torch.equal(out["fc.be"], torch.arange(3.0))  # a big-endian array: byte order fixed
+    code, _, err = cli("strip-prefix", tmp_path / "np.pt", "--prefix", "fc.", "--partial", "-o", tmp_path / "s.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert back["epoch"] == 7 and set(back["model"]) == {"conv1.weight", "bias", "idx", "n", "be"}
+    # arrays that are not weights (an RNG state beside a state dict) stay arrays
+    torch.save({"sd": {"w": torch.ones(2)}, "rng": np.arange(3, dtype=np.uint32)}, tmp_path / "rng.pt")
+    ck = cs.load(tmp_path / "rng.pt")
+    assert ck.sd_path == ("sd",) and type(ck.wrapper["rng"]).__name__ == "ndarray"
+
+
 class _Config:  # an object with the default repr, which is just its address
     def __init__(self, lr):
         self.lr = lr

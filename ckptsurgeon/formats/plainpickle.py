@@ -145,6 +145,14 @@ def _arrays_to_tensors(root: Any) -> tuple[Any, int]:
     return convert(root), count
 
 
+def array_ref(arr) -> Any:
+    """A TensorRef over a numeric numpy array's bytes (little-endian, contiguous); the array
+    itself when it holds no numbers (strings, dates, objects)."""
+    import numpy
+
+    return _tensor(numpy, arr)
+
+
 def _tensor(numpy, arr):
     name = _DTYPES.get((arr.dtype.kind, arr.dtype.itemsize))
     if name is None:  # strings, dates, objects: not weights

@@ -222,7 +222,16 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
             notes.append(f"whole-model pickle read inert: took the state dict of {', '.join(converted)} "
                          "(parameters and persistent buffers, in torch's order)")
     try:
-        path, candidates = choose_state_dict(obj, key)
+        try:
+            path, candidates = choose_state_dict(obj, key)
+        except NoStateDictError:
+            arrays = _arrays_as_tensors(obj)
+            if arrays is None:
+                raise
+            obj, n = arrays
+            notes.append(f"{n} numpy array(s) where a state dict holds tensors: read as torch tensors of the same "
+                         "dtype and shape (outputs hold them as tensors)")
+            path, candidates = choose_state_dict(obj, key)
         _refuse_zero3_placeholders(obj, path)
     except (AmbiguousStateDictError, NoStateDictError) as e:
         e.overview = Checkpoint(state=OrderedDict(), wrapper=obj, source=source, candidates=tuple(getattr(e, "candidates", ())),
@@ -242,6 +251,36 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
         metadata=None if nested else getattr(sd, "_metadata", None), source=source,
         candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes),
         plain_dict=type(sd) is dict, nested=nested)
+
+
+def _is_array(v) -> bool:
+    return type(v).__module__ == "numpy" and type(v).__name__ == "ndarray" and v.dtype.kind in "biufc"
+
+
+def _arrays_as_tensors(obj: Any, depth: int = 3) -> tuple[Any, int] | None:
+    """``obj`` with each mapping of names to mostly numpy arrays (weights saved as numpy: a
+    converted Caffe/TensorFlow/JAX model) holding torch tensors in their place, and how many were
+    converted; None when there is no such mapping. Only the mappings on the way are copied."""
+    if not isinstance(obj, Mapping) or not obj or depth <= 0 or not all(isinstance(k, str) for k in obj):
+        return None
+    n_arrays = sum(1 for v in obj.values() if _is_array(v))
+    if n_arrays and n_arrays * 2 >= len(obj):
+        from .plainpickle import array_ref
+
+        new = type(obj)() if type(obj) in (dict, OrderedDict) else OrderedDict()
+        for k, v in obj.items():
+            new[k] = array_ref(v) if _is_array(v) else v
+        return new, sum(1 for v in new.values() if isinstance(v, TensorRef))
+    new, total = None, 0
+    for k, v in obj.items():
+        got = _arrays_as_tensors(v, depth - 1)
+        if got is not None:
+            if new is None:
+                new = type(obj)() if type(obj) in (dict, OrderedDict) else OrderedDict()
+                new.update(obj)
+            new[k], n = got
+            total += n
+    return (new, total) if new is not None else None
 
 
 class ZeRO3Placeholders(NoStateDictError):
