@@ -318,6 +318,13 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         only_a = [k for k in only_a if k not in ra]
         only_b = [k for k in only_b if k not in rb]
 
+    # a tied copy one side stores once (save_pretrained's safetensors drops lm_head.weight, a .bin
+    # holds it as a second name of the embedding): the same values as its partner, compared there
+    tied_a = _tied_copies(ca, only_a, {ka for ka, _, _ in common})
+    tied_b = _tied_copies(cb, only_b, {kb for _, _, kb in common})
+    only_a = [k for k in only_a if k not in tied_a]
+    only_b = [k for k in only_b if k not in tied_b]
+
     shape_changed, dtype_changed, changed, close, nonfinite = [], [], [], [], []
     equal = 0
     from concurrent.futures import ThreadPoolExecutor
@@ -402,8 +409,13 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     notes += meta_notes
     differences = bool(only_a or only_b or renamed or shape_changed or dtype_changed or changed or other_differs)
     identical = not differences and not close
+    if tied_a or tied_b:
+        notes.append("a tied name stored on one side only is compared through the tensor it names: a model that "
+                     "ties them (from_pretrained with tie_word_embeddings) loads either file the same")
     if identical:
         verdict = "identical: every tensor is bitwise equal and the other content matches"
+        if tied_a or tied_b:
+            verdict += f" ({len(tied_a) + len(tied_b)} tied name(s) stored on one side only)"
     elif not differences:
         verdict = f"equal within tolerance (atol={atol}, rtol={rtol}): {len(close)} tensor(s) differ slightly"
     else:
@@ -418,12 +430,30 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         "alignment": alignment,
         "tolerance": {"atol": atol, "rtol": rtol},
         "only_in_a": only_a, "only_in_b": only_b, "renamed": renamed,
+        "tied_only_in_a": [{"name": k, "tied_to": m} for k, m in tied_a.items()],
+        "tied_only_in_b": [{"name": k, "tied_to": m} for k, m in tied_b.items()],
         "shape_changed": shape_changed, "dtype_changed": dtype_changed,
         "equal": equal, "close": close, "changed": changed,
         "modules": modules, "nonfinite": nonfinite, "metadata": meta,
         "notes": notes,
         "differences": differences, "identical": identical, "verdict": verdict,
     }
+
+
+def _tied_copies(ck: Checkpoint, only: list, compared: set) -> "OrderedDict[str, str]":
+    """{name on one side only: a name of the very same tensor on that side that both sides hold}."""
+    if not only:
+        return OrderedDict()
+    groups: dict[str, list] = {}
+    for alias, name in ck.tied():
+        groups.setdefault(name, [name]).append(alias)
+    partners = {k: g for g in groups.values() for k in g}
+    out: "OrderedDict[str, str]" = OrderedDict()
+    for k in only:
+        m = next((x for x in partners.get(k, ()) if x != k and x in compared), None)
+        if m is not None:
+            out[k] = m
+    return out
 
 
 _PARALLEL_HASH = 1 << 20  # tensors from this size are hashed on two threads (one per side)
@@ -488,6 +518,10 @@ def _human(r: dict) -> None:
     for label, items in (("only in A", r["only_in_a"]), ("only in B", r["only_in_b"])):
         if items:
             c.print(f"{label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    for side, other, items in (("A", "B", r["tied_only_in_a"]), ("B", "A", r["tied_only_in_b"])):
+        if items:
+            c.print(f"tied in {side}, stored once in {other} ({len(items)}): " + ", ".join(
+                f"{x['name']} = {x['tied_to']}" for x in items[:20]) + (" ..." if len(items) > 20 else ""))
     for x in r["renamed"]:
         c.print(f"renamed: {x['a']} -> {x['b']} (same content)")
     for x in r["shape_changed"]:

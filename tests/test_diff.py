@@ -10,7 +10,8 @@ import torch
 
 import ckptsurgeon as cs
 
-SCHEMA_KEYS = {"schema", "a", "b", "alignment", "tolerance", "only_in_a", "only_in_b", "renamed", "shape_changed",
+SCHEMA_KEYS = {"schema", "a", "b", "alignment", "tolerance", "only_in_a", "only_in_b", "tied_only_in_a",
+               "tied_only_in_b", "renamed", "shape_changed",
                "dtype_changed", "equal", "close", "changed", "modules", "nonfinite", "metadata", "differences",
                "identical", "verdict"}
 CHANGED_KEYS = {"name", "shape", "dtype", "max_abs", "mean_abs", "rel_l2", "cosine", "n_diff", "numel"}
@@ -369,3 +370,29 @@ def test_report_written_to_a_file_keeps_long_tensor_names_whole(tmp_path, cli, m
     table = [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
     assert code == 1 and table and max(len(line) for line in table) <= 70
     assert name in "".join(line.split("│")[1].strip() for line in out.splitlines() if line.count("│") == 7)
+
+
+def test_a_tied_name_one_side_stores_once_is_compared_through_its_partner(tmp_path, cli):
+    """A .bin holds lm_head.weight as a second name of the embedding; save_pretrained's safetensors
+    leaves it out. Before, diff called the two files different ("only in A: lm_head.weight")."""
+    from safetensors.torch import save_file
+
+    emb = torch.randn(10, 4)
+    torch.save({"model.embed.weight": emb, "lm_head.weight": emb, "x.w": torch.ones(2)}, tmp_path / "tied.bin")
+    save_file({"model.embed.weight": emb.clone(), "x.w": torch.ones(2)}, tmp_path / "st.safetensors")
+    rep = cs.diff(tmp_path / "tied.bin", tmp_path / "st.safetensors")
+    assert rep["identical"] and not rep["only_in_a"], rep["verdict"]
+    assert rep["tied_only_in_a"] == [{"name": "lm_head.weight", "tied_to": "model.embed.weight"}]
+    code, out, _ = cli("diff", tmp_path / "st.safetensors", tmp_path / "tied.bin")
+    assert code == 0 and "tied in B, stored once in A (1): lm_head.weight = model.embed.weight" in out
+    # the partner changed: a difference, reported on the partner
+    save_file({"model.embed.weight": emb + 1, "x.w": torch.ones(2)}, tmp_path / "st2.safetensors")
+    rep = cs.diff(tmp_path / "tied.bin", tmp_path / "st2.safetensors")
+    assert not rep["identical"] and [c["name"] for c in rep["changed"]] == ["model.embed.weight"]
+    # a name only in A that is not tied stays "only in A"; so does a tied pair B lacks entirely
+    torch.save({"model.embed.weight": emb, "lm_head.weight": emb.clone(), "x.w": torch.ones(2)}, tmp_path / "untied.bin")
+    rep = cs.diff(tmp_path / "untied.bin", tmp_path / "st.safetensors")
+    assert rep["only_in_a"] == ["lm_head.weight"] and not rep["tied_only_in_a"]
+    save_file({"x.w": torch.ones(2)}, tmp_path / "x.safetensors")
+    rep = cs.diff(tmp_path / "tied.bin", tmp_path / "x.safetensors")
+    assert rep["only_in_a"] == ["model.embed.weight", "lm_head.weight"] and not rep["tied_only_in_a"]
