@@ -73,9 +73,10 @@ def final_path(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[int]:
-    """Yield a writable fd; on success the data appears at ``path`` atomically."""
-    with _atomic(path) as (fd, _tmp):
+def atomic_output(path: str, label: str | None = None) -> Iterator[int]:
+    """Yield a writable fd; on success the data appears at ``path`` atomically. ``label``: the
+    name errors give (a shard written under an interim name first: the name the user will see)."""
+    with _atomic(path, label) as (fd, _tmp):
         yield fd
 
 
@@ -87,10 +88,11 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _atomic(path: str) -> Iterator[tuple[int, str]]:
+def _atomic(path: str, label: str | None = None) -> Iterator[tuple[int, str]]:
     import tempfile  # not for reading (inspect)
 
     path = final_path(path)
+    label = label or path
     _refuse_special(path)
     parent = os.path.dirname(path)
     try:
@@ -118,10 +120,10 @@ def _atomic(path: str) -> Iterator[tuple[int, str]]:
             _fsync_dir(parent)
     except OSError as e:
         if e.errno == 28:
-            raise OutputError(f"no space left on device while writing {path}") from None
+            raise OutputError(f"no space left on device while writing {label}") from None
         if isinstance(e, PermissionError):
-            raise OutputError(f"permission denied writing {path}") from None
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+            raise OutputError(f"permission denied writing {label}") from None
+        raise OutputError(f"cannot write {label}: {e.strerror or e}") from None
     finally:
         if fd >= 0:
             os.close(fd)

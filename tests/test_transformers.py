@@ -4,6 +4,7 @@ save_pretrained folders (single, sharded, .bin), GPT-2's tied lm_head, verify bu
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,13 @@ def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, c
     monkeypatch.setattr(hf.st, "write_data", crash_on_second)
     code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", "30KB")
     assert code == 2 and "no space left" in err.lower()
+    # into a new folder: the folder made for it is gone again, and the error names the shard as
+    # the user would see it (not its interim name)
+    calls.clear()
+    code, _, err = cli("convert", folder, "-o", tmp_path / "new_out", "--max-shard-size", "30KB")
+    assert code == 2 and "no space left" in err.lower() and "ckpt-surgeon-" not in err, err
+    assert re.search(r"new_out/model-00002-of-\d{5}\.safetensors$", err.strip()), err
+    assert not (tmp_path / "new_out").exists()
     monkeypatch.setattr(hf.st, "write_data", real)
     assert sorted(p.name for p in folder.iterdir()) == before
     loads_as_expected()

@@ -417,8 +417,15 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
         raise OutputError(f"output directory {parent} does not exist")
+    made = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    _commit_shards(out_dir, stem, names, groups, total, progress)
+    try:
+        _commit_shards(out_dir, stem, names, groups, total, progress)
+    except BaseException:
+        if made:  # a folder this run made, left empty by the failure (a full disk): gone again
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
     for f in side:
         if f == "config.json" and config is not None:
             continue
@@ -524,8 +531,8 @@ def _commit_shards(out_dir: str, stem: str, names: list[str], groups: list, tota
     try:
         for fname, group in zip(interim, groups):
             header, order = st.build_header(group, meta, data_start_like=st.first_file_offset(group))
-            with atomic_output(os.path.join(out_dir, fname)) as fd:  # one shard in flight at a time
-                st.write_data(fd, header, order, progress=progress, writeback=fsync_wanted())
+            with atomic_output(os.path.join(out_dir, fname), label=os.path.join(out_dir, fname.rsplit(".ckpt-surgeon-", 1)[0])) as fd:
+                st.write_data(fd, header, order, progress=progress, writeback=fsync_wanted())  # one shard at a time
             for name, _ in group:
                 weight_map[name] = fname
         if len(names) == 1:
