@@ -514,6 +514,56 @@ def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, in
     return _load_with(unpickler, inert, seen)
 
 
+def load_refs_naming(data: bytes, storage_source: Callable[[str, str, int], Any], names) -> Any:
+    """Like :func:`load_refs`, with the globals ``names`` (outside every allowlist) recorded as
+    names when the pickle only names them -- a class as a dict key, as Lightning < 1.5 keyed its
+    callbacks' states (``{ModelCheckpoint: {...}}``, in the original Stable Diffusion
+    checkpoints). Nothing is imported or run either way; NotFastPath when one of them is built
+    or called (an object of that class, or a function's result: what ``--inert-pickle`` is for)."""
+    names = frozenset(names)
+    graph = _load_with(_RefUnpickler(io.BytesIO(data), storage_source, names))
+    refuse_built(graph, names)
+    return graph
+
+
+def refuse_built(root: Any, names) -> None:
+    """NotFastPath if the graph holds an object that one of the inert globals ``names`` built
+    (an instance of such a class, the result of such a function), or a numpy array of objects
+    (as without ``names``); classes merely named pass."""
+    if "numpy" in sys.modules:
+        _refuse_numpy_objects(root)
+    stack, seen = [root], set()
+    while stack:
+        o = stack.pop()
+        if o is None or isinstance(o, (str, bytes, int, float, StorageRef, GlobalRef, type)) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, InertObject):
+            name = f"{o.inert_module}.{o.inert_name}"
+            if name in names or any(name.startswith(f"{n}.") for n in names):  # (or a nested name of one)
+                raise NotFastPath(f"{name} (built, not only named)")
+            rec = o._inert
+            stack.extend(rec["args"])
+            stack.extend(rec["kwargs"].values())
+            stack.append(rec["state"])
+            stack.extend(rec["items"])
+            stack.extend(x for kv in rec["dictitems"] for x in kv)
+        elif isinstance(o, InertCall):
+            stack.append(o.func)
+            stack.extend(o.args)
+            stack.append(o.state)
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif isinstance(o, TensorRef):
+            stack.extend((o.hooks, o.metadata, o.param, o.attrs))
+        elif isinstance(o, CallRef):
+            stack.extend(o.args)
+            stack.append(o.state)
+
+
 _HOOK_LOCK = threading.Lock()
 _HOOK_DEPTH = 0
 _HOOK_PREVIOUS = None

@@ -221,6 +221,23 @@ class _Allowed(set):
         return is_dtensor_global(module, name)
 
 
+#: modules whose globals are never taken for a mere name, even unused (torch blocks these even
+#: when allowlisted; the rest is what pickle payloads reach for)
+_NEVER_NAMED = {"os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "runpy", "pty", "ctypes",
+                "importlib", "pickle", "_pickle", "shutil", "socket", "webbrowser", "code", "codeop", "pdb",
+                "commands", "platform", "multiprocessing", "asyncio", "operator", "functools", "marshal",
+                "types", "io", "_io", "tempfile", "cProfile", "profile", "pydoc", "timeit", "trace", "_posixsubprocess",
+                "signal", "threading", "_thread", "copyreg", "inspect", "torch", "numpy"}
+
+
+def only_nameable(names) -> bool:
+    """Whether the pickle's globals ``names`` may be kept as mere names when the pickle never
+    builds anything with them (see pickle_io.load_refs_naming): classes by their names (a
+    capitalised last part), of no module that pickle payloads use."""
+    return bool(names) and all(
+        n.rsplit(".", 1)[-1][:1].isupper() and n.split(".", 1)[0] not in _NEVER_NAMED for n in names)
+
+
 def unsafe_in(pickle_bytes: bytes) -> list[str]:
     """The globals one pickle names that no allowlist allows (read from opcodes)."""
     allowed = allowed_globals()

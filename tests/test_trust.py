@@ -1089,6 +1089,50 @@ def test_inert_pickle_reads_foreign_objects_without_importing_them(tmp_path, mon
     assert code == 1 and "message_hub" in out and "loss" in out, out
 
 
+def test_classes_only_named_are_kept_as_names_by_default(tmp_path, monkeypatch, cli):
+    """Lightning < 1.5 keyed its callbacks' states by class (``{ModelCheckpoint: {...}}``): the
+    original Stable Diffusion checkpoints name pytorch_lightning's ModelCheckpoint that way, and
+    torch.load(weights_only=True) refuses them. A class that the pickle only names, never builds,
+    runs nothing: it is kept as a name, with a note, and written back as it was. Anything built
+    (an instance, a call, a nested attribute called), and any name of a module pickle payloads use
+    (posix.system, even unused), is still refused; legacy files the same."""
+    lib = _foreign_module(tmp_path, monkeypatch)
+    sd = {"model.diffusion_model.w": torch.randn(3), "first_stage_model.v": torch.randn(2)}
+    sys.modules["foreignlib"] = lib
+    try:
+        torch.save({"state_dict": sd, "global_step": 470000, "callbacks": {lib.Cfg: {"best_model_path": ""}}},
+                   tmp_path / "sd.ckpt")
+        torch.save({"state_dict": sd, "callbacks": {lib.Cfg: {"k": 1}}}, tmp_path / "legacy.ckpt",
+                   _use_new_zipfile_serialization=False)
+        torch.save({"state_dict": sd, "callbacks": {"mc": lib.Cfg(0.1, [1])}}, tmp_path / "built.ckpt")
+        torch.save({"state_dict": sd, "state": lib.Runner.State(3)}, tmp_path / "nested.ckpt")
+        torch.save({"state_dict": sd, "fn": os.system, "cls": lib.Cfg}, tmp_path / "fn.ckpt")
+    finally:
+        del sys.modules["foreignlib"]
+
+    for name in ("sd.ckpt", "legacy.ckpt"):
+        ck = cs.load(tmp_path / name)
+        assert ck.sd_path == ("state_dict",) and any("only named, never built" in n for n in ck.notes), name
+        assert ck.source.lazy and "foreignlib" not in sys.modules
+    code, out, err = cli("inspect", tmp_path / "sd.ckpt")
+    assert code == 0 and "foreignlib.Cfg: outside the weights-only allowlist but only named" in out, err
+    code, _, err = cli("extract", tmp_path / "sd.ckpt", "--layers", "model.diffusion_model", "-o", tmp_path / "unet.pt")
+    assert code == 0, err
+    assert _data_pkl(tmp_path / "unet.pt").count(b"foreignlib") == 1  # the class name, written back as it was
+    monkeypatch.setitem(sys.modules, "foreignlib", lib)
+    back = torch.load(tmp_path / "unet.pt", weights_only=False)
+    assert back["callbacks"] == {lib.Cfg: {"best_model_path": ""}} and list(back["state_dict"]) == ["model.diffusion_model.w"]
+    monkeypatch.delitem(sys.modules, "foreignlib")
+
+    for name, says in (("built.ckpt", "foreignlib.Cfg"), ("nested.ckpt", "foreignlib.Runner"),
+                       ("fn.ckpt", "posix.system")):
+        code, _, err = cli("inspect", tmp_path / name)
+        assert code == 2 and says in err and "--inert-pickle" in err and len(err.strip().splitlines()) == 1, name
+        with pytest.raises(UnsafePickleError):
+            cs.load(tmp_path / name)
+    assert "foreignlib" not in sys.modules
+
+
 def test_inert_pickle_never_runs_a_payload(tmp_path, cli):
     """A hostile file read with --inert-pickle: the payload is recorded, not called, shown for
     what it is; an output keeps it (scan still calls that output unsafe), in the zip and the

@@ -13,9 +13,10 @@ from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_ten
                           path_str)
 from ..errors import (AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError, NotACheckpointError,
                       UnsafePickleError, UnsupportedError)
-from ..pickle_io import NotFastPath, dump_refs, load_legacy_refs, load_refs, scan_globals
+from ..pickle_io import (NotFastPath, dump_refs, load_legacy_refs, load_refs, load_refs_naming, refuse_built,
+                         scan_globals)
 from ..refs import FileRange, InertObject, TensorRef
-from ..safety import INERT, TRUST_HINT, torch_load, unsafe_globals, unsafe_in
+from ..safety import INERT, TRUST_HINT, only_nameable, torch_load, unsafe_globals, unsafe_in
 from ..zipfmt import TorchZip, write_torch_zip
 
 SURGEON_RECORD = ".data/ckpt_surgeon.json"
@@ -98,7 +99,17 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
                          "tensors; the device mesh and placements are not carried")
     except NotFastPath as e:
         inert = unsafe_in(data) if trust_pickle == INERT and not big_endian else []
-        if inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
+        named = unsafe_in(data) if trust_pickle not in (True, INERT) and not big_endian else []
+        graph = None
+        if only_nameable(named):  # only named, never built (a class as a dict key): kept as names, nothing imported
+            try:
+                graph = load_refs_naming(data, source, named)
+                notes.append(_named_note(named))
+            except NotFastPath:
+                graph = None
+        if graph is not None:
+            pass
+        elif inert:  # --inert-pickle: record what no allowlist allows, import and run nothing
             try:
                 graph = load_refs(data, source, inert=inert)
             except NotFastPath as other:
@@ -191,8 +202,17 @@ def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str =
         lazy = True
     except NotFastPath as e:
         inert = unsafe_globals(path) if trust_pickle == INERT else []
+        named = unsafe_globals(path) if trust_pickle not in (True, INERT) else []
         graph = None
-        if inert:
+        if only_nameable(named):  # only named, never built: kept as names (see pickle_io.load_refs_naming)
+            try:
+                graph, _ = load_legacy_refs(path, inert=named)
+                refuse_built(graph, frozenset(named))
+                lazy = True
+                notes.append(_named_note(named))
+            except NotFastPath:
+                graph = None
+        if graph is None and inert:
             try:
                 graph, _ = load_legacy_refs(path, inert=inert)
                 lazy = True
@@ -208,6 +228,12 @@ def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str =
     source = Source(path=path, format="torch-legacy", size=os.path.getsize(path), files=(path,), lazy=lazy,
                     notes=tuple(notes))
     return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy)
+
+
+def _named_note(names) -> str:
+    return (f"{', '.join(names)}: outside the weights-only allowlist but only named, never built (old Lightning "
+            "checkpoints key their callbacks' states by class): kept as names, nothing imported or run; outputs in "
+            "torch format carry them unchanged")
 
 
 def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms=()) -> Checkpoint:
