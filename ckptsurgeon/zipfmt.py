@@ -30,6 +30,8 @@ _EOCD = struct.Struct("<IHHHHIIH")
 _EOCD64 = struct.Struct("<IQHHIIQQQQ")
 _LOCATOR64 = struct.Struct("<IIQI")
 _U32 = 0xFFFFFFFF
+#: sizes and offsets from here on get zip64 fields (a test lowers it to write them for small files)
+ZIP64_AT = _U32
 PAGE = 4096
 MAX_COMPRESSED_RECORD = 1 << 30  # a compressed (repacked) record is inflated in memory: up to this size
 #: what zipfile raises on a damaged or unusual archive: bad headers, a bad deflate/LZMA stream, an
@@ -311,7 +313,7 @@ class ZipWriter:
             source = MemoryBytes(source)
         size = source.length
         header_offset = self.pos
-        zip64 = size >= _U32 or header_offset >= _U32
+        zip64 = size >= ZIP64_AT or header_offset >= ZIP64_AT
         z64 = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         base = header_offset + _LOCAL.size + len(full) + len(z64) + 4
         pad = (-base) % ALIGN
@@ -371,13 +373,13 @@ class ZipWriter:
         return fd
 
     def _central(self, full: bytes, size: int, header_offset: int, crc: int) -> bytes:
-        zip64 = size >= _U32 or header_offset >= _U32
+        zip64 = size >= ZIP64_AT or header_offset >= ZIP64_AT
         fields = []
         c_size, c_off = size, header_offset
-        if size >= _U32:
+        if size >= ZIP64_AT:
             fields += [size, size]
             c_size = _U32
-        if header_offset >= _U32:
+        if header_offset >= ZIP64_AT:
             fields.append(header_offset)
             c_off = _U32
         cextra = b""
@@ -399,12 +401,13 @@ class ZipWriter:
             self._write(self._central(e.name, e.size, e.header_offset, e.crc))
         cd_size = self.pos - cd_offset
         n = len(self.entries)
-        if n >= 0xFFFF or cd_offset >= _U32 or cd_size >= _U32:
+        if n >= 0xFFFF or cd_offset >= ZIP64_AT or cd_size >= ZIP64_AT:
             eocd64_offset = self.pos
             self._write(_EOCD64.pack(0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_offset))
             self._write(_LOCATOR64.pack(0x07064B50, 0, eocd64_offset, 1))
             self._write(_EOCD.pack(0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-                                   min(cd_size, _U32), min(cd_offset, _U32), 0))
+                                   _U32 if cd_size >= ZIP64_AT else cd_size,
+                                   _U32 if cd_offset >= ZIP64_AT else cd_offset, 0))
         else:
             self._write(_EOCD.pack(0x06054B50, 0, 0, n, n, cd_size, cd_offset, 0))
         self.flush()

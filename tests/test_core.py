@@ -593,6 +593,36 @@ def test_weights_saved_as_numpy_arrays_are_read_as_tensors(tmp_path, cli):
     assert ck.sd_path == ("sd",) and type(ck.wrapper["rng"]).__name__ == "ndarray"
 
 
+@pytest.mark.parametrize("threshold", [64, 1 << 12])
+def test_zip64_records_are_read_by_torch(tmp_path, cli, monkeypatch, threshold):
+    """Outputs past 4 GiB get zip64 fields (sizes, offsets, the end records); checked once by hand
+    on a 4.3 GB file (torch.load with and without mmap read it). Here the writer's threshold is
+    lowered so that small files carry them: every path that writes records (kernel-copied, built
+    in memory, from safetensors) must still give a file torch and zipfile read."""
+    from safetensors.torch import save_file
+
+    from ckptsurgeon import zipfmt
+
+    sd = OrderedDict((f"module.l{i}.weight", torch.randn(40, 30, generator=torch.Generator().manual_seed(i)))
+                     for i in range(6))
+    torch.save(sd, tmp_path / "in.pt")
+    save_file({k: v for k, v in sd.items()}, tmp_path / "in.safetensors")
+    monkeypatch.setattr(zipfmt, "ZIP64_AT", threshold)
+    runs = {"strip.pt": ("strip-prefix", tmp_path / "in.pt"), "st.pt": ("strip-prefix", tmp_path / "in.safetensors"),
+            "cast.pt": ("cast", tmp_path / "in.pt", "--dtype", "float64")}
+    for out, (cmd, *args) in runs.items():
+        code, _, err = cli(cmd, *args, "-o", tmp_path / out)
+        assert code == 0, err
+        assert b"PK\x06\x06" in (tmp_path / out).read_bytes()  # the zip64 end record: the format is in use
+        with zipfile.ZipFile(tmp_path / out) as z:
+            assert z.testzip() is None
+        for mmap in (False, True):
+            back = torch.load(tmp_path / out, weights_only=True, mmap=mmap)
+            assert list(back) == [k[len("module."):] for k in sd] or list(back) == list(sd)
+            assert all(torch.equal(b.float(), v) for b, v in zip(back.values(), sd.values())), out
+        assert cs.diff(tmp_path / "in.pt", tmp_path / out)["equal"] == (0 if out == "cast.pt" else 6)
+
+
 class _Config:  # an object with the default repr, which is just its address
     def __init__(self, lr):
         self.lr = lr
