@@ -86,6 +86,27 @@ def top_modules(keys, strip: str = "") -> list[str]:
     return list(seen)
 
 
+def unmatched_hint(missing, keys, strip: str = "") -> str:
+    """What to say about patterns that matched nothing: the closest module paths or names for a
+    mistyped one (``layer1.0.conv`` for ``layer1.0.cnov``), else the top-level modules."""
+    import difflib
+
+    paths: dict = {}
+    for k in keys:
+        for name in (k, k[len(strip):]) if strip and k.startswith(strip) else (k,):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):
+                paths.setdefault(".".join(parts[:i]), None)
+    close = []
+    for text in missing:
+        if text.startswith("re:") or any(c in text for c in "*?["):
+            continue
+        close += [c for c in difflib.get_close_matches(text, list(paths), n=3, cutoff=0.75) if c not in close]
+    if close:
+        return "did you mean " + " or ".join(map(repr, close[:3])) + "?"
+    return f"top-level modules: {', '.join(top_modules(keys, strip)[:12])}"
+
+
 def module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 

@@ -11,7 +11,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
 from ckptsurgeon.dtypes import PLAIN_FLOATS, plain_float
 from ckptsurgeon.errors import SelectionError
-from ckptsurgeon.keys import detect_prefix, parse_patterns, select
+from ckptsurgeon.keys import detect_prefix, parse_patterns, select, unmatched_hint
 from ckptsurgeon.layout import cast_ref
 from ckptsurgeon.refs import TensorRef, is_tensor_like, special_kind, tie_key
 from ckptsurgeon.types import Operation
@@ -46,7 +46,8 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         chosen, counts = select(keys, patterns, detect_prefix(keys))
         missing = [p for p, n in counts.items() if n == 0]
         if missing:
-            raise SelectionError(f"--keep pattern(s) matched nothing: {', '.join(map(repr, missing))}")
+            raise SelectionError(f"--keep pattern(s) matched nothing: {', '.join(map(repr, missing))}",
+                                 hint=unmatched_hint(missing, keys, detect_prefix(keys)))
         kept = set(chosen)
     qdata = ck.quantization_data()
     new_state: OrderedDict = OrderedDict()

@@ -7,7 +7,7 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import SelectionError
-from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select, top_modules
+from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select, unmatched_hint
 from ckptsurgeon.transform import keep_keys, rename_keys
 from ckptsurgeon.types import Operation
 
@@ -37,7 +37,7 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
     missing = [p for p, n in counts.items() if n == 0]
     if missing:
         raise SelectionError(f"layer pattern(s) matched nothing: {', '.join(map(repr, missing))}",
-                             hint=f"top-level modules: {', '.join(top_modules(keys, strip)[:12])}")
+                             hint=unmatched_hint(missing, keys, strip))
     # a selected module brings all of its own tensors (buffers included); the model's own
     # top-level tensors (ViT's cls_token, pos_embed) are no one module's: each comes alone
     def owner(k: str) -> str:
@@ -50,7 +50,8 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
         dropped, ecounts = select(sorted(chosen_set), exc, strip)
         emissing = [p for p, n in ecounts.items() if n == 0]
         if emissing:
-            raise SelectionError(f"--exclude pattern(s) matched nothing selected: {', '.join(map(repr, emissing))}")
+            raise SelectionError(f"--exclude pattern(s) matched nothing selected: {', '.join(map(repr, emissing))}",
+                                 hint=unmatched_hint(emissing, sorted(chosen_set), strip))
         chosen_set -= set(dropped)
     if not chosen_set:
         raise SelectionError("the selection is empty after --exclude")

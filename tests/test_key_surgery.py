@@ -149,6 +149,16 @@ def test_extract_layers_buffers_reroot(sample_dir, tmp_path, models):
     # component matching: 'conv' is no prefix of 'conv1'
     with pytest.raises(SelectionError, match="'conv'"):
         cs.extract(ck, ["conv"])
+    # a mistyped name gets the closest ones; one that resembles nothing, the top-level modules
+    with pytest.raises(SelectionError) as e:
+        cs.extract(ck, ["bn1.runing_mean"])
+    assert "did you mean 'bn1.running_mean'" in e.value.hint
+    with pytest.raises(SelectionError) as e:
+        cs.extract(ck, ["conv1"], exclude=["conv1.wieght"])
+    assert "did you mean 'conv1.weight'" in e.value.hint
+    with pytest.raises(SelectionError) as e:
+        cs.extract(ck, ["decoder"])
+    assert e.value.hint.startswith("top-level modules: conv1, bn1")
     new, _ = cs.extract(ck, ["*.running_*"])
     assert all("running" in k or k.endswith(("weight", "bias", "num_batches_tracked")) for k in new.state)
     # the model's own top-level tensors (a ViT's cls_token, pos_embed) belong to no one module:
