@@ -41,6 +41,12 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
     if not prefix:
         raise SelectionError("an empty prefix changes nothing",
                              hint="e.g. --prefix module., or leave --prefix out to detect it")
+    notes = []
+    if not prefix.endswith("."):  # --prefix module: the component, not 'module' off '.0.weight'
+        rest = {k[len(prefix):len(prefix) + 1] for k in keys if k.startswith(prefix)}
+        if rest == {"."}:
+            prefix += "."
+            notes.append(f"prefix normalised to {prefix!r}")
     n = sum(1 for k in keys if k.startswith(prefix))
     if n == 0:
         raise SelectionError(f"no key starts with {prefix!r}", hint=f"first key: {keys[0]!r}" if keys else None)
@@ -57,9 +63,11 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
         report["inner"] = inner
     others = _other_state_dicts_with(ck, prefix)
     if others:  # timm's state_dict_ema, an EMA callback's copy: one state dict is rewritten per run
-        report["notes"] = [f"{', '.join(others)} also carr{'ies' if len(others) == 1 else 'y'} {prefix!r} on every key, "
-                           f"left as {'it is' if len(others) == 1 else 'they are'} (to strip it too: run strip-prefix "
-                           f"on the output with --key {others[0]})"]
+        notes.append(f"{', '.join(others)} also carr{'ies' if len(others) == 1 else 'y'} {prefix!r} on every key, "
+                     f"left as {'it is' if len(others) == 1 else 'they are'} (to strip it too: run strip-prefix "
+                     f"on the output with --key {others[0]})")
+    if notes:
+        report["notes"] = notes
     return new, report
 
 

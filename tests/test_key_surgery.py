@@ -108,6 +108,13 @@ def test_strip_errors(sample_dir, tmp_path):
     with pytest.raises(KeyCollisionError) as e:
         cs.strip_prefix(cs.load(tmp_path / "collide.pt"), "module.", partial=True)
     assert "module.a + a -> a" in str(e.value)
+    # --prefix module (no dot): the component is stripped, not 'module' off '.a'; a prefix that
+    # ends inside a name component ('encoder_') is taken as given
+    new, rep = cs.strip_prefix(cs.load(tmp_path / "mixed.pt"), "module", partial=True)
+    assert list(new.state) == ["a", "b"] and rep["prefix"] == "module." and "normalised" in rep["notes"][0]
+    torch.save(OrderedDict([("encoder_layer.w", torch.ones(1)), ("encoder_head.w", torch.ones(1))]), tmp_path / "e.pt")
+    new, rep = cs.strip_prefix(cs.load(tmp_path / "e.pt"), "encoder_")
+    assert list(new.state) == ["layer.w", "head.w"] and "notes" not in rep
 
 
 def test_rename_rules_inverse_and_dry_run(sample_dir, tmp_path, cli):
