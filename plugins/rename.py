@@ -87,6 +87,7 @@ def rename(ck: Checkpoint, rules, *, allow_unmatched: bool = False) -> tuple[Che
     if not compiled:
         raise SelectionError("no rename rules given", hint="--map 'PATTERN=>REPLACEMENT' or --map-file")
     hits = {p: 0 for p, _, _ in compiled}
+    inside: dict[str, list] = {p: [] for p, _, _ in compiled if _LITERAL.match(p)}  # module-path-like rules
 
     def apply(key: str, count: bool = True) -> str:
         for pattern, rx, repl in compiled:
@@ -96,6 +97,8 @@ def rename(ck: Checkpoint, rules, *, allow_unmatched: bool = False) -> tuple[Che
                 raise SelectionError(f"replacement {repl!r} for {pattern!r} is invalid: {e}") from None
             if n and count:
                 hits[pattern] += 1
+                if pattern in inside and len(inside[pattern]) < 3 and _mid_component(rx.search(key), key):
+                    inside[pattern].append(f"{key} -> {new}")
             key = new
         return key
 
@@ -113,7 +116,34 @@ def rename(ck: Checkpoint, rules, *, allow_unmatched: bool = False) -> tuple[Che
         "mapping": dict(changed),
         "inverse": [["^" + re.escape(n) + "$", o.replace("\\", "\\\\")] for o, n in changed.items()],
     }
+    notes = [f"rule {p!r} also matched inside a name component ({'; '.join(ex)}); to match whole components "
+             f"only: '{_whole_components(p)}'" for p, ex in inside.items() if ex]
+    if notes:
+        report["notes"] = notes
     return new, report
+
+
+#: a rule written like a module path or name ('layer.1', 'fc\\.', 'backbone.0'): no regex syntax
+#: beyond dots, so 'layer.1' renaming 'layer.10.weight' too is worth a note
+_LITERAL = re.compile(r"^(?:[\w-]|\\?\.)+$")
+
+
+def _mid_component(m, key: str) -> bool:
+    """Whether a match starts or ends inside a dot-separated component of ``key``."""
+    if m is None or m.start() == m.end():
+        return False
+    text = m.group(0)
+    starts_inside = m.start() > 0 and key[m.start() - 1] != "." and not text.startswith(".")
+    ends_inside = m.end() < len(key) and key[m.end()] != "." and not text.endswith(".")
+    return starts_inside or ends_inside
+
+
+def _whole_components(pattern: str) -> str:
+    """A module-path-like rule that matches only at component boundaries (dots as dots)."""
+    text = re.sub(r"(?<!\\)\.", r"\\.", pattern)
+    head = "" if text.startswith("\\.") else "(?<![^.])"
+    tail = "" if text.endswith("\\.") else "(?![^.])"
+    return head + text + tail
 
 
 LIST_MAX = 40  # renames printed in full by a real run; above this, the first half of it
@@ -130,6 +160,7 @@ def _human(report: dict) -> None:
     if len(shown) < len(mapping):
         click.echo(f"  ... and {len(mapping) - len(shown)} more (every rename: --dry-run, or --json)")
     click.echo(f"{report['renamed']} keys renamed")
+    cliutil.echo_notes(report.get("notes"))
     cliutil.echo_save(report["save"])
 
 

@@ -141,6 +141,27 @@ def test_rename_rules_inverse_and_dry_run(sample_dir, tmp_path, cli):
     assert sorted(cs.load(tmp_path / "u.pt").state) == sorted(cs.load(sample_dir / "seednet.pt").state)
 
 
+def test_a_module_path_rule_that_matches_inside_names_is_noted(tmp_path, cli):
+    """'layer.1=>block1' also renames layer.10 (to block10): a regex does what it says, but a rule
+    written like a module path rarely means that. The note names what happened and gives the rule
+    that matches whole components only, which then does what was meant."""
+    import re
+
+    torch.save(OrderedDict((k, torch.ones(1)) for k in ("layer.1.w", "layer.10.w", "fc.w", "myfc.w", "a.fc.w")),
+               tmp_path / "m.pt")
+    ck = cs.load(tmp_path / "m.pt")
+    _, rep = cs.rename(ck, [("layer.1", "block1"), (r"fc\.", "head.")])
+    notes = rep["notes"]
+    assert len(notes) == 2 and "layer.10.w -> block10.w" in notes[0] and "myfc.w -> myhead.w" in notes[1]
+    fixed = [re.search(r"only: '(.*)'$", n).group(1) for n in notes]
+    new, rep = cs.rename(ck, [(fixed[0], "block1"), (fixed[1], "head.")])
+    assert list(new.state) == ["block1.w", "layer.10.w", "head.w", "myfc.w", "a.head.w"] and "notes" not in rep
+    _, rep = cs.rename(ck, [(r"^layer\.1\.", "block1."), ("fc", "head")])  # anchored, or whole components: no note
+    assert "notes" not in rep or not any("layer" in n for n in rep["notes"])
+    code, out, _ = cli("rename", tmp_path / "m.pt", "--map", "layer.1=>block1", "--dry-run")
+    assert code == 0 and "also matched inside a name component" in out
+
+
 def test_extract_layers_buffers_reroot(sample_dir, tmp_path, models):
     ck = cs.load(sample_dir / "seednet_resume.pt")
     new, rep = cs.extract(ck, ["conv1", "bn1,conv2"], exclude=["conv2.bias"])
