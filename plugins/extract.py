@@ -113,6 +113,7 @@ def extract_cmd(path, layers, exclude, reroot, keep_optimizer, key, trust_pickle
     Examples:
       ckpt-surgeon extract resnet.pt -o backbone.pt --layers conv1 --layers 'layer1,layer2' --exclude 'layer2.1'
       ckpt-surgeon extract ckpt.pth -o enc.safetensors --layers 're:^encoder\\.layer\\.[0-5]\\.' --reroot encoder.
+      ckpt-surgeon extract resnet.pt -o headless.pt --layers '*' --exclude fc   # all but the classifier
     """
     ck = cliutil.load(path, key, trust_pickle)
     new, report = extract(ck, layers, exclude=exclude, reroot=reroot, keep_optimizer=keep_optimizer)
