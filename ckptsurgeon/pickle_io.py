@@ -500,6 +500,70 @@ class InertPrefix(_Everything):
         return isinstance(name, str) and name.startswith(self.prefix)
 
 
+# Each opcode's argument, for walking a pickle without building anything (pickletools' table,
+# protocols 0-5): a fixed number of bytes, a length prefix of 1/4/8 bytes, or newline-ended lines.
+_ARG: list = [None] * 256
+for _n, _codes in ((0, b"\x97\x98N\x88\x89]ael)t\x85\x86\x87}dsu\x8f\x90\x9102(1\x94\x93Rbo\x81\x92.Q"),
+                   (1, b"Khq\x82\x80"), (2, b"M\x83"), (4, b"Jjr\x84"), (8, b"G\x95")):
+    for _c in _codes:
+        _ARG[_c] = (0, _n)
+for _n, _codes in ((1, b"\x8aUC\x8c"), (4, b"\x8bTBX"), (8, b"\x8e\x96\x8d")):
+    for _c in _codes:
+        _ARG[_c] = (1, _n)
+for _c in b"ILSVFgpP":
+    _ARG[_c] = (2, 1)
+for _c in b"ci":
+    _ARG[_c] = (2, 2)
+_SIGNED_LENGTH = b"\x8bT"  # LONG4, BINSTRING: a negative length is an error
+
+
+def check_memo(data, start: int = 0, limit: int | None = None) -> int:
+    """Walk the opcodes of the pickle at ``data[start:]`` (bytes or an mmap) up to its STOP,
+    building nothing, and return where it ends; CorruptCheckpointError when a memo index
+    (LONG_BINPUT, PUT) is beyond ``limit`` (default: the data's length, which no real pickle's
+    memo reaches: one entry per object) or the stream breaks off. CPython's C unpickler sizes its
+    memo table by the largest index it is given: a 1 KB file asking for index 2^31 made it
+    allocate and zero 32 GB (gh-115952, fixed in CPython only in 2025). ~0.35 us per opcode."""
+    n = len(data)
+    limit = n if limit is None else limit
+    arg, frb, i = _ARG, int.from_bytes, start
+    try:
+        while True:
+            op = data[i]
+            kind = arg[op]
+            if kind is None:
+                raise CorruptCheckpointError(f"not a pickle: unknown opcode {op:#04x} at byte {i}")
+            how, m = kind
+            if op == 0x72:  # LONG_BINPUT
+                if frb(data[i + 1:i + 5], "little") > limit:
+                    raise CorruptCheckpointError(f"pickle memo index {frb(data[i + 1:i + 5], 'little'):,} at byte {i} "
+                                                 "is beyond anything the pickle could hold (a damaged or hostile file)")
+                i += 5
+            elif how == 0:
+                if op == 0x2E:  # STOP
+                    return i + 1
+                i += 1 + m
+            elif how == 1:
+                length = frb(data[i + 1:i + 1 + m], "little", signed=op in _SIGNED_LENGTH)
+                if length < 0:
+                    raise CorruptCheckpointError(f"pickle: negative length at byte {i}")
+                i += 1 + m + length
+            else:
+                j = i + 1
+                for _ in range(m):
+                    j = data.find(b"\n", j) + 1
+                    if not j:
+                        raise IndexError
+                if op == 0x70 and int(data[i + 1:j - 1] or b"0") > limit:  # PUT
+                    raise CorruptCheckpointError(f"pickle memo index at byte {i} is beyond anything the pickle "
+                                                 "could hold (a damaged or hostile file)")
+                i = j
+            if i > n:
+                raise IndexError
+    except (IndexError, ValueError):  # an argument or line past the end, a PUT that is no number
+        raise CorruptCheckpointError("the pickle breaks off before its end (truncated or damaged)") from None
+
+
 def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset(),
               seen: set | None = None, dtensor_shards: bool = False) -> Any:
     """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError.
@@ -508,6 +572,7 @@ def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, in
     stand-ins instead of refusing them, or INERT_ALL; nothing of theirs is imported or run.
     ``seen`` receives the names recorded inert. ``dtensor_shards``: a DTensor holding one
     rank's piece becomes a :class:`DTensorShard` (else: an error)."""
+    check_memo(data)
     unpickler = _RefUnpickler(io.BytesIO(data), storage_source,
                               inert if isinstance(inert, _Everything) else frozenset(inert))
     unpickler.collect_shards = dtensor_shards
@@ -521,6 +586,7 @@ def load_refs_naming(data: bytes, storage_source: Callable[[str, str, int], Any]
     checkpoints). Nothing is imported or run either way; NotFastPath when one of them is built
     or called (an object of that class, or a function's result: what ``--inert-pickle`` is for)."""
     names = frozenset(names)
+    check_memo(data)
     graph = _load_with(_RefUnpickler(io.BytesIO(data), storage_source, names))
     refuse_built(graph, names)
     return graph
@@ -631,18 +697,24 @@ def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[Storage
     its bytes (the format has no checksums). NotFastPath for anything unusual (big-endian, views)."""
     from .refs import FileRange
 
+    import mmap
+
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if _plain_load(f) != _LEGACY_MAGIC or _plain_load(f) != _LEGACY_PROTOCOL:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"") as mm:
+        def checked(f):  # each pickle's memo checked before the C unpickler sizes its table by it
+            check_memo(mm, f.tell(), size)
+            return f
+
+        if _plain_load(checked(f)) != _LEGACY_MAGIC or _plain_load(checked(f)) != _LEGACY_PROTOCOL:
             raise NotFastPath("not a legacy torch file")
-        info = _plain_load(f)
+        info = _plain_load(checked(f))
         if not isinstance(info, dict) or info.get("little_endian") is not True:
             raise NotFastPath("legacy file written on a big-endian machine")
-        unpickler = _RefUnpickler(_Bounded(f, size), lambda key, dtype, nbytes: None,
+        unpickler = _RefUnpickler(_Bounded(checked(f), size), lambda key, dtype, nbytes: None,
                                   inert if isinstance(inert, _Everything) else frozenset(inert))
         unpickler.legacy = True
         obj = _load_with(unpickler, inert)
-        keys = _plain_load(_Bounded(f, size))
+        keys = _plain_load(_Bounded(checked(f), size))
         offset = f.tell()
     storages = unpickler._storages
     if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):

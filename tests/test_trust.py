@@ -317,6 +317,38 @@ def test_absurd_lengths_in_a_pickle_end_in_one_line(tmp_path, monkeypatch):
     assert [str(e) for e in got] == ["other"] and sys.excepthook is not pickle_io._quiet_excepthook
 
 
+def test_a_huge_memo_index_is_refused_before_unpickling(tmp_path, cli):
+    """CPython's C unpickler sizes its memo table by the largest index a pickle gives
+    (gh-115952): a 1 KB file with LONG_BINPUT 1,175,087,203 made it allocate and zero 19 GB
+    (88 s here, or the OOM killer), found by fuzzing a checkpoint's pickle. Each pickle's memo
+    is now checked before it is unpickled: one line, at once, in a torch zip, a legacy file and
+    a plain pickle; a memory limit on the process shows nothing large is allocated."""
+    payloads = {"long_binput": b"\x80\x02}r\x63\x6e\x0a\x46.",  # EMPTY_DICT, LONG_BINPUT 0x460a6e63
+                "put": b"\x80\x02(dp2147483000\n."}  # MARK, DICT, PUT 2147483000 (a protocol-0 opcode)
+    paths = []
+    for name, pkl in payloads.items():
+        _write_hostile(tmp_path / f"{name}.pt", pkl)
+        legacy = tmp_path / f"{name}_legacy.pt"
+        torch.save({"w": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
+        blob = legacy.read_bytes()
+        f = io.BytesIO(blob)
+        for _ in range(3):  # magic, protocol, system info: then the object's pickle
+            pickle.load(f)
+        legacy.write_bytes(blob[:f.tell()] + pkl + blob[f.tell():])
+        (tmp_path / f"{name}.pkl").write_bytes(pkl)
+        paths += [tmp_path / f"{name}.pt", legacy, tmp_path / f"{name}.pkl"]
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+              "from ckptsurgeon.cli import main; sys.argv = ['ckpt-surgeon', 'inspect', sys.argv[1]]; main()")
+    for path in paths:
+        res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "memo index" in res.stderr and res.stderr.count("\n") == 1, (path, res.stderr)
+    # a real pickle's memo passes, whatever its size (every index is below the pickle's length)
+    from ckptsurgeon.pickle_io import check_memo
+
+    big = pickle.dumps([[i, str(i)] for i in range(100_000)], protocol=2)
+    assert check_memo(big) == len(big) and check_memo(pickle.dumps({"a": [1.5]}, protocol=0)) > 0
+
+
 def test_trust_pickle_is_explicit(tmp_path):
     p = tmp_path / "frac.pt"
     import fractions
