@@ -227,7 +227,7 @@ _NEVER_NAMED = {"os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin
                 "importlib", "pickle", "_pickle", "shutil", "socket", "webbrowser", "code", "codeop", "pdb",
                 "commands", "platform", "multiprocessing", "asyncio", "operator", "functools", "marshal",
                 "types", "io", "_io", "tempfile", "cProfile", "profile", "pydoc", "timeit", "trace", "_posixsubprocess",
-                "signal", "threading", "_thread", "copyreg", "inspect", "torch", "numpy"}
+                "signal", "threading", "_thread", "copyreg", "inspect"}
 
 
 def only_nameable(names) -> bool:

@@ -1142,7 +1142,8 @@ def test_classes_only_named_are_kept_as_names_by_default(tmp_path, monkeypatch, 
     finally:
         del sys.modules["foreignlib"]
 
-    for name in ("sd.ckpt", "legacy.ckpt"):
+    torch.save({"state_dict": sd, "hyper_parameters": {"act": torch.nn.ReLU}}, tmp_path / "hp.ckpt")  # a class as a value
+    for name in ("sd.ckpt", "legacy.ckpt", "hp.ckpt"):
         ck = cs.load(tmp_path / name)
         assert ck.sd_path == ("state_dict",) and any("only named, never built" in n for n in ck.notes), name
         assert ck.source.lazy and "foreignlib" not in sys.modules

@@ -231,9 +231,9 @@ def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str =
 
 
 def _named_note(names) -> str:
-    return (f"{', '.join(names)}: outside the weights-only allowlist but only named, never built (old Lightning "
-            "checkpoints key their callbacks' states by class): kept as names, nothing imported or run; outputs in "
-            "torch format carry them unchanged")
+    return (f"{', '.join(names)}: outside the weights-only allowlist but only named, never built (a class as a "
+            "value or a key: hyper-parameters like act=nn.ReLU, old Lightning callback states): kept as names, nothing "
+            "imported or run; outputs in torch format carry them unchanged")
 
 
 def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms=()) -> Checkpoint:
