@@ -612,6 +612,11 @@ def test_sharded_index_errors(tmp_path, cli):
         _one_line_error(code, out, err)
     (folder / "model.safetensors.index.json").write_text("{oops")
     _one_line_error(*cli("inspect", folder))
+    with open(folder / "model.safetensors.index.json", "wb") as f:  # 600 MB (sparse): refused unread
+        f.truncate(600 << 20)
+    code, out, err = cli("inspect", folder)
+    _one_line_error(code, out, err)
+    assert "more than any real index holds" in err
     assert not (tmp_path / "o.pt").exists()
 
 

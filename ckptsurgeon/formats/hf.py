@@ -308,11 +308,16 @@ def _component_folders(folder: str) -> list[str]:
     return out
 
 
+MAX_INDEX = 512 << 20  # a weights index larger than this is damaged or hostile (read whole as JSON)
+
+
 def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:
     from ..loading import load_file
 
     folder = os.path.dirname(os.path.abspath(index))
     try:
+        if os.path.getsize(index) > MAX_INDEX:  # DeepSeek-V3's 91,000 tensors: 9 MB
+            raise ValueError(f"{os.path.getsize(index):,} bytes, more than any real index holds")
         with open(index, encoding="utf-8") as f:
             data = json.load(f)
         weight_map = data["weight_map"]
