@@ -114,34 +114,41 @@ def _data_global(module: str, name: str):
     return data_global(f"{module}.{name}")
 
 
-def _refuse_numpy_objects(root) -> None:
-    """NotFastPath if the graph holds a numpy array, scalar or dtype of objects (or numpy 2's
-    variable-width strings): torch.load refuses those, and so must the fast path."""
-    import numpy
-
+def _objects(root):
+    """Every object of an unpickled graph once: containers' items (keys too), tensors' hooks and
+    metadata, recorded calls' arguments and state, other objects' attributes (an inert record)."""
     stack, seen = [root], set()
     while stack:
         o = stack.pop()
-        if id(o) in seen or isinstance(o, (str, bytes, int, float, StorageRef, GlobalRef)) or o is None:
+        if o is None or isinstance(o, (str, bytes, int, float, StorageRef, GlobalRef, type)) or id(o) in seen:
             continue
         seen.add(id(o))
-        dt = o if isinstance(o, numpy.dtype) else getattr(o, "dtype", None) if isinstance(
-            o, (numpy.ndarray, numpy.generic)) else None
-        if dt is not None:
-            if dt.hasobject or type(dt).__name__ == "StringDType":
-                raise NotFastPath(f"numpy.dtypes.{type(dt).__name__}")
-        elif isinstance(o, dict):
+        yield o
+        if isinstance(o, dict):
             stack.extend(o.keys())
             stack.extend(o.values())
         elif isinstance(o, (list, tuple, set, frozenset)):
             stack.extend(o)
         elif isinstance(o, TensorRef):
-            stack.extend((o.hooks, o.metadata, o.param))
-        elif isinstance(o, CallRef):
+            stack.extend((o.hooks, o.metadata, o.param, o.attrs))
+        elif isinstance(o, (CallRef, InertCall)):
+            stack.append(o.func)
             stack.extend(o.args)
             stack.append(o.state)
         elif hasattr(o, "__dict__"):
             stack.extend(vars(o).values())
+
+
+def _refuse_numpy_objects(root) -> None:
+    """NotFastPath if the graph holds a numpy array, scalar or dtype of objects (or numpy 2's
+    variable-width strings): torch.load refuses those, and so must the fast path."""
+    import numpy
+
+    for o in _objects(root):
+        dt = o if isinstance(o, numpy.dtype) else getattr(o, "dtype", None) if isinstance(
+            o, (numpy.ndarray, numpy.generic)) else None
+        if dt is not None and (dt.hasobject or type(dt).__name__ == "StringDType"):
+            raise NotFastPath(f"numpy.dtypes.{type(dt).__name__}")
 
 
 _PLAIN_TENSOR = GlobalRef("torch", "Tensor")
@@ -598,36 +605,11 @@ def refuse_built(root: Any, names) -> None:
     (as without ``names``); classes merely named pass."""
     if "numpy" in sys.modules:
         _refuse_numpy_objects(root)
-    stack, seen = [root], set()
-    while stack:
-        o = stack.pop()
-        if o is None or isinstance(o, (str, bytes, int, float, StorageRef, GlobalRef, type)) or id(o) in seen:
-            continue
-        seen.add(id(o))
+    for o in _objects(root):
         if isinstance(o, InertObject):
             name = f"{o.inert_module}.{o.inert_name}"
             if name in names or any(name.startswith(f"{n}.") for n in names):  # (or a nested name of one)
                 raise NotFastPath(f"{name} (built, not only named)")
-            rec = o._inert
-            stack.extend(rec["args"])
-            stack.extend(rec["kwargs"].values())
-            stack.append(rec["state"])
-            stack.extend(rec["items"])
-            stack.extend(x for kv in rec["dictitems"] for x in kv)
-        elif isinstance(o, InertCall):
-            stack.append(o.func)
-            stack.extend(o.args)
-            stack.append(o.state)
-        elif isinstance(o, dict):
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            stack.extend(o)
-        elif isinstance(o, TensorRef):
-            stack.extend((o.hooks, o.metadata, o.param, o.attrs))
-        elif isinstance(o, CallRef):
-            stack.extend(o.args)
-            stack.append(o.state)
 
 
 _HOOK_LOCK = threading.Lock()
