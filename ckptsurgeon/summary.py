@@ -141,15 +141,19 @@ def looks_like_rng_state(infos: Mapping, state: Mapping) -> bool:
 
 
 def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
-    """Tensors and bytes under each candidate path (from the pickle only)."""
-    out = []
+    """Tensors and bytes under each candidate path (from the pickle only). One mapping under many
+    paths is counted once (a 66 KB file naming one 2,000-tensor mapping 2,000 times took 4 s)."""
+    out, sizes = [], {}
     for name in candidates:
         try:
             node, _ = node_at(wrapper, name.split("/"))
         except (KeyError, TypeError, IndexError, ValueError):
             continue
-        infos = [tensor_info(v) for v in node.values() if is_tensor_like(v)]
-        out.append({"at": name, "tensors": len(infos), "bytes": sum(i["nbytes"] for i in infos)})
+        if id(node) not in sizes:
+            infos = [tensor_info(v) for v in node.values() if is_tensor_like(v)]
+            sizes[id(node)] = (len(infos), sum(i["nbytes"] for i in infos))
+        n, nbytes = sizes[id(node)]
+        out.append({"at": name, "tensors": n, "bytes": nbytes})
     return out
 
 

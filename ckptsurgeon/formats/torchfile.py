@@ -283,11 +283,17 @@ def _is_array(v) -> bool:
     return type(v).__module__ == "numpy" and type(v).__name__ == "ndarray" and v.dtype.kind in "biufc"
 
 
-def _arrays_as_tensors(obj: Any, depth: int = 3) -> tuple[Any, int] | None:
+def _arrays_as_tensors(obj: Any, depth: int = 3, seen: set | None = None) -> tuple[Any, int] | None:
     """``obj`` with each mapping of names to mostly numpy arrays (weights saved as numpy: a
     converted Caffe/TensorFlow/JAX model) holding torch tensors in their place, and how many were
-    converted; None when there is no such mapping. Only the mappings on the way are copied."""
-    if not isinstance(obj, Mapping) or not obj or depth <= 0 or not all(isinstance(k, str) for k in obj):
+    converted; None when there is no such mapping. Only the mappings on the way are copied. A
+    mapping the pickle puts in many places is looked at once (a 99 KB file of 2,000 keys each
+    pointing at one 2,000-key mapping, three deep, was 8 * 10^9 steps)."""
+    seen = set() if seen is None else seen
+    if not isinstance(obj, Mapping) or not obj or depth <= 0 or id(obj) in seen:
+        return None
+    seen.add(id(obj))
+    if not all(isinstance(k, str) for k in obj):
         return None
     n_arrays = sum(1 for v in obj.values() if _is_array(v))
     if n_arrays and n_arrays * 2 >= len(obj):
@@ -299,7 +305,7 @@ def _arrays_as_tensors(obj: Any, depth: int = 3) -> tuple[Any, int] | None:
         return new, sum(1 for v in new.values() if isinstance(v, TensorRef))
     new, total = None, 0
     for k, v in obj.items():
-        got = _arrays_as_tensors(v, depth - 1)
+        got = _arrays_as_tensors(v, depth - 1, seen)
         if got is not None:
             if new is None:
                 new = type(obj)() if type(obj) in (dict, OrderedDict) else OrderedDict()
