@@ -547,6 +547,8 @@ def test_transformer_engine_extra_state_counts_as_module_state(tmp_path, cli):
     assert list(ck.state) == [f"language_model.encoder.{k}" for k in enc]
     torch.save({"layers.0.w": torch.ones(2), "layers.0._extra_state": None, "layers.1._extra_state": None}, tmp_path / "flat.pt")
     assert list(cs.load(tmp_path / "flat.pt").state) == ["layers.0.w", "layers.0._extra_state", "layers.1._extra_state"]
+    code, out, _ = cli("inspect", tmp_path / "te.pt")  # counted, not listed one by one (hundreds in a real model)
+    assert code == 0 and "non-tensor entries (3): 3 module _extra_state entries" in out
 
     # a file is identical to itself; extra state of other bytes, or other bytes of one length, differ
     rep = cs.diff(tmp_path / "te.pt", tmp_path / "te.pt")
