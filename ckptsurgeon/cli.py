@@ -303,13 +303,9 @@ def _print_inspect(info: dict) -> None:
         c.print("norm layers: " + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
     entries = info["non_tensor_entries"]
     if entries:  # (a Megatron model: one Transformer Engine _extra_state per module, hundreds)
-        extra = [e for e in entries if e == "_extra_state" or e.endswith("._extra_state")]
-        shown = [e for e in entries if e not in set(extra)][:10]
-        line = ", ".join(shown) + (f" ... and {len(entries) - len(extra) - len(shown)} more"
-                                   if len(entries) - len(extra) > len(shown) else "")
-        if extra:
-            line += ("; " if shown else "") + f"{len(extra)} module _extra_state entr{'y' if len(extra) == 1 else 'ies'}"
-        c.print(f"non-tensor entries ({len(entries)}): {line}")
+        from .keys import name_list
+
+        c.print(f"non-tensor entries ({len(entries)}): {name_list(entries)}")
     if info.get("nonfinite") is not None:
         bad = info["nonfinite"]
         c.print("NaN/Inf: none" if not bad else "NaN/Inf in: " + ", ".join(

@@ -107,6 +107,19 @@ def unmatched_hint(missing, keys, strip: str = "") -> str:
     return f"top-level modules: {', '.join(top_modules(keys, strip)[:12])}"
 
 
+def name_list(names, limit: int = 10) -> str:
+    """Names for a one-line report: at most ``limit`` named, the rest counted; a module's
+    ``_extra_state`` entries (Transformer Engine: one per module, hundreds in a Megatron model)
+    as one count."""
+    names = list(names)
+    extra = [n for n in names if n == "_extra_state" or n.endswith("._extra_state")]
+    rest = [n for n in names if not (n == "_extra_state" or n.endswith("._extra_state"))]
+    line = ", ".join(rest[:limit]) + (f" ... and {len(rest) - limit} more" if len(rest) > limit else "")
+    if extra:
+        line += ("; " if rest else "") + f"{len(extra)} module _extra_state entr{'y' if len(extra) == 1 else 'ies'}"
+    return line
+
+
 def module_of(key: str) -> str:
     return key.rsplit(".", 1)[0] if "." in key else ""
 

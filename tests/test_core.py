@@ -549,6 +549,8 @@ def test_transformer_engine_extra_state_counts_as_module_state(tmp_path, cli):
     assert list(cs.load(tmp_path / "flat.pt").state) == ["layers.0.w", "layers.0._extra_state", "layers.1._extra_state"]
     code, out, _ = cli("inspect", tmp_path / "te.pt")  # counted, not listed one by one (hundreds in a real model)
     assert code == 0 and "non-tensor entries (3): 3 module _extra_state entries" in out
+    code, out, _ = cli("convert", tmp_path / "te.pt", "-o", tmp_path / "te.safetensors")
+    assert code == 0 and "non-tensor state-dict entries not carried (3): 3 module _extra_state entries" in out
 
     # a file is identical to itself; extra state of other bytes, or other bytes of one length, differ
     rep = cs.diff(tmp_path / "te.pt", tmp_path / "te.pt")

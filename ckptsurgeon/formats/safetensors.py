@@ -9,6 +9,7 @@ from collections import OrderedDict
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
 from ..errors import UnsupportedError
+from ..keys import name_list
 from ..refs import (FileRange, TensorRef, as_ref, check_dense_fits, crc32, file_pieces, holds_tensors, is_tensor_like,
                     plain_form, special_kind, tie_key)
 from ..stfmt import build_header, load_entries
@@ -67,7 +68,7 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
             ref = TensorRef.from_torch(ref.to_torch().contiguous())
         items.append((name, ref))
     if dropped:
-        notes.append(f"non-tensor state-dict entries not carried: {', '.join(dropped)}")
+        notes.append(f"non-tensor state-dict entries not carried ({len(dropped)}): {name_list(dropped)}")
     if tied:
         how = "kept once (dropped aliases)" if dedupe_tied else "written as separate copies"
         notes.append(f"{len(tied)} tied tensor(s) {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8]))
