@@ -71,10 +71,11 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
         notes.append(f"non-tensor state-dict entries not carried ({len(dropped)}): {name_list(dropped)}")
     if tied:
         how = "kept once (dropped aliases)" if dedupe_tied else "written as separate copies"
-        notes.append(f"{len(tied)} tied tensor(s) {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8]))
+        notes.append(f"{len(tied)} tied tensor(s) {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8])
+                     + (f" ... and {len(tied) - 8} more" if len(tied) > 8 else ""))
     other = [k for k in ck.wrapper_keys() if k != (str(ck.sd_path[0]) if ck.sd_path else None)]
     if other:
-        notes.append(f"safetensors holds only tensors: wrapper content not carried: {', '.join(other)}")
+        notes.append(f"safetensors holds only tensors: wrapper content not carried: {name_list(other, 12)}")
     if ck.metadata is not None:
         notes.append("state_dict._metadata (module versions) not carried: safetensors has no place for it")
     return items, notes, tied
