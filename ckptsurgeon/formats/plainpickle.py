@@ -145,6 +145,11 @@ def _arrays_to_tensors(root: Any) -> tuple[Any, int]:
     return convert(root), count
 
 
+def numeric_array(arr) -> bool:
+    """A numpy array of a dtype torch has (not strings, dates, objects): what array_ref makes a tensor."""
+    return type(arr).__name__ == "ndarray" and (arr.dtype.kind, arr.dtype.itemsize) in _DTYPES
+
+
 def array_ref(arr) -> Any:
     """A TensorRef over a numeric numpy array's bytes (little-endian, contiguous); the array
     itself when it holds no numbers (strings, dates, objects)."""

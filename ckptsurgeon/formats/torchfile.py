@@ -98,13 +98,13 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             notes.append("DTensor values (one rank or replicated: each holds the whole tensor) read as plain "
                          "tensors; the device mesh and placements are not carried")
     except NotFastPath as e:
-        inert = unsafe_in(data) if trust_pickle == INERT and not big_endian else []
-        named = unsafe_in(data) if trust_pickle not in (True, INERT) and not big_endian else []
+        unsafe = unsafe_in(data) if trust_pickle is not True else []  # (read from opcodes once)
+        inert = unsafe if trust_pickle == INERT and not big_endian else []
         graph = None
-        if only_nameable(named):  # only named, never built (a class as a dict key): kept as names, nothing imported
-            try:
-                graph = load_refs_naming(data, source, named)
-                notes.append(_named_note(named))
+        if trust_pickle != INERT and not big_endian and only_nameable(unsafe):
+            try:  # only named, never built (a class as a dict key): kept as names, nothing imported
+                graph = load_refs_naming(data, source, unsafe)
+                notes.append(_named_note(unsafe))
             except NotFastPath:
                 graph = None
         if graph is not None:
@@ -121,8 +121,7 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing imported "
                          "or run; outputs in torch format carry them unchanged")
         elif embedded:  # torch.load reads whole files only
-            unsafe = unsafe_in(data)
-            if unsafe and trust_pickle is not True:
+            if unsafe:
                 raise UnsafePickleError(
                     f"{path} ({embedded}) would import globals outside the weights-only allowlist: "
                     f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe, hint=TRUST_HINT)
@@ -201,15 +200,15 @@ def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str =
         graph, _ = load_legacy_refs(path)
         lazy = True
     except NotFastPath as e:
-        inert = unsafe_globals(path) if trust_pickle == INERT else []
-        named = unsafe_globals(path) if trust_pickle not in (True, INERT) else []
+        unsafe = unsafe_globals(path) if trust_pickle is not True else []
+        inert = unsafe if trust_pickle == INERT else []
         graph = None
-        if only_nameable(named):  # only named, never built: kept as names (see pickle_io.load_refs_naming)
-            try:
-                graph, _ = load_legacy_refs(path, inert=named)
-                refuse_built(graph, frozenset(named))
+        if trust_pickle != INERT and only_nameable(unsafe):
+            try:  # only named, never built: kept as names (see pickle_io.load_refs_naming)
+                graph, _ = load_legacy_refs(path, inert=unsafe)
+                refuse_built(graph, frozenset(unsafe))
                 lazy = True
-                notes.append(_named_note(named))
+                notes.append(_named_note(unsafe))
             except NotFastPath:
                 graph = None
         if graph is None and inert:
@@ -280,7 +279,9 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
 
 
 def _is_array(v) -> bool:
-    return type(v).__module__ == "numpy" and type(v).__name__ == "ndarray" and v.dtype.kind in "biufc"
+    from .plainpickle import numeric_array
+
+    return type(v).__module__ == "numpy" and numeric_array(v)
 
 
 def _arrays_as_tensors(obj: Any, depth: int = 3, seen: set | None = None) -> tuple[Any, int] | None:
