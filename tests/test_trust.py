@@ -879,6 +879,75 @@ def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
     check()
 
 
+# (offset, size) of the fields of each zip structure: local header, central directory entry,
+# end of central directory, zip64 end record and locator, data descriptor
+_ZIP_FIELDS = {b"PK\x03\x04": [(4, 2), (6, 2), (8, 2), (14, 4), (18, 4), (22, 4), (26, 2), (28, 2)],
+               b"PK\x01\x02": [(6, 2), (8, 2), (10, 2), (16, 4), (20, 4), (24, 4), (28, 2), (30, 2), (32, 2),
+                               (34, 2), (42, 4)],
+               b"PK\x05\x06": [(4, 2), (6, 2), (8, 2), (10, 2), (12, 4), (16, 4), (20, 2)],
+               b"PK\x06\x06": [(24, 8), (32, 8), (40, 8), (48, 8)],
+               b"PK\x06\x07": [(8, 8), (16, 4)],
+               b"PK\x07\x08": [(4, 4), (8, 4), (12, 4)]}
+
+
+def _zip_fields(blob: bytes):
+    at = blob.find(b"PK")
+    while at >= 0:
+        for off, size in _ZIP_FIELDS.get(blob[at:at + 4], ()):
+            if at + off + size <= len(blob):
+                yield at + off, size
+        at = blob.find(b"PK", at + 2)
+
+
+def test_damaged_zip_headers_never_give_other_tensors(tmp_path):
+    """Every field of every zip structure (sizes, offsets, name and extra lengths, CRCs, counts,
+    flags, versions) set to edge values: a load ends in our own error, or reads exactly the
+    tensors of the undamaged file (headers torch's reader refuses but whose data is intact), and
+    so does a copy written from it (kernel-copied records, CRC-checked). A zip64 file (writer
+    threshold lowered) carries the zip64 records too."""
+    from ckptsurgeon import zipfmt
+
+    torch.manual_seed(0)
+    sd = OrderedDict((f"l{i}.weight", torch.randn(6 + i, 3)) for i in range(3))
+    sd["tied"] = sd["l0.weight"]
+    plain = tmp_path / "plain.pt"
+    torch.save(sd, plain)
+    z64 = tmp_path / "z64.pt"
+    old = zipfmt.ZIP64_AT
+    zipfmt.ZIP64_AT = 0
+    try:
+        cs.save(cs.load(plain), z64)
+    finally:
+        zipfmt.ZIP64_AT = old
+    want = {k: v.clone() for k, v in sd.items()}
+    damaged, out = tmp_path / "d.pt", tmp_path / "o.pt"
+    outcomes = {"error": 0, "same": 0}
+    for src in (plain, z64):
+        blob = src.read_bytes()
+        fields = list(_zip_fields(blob))
+        assert len(fields) > 40
+        for at, size in fields:
+            cur = int.from_bytes(blob[at:at + size], "little")
+            top = (1 << (8 * size)) - 1
+            for new in {0, top, cur + 1, len(blob)} - {cur}:
+                bad = bytearray(blob)
+                bad[at:at + size] = (new & top).to_bytes(size, "little")
+                damaged.write_bytes(bytes(bad))
+                try:
+                    ck = cs.load(damaged)
+                    got = {k: v.to_torch() for k, v in ck.tensor_items()}
+                    cs.save(ck, out, in_place=True)
+                    back = torch.load(out, weights_only=True, mmap=True)
+                except CkptSurgeonError:
+                    outcomes["error"] += 1
+                    continue
+                where = f"{src.name}: field at {at} ({size} B) {cur} -> {new}"
+                assert got.keys() == want.keys() and back.keys() == want.keys(), where
+                assert all(torch.equal(got[k], want[k]) and torch.equal(back[k], want[k]) for k in want), where
+                outcomes["same"] += 1
+    assert outcomes["error"] > 100 and outcomes["same"] > 100, outcomes
+
+
 def test_safe_globals_env_allows_named_data_types(tmp_path, monkeypatch):
     import fractions
 
