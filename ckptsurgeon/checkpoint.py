@@ -142,7 +142,7 @@ class Checkpoint:
         s = self.summary()
         where = "/".join(map(str, self.sd_path)) or "<bare>"
         fmt = self.source.format if self.source else "memory"
-        return (f"<Checkpoint {fmt} state_dict@{where}: {s['tensors']} tensors, "
+        return (f"<Checkpoint {fmt} state_dict@{where}: {dtypes.count(s['tensors'], 'tensor')}, "
                 f"{s['parameters']:,} parameters, {s['bytes']:,} bytes>")
 
     # ---- assembling the object to write
@@ -420,7 +420,7 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
             hint = "save it under a name: torch.save({'name': tensor}, path)"
         elif isinstance(obj, (list, tuple)):
             n = sum(1 for v in obj if is_tensor_like(v))
-            top = f"a {type(obj).__name__} of {len(obj)} items ({n} tensors)"
+            top = f"a {type(obj).__name__} of {dtypes.count(len(obj), 'item')} ({dtypes.count(n, 'tensor')})"
             hint = "save them under names: torch.save({'name': tensor, ...}, path)" if n else None
         else:
             top = type(obj).__name__

@@ -15,7 +15,7 @@ import sys
 import click
 
 from . import __version__
-from .cliutil import echo_notes, emit, human_bytes, json_option, load_options, state, write_options
+from .cliutil import count, echo_notes, emit, human_bytes, json_option, load_options, state, write_options
 from .errors import EXIT_ERROR, CkptSurgeonError
 from .gcpause import freeze_heap
 
@@ -267,7 +267,7 @@ def _print_inspect(info: dict) -> None:
         else:
             c.print("state dict at: none")
         for cand in info["candidate_sizes"][:20]:
-            c.print(f"  {cand['at']}: {cand['tensors']} tensors, {human_bytes(cand['bytes'])}")
+            c.print(f"  {cand['at']}: {count(cand['tensors'], 'tensor')}, {human_bytes(cand['bytes'])}")
         if len(info["candidate_sizes"]) > 20:
             c.print(f"  ... and {len(info['candidate_sizes']) - 20} more")
         echo_notes(info["notes"], c.print)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .dtypes import human_bytes
+from .dtypes import count, human_bytes
 
 
 def state(ctx: click.Context | None = None) -> dict:
@@ -179,11 +179,11 @@ def echo_notes(notes, out: Callable | None = None, indent: str = "") -> None:
 def echo_save(rep: dict) -> None:
     if rep.get("output") is None:
         if rep.get("dry_run"):
-            click.echo(f"dry run: would write {rep.get('tensors', 0)} tensors ({human_bytes(rep.get('bytes', 0))}); "
+            click.echo(f"dry run: would write {count(rep.get('tensors', 0), 'tensor')} ({human_bytes(rep.get('bytes', 0))}); "
                        "no -o given")
         return
     verb = "would write" if rep.get("dry_run") else "wrote"
-    click.echo(f"{verb} {rep['output']} ({rep.get('format')}, {rep.get('tensors', 0)} tensors, "
+    click.echo(f"{verb} {rep['output']} ({rep.get('format')}, {count(rep.get('tensors', 0), 'tensor')}, "
                f"{human_bytes(rep.get('bytes', 0))})")
     echo_notes(rep.get("notes"), indent="  ")
 

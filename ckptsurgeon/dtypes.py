@@ -95,6 +95,11 @@ def dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: "1 tensor", "2 tensors", "1,024 keys"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def human_bytes(n: float) -> str:
     """A byte count as people read it: ``12 B``, ``3.1 MiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):

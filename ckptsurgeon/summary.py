@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from .checkpoint import (_RNG_KEYS, RNG_NOTE, Checkpoint, describe_optimizer, describe_training_state, node_at,
                          tensor_info)
+from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
@@ -53,9 +54,9 @@ def describe_value(v: Any) -> str:
             text = "{" + ", ".join(f"{k}: {x!r}" for k, x in v.items()) + "}"
             if len(text) <= 120:
                 return text
-        return f"dict ({len(v)} keys)"
+        return f"dict ({count(len(v), 'key')})"
     if isinstance(v, (list, tuple)):
-        return f"{type(v).__name__} ({len(v)} items)"
+        return f"{type(v).__name__} ({count(len(v), 'item')})"
     if isinstance(v, InertObject) or (isinstance(v, type) and issubclass(v, InertObject)):
         what = v if isinstance(v, type) else type(v)
         return f"{what.inert_module}.{what.inert_name} ({'class, ' if v is what else ''}inert)"

@@ -17,6 +17,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, Walk, plain
+from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import EXIT_FINDING, SelectionError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.refs import TensorRef, check_dense_fits, is_tensor_like
@@ -511,8 +512,8 @@ def _human(r: dict) -> None:
     from rich.table import Table
 
     c = cliutil.console()
-    c.print(f"A: {r['a']['path']} ({r['a']['format']}, {r['a']['tensors']} tensors)")
-    c.print(f"B: {r['b']['path']} ({r['b']['format']}, {r['b']['tensors']} tensors)")
+    c.print(f"A: {r['a']['path']} ({r['a']['format']}, {count(r['a']['tensors'], 'tensor')})")
+    c.print(f"B: {r['b']['path']} ({r['b']['format']}, {count(r['b']['tensors'], 'tensor')})")
     if r["alignment"]["applied"]:
         cliutil.echo_notes([r["alignment"]["note"]], c.print)
     for label, items in (("only in A", r["only_in_a"]), ("only in B", r["only_in_b"])):
@@ -535,7 +536,7 @@ def _human(r: dict) -> None:
                 c.print(f"dtype: {x['name']}: {da} -> {db}{_value_change(x)}")
         else:  # a whole model cast: one line, the largest change named
             worst = max(xs, key=lambda x: x.get("rel_l2") or 0)
-            c.print(f"dtype: {len(xs)} tensors {da} -> {db}" + (
+            c.print(f"dtype: {count(len(xs), 'tensor')} {da} -> {db}" + (
                 f"; values: largest rel L2 {100 * worst['rel_l2']:.3g}% ({worst['name']}), "
                 f"max|a-b| {max(x.get('max_abs') or 0 for x in xs):.3g}" if worst.get("rel_l2") is not None else ""))
     if r["changed"]:

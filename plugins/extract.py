@@ -6,6 +6,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select, unmatched_hint
 from ckptsurgeon.transform import keep_keys, rename_keys
@@ -89,10 +90,10 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
 
 
 def _human(r: dict) -> None:
-    click.echo(f"kept {r['kept']} tensors ({r['parameters']:,} parameters, {cliutil.human_bytes(r['bytes'])}); "
+    click.echo(f"kept {count(r['kept'], 'tensor')} ({count(r['parameters'], 'parameter')}, {cliutil.human_bytes(r['bytes'])}); "
                f"left out {r['left_out']}")
     for p, n in r["patterns"].items():
-        click.echo(f"  {p!r}: {n} keys")
+        click.echo(f"  {p!r}: {count(n, 'key')}")
     cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])
 

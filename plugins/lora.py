@@ -28,7 +28,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
-from ckptsurgeon.dtypes import PLAIN_FLOATS
+from ckptsurgeon.dtypes import PLAIN_FLOATS, count
 from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.layout import assembled_ref, cast_ref
@@ -404,7 +404,7 @@ def _from_kohya(ad: Checkpoint, config: dict, base_keys: list[str]) -> tuple[Che
             alphas[mod] = alpha
     if unmatched:
         name, found = unmatched[0]
-        why = f"matches {len(found)} modules ({', '.join(found[:3])})" if found else "matches no module of the base"
+        why = f"matches {count(len(found), 'module')} ({', '.join(found[:3])})" if found else "matches no module of the base"
         raise SelectionError(f"kohya LoRA module {name} {why}"
                              + (f" ({len(unmatched)} such modules)" if len(unmatched) > 1 else ""),
                              hint="is this the base model the LoRA was trained on? (an SD 1.x/2.x LoRA merges "
@@ -620,7 +620,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         report["alpha_is_rank"] = True
     ema = sum(k.startswith("model_ema.") for k in base_keys)
     if ema and any(k.startswith("model.diffusion_model.") for k in changed):
-        report["notes"] = [f"the file also holds an EMA copy of the UNet (model_ema.*, {ema} tensors), left as it "
+        report["notes"] = [f"the file also holds an EMA copy of the UNet (model_ema.*, {count(ema, 'tensor')}), left as it "
                            "is: Stable Diffusion tools run the non-EMA weights unless told to use the EMA ones"]
     source = base.source
     if source is not None and ad.source is not None:  # an output over the adapter needs --in-place too

@@ -6,6 +6,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, drop_inner_wrappers, inner_wrappers, prefix_report
 from ckptsurgeon.transform import rename_keys
@@ -116,14 +117,14 @@ def _human(report: dict) -> None:
     if op == "strip-prefix":
         how = "detected" if report["detected"] else "given"
         if report["prefix"]:
-            click.echo(f"stripped {how} prefix {report['prefix']!r} from {report['renamed']} keys"
-                       + (f" ({report['unchanged']} keys without it kept)" if report["unchanged"] else ""))
+            click.echo(f"stripped {how} prefix {report['prefix']!r} from {count(report['renamed'], 'key')}"
+                       + (f" ({count(report['unchanged'], 'key')} without it kept)" if report["unchanged"] else ""))
         if report.get("inner"):
-            parts = ", ".join(f"{p!r} ({n} keys)" for p, n in sorted(report["inner"].items()))
+            parts = ", ".join(f"{p!r} ({count(n, 'key')})" for p, n in sorted(report["inner"].items()))
             click.echo(f"dropped inner wrapper component(s) {parts}: submodules wrapped on their own "
                        "(torch.compile per block, FSDP/activation-checkpoint wrappers)")
     else:
-        click.echo(f"added prefix {report['prefix']!r} to {report['renamed']} keys")
+        click.echo(f"added prefix {report['prefix']!r} to {count(report['renamed'], 'key')}")
     cliutil.echo_notes(report.get("notes"))
     cliutil.echo_save(report["save"])
 

@@ -10,6 +10,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.transform import rename_keys
 from ckptsurgeon.types import Operation
@@ -151,7 +152,7 @@ LIST_MAX = 40  # renames printed in full by a real run; above this, the first ha
 
 def _human(report: dict) -> None:
     for r in report["rules"]:
-        click.echo(f"rule {r['pattern']!r} => {r['replacement']!r}: {r['matched']} keys")
+        click.echo(f"rule {r['pattern']!r} => {r['replacement']!r}: {count(r['matched'], 'key')}")
     mapping = list(report["mapping"].items())
     # a review (--dry-run) lists every rename; a real run on a large model shows a sample
     shown = mapping if report["save"].get("dry_run") or len(mapping) <= LIST_MAX else mapping[:LIST_MAX // 2]
@@ -159,7 +160,7 @@ def _human(report: dict) -> None:
         click.echo(f"  {old} -> {new}")
     if len(shown) < len(mapping):
         click.echo(f"  ... and {len(mapping) - len(shown)} more (every rename: --dry-run, or --json)")
-    click.echo(f"{report['renamed']} keys renamed")
+    click.echo(f"{count(report['renamed'], 'key')} renamed")
     cliutil.echo_notes(report.get("notes"))
     cliutil.echo_save(report["save"])
 

@@ -256,7 +256,7 @@ def test_a_bare_tensor_or_list_is_named_with_the_way_out(tmp_path, cli):
 
     torch.save(torch.zeros(2, 3), tmp_path / "bare.pt")
     torch.save([torch.ones(2), 3], tmp_path / "list.pt")
-    for name, says in (("bare.pt", "one tensor [2, 3] float32"), ("list.pt", "a list of 2 items (1 tensors)")):
+    for name, says in (("bare.pt", "one tensor [2, 3] float32"), ("list.pt", "a list of 2 items (1 tensor)")):
         code, _, err = cli("convert", tmp_path / name, "-o", tmp_path / "x.safetensors")
         assert code == 2 and says in err and "torch.save({'name'" in err and "TensorRef" not in err, err
 

@@ -464,3 +464,19 @@ def test_rename_of_a_large_model_prints_a_sample_and_a_dry_run_every_rename(tmp_
     assert code == 0 and len(json.loads(out)["mapping"]) == 100
     code, out, err = cli("rename", src, "-o", tmp_path / "o2.pt", "--map", r"^module\.l([0-9])\.=>x\1.")
     assert code == 0 and sum(" -> " in line for line in out.splitlines()) == 10 and "more" not in out, out
+
+
+def test_report_lines_count_one_in_the_singular(tmp_path, cli):
+    sd = OrderedDict([("module.a.weight", torch.ones(2)), ("module.b.weight", torch.ones(3))])
+    path = tmp_path / "m.pt"
+    torch.save(sd, path)
+    code, out, err = cli("extract", path, "--layers", "module.a", "-o", tmp_path / "x.pt")
+    assert code == 0, err
+    assert "kept 1 tensor (2 parameters" in out and "'module.a': 1 key\n" in out and "(torch-zip, 1 tensor," in out
+    code, out, err = cli("rename", path, "--map", r"a\.=>c.", "-o", tmp_path / "r.pt")
+    assert code == 0, err
+    assert ": 1 key\n" in out and "1 key renamed" in out
+    code, out, err = cli("strip-prefix", path, "-o", tmp_path / "s.pt")
+    assert code == 0 and "from 2 keys" in out and "(torch-zip, 2 tensors," in out, out + err
+    count = cs.dtypes.count
+    assert (count(0, "key"), count(1, "key"), count(12345, "tensor")) == ("0 keys", "1 key", "12,345 tensors")

@@ -665,7 +665,7 @@ def test_sd1_kohya_lora_merges_into_a_single_file_checkpoint(tmp_path, cli):
     want = load_file(tmp_path / "m" / "diffusion_pytorch_model.safetensors")
     code, out, err = cli("merge-lora", tmp_path / "single.safetensors", tmp_path / "sd1_lora.safetensors",
                          "-o", tmp_path / "m.safetensors")
-    assert code == 0 and "EMA copy of the UNet (model_ema.*, 1 tensors), left as it is" in out, out + err
+    assert code == 0 and "EMA copy of the UNet (model_ema.*, 1 tensor), left as it is" in out, out + err
     got = load_file(tmp_path / "m.safetensors")
     assert set(got) == set(ldm)
     for k, v in _as_ldm(want).items():

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from ..checkpoint import Checkpoint, Source
+from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import InertPrefix, NotFastPath, load_refs
 from ..layout import concat_ref
@@ -219,7 +220,7 @@ def consolidate(folder: str, files: dict[str, list[str]], trust_pickle=False) ->
             state[alias] = state[target]
     order = [k for k in module if k in state] + [k for k in state if k not in module]
     state = OrderedDict((k, state[k]) for k in order)
-    note = (f"DeepSpeed ZeRO-{stage} checkpoint: {len(state)} tensors put together from {world} ranks' fp32 "
+    note = (f"DeepSpeed ZeRO-{stage} checkpoint: {count(len(state), 'tensor')} put together from {world} ranks' fp32 "
             "partitions (as zero_to_fp32.py does: trainable parameters fp32, frozen ones and buffers as saved)")
     every = models + optims
     src = Source(path=folder, format=f"deepspeed-zero{stage}", size=sum(os.path.getsize(p) for p in every),
