@@ -31,11 +31,16 @@ SAFE_GLOBALS_ENV = "CKPT_SURGEON_SAFE_GLOBALS"
 #: ``collections.defaultdict`` (a metrics history: ``defaultdict(list)``) pickles its default
 #: factory by name: the builtin container and number types are allowed as such (calling one makes
 #: an empty list/dict/set or a 0), so such a history loads; any other factory stays refused.
+#: Timestamps and durations a training loop records (``datetime`` from bytes or numbers; a fixed
+#: ``timezone`` from a timedelta: any other tzinfo class stays refused), ``decimal.Decimal`` from
+#: a string, ``collections.deque`` (a metrics window) from items and a length, ``uuid.UUID`` (a
+#: run id) from an integer: each is built from plain values by its own constructor.
 DATA_GLOBALS = ("argparse.Namespace", "pathlib.PosixPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
                 "pathlib._local.PosixPath", "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath",
                 "builtins.frozenset", "builtins.slice", "_io.BytesIO",
                 "collections.defaultdict", "builtins.list", "builtins.dict", "builtins.set", "builtins.int",
-                "builtins.float")
+                "builtins.float", "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta",
+                "datetime.timezone", "decimal.Decimal", "collections.deque", "uuid.UUID")
 
 #: numpy numbers, which resume checkpoints are full of: ``np.random.get_state()`` (a uint32
 #: array), metrics and epochs as numpy scalars. An array is rebuilt from a shape, a dtype and raw

@@ -1000,6 +1000,54 @@ def test_plain_data_types_of_training_scripts_load_by_default(tmp_path, cli):
     _assert_refused(tmp_path / "evil.pt", "system", canary)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_timestamps_decimals_deques_and_uuids_load_by_default(tmp_path, cli, legacy):
+    """What a training loop records beside the weights -- when it saved (datetime, with a fixed
+    UTC offset too), how long it ran (timedelta), a Decimal, a metrics window (deque), a run id
+    (UUID) -- torch.load(weights_only=True) refuses; they are read by default (torch-free for a
+    zip), kept when written back, and compared by diff. A tzinfo of another class (zoneinfo, which
+    reads the system's tz database) stays refused."""
+    import collections
+    import datetime
+    import decimal
+    import uuid
+
+    offset = datetime.timezone(datetime.timedelta(hours=-5))
+    extra = {"saved": datetime.datetime(2026, 11, 28, 9, 30, 5, 120), "utc": datetime.datetime(2026, 1, 1, tzinfo=offset),
+             "day": datetime.date(2026, 1, 2), "at": datetime.time(3, 4, 5), "ran": datetime.timedelta(hours=7, seconds=3),
+             "lr": decimal.Decimal("0.0003"), "window": collections.deque([0.5, 0.25], maxlen=20),
+             "run": uuid.UUID(int=0x1234)}
+    sd = OrderedDict([("module.l.weight", torch.randn(2, 2))])
+    p = tmp_path / "resume.pt"
+    torch.save({"state_dict": sd, "meta": extra}, p, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(Exception):
+        torch.load(p, weights_only=True)
+    ck = cs.load(p)
+    assert ck.wrapper["meta"] == extra and ck.wrapper["meta"]["window"].maxlen == 20
+    assert ck.source.lazy  # the torch-free reader, legacy files too
+    assert cs.scan(str(p))["unsafe"] == []
+    code, _, err = cli("strip-prefix", p, "-o", tmp_path / "s.pt")
+    assert code == 0, err
+    back = torch.load(tmp_path / "s.pt", weights_only=False)
+    assert back["meta"] == extra and list(back["state_dict"]) == ["l.weight"]
+    code, out, err = cli("diff", p, tmp_path / "s.pt")
+    assert code == 0 and "identical" in out, out + err
+    changed = dict(extra, saved=datetime.datetime(2026, 11, 29))
+    torch.save({"state_dict": sd, "meta": changed}, tmp_path / "later.pt")
+    code, out, err = cli("diff", p, tmp_path / "later.pt")
+    assert code == 1 and "saved" in out, out + err
+
+    import zoneinfo
+
+    try:
+        zone = zoneinfo.ZoneInfo("UTC")
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip("no tz database here")
+    torch.save({"w": torch.ones(1), "t": datetime.datetime(2026, 1, 1, tzinfo=zone)}, tmp_path / "zone.pt")
+    code, _, err = cli("inspect", tmp_path / "zone.pt")
+    assert code == 2 and "zoneinfo.ZoneInfo" in err
+
+
 def test_builtin_containers_stay_on_the_fast_path(tmp_path):
     """Protocol-2 pickles (torch.save's) name builtins the Python 2 way (``__builtin__ set``): the
     torch-free unpickler maps them as pickle does, so sets, Counters, bytearrays, complex numbers
