@@ -319,9 +319,17 @@ def _is_extra_state(k: str, v: Any) -> bool:
 _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".tar")
 
 
+def _wraps_named_weights(obj: Mapping) -> bool:
+    """A wrapper that passes for a state dict by its own values -- as many tensors (an RNG state,
+    a mask) as other entries, ``{"state_dict": sd, "rng_state": t}`` -- but holds the weights under
+    a name training scripts give a state dict."""
+    return any(k in PRIMARY_KEYS or k in EMA_KEYS for k, v in obj.items()
+               if isinstance(k, str) and isinstance(v, Mapping) and (is_state_dict(v) or is_tensor_tree(v)))
+
+
 def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
     """Every path (tuple of keys) inside ``obj`` that holds a state dict."""
-    if is_state_dict(obj):
+    if is_state_dict(obj) and not _wraps_named_weights(obj):
         return [()]
     found: list[tuple] = []
     verdicts: dict[int, bool] = {}  # per object: a pickle can put one mapping under many keys

@@ -428,6 +428,28 @@ def test_wrapper_detection_and_key(tmp_path):
         cs.load(tmp_path / "gan.pt", key="nothere")
 
 
+
+def test_a_wrapper_with_as_many_own_tensors_as_other_entries(tmp_path, cli):
+    """{"state_dict": sd, "rng_state": torch.get_rng_state()}: half its values are tensors, so it
+    passed for a state dict holding one uint8 tensor (and the model's weights as a non-tensor
+    entry). A state dict under a name training scripts give one makes it a wrapper; a plain
+    state dict with a few other values stays one."""
+    sd = OrderedDict([("module.conv.weight", torch.randn(2, 3)), ("module.conv.bias", torch.randn(2))])
+    for extra in ({"rng_state": torch.get_rng_state()}, {"mask": torch.ones(3, dtype=torch.bool)},
+                  {"rng_state": torch.get_rng_state(), "model_ema": sd}):
+        for name in ("state_dict", "model", "model_state_dict"):
+            path = tmp_path / f"{name}.pt"
+            torch.save({name: sd, **extra}, path)
+            ck = cs.load(path)
+            assert ck.sd_path == (name,) and list(ck.state) == list(sd), (name, extra)
+            code, _, err = cli("strip-prefix", path, "-o", tmp_path / "s.pt")
+            assert code == 0, err
+            back = torch.load(tmp_path / "s.pt", weights_only=True)
+            assert list(back[name]) == ["conv.weight", "conv.bias"] and torch.equal(back[name]["conv.bias"], sd["module.conv.bias"])
+            assert all(torch.equal(back[k], v) for k, v in extra.items() if torch.is_tensor(v))
+    torch.save({"a.weight": torch.ones(2), "epoch": 3}, tmp_path / "flat.pt")
+    assert cs.load(tmp_path / "flat.pt").sd_path == ()
+
 def test_state_dict_inside_a_top_level_tuple_or_list(tmp_path, cli):
     """torch.save((model.state_dict(), extra)) and torch.save([sd]): found, written back as the
     same tuple/list, the rest compared by diff."""
