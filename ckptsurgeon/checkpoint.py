@@ -319,17 +319,48 @@ def _is_extra_state(k: str, v: Any) -> bool:
 _FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".tar")
 
 
-def _wraps_named_weights(obj: Mapping) -> bool:
+def _wraps_weights(obj: Mapping) -> bool:
     """A wrapper that passes for a state dict by its own values -- as many tensors (an RNG state,
-    a mask) as other entries, ``{"state_dict": sd, "rng_state": t}`` -- but holds the weights under
-    a name training scripts give a state dict."""
-    return any(k in PRIMARY_KEYS or k in EMA_KEYS for k, v in obj.items()
-               if isinstance(k, str) and isinstance(v, Mapping) and (is_state_dict(v) or is_tensor_tree(v)))
+    a mask, a step count) as other entries, ``{"state_dict": sd, "rng_state": t}`` -- but holds
+    the weights in a mapping one or two levels down: under a name training scripts give a state
+    dict, or at least as many tensors as its own. A module's ``_extra_state`` is part of it."""
+    direct = sum(1 for v in obj.values() if is_tensor_like(v))
+    seen: set[int] = set()
+    level = list(obj.items())
+    for depth in range(2):
+        below = []
+        for k, v in level:
+            if not isinstance(v, Mapping) or id(v) in seen or _is_extra_state(str(k), None):
+                continue
+            seen.add(id(v))
+            if is_state_dict(v) or is_tensor_tree(v):
+                if (depth == 0 and (k in PRIMARY_KEYS or k in EMA_KEYS)) or _count_tensors(v) >= direct:
+                    return True
+            else:
+                below.extend(v.items())
+        level = below
+    return False
+
+
+def _count_tensors(weights: Mapping) -> int:
+    """Tensors of a state dict (its own values) or of a tensor tree (its leaves; each mapping once)."""
+    if is_state_dict(weights):
+        return sum(1 for v in weights.values() if is_tensor_like(v))
+    n, stack, seen = 0, [weights], {id(weights)}
+    while stack:
+        for v in stack.pop().values():
+            if isinstance(v, Mapping):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    stack.append(v)
+            else:
+                n += is_tensor_like(v)
+    return n
 
 
 def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
     """Every path (tuple of keys) inside ``obj`` that holds a state dict."""
-    if is_state_dict(obj) and not _wraps_named_weights(obj):
+    if is_state_dict(obj) and not _wraps_weights(obj):
         return [()]
     found: list[tuple] = []
     verdicts: dict[int, bool] = {}  # per object: a pickle can put one mapping under many keys
@@ -337,7 +368,7 @@ def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
 
     def holds_weights(v) -> bool:
         if id(v) not in verdicts:  # a nested state dict is one candidate, not its parts
-            verdicts[id(v)] = is_state_dict(v) or is_tensor_tree(v)
+            verdicts[id(v)] = (is_state_dict(v) and not _wraps_weights(v)) or is_tensor_tree(v)
         return verdicts[id(v)]
 
     def walk(node, path):

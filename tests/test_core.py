@@ -447,8 +447,18 @@ def test_a_wrapper_with_as_many_own_tensors_as_other_entries(tmp_path, cli):
             back = torch.load(tmp_path / "s.pt", weights_only=True)
             assert list(back[name]) == ["conv.weight", "conv.bias"] and torch.equal(back[name]["conv.bias"], sd["module.conv.bias"])
             assert all(torch.equal(back[k], v) for k, v in extra.items() if torch.is_tensor(v))
-    torch.save({"a.weight": torch.ones(2), "epoch": 3}, tmp_path / "flat.pt")
-    assert cs.load(tmp_path / "flat.pt").sd_path == ()
+    t = torch.ones(2)
+    layouts = [  # (saved, where the state dict is)
+        ({"a.weight": t, "epoch": 3}, ()),  # a state dict with a few other values stays one
+        ({"checkpoint": {"state_dict": sd, "rng": t}, "epoch": 1}, ("checkpoint", "state_dict")),  # one level down
+        ({"state": {"model": sd, "optimizer": {}}, "rng": t}, ("state", "model")),  # two levels down
+        ({"generator": sd, "step": torch.tensor(5)}, ("generator",)),  # more tensors below than its own
+        ({"w1": t, "w2": t, "w3": t, "aux": {"x": t}}, ()),  # fewer below than its own
+        ({"weight": t, "_extra_state": {"a": t, "b": t}}, ()),  # a module's extra state is part of it
+    ]
+    for saved, where in layouts:
+        torch.save(saved, tmp_path / "x.pt")
+        assert cs.load(tmp_path / "x.pt").sd_path == where, saved
 
 def test_state_dict_inside_a_top_level_tuple_or_list(tmp_path, cli):
     """torch.save((model.state_dict(), extra)) and torch.save([sd]): found, written back as the
