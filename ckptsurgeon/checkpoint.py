@@ -468,8 +468,13 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
         return candidates[0], candidates
     if () in candidates:
         return (), candidates
-    top_level = [c for c in candidates if len(c) == 1]
-    primary = [c for c in candidates if str(c[-1]) in PRIMARY_KEYS]
+    # an optimizer's per-parameter states (exp_avg, exp_avg_sq: tensors by name) look like state
+    # dicts: beside a model's, they are not what is meant ({"my_net": sd, "optim": opt.state_dict()})
+    pool = [c for c in candidates if not _in_optimizer_state(obj, c)] or candidates
+    if len(pool) == 1:
+        return pool[0], candidates
+    top_level = [c for c in pool if len(c) == 1]
+    primary = [c for c in pool if str(c[-1]) in PRIMARY_KEYS]
     if len(primary) > 1:
         # prefer the shallowest, then the most specific name
         primary.sort(key=lambda c: (len(c), PRIMARY_KEYS.index(str(c[-1]))))
@@ -477,10 +482,10 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
             primary = primary[:1]
     if len(primary) == 1:
         return primary[0], candidates
-    ema = [c for c in candidates if str(c[-1]) in EMA_KEYS]
+    ema = [c for c in pool if str(c[-1]) in EMA_KEYS]
     if not primary and len(ema) == 1 and len(top_level) <= 1:
         return ema[0], candidates
-    names = [path_str(c) for c in candidates]
+    names = [path_str(c) for c in pool]
     optimizer = describe_optimizer(obj, candidates)
     if optimizer:
         raise AmbiguousStateDictError(f"{optimizer}; its per-parameter states: {', '.join(names[:8])}"
@@ -489,6 +494,17 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     raise AmbiguousStateDictError(
         f"several state dicts in the checkpoint: {', '.join(names)}",
         candidates=names, hint="choose one with --key (API: key=...)")
+
+
+def _in_optimizer_state(obj: Any, path: tuple) -> bool:
+    """Whether ``path`` goes through the ``state`` of a torch.optim state dict ('state' beside
+    'param_groups')."""
+    node = obj
+    for part in path:
+        if part == "state" and isinstance(node, Mapping) and "param_groups" in node:
+            return True
+        node = node[part] if isinstance(node, (Mapping, list, tuple)) else None
+    return False
 
 
 def describe_optimizer(obj: Any, candidates: list[tuple]) -> str | None:

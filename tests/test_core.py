@@ -460,6 +460,28 @@ def test_a_wrapper_with_as_many_own_tensors_as_other_entries(tmp_path, cli):
         torch.save(saved, tmp_path / "x.pt")
         assert cs.load(tmp_path / "x.pt").sd_path == where, saved
 
+def test_optimizer_states_beside_a_model_are_not_candidates(tmp_path, cli):
+    """An optimizer's per-parameter states (exp_avg, exp_avg_sq by name) look like state dicts:
+    beside a model's state dict under a name of the script's own they made the file ambiguous
+    ("my_net, optim/state/0, optim/state/1"). The model's is chosen; two models still need --key,
+    named without the optimizer's states; an optimizer alone is still described as one."""
+    m = torch.nn.Linear(3, 3)
+    opt = torch.optim.Adam(m.parameters())
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    torch.save({"my_net": m.state_dict(), "optim": opt.state_dict(), "epoch": 1}, tmp_path / "custom.pt")
+    ck = cs.load(tmp_path / "custom.pt")
+    assert ck.sd_path == ("my_net",) and list(ck.state) == ["weight", "bias"]
+    assert "optim/state/0" in ck.candidates  # still there for --key
+    assert cs.load(tmp_path / "custom.pt", key="optim/state/0").sd_path == ("optim", "state", 0)
+    torch.save({"student": m.state_dict(), "teacher": m.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "dino.pt")
+    code, _, err = cli("strip-prefix", tmp_path / "dino.pt", "-o", tmp_path / "x.pt")
+    assert code == 2 and "several state dicts in the checkpoint: student, teacher (" in err, err
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    code, out, err = cli("inspect", tmp_path / "opt.pt")
+    assert "an optimizer's state dict" in out + err, out + err
+
+
 def test_state_dict_inside_a_top_level_tuple_or_list(tmp_path, cli):
     """torch.save((model.state_dict(), extra)) and torch.save([sd]): found, written back as the
     same tuple/list, the rest compared by diff."""
