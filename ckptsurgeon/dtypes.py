@@ -95,9 +95,9 @@ def dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
-def count(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless one: "1 tensor", "2 tensors", "1,024 keys"."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless one: "1 tensor", "2 tensors", "1,024 keys", "3 biases"."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
 
 
 def human_bytes(n: float) -> str:

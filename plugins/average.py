@@ -12,7 +12,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
-from ckptsurgeon.dtypes import FLOATING
+from ckptsurgeon.dtypes import FLOATING, count
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.layout import assembled_ref
@@ -141,9 +141,9 @@ def _mean(refs, share, dtype: str):
 
 def _human(r: dict) -> None:
     w = ", ".join(f"{x:.4g}" for x in r["weights"])
-    click.echo(f"averaged {r['averaged']} tensor(s) over {r['inputs']} checkpoints (weights {w})")
+    click.echo(f"averaged {count(r['averaged'], 'tensor')} over {r['inputs']} checkpoints (weights {w})")
     if r["kept_from_first"]:
-        click.echo(f"kept {r['kept_from_first']} tensor(s) from the first as they are (integer, quantized, float8/4, "
+        click.echo(f"kept {count(r['kept_from_first'], 'tensor')} from the first as they were (integer, quantized, float8/4, "
                    "complex or sparse: not averaged)")
     cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])

@@ -9,7 +9,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
-from ckptsurgeon.dtypes import PLAIN_FLOATS, plain_float
+from ckptsurgeon.dtypes import PLAIN_FLOATS, count, plain_float
 from ckptsurgeon.errors import SelectionError
 from ckptsurgeon.keys import detect_prefix, parse_patterns, select, unmatched_hint
 from ckptsurgeon.layout import cast_ref
@@ -102,9 +102,9 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
 
 def _human(r: dict) -> None:
     for c in r["cast"]:
-        click.echo(f"cast {c['tensors']} tensor(s) {c['from']} -> {c['to']}")
+        click.echo(f"cast {count(c['tensors'], 'tensor')} {c['from']} -> {c['to']}")
     for why, n in r["left"].items():
-        click.echo(f"left {n} tensor(s) as they are: {why}")
+        click.echo(f"left {count(n, 'tensor')} as {'it is' if n == 1 else 'they are'}: {why}")
     click.echo(f"tensor bytes {cliutil.human_bytes(r['bytes_before'])} -> {cliutil.human_bytes(r['bytes_after'])}")
     if r["wrapper_untouched"]:
         cliutil.echo_notes([f"wrapper entries kept as they are (optimizer state included): "

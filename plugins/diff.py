@@ -416,14 +416,16 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     if identical:
         verdict = "identical: every tensor is bitwise equal and the other content matches"
         if tied_a or tied_b:
-            verdict += f" ({len(tied_a) + len(tied_b)} tied name(s) stored on one side only)"
+            verdict += f" ({count(len(tied_a) + len(tied_b), 'tied name')} stored on one side only)"
     elif not differences:
-        verdict = f"equal within tolerance (atol={atol}, rtol={rtol}): {len(close)} tensor(s) differ slightly"
+        verdict = (f"equal within tolerance (atol={atol}, rtol={rtol}): {count(len(close), 'tensor')} "
+                   f"differ{'s' if len(close) == 1 else ''} slightly")
     else:
-        found = [(changed, "tensor(s) changed"), (shape_changed, "shape change(s)"),
-                 (dtype_changed, "dtype change(s)"), (renamed, "rename(s)"), (only_a, "only in A"),
-                 (only_b, "only in B")]
-        bits = [f"{len(items)} {label}" for items, label in found if items]
+        found = [(changed, "tensor", " changed"), (shape_changed, "shape change", ""),
+                 (dtype_changed, "dtype change", ""), (renamed, "rename", ""), (only_a, "", "only in A"),
+                 (only_b, "", "only in B")]
+        bits = [(count(len(items), noun) if noun else str(len(items))) + (f" {what}" if not noun else what)
+                for items, noun, what in found if items]
         verdict = "different: " + ", ".join(bits + (["other content differs"] if other_differs else []))
     return {
         "schema": SCHEMA,

@@ -1000,10 +1000,10 @@ def _human_extract(r: dict) -> None:
     n = len(r["low_rank"])
     if n:
         worst = max(r["low_rank"], key=lambda e: e["rel_error"])
-        click.echo(f"{n} changed weight(s) as rank-{r['rank']} LoRA updates; largest relative error "
+        click.echo(f"{count(n, 'changed weight')} as rank-{r['rank']} LoRA updates; largest relative error "
                    f"{worst['rel_error']:.3g} ({worst['module']})")
     if r["modules_to_save"]:
-        click.echo(f"{len(r['modules_to_save'])} changed module(s) kept whole (modules_to_save): "
+        click.echo(f"{count(len(r['modules_to_save']), 'changed module')} kept whole (modules_to_save): "
                    + ", ".join(r["modules_to_save"][:6]) + (" ..." if len(r["modules_to_save"]) > 6 else ""))
     if r["alignment"].get("applied"):
         cliutil.echo_notes([r["alignment"]["note"]])
@@ -1013,7 +1013,7 @@ def _human_extract(r: dict) -> None:
 def _human(r: dict) -> None:
     kinds = ", ".join(f"{n} {k}" for k, n in r["by_kind"].items())
     weights = sum(len(e.get("weights", (e["weight"],))) for e in r["merged"])
-    click.echo(f"merged LoRA into {weights} weight(s) ({kinds})"
+    click.echo(f"merged LoRA into {count(weights, 'weight')} ({kinds})"
                + (f" at scale {r['scale']}" if r["scale"] != 1.0 else ""))
     scalings = sorted({e["scaling"] for e in r["merged"]})
     if scalings:
@@ -1021,9 +1021,9 @@ def _human(r: dict) -> None:
                    + ", ".join(f"{s:g}" for s in scalings[:6]) + (" ..." if len(scalings) > 6 else ""))
     biases = sum("bias" in e for e in r["merged"])
     if biases:
-        click.echo(f"  and {biases} bias(es) (lora_bias)")
+        click.echo(f"  and {count(biases, 'bias', 'biases')} (lora_bias)")
     if r["replaced"]:
-        click.echo(f"took {len(r['replaced'])} tensor(s) whole from the adapter (modules_to_save, saved base layers): "
+        click.echo(f"took {count(len(r['replaced']), 'tensor')} whole from the adapter (modules_to_save, saved base layers): "
                    f"{', '.join(r['replaced'][:6])}" + (" ..." if len(r["replaced"]) > 6 else ""))
     if r["alignment"].get("applied"):
         cliutil.echo_notes([r["alignment"]["note"]])
@@ -1034,7 +1034,7 @@ def _human(r: dict) -> None:
         cliutil.echo_notes([f"the adapter's updates for {', '.join(r['other_components'])} are not for this base "
                             "(merge each into its own model folder)"])
     cliutil.echo_notes(r.get("notes"))
-    click.echo(f"{r['untouched']} other tensor(s) copied as they are")
+    click.echo(f"{count(r['untouched'], 'other tensor')} copied as {'it is' if r['untouched'] == 1 else 'they are'}")
     cliutil.echo_save(r["save"])
 
 

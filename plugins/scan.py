@@ -7,6 +7,7 @@ import os
 import click
 
 from ckptsurgeon import cliutil, hookimpl
+from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import EXIT_ERROR, EXIT_FINDING, CkptSurgeonError, InputNotFoundError, NotACheckpointError
 from ckptsurgeon.types import Operation
 
@@ -164,12 +165,12 @@ def scan_cmd(paths, as_json):
                 status = "ERROR " + f["error"] if f["error"] else ("UNSAFE" if f["unsafe"] else "ok")
                 click.echo(f"{f['file']}: {status} ({f['format']})")
                 for pkl, names in f["pickles"].items():
-                    click.echo(f"  {pkl}: {len(names)} global(s), {len(set(names))} distinct")
+                    click.echo(f"  {pkl}: {count(len(names), 'global')}, {len(set(names))} distinct")
                 for n in f["unsafe"]:
                     click.echo(f"  unsafe global: {n}")
     if errors:  # each named in the report above; the error itself, one line, where errors go
         bad = [f["file"] for r in reports for f in r["files"] if f["error"]]
-        click.echo(f"ckpt-surgeon: error: errors in {len(bad)} file(s) (see the report): {', '.join(bad[:3])}"
+        click.echo(f"ckpt-surgeon: error: errors in {count(len(bad), 'file')} (see the report): {', '.join(bad[:3])}"
                    + (" ..." if len(bad) > 3 else ""), err=True)
     if unsafe:  # the finding decides the exit code: an unsafe global found is what a caller must see
         click.get_current_context().exit(EXIT_FINDING)

@@ -20,7 +20,7 @@ def test_cast_to_bfloat16_matches_torch_and_keeps_the_rest(tmp_path, cli, same):
     save_file(sd, tmp_path / "fp32.safetensors")
     code, out, err = cli("cast", tmp_path / "fp32.safetensors", "--dtype", "bfloat16", "-o", tmp_path / "bf16.safetensors")
     assert code == 0, err
-    assert "cast 3 tensor(s) float32 -> bfloat16" in out and "cast 1 tensor(s) float64 -> bfloat16" in out
+    assert "cast 3 tensors float32 -> bfloat16" in out and "cast 1 tensor float64 -> bfloat16" in out
     got = load_file(tmp_path / "bf16.safetensors")
     expected = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in sd.items()}
     same(dict(sorted(got.items())), dict(sorted(expected.items())))

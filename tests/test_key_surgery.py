@@ -478,5 +478,11 @@ def test_report_lines_count_one_in_the_singular(tmp_path, cli):
     assert ": 1 key\n" in out and "1 key renamed" in out
     code, out, err = cli("strip-prefix", path, "-o", tmp_path / "s.pt")
     assert code == 0 and "from 2 keys" in out and "(torch-zip, 2 tensors," in out, out + err
+    changed = OrderedDict([("module.a.weight", torch.zeros(2)), ("module.c", torch.ones(1))])
+    torch.save(changed, tmp_path / "changed.pt")
+    code, out, err = cli("diff", path, tmp_path / "changed.pt")
+    assert code == 1 and "different: 1 tensor changed, 1 only in A, 1 only in B" in out, out + err
+    code, out, err = cli("cast", path, "--dtype", "bf16", "--keep", "module.b", "-o", tmp_path / "c.pt")
+    assert code == 0 and "cast 1 tensor float32 -> bfloat16" in out and "left 1 tensor as it is" in out, out + err
     count = cs.dtypes.count
     assert (count(0, "key"), count(1, "key"), count(12345, "tensor")) == ("0 keys", "1 key", "12,345 tensors")

@@ -52,7 +52,7 @@ def test_llama_linear_embedding_patterns_and_modules_to_save_equal_peft(tmp_path
     code, out, err = cli("merge-lora", tmp_path / "base", tmp_path / "ad", "-o", tmp_path / "merged",
                          "--max-shard-size", "5GB")
     assert code == 0, err
-    assert "merged LoRA into 7 weight(s) (1 embedding, 6 linear)" in out and "lm_head.weight" in out
+    assert "merged LoRA into 7 weights (1 embedding, 6 linear)" in out and "lm_head.weight" in out
     want = _merged_by_peft(tmp_path / "base", tmp_path / "ad", transformers.LlamaForCausalLM.from_pretrained)
     ref = want.state_dict()
     got = load_file(tmp_path / "merged" / "model.safetensors")
@@ -301,7 +301,7 @@ def test_extract_lora_round_trips_through_peft_and_merge(tmp_path, cli):
     tuned.save_pretrained(tmp_path / "tuned")
     code, out, err = cli("extract-lora", tmp_path / "base", tmp_path / "tuned", "-o", tmp_path / "ad", "--rank", "4")
     assert code == 0, err
-    assert "3 changed weight(s) as rank-4 LoRA updates" in out and "model.norm" in out
+    assert "3 changed weights as rank-4 LoRA updates" in out and "model.norm" in out
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["lm_head", "model.layers.0.self_attn.q_proj",
                                                  "model.layers.1.mlp.down_proj"]
@@ -429,7 +429,7 @@ def test_lora_on_expert_parameters_equals_peft(tmp_path, cli):
                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     pm_mix.merge_and_unload().save_pretrained(tmp_path / "mix_ref")
     code, out, err = cli("merge-lora", tmp_path / "mix", tmp_path / "mix_ad", "-o", tmp_path / "mix_m")
-    assert code == 0 and "merged LoRA into 13 weight(s) (2 experts, 1 linear)" in out, out + err
+    assert code == 0 and "merged LoRA into 13 weights (2 experts, 1 linear)" in out, out + err
     assert "model.layers.0.block_sparse_moe.experts.3.w3.weight" in _same_folders(tmp_path / "mix_m",
                                                                                   tmp_path / "mix_ref")
     # a base with neither the fused parameter nor per-expert weights: one line

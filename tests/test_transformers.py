@@ -475,11 +475,11 @@ def test_hugging_face_cache_repo_folder_reads_its_snapshot(tmp_path, cli, monkey
     pm.save_pretrained(str(tmp_path / "ad"))
     _hub_cache(tmp_path / "hub" / "models--org--tiny-lora", tmp_path / "ad", "feed")
     code, out, err = cli("merge-lora", repo, tmp_path / "hub" / "models--org--tiny-lora", "--dry-run")
-    assert code == 0 and "merged LoRA into 2 weight(s)" in out, out + err
+    assert code == 0 and "merged LoRA into 2 weights" in out, out + err
     # and by repo id, from the cache huggingface_hub uses (nothing downloaded)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     code, out, err = cli("merge-lora", "org/tiny", "org/tiny-lora", "--dry-run")
-    assert code == 0 and "merged LoRA into 2 weight(s)" in out and "Hugging Face cache of org/tiny" in err, out + err
+    assert code == 0 and "merged LoRA into 2 weights" in out and "Hugging Face cache of org/tiny" in err, out + err
     code, out, err = cli("scan", "org/tiny")
     assert code == 0 and out.count(": ok") == len(list(snap.glob("*.safetensors"))) > 1, out + err
     code, out, err = cli("inspect", "org/not-downloaded")

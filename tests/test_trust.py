@@ -227,7 +227,7 @@ def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli, monkeyp
     (top / "broken.pt").write_bytes((top / "text_encoder" / "pytorch_model.bin").read_bytes()[:100])
     code, out, err = cli("scan", top)  # a damaged file: its line in the report, and the error on stderr
     assert code == 2 and "broken.pt: ERROR" in out and "unet/diffusion_pytorch_model.safetensors: ok" in out
-    assert err.strip().splitlines() == [f"ckpt-surgeon: error: errors in 1 file(s) (see the report): {top / 'broken.pt'}"], err
+    assert err.strip().splitlines() == [f"ckpt-surgeon: error: errors in 1 file (see the report): {top / 'broken.pt'}"], err
     (top / "broken.pt").unlink()
     (tmp_path / "NOTICE.keep").rename(top / "NOTICE")
     # a sub-folder that cannot be listed (as root permissions do not stop it: the listing fails)
@@ -242,7 +242,7 @@ def test_scan_of_a_folder_reads_every_checkpoint_below_it(tmp_path, cli, monkeyp
     code, out, err = cli("scan", top)
     monkeypatch.undo()
     assert code == 1 and f"{top / 'unet'}: ERROR {top / 'unet'}: cannot be read (Permission denied)" in out, out
-    assert err.strip().splitlines() == [f"ckpt-surgeon: error: errors in 1 file(s) (see the report): {top / 'unet'}"]
+    assert err.strip().splitlines() == [f"ckpt-surgeon: error: errors in 1 file (see the report): {top / 'unet'}"]
     empty = tmp_path / "docs"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "README.md").write_text("# hi")
