@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Callable, Iterable
 
 from .checkpoint import Checkpoint
+from .dtypes import count
 from .errors import KeyCollisionError
 from .keys import filter_metadata, module_of, rename_metadata
 
@@ -36,7 +37,7 @@ def rename_keys(ck: Checkpoint, fn: Callable[[str], str]) -> tuple[Checkpoint, "
     if collisions:
         sample = "; ".join(f"{' + '.join(o)} -> {n}" for n, o in list(collisions.items())[:5])
         more = f" (and {len(collisions) - 5} more)" if len(collisions) > 5 else ""
-        raise KeyCollisionError(f"{len(collisions)} key collision(s), nothing written: {sample}{more}",
+        raise KeyCollisionError(f"{count(len(collisions), 'key collision')}, nothing written: {sample}{more}",
                                 collisions=collisions)
     return ck.replace(state=new_state, metadata=rename_metadata(ck.metadata, fn)), changed
 

@@ -732,7 +732,7 @@ def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     code, text, _ = cli("inspect", tmp_path / "optim.pt")
     assert code == 0 and "pick one with --key" in text and "state/3: 3 tensors" in text
     # said "4 state dicts and none is clearly the model's": it says what the file is
-    assert "an optimizer's state dict" in text and "4 parameter state(s) (step, exp_avg, exp_avg_sq)" in text, text
+    assert "an optimizer's state dict" in text and "4 parameter states (step, exp_avg, exp_avg_sq)" in text, text
     assert "1 param group (lr 0.001)" in text
     code, _, err = cli("strip-prefix", tmp_path / "optim.pt", "-o", tmp_path / "x.pt")
     assert code == 2 and "optimizer's state dict" in err and len(err.strip().splitlines()) == 1
@@ -991,7 +991,7 @@ def test_key_takes_a_state_dict_whose_other_values_outnumber_its_tensors(tmp_pat
                       ("module.scale", 2.0), ("module.tag", "v1"), ("module.n", None)])
     torch.save(sd, tmp_path / "nt.pt")
     code, _, err = cli("strip-prefix", tmp_path / "nt.pt", "-o", tmp_path / "o.pt")
-    assert code == 2 and "--key '<bare>'" in err and "2 tensor(s) are outnumbered by the 3" in err, err
+    assert code == 2 and "--key '<bare>'" in err and "2 tensors are outnumbered by the 3" in err, err
     code, _, err = cli("strip-prefix", tmp_path / "nt.pt", "--key", "<bare>", "-o", tmp_path / "o.pt")
     assert code == 0, err
     back = torch.load(tmp_path / "o.pt", weights_only=True)

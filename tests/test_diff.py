@@ -346,7 +346,7 @@ def test_two_files_without_a_model_state_dict_are_compared_as_wholes(sample_dir,
     rep = json.loads(out)
     changed = set(rep["metadata"]["values_changed"])
     assert "root['state'][0]['exp_avg']['xxh3']" in changed and "root['state'][1]['exp_avg_sq']['xxh3']" in changed
-    assert rep["notes"][0].startswith("A: an optimizer's state dict (torch.optim), not a model's: 2 parameter state(s)")
+    assert rep["notes"][0].startswith("A: an optimizer's state dict (torch.optim), not a model's: 2 parameter states")
     rep = cs.diff(str(tmp_path / "o1.pt"), str(tmp_path / "o2.pt"))  # the API alike
     assert rep["differences"] and "compared as a whole" in rep["notes"][1]
     code, _, err = cli("diff", tmp_path / "o1.pt", sample_dir / "seednet.pt")

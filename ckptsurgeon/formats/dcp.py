@@ -101,7 +101,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
                 notes.append("laid out as a Lightning checkpoint, as Lightning's consolidate_checkpoint does: "
                              "model -> state_dict, optimizer_N -> optimizer_states")
     if assembled:
-        notes.append(f"{len(assembled)} tensor(s) sharded over ranks, put together when read, one at a time "
+        notes.append(f"{dtypes.count(len(assembled), 'tensor')} sharded over ranks, put together when read, one at a time "
                      f"(e.g. {assembled[0]})")
     size = sum(files.values()) + os.path.getsize(meta_path)
     source = Source(path=folder, format="dcp", size=size, files=tuple(sorted(set(files) | {meta_path})),

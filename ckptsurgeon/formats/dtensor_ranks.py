@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..checkpoint import Source
+from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..pickle_io import DTensorShard, NotFastPath, load_refs
 from ..layout import assembled_ref
@@ -108,7 +109,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         obj = _merge(graphs, (), assembled, {})
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(f"{path}: {e.message}", hint=e.hint) from None
-    notes = [f"per-rank DTensor/ShardedTensor files: {len(files)} ranks; {len(assembled)} sharded tensor(s), "
+    notes = [f"per-rank DTensor/ShardedTensor files: {len(files)} ranks; {count(len(assembled), 'sharded tensor')}, "
              "put together when read, one at a time"
              + (f" (e.g. {assembled[0]})" if assembled else "") + "; everything else from "
              + os.path.basename(files[0])]

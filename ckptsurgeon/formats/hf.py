@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from ..atomic import _fsync_dir, atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
-from ..dtypes import PLAIN_FLOATS
+from ..dtypes import PLAIN_FLOATS, count
 from ..errors import CorruptCheckpointError, InputNotFoundError, NotACheckpointError, OutputError
 from . import safetensors as st
 
@@ -357,7 +357,7 @@ def load_index(index: str, *, trust_pickle: bool = False) -> Checkpoint:
                 state[k] = v
         extra = [k for k in part.state if k not in wanted]
         if extra:
-            notes.append(f"shard {shard} holds {len(extra)} tensor(s) the index does not list; ignored")
+            notes.append(f"shard {shard} holds {count(len(extra), 'tensor')} the index does not list; ignored")
     meta = {k: str(v) for k, v in (data.get("metadata") or {}).items()} if isinstance(data.get("metadata"), dict) else {}
     size = sum(os.path.getsize(f) for f in files)
     src = Source(index, "hf-folder", size, tuple(files), notes=tuple(notes))

@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 from ..atomic import atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint, Source
+from ..dtypes import count
 from ..errors import UnsupportedError
 from ..keys import name_list
 from ..refs import (FileRange, TensorRef, as_ref, check_dense_fits, crc32, file_pieces, holds_tensors, is_tensor_like,
@@ -71,7 +72,7 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
         notes.append(f"non-tensor state-dict entries not carried ({len(dropped)}): {name_list(dropped)}")
     if tied:
         how = "kept once (dropped aliases)" if dedupe_tied else "written as separate copies"
-        notes.append(f"{len(tied)} tied tensor(s) {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8])
+        notes.append(f"{count(len(tied), 'tied tensor')} {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8])
                      + (f" ... and {len(tied) - 8} more" if len(tied) > 8 else ""))
     other = [k for k in ck.wrapper_keys() if k != (str(ck.sd_path[0]) if ck.sd_path else None)]
     if other:

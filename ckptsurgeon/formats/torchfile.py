@@ -254,7 +254,7 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
             if arrays is None:
                 raise
             obj, n = arrays
-            notes.append(f"{n} numpy array(s) where a state dict holds tensors: read as torch tensors of the same "
+            notes.append(f"{dtypes.count(n, 'numpy array')} where a state dict holds tensors: read as torch tensors of the same "
                          "dtype and shape (outputs hold them as tensors)")
             path, candidates = choose_state_dict(obj, key)
         _refuse_zero3_placeholders(obj, path)
@@ -437,7 +437,7 @@ def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=Non
         fast = True
         if cut:
             n, saved = cut["compacted"]["storages"], cut["compacted"]["bytes"]
-            notes.append(f"{n} storage(s) cut to the parts the written tensors use ({dtypes.human_bytes(saved)} "
+            notes.append(f"{dtypes.count(n, 'storage')} cut to the parts the written tensors use ({dtypes.human_bytes(saved)} "
                          "that none of them reaches left out; torch.save would write them whole)")
     except (NotFastPath, UnsupportedError) as e:
         fast, storages = False, []
