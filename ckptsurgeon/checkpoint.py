@@ -330,7 +330,7 @@ def _wraps_weights(obj: Mapping) -> bool:
     for depth in range(2):
         below = []
         for k, v in level:
-            if not isinstance(v, Mapping) or id(v) in seen or _is_extra_state(str(k), None):
+            if not isinstance(v, Mapping) or id(v) in seen or _is_extra_state(str(k), v):
                 continue
             seen.add(id(v))
             if is_state_dict(v) or is_tensor_tree(v):
@@ -451,9 +451,8 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
             top = list(obj.keys())[:12]
             if _names_tensors(obj):
                 n = sum(1 for v in obj.values() if is_tensor_like(v))
-                hint = (f"its {dtypes.count(n, 'tensor')} {'is' if n == 1 else 'are'} outnumbered by the {len(obj) - n} other "
-                        "values; to take it as "
-                        "the state dict anyway: --key '<bare>'")
+                hint = (f"its {dtypes.count(n, 'tensor')} {'is' if n == 1 else 'are'} outnumbered by the "
+                        f"{len(obj) - n} other values; to take it as the state dict anyway: --key '<bare>'")
         elif is_tensor_like(obj):  # torch.save(tensor): a tensor, but no name to give it
             shape = list(getattr(obj, "shape", ()))
             top = f"one tensor {shape} {str(getattr(obj, 'dtype', '')).replace('torch.', '')}"
@@ -522,10 +521,9 @@ def describe_optimizer(obj: Any, candidates: list[tuple]) -> str | None:
     groups = obj["param_groups"]
     lrs = [g.get("lr") for g in groups if isinstance(g, Mapping)] if isinstance(groups, (list, tuple)) else []
     lr = sorted({x for x in lrs if isinstance(x, (int, float)) and not isinstance(x, bool)})
-    n_groups = f"{len(groups)} param group{'s' * (len(groups) != 1)}" if isinstance(groups, (list, tuple)) else ""
-    n_states = len(states) if isinstance(states, Mapping) else "?"
-    states_n = dtypes.count(n_states, "parameter state") if isinstance(n_states, int) else "? parameter states"
-    return (f"an optimizer's state dict (torch.optim), not a model's: {states_n} "
+    n_groups = dtypes.count(len(groups), "param group") if isinstance(groups, (list, tuple)) else ""
+    n_states = dtypes.count(len(states), "parameter state") if isinstance(states, Mapping) else "? parameter states"
+    return (f"an optimizer's state dict (torch.optim), not a model's: {n_states} "
             f"({', '.join(list(names)[:6]) or 'empty'})"
             + (f", {n_groups}" if n_groups else "") + (f" (lr {', '.join(f'{x:g}' for x in lr[:4])})" if lr else ""))
 
