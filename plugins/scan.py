@@ -67,6 +67,25 @@ def _targets(path: str) -> tuple[list[tuple[str, str, str]], list[str]]:
     return out, notes
 
 
+def _only_named(path: str, unsafe: list[str]) -> bool:
+    """Whether the unsafe globals of a torch file are only named, never built (a class as a dict
+    key or a value: old Lightning callback states, act=nn.ReLU), so that ckpt-surgeon reads the
+    file by default (see pickle_io.load_refs_naming); torch.load(weights_only=True) refuses it."""
+    from ckptsurgeon.errors import AmbiguousStateDictError, NoStateDictError
+    from ckptsurgeon.loading import load
+    from ckptsurgeon.safety import only_nameable
+
+    if not unsafe or not only_nameable(unsafe):
+        return False
+    try:  # the allowlist-only reader: nothing is imported or run
+        load(path)
+    except (AmbiguousStateDictError, NoStateDictError):
+        return True  # read; it is the state dict that is not clear
+    except CkptSurgeonError:
+        return False
+    return True
+
+
 def _is_tar(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(263)
@@ -74,7 +93,7 @@ def _is_tar(path: str) -> bool:
 
 
 def scan(path: str) -> dict:
-    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...], error}],
+    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...], only_named, error}],
     'unsafe': [...], 'notes': [...]}.
 
     Every pickle inside a torch zip is read (a second ``.pkl`` record is a classic hiding
@@ -109,7 +128,7 @@ def scan(path: str) -> dict:
             files += found
             unsafe_all += [n for e in found for n in e["unsafe"] if n not in unsafe_all]
             continue
-        entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None}
+        entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None, "only_named": False}
         try:
             with open(f, "rb") as fh:
                 head = fh.read(16)
@@ -128,6 +147,7 @@ def scan(path: str) -> dict:
                 entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"
             for names in entry["pickles"].values():
                 entry["unsafe"] += [n for n in dict.fromkeys(names) if n not in allowed and n not in entry["unsafe"]]
+            entry["only_named"] = entry["format"] != "tar" and _only_named(f, entry["unsafe"])
             twice = sorted({k.split(" (copy ")[0] for k in entry["pickles"] if " (copy " in k})
             if twice:  # torch never writes a name twice, and readers differ on which copy they take
                 entry["error"] = (f"{f}: the archive holds {', '.join(twice)} more than once (a loader may read "
@@ -168,6 +188,9 @@ def scan_cmd(paths, as_json):
                     click.echo(f"  {pkl}: {count(len(names), 'global')}, {len(set(names))} distinct")
                 for n in f["unsafe"]:
                     click.echo(f"  unsafe global: {n}")
+                if f.get("only_named"):
+                    click.echo("  only named, never built (a class as a key or value): ckpt-surgeon reads this file "
+                               "by default, importing nothing; torch.load(weights_only=True) refuses it")
     if errors:  # each named in the report above; the error itself, one line, where errors go
         bad = [f["file"] for r in reports for f in r["files"] if f["error"]]
         click.echo(f"ckpt-surgeon: error: errors in {count(len(bad), 'file')} (see the report): {', '.join(bad[:3])}"

@@ -1313,6 +1313,12 @@ def test_classes_only_named_are_kept_as_names_by_default(tmp_path, monkeypatch, 
         assert code == 2 and says in err and "--inert-pickle" in err and len(err.strip().splitlines()) == 1, name
         with pytest.raises(UnsafePickleError):
             cs.load(tmp_path / name)
+    # scan gives torch's verdict (exit 1) and says which files ckpt-surgeon reads anyway
+    code, out, _ = cli("scan", tmp_path / "sd.ckpt", tmp_path / "legacy.ckpt", tmp_path / "built.ckpt")
+    assert code == 1 and out.count("only named, never built") == 2, out
+    flags = {Path(f["file"]).name: f["only_named"] for f in cs.scan(str(tmp_path))["files"]}
+    assert flags["sd.ckpt"] and flags["hp.ckpt"] and flags["legacy.ckpt"], flags
+    assert not flags["built.ckpt"] and not flags["nested.ckpt"] and not flags["fn.ckpt"], flags
     assert "foreignlib" not in sys.modules
 
 
