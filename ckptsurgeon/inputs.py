@@ -29,9 +29,8 @@ def infer_sample_shape(model):
     if declared:
         return declared
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            spatial = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
-            return (m.in_channels,) + (32,) * spatial
+        if isinstance(m, nn.modules.conv._ConvNd):  # a conv or transposed conv, subclasses (Conv2dSame) too
+            return (m.in_channels,) + (32,) * len(m.kernel_size)
         if isinstance(m, nn.Linear):
             return (m.in_features,)
     raise SelectionError("cannot infer the model's input shape", hint="pass --input-shape (e.g. 3,224,224)")

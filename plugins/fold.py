@@ -15,14 +15,32 @@ from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import ModelTransform, Operation
 
 
+def _feeders() -> tuple:
+    """The layers BN folds into: each computes ``x @ W + b`` or a (transposed) convolution with
+    ``W`` and ``b``, so a per-output-channel scale and shift go into ``W`` and ``b``."""
+    from torch import nn
+
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _scaled_weight(layer, w, scale):
+    """``w`` with each output channel multiplied by ``scale``. A transposed convolution keeps its
+    output channels in dimension 1, per group: (in, out/groups, *kernel)."""
+    from torch import nn
+
+    if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        g = layer.groups
+        grouped = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        return (grouped * scale.reshape(g, 1, w.shape[1], *(1,) * (w.dim() - 2))).reshape(w.shape)
+    return w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
 def _feeder_problem(m) -> str | None:
     """None when BN can be folded into layer ``m`` (a conv/linear that computes a plain
     ``x @ W + b`` / ``conv(x, W, b)``), else why not. A subclass with its own forward may transform
     its weight first (weight standardization renormalises it, so a folded scale would vanish);
     timm's Conv2dSame only pads its input, which folding does not touch."""
-    from torch import nn
-
-    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+    for base in _feeders():
         if isinstance(m, base):
             cls = type(m)
             if cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None):
@@ -39,7 +57,7 @@ def _fx_graph(model):
     import torch.fx
     from torch import nn
 
-    leaves = (nn.modules.batchnorm._BatchNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    leaves = (nn.modules.batchnorm._BatchNorm,) + _feeders()
 
     class _Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
@@ -66,7 +84,7 @@ def _traced_pairs(model, x) -> list[tuple[str, str]]:
     from torch import nn
     from torch.overrides import TorchFunctionMode
 
-    feeders = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    feeders = _feeders()
     produced: dict = {}  # id(output tensor) -> layer name
     calls: dict = {}  # module name -> number of calls
     bn_input: dict = {}  # bn name -> id(its input)
@@ -135,7 +153,7 @@ def find_pairs(model, inputs=None) -> tuple[list[tuple[str, str]], list[dict], s
     layer); else, when no input runs the model, neighbours in a Sequential."""
     from torch import nn
 
-    feeders = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    feeders = _feeders()
     bns = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     pairs, method = [], "torch.fx graph"
     try:
@@ -272,7 +290,7 @@ def fold_bn(ck: Checkpoint, model, *, input_shape=None) -> tuple[Checkpoint, dic
         beta = get(f"{bn}.bias") if f"{bn}.bias" in inv else torch.zeros_like(mean)
         work = torch.float64
         scale = gamma.to(work) / torch.sqrt(var.to(work) + eps)
-        w_new = (w.to(work) * scale.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype)
+        w_new = _scaled_weight(model.get_submodule(src), w.to(work), scale).to(w.dtype)
         b0 = b.to(work) if b is not None else torch.zeros_like(mean, dtype=work)
         b_new = ((b0 - mean.to(work)) * scale + beta.to(work)).to(w.dtype)
         wkey = inv[f"{src}.weight"]

@@ -615,3 +615,44 @@ def test_verify_with_a_model_the_recorded_change_does_not_fit(sample_dir, tmp_pa
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     code, _, err = cli("verify", tmp_path / "f.pt", sample_dir / "seednet.pt", "--model", f"{models_py}:seednet")
     assert code == 2 and "A: the fold-bn change" in err and "internal error" not in err, err
+
+
+class _Decoder(nn.Module):
+    """A decoder's up-sampling path: transposed convs (1-D, 2-D with groups and no bias, 3-D)
+    each followed by BatchNorm, as DCGAN generators and U-Net decoders have them."""
+
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.up2 = nn.ConvTranspose2d(6, 8, 2, stride=2, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.line = nn.ConvTranspose1d(8, 6, 3, groups=2)
+        self.bn3 = nn.BatchNorm1d(6)
+        self.vol = nn.ConvTranspose3d(1, 3, 2)
+        self.bn4 = nn.BatchNorm3d(3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn2(self.up2(torch.relu(self.bn1(self.up1(x))))))
+        z = self.bn3(self.line(y.flatten(2)))
+        return z.mean(-1), self.bn4(self.vol(y[:, :1, :4, :4].unsqueeze(1))).mean((2, 3, 4))
+
+
+def test_fold_bn_into_transposed_convolutions(tmp_path, models):
+    """A transposed conv keeps its output channels in dimension 1, per group ((in, out/groups,
+    *kernel)): fold-bn left every BN after one ("no BatchNorm directly follows a conv/linear"),
+    and the quick check inferred the input from the first plain conv. Every pair folds, with
+    groups and without a bias, and the folded model computes the same function."""
+    torch.manual_seed(0)
+    net = models.randomize_norm_stats(_Decoder()).eval()
+    torch.save(net.state_dict(), tmp_path / "d.pt")
+    new, rep = cs.fold_bn(cs.load(tmp_path / "d.pt"), _Decoder(), input_shape=(4, 5, 5))
+    assert {(p["layer"], p["bn"]) for p in rep["folded"]} == {("up1", "bn1"), ("up2", "bn2"), ("line", "bn3"),
+                                                              ("vol", "bn4")}
+    assert rep["skipped"] == [] and [p["added_bias"] for p in rep["folded"] if p["layer"] == "up2"] == [True]
+    cs.save(new, tmp_path / "f.pt")
+    rep = cs.verify(tmp_path / "d.pt", tmp_path / "f.pt", model=_Decoder, input_shape=(2, 4, 5, 5))
+    assert rep["equivalent"], rep["outputs"]
+    from ckptsurgeon.inputs import infer_sample_shape
+
+    assert infer_sample_shape(_Decoder()) == (4, 32, 32)  # from the first (transposed) conv
