@@ -510,24 +510,34 @@ def _load_via_transformers(model, ck, ck_keys: list[str]) -> str | None:
     return how
 
 
-def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tuple[dict, dict, dict]:
+def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True,
+               extra_a=(), extra_b=()) -> tuple[dict, dict, dict]:
     """({a_key: common}, {b_key: common}, alignment report): strip each side's wrapper prefix
-    when that makes more names meet than comparing them as they are."""
-    plain_a = {k: k for k in a_keys}
-    plain_b = {k: k for k in b_keys}
+    when that makes more names meet than comparing them as they are. ``extra_a``/``extra_b``:
+    more names of each side (a state dict's non-tensor entries), renamed by the rule the keys
+    chose without a say in it; the maps hold them too."""
+    all_a = list(dict.fromkeys([*a_keys, *extra_a]))
+    all_b = list(dict.fromkeys([*b_keys, *extra_b]))
+    plain_a = {k: k for k in all_a}
+    plain_b = {k: k for k in all_b}
     report = {"applied": False, "a_prefix": "", "b_prefix": ""}
     if not enabled:
         return plain_a, plain_b, report
     same = len(set(a_keys) & set(b_keys))
+
+    def meet(na: dict, nb: dict) -> int:
+        return len({na[k] for k in a_keys} & {nb[k] for k in b_keys})
+
     ia, ib = inner_wrappers(a_keys), inner_wrappers(b_keys)
     if ia != ib:  # one side wrapped submodules (per-block torch.compile): compare without those parts
-        da = {k: drop_inner_wrappers(k) for k in a_keys}
-        db = {k: drop_inner_wrappers(k) for k in b_keys}
-        if len(set(da.values())) == len(da) and len(set(db.values())) == len(db):
-            a2, b2, rep = align_keys(list(da.values()), list(db.values()), enabled)
-            na = {k: a2[da[k]] for k in a_keys}
-            nb = {k: b2[db[k]] for k in b_keys}
-            if len(set(na.values()) & set(nb.values())) > same:
+        da = {k: drop_inner_wrappers(k) for k in all_a}
+        db = {k: drop_inner_wrappers(k) for k in all_b}
+        if len({da[k] for k in a_keys}) == len(a_keys) and len({db[k] for k in b_keys}) == len(b_keys):
+            a2, b2, rep = align_keys([da[k] for k in a_keys], [db[k] for k in b_keys], enabled,
+                                     [da[k] for k in extra_a], [db[k] for k in extra_b])
+            na = {k: a2[da[k]] for k in all_a}
+            nb = {k: b2[db[k]] for k in all_b}
+            if meet(na, nb) > same:
                 dropped = "/".join(sorted(set(ia) | set(ib)))
                 note = f"aligned keys by dropping the inner wrapper component(s) {dropped}"
                 if rep.get("applied"):
@@ -543,10 +553,9 @@ def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True) -> tu
         common += 1
     common = pa[:common].rfind(".") + 1 if common else 0
     sa, sb = pa[common:], pb[common:]
-    na = {k: pa[:common] + k[len(pa):] if k.startswith(pa) else k for k in a_keys}
-    nb = {k: pb[:common] + k[len(pb):] if k.startswith(pb) else k for k in b_keys}
-    aligned = len(set(na.values()) & set(nb.values()))
-    if aligned > same:
+    na = {k: pa[:common] + k[len(pa):] if k.startswith(pa) else k for k in all_a}
+    nb = {k: pb[:common] + k[len(pb):] if k.startswith(pb) else k for k in all_b}
+    if meet(na, nb) > same:
         report = {"applied": True, "a_prefix": sa, "b_prefix": sb,
                   "note": f"aligned keys by stripping {sa or 'nothing'!r} from A and {sb or 'nothing'!r} from B"}
         return na, nb, report

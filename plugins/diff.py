@@ -286,7 +286,10 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         for k, v in tensors.items():
             if isinstance(v, TensorRef) and not v.is_contiguous():
                 check_dense_fits(v, f"{k} (in {side})")
-    ma, mb, alignment = align_keys(list(ta), list(tb), align)
+    xa = [k for k, v in ca.state.items() if not is_tensor_like(v)]  # non-tensor entries: renamed alike
+    xb = [k for k, v in cb.state.items() if not is_tensor_like(v)]
+    ma, mb, alignment = align_keys(list(ta), list(tb), align, xa, xb)
+    renamed_a, renamed_b = {k: ma.pop(k) for k in xa}, {k: mb.pop(k) for k in xb}
     inv_b = {c: k for k, c in mb.items()}
     common = [(k, ma[k], inv_b[ma[k]]) for k in ta if ma[k] in inv_b]
     matched_b = {kb for _, _, kb in common}
@@ -396,6 +399,10 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
 
     (oa, cut_a), (ob, cut_b) = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
+    for content, names in ((oa, renamed_a), (ob, renamed_b)):  # compared under the aligned names too
+        if "__state_dict_non_tensor__" in content:
+            content["__state_dict_non_tensor__"] = {names.get(k, k): v for k, v in
+                                                   content["__state_dict_non_tensor__"].items()}
     notes = whole + [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
              "levels only: it is larger, deeper, or shares containers without end (a hostile pickle can)"
              for side, cut in (("A", cut_a), ("B", cut_b)) if cut]

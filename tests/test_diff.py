@@ -318,6 +318,12 @@ def test_diff_of_quantized_checkpoints(tmp_path, cli):
     assert any("_packed_params" in p for p in rep["metadata"]["values_changed"])
     code, out, err = cli("diff", tmp_path / "q.pt", tmp_path / "q_moved.pt")
     assert code == 1 and "Traceback" not in err
+    # the DataParallel copy: its packed tuple and dtype entry are compared under the aligned names
+    torch.save(OrderedDict((f"module.{k}", v) for k, v in base.items()), tmp_path / "q_dp.pt")
+    code, out, err = cli("diff", tmp_path / "q_dp.pt", tmp_path / "q.pt")
+    assert code == 0 and "identical" in out, out + err
+    rep = cs.diff(tmp_path / "q_dp.pt", tmp_path / "q_moved.pt")
+    assert list(rep["metadata"]["values_changed"]) and all("module." not in p for p in rep["metadata"]["values_changed"])
 
 
 def test_a_negative_or_nan_tolerance_is_refused(sample_dir, cli):
