@@ -265,10 +265,13 @@ def _deepdiff(oa, ob) -> tuple[dict, list[str]]:
 
 
 def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_a=None, key_b=None,
-         trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True, progress=None) -> dict:
+         trust_pickle: bool = False, depth: int = 1, metadata_hashes: bool = True, progress=None,
+         tensors_only: bool = False) -> dict:
     """Compare two checkpoints (paths or Checkpoints), tensor by tensor, each pair read once.
 
     Equal bytes (xxh3-128) short-circuit; statistics are computed only for pairs that differ.
+    ``tensors_only``: the state dicts' tensors only (a Lightning .ckpt against the weights
+    extracted from it); wrappers, non-tensor entries and header metadata are not compared.
 
     Example::
 
@@ -412,6 +415,10 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
             if header:
                 notes.append(f"{side}'s safetensors header metadata ({', '.join(sorted(header))}) not compared: "
                              f"the other side's format has none")
+    if tensors_only:
+        oa = ob = {}
+        notes.append("only the state dicts' tensors were compared (--tensors-only): wrappers, non-tensor entries "
+                     "and header metadata were not")
     other_differs = not _same(oa, ob)
     meta, meta_notes = _deepdiff(oa, ob) if other_differs else ({}, [])
     notes += meta_notes
@@ -421,7 +428,7 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         notes.append("a tied name stored on one side only is compared through the tensor it names: a model that "
                      "ties them (from_pretrained with tie_word_embeddings) loads either file the same")
     if identical:
-        verdict = "identical: every tensor is bitwise equal and the other content matches"
+        verdict = "identical: every tensor is bitwise equal" + ("" if tensors_only else " and the other content matches")
         if tied_a or tied_b:
             verdict += f" ({count(len(tied_a) + len(tied_b), 'tied name')} stored on one side only)"
     elif not differences:
@@ -592,9 +599,12 @@ def _human(r: dict) -> None:
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Bar chart of change per module (matplotlib).")
 @click.option("--key-a", default=None, metavar="PATH", help="Where the state dict sits in A (e.g. state_dict, model/ema).")
 @click.option("--key-b", default=None, metavar="PATH", help="Where the state dict sits in B.")
+@click.option("--tensors-only", is_flag=True,
+              help="Compare the state dicts' tensors only, not wrappers (epoch, optimizer...), non-tensor entries "
+                   "or header metadata.")
 @cliutil.pickle_options
 @cliutil.json_option
-def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_pickle, as_json):
+def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, tensors_only, trust_pickle, as_json):
     """Compare two checkpoints. Exit 0: no differences, 1: differences, 2: error.
 
     \b
@@ -602,10 +612,12 @@ def diff_cmd(a, b, atol, rtol, no_align, depth, plot_path, key_a, key_b, trust_p
       ckpt-surgeon diff a.pt b.pt
       ckpt-surgeon diff epoch10.pt epoch20.safetensors --json > report.json
       ckpt-surgeon diff base/ finetuned/ --atol 1e-6 --plot change.png
+      ckpt-surgeon diff last.ckpt weights.safetensors --tensors-only   # the weights alone
     """
     ca, cb, whole = _sides(a, b, key_a, key_b, trust_pickle, cliutil.load)
     with cliutil.progress_bar(ca.summary()["bytes"], "comparing") as cb_progress:
-        report = diff(ca, cb, atol=atol, rtol=rtol, align=not no_align, depth=depth, progress=cb_progress)
+        report = diff(ca, cb, atol=atol, rtol=rtol, align=not no_align, depth=depth, progress=cb_progress,
+                      tensors_only=tensors_only)
     report["notes"][:0] = whole
     if plot_path:
         plot(report, plot_path)

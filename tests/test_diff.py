@@ -402,3 +402,22 @@ def test_a_tied_name_one_side_stores_once_is_compared_through_its_partner(tmp_pa
     save_file({"x.w": torch.ones(2)}, tmp_path / "x.safetensors")
     rep = cs.diff(tmp_path / "tied.bin", tmp_path / "x.safetensors")
     assert rep["only_in_a"] == ["model.embed.weight", "lm_head.weight"] and not rep["tied_only_in_a"]
+
+
+def test_tensors_only_compares_the_weights_alone(tmp_path, cli):
+    """A Lightning checkpoint against the weights taken out of it: the wrapper (epoch, optimizer,
+    hyper-parameters) exists on one side only, so diff says 'different' (exit 1), as it should.
+    --tensors-only asks only whether the weights are the same: exit 0; a changed weight is still
+    found."""
+    sd = OrderedDict([("model.fc.weight", torch.randn(3, 2)), ("model.fc.bias", torch.randn(3))])
+    torch.save({"state_dict": sd, "epoch": 4, "hyper_parameters": {"lr": 0.1}}, tmp_path / "last.ckpt")
+    code, _, err = cli("strip-prefix", tmp_path / "last.ckpt", "--state-dict-only", "-o", tmp_path / "w.safetensors")
+    assert code == 0, err
+    code, out, _ = cli("diff", tmp_path / "last.ckpt", tmp_path / "w.safetensors")
+    assert code == 1 and "other content differs" in out
+    code, out, err = cli("diff", tmp_path / "last.ckpt", tmp_path / "w.safetensors", "--tensors-only")
+    assert code == 0 and "identical: every tensor is bitwise equal\n" in out and "--tensors-only" in out, out + err
+    changed = OrderedDict(sd, **{"model.fc.bias": sd["model.fc.bias"] + 1})
+    torch.save({"state_dict": changed, "epoch": 4}, tmp_path / "other.ckpt")
+    rep = cs.diff(tmp_path / "other.ckpt", tmp_path / "w.safetensors", tensors_only=True)
+    assert rep["differences"] and [c["name"] for c in rep["changed"]] == ["fc.bias"] and not rep["metadata"]
