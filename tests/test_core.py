@@ -429,6 +429,76 @@ def test_wrapper_detection_and_key(tmp_path):
 
 
 
+def _library_layouts():
+    """(name, what the library's script saves, where the model's state dict is; None: ambiguous)."""
+    import argparse
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    sd = m.state_dict()
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    osd = opt.state_dict()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3).state_dict()
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+    ns = argparse.Namespace(lr=0.1)
+
+    def pre(p, d):
+        return OrderedDict((p + k, v) for k, v in d.items())
+
+    return [
+        ("torchvision references", {"model": sd, "optimizer": osd, "lr_scheduler": sched, "epoch": 3, "args": ns,
+                                    "scaler": scaler, "model_ema": pre("module.", sd)}, ("model",)),
+        ("timm train.py", {"epoch": 3, "arch": "x", "state_dict": sd, "optimizer": osd, "version": 2, "args": ns,
+                           "metric": 0.5, "state_dict_ema": sd}, ("state_dict",)),
+        ("Lightning", {"epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0",
+                       "state_dict": pre("model.", sd), "loops": {"fit_loop": {"state_dict": {}}},
+                       "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_k_models": {"/a/e0.ckpt": torch.tensor(0.5)}}},
+                       "optimizer_states": [osd], "lr_schedulers": [sched], "hyper_parameters": {"lr": 0.1}}, ("state_dict",)),
+        ("mmengine", {"meta": {"epoch": 3, "dataset_meta": {"classes": ("a", "b")}}, "state_dict": sd,
+                      "optimizer": osd, "param_schedulers": [sched]}, ("state_dict",)),
+        ("detectron2", {"model": sd, "optimizer": osd, "scheduler": sched, "iteration": 99}, ("model",)),
+        ("fairseq", {"args": None, "model": sd, "optimizer_history": [{"num_updates": 5}],
+                     "extra_state": {"epoch": 2}, "last_optimizer_state": osd}, ("model",)),
+        ("DeepSpeed model states", {"module": sd, "buffer_names": ["1.running_mean"], "optimizer": None,
+                                    "param_shapes": [OrderedDict((k, v.shape) for k, v in sd.items())],
+                                    "global_steps": 10, "dp_world_size": 1, "ds_version": "0.14"}, ("module",)),
+        ("Megatron", {"args": ns, "iteration": 10, "model": {"language_model": {
+            "embedding": {"word_embeddings": {"weight": torch.randn(8, 4)}},
+            "encoder": {"layers.0.w": torch.randn(4, 4), "final_layernorm.weight": torch.ones(4)}}},
+            "rng_state": [{"torch_rng_state": torch.get_rng_state()}]}, ("model",)),
+        ("nanoGPT", {"model": pre("_orig_mod.", sd), "optimizer": osd, "model_args": {"n_layer": 2}, "iter_num": 5,
+                     "best_val_loss": torch.tensor(1.5), "config": {"lr": 1e-3}}, ("model",)),
+        ("Whisper", {"dims": {"n_mels": 80}, "model_state_dict": sd}, ("model_state_dict",)),
+        ("a resume file with RNG tensors", {"model_state_dict": sd, "optimizer_state_dict": osd, "epoch": 3,
+                                            "rng_state": torch.get_rng_state(), "cuda_rng_state": [torch.get_rng_state()]},
+         ("model_state_dict",)),
+        ("a model and a step tensor", {"model": sd, "step": torch.tensor(7)}, ("model",)),
+        ("a script's own names", {"my_net": sd, "optim": osd, "epoch": 1}, ("my_net",)),
+        ("ema_pytorch", {"ema": pre("ema_model.", sd) | {"initted": torch.tensor(True)}, "model": sd}, ("model",)),
+        ("SAC", {"actor": sd, "critic": sd, "log_alpha": torch.zeros(1)}, None),
+        ("DINO", {"student": pre("module.", sd), "teacher": sd, "optimizer": osd, "epoch": 3}, None),
+        ("a bare state dict with an epoch", dict(sd, epoch=3), ()),
+    ]
+
+
+@pytest.mark.parametrize("name,saved,where", _library_layouts(), ids=[c[0] for c in _library_layouts()])
+def test_state_dict_located_in_library_layouts(name, saved, where, tmp_path):
+    """What training libraries' scripts save, key for key: the model's state dict is found where
+    they put it, or the file is called ambiguous (two models side by side) -- never an
+    optimizer's per-parameter state, an RNG tensor or a one-tensor view of a wrapper."""
+    torch.save(saved, tmp_path / "c.pt")
+    if where is None:
+        with pytest.raises(AmbiguousStateDictError) as e:
+            cs.load(tmp_path / "c.pt")
+        assert "state/" not in str(e.value)  # the models are named, not the optimizer's states
+    else:
+        ck = cs.load(tmp_path / "c.pt")
+        assert ck.sd_path == where
+        assert len(list(ck.tensor_items())) >= 3
+
+
 def test_a_wrapper_with_as_many_own_tensors_as_other_entries(tmp_path, cli):
     """{"state_dict": sd, "rng_state": torch.get_rng_state()}: half its values are tensors, so it
     passed for a state dict holding one uint8 tensor (and the model's weights as a non-tensor
