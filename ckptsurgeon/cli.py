@@ -220,9 +220,15 @@ def _fold_candidates(names: list[str], most: int = 8) -> str:
     return ", ".join(text[:most]) + more
 
 
+#: torch's deprecations of APIs that torch itself calls when it rebuilds a file's tensors (a
+#: quantized model's weights): nothing the user did or can change, so not shown
+_TORCH_INTERNAL = ("torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation",
+                   "TypedStorage is deprecated")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     text = " ".join(str(message).split())
-    if text in _WARNED:  # the same deprecation from each of torch's call sites: said once
+    if text in _WARNED or text.startswith(_TORCH_INTERNAL):  # the same one from each call site: said once
         return
     _WARNED.add(text)
     print(f"ckpt-surgeon: warning: {text[:300]}", file=file or sys.stderr)
