@@ -132,10 +132,13 @@ class Checkpoint:
                 and name.rpartition(".")[0] in coded and name.rpartition(".")[2] != "bias"}
 
     def wrapper_keys(self) -> list[str]:
+        """The wrapper's top-level entries besides the state dict: the key that holds the state dict
+        itself is not one (a key that holds it deeper down, beside other content, is)."""
+        own = str(self.sd_path[0]) if len(self.sd_path) == 1 else None
         if isinstance(self.wrapper, Mapping) and self.sd_path:
-            return [str(k) for k in self.wrapper.keys()]
+            return [str(k) for k in self.wrapper.keys() if str(k) != own]
         if type(self.wrapper) in (list, tuple) and self.sd_path:
-            return [str(i) for i in range(len(self.wrapper))]
+            return [str(i) for i in range(len(self.wrapper)) if str(i) != own]
         return []
 
     def __repr__(self) -> str:

@@ -72,7 +72,7 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
                           hint="name an output file, e.g. -o out.pt")
     dropped = []
     if state_dict_only and (ck.sd_path or ck.wrapper is not None):
-        dropped = [k for k in ck.wrapper_keys() if k != str(ck.sd_path[0] if ck.sd_path else "")]
+        dropped = ck.wrapper_keys()
         ck = ck.replace(wrapper=None, sd_path=(), candidates=())
     fmt = output_format(path, format, max_shard_size, from_model_folder=model_folder(ck) is not None,
                         input_format=ck.source.format if ck.source else None)

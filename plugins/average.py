@@ -143,7 +143,7 @@ def _human(r: dict) -> None:
     w = ", ".join(f"{x:.4g}" for x in r["weights"])
     click.echo(f"averaged {count(r['averaged'], 'tensor')} over {r['inputs']} checkpoints (weights {w})")
     if r["kept_from_first"]:
-        click.echo(f"kept {count(r['kept_from_first'], 'tensor')} from the first as they were (integer, quantized, float8/4, "
+        click.echo(f"kept {count(r['kept_from_first'], 'tensor')} from the first as {'it was' if r['kept_from_first'] == 1 else 'they were'} (integer, quantized, float8/4, "
                    "complex or sparse: not averaged)")
     cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])

@@ -11,7 +11,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint, tensor_info
 from ckptsurgeon.dtypes import PLAIN_FLOATS, count, plain_float
 from ckptsurgeon.errors import SelectionError
-from ckptsurgeon.keys import detect_prefix, parse_patterns, select, unmatched_hint
+from ckptsurgeon.keys import detect_prefix, name_list, parse_patterns, select, unmatched_hint
 from ckptsurgeon.layout import cast_ref
 from ckptsurgeon.refs import TensorRef, is_tensor_like, special_kind, tie_key
 from ckptsurgeon.types import Operation
@@ -108,7 +108,7 @@ def _human(r: dict) -> None:
     click.echo(f"tensor bytes {cliutil.human_bytes(r['bytes_before'])} -> {cliutil.human_bytes(r['bytes_after'])}")
     if r["wrapper_untouched"]:
         cliutil.echo_notes([f"wrapper entries kept as they are (optimizer state included): "
-                            f"{', '.join(map(str, r['wrapper_untouched'][:8]))}"])
+                            f"{name_list(r['wrapper_untouched'], 8)}"])
     cliutil.echo_save(r["save"])
 
 

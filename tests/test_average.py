@@ -23,7 +23,7 @@ def test_mean_of_three_runs_equals_torch(tmp_path, cli, same):
     for i, sd in enumerate(runs):
         save_file(sd, tmp_path / f"r{i}.safetensors")
     code, out, err = cli("average", *(tmp_path / f"r{i}.safetensors" for i in range(3)), "-o", tmp_path / "avg.safetensors")
-    assert code == 0 and "averaged 4 tensors over 3 checkpoints" in out and "kept 1 tensor from the first as they were" in out, err
+    assert code == 0 and "averaged 4 tensors over 3 checkpoints" in out and "kept 1 tensor from the first as it was" in out, err
     got = load_file(tmp_path / "avg.safetensors")
     for k in ("enc.weight", "enc.bias", "bn.running_var", "head.weight"):
         mean = sum(sd[k].double() for sd in runs) / 3

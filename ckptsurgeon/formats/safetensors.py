@@ -74,7 +74,7 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
         how = "kept once (dropped aliases)" if dedupe_tied else "written as separate copies"
         notes.append(f"{count(len(tied), 'tied tensor')} {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8])
                      + (f" ... and {len(tied) - 8} more" if len(tied) > 8 else ""))
-    other = [k for k in ck.wrapper_keys() if k != (str(ck.sd_path[0]) if ck.sd_path else None)]
+    other = ck.wrapper_keys()
     if other:
         notes.append(f"safetensors holds only tensors: wrapper content not carried: {name_list(other, 12)}")
     if ck.metadata is not None:
