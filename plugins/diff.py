@@ -401,24 +401,29 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         modules.append({"module": m["module"], "tensors": m["tensors"], "changed": m["changed"], "rel_l2": _num(rel)})
     modules.sort(key=lambda m: (-(m["rel_l2"] or 0), m["module"]))
 
-    (oa, cut_a), (ob, cut_b) = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
-    for content, names in ((oa, renamed_a), (ob, renamed_b)):  # compared under the aligned names too
-        if "__state_dict_non_tensor__" in content:
-            content["__state_dict_non_tensor__"] = {names.get(k, k): v for k, v in
-                                                   content["__state_dict_non_tensor__"].items()}
-    notes = whole + [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and {Walk.MAX_DEPTH} "
-             "levels only: it is larger, deeper, or shares containers without end (a hostile pickle can)"
-             for side, cut in (("A", cut_a), ("B", cut_b)) if cut]
-    if not (_has_header(ca) and _has_header(cb)):  # header metadata where only one format can hold it
-        for side, o in (("A", oa), ("B", ob)):
-            header = o.pop("__safetensors_metadata__", None) if isinstance(o, dict) else None
-            if header:
-                notes.append(f"{side}'s safetensors header metadata ({', '.join(sorted(header))}) not compared: "
-                             f"the other side's format has none")
-    if tensors_only:
+    if tensors_only and not ta and not tb:  # no state dict (two optimizers' files): compared whole
+        tensors_only = False
+        whole = whole + ["--tensors-only does not apply: neither side has a model state dict, so the files are "
+                         "compared whole"]
+    if tensors_only:  # the wrappers are not even read (a Lightning .ckpt's optimizer state: not hashed)
         oa = ob = {}
-        notes.append("only the state dicts' tensors were compared (--tensors-only): wrappers, non-tensor entries "
-                     "and header metadata were not")
+        notes = whole + ["only the state dicts' tensors were compared (--tensors-only): wrappers, non-tensor entries "
+                         "and header metadata were not"]
+    else:
+        (oa, cut_a), (ob, cut_b) = _other_content(ca, metadata_hashes), _other_content(cb, metadata_hashes)
+        for content, names in ((oa, renamed_a), (ob, renamed_b)):  # compared under the aligned names too
+            if "__state_dict_non_tensor__" in content:
+                content["__state_dict_non_tensor__"] = {names.get(k, k): v for k, v in
+                                                       content["__state_dict_non_tensor__"].items()}
+        notes = whole + [f"the non-tensor content of {side} was compared up to {Walk.LIMIT:,} items and "
+                         f"{Walk.MAX_DEPTH} levels only: it is larger, deeper, or shares containers without end (a "
+                         "hostile pickle can)" for side, cut in (("A", cut_a), ("B", cut_b)) if cut]
+        if not (_has_header(ca) and _has_header(cb)):  # header metadata where only one format can hold it
+            for side, o in (("A", oa), ("B", ob)):
+                header = o.pop("__safetensors_metadata__", None) if isinstance(o, dict) else None
+                if header:
+                    notes.append(f"{side}'s safetensors header metadata ({', '.join(sorted(header))}) not "
+                                 "compared: the other side's format has none")
     other_differs = not _same(oa, ob)
     meta, meta_notes = _deepdiff(oa, ob) if other_differs else ({}, [])
     notes += meta_notes

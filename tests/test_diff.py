@@ -362,6 +362,8 @@ def test_two_files_without_a_model_state_dict_are_compared_as_wholes(sample_dir,
     assert rep["notes"][0].startswith("A: an optimizer's state dict (torch.optim), not a model's: 2 parameter states")
     rep = cs.diff(str(tmp_path / "o1.pt"), str(tmp_path / "o2.pt"))  # the API alike
     assert rep["differences"] and "compared as a whole" in rep["notes"][1]
+    code, out, err = cli("diff", tmp_path / "o1.pt", tmp_path / "o2.pt", "--tensors-only")
+    assert code == 1 and "--tensors-only does not apply" in out, out + err  # never a vacuous "identical"
     code, _, err = cli("diff", tmp_path / "o1.pt", sample_dir / "seednet.pt")
     assert code == 2 and "an optimizer's state dict" in err and err.count("\n") == 1
     code, _, err = cli("diff", tmp_path / "o1.pt", tmp_path / "o2.pt", "--key-a", "nothing")
