@@ -205,8 +205,13 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
     {"weight": T}}, "encoder": {"layers.0.x": T, ...}}}, or a model saved as {"encoder": sd,
     "decoder": sd}. Names of nested mappings must be non-empty and dot-free, so that the
     "."-joined flat names split back unambiguously."""
+    return _tree_tensors(obj, max_depth) is not None
+
+
+def _tree_tensors(obj: Any, max_depth: int = 8) -> int | None:
+    """The tensors of a tensor tree (see is_tensor_tree), None when ``obj`` is not one."""
     if not isinstance(obj, Mapping) or not obj or is_state_dict(obj):
-        return False
+        return None
     leaves = tensors = extra = 0
     nested = False
     stack = [(obj, 0)]
@@ -214,13 +219,13 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
     while stack:
         node, depth = stack.pop()
         if depth > max_depth:
-            return False
+            return None
         for k, v in node.items():
             if not isinstance(k, str):
-                return False
+                return None
             if isinstance(v, Mapping):
                 if not v or not k or "." in k or id(v) in seen:  # shared: no tree (and no 1000^8 walk)
-                    return False
+                    return None
                 seen.add(id(v))
                 nested = True
                 stack.append((v, depth + 1))
@@ -228,7 +233,7 @@ def is_tensor_tree(obj: Any, max_depth: int = 8) -> bool:
                 leaves += 1
                 tensors += is_tensor_like(v)
                 extra += _is_extra_state(k, v)
-    return nested and tensors > 0 and (tensors + extra) * 2 >= leaves
+    return tensors if nested and tensors > 0 and (tensors + extra) * 2 >= leaves else None
 
 
 def flatten(tree: Mapping) -> tuple["OrderedDict[str, Any]", tuple]:
@@ -336,29 +341,13 @@ def _wraps_weights(obj: Mapping) -> bool:
             if not isinstance(v, Mapping) or id(v) in seen or _is_extra_state(str(k), v):
                 continue
             seen.add(id(v))
-            if is_state_dict(v) or is_tensor_tree(v):
-                if (depth == 0 and (k in PRIMARY_KEYS or k in EMA_KEYS)) or _count_tensors(v) >= direct:
-                    return True
-            else:
+            held = sum(1 for x in v.values() if is_tensor_like(x)) if is_state_dict(v) else _tree_tensors(v)
+            if held is None:
                 below.extend(v.items())
+            elif (depth == 0 and (k in PRIMARY_KEYS or k in EMA_KEYS)) or held >= direct:
+                return True
         level = below
     return False
-
-
-def _count_tensors(weights: Mapping) -> int:
-    """Tensors of a state dict (its own values) or of a tensor tree (its leaves; each mapping once)."""
-    if is_state_dict(weights):
-        return sum(1 for v in weights.values() if is_tensor_like(v))
-    n, stack, seen = 0, [weights], {id(weights)}
-    while stack:
-        for v in stack.pop().values():
-            if isinstance(v, Mapping):
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    stack.append(v)
-            else:
-                n += is_tensor_like(v)
-    return n
 
 
 def find_candidates(obj: Any, max_depth: int = 3) -> list[tuple]:
