@@ -937,6 +937,18 @@ def test_inspect_reports(sample_dir):
     kinds = {n["module"]: n["kind"] for n in detect_norms(llama)}
     assert kinds == {"model.layers.0.input_layernorm": "RMSNorm-or-LayerNorm", "model.norm": "RMSNorm-or-LayerNorm",
                      "encoder.final_rms_norm": "RMSNorm", "ln_f": "LayerNorm"}
+    # "norm1" beside convolutions (a diffusers ResNet block: GroupNorm) says less than beside linears
+    unet = {"conv_in.weight": (8, 3, 3, 3), "conv_norm_out.weight": (8,), "conv_norm_out.bias": (8,),
+            "down.0.resnets.0.norm1.weight": (8,), "down.0.resnets.0.norm1.bias": (8,),
+            "down.0.resnets.0.conv1.weight": (8, 8, 3, 3), "down.0.resnets.0.time_emb_proj.weight": (8, 32),
+            "down.0.attn.group_norm.weight": (8,), "down.0.attn.group_norm.bias": (8,),
+            "down.0.attn.to_q.weight": (8, 8),
+            "blocks.0.norm1.weight": (16,), "blocks.0.norm1.bias": (16,), "blocks.0.attn.qkv.weight": (48, 16),
+            "blocks.0.mlp.fc1.weight": (64, 16), "norm.weight": (16,), "norm.bias": (16,)}
+    kinds = {n["module"]: n["kind"] for n in detect_norms(unet)}
+    assert kinds == {"conv_norm_out": "GroupNorm-or-LayerNorm", "down.0.resnets.0.norm1": "GroupNorm-or-LayerNorm",
+                     "down.0.attn.group_norm": "GroupNorm", "blocks.0.norm1": "LayerNorm",
+                     "norm": "GroupNorm-or-LayerNorm"}
     info = inspect(sample_dir / "seednet_resume.pt")
     assert info["state_dict_at"] == "model_state_dict" and "optimizer_state_dict" in info["wrapper"]
     assert info["bytes_by_dtype"]["float32"] > 0

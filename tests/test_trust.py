@@ -1451,6 +1451,25 @@ def test_a_skip_data_file_is_named(tmp_path, cli):
     assert "has CRC 0" not in cli("inspect", tmp_path / "real.pt")[1]
 
 
+def test_meta_tensors_are_named_as_holding_no_values(tmp_path, cli):
+    """A state dict saved from a model never materialised (meta device, init_empty_weights) is a
+    file of shapes: every command says so; a torch output keeps them, safetensors refuses in one line."""
+    with torch.device("meta"):
+        lin = torch.nn.Linear(4, 4)
+    torch.save({"model": {"module." + k: v for k, v in lin.state_dict().items()}, "epoch": 1}, tmp_path / "m.pt")
+    code, out, err = cli("inspect", tmp_path / "m.pt")
+    assert code == 0 and "2 tensors of the state dict (module.weight, module.bias) are meta tensors" in out, out + err
+    code, out, err = cli("strip-prefix", tmp_path / "m.pt", "-o", tmp_path / "s.pt")
+    assert code == 0 and "meta tensors" in err, out + err
+    back = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert back["model"]["weight"].is_meta and back["model"]["weight"].shape == (4, 4) and back["epoch"] == 1
+    code, _, err = cli("convert", tmp_path / "m.pt", "-o", tmp_path / "m.safetensors")
+    errors = [line for line in err.splitlines() if line.startswith("ckpt-surgeon: error:")]
+    assert code == 2 and len(errors) == 1 and "meta tensor" in errors[0] and "Traceback" not in err, err
+    torch.save({"w": torch.randn(3)}, tmp_path / "real.pt")
+    assert "meta tensor" not in cli("inspect", tmp_path / "real.pt")[1]
+
+
 def test_inert_whole_compiled_model_gives_its_state_dict(tmp_path, cli):
     """torch.save(torch.compile(model)) pickles OptimizedModule(model, dynamo_ctx) -- a call,
     with no module attributes of its own. Read inert, it gives what the compiled model's

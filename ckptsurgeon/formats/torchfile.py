@@ -13,6 +13,7 @@ from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_ten
                           path_str)
 from ..errors import (AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError, NotACheckpointError,
                       UnsafePickleError, UnsupportedError)
+from ..keys import name_list
 from ..pickle_io import (NotFastPath, dump_refs, load_legacy_refs, load_refs, load_refs_naming, refuse_built,
                          scan_globals)
 from ..refs import FileRange, InertObject, TensorRef
@@ -147,7 +148,15 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
                     zip_prefix=z.prefix,
                     byteorder=byteorder if lazy else b"little",  # torch.load gives native tensors
                     version=z.read("version") if z.has("version") else b"3\n", notes=tuple(notes))
-    return from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
+    ck = from_object(graph, source, key=key, trusted=trust_pickle is True and not lazy, transforms=transforms)
+    if not lazy:
+        meta = [k for k, v in ck.tensor_items() if getattr(v, "is_meta", False)]
+        if meta:  # a 2 KB "checkpoint" of a model that was never materialised: say so before any surgery
+            ck = ck.replace(notes=ck.notes + (
+                f"{dtypes.count(len(meta), 'tensor')} of the state dict ({name_list(meta, 3)}) "
+                f"{'is a meta tensor' if len(meta) == 1 else 'are meta tensors'}: a shape and dtype without values "
+                "(saved from a model never materialised: built on the meta device or under init_empty_weights)",))
+    return ck
 
 
 def _tar_members(path: str, then: str) -> list:
