@@ -554,7 +554,8 @@ def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True,
             nb = {k: b2[db[k]] for k in all_b}
             if meet(na, nb) > same:
                 dropped = "/".join(sorted(set(ia) | set(ib)))
-                note = f"aligned keys by dropping the inner wrapper component(s) {dropped}"
+                note = (f"aligned keys by dropping the inner wrapper component{'s' if len(set(ia) | set(ib)) > 1 else ''} "
+                        f"{dropped}")
                 if rep.get("applied"):
                     note += "; " + rep["note"].replace("aligned keys by ", "")
                 rep = dict(rep, applied=True, inner=sorted(set(ia) | set(ib)), note=note)

@@ -41,7 +41,7 @@ def average(cks: list[Checkpoint], *, weights=None, align: bool = True) -> tuple
         weights = [1.0] * len(cks)
     weights = [float(w) for w in weights]
     if len(weights) != len(cks):
-        raise SelectionError(f"{len(weights)} weight(s) for {len(cks)} checkpoints")
+        raise SelectionError(f"{count(len(weights), 'weight')} for {count(len(cks), 'checkpoint')}")
     if not all(math.isfinite(w) for w in weights):  # a NaN weight made every averaged tensor NaN
         raise SelectionError(f"weights must be finite numbers, got {', '.join(f'{w:g}' for w in weights)}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:

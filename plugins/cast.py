@@ -46,7 +46,7 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
         chosen, counts = select(keys, patterns, detect_prefix(keys))
         missing = [p for p, n in counts.items() if n == 0]
         if missing:
-            raise SelectionError(f"--keep pattern(s) matched nothing: {', '.join(map(repr, missing))}",
+            raise SelectionError(f"--keep pattern{'s' if len(missing) > 1 else ''} matched nothing: {', '.join(map(repr, missing))}",
                                  hint=unmatched_hint(missing, keys, detect_prefix(keys)))
         kept = set(chosen)
     qdata = ck.quantization_data()

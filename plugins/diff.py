@@ -202,10 +202,11 @@ class _Trim:
                 out[i] = self.one(seq[i], depth + 1)
         extra = max(len(a), len(b)) - common
         if differing > LONG_LIST or extra > LONG_LIST:
+            one_side = f", {count(extra, 'item')} on one side only" if extra else ""
             self.notes.append(
-                f"{path}: a list of {len(a):,} items against {len(b):,}, {differing:,} position(s) differ"
-                f"{f', {extra:,} item(s) on one side only' if extra else ''}: the first "
-                f"{min(differing, LONG_LIST)} differing and {min(extra, LONG_LIST)} extra item(s) itemised")
+                f"{path}: a list of {count(len(a), 'item')} against {len(b):,}, {count(differing, 'position')} "
+                f"differ{'s' if differing == 1 else ''}{one_side}: the first {min(differing, LONG_LIST)} differing and {min(extra, LONG_LIST)} extra "
+                "itemised")
         return ta, tb
 
     def one(self, v, depth: int):
@@ -213,7 +214,7 @@ class _Trim:
         cost = _nodes(v, 1000) * (depth + 1)
         if cost > 1000 * (depth + 1) or cost > self.left:
             kind = "mapping" if isinstance(v, dict) else "list" if isinstance(v, list) else type(v).__name__
-            return f"<{kind} of {_count(v):,} item(s): not itemised>"
+            return f"<{kind} of {count(_count(v), 'item')}: not itemised>"
         self.left -= cost
         return v
 
@@ -259,8 +260,8 @@ def _deepdiff(oa, ob) -> tuple[dict, list[str]]:
         dd = DeepDiff(r[0], r[1], **options)
     notes = trim.notes[:20] + ([f"... and {len(trim.notes) - 20} more such lists"] if len(trim.notes) > 20 else [])
     if trim.cut:
-        notes.append(f"the other content differs in more places than itemised: {trim.cut:,} more differing "
-                     "part(s) counted, not itemised")
+        notes.append(f"the other content differs in more places than itemised: {count(trim.cut, 'more differing part')} "
+                     "counted, not itemised")
     return (json.loads(dd.to_json()) if dd else {}), notes
 
 

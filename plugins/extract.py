@@ -37,7 +37,7 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
     chosen, counts = select(keys, inc, strip)
     missing = [p for p, n in counts.items() if n == 0]
     if missing:
-        raise SelectionError(f"layer pattern(s) matched nothing: {', '.join(map(repr, missing))}",
+        raise SelectionError(f"layer pattern{'s' if len(missing) > 1 else ''} matched nothing: {', '.join(map(repr, missing))}",
                              hint=unmatched_hint(missing, keys, strip))
     # a selected module brings all of its own tensors (buffers included); the model's own
     # top-level tensors (ViT's cls_token, pos_embed) are no one module's: each comes alone
@@ -51,7 +51,7 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
         dropped, ecounts = select(sorted(chosen_set), exc, strip)
         emissing = [p for p, n in ecounts.items() if n == 0]
         if emissing:
-            raise SelectionError(f"--exclude pattern(s) matched nothing selected: {', '.join(map(repr, emissing))}",
+            raise SelectionError(f"--exclude pattern{'s' if len(emissing) > 1 else ''} matched nothing selected: {', '.join(map(repr, emissing))}",
                                  hint=unmatched_hint(emissing, sorted(chosen_set), strip))
         chosen_set -= set(dropped)
     if not chosen_set:
@@ -63,7 +63,8 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
         kept = list(new.state)
         bad = [k for k in kept if not (k.startswith(pre) or k.startswith(strip + pre))]
         if bad:
-            raise SelectionError(f"--reroot {pre!r}: {len(bad)} extracted key(s) do not start with it, e.g. {bad[0]!r}")
+            raise SelectionError(f"--reroot {pre!r}: {count(len(bad), 'extracted key')} {'does' if len(bad) == 1 else 'do'} not start with it, "
+                                 f"e.g. {bad[0]!r}")
         full = pre if all(k.startswith(pre) for k in kept) else strip + pre
         new, _ = rename_keys(new, lambda k: k[len(full):] if k.startswith(full) else k)
     dropped_wrapper = []

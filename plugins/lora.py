@@ -887,8 +887,9 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, *, rank: int = 16) -> tupl
     missing = [k for k in bt if to_common[k] not in tuned_of]
     extra = [k for k, c in tuned_common.items() if c not in set(to_common.values())]
     if missing or extra:
-        what = (f"{len(missing)} tensor(s) of the base are not in the tuned checkpoint ({missing[0]!r}...)" if missing
-                else f"{len(extra)} tensor(s) of the tuned checkpoint are not in the base ({extra[0]!r}...)")
+        n = len(missing or extra)
+        what = (f"{count(n, 'tensor')} of the {'base' if missing else 'tuned checkpoint'} {'is' if n == 1 else 'are'} "
+                f"not in the {'tuned checkpoint' if missing else 'base'} ({(missing or extra)[0]!r}...)")
         raise SelectionError(f"not the same model: {what}", hint="a LoRA adapter only changes existing weights")
     changed_by_module: "OrderedDict[str, list]" = OrderedDict()
     for k, b in bt.items():
@@ -909,7 +910,8 @@ def extract_lora(base: Checkpoint, tuned: Checkpoint, *, rank: int = 16) -> tupl
         low_rank = (keys == [w] and len(bt[w].shape) == 2 and bt[w].dtype in PLAIN_FLOATS and tt[tuned_of[to_common[w]]].dtype
                     in PLAIN_FLOATS and not _EMBEDDING.search(mod) and mod != "")
         if not mod:
-            raise SelectionError(f"top-level tensor(s) changed ({', '.join(keys[:3])}): an adapter changes modules",
+            raise SelectionError(f"top-level tensor{'s' if len(keys) > 1 else ''} changed ({', '.join(keys[:3])}): "
+                                 "an adapter changes modules",
                                  hint="nest them under a module name, or keep the whole checkpoint")
         if not low_rank:  # the whole module as trained
             for k in keys_of[mod]:

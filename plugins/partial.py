@@ -50,7 +50,7 @@ def load_partial(model, source, *, layers=None, freeze: bool = False, min_match:
         requested, counts = select(model_keys, pats, detect_prefix(model_keys))
         missing_pats = [p for p, n in counts.items() if n == 0]
         if missing_pats:
-            raise SelectionError(f"layer pattern(s) match nothing in the model: {', '.join(map(repr, missing_pats))}")
+            raise SelectionError(f"layer pattern{'s' if len(missing_pats) > 1 else ''} match{'' if len(missing_pats) > 1 else 'es'} nothing in the model: {', '.join(map(repr, missing_pats))}")
     requested_set = set(requested)
     ck_keys = [k for k, v in ck.state.items() if is_tensor_like(v)]
     how, fn = align_to_model(ck_keys, model_keys)

@@ -121,7 +121,7 @@ def _human(report: dict) -> None:
                        + (f" ({count(report['unchanged'], 'key')} without it kept)" if report["unchanged"] else ""))
         if report.get("inner"):
             parts = ", ".join(f"{p!r} ({count(n, 'key')})" for p, n in sorted(report["inner"].items()))
-            click.echo(f"dropped inner wrapper component(s) {parts}: submodules wrapped on their own "
+            click.echo(f"dropped inner wrapper component{'s' if len(report['inner']) > 1 else ''} {parts}: submodules wrapped on their own "
                        "(torch.compile per block, FSDP/activation-checkpoint wrappers)")
     else:
         click.echo(f"added prefix {report['prefix']!r} to {count(report['renamed'], 'key')}")

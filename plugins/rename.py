@@ -106,7 +106,7 @@ def rename(ck: Checkpoint, rules, *, allow_unmatched: bool = False) -> tuple[Che
     mapping = {k: apply(k) for k in ck.state}
     unmatched = [p for p, n in hits.items() if n == 0]
     if unmatched and not allow_unmatched:
-        raise SelectionError(f"rename rule(s) matched no key: {', '.join(map(repr, unmatched))}",
+        raise SelectionError(f"rename rule{'s' if len(unmatched) > 1 else ''} matched no key: {', '.join(map(repr, unmatched))}",
                              hint="check the pattern, or pass --allow-unmatched")
     new, changed = rename_keys(ck, lambda k: mapping[k] if k in mapping else apply(k, count=False))
     report = {

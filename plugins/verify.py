@@ -10,7 +10,7 @@ import click
 
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
-from ckptsurgeon.dtypes import PLAIN_FLOATS, plain_float
+from ckptsurgeon.dtypes import PLAIN_FLOATS, count, plain_float
 from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, ModelError, SelectionError
 from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
@@ -34,7 +34,7 @@ def resolve_device(device: str):
             raise SelectionError(f"--device {device} was asked for, but CUDA is not available here",
                                  hint="use --device auto or cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SelectionError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise SelectionError(f"--device {device}: only {count(torch.cuda.device_count(), 'CUDA device')}")
     return dev
 
 

@@ -85,7 +85,7 @@ def test_cast_with_nothing_to_do_is_an_error(tmp_path, cli):
     assert not (tmp_path / "b.safetensors").exists() and len(err.strip().splitlines()) == 1
     code, _, err = cli("cast", tmp_path / "a.safetensors", "--dtype", "float16", "--keep", "nothing_here",
                        "-o", tmp_path / "b.safetensors")
-    assert code == 2 and "--keep pattern(s) matched nothing" in err
+    assert code == 2 and "--keep pattern matched nothing: 'nothing_here'" in err
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon from /proc")

@@ -157,9 +157,9 @@ def test_large_or_self_similar_other_content_is_itemised_within_a_budget(tmp_pat
     assert len(changed) == LONG_LIST + 1 and f"root['history'][{LONG_LIST}]" not in changed
     added = meta["dictionary_item_added"]
     assert added["root['history'][100000]"] == 0.5 and len(added) == LONG_LIST + 1
-    assert added["root['extra']"] == "<list of 5,000 item(s): not itemised>"
+    assert added["root['extra']"] == "<list of 5,000 items: not itemised>"
     assert not any("vocab" in k for kind in meta.values() for k in kind)
-    assert any("root['history']: a list of 100,000 items against 100,500, 100,000 position(s) differ, 500 item(s) "
+    assert any("root['history']: a list of 100,000 items against 100,500, 100,000 positions differ, 500 items "
                "on one side only" in n for n in rep["notes"])
 
     def laughs(leaf):

@@ -484,5 +484,17 @@ def test_report_lines_count_one_in_the_singular(tmp_path, cli):
     assert code == 1 and "different: 1 tensor changed, 1 only in A, 1 only in B" in out, out + err
     code, out, err = cli("cast", path, "--dtype", "bf16", "--keep", "module.b", "-o", tmp_path / "c.pt")
     assert code == 0 and "cast 1 tensor float32 -> bfloat16" in out and "left 1 tensor as it is" in out, out + err
+    code, _, err = cli("extract", path, "--layers", "nope", "-o", tmp_path / "y.pt")
+    assert code == 2 and "layer pattern matched nothing: 'nope'" in err, err
+    code, _, err = cli("extract", path, "--layers", "nope,nada", "-o", tmp_path / "y.pt")
+    assert code == 2 and "layer patterns matched nothing: 'nope', 'nada'" in err, err
+    code, _, err = cli("rename", path, "--map", "zzz=>y", "-o", tmp_path / "y.pt")
+    assert code == 2 and "rename rule matched no key: 'zzz'" in err, err
+    code, _, err = cli("extract", path, "--layers", "module.a", "--reroot", "module.b", "-o", tmp_path / "y.pt")
+    assert code == 2 and "1 extracted key does not start with it" in err, err
+    inner = OrderedDict([("enc._orig_mod.l.weight", torch.ones(2)), ("head.weight", torch.ones(2))])
+    torch.save(inner, tmp_path / "inner.pt")
+    code, out, err = cli("strip-prefix", tmp_path / "inner.pt", "-o", tmp_path / "i.pt")
+    assert code == 0 and "dropped inner wrapper component '_orig_mod' (1 key)" in out, out + err
     count = cs.dtypes.count
     assert (count(0, "key"), count(1, "key"), count(12345, "tensor")) == ("0 keys", "1 key", "12,345 tensors")

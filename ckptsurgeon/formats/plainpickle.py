@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..checkpoint import Source
+from ..dtypes import count
 from ..errors import CkptSurgeonError, CorruptCheckpointError, UnsafePickleError
 from ..pickle_io import NotFastPath, load_refs
 from ..refs import MemoryBytes, StorageRef, TensorRef, contiguous_stride
@@ -54,7 +55,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
     except Exception as e:  # a damaged pickle: truncated, bad opcode, wrong arguments
         raise CorruptCheckpointError(f"{path}: damaged pickle ({type(e).__name__}: {e})") from None
     obj, arrays = _arrays_to_tensors(obj)
-    how = (f"{arrays} numpy array(s) read as tensors" if arrays else "read with --trust-pickle" if trust_pickle is True
+    how = (f"{count(arrays, 'numpy array')} read as tensors" if arrays else "read with --trust-pickle" if trust_pickle is True
            else "no numpy arrays in it")
     note = (f"a plain pickle (not torch.save): {how}, held in memory; write it as .pt or .safetensors to work on "
             "it lazily")
