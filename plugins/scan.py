@@ -86,6 +86,24 @@ def _only_named(path: str, unsafe: list[str]) -> bool:
     return True
 
 
+def _torchscript_read(path: str, entry: dict) -> bool:
+    """Whether a torch zip is a TorchScript archive whose weights ckpt-surgeon reads by default:
+    its outside-the-allowlist globals are the archive's own compiled classes (``__torch__.``),
+    names with no Python module behind them, recorded inert (see torchfile._load_torchscript)."""
+    from ckptsurgeon.formats.torchfile import script_name
+    from ckptsurgeon.loading import load
+
+    if entry["format"] != "torch-zip" or not any(p.endswith("constants.pkl") for p in entry["pickles"]):
+        return False
+    if not all(script_name(n) for n in entry["unsafe"]):
+        return False
+    try:
+        load(path)
+    except CkptSurgeonError:
+        return False
+    return True
+
+
 def _is_tar(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(263)
@@ -93,7 +111,8 @@ def _is_tar(path: str) -> bool:
 
 
 def scan(path: str) -> dict:
-    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...], only_named, error}],
+    """{'path', 'files': [{file, format, pickles: {name: [globals]}, unsafe: [...], only_named, torchscript,
+    error}],
     'unsafe': [...], 'notes': [...]}.
 
     Every pickle inside a torch zip is read (a second ``.pkl`` record is a classic hiding
@@ -128,7 +147,8 @@ def scan(path: str) -> dict:
             files += found
             unsafe_all += [n for e in found for n in e["unsafe"] if n not in unsafe_all]
             continue
-        entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None, "only_named": False}
+        entry = {"file": f, "format": None, "pickles": {}, "unsafe": [], "error": None, "only_named": False,
+                 "torchscript": False}
         try:
             with open(f, "rb") as fh:
                 head = fh.read(16)
@@ -147,7 +167,8 @@ def scan(path: str) -> dict:
                 entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"
             for names in entry["pickles"].values():
                 entry["unsafe"] += [n for n in dict.fromkeys(names) if n not in allowed and n not in entry["unsafe"]]
-            entry["only_named"] = entry["format"] != "tar" and _only_named(f, entry["unsafe"])
+            entry["torchscript"] = _torchscript_read(f, entry)
+            entry["only_named"] = not entry["torchscript"] and entry["format"] != "tar" and _only_named(f, entry["unsafe"])
             twice = sorted({k.split(" (copy ")[0] for k in entry["pickles"] if " (copy " in k})
             if twice:  # torch never writes a name twice, and readers differ on which copy they take
                 entry["error"] = (f"{f}: the archive holds {', '.join(twice)} more than once (a loader may read "
@@ -188,6 +209,10 @@ def scan_cmd(paths, as_json):
                     click.echo(f"  {pkl}: {count(len(names), 'global')}, {len(set(names))} distinct")
                 for n in f["unsafe"]:
                     click.echo(f"  unsafe global: {n}")
+                if f.get("torchscript"):
+                    click.echo("  a TorchScript archive (torch.jit.save): these classes are its own compiled code, not "
+                               "Python imports; ckpt-surgeon reads its weights by default, running nothing of it; "
+                               "torch.load(weights_only=True) refuses it and torch.jit.load runs its code")
                 if f.get("only_named"):
                     click.echo("  only named, never built (a class as a key or value): ckpt-surgeon reads this file "
                                "by default, importing nothing; torch.load(weights_only=True) refuses it")

@@ -810,15 +810,103 @@ def test_optimizer_states_by_key_and_inspect_without_a_choice(tmp_path, cli):
     assert code == 2 and "is not in the checkpoint" in err
 
 
-def test_torchscript_archive_is_named_not_misread(tmp_path, cli):
-    """A torch.jit.save archive is a zip with data.pkl too, but its pickles name __torch__ classes:
-    say what it is and how to get a state dict, instead of an allowlist hint that cannot help."""
-    torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())).save(str(tmp_path / "scripted.pt"))
-    with pytest.raises(NotACheckpointError) as e:
-        cs.load(tmp_path / "scripted.pt")
-    assert "TorchScript" in e.value.one_line() and "torch.jit.load" in e.value.one_line()
-    code, _, err = cli("inspect", tmp_path / "scripted.pt")
-    assert code == 2 and "TorchScript archive" in err and len(err.strip().splitlines()) == 1
+class _Scripted(torch.nn.Module):
+    """A buffer before a parameter, a non-persistent buffer, containers, BatchNorm, attention,
+    one module under two names, typed List[int] attributes (Conv2d.kernel_size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(3))
+        self.lin = torch.nn.Linear(3, 3)
+        self.w = torch.nn.Parameter(torch.randn(3))
+        self.register_buffer("tmp", torch.zeros(2), persistent=False)
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+                                           for _ in range(2)])
+        self.heads = torch.nn.ModuleDict({"a": torch.nn.LayerNorm(3), "b": torch.nn.Embedding(5, 3)})
+        self.mha = torch.nn.MultiheadAttention(3, 1)
+        self.shared = self.lin
+
+    def forward(self, x):
+        return self.lin(x) * self.scale + self.w + self.heads["a"](x)
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 4)
+        self.head = torch.nn.Linear(4, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))
+
+
+def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
+    """A torch.jit.save archive (OpenAI's CLIP weights are one) pickles the compiled module tree
+    under __torch__ classes that no Python module stands behind. Read inert, its attributes give
+    exactly torch.jit.load(path).state_dict() -- names, order, dtypes, ties -- with nothing
+    imported, compiled or run; outputs are plain state dicts. Archives whose weights only torch
+    rebuilds (quantized packed params) or that hold none (frozen) are one-line errors."""
+    torch.manual_seed(0)
+    archives = {
+        "scripted": torch.jit.script(_Scripted()),
+        "traced": torch.jit.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                                      torch.nn.Flatten(), torch.nn.Linear(144, 2)).eval(),
+                                  torch.randn(1, 3, 8, 8)),
+        "tied": torch.jit.trace(_Tied(), torch.tensor([[1, 2]])),
+        "encoder": torch.jit.script(torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16), 2)),
+        "half": torch.jit.script(torch.nn.Linear(4, 4).half()),
+    }
+    for name, module in archives.items():
+        module.save(str(tmp_path / f"{name}.pt"))
+        ref = torch.jit.load(tmp_path / f"{name}.pt").state_dict()
+        ck = cs.load(tmp_path / f"{name}.pt")
+        got = ck.torch_state_dict()
+        assert list(got) == list(ref), name
+        assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref), name
+        assert ck.source.lazy and any("TorchScript archive" in n for n in ck.notes)
+    assert not any(m.startswith("__torch__") for m in sys.modules)
+    from safetensors.torch import load_file
+
+    code, out, err = cli("add-prefix", tmp_path / "scripted.pt", "--prefix", "module.", "-o", tmp_path / "dp.pt")
+    assert code == 0 and "TorchScript archive" in err, err
+    code, _, err = cli("strip-prefix", tmp_path / "dp.pt", "-o", tmp_path / "sd.pt")
+    assert code == 0, err
+    ref = torch.jit.load(tmp_path / "scripted.pt").state_dict()
+    back = torch.load(tmp_path / "sd.pt", weights_only=True, mmap=True)
+    assert list(back) == list(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+    code, out, err = cli("diff", tmp_path / "scripted.pt", tmp_path / "sd.pt")
+    assert code == 0 and "identical" in out, out + err
+    code, _, err = cli("convert", tmp_path / "tied.pt", "-o", tmp_path / "tied_sd.pt")
+    tied = torch.load(tmp_path / "tied_sd.pt", weights_only=True)
+    assert code == 0 and tied["emb.weight"].data_ptr() == tied["head.weight"].data_ptr(), err
+    code, _, err = cli("extract", tmp_path / "traced.pt", "--layers", "1", "-o", tmp_path / "bn.safetensors")
+    assert code == 0 and list(load_file(tmp_path / "bn.safetensors")) == [
+        "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"], err
+    code, out, err = cli("scan", tmp_path / "traced.pt")
+    assert code == 1 and "a TorchScript archive (torch.jit.save)" in out, out + err
+
+    torch.jit.freeze(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 4)).eval())).save(
+        str(tmp_path / "frozen.pt"))
+    with pytest.raises(NotACheckpointError, match="frozen module"):
+        cs.load(tmp_path / "frozen.pt")
+    quantized = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                                                       {torch.nn.Linear}, dtype=torch.qint8)
+    torch.jit.script(quantized).save(str(tmp_path / "quantized.pt"))
+    for bad, says in (("frozen.pt", "torch.jit.freeze"), ("quantized.pt", "__torch__.torch.classes.quantized")):
+        code, _, err = cli("inspect", tmp_path / bad)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    code, out, _ = cli("scan", tmp_path / "quantized.pt")
+    assert code == 1 and "TorchScript archive (torch.jit.save)" not in out
+    # a file made to look like one: its pickle calls os.system; refused, nothing run, whatever the flags
+    with zipfile.ZipFile(tmp_path / "tied.pt") as src, zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        for n in src.namelist():
+            z.writestr(n, f"cos\nsystem\n(S'touch {tmp_path}/PWNED'\ntR.".encode() if n.endswith("/data.pkl")
+                       else src.read(n))
+    for flags in ((), ("--trust-pickle",), ("--inert-pickle",)):
+        code, _, err = cli("inspect", *flags, tmp_path / "evil.pt")
+        assert code == 2 and "os.system; nothing was executed" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_torch_export_archive_is_named(tmp_path, cli):

@@ -38,16 +38,105 @@ def sniff_legacy(path: str, head: bytes) -> bool:
 
 def load_zip(path: str, *, key: str | None = None, trust_pickle: bool | str = False, **_) -> Checkpoint:
     z = TorchZip(path)
-    if z.has("constants.pkl") or any(name.startswith("code/") for name in z.infos):
-        z.close()
-        raise NotACheckpointError(
-            f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint: its weights live inside a "
-            "compiled module", hint="export them with torch.jit.load(path, map_location='cpu').state_dict() and "
-            "torch.save, then run ckpt-surgeon on that file")
     try:
+        if z.has("constants.pkl") or any(name.startswith("code/") for name in z.infos):
+            return _load_torchscript(z, path, key)
         return _load_zip(z, path, key, trust_pickle)
     finally:
         z.close()  # every tensor's byte range is located by now; data is read through its own fds
+
+
+_SCRIPT = "__torch__."  # the module TorchScript names its compiled classes under (no Python module)
+# and the helpers its pickler wraps typed attribute values in (List[int] kernel sizes...): recorded
+# inert like the classes; a module's parameters and buffers are never among those values
+_SCRIPT_NAMES = (_SCRIPT, "torch.jit._pickle.")
+
+
+def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
+    """A TorchScript archive (torch.jit.save; OpenAI's CLIP weights are one). Its data.pkl pickles
+    the compiled module tree: each module an object of a ``__torch__.`` class whose recorded
+    attributes hold its parameters, buffers and submodules. Read inert -- those classes are
+    names only, nothing is imported, compiled or run -- that gives what ``torch.jit.load(path)
+    .state_dict()`` returns. Outputs are plain state dicts: the TorchScript code is not carried."""
+    data = z.read("data.pkl")
+    unsafe = unsafe_in(data)
+    other = [n for n in unsafe if not script_name(n)]
+
+    def refuse(why: str):
+        return NotACheckpointError(
+            f"{path} is a TorchScript archive (torch.jit.save) whose weights cannot be read without running it: {why}",
+            hint="export them with torch.jit.load(path, map_location='cpu').state_dict() and torch.save, then run "
+                 "ckpt-surgeon on that file")
+
+    foreign = [n for n in other if not n.startswith(_SCRIPT)]
+    if foreign:  # torch.jit.save pickles no Python global of anyone else's: a file made to look like one
+        raise UnsafePickleError(
+            f"{path} (a TorchScript archive) would import globals outside the weights-only allowlist: "
+            f"{', '.join(foreign)}; nothing was executed", globals_=foreign,
+            hint="torch.jit.save pickles only torch's own names and compiled classes: a file made to look like a "
+                 "TorchScript archive; do not load it with torch.jit.load or torch.load either")
+    if other:  # TorchBind objects (quantized packed weights) keep their tensors in a form only torch rebuilds
+        raise refuse(f"it uses {', '.join(other[:5])}")
+    if z.has("byteorder") and z.read("byteorder").strip() == b"big":
+        raise refuse("its tensor data is big-endian")
+
+    def source(k, dtype, nbytes):
+        return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
+
+    try:
+        root = load_refs(data, source, inert=unsafe)
+    except NotFastPath as e:
+        raise refuse(f"it uses {e}") from None
+    if not (isinstance(root, InertObject) and getattr(type(root), "inert_module", "").startswith("__torch__")
+            and isinstance(root._inert["state"], Mapping)):
+        raise refuse(f"its data.pkl holds {getattr(type(root), 'inert_name', type(root).__name__)}, not a scripted "
+                     "module")
+    sd = _script_state_dict(root)
+    if not sd:
+        raise NotACheckpointError(
+            f"{path} is a TorchScript archive whose module tree holds no parameters or buffers: a frozen module "
+            "(torch.jit.freeze) keeps its weights as constants of the compiled code, and has no state dict",
+            hint="save model.state_dict() before freezing")
+    name = getattr(type(root), "inert_name", "module")
+    source_ = Source(path=path, format="torch-zip", size=z.size, files=(path,), lazy=True, zip_prefix=z.prefix,
+                     version=z.read("version") if z.has("version") else b"3\n",
+                     notes=(f"TorchScript archive (torch.jit.save): the parameters and buffers of its {name} read "
+                            "from the pickled module tree, nothing compiled or run; outputs are plain state dicts "
+                            "(the TorchScript code is not carried)",))
+    return from_object(sd, source_, key=key)
+
+
+def script_name(name: str) -> bool:
+    """A global a TorchScript archive's pickle names that :func:`_load_torchscript` records inert:
+    a compiled class or a typed-value helper, not a TorchBind class (quantized packed weights)."""
+    return name.startswith(_SCRIPT_NAMES) and not name.startswith(_SCRIPT + "torch.classes.")
+
+
+def _is_script_module(v) -> bool:
+    """A TorchScript module read inert: a ``__torch__.`` object whose attributes (the BUILD state)
+    include ``training``, as every scripted or traced module's do."""
+    return (isinstance(v, InertObject) and getattr(type(v), "inert_module", "").startswith("__torch__")
+            and isinstance(v._inert["state"], Mapping) and "training" in v._inert["state"])
+
+
+def _script_state_dict(module, prefix: str = "", out=None, visits=None) -> "OrderedDict[str, Any]":
+    """``state_dict()`` of a TorchScript module from its recorded attributes: its tensors, then its
+    submodules', depth first (attributes are in registration order; parameters and buffers are
+    not told apart in the archive, so a buffer registered before a parameter keeps its place)."""
+    out = OrderedDict() if out is None else out
+    visits = [0] if visits is None else visits
+    visits[0] += 1
+    if visits[0] > _MAX_MODULE_VISITS:
+        raise CorruptCheckpointError(f"the scripted model names over {_MAX_MODULE_VISITS:,} submodules "
+                                     "(shared without end?)")
+    state = module._inert["state"]
+    for name, v in state.items():
+        if isinstance(v, TensorRef):
+            out[prefix + str(name)] = _detached(v)
+    for name, v in state.items():
+        if _is_script_module(v):
+            _script_state_dict(v, f"{prefix}{name}.", out, visits)
+    return out
 
 
 def sniff_nemo(path: str, head: bytes) -> bool:
