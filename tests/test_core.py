@@ -907,6 +907,12 @@ def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
         code, _, err = cli("inspect", *flags, tmp_path / "evil.pt")
         assert code == 2 and "os.system; nothing was executed" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "PWNED").exists()
+    cyclic = b"\x80\x02c__torch__\nM\n)\x81q\x00}(X\x08\x00\x00\x00trainingq\x01\x88X\x01\x00\x00\x00xh\x00ub."
+    with zipfile.ZipFile(tmp_path / "tied.pt") as src, zipfile.ZipFile(tmp_path / "cyclic.pt", "w") as z:
+        for n in src.namelist():
+            z.writestr(n, cyclic if n.endswith("/data.pkl") else src.read(n))
+    code, _, err = cli("inspect", tmp_path / "cyclic.pt")
+    assert code == 2 and "the scripted module x contains itself" in err, err
 
 
 def test_torch_export_archive_is_named(tmp_path, cli):

@@ -119,7 +119,7 @@ def _is_script_module(v) -> bool:
             and isinstance(v._inert["state"], Mapping) and "training" in v._inert["state"])
 
 
-def _script_state_dict(module, prefix: str = "", out=None, visits=None) -> "OrderedDict[str, Any]":
+def _script_state_dict(module, prefix: str = "", out=None, visits=None, above=()) -> "OrderedDict[str, Any]":
     """``state_dict()`` of a TorchScript module from its recorded attributes: its tensors, then its
     submodules', depth first (attributes are in registration order; parameters and buffers are
     not told apart in the archive, so a buffer registered before a parameter keeps its place)."""
@@ -133,9 +133,12 @@ def _script_state_dict(module, prefix: str = "", out=None, visits=None) -> "Orde
     for name, v in state.items():
         if isinstance(v, TensorRef):
             out[prefix + str(name)] = _detached(v)
+    above = above + (id(module),)
     for name, v in state.items():
         if _is_script_module(v):
-            _script_state_dict(v, f"{prefix}{name}.", out, visits)
+            if id(v) in above:  # a module tree is a tree: torch.jit.save cannot write this
+                raise CorruptCheckpointError(f"the scripted module {prefix}{name} contains itself")
+            _script_state_dict(v, f"{prefix}{name}.", out, visits, above)
     return out
 
 
