@@ -161,27 +161,45 @@ def _legacy_pickles(data: bytes, max_pickles: int = 5) -> list[bytes]:
     return out
 
 
+_PICKLED_OBJECTS = ("custom_obj_", "opaque_obj_")  # torch.export archive constants, pickled as they are
+
+
 def pickle_globals(path: str) -> dict[str, list[str]]:
-    """{pickle name: [module.name, ...]} for every pickle stream in a torch file."""
+    """{pickle name: [module.name, ...]} for every pickle stream in a torch file. In a zip: every
+    ``.pkl`` record, the ``.pkl`` records of a torch.save file stored inside it (``outer!inner``:
+    a torch.export archive's pickled weights, constants and sample inputs, which
+    ``torch.export.load`` unpickles with ``weights_only=False``), and its pickled custom objects."""
     with open(path, "rb") as f:
         head = f.read(4)
     result: dict[str, list[str]] = {}
     if head == b"PK\x03\x04":
         import zipfile
 
-        from .zipfmt import MAX_COMPRESSED_SMALL, ZIP_ERRORS, refuse_inflating
+        from .zipfmt import MAX_COMPRESSED_SMALL, ZIP_ERRORS, nested_zip, refuse_inflating
+
+        def add(name: str, data: bytes) -> None:
+            key, n = name, 1
+            while key in result:  # a second record of one name: each scanned, each listed
+                n += 1
+                key = f"{name} (copy {n})"
+            result[key] = scan_globals(data)
 
         try:
             with zipfile.ZipFile(path) as zf:
                 for info in zf.infolist():
-                    if not info.filename.endswith(".pkl"):
-                        continue
-                    refuse_inflating(path, info, MAX_COMPRESSED_SMALL)
-                    name, n = info.filename, 1
-                    while name in result:  # a second record of one name: each scanned, each listed
-                        n += 1
-                        name = f"{info.filename} (copy {n})"
-                    result[name] = scan_globals(zf.read(info))
+                    base = info.filename.rsplit("/", 1)[-1]
+                    if info.filename.endswith(".pkl") or base.startswith(_PICKLED_OBJECTS):
+                        refuse_inflating(path, info, MAX_COMPRESSED_SMALL)
+                        add(info.filename, zf.read(info))
+                    elif not base.isdigit():  # (a torch.save file's tensor records are never unpickled)
+                        inner = nested_zip(path, info)
+                        if inner is None:
+                            continue
+                        with inner:
+                            for i2 in inner.infolist():
+                                if i2.filename.endswith(".pkl"):
+                                    refuse_inflating(path, i2, MAX_COMPRESSED_SMALL)
+                                    add(f"{info.filename}!{i2.filename}", inner.read(i2))
         except ZIP_ERRORS as e:
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})") from None
         return result

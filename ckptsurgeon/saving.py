@@ -33,6 +33,10 @@ def output_format(path: str, format: str | None = None, max_shard_size=None, fro
     claimed = _claimed(ext, formats)
     if claimed:
         return claimed
+    read_only = [name for name, (spec, _p) in formats.items() if ext and ext in spec.extensions]
+    if read_only:  # (.pt2) a state dict written under that name would pass for what it is not
+        raise OutputError(f"cannot write {read_only[0]} ({ext}): ckpt-surgeon reads that format only",
+                          hint="write the weights as .pt or .safetensors (or choose with --format)")
     keep = formats.get(input_format) if input_format not in (None, "hf-folder") else None
     if keep is not None and keep[0].save is not None:
         return input_format

@@ -80,6 +80,26 @@ class _Window(io.RawIOBase):
         super().close()
 
 
+def nested_zip(path: str, info: zipfile.ZipInfo) -> zipfile.ZipFile | None:
+    """The zip archive a stored record of ``path`` holds (a torch.save file inside a torch.export
+    archive), opened in place; None when the record is compressed or holds no zip."""
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size < 22:
+        return None
+    f = open(path, "rb")
+    try:
+        head = os.pread(f.fileno(), _LOCAL.size, info.header_offset)
+        if len(head) != _LOCAL.size or _LOCAL.unpack(head)[0] != 0x04034B50:
+            raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+        start = info.header_offset + _LOCAL.size + _LOCAL.unpack(head)[-2] + _LOCAL.unpack(head)[-1]
+        if os.pread(f.fileno(), 4, start) != b"PK\x03\x04":
+            f.close()
+            return None
+        return zipfile.ZipFile(_Window(f, start, info.file_size))
+    except BaseException:
+        f.close()
+        raise
+
+
 def refuse_inflating(path: str, info: zipfile.ZipInfo, limit: int) -> None:
     """A compressed record (torch never compresses; a repacked archive may) that declares more
     than ``limit`` bytes is refused before inflating: zipfile stops at the declared size, so the
@@ -95,9 +115,10 @@ class TorchZip:
     """An open torch zip checkpoint: its records, their byte ranges and CRCs.
 
     ``base``/``length``: the archive is that byte range of ``path`` (offsets reported stay
-    offsets in ``path``)."""
+    offsets in ``path``). ``program_ok``: a torch.export archive (no data.pkl) is opened too,
+    for formats.export, instead of refused."""
 
-    def __init__(self, path: str, base: int = 0, length: int | None = None):
+    def __init__(self, path: str, base: int = 0, length: int | None = None, program_ok: bool = False):
         self.path = path
         self.base = base
         self.size = os.path.getsize(path) - base if length is None else length
@@ -130,8 +151,11 @@ class TorchZip:
             if head == self.prefix and rest:
                 self.infos[rest] = info
         if "data.pkl" not in self.infos:
+            program = "archive_format" in self.infos or any(n.startswith("models/") for n in self.infos)
+            if program and program_ok:  # formats.export reads it
+                return
             self.close()
-            if "archive_format" in self.infos or any(n.startswith("models/") for n in self.infos):
+            if program:
                 raise NotACheckpointError(
                     f"{path}: a torch.export program archive (.pt2), not a checkpoint",
                     hint="take its weights with torch.export.load(path).state_dict and torch.save them")

@@ -165,6 +165,9 @@ def scan(path: str) -> dict:
             else:
                 entry["pickles"] = pickle_globals(f)
                 entry["format"] = "torch-zip" if head[:4] == b"PK\x03\x04" else "pickle"
+                if entry["format"] == "torch-zip" and not any(p.endswith("/data.pkl") and "!" not in p
+                                                              for p in entry["pickles"]):
+                    entry["format"] = "zip"  # no torch.save pickle of its own: a torch.export archive, say
             for names in entry["pickles"].values():
                 entry["unsafe"] += [n for n in dict.fromkeys(names) if n not in allowed and n not in entry["unsafe"]]
             entry["torchscript"] = _torchscript_read(f, entry)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -915,12 +917,107 @@ def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
     assert code == 2 and "the scripted module x contains itself" in err, err
 
 
-def test_torch_export_archive_is_named(tmp_path, cli):
-    """torch.export.save writes a zip without data.pkl (weights as raw records + JSON): named."""
-    ep = torch.export.export(torch.nn.Linear(3, 4), (torch.randn(2, 3),))
+class _Exported(torch.nn.Module):
+    """Tied weights, buffers that are views of one storage (a row, a transpose), bfloat16, a
+    non-persistent buffer (a constant of the program, not in its state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 4)
+        self.head = torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.emb.weight
+        self.bn = torch.nn.BatchNorm1d(4)
+        base = torch.arange(12.0).reshape(3, 4)
+        self.register_buffer("whole", base)
+        self.register_buffer("row", base[1])
+        self.register_buffer("tcol", base.t())
+        self.h = torch.nn.Linear(4, 4).to(torch.bfloat16)
+        self.register_buffer("c", torch.ones(2), persistent=False)
+
+    def forward(self, x):
+        e = self.bn(self.emb(x).mean(1))
+        return (self.head(e) + self.row.sum() + self.whole.sum() + self.tcol.sum() + self.c.sum()
+                + self.h(e.bfloat16()).float().sum())
+
+
+def test_torch_export_archives_are_read_for_their_weights(tmp_path, cli):
+    """torch.export.save keeps the weights as raw records described by a JSON config: read as
+    byte ranges of the .pt2 (no torch, no program), they are torch.export.load(path).state_dict
+    -- names, order, dtypes, strides, ties and views. Outputs are plain state dicts; a .pt2
+    output is refused; damaged configs are one-line errors."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    ep = torch.export.export(_Exported().eval(), (torch.tensor([[1, 2]]),))
     torch.export.save(ep, str(tmp_path / "prog.pt2"))
-    code, _, err = cli("inspect", tmp_path / "prog.pt2")
-    assert code == 2 and "torch.export" in err and len(err.strip().splitlines()) == 1
+    ref = torch.export.load(str(tmp_path / "prog.pt2")).state_dict
+    ck = cs.load(tmp_path / "prog.pt2")
+    assert ck.source.format == "torch-export" and ck.source.lazy and "torch.export archive" in ck.notes[-1]
+    got = ck.torch_state_dict()
+    assert list(got) == list(ref) and "c" not in got
+    for k in ref:
+        assert torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype and got[k].stride() == ref[k].stride()
+    assert got["emb.weight"].data_ptr() == got["head.weight"].data_ptr()
+    assert got["row"].untyped_storage().data_ptr() == got["whole"].untyped_storage().data_ptr()
+
+    shutil.copy(tmp_path / "prog.pt2", tmp_path / "prog.pt")  # renamed: still read as what it is
+    assert cs.load(tmp_path / "prog.pt").source.format == "torch-export"
+    code, _, err = cli("add-prefix", tmp_path / "prog.pt2", "--prefix", "module.", "-o", tmp_path / "dp.pt")
+    assert code == 0 and "torch.export archive" in err, err
+    code, _, err = cli("strip-prefix", tmp_path / "dp.pt", "-o", tmp_path / "sd.pt")
+    back = torch.load(tmp_path / "sd.pt", weights_only=True, mmap=True)
+    assert code == 0 and list(back) == list(ref) and all(torch.equal(back[k], ref[k]) for k in ref), err
+    code, out, err = cli("diff", tmp_path / "prog.pt2", tmp_path / "sd.pt")
+    assert code == 0 and "identical" in out, out + err
+    code, _, err = cli("extract", tmp_path / "prog.pt2", "--layers", "bn", "-o", tmp_path / "bn.safetensors")
+    assert code == 0 and list(load_file(tmp_path / "bn.safetensors")) == [k for k in ref if k.startswith("bn.")], err
+    code, _, err = cli("convert", tmp_path / "prog.pt2", "-o", tmp_path / "again.pt2")
+    assert code == 2 and "cannot write torch-export (.pt2)" in err and not (tmp_path / "again.pt2").exists(), err
+
+    # torch 2.5's layout: the state dict as a torch.save file inside the archive
+    sd = OrderedDict([("w", torch.randn(3, 2)), ("b", torch.randn(3))])
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    with zipfile.ZipFile(tmp_path / "old.pt2", "w") as z:
+        z.writestr("old/archive_format", "pt2")
+        z.writestr("old/models/model.json", "{}")
+        z.writestr("old/data/weights/model.pt", buf.getvalue())
+    old = cs.load(tmp_path / "old.pt2").torch_state_dict()
+    assert list(old) == ["w", "b"] and all(torch.equal(old[k], sd[k]) for k in sd)
+
+    def damaged(edit, says):
+        with zipfile.ZipFile(tmp_path / "prog.pt2") as src, zipfile.ZipFile(tmp_path / "bad.pt2", "w") as z:
+            for n in src.namelist():
+                data = src.read(n)
+                if n.endswith("model_weights_config.json"):
+                    config = json.loads(data)
+                    edit(config["config"]["bn.weight"])
+                    data = json.dumps(config).encode()
+                z.writestr(n, data)
+        code, _, err = cli("inspect", tmp_path / "bad.pt2")
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+    damaged(lambda m: m.update(path_name="../../etc/passwd"), "names a record the archive lacks")
+    damaged(lambda m: m["tensor_meta"].update(dtype=99), "dtype number 99")
+    damaged(lambda m: m["tensor_meta"]["sizes"][0].update(as_int=10 ** 6), "reaches past its storage")
+    damaged(lambda m: m["tensor_meta"].update(sizes=[{"as_expr": {"expr_str": "s0"}}]), "symbolic or missing size")
+    damaged(lambda m: m.update(use_pickle=True), "tensor subclass pickled whole")
+
+    # torch.export.load unpickles pickled weights, constants and custom objects with
+    # weights_only=False: scan reads those pickles too (a torch.save file inside the archive)
+    evil = b"cos\nsystem\n(S'touch PWNED'\ntR."
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("archive/data.pkl", evil)
+    with zipfile.ZipFile(tmp_path / "prog.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as z:
+        for n in src.namelist():
+            z.writestr(n, inner.getvalue() if n.endswith("weights/weight_2") else src.read(n))
+        z.writestr("prog/data/constants/opaque_obj_0", evil)
+    code, out, err = cli("scan", tmp_path / "evil.pt2")
+    assert code == 1 and "prog/data/weights/weight_2!archive/data.pkl: 1 global" in out, out + err
+    assert "prog/data/constants/opaque_obj_0: 1 global" in out and "unsafe global: os.system" in out, out
+    code, out, _ = cli("scan", tmp_path / "prog.pt2")
+    assert code == 0 and "data/sample_inputs/model.pt!archive/data.pkl" in out, out
 
 
 def test_empty_state_dict_is_a_state_dict(tmp_path, cli):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from ..types import FormatSpec
-from . import dcp, deepspeed, dtensor_ranks, hf, plainpickle, safetensors, torchfile
+from . import dcp, deepspeed, dtensor_ranks, export, hf, plainpickle, safetensors, torchfile
 
 
 @hookimpl
@@ -20,6 +20,9 @@ def ckptsurgeon_formats():
                                "read-only"),
         FormatSpec("safetensors", (".safetensors",), safetensors.sniff, safetensors.load, safetensors.save,
                    priority=1, description="safetensors (read lazily; written zero-copy)"),
+        FormatSpec("torch-export", (".pt2",), export.sniff, export.load, None, priority=1,
+                   description="torch.export program archive (.pt2): its weights, read lazily without torch or the "
+                               "program; read-only"),
         FormatSpec("nemo", (), torchfile.sniff_nemo, torchfile.load_nemo, None, priority=1,
                    description="NeMo 1.x .nemo archive (the torch zip inside read in place; read-only)"),
         FormatSpec("dcp", (), dcp.sniff, dcp.load, None, priority=1,

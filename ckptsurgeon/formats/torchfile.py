@@ -37,8 +37,12 @@ def sniff_legacy(path: str, head: bytes) -> bool:
 
 
 def load_zip(path: str, *, key: str | None = None, trust_pickle: bool | str = False, **_) -> Checkpoint:
-    z = TorchZip(path)
+    z = TorchZip(path, program_ok=True)
     try:
+        if not z.has("data.pkl"):  # a torch.export archive under another name than .pt2
+            from .export import load_program
+
+            return load_program(z, path, key=key, trust_pickle=trust_pickle)
         if z.has("constants.pkl") or any(name.startswith("code/") for name in z.infos):
             return _load_torchscript(z, path, key)
         return _load_zip(z, path, key, trust_pickle)
