@@ -128,11 +128,7 @@ def _script_state_dict(module, prefix: str = "", out=None, visits=None, above=()
     submodules', depth first (attributes are in registration order; parameters and buffers are
     not told apart in the archive, so a buffer registered before a parameter keeps its place)."""
     out = OrderedDict() if out is None else out
-    visits = [0] if visits is None else visits
-    visits[0] += 1
-    if visits[0] > _MAX_MODULE_VISITS:
-        raise CorruptCheckpointError(f"the scripted model names over {_MAX_MODULE_VISITS:,} submodules "
-                                     "(shared without end?)")
+    visits = _visit(visits, "scripted")
     state = module._inert["state"]
     for name, v in state.items():
         if isinstance(v, TensorRef):
@@ -501,17 +497,24 @@ def _compiled_inner(v):
 _MAX_MODULE_VISITS = 100_000  # big LLMs have ~10^3-10^4 modules
 
 
+def _visit(visits: list | None, what: str) -> list:
+    """One more module walked (``visits``: the walk's counter, [0] to start); a model sharing its
+    modules without end is refused rather than walked."""
+    visits = [0] if visits is None else visits
+    visits[0] += 1
+    if visits[0] > _MAX_MODULE_VISITS:
+        raise CorruptCheckpointError(f"the {what} model names over {_MAX_MODULE_VISITS:,} submodules "
+                                     "(shared without end?)")
+    return visits
+
+
 def _inert_state_dict(module, prefix: str = "", out=None, visits=None) -> "OrderedDict[str, Any]":
     """What module.state_dict() returns, from an inert module's recorded attributes: each
     module's parameters, then its persistent buffers, then its children, depth first. (A module
     shared under two names appears under both, as in torch; a file sharing them without end --
     one module under 1000 names, 3 levels: 10^9 entries -- is refused rather than walked.)"""
     out = OrderedDict() if out is None else out
-    visits = [0] if visits is None else visits
-    visits[0] += 1
-    if visits[0] > _MAX_MODULE_VISITS:
-        raise CorruptCheckpointError(f"the pickled model names over {_MAX_MODULE_VISITS:,} submodules "
-                                     "(shared without end?)")
+    visits = _visit(visits, "pickled")
     inner = _compiled_inner(module)
     if inner is not None:
         return _inert_state_dict(inner, f"{prefix}_orig_mod.", out, visits)
