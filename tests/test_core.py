@@ -974,6 +974,16 @@ def test_torch_export_archives_are_read_for_their_weights(tmp_path, cli):
     code, _, err = cli("convert", tmp_path / "prog.pt2", "-o", tmp_path / "again.pt2")
     assert code == 2 and "cannot write torch-export (.pt2)" in err and not (tmp_path / "again.pt2").exists(), err
 
+    # several programs in one archive (package_pt2): one state dict each, chosen with --key
+    from torch.export.pt2_archive._package import package_pt2
+
+    lin = torch.export.export(torch.nn.Linear(3, 4), (torch.randn(2, 3),))
+    package_pt2(str(tmp_path / "multi.pt2"), exported_programs={"enc": lin, "dec": ep})
+    with pytest.raises(AmbiguousStateDictError, match="dec, enc"):
+        cs.load(tmp_path / "multi.pt2")
+    enc = cs.load(tmp_path / "multi.pt2", key="enc").torch_state_dict()
+    assert list(enc) == ["weight", "bias"] and torch.equal(enc["weight"], lin.state_dict["weight"])
+
     # torch 2.5's layout: the state dict as a torch.save file inside the archive
     sd = OrderedDict([("w", torch.randn(3, 2)), ("b", torch.randn(3))])
     buf = io.BytesIO()
