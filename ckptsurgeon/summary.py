@@ -94,6 +94,11 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
     if isinstance(ck.wrapper, Mapping):
         for k, v in ck.wrapper.items():
             wrapper[str(k)] = describe_value(v)
+    elif isinstance(ck.wrapper, (list, tuple)):  # torch.save((model_sd, optim_sd, epoch)): by position
+        for i, v in enumerate(ck.wrapper[:50]):
+            wrapper[str(i)] = describe_value(v)
+        if len(ck.wrapper) > 50:
+            wrapper["..."] = f"{count(len(ck.wrapper) - 50, 'more item')}"
     summ = ck.summary(infos.values())
     tied = ck.tied()
     prefix = detect_prefix(shapes.keys())

@@ -259,6 +259,11 @@ def test_a_bare_tensor_or_list_is_named_with_the_way_out(tmp_path, cli):
     for name, says in (("bare.pt", "one tensor [2, 3] float32"), ("list.pt", "a list of 2 items (1 tensor)")):
         code, _, err = cli("convert", tmp_path / name, "-o", tmp_path / "x.safetensors")
         assert code == 2 and says in err and "torch.save({'name'" in err and "TensorRef" not in err, err
+    # a tuple around a state dict (model, optimizer, epoch): found at position 0, each item shown
+    lin = torch.nn.Linear(3, 3)
+    torch.save((lin.state_dict(), torch.optim.Adam(lin.parameters()).state_dict(), 5), tmp_path / "tuple.pt")
+    code, out, err = cli("inspect", tmp_path / "tuple.pt")
+    assert code == 0 and "  0: dict (2 keys)  <- state dict\n  1: dict (2 keys)\n  2: 5\n" in out, out + err
 
 
 def test_inspect_names_tied_weights(tmp_path, cli):
