@@ -38,22 +38,12 @@ def sniff(path: str, head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" and path.lower().endswith(".pt2")
 
 
-def is_program(z: TorchZip) -> bool:
-    """An export archive: its records say so (``archive_format`` is ``pt2``), or it has models."""
-    return not z.has("data.pkl") and (z.has("archive_format") or any(n.startswith("models/") for n in z.infos))
-
-
 def load(path: str, *, key: str | None = None, trust_pickle=False, **_):
-    z = TorchZip(path, program_ok=True)
-    try:
-        if not is_program(z):
-            from .torchfile import load_zip
+    """A ``.pt2``; a torch.save file named so is read as what it is (torchfile.load_zip, which
+    also sends an export archive under another name here)."""
+    from .torchfile import load_zip
 
-            z.close()
-            return load_zip(path, key=key, trust_pickle=trust_pickle)
-        return load_program(z, path, key=key, trust_pickle=trust_pickle)
-    finally:
-        z.close()
+    return load_zip(path, key=key, trust_pickle=trust_pickle)
 
 
 def load_program(z: TorchZip, path: str, *, key=None, trust_pickle=False):
@@ -96,15 +86,15 @@ _AOTI_HINT = ("an AOTInductor package keeps its weights compiled into the model;
               "before compiling it (torch.export.save, or its state_dict)")
 
 
-def _ints(values, what: str, name: str) -> list[int]:
+def _ints(values, what: str, where: str) -> list[int]:
+    if not isinstance(values, list):
+        raise CorruptCheckpointError(f"{where}: {what} is not a list")
     out = []
-    for v in values if isinstance(values, list) else ():
+    for v in values:
         n = v.get("as_int") if isinstance(v, dict) else None
         if type(n) is not int:
-            raise UnsupportedError(f"weight {name!r}: a symbolic or missing {what} ({v!r})")
+            raise UnsupportedError(f"{where}: a symbolic or missing {what} ({v!r})")
         out.append(n)
-    if not isinstance(values, list):
-        raise CorruptCheckpointError(f"weight {name!r}: {what} is not a list")
     return out
 
 
@@ -131,9 +121,10 @@ def _weights(z: TorchZip, path: str, config_name: str) -> "OrderedDict[str, Tens
                                    "ckpt-surgeon knows")
         if tm.get("layout", STRIDED) != STRIDED:
             raise UnsupportedError(f"{path}: weight {name!r} is not a strided (dense) tensor")
-        shape = _ints(tm.get("sizes"), "size", name)
-        stride = _ints(tm.get("strides"), "stride", name)
-        offset = _ints([tm.get("storage_offset")], "storage offset", name)[0]
+        where = f"{path}: weight {name!r}"
+        shape = _ints(tm.get("sizes"), "size", where)
+        stride = _ints(tm.get("strides"), "stride", where)
+        offset = _ints([tm.get("storage_offset")], "storage offset", where)[0]
         if len(shape) != len(stride):
             raise CorruptCheckpointError(f"{path}: weight {name!r} has {len(shape)} sizes and {len(stride)} strides")
         record = f"{WEIGHTS}{meta.get('path_name')}"

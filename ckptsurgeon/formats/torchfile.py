@@ -91,8 +91,7 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
         root = load_refs(data, source, inert=unsafe)
     except NotFastPath as e:
         raise refuse(f"it uses {e}") from None
-    if not (isinstance(root, InertObject) and getattr(type(root), "inert_module", "").startswith("__torch__")
-            and isinstance(root._inert["state"], Mapping)):
+    if _script_state(root) is None:
         raise refuse(f"its data.pkl holds {getattr(type(root), 'inert_name', type(root).__name__)}, not a scripted "
                      "module")
     sd = _script_state_dict(root)
@@ -116,11 +115,19 @@ def script_name(name: str) -> bool:
     return name.startswith(_SCRIPT_NAMES) and not name.startswith(_SCRIPT + "torch.classes.")
 
 
+def _script_state(v) -> Mapping | None:
+    """The attributes (BUILD state) of an object of a TorchScript class read inert, else None."""
+    if isinstance(v, InertObject) and getattr(type(v), "inert_module", "").startswith("__torch__"):
+        state = v._inert["state"]
+        return state if isinstance(state, Mapping) else None
+    return None
+
+
 def _is_script_module(v) -> bool:
-    """A TorchScript module read inert: a ``__torch__.`` object whose attributes (the BUILD state)
-    include ``training``, as every scripted or traced module's do."""
-    return (isinstance(v, InertObject) and getattr(type(v), "inert_module", "").startswith("__torch__")
-            and isinstance(v._inert["state"], Mapping) and "training" in v._inert["state"])
+    """A TorchScript module read inert: its attributes include ``training``, as every scripted or
+    traced module's do (a scripted class's instance held as an attribute is not a module)."""
+    state = _script_state(v)
+    return state is not None and "training" in state
 
 
 def _script_state_dict(module, prefix: str = "", out=None, visits=None, above=()) -> "OrderedDict[str, Any]":
