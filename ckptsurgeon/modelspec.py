@@ -152,3 +152,58 @@ def _from_timm_config(cfg: str):
     except Exception as e:  # noqa: BLE001 - an architecture this timm does not have, bad model_args
         raise SelectionError(f"timm cannot build {conf['architecture']!r} from {cfg}: {type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
+
+
+EXAMPLE_INPUTS = "_ckpt_surgeon_example_inputs"  # set on a model built from a .pt2: its example inputs
+
+
+def build_from_archive(ck, trust_pickle=False):
+    """The model a checkpoint that is itself a program holds, or None: a TorchScript archive
+    (``torch.jit.load``: its TorchScript code is compiled and run, never Python's pickle beyond
+    torch's allowlist) or a torch.export archive (``torch.export.load(path).module()``, with the
+    program's example inputs kept on the model as ``EXAMPLE_INPUTS``). torch.export.load
+    unpickles the archive's pickled constants and inputs with ``weights_only=False``, so a .pt2
+    whose pickles name a global outside the allowlist is refused unless ``trust_pickle`` is True.
+
+    Example::
+
+        model = build_from_archive(load("scripted.pt"))   # then load another checkpoint into it
+    """
+    import zipfile
+
+    src = ck.source
+    if src is None or not os.path.isfile(src.path) or src.format not in ("torch-zip", "torch-export"):
+        return None
+    try:
+        with zipfile.ZipFile(src.path) as z:
+            names = [n.split("/", 1)[-1] for n in z.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return None
+    import torch
+
+    if src.format == "torch-zip":
+        if "constants.pkl" not in names and not any(n.startswith("code/") for n in names):
+            return None
+        try:
+            return torch.jit.load(src.path, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - an archive this torch cannot compile
+            raise ModelError(f"torch.jit.load cannot build the model in {src.path}: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
+    from .errors import UnsafePickleError
+    from .safety import unsafe_globals
+
+    unsafe = unsafe_globals(src.path) if trust_pickle is not True else []
+    if unsafe:
+        raise UnsafePickleError(
+            f"building the model from {src.path} would have torch.export.load unpickle globals outside the "
+            f"weights-only allowlist: {', '.join(unsafe)}", globals_=unsafe,
+            hint="pass --model, or --trust-pickle only if you trust where the file came from")
+    try:
+        program = torch.export.load(src.path)
+        model = program.module()
+    except Exception as e:  # noqa: BLE001 - a program this torch cannot load
+        raise ModelError(f"torch.export.load cannot build the model in {src.path}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
+    if program.example_inputs is not None:
+        setattr(model, EXAMPLE_INPUTS, program.example_inputs)
+    return model

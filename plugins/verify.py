@@ -96,19 +96,21 @@ def no_tf32():
             put(backend, op, value)
 
 
-def build(model_spec, model_args, ck: Checkpoint):
-    """A fresh reference model: factory spec, a callable, a module (deep-copied), or HF config."""
+def build(model_spec, model_args, ck: Checkpoint, trust_pickle=False):
+    """A fresh reference model: factory spec, a callable, a module (deep-copied), the program a
+    TorchScript or torch.export archive holds, or HF config."""
     import torch
 
     if isinstance(model_spec, torch.nn.Module):
         return copy.deepcopy(model_spec)
     if callable(model_spec):
         return model_spec(**(model_args or {}))
-    from ckptsurgeon.modelspec import build_from_config, build_model
+    from ckptsurgeon.modelspec import build_from_archive, build_from_config, build_model
 
     if model_spec:
         return build_model(model_spec, model_args)
-    return build_from_config(ck, "verify")
+    model = build_from_archive(ck, trust_pickle)
+    return model if model is not None else build_from_config(ck, "verify")
 
 
 def apply_transforms(model, transforms, side: str = ""):
@@ -226,9 +228,16 @@ class _Recorder:
         self.order: list = []
         self.calls: dict = {}
         self.hooks = []
+        self.unsupported = False
         for name, mod in model.named_modules():
             if name:
-                self.hooks.append(mod.register_forward_hook(self._hook(name, type(mod).__name__)))
+                try:
+                    self.hooks.append(mod.register_forward_hook(self._hook(name, type(mod).__name__)))
+                except RuntimeError:  # a TorchScript module takes no Python hooks: outputs compared only
+                    self.unsupported = True
+                    self.remove()
+                    self.hooks = []
+                    break
 
     def _hook(self, name, kind):
         def fn(_m, _i, out):
@@ -252,8 +261,13 @@ def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
 
     from ckptsurgeon.inputs import infer_sample_shape, load_inputs, random_inputs, with_required_arguments
 
+    from ckptsurgeon.modelspec import EXAMPLE_INPUTS
+
+    example = getattr(model, EXAMPLE_INPUTS, None)  # a torch.export program's own
     if inputs is not None:
         x = load_inputs(inputs) if isinstance(inputs, str) else inputs
+    elif example is not None and input_shape is None and (not example[0] or not example[1]):
+        x = example[1] if example[1] else tuple(example[0])
     elif hasattr(model, "config") and getattr(model.config, "vocab_size", None):
         g = torch.Generator().manual_seed(seed)
         shape = tuple(input_shape) if input_shape else (batch, 16)
@@ -280,9 +294,14 @@ def _moved(model, device, dtype):
     floating-point tensor has another (diffusers warns on any ``.to(dtype)``, "modules that should
     be kept in float32: []", for a model already in it)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    if any(t.is_floating_point() and t.dtype != dtype for t in tensors):
-        return model.to(device=device, dtype=dtype).eval()
-    return model.to(device=device).eval()
+    if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model = model.to(device=device)
+    try:
+        return model.eval()
+    except NotImplementedError:  # torch.export's module(): captured in the mode it was exported in
+        return model
 
 
 def _describe(x) -> str:
@@ -341,9 +360,9 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     if cross_device:
         if not torch.cuda.is_available():
             raise SelectionError("--cross-device compares CPU and CUDA, but CUDA is not available here")
-    model_a = apply_transforms(build(model, model_args, ca), ca.transforms, "A")
+    model_a = apply_transforms(build(model, model_args, ca, trust_pickle), ca.transforms, "A")
     how_a = load_into_model(model_a, ca)
-    model_b = apply_transforms(build(model, model_args, ca if not model else cb), cb.transforms, "B")
+    model_b = apply_transforms(build(model, model_args, ca if not model else cb, trust_pickle), cb.transforms, "B")
     try:
         how_b = load_into_model(model_b, cb)
     except ModelError as e:
@@ -352,10 +371,14 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     dev_b = dev
     if cross_device:
         dev, dev_b = torch.device("cpu"), torch.device("cuda")
-    model_a = _moved(model_a, dev, tdtype)
-    model_b = _moved(model_b, dev_b, tdtype)
-    x_a = _make_inputs(model_a, inputs, input_shape, batch, seed, dev, tdtype)
-    x_b = _make_inputs(model_a, inputs, input_shape, batch, seed, dev_b, tdtype)
+    from ckptsurgeon.modelspec import EXAMPLE_INPUTS
+
+    program = getattr(model_a, EXAMPLE_INPUTS, None) is not None  # a torch.export program: its dtypes are
+    run_dtype = None if program else tdtype                          # part of its graph, run as exported
+    model_a = _moved(model_a, dev, run_dtype)
+    model_b = _moved(model_b, dev_b, run_dtype)
+    x_a = _make_inputs(model_a, inputs, input_shape, batch, seed, dev, run_dtype)
+    x_b = _make_inputs(model_a, inputs, input_shape, batch, seed, dev_b, run_dtype)
     t_build = time.perf_counter() - t0
     with no_tf32():
         rec_a, rec_b = (_Recorder(model_a), _Recorder(model_b)) if localize else (None, None)
@@ -408,15 +431,25 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         if not c["ok"] and first is None and key[0] not in by_design:
             first = entry["module"]
     notes = []
+    if not model and isinstance(model_a, torch.jit.ScriptModule):
+        notes.append("model built from the TorchScript archive A (torch.jit.load)")
+    if program:
+        notes.append("model built from the torch.export program in A, run in the dtypes it was exported with"
+                     + (f" (--dtype {dtype} not applied)" if dtype != "float32" else ""))
+    if localize and (rec_a.unsupported or rec_b.unsupported):
+        notes.append("a TorchScript model takes no forward hooks: its outputs are compared, not each module's")
     for t in cb.transforms:
         if t["name"] in NON_PRESERVING and not equivalent:
             notes.append(f"{t['name']}: {NON_PRESERVING[t['name']]}; measured divergence reported, not hidden")
     return {
         "schema": "ckpt-surgeon.verify/1",
         "a": ca.source.path if ca.source else None, "b": cb.source.path if cb.source else None,
-        "device": str(dev) if not cross_device else f"{dev} vs {dev_b}", "dtype": dtype,
+        "device": str(dev) if not cross_device else f"{dev} vs {dev_b}",
+        "dtype": "as exported" if program else dtype,
         "alignment": {"a": how_a, "b": how_b}, "transforms_b": [t["name"] for t in cb.transforms],
-        "inputs": inputs if isinstance(inputs, str) else ("seeded random" if inputs is None else "given"),
+        "inputs": inputs if isinstance(inputs, str) else ("the program's example inputs" if inputs is None and program
+                                                          and input_shape is None else
+                                                          "seeded random" if inputs is None else "given"),
         "outputs": outputs, "equivalent": equivalent, "first_divergent": first,
         "modules": modules, "notes": notes,
         "seconds": {"build_and_load": round(t_build, 4), "forward_both": round(t_run, 4)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -656,3 +657,50 @@ def test_fold_bn_into_transposed_convolutions(tmp_path, models):
     from ckptsurgeon.inputs import infer_sample_shape
 
     assert infer_sample_shape(_Decoder()) == (4, 32, 32)  # from the first (transposed) conv
+
+
+def test_verify_builds_the_model_a_program_archive_holds(tmp_path, cli):
+    """A TorchScript or torch.export archive holds its own model: `verify archive weights.pt`
+    needs no --model. The archive's weights (read lazily, as any checkpoint) go into the model
+    it holds, the other file's into a second copy; a .pt2 runs on its own example inputs, in the
+    dtypes it was exported with. A planted change is found; a .pt2 whose pickles (which
+    torch.export.load unpickles unsafely) name other globals is refused before it is loaded."""
+    import io
+    import json
+    import zipfile
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    torch.jit.script(net).save(str(tmp_path / "scripted.pt"))
+    ep = torch.export.export(net.eval(), (torch.randn(4, 3),))
+    torch.export.save(ep, str(tmp_path / "prog.pt2"))
+    for archive in ("scripted.pt", "prog.pt2"):
+        code, _, err = cli("add-prefix", tmp_path / archive, "--prefix", "module.", "-o", tmp_path / "dp.pt")
+        assert code == 0, err
+        extra = ("--input-shape", "2,3") if archive.endswith(".pt") else ()
+        code, out, err = cli("verify", tmp_path / archive, tmp_path / "dp.pt", *extra, "--json")
+        rep = json.loads(out)
+        assert code == 0 and rep["equivalent"], out + err
+        if archive == "prog.pt2":
+            assert rep["inputs"] == "the program's example inputs" and rep["outputs"][0]["shape"] == [4, 2]
+            assert rep["dtype"] == "as exported"
+        else:
+            assert any("TorchScript archive A" in n for n in rep["notes"])
+        planted = torch.load(tmp_path / "dp.pt", weights_only=True)
+        planted["module.2.bias"] += 1
+        torch.save(planted, tmp_path / "planted.pt")
+        code, out, err = cli("verify", tmp_path / archive, tmp_path / "planted.pt", *extra)
+        assert code == 1 and "NOT EQUIVALENT" in out, out + err
+
+    evil = b"cos\nsystem\n(S'touch PWNED'\ntR."
+    with zipfile.ZipFile(tmp_path / "prog.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as z:
+        for n in src.namelist():
+            z.writestr(n, src.read(n))
+        inner = io.BytesIO()
+        with zipfile.ZipFile(inner, "w") as i:
+            i.writestr("archive/data.pkl", evil)
+        z.writestr("prog/data/constants/tensor_9", inner.getvalue())
+    code, _, err = cli("verify", tmp_path / "evil.pt2", tmp_path / "dp.pt")
+    errors = [line for line in err.splitlines() if line.startswith("ckpt-surgeon: error:")]
+    assert code == 2 and len(errors) == 1 and "os.system" in errors[0] and "torch.export.load" in errors[0], err
+    assert not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
