@@ -33,7 +33,30 @@ def infer_sample_shape(model):
             return (m.in_channels,) + (32,) * len(m.kernel_size)
         if isinstance(m, nn.Linear):
             return (m.in_features,)
+        shape = _scripted_sample_shape(m)
+        if shape:
+            return shape
     raise SelectionError("cannot infer the model's input shape", hint="pass --input-shape (e.g. 3,224,224)")
+
+
+def _scripted_sample_shape(m) -> tuple | None:
+    """The same from a TorchScript submodule, which is no nn.Conv/nn.Linear instance: its
+    ``original_name`` says what it was, its weight's shape the channels (groups where kept)."""
+    import torch
+
+    kind = getattr(m, "original_name", None) if isinstance(m, torch.jit.ScriptModule) else None
+    weight = getattr(m, "weight", None) if isinstance(kind, str) else None
+    if weight is None or not hasattr(weight, "shape"):
+        return None
+    if kind.startswith("ConvTranspose") and weight.dim() >= 3:
+        return (int(weight.shape[0]),) + (32,) * (weight.dim() - 2)
+    if kind.startswith("Conv") and weight.dim() >= 3:
+        groups = getattr(m, "groups", 1)
+        return (int(weight.shape[1]) * (groups if isinstance(groups, int) and groups > 0 else 1),) + \
+            (32,) * (weight.dim() - 2)
+    if kind == "Linear" and weight.dim() == 2:
+        return (int(weight.shape[1]),)
+    return None
 
 
 def _declared_sample_shape(model) -> tuple | None:

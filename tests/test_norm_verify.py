@@ -672,12 +672,15 @@ def test_verify_builds_the_model_a_program_archive_holds(tmp_path, cli):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     torch.jit.script(net).save(str(tmp_path / "scripted.pt"))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 30 * 30, 2)).eval()
+    torch.jit.trace(cnn, torch.randn(1, 3, 32, 32)).save(str(tmp_path / "traced.pt"))
     ep = torch.export.export(net.eval(), (torch.randn(4, 3),))
     torch.export.save(ep, str(tmp_path / "prog.pt2"))
-    for archive in ("scripted.pt", "prog.pt2"):
+    for archive, last in (("scripted.pt", "2"), ("traced.pt", "4"), ("prog.pt2", "2")):
         code, _, err = cli("add-prefix", tmp_path / archive, "--prefix", "module.", "-o", tmp_path / "dp.pt")
         assert code == 0, err
-        extra = ("--input-shape", "2,3") if archive.endswith(".pt") else ()
+        extra = ()  # a scripted model's input shape comes from its first Linear, as for an nn.Module
         code, out, err = cli("verify", tmp_path / archive, tmp_path / "dp.pt", *extra, "--json")
         rep = json.loads(out)
         assert code == 0 and rep["equivalent"], out + err
@@ -687,7 +690,7 @@ def test_verify_builds_the_model_a_program_archive_holds(tmp_path, cli):
         else:
             assert any("TorchScript archive A" in n for n in rep["notes"])
         planted = torch.load(tmp_path / "dp.pt", weights_only=True)
-        planted["module.2.bias"] += 1
+        planted[f"module.{last}.bias"] += 1
         torch.save(planted, tmp_path / "planted.pt")
         code, out, err = cli("verify", tmp_path / archive, tmp_path / "planted.pt", *extra)
         assert code == 1 and "NOT EQUIVALENT" in out, out + err
