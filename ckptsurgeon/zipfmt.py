@@ -159,6 +159,10 @@ class TorchZip:
                 raise NotACheckpointError(
                     f"{path}: a torch.export program archive (.pt2), not a checkpoint",
                     hint="take its weights with torch.export.load(path).state_dict and torch.save them")
+            if "model.json" in self.infos or any(n.startswith("code/") for n in self.infos):
+                raise NotACheckpointError(
+                    f"{path}: a TorchScript archive in an early torch release's format (model.json, no data.pkl)",
+                    hint="load it with torch.jit.load and torch.save its state_dict(), then run ckpt-surgeon on that")
             what = "a numpy .npz archive" if path.lower().endswith(".npz") else "a zip archive"
             raise NotACheckpointError(f"{path}: {what} with no data.pkl record, not a torch checkpoint")
 

@@ -900,6 +900,12 @@ def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
         assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     code, out, _ = cli("scan", tmp_path / "quantized.pt")
     assert code == 1 and "TorchScript archive (torch.jit.save)" not in out
+    with zipfile.ZipFile(tmp_path / "early.pt", "w") as z:  # torch 1.0's layout: model.json, tensors/
+        z.writestr("early/model.json", "{}")
+        z.writestr("early/code/early.py", "op_version_set = 0")
+        z.writestr("early/tensors/0", b"\0" * 16)
+    code, _, err = cli("inspect", tmp_path / "early.pt")
+    assert code == 2 and "an early torch release's format (model.json" in err and len(err.strip().splitlines()) == 1
     # a file made to look like one: its pickle calls os.system; refused, nothing run, whatever the flags
     with zipfile.ZipFile(tmp_path / "tied.pt") as src, zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
         for n in src.namelist():
