@@ -6,7 +6,8 @@ import os
 
 from .atomic import special_kind
 from .checkpoint import Checkpoint
-from .errors import CkptSurgeonError, CorruptCheckpointError, InputNotFoundError, NotACheckpointError, PluginError
+from .errors import (CkptSurgeonError, CorruptCheckpointError, InputNotFoundError, NotACheckpointError, PluginError,
+                     UnsupportedError)
 from .gcpause import paused_gc
 from .manager import get_manager
 
@@ -27,6 +28,9 @@ def load(path, *, key: str | None = None, trust_pickle: bool | str = False, form
         print(ck.sd_path, len(ck.state))
     """
     path = os.fspath(path)
+    if not hasattr(os, "pread"):  # Windows: every reader and writer here uses positional I/O
+        raise UnsupportedError("ckpt-surgeon reads and writes with positional file I/O (os.pread/os.pwrite), which "
+                               "Python does not offer on this platform", hint="run it on Linux or macOS (or WSL)")
     if not os.path.exists(path):
         from .formats.hf import existing_or_cached
 

@@ -752,6 +752,14 @@ def test_debug_shows_traceback(tmp_path, cli):
     assert code == 2 and "Traceback" in err
 
 
+def test_a_platform_without_positional_io_is_one_line(sample_dir, monkeypatch, cli):
+    """Windows' Python has no os.pread/os.pwrite, which every reader and writer uses: one line
+    that says so, not an AttributeError from deep inside a reader."""
+    monkeypatch.delattr(os, "pread")
+    code, out, err = cli("inspect", sample_dir / "seednet_dp.pt")
+    assert code == 2 and "positional file I/O" in err and "Linux or macOS" in err and len(err.splitlines()) == 1, err
+
+
 # --------------------------------------------------------------------------- killed writes
 def _sha(path: Path) -> str:
     import hashlib
