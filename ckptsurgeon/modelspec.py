@@ -182,7 +182,9 @@ def build_from_archive(ck, trust_pickle=False):
     import torch
 
     if src.format == "torch-zip":
-        if "constants.pkl" not in names and not any(n.startswith("code/") for n in names):
+        from .formats.torchfile import is_torchscript
+
+        if not is_torchscript(names):
             return None
         try:
             return torch.jit.load(src.path, map_location="cpu")

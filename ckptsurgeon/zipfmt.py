@@ -88,9 +88,10 @@ def nested_zip(path: str, info: zipfile.ZipInfo) -> zipfile.ZipFile | None:
     f = open(path, "rb")
     try:
         head = os.pread(f.fileno(), _LOCAL.size, info.header_offset)
-        if len(head) != _LOCAL.size or _LOCAL.unpack(head)[0] != 0x04034B50:
+        fields = _LOCAL.unpack(head) if len(head) == _LOCAL.size else (0,)
+        if fields[0] != 0x04034B50:
             raise zipfile.BadZipFile(f"bad local header for {info.filename}")
-        start = info.header_offset + _LOCAL.size + _LOCAL.unpack(head)[-2] + _LOCAL.unpack(head)[-1]
+        start = info.header_offset + _LOCAL.size + fields[-2] + fields[-1]
         if os.pread(f.fileno(), 4, start) != b"PK\x03\x04":
             f.close()
             return None

@@ -43,11 +43,16 @@ def load_zip(path: str, *, key: str | None = None, trust_pickle: bool | str = Fa
             from .export import load_program
 
             return load_program(z, path, key=key, trust_pickle=trust_pickle)
-        if z.has("constants.pkl") or any(name.startswith("code/") for name in z.infos):
+        if is_torchscript(z.infos):
             return _load_torchscript(z, path, key)
         return _load_zip(z, path, key, trust_pickle)
     finally:
         z.close()  # every tensor's byte range is located by now; data is read through its own fds
+
+
+def is_torchscript(records) -> bool:
+    """Whether a torch zip's record names (below its folder) are a TorchScript archive's."""
+    return "constants.pkl" in records or any(name.startswith("code/") for name in records)
 
 
 _SCRIPT = "__torch__."  # the module TorchScript names its compiled classes under (no Python module)
