@@ -835,8 +835,12 @@ def _seeds(tmp_path_factory):
 
     with open(d / "p.pkl", "wb") as f:  # a plain pickle of numpy arrays (Detectron2's .pkl)
         pickle.dump({"model": {k: v.numpy() for k, v in sd.items()}, "__author__": "fuzz"}, f, protocol=4)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    torch.jit.script(net).save(str(d / "j.pt"))  # program archives: read for their weights
+    torch.export.save(torch.export.export(net, (torch.randn(2, 3),)), str(d / "e.pt2"))
     return {k: (d / f).read_bytes() for k, f in (("zip", "z.pt"), ("st", "s.safetensors"), ("legacy", "l.pt"),
-                                                 ("inert", "i.pt"), ("pkl", "p.pkl"))}
+                                                 ("inert", "i.pt"), ("pkl", "p.pkl"), ("jit", "j.pt"),
+                                                 ("pt2", "e.pt2"))}
 
 
 @pytest.fixture(scope="module")
@@ -844,7 +848,7 @@ def fuzz_seeds(tmp_path_factory):
     return _seeds(tmp_path_factory)
 
 
-@pytest.mark.parametrize("kind", ["zip", "st", "legacy", "inert", "pkl"])
+@pytest.mark.parametrize("kind", ["zip", "st", "legacy", "inert", "pkl", "jit", "pt2"])
 def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
     """Byte flips and truncations: only ckpt-surgeon's own errors escape, reading, writing a
     safetensors copy and diffing against the undamaged file. "inert" loads a file with foreign
@@ -855,7 +859,7 @@ def test_fuzz_loaders_raise_only_our_errors(kind, fuzz_seeds, tmp_path_factory):
 
     seed = fuzz_seeds[kind]
     work = tmp_path_factory.mktemp(f"fuzz_{kind}")
-    ext = {"st": ".safetensors", "pkl": ".pkl"}.get(kind, ".pt")
+    ext = {"st": ".safetensors", "pkl": ".pkl", "pt2": ".pt2"}.get(kind, ".pt")
     path, original = work / f"f{ext}", work / f"seed{ext}"
     original.write_bytes(seed)
 
