@@ -113,6 +113,20 @@ def build(model_spec, model_args, ck: Checkpoint, trust_pickle=False):
     return model if model is not None else build_from_config(ck, "verify")
 
 
+def _model_source(ca: Checkpoint, cb: Checkpoint, trust_pickle=False):
+    """Which checkpoint says what the model is when no --model is given, and the model it built:
+    A when a config.json is beside it or it is a program archive, else B (plain weights checked
+    against the TorchScript archive they came from, in either order)."""
+    for ck in (ca, cb):
+        try:
+            return ck, build(None, None, ck, trust_pickle)
+        except SelectionError as e:
+            if "needs --model" not in e.message:
+                raise
+    raise SelectionError("verify needs --model (or, as A or B, a Hugging Face or timm folder with config.json, or a "
+                         "TorchScript or torch.export archive)")
+
+
 def apply_transforms(model, transforms, side: str = ""):
     """The architecture changes a surgery recorded in the checkpoint (fold-bn, bn-to-gn), applied
     to a freshly built model. A record that does not fit the model (another architecture: a
@@ -360,9 +374,14 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
     if cross_device:
         if not torch.cuda.is_available():
             raise SelectionError("--cross-device compares CPU and CUDA, but CUDA is not available here")
-    model_a = apply_transforms(build(model, model_args, ca, trust_pickle), ca.transforms, "A")
+    if model:
+        source, built = cb, build(model, model_args, ca, trust_pickle)
+    else:  # A's config or archive, else B's, builds both models
+        source, built = _model_source(ca, cb, trust_pickle)
+    model_a = apply_transforms(built, ca.transforms, "A")
     how_a = load_into_model(model_a, ca)
-    model_b = apply_transforms(build(model, model_args, ca if not model else cb, trust_pickle), cb.transforms, "B")
+    model_b = apply_transforms(build(model, model_args, source, trust_pickle), cb.transforms,
+                               "B")
     try:
         how_b = load_into_model(model_b, cb)
     except ModelError as e:

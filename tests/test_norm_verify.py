@@ -689,11 +689,16 @@ def test_verify_builds_the_model_a_program_archive_holds(tmp_path, cli):
             assert rep["dtype"] == "as exported"
         else:
             assert any("TorchScript archive A" in n for n in rep["notes"])
+        code, out, err = cli("verify", tmp_path / "dp.pt", tmp_path / archive)  # the archive as B does too
+        assert code == 0 and "EQUIVALENT" in out, out + err
         planted = torch.load(tmp_path / "dp.pt", weights_only=True)
         planted[f"module.{last}.bias"] += 1
         torch.save(planted, tmp_path / "planted.pt")
         code, out, err = cli("verify", tmp_path / archive, tmp_path / "planted.pt", *extra)
         assert code == 1 and "NOT EQUIVALENT" in out, out + err
+
+    code, _, err = cli("verify", tmp_path / "dp.pt", tmp_path / "planted.pt")
+    assert code == 2 and "verify needs --model (or, as A or B," in err, err
 
     evil = b"cos\nsystem\n(S'touch PWNED'\ntR."
     with zipfile.ZipFile(tmp_path / "prog.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as z:
