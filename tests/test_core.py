@@ -827,9 +827,10 @@ class _Scripted(torch.nn.Module):
         self.heads = torch.nn.ModuleDict({"a": torch.nn.LayerNorm(3), "b": torch.nn.Embedding(5, 3)})
         self.mha = torch.nn.MultiheadAttention(3, 1)
         self.shared = self.lin
+        self.plain = torch.ones(3)  # a plain tensor attribute: no parameter, no buffer, not in the state dict
 
     def forward(self, x):
-        return self.lin(x) * self.scale + self.w + self.heads["a"](x)
+        return self.lin(x) * self.scale + self.w + self.heads["a"](x) + self.plain
 
 
 class _Tied(torch.nn.Module):
@@ -868,6 +869,8 @@ def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
         assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref), name
         assert ck.source.lazy and any("TorchScript archive" in n for n in ck.notes)
     assert not any(m.startswith("__torch__") for m in sys.modules)
+    scripted = list(cs.load(tmp_path / "scripted.pt").state)
+    assert "plain" not in scripted and scripted.index("w") < scripted.index("scale")  # parameters, then buffers
     from safetensors.torch import load_file
 
     code, out, err = cli("add-prefix", tmp_path / "scripted.pt", "--prefix", "module.", "-o", tmp_path / "dp.pt")

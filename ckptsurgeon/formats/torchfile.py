@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -99,7 +100,7 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
     if _script_state(root) is None:
         raise refuse(f"its data.pkl holds {getattr(type(root), 'inert_name', type(root).__name__)}, not a scripted "
                      "module")
-    sd = _script_state_dict(root)
+    sd = _script_state_dict(root, _script_declarations(z))
     if not sd:
         raise NotACheckpointError(
             f"{path} is a TorchScript archive whose module tree holds no parameters or buffers: a frozen module "
@@ -135,14 +136,51 @@ def _is_script_module(v) -> bool:
     return state is not None and "training" in state
 
 
-def _script_state_dict(module, prefix: str = "", out=None, visits=None, above=()) -> "OrderedDict[str, Any]":
-    """``state_dict()`` of a TorchScript module from its recorded attributes: its tensors, then its
-    submodules', depth first (attributes are in registration order; parameters and buffers are
-    not told apart in the archive, so a buffer registered before a parameter keeps its place)."""
+_SCRIPT_CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t]+.*\n?|\n)*)", re.M)
+_DECLARED = re.compile(r"^  (__parameters__|__buffers__) = (\[[^\]\n]*\])[ \t]*$", re.M)
+
+
+def _script_declarations(z: TorchZip) -> dict:
+    """{class qualname: names of its parameters then its buffers}, read from the ``__parameters__``
+    and ``__buffers__`` lists each compiled module class declares in the archive's ``code/``
+    (text, parsed as literals: nothing compiled or run). A plain tensor attribute (``self.x =
+    torch.ones(2)``) is in neither list and, as in torch.jit.load's state_dict(), not a weight."""
+    import ast
+
+    out = {}
+    for record in z.infos:
+        if not (record.startswith("code/") and record.endswith(".py")) or z.infos[record].file_size > 64 << 20:
+            continue  # (a class of a file too large to be code: its tensors taken in attribute order)
+        module = record[len("code/"):-len(".py")].replace("/", ".")
+        try:
+            text = z.read(record).decode("utf-8", "replace")
+        except CorruptCheckpointError:
+            continue  # (then that class's tensors are taken in attribute order, as without code)
+        for cls in _SCRIPT_CLASS.finditer(text):
+            lists = {}
+            for kind, literal in _DECLARED.findall(cls.group(2)):
+                try:
+                    value = ast.literal_eval(literal)
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    lists[kind] = value
+            if len(lists) == 2:
+                out[f"{module}.{cls.group(1)}"] = lists["__parameters__"] + lists["__buffers__"]
+    return out
+
+
+def _script_state_dict(module, declared: dict, prefix: str = "", out=None, visits=None,
+                       above=()) -> "OrderedDict[str, Any]":
+    """``state_dict()`` of a TorchScript module from its recorded attributes: its parameters, then
+    its buffers (as its class declares them, see :func:`_script_declarations`; without a
+    declaration every tensor attribute, in attribute order), then its submodules', depth first."""
     out = OrderedDict() if out is None else out
     visits = _visit(visits, "scripted")
     state = module._inert["state"]
-    for name, v in state.items():
+    names = declared.get(f"{type(module).inert_module}.{type(module).inert_name}")
+    for name in (names if names is not None else state):
+        v = state.get(name)
         if isinstance(v, TensorRef):
             out[prefix + str(name)] = _detached(v)
     above = above + (id(module),)
@@ -150,7 +188,7 @@ def _script_state_dict(module, prefix: str = "", out=None, visits=None, above=()
         if _is_script_module(v):
             if id(v) in above:  # a module tree is a tree: torch.jit.save cannot write this
                 raise CorruptCheckpointError(f"the scripted module {prefix}{name} contains itself")
-            _script_state_dict(v, f"{prefix}{name}.", out, visits, above)
+            _script_state_dict(v, declared, f"{prefix}{name}.", out, visits, above)
     return out
 
 
