@@ -154,7 +154,7 @@ def _from_timm_config(cfg: str):
                              f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
 
 
-EXAMPLE_INPUTS = "_ckpt_surgeon_example_inputs"  # set on a model built from a .pt2: its example inputs
+EXAMPLE_INPUTS = "_ckpt_surgeon_example_inputs"  # set on a model built from a .pt2: its example inputs, or None
 
 
 def build_from_archive(ck, trust_pickle=False):
@@ -206,6 +206,5 @@ def build_from_archive(ck, trust_pickle=False):
     except Exception as e:  # noqa: BLE001 - a program this torch cannot load
         raise ModelError(f"torch.export.load cannot build the model in {src.path}: {type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}", hint="pass --model") from None
-    if program.example_inputs is not None:
-        setattr(model, EXAMPLE_INPUTS, program.example_inputs)
+    setattr(model, EXAMPLE_INPUTS, program.example_inputs)  # (also marks the model as a program's)
     return model

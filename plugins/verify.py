@@ -380,8 +380,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         source, built = _model_source(ca, cb, trust_pickle)
     model_a = apply_transforms(built, ca.transforms, "A")
     how_a = load_into_model(model_a, ca)
-    model_b = apply_transforms(build(model, model_args, source, trust_pickle), cb.transforms,
-                               "B")
+    model_b = apply_transforms(build(model, model_args, source, trust_pickle), cb.transforms, "B")
     try:
         how_b = load_into_model(model_b, cb)
     except ModelError as e:
@@ -392,8 +391,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         dev, dev_b = torch.device("cpu"), torch.device("cuda")
     from ckptsurgeon.modelspec import EXAMPLE_INPUTS
 
-    program = getattr(model_a, EXAMPLE_INPUTS, None) is not None  # a torch.export program: its dtypes are
-    run_dtype = None if program else tdtype                          # part of its graph, run as exported
+    program = hasattr(model_a, EXAMPLE_INPUTS)  # a torch.export program: its dtypes are part of its graph,
+    run_dtype = None if program else tdtype     # so it runs as exported
     model_a = _moved(model_a, dev, run_dtype)
     model_b = _moved(model_b, dev_b, run_dtype)
     x_a = _make_inputs(model_a, inputs, input_shape, batch, seed, dev, run_dtype)
