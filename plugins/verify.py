@@ -270,18 +270,27 @@ class _Recorder:
             h.remove()
 
 
+def _program_inputs(model):
+    """A torch.export program's own example inputs, as one argument tuple or keyword dict (None:
+    the model is no program's, it kept none, or it takes both kinds)."""
+    from ckptsurgeon.modelspec import EXAMPLE_INPUTS
+
+    example = getattr(model, EXAMPLE_INPUTS, None)
+    if example is None or (example[0] and example[1]):
+        return None
+    return example[1] if example[1] else tuple(example[0])
+
+
 def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
     import torch
 
     from ckptsurgeon.inputs import infer_sample_shape, load_inputs, random_inputs, with_required_arguments
 
-    from ckptsurgeon.modelspec import EXAMPLE_INPUTS
-
-    example = getattr(model, EXAMPLE_INPUTS, None)  # a torch.export program's own
+    example = _program_inputs(model) if inputs is None and input_shape is None else None
     if inputs is not None:
         x = load_inputs(inputs) if isinstance(inputs, str) else inputs
-    elif example is not None and input_shape is None and (not example[0] or not example[1]):
-        x = example[1] if example[1] else tuple(example[0])
+    elif example is not None:
+        x = example
     elif hasattr(model, "config") and getattr(model.config, "vocab_size", None):
         g = torch.Generator().manual_seed(seed)
         shape = tuple(input_shape) if input_shape else (batch, 16)
@@ -465,8 +474,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         "device": str(dev) if not cross_device else f"{dev} vs {dev_b}",
         "dtype": "as exported" if program else dtype,
         "alignment": {"a": how_a, "b": how_b}, "transforms_b": [t["name"] for t in cb.transforms],
-        "inputs": inputs if isinstance(inputs, str) else ("the program's example inputs" if inputs is None and program
-                                                          and input_shape is None else
+        "inputs": inputs if isinstance(inputs, str) else ("the program's example inputs" if inputs is None and input_shape
+                                                          is None and _program_inputs(model_a) is not None else
                                                           "seeded random" if inputs is None else "given"),
         "outputs": outputs, "equivalent": equivalent, "first_divergent": first,
         "modules": modules, "notes": notes,
