@@ -23,6 +23,8 @@ CLI for one strip-prefix per model) it checks, each against ``torch.load`` / ``s
   average      the resume dict and a perturbed copy: the float64 mean, integers kept
   lora         (transformers) extract-lora of rank-2 changes to four weights, merged back
   verify       the stripped checkpoint computes what the original does (forward on the device)
+  program      the weights read out of a torch.jit.trace archive and a torch.export .pt2 of the
+               model == torch.jit.load(...).state_dict() / torch.export.load(...).state_dict
   fold-bn      BN folded where the model has BN (a refusal with a reason counts as n/a)
   bn-to-gn     a plain swap runs and verify measures the divergence without an error
   hf-folder    sharded folder read; re-sharded by us, from_pretrained gives the same logits
@@ -523,6 +525,66 @@ def run_case(family: str, name: str, device: str, cli: list[str]) -> dict:
 
         has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
+        def example():
+            if inputs == "skip":
+                raise NA("detection model: list of images in")
+            if shape is not None:
+                from ckptsurgeon.inputs import with_required_arguments
+
+                x = with_required_arguments(model, _randn(shape))  # a UNet's timestep, conditioning
+                if isinstance(x, dict):
+                    return (), {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+                return tuple(v.to(dev) for v in (x if isinstance(x, tuple) else (x,))), {}
+            x = inputs(model) if inputs is not None else None
+            x = x if x is not None else {"input_ids": _randint(model.config.vocab_size, (2, 10))}
+            if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in x:
+                x = dict(x, decoder_input_ids=x["input_ids"][:, :4])  # (T5: the decoder needs its own)
+            return (), {k: v.to(dev) for k, v in x.items()}
+
+        def c_program():
+            """A TorchScript trace and a torch.export program of the model: the weights ckpt-surgeon
+            reads out of each archive == what torch.jit.load / torch.export.load give."""
+            args, kwargs = example()
+            config = getattr(model, "config", None)
+            saved = {k: getattr(config, k) for k in ("use_cache",) if hasattr(config, k)}
+            for k in saved:  # a KV-cache object is no traceable output
+                setattr(config, k, False)
+            try:
+                return _program_archives(args, kwargs)
+            finally:
+                for k, v in saved.items():
+                    setattr(config, k, v)
+
+        def _program_archives(args, kwargs):
+            done = []
+            try:
+                traced = torch.jit.trace(model, args or None, example_kwarg_inputs=kwargs or None, strict=False,
+                                         check_trace=False)
+                traced.save(str(tmp / "traced.pt"))
+            except Exception as e:  # noqa: BLE001 - a model this torch cannot trace (or save traced)
+                traced = None
+                why_jit = f"{type(e).__name__}: {' '.join(str(e).split())[:100]}"
+            if traced is not None:
+                why = same_sd(cs.load(tmp / "traced.pt").torch_state_dict(),
+                              torch.jit.load(tmp / "traced.pt", map_location="cpu").state_dict())
+                assert why is None, f"TorchScript: {why}"
+                done.append("jit")
+            try:
+                program = torch.export.export(model, args, kwargs, strict=False)
+            except Exception as e:  # noqa: BLE001 - a model this torch cannot export
+                program = None
+                why_export = f"{type(e).__name__}: {' '.join(str(e).split())[:100]}"
+            if program is not None:
+                torch.export.save(program, str(tmp / "program.pt2"))
+                why = same_sd(cs.load(tmp / "program.pt2").torch_state_dict(),
+                              {k: v.cpu() for k, v in torch.export.load(str(tmp / "program.pt2")).state_dict.items()})
+                assert why is None, f".pt2: {why}"
+                done.append("pt2")
+            if not done:
+                raise NA(f"neither traced ({why_jit}) nor exported ({why_export})")
+            return " + ".join(done) + ("" if len(done) == 2 else
+                                      f"; {'trace' if 'jit' not in done else 'export'} failed in torch")
+
         def c_fold():
             if not has_bn:
                 raise NA("no BatchNorm")
@@ -598,7 +660,7 @@ def run_case(family: str, name: str, device: str, cli: list[str]) -> dict:
         for label, fn in [("load", c_load), ("strip-ddp", c_strip_ddp), ("strip-cli", c_strip_cli),
                           ("strip-compile", c_strip_compile), ("safetensors", c_safetensors), ("extract", c_extract),
                           ("diff", c_diff), ("cast", c_cast), ("average", c_average), ("lora", c_lora),
-                          ("verify", c_verify), ("fold-bn", c_fold),
+                          ("verify", c_verify), ("program", c_program), ("fold-bn", c_fold),
                           ("bn-to-gn", c_gn), ("hf-folder", c_hf)]:
             check(label, fn)
     return {"model": f"{family}.{name}", "tensors": n_tensors, "checks": checks,
