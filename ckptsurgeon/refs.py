@@ -545,6 +545,8 @@ class TensorRef:
         """Raise if the view reaches outside its storage (a hostile or corrupt pickle)."""
         if any(s < 0 for s in self.shape) or any(s < 0 for s in self.stride) or self.offset < 0:
             raise CorruptCheckpointError("tensor with negative size, stride or offset")
+        if max((*self.shape, *self.stride, self.offset, self.numel)) >= 1 << 63:  # (an empty tensor too)
+            raise CorruptCheckpointError("tensor with a size, stride or offset past torch's 64-bit range")
         if self.numel == 0:
             return
         last = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))

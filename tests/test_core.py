@@ -1019,6 +1019,8 @@ def test_torch_export_archives_are_read_for_their_weights(tmp_path, cli):
     damaged(lambda m: m.update(path_name="../../etc/passwd"), "names a record the archive lacks")
     damaged(lambda m: m["tensor_meta"].update(dtype=99), "dtype number 99")
     damaged(lambda m: m["tensor_meta"]["sizes"][0].update(as_int=10 ** 6), "reaches past its storage")
+    damaged(lambda m: m["tensor_meta"].update(sizes=[{"as_int": 0}, {"as_int": 10 ** 30}],
+                                               strides=[{"as_int": 1}, {"as_int": 1}]), "past torch's 64-bit range")
     damaged(lambda m: m["tensor_meta"].update(sizes=[{"as_expr": {"expr_str": "s0"}}]), "symbolic or missing size")
     damaged(lambda m: m.update(use_pickle=True), "tensor subclass pickled whole")
 

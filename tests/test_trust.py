@@ -1560,6 +1560,37 @@ def test_a_defaultdict_metrics_history_loads_by_default(tmp_path, cli):
     assert code == 2 and "getcwd" in err, err
 
 
+def test_sizes_past_64_bits_are_one_line(tmp_path, cli):
+    """A pickle can give a tensor a size torch cannot hold (10**30 beside a 0: no bytes, so no
+    bounds to break): every command said "internal error: ... Overflow when unpacking long long".
+    Now the reader refuses it in one line, as it does a view past its storage."""
+    import io
+    import pickle
+    import torch._utils
+
+    class Storage:
+        pass
+
+    class Huge:
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, (Storage(), 0, (0, 10**30), (1, 1), False, OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, Storage) else None
+
+    pkl = io.BytesIO()
+    Pickler(pkl, protocol=2).dump({"w": Huge(), "b": torch.zeros(2)})
+    torch.save({"b": torch.ones(4)}, tmp_path / "ok.pt")
+    with zipfile.ZipFile(tmp_path / "ok.pt") as src, zipfile.ZipFile(tmp_path / "huge.pt", "w") as z:
+        for n in src.namelist():
+            z.writestr(n, pkl.getvalue() if n.endswith("data.pkl") else src.read(n))
+    for args in (("inspect",), ("convert", "-o", tmp_path / "o.safetensors"), ("strip-prefix", "--prefix", "x",
+                                                                             "--partial", "-o", tmp_path / "s.pt")):
+        code, _, err = cli(args[0], tmp_path / "huge.pt", *args[1:])
+        assert code == 2 and "past torch's 64-bit range" in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
 def test_a_tiny_file_holding_a_huge_broadcast_view(tmp_path, cli):
     """A 2 KB file can hold ``torch.ones(1).expand(2**29, 2**29)``: 4 bytes of storage, an exbibyte
     dense. inspect says so; a torch zip output keeps the view (nothing made dense); safetensors,
