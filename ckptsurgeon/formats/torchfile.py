@@ -69,8 +69,7 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
     names only, nothing is imported, compiled or run -- that gives what ``torch.jit.load(path)
     .state_dict()`` returns. Outputs are plain state dicts: the TorchScript code is not carried."""
     data = z.read("data.pkl")
-    unsafe = unsafe_in(data)
-    other = [n for n in unsafe if not script_name(n)]
+    named = list(dict.fromkeys(scan_globals(data)))  # (from the opcodes; torch is not imported)
 
     def refuse(why: str):
         return NotACheckpointError(
@@ -78,24 +77,31 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
             hint="export them with torch.jit.load(path, map_location='cpu').state_dict() and torch.save, then run "
                  "ckpt-surgeon on that file")
 
-    foreign = [n for n in other if not n.startswith(_SCRIPT)]
-    if foreign:  # torch.jit.save pickles no Python global of anyone else's: a file made to look like one
-        raise UnsafePickleError(
-            f"{path} (a TorchScript archive) would import globals outside the weights-only allowlist: "
-            f"{', '.join(foreign)}; nothing was executed", globals_=foreign,
-            hint="torch.jit.save pickles only torch's own names and compiled classes: a file made to look like a "
-                 "TorchScript archive; do not load it with torch.jit.load or torch.load either")
-    if other:  # TorchBind objects (quantized packed weights) keep their tensors in a form only torch rebuilds
-        raise refuse(f"it uses {', '.join(other[:5])}")
+    def refuse_foreign():
+        unsafe = unsafe_in(data)  # (imports torch for its allowlist: only on this path)
+        foreign = [n for n in unsafe if not n.startswith(_SCRIPT_NAMES)]
+        if foreign:  # torch.jit.save pickles no Python global of anyone else's: a file made to look like one
+            raise UnsafePickleError(
+                f"{path} (a TorchScript archive) would import globals outside the weights-only allowlist: "
+                f"{', '.join(foreign)}; nothing was executed", globals_=foreign,
+                hint="torch.jit.save pickles only torch's own names and compiled classes: a file made to look like "
+                     "a TorchScript archive; do not load it with torch.jit.load or torch.load either")
+
+    bound = [n for n in named if n.startswith(_SCRIPT) and not script_name(n)]
+    if bound:  # TorchBind objects (quantized packed weights) keep their tensors in a form only torch rebuilds
+        refuse_foreign()
+        raise refuse(f"it uses {', '.join(bound[:5])}")
     if z.has("byteorder") and z.read("byteorder").strip() == b"big":
+        refuse_foreign()
         raise refuse("its tensor data is big-endian")
 
     def source(k, dtype, nbytes):
         return z.source(f"data/{k}", nbytes, label=f"storage data/{k}")
 
-    try:
-        root = load_refs(data, source, inert=unsafe)
+    try:  # the compiled classes recorded inert; anything else outside the torch-free subset stops it
+        root = load_refs(data, source, inert=[n for n in named if script_name(n)])
     except NotFastPath as e:
+        refuse_foreign()
         raise refuse(f"it uses {e}") from None
     if _script_state(root) is None:
         raise refuse(f"its data.pkl holds {getattr(type(root), 'inert_name', type(root).__name__)}, not a scripted "
