@@ -891,6 +891,15 @@ def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
     code, out, err = cli("scan", tmp_path / "traced.pt")
     assert code == 1 and "a TorchScript archive (torch.jit.save)" in out, out + err
 
+    # the archives are read (and re-written) without importing torch, like any torch zip
+    code = ("import sys, ckptsurgeon as cs\n"
+            f"for name in ('scripted.pt', 'traced.pt', 'half.pt'):\n"
+            f"    cs.save(cs.add_prefix(cs.load({str(tmp_path)!r} + '/' + name), 'm.')[0], "
+            f"{str(tmp_path)!r} + '/nt_' + name)\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "NO-TORCH", run.stdout + run.stderr
+
     torch.jit.freeze(torch.jit.script(torch.nn.Sequential(torch.nn.Linear(3, 4)).eval())).save(
         str(tmp_path / "frozen.pt"))
     with pytest.raises(NotACheckpointError, match="frozen module"):
