@@ -978,6 +978,11 @@ def test_torch_export_archives_are_read_for_their_weights(tmp_path, cli):
     assert got["emb.weight"].data_ptr() == got["head.weight"].data_ptr()
     assert got["row"].untyped_storage().data_ptr() == got["whole"].untyped_storage().data_ptr()
 
+    code = ("import sys, ckptsurgeon as cs\n"  # read and re-written without importing torch
+            f"cs.save(cs.add_prefix(cs.load({str(tmp_path / 'prog.pt2')!r}), 'm.')[0], {str(tmp_path / 'nt.pt')!r})\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "NO-TORCH", run.stdout + run.stderr
     shutil.copy(tmp_path / "prog.pt2", tmp_path / "prog.pt")  # renamed: still read as what it is
     assert cs.load(tmp_path / "prog.pt").source.format == "torch-export"
     code, _, err = cli("add-prefix", tmp_path / "prog.pt2", "--prefix", "module.", "-o", tmp_path / "dp.pt")
