@@ -43,6 +43,7 @@ class Source:
     byteorder: bytes = b"little"
     version: bytes = b"3\n"
     notes: tuple = ()
+    program: str = ""  # "torchscript" / "torch.export": the file is a program archive, read for its weights
 
 
 @dataclass

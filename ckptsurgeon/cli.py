@@ -259,7 +259,9 @@ def _print_inspect(info: dict) -> None:
     from .cliutil import console
 
     c = console()
-    c.print(f"[bold]{info['path']}[/bold]  {info['format']}, {human_bytes(info['file_size'] or 0)}"
+    program = {"torchscript": " (a TorchScript archive: its weights)",
+               "torch.export": " (a torch.export program: its weights)"}.get(info.get("program") or "", "")
+    c.print(f"[bold]{info['path']}[/bold]  {info['format']}{program}, {human_bytes(info['file_size'] or 0)}"
             + ("" if info["lazy"] else " (loaded fully)"))
     at = info["state_dict_at"]
     if info["wrapper"]:

@@ -169,23 +169,12 @@ def build_from_archive(ck, trust_pickle=False):
 
         model = build_from_archive(load("scripted.pt"))   # then load another checkpoint into it
     """
-    import zipfile
-
     src = ck.source
-    if src is None or not os.path.isfile(src.path) or src.format not in ("torch-zip", "torch-export"):
-        return None
-    try:
-        with zipfile.ZipFile(src.path) as z:
-            names = [n.split("/", 1)[-1] for n in z.namelist()]
-    except (zipfile.BadZipFile, OSError):
+    if src is None or not src.program or not os.path.isfile(src.path):
         return None
     import torch
 
-    if src.format == "torch-zip":
-        from .formats.torchfile import is_torchscript
-
-        if not is_torchscript(names):
-            return None
+    if src.program == "torchscript":
         try:
             return torch.jit.load(src.path, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - an archive this torch cannot compile

@@ -106,6 +106,7 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
     out = {
         "path": src.path if src else None,
         "format": src.format if src else None,
+        "program": (src.program or None) if src else None,  # a TorchScript / torch.export archive
         "file_size": src.size if src else None,
         "files": list(src.files) if src else [],
         "lazy": src.lazy if src else False,

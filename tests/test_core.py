@@ -867,12 +867,14 @@ def test_torchscript_archives_are_read_without_running_them(tmp_path, cli):
         got = ck.torch_state_dict()
         assert list(got) == list(ref), name
         assert all(torch.equal(got[k], ref[k]) and got[k].dtype == ref[k].dtype for k in ref), name
-        assert ck.source.lazy and any("TorchScript archive" in n for n in ck.notes)
+        assert ck.source.lazy and ck.source.program == "torchscript" and any("TorchScript archive" in n for n in ck.notes)
     assert not any(m.startswith("__torch__") for m in sys.modules)
     scripted = list(cs.load(tmp_path / "scripted.pt").state)
     assert "plain" not in scripted and scripted.index("w") < scripted.index("scale")  # parameters, then buffers
     from safetensors.torch import load_file
 
+    code, out, err = cli("inspect", tmp_path / "scripted.pt")
+    assert code == 0 and out.startswith(f"{tmp_path / 'scripted.pt'}  torch-zip (a TorchScript archive: its weights)")
     code, out, err = cli("add-prefix", tmp_path / "scripted.pt", "--prefix", "module.", "-o", tmp_path / "dp.pt")
     assert code == 0 and "TorchScript archive" in err, err
     code, _, err = cli("strip-prefix", tmp_path / "dp.pt", "-o", tmp_path / "sd.pt")
@@ -971,6 +973,7 @@ def test_torch_export_archives_are_read_for_their_weights(tmp_path, cli):
     ref = torch.export.load(str(tmp_path / "prog.pt2")).state_dict
     ck = cs.load(tmp_path / "prog.pt2")
     assert ck.source.format == "torch-export" and ck.source.lazy and "torch.export archive" in ck.notes[-1]
+    assert ck.source.program == "torch.export" and cs.inspect(tmp_path / "prog.pt2")["program"] == "torch.export"
     got = ck.torch_state_dict()
     assert list(got) == list(ref) and "c" not in got
     for k in ref:

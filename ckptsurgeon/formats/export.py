@@ -77,7 +77,7 @@ def load_program(z: TorchZip, path: str, *, key=None, trust_pickle=False):
     notes.append(f"torch.export archive (.pt2): the weights of {', '.join(models)} read from the archive's own "
                  "records, the program itself not; outputs are plain state dicts")
     source = Source(path=path, format="torch-export", size=z.size, files=(path,), lazy=True,
-                    zip_prefix=z.prefix, notes=tuple(notes))
+                    zip_prefix=z.prefix, notes=tuple(notes), program="torch.export")
     obj = states[models[0]] if len(models) == 1 else states  # several programs: --key names one
     return from_object(obj, source, key=key)
 

@@ -114,7 +114,7 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
             hint="save model.state_dict() before freezing")
     name = getattr(type(root), "inert_name", "module")
     source_ = Source(path=path, format="torch-zip", size=z.size, files=(path,), lazy=True, zip_prefix=z.prefix,
-                     version=z.read("version") if z.has("version") else b"3\n",
+                     version=z.read("version") if z.has("version") else b"3\n", program="torchscript",
                      notes=(f"TorchScript archive (torch.jit.save): the parameters and buffers of its {name} read "
                             "from the pickled module tree, nothing compiled or run; outputs are plain state dicts "
                             "(the TorchScript code is not carried)",))
