@@ -11,6 +11,10 @@ import sys
 from .errors import ModelError, SelectionError
 
 
+class NoModelSource(SelectionError):
+    """Nothing beside a checkpoint says what its model is (no --model, no config.json)."""
+
+
 def resolve(spec: str):
     """The callable named by ``spec`` (imported, not called)."""
     target, sep, attr = spec.rpartition(":")
@@ -73,7 +77,7 @@ def build_from_config(ck, command: str = "this command"):
     folder = src if os.path.isdir(src) else os.path.dirname(src)
     cfg = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg):
-        raise SelectionError(f"{command} needs --model (or a Hugging Face or timm folder with config.json)")
+        raise NoModelSource(f"{command} needs --model (or a Hugging Face or timm folder with config.json)")
     for builder in (_from_timm_config, _from_diffusers_config):
         model = builder(cfg)
         if model is not None:

@@ -117,13 +117,14 @@ def _model_source(ca: Checkpoint, cb: Checkpoint, trust_pickle=False):
     """Which checkpoint says what the model is when no --model is given, and the model it built:
     A when a config.json is beside it or it is a program archive, else B (plain weights checked
     against the TorchScript archive they came from, in either order)."""
+    from ckptsurgeon.modelspec import NoModelSource
+
     for ck in (ca, cb):
         try:
             return ck, build(None, None, ck, trust_pickle)
-        except SelectionError as e:
-            if "needs --model" not in e.message:
-                raise
-    raise SelectionError("verify needs --model (or, as A or B, a Hugging Face or timm folder with config.json, or a "
+        except NoModelSource:
+            pass
+    raise NoModelSource("verify needs --model (or, as A or B, a Hugging Face or timm folder with config.json, or a "
                          "TorchScript or torch.export archive)")
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
+from .. import dtypes
 from ..checkpoint import Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
 from ..refs import StorageRef, TensorRef
 from ..zipfmt import TorchZip
-from .. import dtypes
 
 # torch._export.serde.schema.ScalarType (numbers are part of the serialized format)
 SCALAR_TYPES = {
@@ -50,9 +50,9 @@ def load_program(z: TorchZip, path: str, *, key=None, trust_pickle=False):
     from .torchfile import _load_zip, from_object
 
     models = sorted(n[len("models/"):-len(".json")] for n in z.infos if n.startswith("models/") and n.endswith(".json"))
+    hint = _AOTI_HINT if any(n.startswith("data/aotinductor/") for n in z.infos) else None  # (for the errors)
     if not models:
-        raise NotACheckpointError(f"{path}: a torch.export archive (.pt2) with no exported program in it",
-                                  hint=_AOTI_HINT if any(n.startswith("data/aotinductor/") for n in z.infos) else None)
+        raise NotACheckpointError(f"{path}: a torch.export archive (.pt2) with no exported program in it", hint=hint)
     states, notes = OrderedDict(), []
     for model in models:
         config = f"{WEIGHTS}{model}_weights_config.json"
@@ -72,8 +72,7 @@ def load_program(z: TorchZip, path: str, *, key=None, trust_pickle=False):
             states[model] = ck.state
         else:
             raise NotACheckpointError(f"{path}: the torch.export archive holds no weights for model {model!r}",
-                                      hint=_AOTI_HINT if any(n.startswith("data/aotinductor/") for n in z.infos)
-                                      else None)
+                                      hint=hint)
     notes.append(f"torch.export archive (.pt2): the weights of {', '.join(models)} read from the archive's own "
                  "records, the program itself not; outputs are plain state dicts")
     source = Source(path=path, format="torch-export", size=z.size, files=(path,), lazy=True,

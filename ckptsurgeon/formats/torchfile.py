@@ -72,27 +72,25 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
     named = list(dict.fromkeys(scan_globals(data)))  # (from the opcodes; torch is not imported)
 
     def refuse(why: str):
+        """The error for an archive this reader stops on: unsafe when its pickle names a global of
+        neither torch's allowlist nor TorchScript's (a file made to look like an archive)."""
+        unsafe = unsafe_in(data)  # (imports torch for its allowlist: only on this path)
+        foreign = [n for n in unsafe if not n.startswith(_SCRIPT_NAMES)]
+        if foreign:
+            return UnsafePickleError(
+                f"{path} (a TorchScript archive) would import globals outside the weights-only allowlist: "
+                f"{', '.join(foreign)}; nothing was executed", globals_=foreign,
+                hint="torch.jit.save pickles only torch's own names and compiled classes: a file made to look like "
+                     "a TorchScript archive; do not load it with torch.jit.load or torch.load either")
         return NotACheckpointError(
             f"{path} is a TorchScript archive (torch.jit.save) whose weights cannot be read without running it: {why}",
             hint="export them with torch.jit.load(path, map_location='cpu').state_dict() and torch.save, then run "
                  "ckpt-surgeon on that file")
 
-    def refuse_foreign():
-        unsafe = unsafe_in(data)  # (imports torch for its allowlist: only on this path)
-        foreign = [n for n in unsafe if not n.startswith(_SCRIPT_NAMES)]
-        if foreign:  # torch.jit.save pickles no Python global of anyone else's: a file made to look like one
-            raise UnsafePickleError(
-                f"{path} (a TorchScript archive) would import globals outside the weights-only allowlist: "
-                f"{', '.join(foreign)}; nothing was executed", globals_=foreign,
-                hint="torch.jit.save pickles only torch's own names and compiled classes: a file made to look like "
-                     "a TorchScript archive; do not load it with torch.jit.load or torch.load either")
-
     bound = [n for n in named if n.startswith(_SCRIPT) and not script_name(n)]
     if bound:  # TorchBind objects (quantized packed weights) keep their tensors in a form only torch rebuilds
-        refuse_foreign()
         raise refuse(f"it uses {', '.join(bound[:5])}")
     if z.has("byteorder") and z.read("byteorder").strip() == b"big":
-        refuse_foreign()
         raise refuse("its tensor data is big-endian")
 
     def source(k, dtype, nbytes):
@@ -101,7 +99,6 @@ def _load_torchscript(z: TorchZip, path: str, key) -> Checkpoint:
     try:  # the compiled classes recorded inert; anything else outside the torch-free subset stops it
         root = load_refs(data, source, inert=[n for n in named if script_name(n)])
     except NotFastPath as e:
-        refuse_foreign()
         raise refuse(f"it uses {e}") from None
     if _script_state(root) is None:
         raise refuse(f"its data.pkl holds {getattr(type(root), 'inert_name', type(root).__name__)}, not a scripted "
