@@ -573,6 +573,7 @@ def align_keys(a_keys: list[str], b_keys: list[str], enabled: bool = True,
     nb = {k: pb[:common] + k[len(pb):] if k.startswith(pb) else k for k in all_b}
     if meet(na, nb) > same:
         report = {"applied": True, "a_prefix": sa, "b_prefix": sb,
-                  "note": f"aligned keys by stripping {sa or 'nothing'!r} from A and {sb or 'nothing'!r} from B"}
+                  "note": "aligned keys by stripping " + " and ".join(
+                      f"{p!r} from {side}" for p, side in ((sa, "A"), (sb, "B")) if p)}
         return na, nb, report
     return plain_a, plain_b, report

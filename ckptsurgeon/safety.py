@@ -175,7 +175,7 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
     if head == b"PK\x03\x04":
         import zipfile
 
-        from .zipfmt import MAX_COMPRESSED_SMALL, ZIP_ERRORS, nested_zip, refuse_inflating
+        from .zipfmt import MAX_COMPRESSED_SMALL, ZIP_ERRORS, nested_zip, read_record, refuse_inflating, without_crcs
 
         def add(name: str, data: bytes) -> None:
             key, n = name, 1
@@ -186,20 +186,22 @@ def pickle_globals(path: str) -> dict[str, list[str]]:
 
         try:
             with zipfile.ZipFile(path) as zf:
+                checked = not without_crcs(zf.infolist())
                 for info in zf.infolist():
                     base = info.filename.rsplit("/", 1)[-1]
                     if info.filename.endswith(".pkl") or base.startswith(_PICKLED_OBJECTS):
                         refuse_inflating(path, info, MAX_COMPRESSED_SMALL)
-                        add(info.filename, zf.read(info))
+                        add(info.filename, read_record(zf, info, checked))
                     elif not base.isdigit():  # (a torch.save file's tensor records are never unpickled)
                         inner = nested_zip(path, info)
                         if inner is None:
                             continue
                         with inner:
+                            inner_checked = not without_crcs(inner.infolist())
                             for i2 in inner.infolist():
                                 if i2.filename.endswith(".pkl"):
                                     refuse_inflating(path, i2, MAX_COMPRESSED_SMALL)
-                                    add(f"{info.filename}!{i2.filename}", inner.read(i2))
+                                    add(f"{info.filename}!{i2.filename}", read_record(inner, i2, inner_checked))
         except ZIP_ERRORS as e:
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})") from None
         return result

@@ -10,6 +10,7 @@ assumes, so matching it keeps that mode correct (a plain zip writer would silent
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import struct
@@ -80,6 +81,25 @@ class _Window(io.RawIOBase):
         super().close()
 
 
+def without_crcs(infos: Iterable[zipfile.ZipInfo]) -> bool:
+    """Whether an archive was written without CRC-32s: every record that holds bytes stores 0, as
+    torch.save writes under ``torch.utils.serialization.config.save.compute_crc32 = False``
+    (torch >= 2.6, a switch for faster saving). torch.load never checks CRCs, so such files load
+    there; their bytes cannot be checked for damage here either. (``skip_data()`` also stores 0,
+    for the tensor records only: data.pkl keeps its CRC, so that case stays checked.)"""
+    sized = [i for i in infos if i.file_size]
+    return bool(sized) and not any(i.CRC for i in sized)
+
+
+def read_record(zf: zipfile.ZipFile, info: zipfile.ZipInfo, check_crc: bool = True) -> bytes:
+    """A record's bytes through zipfile; ``check_crc=False`` for an archive written without
+    CRC-32s (zipfile checks a record's CRC only when its ZipInfo has one)."""
+    if not check_crc:
+        info = copy.copy(info)
+        del info.CRC
+    return zf.read(info)
+
+
 def nested_zip(path: str, info: zipfile.ZipInfo) -> zipfile.ZipFile | None:
     """The zip archive a stored record of ``path`` holds (a torch.save file inside a torch.export
     archive), opened in place; None when the record is compressed or holds no zip."""
@@ -135,6 +155,8 @@ class TorchZip:
             raise CorruptCheckpointError(f"{path}: damaged zip container ({e})",
                                          hint="the file is truncated or not a torch checkpoint") from None
         self._zf = zf
+        #: False for an archive written without CRC-32s (see without_crcs): nothing to check
+        self.checksums = not without_crcs(infos)
         if not infos:
             self.close()
             raise CorruptCheckpointError(f"{path}: empty zip archive, not a torch checkpoint")
@@ -168,12 +190,12 @@ class TorchZip:
             raise NotACheckpointError(f"{path}: {what} with no data.pkl record, not a torch checkpoint")
 
     def read(self, name: str, limit: int = MAX_COMPRESSED_SMALL) -> bytes:
-        """A record's bytes (CRC checked by zipfile); a compressed one declaring more than
-        ``limit`` is refused (see refuse_inflating)."""
+        """A record's bytes (CRC checked by zipfile, where the archive has CRCs); a compressed
+        one declaring more than ``limit`` is refused (see refuse_inflating)."""
         try:
             info = self.infos[name]
             refuse_inflating(self.path, info, limit)
-            return self._zf.read(info)
+            return read_record(self._zf, info, self.checksums)
         except KeyError:
             raise CorruptCheckpointError(f"{self.path}: missing record {self.prefix}/{name}") from None
         except ZIP_ERRORS as e:
@@ -198,7 +220,7 @@ class TorchZip:
         offset = self.data_offset(info)
         if offset + info.file_size > self.base + self.size:
             raise CorruptCheckpointError(f"{self.path}: record {name} runs past the end of the file (truncated?)")
-        crc = info.CRC if nbytes == info.file_size else None
+        crc = info.CRC if nbytes == info.file_size and self.checksums else None
         return FileRange(self.path, offset, nbytes, crc=crc, label=label or f"record {name}")
 
     def data_offset(self, info: zipfile.ZipInfo) -> int:

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import ckptsurgeon as cs
@@ -1461,6 +1462,48 @@ def test_a_skip_data_file_is_named(tmp_path, cli):
     assert code == 0 and "skip_data()" in out and "no tensor values" in out, out + err
     torch.save({"w": torch.randn(3)}, tmp_path / "real.pt")
     assert "has CRC 0" not in cli("inspect", tmp_path / "real.pt")[1]
+
+
+def test_a_file_saved_without_crcs_is_read_and_written_with_them(tmp_path, cli):
+    """torch.save under ``torch.utils.serialization.config.save.compute_crc32 = False`` (torch >=
+    2.6: faster saving) stores 0 as every record's CRC-32; torch.load never checks them. Such a
+    file was refused as "record data.pkl is damaged" by every command. Now it is read (with a
+    note that damage cannot be detected), and what is written from it carries real CRCs."""
+    try:
+        from torch.utils.serialization import config as serialization_config
+        config = serialization_config.save
+    except ImportError:
+        config = None
+    if config is None or not hasattr(config, "compute_crc32"):
+        pytest.skip("torch without save.compute_crc32")
+    sd = {"module.w": torch.randn(64, 64), "module.b": torch.arange(5), "module.h": torch.randn(3).half()}
+    config.compute_crc32 = False
+    try:
+        torch.save({"state_dict": sd, "epoch": 2}, tmp_path / "nocrc.pt")
+    finally:
+        config.compute_crc32 = True
+    with zipfile.ZipFile(tmp_path / "nocrc.pt") as zf:
+        assert {i.CRC for i in zf.infolist()} == {0}  # what this test is about
+    code, out, err = cli("inspect", tmp_path / "nocrc.pt")
+    assert code == 0 and "without CRC-32 checksums" in out and "compute_crc32" in out, out + err
+    assert "tensors: 3" in out
+    code, out, err = cli("scan", tmp_path / "nocrc.pt")
+    assert code == 0 and ": ok" in out, out + err
+    for name in ("o.pt", "o.safetensors"):
+        code, out, err = cli("strip-prefix", tmp_path / "nocrc.pt", "-o", tmp_path / name)
+        assert code == 0 and "error" not in err, out + err
+    with zipfile.ZipFile(tmp_path / "o.pt") as zf:
+        assert zf.testzip() is None and all(i.CRC for i in zf.infolist() if i.file_size)
+    for kw in ({}, {"mmap": True}):
+        got = torch.load(tmp_path / "o.pt", weights_only=True, **kw)["state_dict"]
+        assert list(got) == ["w", "b", "h"] and all(torch.equal(got[k], sd["module." + k]) for k in got)
+    st = safetensors.torch.load_file(tmp_path / "o.safetensors")
+    assert all(torch.equal(st[k], sd["module." + k]) for k in st) and len(st) == 3
+    code, out, err = cli("diff", tmp_path / "nocrc.pt", tmp_path / "o.pt")
+    assert code == 0 and "identical" in out, out + err
+    # the same bytes with CRCs: no note (and skip_data's case, CRC 0 on tensor records only, stays an error)
+    torch.save({"state_dict": sd, "epoch": 2}, tmp_path / "crc.pt")
+    assert "CRC" not in cli("inspect", tmp_path / "crc.pt")[1]
 
 
 def test_meta_tensors_are_named_as_holding_no_values(tmp_path, cli):

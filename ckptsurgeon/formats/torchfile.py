@@ -280,7 +280,11 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             lazy = False
             notes.append(f"read with torch.load (uses {e})")
     sized = [i for n, i in z.infos.items() if n.startswith("data/") and i.file_size]
-    if sized and all(i.CRC == 0 for i in sized):
+    if not z.checksums:
+        notes.append("written without CRC-32 checksums (torch.save with torch.utils.serialization.config.save."
+                     "compute_crc32 = False): damage to its bytes cannot be detected; files written from it get "
+                     "checksums")
+    elif sized and all(i.CRC == 0 for i in sized):
         notes.append("every tensor record has CRC 0, as torch.serialization.skip_data() writes them: this file holds "
                      "shapes but no tensor values")
     transforms = ()
