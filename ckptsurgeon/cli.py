@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .cliutil import count, echo_notes, emit, human_bytes, json_option, load_options, state, write_options
-from .errors import EXIT_ERROR, CkptSurgeonError
+from .errors import EXIT_ERROR, CkptSurgeonError, missing_dependency
 from .gcpause import freeze_heap
 
 CORE_COMMANDS = ("inspect", "convert", "plugins")
@@ -118,9 +118,13 @@ class LazyGroup(click.Group):
 
                 traceback.print_exc()
             msg = " ".join(str(e).split())[:400]
+            missing = missing_dependency(e)
             if _out_of_memory(e):  # not a bug: the machine ran short (an allocation torch or Python refused)
                 click.echo(f"ckpt-surgeon: error: out of memory: {msg or type(e).__name__} (free memory, or make "
                            "the job smaller: a torch zip output keeps tensor views as they are)", err=True)
+            elif missing:  # an install without one of our dependencies (torch is one; most commands never import it)
+                click.echo(f"ckpt-surgeon: error: this needs {missing}, which is not installed here "
+                           f"(pip install {missing})", err=True)
             else:
                 click.echo(f"ckpt-surgeon: internal error: {type(e).__name__}: {msg} (re-run with --debug for details)",
                            err=True)

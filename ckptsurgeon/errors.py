@@ -123,3 +123,20 @@ class PluginError(CkptSurgeonError):
     """A plugin is broken or two plugins conflict."""
 
     kind = "plugin"
+
+
+#: the installed distributions commands import late (their import names are theirs too)
+DEPENDENCIES = frozenset({"torch", "safetensors", "deepdiff", "numpy", "click", "pluggy", "rich", "xxhash", "isal"})
+
+
+def missing_dependency(e: BaseException | None) -> str | None:
+    """The dependency that ``e`` (or an exception it was raised from) says is not installed:
+    torch is imported only by the commands that compute, so an install without it fails late,
+    in the middle of a command, not at start-up."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.split(".")[0] in DEPENDENCIES:
+            return e.name.split(".")[0]
+        e = e.__cause__ or e.__context__
+    return None

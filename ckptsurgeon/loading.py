@@ -7,7 +7,7 @@ import os
 from .atomic import special_kind
 from .checkpoint import Checkpoint
 from .errors import (CkptSurgeonError, CorruptCheckpointError, InputNotFoundError, NotACheckpointError, PluginError,
-                     UnsupportedError)
+                     UnsupportedError, missing_dependency)
 from .gcpause import paused_gc
 from .manager import get_manager
 
@@ -90,6 +90,8 @@ def _run_load(spec, path, **options) -> Checkpoint:
     except (MemoryError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: too large or too deeply nested to read ({type(e).__name__})") from e
     except Exception as e:  # a format reader tripping over a damaged file
+        if missing_dependency(e):  # not the file's fault: an install without torch (the CLI says so)
+            raise
         raise CorruptCheckpointError(f"{path}: cannot be read as {spec.name}: {type(e).__name__}: {e}") from e
 
 

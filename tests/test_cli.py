@@ -138,6 +138,34 @@ def test_library_warnings_are_one_line(tmp_path):
     assert len(lines) == len(set(lines)) and all(line.startswith("ckpt-surgeon: ") for line in lines), lines
 
 
+def test_an_install_without_torch_says_so_in_one_line(tmp_path):
+    """torch is imported only by the commands that compute, so an environment that lacks it (a
+    broken install, a torch-less container) failed in the middle of a command: an internal error
+    from scan, "cannot be read as torch-zip" (blaming the file) from inspect. Now one line naming
+    torch; and the commands that never need it still run."""
+    import torch
+
+    torch.save({"module.w": torch.randn(3), "module.q": torch.quantize_per_tensor(torch.randn(2), 0.1, 0,
+                                                                                    torch.qint8)}, tmp_path / "q.pt")
+    torch.save({"module.w": torch.randn(3)}, tmp_path / "p.pt")
+    runner = ("import sys; sys.modules['torch'] = None; from ckptsurgeon.cli import main; "
+              "sys.argv[0] = 'ckpt-surgeon'; main()")
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", runner, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+
+    for args in (["scan", tmp_path / "p.pt"], ["inspect", tmp_path / "q.pt"],
+                 ["cast", tmp_path / "p.pt", "--dtype", "bf16", "-o", tmp_path / "c.pt"]):
+        res = run(*args)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, (args, res.stderr)
+        assert lines[0] == "ckpt-surgeon: error: this needs torch, which is not installed here (pip install torch)"
+    res = run("strip-prefix", tmp_path / "p.pt", "-o", tmp_path / "s.pt")
+    assert res.returncode == 0 and (tmp_path / "s.pt").exists(), res.stderr
+    assert list(torch.load(tmp_path / "s.pt", weights_only=True)) == ["w"]
+
+
 @pytest.mark.parametrize("args", [
     ["strip-prefix", "{s}/seednet_dp.pt"],
     ["add-prefix", "{s}/seednet.pt", "--prefix", "module."],
