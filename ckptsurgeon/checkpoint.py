@@ -167,6 +167,20 @@ class Checkpoint:
             return sd
         return _put(self.wrapper, self.sd_path, sd)
 
+    def select(self, key: str) -> "Checkpoint":
+        """The same checkpoint with the state dict at ``key`` chosen instead, this one's state dict
+        (changed or not) first put back in its place: surgeries on several state dicts of one
+        wrapper add up (a GAN's ``G`` and ``D``, DINO's ``student`` and ``teacher``, each saved
+        under DataParallel). Reads no tensor data."""
+        if self.wrapper is None:
+            raise SelectionError(f"no wrapper around the state dict to choose {key!r} from",
+                                 hint="--key picks a state dict inside a wrapper dict (state_dict, model/ema, G)")
+        from .formats.torchfile import from_object
+
+        source = dc_replace(self.source, notes=()) if self.source is not None else Source(path="", format="memory")
+        new = from_object(self.assemble(), source, key=key, transforms=self.transforms)
+        return new.replace(source=self.source, notes=self.notes + tuple(n for n in new.notes if n not in self.notes))
+
     def torch_state_dict(self) -> "OrderedDict[str, Any]":
         """name -> real torch tensor (zero-copy over the file where possible), with _metadata."""
         out = OrderedDict((k, v.to_torch() if isinstance(v, TensorRef) else v) for k, v in self.state.items())
@@ -486,7 +500,8 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                                       candidates=names, hint="choose one with --key (e.g. --key state/0)")
     raise AmbiguousStateDictError(
         f"several state dicts in the checkpoint: {', '.join(names)}",
-        candidates=names, hint="choose one with --key (API: key=...)")
+        candidates=names, hint="choose one with --key (API: key=...); strip-prefix, add-prefix and rename change "
+                               "several when --key is given once for each")
 
 
 def _in_optimizer_state(obj: Any, path: tuple) -> bool:

@@ -41,6 +41,52 @@ def load_options(f: Callable) -> Callable:
     return pickle_options(f)
 
 
+def load_each_options(f: Callable) -> Callable:
+    """load_options for a command that may change several state dicts of one wrapper: --key repeats."""
+    f = click.option("--key", "keys", multiple=True, metavar="PATH",
+                     help="Where the state dict sits in a wrapper (e.g. state_dict, model/ema); repeat it to "
+                          "change several in turn (--key G --key D).")(f)
+    return pickle_options(f)
+
+
+def on_each_state_dict(path: str, keys, trust_pickle, op: Callable) -> tuple[Any, dict]:
+    """Load ``path`` and apply ``op(ck) -> (ck, report)`` to the state dict at each of ``keys`` in
+    turn (none given: to the one the loader finds). One key: ``op``'s own report; several:
+    ``{"operation": ..., "state_dicts": {key: report}}``."""
+    keys = tuple(keys or ())
+    if len(set(keys)) != len(keys):
+        from .errors import SelectionError
+
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise SelectionError(f"--key {twice[0]} is given twice", hint="give each state dict's --key once")
+    ck = load(path, keys[0] if keys else None, trust_pickle)
+    if len(keys) <= 1:
+        return op(ck)
+    from .errors import CkptSurgeonError
+
+    reports = {}
+    for i, key in enumerate(keys):
+        try:
+            if i:
+                ck = ck.select(key)
+            ck, reports[key] = op(ck)
+        except CkptSurgeonError as e:  # say which of the state dicts
+            e.message = f"state dict {key}: {e.message}"
+            e.args = (e.message,)
+            raise
+    return ck, {"operation": next(iter(reports.values()))["operation"], "state_dicts": reports}
+
+
+def emit_each(report: dict, as_json: bool, human: Callable[[dict], None]) -> None:
+    """emit() for on_each_state_dict's report: one block per state dict, then what was written."""
+    if as_json or "state_dicts" not in report:
+        return emit(report, as_json, human)
+    for key, sub in report["state_dicts"].items():
+        click.echo(f"[{key}]")
+        human(sub)
+    echo_save(report["save"])
+
+
 def write_options(f: Callable) -> Callable:
     f = click.option("--state-dict-only", is_flag=True,
                      help="Write the state dict alone, without its wrapper (epoch, optimizer, Lightning "

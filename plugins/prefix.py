@@ -64,12 +64,19 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
         report["inner"] = inner
     others = _other_state_dicts_with(ck, prefix)
     if others:  # timm's state_dict_ema, an EMA callback's copy: one state dict is rewritten per run
-        notes.append(f"{', '.join(others)} also carr{'ies' if len(others) == 1 else 'y'} {prefix!r} on every key, "
-                     f"left as {'it is' if len(others) == 1 else 'they are'} (to strip it too: run strip-prefix "
-                     f"on the output with --key {others[0]})")
+        report["also_prefixed"] = others
+        notes.append(_also_prefixed_note(others, prefix, ck))
     if notes:
         report["notes"] = notes
     return new, report
+
+
+def _also_prefixed_note(others: list[str], prefix: str, ck: Checkpoint) -> str:
+    from ckptsurgeon.checkpoint import path_str
+
+    return (f"{', '.join(others)} also carr{'ies' if len(others) == 1 else 'y'} {prefix!r} on every key, left as "
+            f"{'it is' if len(others) == 1 else 'they are'} (to strip it too: "
+            f"--key {path_str(ck.sd_path)} {' '.join('--key ' + o for o in others)})")
 
 
 def _other_state_dicts_with(ck: Checkpoint, prefix: str) -> list[str]:
@@ -126,47 +133,58 @@ def _human(report: dict) -> None:
     else:
         click.echo(f"added prefix {report['prefix']!r} to {count(report['renamed'], 'key')}")
     cliutil.echo_notes(report.get("notes"))
-    cliutil.echo_save(report["save"])
+    if "save" in report:  # (one state dict of several: what was written comes once, after them all)
+        cliutil.echo_save(report["save"])
 
 
 @click.command("strip-prefix")
 @click.argument("path")
 @click.option("--prefix", default=None, help="Prefix to strip (default: detect module./_orig_mod./model. stacks).")
 @click.option("--partial", is_flag=True, help="Strip from the keys that carry it, keep the others.")
-@cliutil.load_options
+@cliutil.load_each_options
 @cliutil.write_options
 @cliutil.json_option
-def strip_cmd(path, prefix, partial, key, trust_pickle, as_json, **write):
+def strip_cmd(path, prefix, partial, keys, trust_pickle, as_json, **write):
     """Strip a wrapper prefix (module., _orig_mod., model.) from every key.
 
     \b
     Examples:
       ckpt-surgeon strip-prefix model_dp.pt -o model.pt
       ckpt-surgeon strip-prefix model.ckpt -o model.safetensors --prefix model.
+      ckpt-surgeon strip-prefix gan.pt --key G --key D -o gan_plain.pt
     """
-    ck = cliutil.load(path, key, trust_pickle)
-    new, report = strip_prefix(ck, prefix, partial=partial)
+    def op(ck):
+        new, rep = strip_prefix(ck, prefix, partial=partial)
+        if len(keys) > 1 and rep.get("also_prefixed"):  # no note on what a later --key strips
+            rep["notes"].remove(_also_prefixed_note(rep["also_prefixed"], rep["prefix"], ck))
+            left = [o for o in rep["also_prefixed"] if o not in keys]
+            if left:
+                rep["notes"].append(_also_prefixed_note(left, rep["prefix"], ck))
+            if not rep["notes"]:
+                del rep["notes"]
+        return new, rep
+
+    new, report = cliutil.on_each_state_dict(path, keys, trust_pickle, op)
     report["save"] = cliutil.save(new, **write)
-    cliutil.emit(report, as_json, _human)
+    cliutil.emit_each(report, as_json, _human)
 
 
 @click.command("add-prefix")
 @click.argument("path")
 @click.option("--prefix", required=True, help="Prefix to add, e.g. module.")
-@cliutil.load_options
+@cliutil.load_each_options
 @cliutil.write_options
 @cliutil.json_option
-def add_cmd(path, prefix, key, trust_pickle, as_json, **write):
+def add_cmd(path, prefix, keys, trust_pickle, as_json, **write):
     """Add a prefix to every key (e.g. module. for DataParallel).
 
     \b
     Example:
       ckpt-surgeon add-prefix model.pt -o model_dp.pt --prefix module.
     """
-    ck = cliutil.load(path, key, trust_pickle)
-    new, report = add_prefix(ck, prefix)
+    new, report = cliutil.on_each_state_dict(path, keys, trust_pickle, lambda ck: add_prefix(ck, prefix))
     report["save"] = cliutil.save(new, **write)
-    cliutil.emit(report, as_json, _human)
+    cliutil.emit_each(report, as_json, _human)
 
 
 @hookimpl

@@ -155,14 +155,16 @@ def _human(report: dict) -> None:
         click.echo(f"rule {r['pattern']!r} => {r['replacement']!r}: {count(r['matched'], 'key')}")
     mapping = list(report["mapping"].items())
     # a review (--dry-run) lists every rename; a real run on a large model shows a sample
-    shown = mapping if report["save"].get("dry_run") or len(mapping) <= LIST_MAX else mapping[:LIST_MAX // 2]
+    dry_run = report["save"].get("dry_run") if "save" in report else report.get("dry_run")
+    shown = mapping if dry_run or len(mapping) <= LIST_MAX else mapping[:LIST_MAX // 2]
     for old, new in shown:
         click.echo(f"  {old} -> {new}")
     if len(shown) < len(mapping):
         click.echo(f"  ... and {len(mapping) - len(shown)} more (every rename: --dry-run, or --json)")
     click.echo(f"{count(report['renamed'], 'key')} renamed")
     cliutil.echo_notes(report.get("notes"))
-    cliutil.echo_save(report["save"])
+    if "save" in report:  # (one state dict of several: what was written comes once, after them all)
+        cliutil.echo_save(report["save"])
 
 
 @click.command("rename")
@@ -171,10 +173,10 @@ def _human(report: dict) -> None:
 @click.option("--map-file", default=None, help="Rules from a .json, .yaml or .toml file.")
 @click.option("--allow-unmatched", is_flag=True, help="A rule that matches nothing is a note, not an error.")
 @click.option("--save-inverse", default=None, metavar="FILE", help="Write the undo rules as JSON (usable with --map-file).")
-@cliutil.load_options
+@cliutil.load_each_options
 @cliutil.write_options
 @cliutil.json_option
-def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, key, trust_pickle, as_json, **write):
+def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, keys, trust_pickle, as_json, **write):
     """Rename keys with ordered regex rules.
 
     \b
@@ -186,15 +188,27 @@ def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, key, trust_p
     rules = [parse_rule(m) for m in maps]
     if map_file:
         rules += load_rules(map_file)
-    ck = cliutil.load(path, key, trust_pickle)
-    new, report = rename(ck, rules, allow_unmatched=allow_unmatched)
+    several = len(keys) > 1
+    if several and save_inverse:
+        raise SelectionError("--save-inverse undoes the renames of one state dict", hint="give one --key with it")
+    new, report = cliutil.on_each_state_dict(
+        path, keys, trust_pickle, lambda ck: rename(ck, rules, allow_unmatched=allow_unmatched or several))
+    if several:  # a rule is unmatched when it matched nothing in every state dict it was applied to
+        subs = list(report["state_dicts"].values())
+        unmatched = [p for p in subs[0]["unmatched_rules"] if all(p in r["unmatched_rules"] for r in subs)]
+        if unmatched and not allow_unmatched:
+            raise SelectionError(f"rename rule{'s' if len(unmatched) > 1 else ''} matched no key in "
+                                 f"{', '.join(keys)}: {', '.join(map(repr, unmatched))}",
+                                 hint="check the pattern, or pass --allow-unmatched")
+        for r in subs:
+            r["dry_run"] = write["dry_run"]
     report["save"] = cliutil.save(new, **write)
     if save_inverse and not write["dry_run"]:
         from ckptsurgeon.atomic import atomic_output
 
         with atomic_output(save_inverse) as fd:
             os.write(fd, json.dumps({"rules": report["inverse"]}, indent=1).encode())
-    cliutil.emit(report, as_json, _human)
+    cliutil.emit_each(report, as_json, _human)
 
 
 @hookimpl

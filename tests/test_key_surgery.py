@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ckptsurgeon as cs
-from ckptsurgeon.errors import KeyCollisionError, SelectionError
+from ckptsurgeon.errors import CkptSurgeonError, KeyCollisionError, SelectionError
 
 
 def _bytes_of(path):
@@ -437,16 +437,76 @@ def test_strip_prefix_names_other_state_dicts_with_the_prefix(tmp_path, cli):
                tmp_path / "ckpt.pth.tar")
     code, out, err = cli("strip-prefix", tmp_path / "ckpt.pth.tar", "-o", tmp_path / "a.pth")
     assert code == 0, err
-    assert "note: state_dict_ema also carries 'module.' on every key, left as it is (to strip it too: run " \
-           "strip-prefix on the output with --key state_dict_ema)" in out
+    assert "note: state_dict_ema also carries 'module.' on every key, left as it is (to strip it too: " \
+           "--key state_dict --key state_dict_ema)" in out
     code, out, err = cli("strip-prefix", tmp_path / "a.pth", "--key", "state_dict_ema", "-o", tmp_path / "b.pth")
     assert code == 0 and "also carries" not in out, err
-    both = torch.load(tmp_path / "b.pth", weights_only=False)  # (argparse.Namespace: our own file)
-    assert list(both["state_dict"]) == list(both["state_dict_ema"]) == [f"blocks.{i}.weight" for i in range(3)]
-    assert torch.equal(both["state_dict_ema"]["blocks.1.weight"], ema["module.blocks.1.weight"])
+    # the way the note says: both in one run
+    code, out, err = cli("strip-prefix", tmp_path / "ckpt.pth.tar", "--key", "state_dict", "--key", "state_dict_ema",
+                         "-o", tmp_path / "c.pth")
+    assert code == 0 and "also carries" not in out and out.count("stripped detected prefix 'module.'") == 2, out + err
+    for name in ("b.pth", "c.pth"):
+        both = torch.load(tmp_path / name, weights_only=False)  # (argparse.Namespace: our own file)
+        assert list(both["state_dict"]) == list(both["state_dict_ema"]) == [f"blocks.{i}.weight" for i in range(3)]
+        assert torch.equal(both["state_dict_ema"]["blocks.1.weight"], ema["module.blocks.1.weight"])
+        assert torch.equal(both["state_dict"]["blocks.2.weight"], sd["module.blocks.2.weight"])
+        assert both["epoch"] == 3 and both["args"].lr == 0.1
     _, rep = cs.strip_prefix(cs.load(tmp_path / "ckpt.pth.tar", key="state_dict_ema"))
-    assert rep["notes"] == ["state_dict also carries 'module.' on every key, left as it is (to strip it too: run "
-                            "strip-prefix on the output with --key state_dict)"]
+    assert rep["notes"] == ["state_dict also carries 'module.' on every key, left as it is (to strip it too: "
+                            "--key state_dict_ema --key state_dict)"]
+
+
+def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
+    """A GAN's G and D (DINO's student and teacher), each saved under DataParallel: --key given
+    once per state dict changes each in turn in one run (strip-prefix, add-prefix, rename), with a
+    block per state dict; errors say which state dict. The API: Checkpoint.select."""
+    g = OrderedDict([("module.conv.weight", torch.randn(4, 3)), ("module.conv.bias", torch.randn(4))])
+    d = OrderedDict([("module.fc.weight", torch.randn(1, 4)), ("module.fc.bias", torch.randn(1))])
+    g._metadata = OrderedDict([("", {"version": 1}), ("module.conv", {"version": 1})])
+    torch.save({"G": g, "D": d, "epoch": 7, "opt_G": {"lr": 0.1}}, tmp_path / "gan.pt")
+    code, _, err = cli("strip-prefix", tmp_path / "gan.pt", "-o", tmp_path / "x.pt")
+    assert code == 2 and "several state dicts" in err and "given once for each" in err, err
+    code, out, err = cli("strip-prefix", tmp_path / "gan.pt", "--key", "G", "--key", "D", "-o", tmp_path / "s.pt")
+    assert code == 0 and out.startswith("[G]\n") and "\n[D]\n" in out and out.count("wrote ") == 1, out + err
+    got = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert list(got["G"]) == ["conv.weight", "conv.bias"] and list(got["D"]) == ["fc.weight", "fc.bias"]
+    assert torch.equal(got["D"]["fc.weight"], d["module.fc.weight"]) and got["epoch"] == 7
+    assert got["opt_G"] == {"lr": 0.1} and dict(got["G"]._metadata) == {"": {"version": 1}, "conv": {"version": 1}}
+    code, out, err = cli("rename", tmp_path / "s.pt", "--key", "G", "--key", "D", "--map", r"\.bias$=>.b",
+                         "--json", "-o", tmp_path / "r.pt")
+    rep = json.loads(out)
+    assert code == 0 and [r["renamed"] for r in rep["state_dicts"].values()] == [1, 1], out + err
+    got = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert list(got["G"]) == ["conv.weight", "conv.b"] and list(got["D"]) == ["fc.weight", "fc.b"]
+    # a rule is unmatched only when it matches in none of them
+    code, out, err = cli("rename", tmp_path / "s.pt", "--key", "G", "--key", "D", "--map", "^conv=>c", "-o",
+                         tmp_path / "r2.pt")
+    assert code == 0 and list(torch.load(tmp_path / "r2.pt", weights_only=True)["G"]) == ["c.weight", "c.bias"], err
+    code, _, err = cli("rename", tmp_path / "s.pt", "--key", "G", "--key", "D", "--map", "nothing=>x", "-o",
+                       tmp_path / "r3.pt")
+    assert code == 2 and "matched no key in G, D" in err and not (tmp_path / "r3.pt").exists(), err
+    code, out, err = cli("add-prefix", tmp_path / "s.pt", "--key", "D", "--key", "G", "--prefix", "module.", "-o",
+                         tmp_path / "a.pt")
+    assert code == 0 and out.startswith("[D]\n"), out + err
+    got = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert list(got["G"]) == list(g) and list(got["D"]) == list(d) and list(got) == ["G", "D", "epoch", "opt_G"]
+    # errors name the state dict; nothing is written
+    code, _, err = cli("strip-prefix", tmp_path / "s.pt", "--key", "G", "--key", "D", "-o", tmp_path / "e.pt")
+    assert code == 2 and "error: state dict G: no wrapper prefix" in err and not (tmp_path / "e.pt").exists(), err
+    code, _, err = cli("strip-prefix", tmp_path / "gan.pt", "--key", "G", "--key", "nope", "-o", tmp_path / "e.pt")
+    assert code == 2 and "state dict nope:" in err and not (tmp_path / "e.pt").exists(), err
+    code, _, err = cli("strip-prefix", tmp_path / "gan.pt", "--key", "G", "--key", "G", "-o", tmp_path / "e.pt")
+    assert code == 2 and "--key G is given twice" in err, err
+    code, _, err = cli("rename", tmp_path / "gan.pt", "--key", "G", "--key", "D", "--map", "a=>b", "--save-inverse",
+                       tmp_path / "inv.json", "-o", tmp_path / "e.pt")
+    assert code == 2 and "--save-inverse" in err, err
+    # the API: select puts the changed state dict back before choosing the next
+    ck, _ = cs.strip_prefix(cs.load(tmp_path / "gan.pt", key="G"))
+    ck, _ = cs.strip_prefix(ck.select("D"))
+    assert ck.sd_path == ("D",) and list(ck.state) == ["fc.weight", "fc.bias"]
+    assert list(ck.assemble()["G"]) == ["conv.weight", "conv.bias"]
+    with pytest.raises(CkptSurgeonError, match="no wrapper"):
+        cs.load(tmp_path / "s.pt", key="G").replace(wrapper=None, sd_path=()).select("D")
 
 
 def test_rename_of_a_large_model_prints_a_sample_and_a_dry_run_every_rename(tmp_path, cli):
