@@ -500,8 +500,8 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                                       candidates=names, hint="choose one with --key (e.g. --key state/0)")
     raise AmbiguousStateDictError(
         f"several state dicts in the checkpoint: {', '.join(names)}",
-        candidates=names, hint="choose one with --key (API: key=...); strip-prefix, add-prefix and rename change "
-                               "several when --key is given once for each")
+        candidates=names, hint="choose one with --key (API: key=...); strip-prefix, add-prefix, rename and cast "
+                               "change several when --key is given once for each")
 
 
 def _in_optimizer_state(obj: Any, path: tuple) -> bool:

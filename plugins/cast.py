@@ -21,13 +21,14 @@ from ckptsurgeon.types import Operation
 TARGETS = PLAIN_FLOATS
 
 
-def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, dict]:
+def cast(ck: Checkpoint, dtype: str, *, keep=(), only=(), allow_unmatched: bool = False) -> tuple[Checkpoint, dict]:
     """Cast the floating-point tensors of the state dict to ``dtype`` (float32, bfloat16, float16,
     float64). Integer tensors (``num_batches_tracked``, position ids), float8/float4 codes and
     complex tensors stay as they are. ``keep``: tensors to leave alone (module paths, globs or
     ``re:`` regexes, as for extract: ``'*norm*'`` keeps norms in float32). ``only``: cast only
     tensors of these source dtypes. Each cast tensor is computed when it is written, one at a
-    time; tied weights stay tied.
+    time; tied weights stay tied. A ``keep`` pattern that matches nothing is an error unless
+    ``allow_unmatched`` (the report's ``unmatched_keep`` lists it).
 
     Example::
 
@@ -41,11 +42,12 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
             raise SelectionError(f"--only {d!r} is not a castable dtype", hint=f"one of: {', '.join(TARGETS)}")
     keys = list(ck.state)
     kept: set = set()
+    missing: list = []
     patterns = parse_patterns(keep)
     if patterns:
         chosen, counts = select(keys, patterns, detect_prefix(keys))
         missing = [p for p, n in counts.items() if n == 0]
-        if missing:
+        if missing and not allow_unmatched:
             raise SelectionError(f"--keep pattern{'s' if len(missing) > 1 else ''} matched nothing: {', '.join(map(repr, missing))}",
                                  hint=unmatched_hint(missing, keys, detect_prefix(keys)))
         kept = set(chosen)
@@ -96,7 +98,7 @@ def cast(ck: Checkpoint, dtype: str, *, keep=(), only=()) -> tuple[Checkpoint, d
     report = {"operation": "cast", "dtype": dtype,
               "cast": [{"from": a, "to": b, "tensors": n} for (a, b), n in changes.items()],
               "left": dict(left), "bytes_before": before, "bytes_after": after,
-              "wrapper_untouched": ck.wrapper_keys()}
+              "wrapper_untouched": ck.wrapper_keys(), "unmatched_keep": missing}
     return ck.with_state(new_state), report
 
 
@@ -109,7 +111,8 @@ def _human(r: dict) -> None:
     if r["wrapper_untouched"]:
         cliutil.echo_notes([f"wrapper entries kept as they are (optimizer state included): "
                             f"{name_list(r['wrapper_untouched'], 8)}"])
-    cliutil.echo_save(r["save"])
+    if "save" in r:  # (one state dict of several: what was written comes once, after them all)
+        cliutil.echo_save(r["save"])
 
 
 @click.command("cast")
@@ -118,21 +121,29 @@ def _human(r: dict) -> None:
 @click.option("--keep", multiple=True, metavar="PATTERN",
               help="Tensors to leave as they are (module path, glob or re:regex; repeatable), e.g. '*norm*'.")
 @click.option("--only", multiple=True, type=cliutil.FloatDtype(), help="Cast only tensors of this dtype (repeatable).")
-@cliutil.load_options
+@cliutil.load_each_options
 @cliutil.write_options
 @cliutil.json_option
-def cast_cmd(path, dtype, keep, only, key, trust_pickle, as_json, **write):
+def cast_cmd(path, dtype, keep, only, keys, trust_pickle, as_json, **write):
     """Cast floating-point tensors to another dtype (integer tensors stay as they are).
 
     \b
     Examples:
       ckpt-surgeon cast model.safetensors --dtype bfloat16 -o model_bf16.safetensors
       ckpt-surgeon cast model.pt --dtype float16 --keep '*norm*' -o model_fp16.pt
+      ckpt-surgeon cast ckpt.pth.tar --key state_dict --key state_dict_ema --dtype bf16 -o ckpt_bf16.pth.tar
     """
-    ck = cliutil.load(path, key, trust_pickle)
-    new, report = cast(ck, dtype, keep=keep, only=only)
+    several = len(keys) > 1
+    new, report = cliutil.on_each_state_dict(
+        path, keys, trust_pickle, lambda ck: cast(ck, dtype, keep=keep, only=only, allow_unmatched=several))
+    if several:  # a --keep pattern is unmatched when it matched in none of the state dicts
+        subs = list(report["state_dicts"].values())
+        missing = [p for p in subs[0]["unmatched_keep"] if all(p in r["unmatched_keep"] for r in subs)]
+        if missing:
+            raise SelectionError(f"--keep pattern{'s' if len(missing) > 1 else ''} matched nothing in "
+                                 f"{', '.join(keys)}: {', '.join(map(repr, missing))}")
     report["save"] = cliutil.save(new, **write)
-    cliutil.emit(report, as_json, _human)
+    cliutil.emit_each(report, as_json, _human)
 
 
 @hookimpl

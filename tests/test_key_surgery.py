@@ -458,7 +458,7 @@ def test_strip_prefix_names_other_state_dicts_with_the_prefix(tmp_path, cli):
 
 def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     """A GAN's G and D (DINO's student and teacher), each saved under DataParallel: --key given
-    once per state dict changes each in turn in one run (strip-prefix, add-prefix, rename), with a
+    once per state dict changes each in turn in one run (strip-prefix, add-prefix, rename, cast), with a
     block per state dict; errors say which state dict. The API: Checkpoint.select."""
     g = OrderedDict([("module.conv.weight", torch.randn(4, 3)), ("module.conv.bias", torch.randn(4))])
     d = OrderedDict([("module.fc.weight", torch.randn(1, 4)), ("module.fc.bias", torch.randn(1))])
@@ -490,6 +490,17 @@ def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     assert code == 0 and out.startswith("[D]\n"), out + err
     got = torch.load(tmp_path / "a.pt", weights_only=True)
     assert list(got["G"]) == list(g) and list(got["D"]) == list(d) and list(got) == ["G", "D", "epoch", "opt_G"]
+    # cast: both to bf16 in one run; a --keep pattern that matches in one of them is fine, in none an error
+    code, out, err = cli("cast", tmp_path / "gan.pt", "--key", "G", "--key", "D", "--dtype", "bf16", "--keep", "*fc.bias",
+                         "-o", tmp_path / "c.pt")
+    assert code == 0 and out.startswith("[G]\n") and "\n[D]\n" in out, out + err
+    got = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert [v.dtype for v in got["G"].values()] == [torch.bfloat16] * 2
+    assert [v.dtype for v in got["D"].values()] == [torch.bfloat16, torch.float32]
+    assert torch.equal(got["G"]["module.conv.weight"], g["module.conv.weight"].bfloat16())
+    code, _, err = cli("cast", tmp_path / "gan.pt", "--key", "G", "--key", "D", "--dtype", "bf16", "--keep", "*nope*",
+                       "-o", tmp_path / "c2.pt")
+    assert code == 2 and "matched nothing in G, D" in err and not (tmp_path / "c2.pt").exists(), err
     # errors name the state dict; nothing is written
     code, _, err = cli("strip-prefix", tmp_path / "s.pt", "--key", "G", "--key", "D", "-o", tmp_path / "e.pt")
     assert code == 2 and "error: state dict G: no wrapper prefix" in err and not (tmp_path / "e.pt").exists(), err
