@@ -11,7 +11,8 @@ import functools
 import os
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
-from .pickle_io import OTHER_OS_PATHS, is_dtensor_global, scan_globals
+from .pickle_io import OTHER_OS_PATHS, is_dtensor_global
+from .pickle_scan import scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "
               "types; or read them as inert records with --inert-pickle (nothing imported or run); "

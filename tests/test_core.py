@@ -162,7 +162,7 @@ def test_repickled_data_pkl_is_byte_identical_to_torch_save(tmp_path):
     import zipfile
 
     import ckptsurgeon.refs as refs
-    from ckptsurgeon.pickle_io import dump_refs
+    from ckptsurgeon.pickle_write import dump_refs
 
     sd = _odd_state()
     objs = {
@@ -189,7 +189,7 @@ def test_sets_are_written_back_in_their_pickled_order(tmp_path):
     ({"a", "b"} under PYTHONHASHSEED=24): the pickled order is kept, so the bytes are too."""
     script = """
 import sys, zipfile, torch, ckptsurgeon as cs
-from ckptsurgeon.pickle_io import dump_refs
+from ckptsurgeon.pickle_write import dump_refs
 assert list({"a", "b"}) != list(set(list({"a", "b"})))  # the collision this seed gives
 path = sys.argv[1]
 torch.save({"state_dict": {"w": torch.ones(2)}, "tags": {"a", "b"}, "frozen": frozenset({"a", "b"})}, path)

@@ -1107,7 +1107,7 @@ def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monke
     missed such a class, torch's own refusal is reported as an unsafe pickle naming it."""
     import numpy as np
 
-    from ckptsurgeon import pickle_io
+    from ckptsurgeon import pickle_scan
 
     sd = OrderedDict((f"module.l{i}.weight", torch.randn(2, 2)) for i in range(2))
     rng = np.random.RandomState(0).get_state()
@@ -1157,7 +1157,7 @@ def test_numpy_numbers_load_by_default_object_arrays_do_not(tmp_path, cli, monke
     code, _, err = cli("inspect", obj)
     assert code != 0 and "ObjectDType" in err and "Traceback" not in err
 
-    monkeypatch.setattr(pickle_io, "_numpy_dtype_class", lambda code: None)  # a scan that misses it
+    monkeypatch.setattr(pickle_scan, "_numpy_dtype_class", lambda code: None)  # a scan that misses it
     with pytest.raises(UnsafePickleError) as e:
         cs.load(obj)
     assert "numpy.dtypes.ObjectDType" in e.value.one_line() and "refuses" in e.value.one_line()

@@ -15,8 +15,9 @@ from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_ten
 from ..errors import (AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError, NotACheckpointError,
                       UnsafePickleError, UnsupportedError)
 from ..keys import name_list
-from ..pickle_io import (NotFastPath, dump_refs, load_legacy_refs, load_refs, load_refs_naming, refuse_built,
-                         scan_globals)
+from ..pickle_io import NotFastPath, load_legacy_refs, load_refs, load_refs_naming, refuse_built
+from ..pickle_scan import scan_globals
+from ..pickle_write import dump_refs
 from ..refs import FileRange, InertObject, TensorRef
 from ..safety import INERT, TRUST_HINT, only_nameable, torch_load, unsafe_globals, unsafe_in
 from ..zipfmt import TorchZip, write_torch_zip
