@@ -431,7 +431,7 @@ def _metadata_for_model(ck, fn, model_sd):
     modules refuse (torchvision's MNASNet raises) and others read as an old layout."""
     import copy
 
-    from .checkpoint import materialize
+    from .values import materialize
 
     if getattr(ck, "metadata", None) is not None:
         try:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from .checkpoint import (_RNG_KEYS, RNG_NOTE, Checkpoint, describe_optimizer, describe_training_state, node_at,
-                         tensor_info)
+from .checkpoint import Checkpoint, tensor_info
+from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, node_at
 from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report

@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import click
 
 from ckptsurgeon import cliutil, hookimpl
-from ckptsurgeon.checkpoint import Checkpoint, Walk, plain
+from ckptsurgeon.checkpoint import Checkpoint
+from ckptsurgeon.values import Walk, plain
 from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import EXIT_FINDING, SelectionError
 from ckptsurgeon.keys import align_keys
@@ -66,7 +67,7 @@ def _sides(a, b, key_a, key_b, trust_pickle, loader) -> tuple[Checkpoint, Checkp
 
 def _other_content(ck: Checkpoint, with_hashes: bool) -> tuple[Any, bool]:
     """Non-tensor content for deepdiff: the wrapper minus the state dict, tensors as summaries;
-    and whether it was cut short (see checkpoint.Walk: a hostile pickle can expand without end)."""
+    and whether it was cut short (see values.Walk: a hostile pickle can expand without end)."""
     from ckptsurgeon.compare import digest
 
     walk = Walk()

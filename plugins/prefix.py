@@ -72,7 +72,7 @@ def strip_prefix(ck: Checkpoint, prefix: str | None = None, *, partial: bool = F
 
 
 def _also_prefixed_note(others: list[str], prefix: str, ck: Checkpoint) -> str:
-    from ckptsurgeon.checkpoint import path_str
+    from ckptsurgeon.locate import path_str
 
     return (f"{', '.join(others)} also carr{'ies' if len(others) == 1 else 'y'} {prefix!r} on every key, left as "
             f"{'it is' if len(others) == 1 else 'they are'} (to strip it too: "
@@ -83,7 +83,7 @@ def _other_state_dicts_with(ck: Checkpoint, prefix: str) -> list[str]:
     """The wrapper's other state dicts (ck.candidates, as paths) whose every key starts with ``prefix``."""
     from collections.abc import Mapping
 
-    from ckptsurgeon.checkpoint import node_at, path_str
+    from ckptsurgeon.locate import node_at, path_str
 
     out = []
     for cand in ck.candidates:

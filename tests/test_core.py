@@ -759,7 +759,7 @@ class _Config:  # an object with the default repr, which is just its address
 
 
 def test_plain_objects_compare_by_attributes_not_address():
-    from ckptsurgeon.checkpoint import plain
+    from ckptsurgeon.values import plain
 
     assert plain(_Config(1)) == plain(_Config(1)) != plain(_Config(2))
     assert "0x" not in json.dumps(plain({"f": _Config(1), "g": (lambda: 0)}))

@@ -10,8 +10,9 @@ from typing import Any, Mapping
 
 from .. import dtypes
 from ..atomic import atomic_output, atomic_path, fsync_wanted
-from ..checkpoint import (Checkpoint, Source, choose_state_dict, flatten, is_tensor_tree, materialize,
-                          path_str)
+from ..checkpoint import Checkpoint, Source, flatten
+from ..locate import choose_state_dict, is_tensor_tree, path_str
+from ..values import materialize
 from ..errors import (AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError, NotACheckpointError,
                       UnsafePickleError, UnsupportedError)
 from ..keys import name_list
