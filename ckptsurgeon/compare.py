@@ -11,7 +11,8 @@ import math
 from typing import Any
 
 from .errors import SelectionError
-from .refs import TensorRef, check_dense_fits, crc32, file_pieces, special_kind, tensor_bytes
+from .byteranges import crc32, file_pieces
+from .refs import TensorRef, check_dense_fits, special_kind, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array
 

@@ -3,7 +3,7 @@
 A cast computed when written, a tensor put together from the pieces ranks saved (copied from
 their files when the pieces follow each other, :func:`block_order`), and storages cut to the
 parts the tensors being written use (:func:`compact_storages`). Writers copy such bytes from
-files in the kernel where :func:`refs.file_pieces` finds them there; nothing here imports torch
+files in the kernel where :func:`byteranges.file_pieces` finds them there; nothing here imports torch
 (a cast's ``build`` does, when it runs).
 """
 
@@ -13,7 +13,8 @@ import bisect
 
 from . import dtypes
 from .errors import CorruptCheckpointError
-from .refs import AssembledBytes, MemoryBytes, StorageRef, TensorRef, check_dense_fits, contiguous_stride
+from .byteranges import AssembledBytes, MemoryBytes
+from .refs import StorageRef, TensorRef, check_dense_fits, contiguous_stride
 
 
 def assembled_ref(shape, dtype: str, build, label: str = "", pieces=None) -> TensorRef:

@@ -673,7 +673,7 @@ def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[Storage
     (magic number, protocol, system info, the object, the storage keys) then each storage as an
     int64 element count and its raw bytes, in key order. Each StorageRef gets a FileRange over
     its bytes (the format has no checksums). NotFastPath for anything unusual (big-endian, views)."""
-    from .refs import FileRange
+    from .byteranges import FileRange
 
     import mmap
 

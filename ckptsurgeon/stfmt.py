@@ -14,7 +14,8 @@ from typing import Iterable
 
 from . import dtypes
 from .errors import CorruptCheckpointError, UnsupportedError
-from .refs import FileRange, StorageRef, TensorRef, contiguous_stride
+from .byteranges import FileRange
+from .refs import StorageRef, TensorRef, contiguous_stride
 
 MAX_HEADER = 100_000_000
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsupportedError
 from .extents import same_bytes
-from .refs import FileRange, MemoryBytes, crc32, crc32_combine, file_pieces, pread_chunks
+from .byteranges import FileRange, MemoryBytes, crc32, crc32_combine, file_pieces, pread_chunks
 
 ALIGN = 64
 _LOCAL = struct.Struct("<IHHHHHIIIHH")

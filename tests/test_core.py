@@ -291,7 +291,7 @@ def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
     safetensors file get theirs computed on a second thread and patched into the descriptor."""
     import zipfile
 
-    from ckptsurgeon.refs import crc32
+    from ckptsurgeon.byteranges import crc32
 
     from safetensors.torch import save_file
 
@@ -1632,7 +1632,7 @@ def test_many_small_records_to_safetensors_are_checked_and_batched(tmp_path, cli
     and a damaged small record stops the write with one line and no output."""
     from safetensors.torch import load_file
 
-    from ckptsurgeon.refs import FileRange
+    from ckptsurgeon.byteranges import FileRange
 
     g = torch.Generator().manual_seed(1)
     sd = OrderedDict((f"moe.{i // 8}.expert{i % 8}.w", torch.randn(3, 5, generator=g)) for i in range(2000))

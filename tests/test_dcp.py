@@ -17,7 +17,7 @@ import torch
 
 import ckptsurgeon as cs
 from ckptsurgeon.errors import CorruptCheckpointError, UnsafePickleError
-from ckptsurgeon.refs import AssembledBytes, file_pieces
+from ckptsurgeon.byteranges import AssembledBytes, file_pieces
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import ckptsurgeon as cs
 from ckptsurgeon.errors import CorruptCheckpointError
-from ckptsurgeon.refs import AssembledBytes
+from ckptsurgeon.byteranges import AssembledBytes
 
 DATA = Path(__file__).resolve().parent / "data" / "deepspeed"
 ORDER = ["scale", "steps", "embed.weight", "norm.weight", "norm.bias", "frozen.weight", "frozen.bias",

@@ -402,7 +402,7 @@ def _sizes_by_offset(entry: dict) -> dict:
 def _assemble(fqn, shape, dtype, pieces):
     """A tensor sharded over ranks: checked now against the chunks' shapes (no bytes read),
     put together chunk by chunk only when its bytes are needed, and not kept (see
-    :class:`~ckptsurgeon.refs.AssembledBytes`)."""
+    :class:`~ckptsurgeon.byteranges.AssembledBytes`)."""
     covered = 0
     total = 1
     for d in shape:

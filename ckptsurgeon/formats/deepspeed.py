@@ -23,7 +23,7 @@ back together here the way DeepSpeed's own ``zero_to_fp32.py`` does it, with the
   make aliases.
 
 Every parameter is a list of byte ranges of the optimizer-state files: nothing is assembled in
-memory, outputs copy the ranges in the kernel (see :class:`~ckptsurgeon.refs.AssembledBytes`),
+memory, outputs copy the ranges in the kernel (see :class:`~ckptsurgeon.byteranges.AssembledBytes`),
 and only the pickles are read. The optimizer-state files pickle DeepSpeed classes (the stage
 enum, the loss scaler): those are recorded inert, never imported. Anything else outside torch's
 weights-only allowlist is refused as for any file. Model or pipeline parallel checkpoints

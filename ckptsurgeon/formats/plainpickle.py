@@ -21,7 +21,8 @@ from ..checkpoint import Source
 from ..dtypes import count
 from ..errors import CkptSurgeonError, CorruptCheckpointError, UnsafePickleError
 from ..pickle_io import NotFastPath, load_refs
-from ..refs import MemoryBytes, StorageRef, TensorRef, contiguous_stride
+from ..byteranges import MemoryBytes
+from ..refs import StorageRef, TensorRef, contiguous_stride
 from ..safety import INERT, TRUST_HINT, unsafe_in
 from .torchfile import from_object, sniff_legacy
 

@@ -11,8 +11,8 @@ from ..checkpoint import Checkpoint, Source
 from ..dtypes import count
 from ..errors import UnsupportedError
 from ..keys import name_list
-from ..refs import (FileRange, TensorRef, as_ref, check_dense_fits, crc32, file_pieces, holds_tensors, is_tensor_like,
-                    plain_form, special_kind, tie_key)
+from ..byteranges import FileRange, crc32, file_pieces
+from ..refs import TensorRef, as_ref, check_dense_fits, holds_tensors, is_tensor_like, plain_form, special_kind, tie_key
 from ..stfmt import build_header, load_entries
 from ..zipfmt import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
 

@@ -19,7 +19,8 @@ from ..keys import name_list
 from ..pickle_io import NotFastPath, load_legacy_refs, load_refs, load_refs_naming, refuse_built
 from ..pickle_scan import scan_globals
 from ..pickle_write import dump_refs
-from ..refs import FileRange, InertObject, TensorRef
+from ..byteranges import FileRange
+from ..refs import InertObject, TensorRef
 from ..safety import INERT, TRUST_HINT, only_nameable, torch_load, unsafe_globals, unsafe_in
 from ..zipfmt import TorchZip, write_torch_zip
 
