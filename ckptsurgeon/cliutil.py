@@ -49,20 +49,22 @@ def load_each_options(f: Callable) -> Callable:
     return pickle_options(f)
 
 
-def on_each_state_dict(path: str, keys, trust_pickle, op: Callable) -> tuple[Any, dict]:
+def on_each_state_dict(path: str, keys, trust_pickle, op: Callable, write: dict | None = None) -> tuple[Any, dict]:
     """Load ``path`` and apply ``op(ck) -> (ck, report)`` to the state dict at each of ``keys`` in
     turn (none given: to the one the loader finds). One key: ``op``'s own report; several:
-    ``{"operation": ..., "state_dicts": {key: report}}``."""
+    ``{"operation": ..., "state_dicts": {key: report}}``. ``write`` (the command's write options):
+    several state dicts are refused up front where the output could hold only one of them."""
+    from .errors import CkptSurgeonError, SelectionError
+
     keys = tuple(keys or ())
     if len(set(keys)) != len(keys):
-        from .errors import SelectionError
-
         twice = sorted({k for k in keys if keys.count(k) > 1})
         raise SelectionError(f"--key {twice[0]} is given twice", hint="give each state dict's --key once")
     ck = load(path, keys[0] if keys else None, trust_pickle)
     if len(keys) <= 1:
         return op(ck)
-    from .errors import CkptSurgeonError
+    if write:
+        _one_file_for_several(ck, write)
 
     reports = {}
     for i, key in enumerate(keys):
@@ -75,6 +77,24 @@ def on_each_state_dict(path: str, keys, trust_pickle, op: Callable) -> tuple[Any
             e.args = (e.message,)
             raise
     return ck, {"operation": next(iter(reports.values()))["operation"], "state_dicts": reports}
+
+
+def _one_file_for_several(ck, write: dict) -> None:
+    """Several changed state dicts go out in their wrapper, in a torch file: --state-dict-only, a
+    safetensors file or a Hugging Face folder would keep the last one alone."""
+    from .errors import SelectionError
+    from .saving import output_format
+
+    if write.get("state_dict_only"):
+        raise SelectionError("--state-dict-only writes one state dict, and several --key were given",
+                             hint="give one --key with --state-dict-only, or leave it out to keep the wrapper")
+    output = write.get("output")
+    if output:
+        fmt = output_format(output, write.get("out_format"), write.get("max_shard_size"),
+                            input_format=ck.source.format if ck.source else None)
+        if fmt != "torch-zip":
+            raise SelectionError(f"a {fmt} output holds one state dict, and several --key were given",
+                                 hint="write a torch file (.pt) to keep them all in their wrapper, or give one --key")
 
 
 def emit_each(report: dict, as_json: bool, human: Callable[[dict], None]) -> None:

@@ -135,7 +135,8 @@ def cast_cmd(path, dtype, keep, only, keys, trust_pickle, as_json, **write):
     """
     several = len(keys) > 1
     new, report = cliutil.on_each_state_dict(
-        path, keys, trust_pickle, lambda ck: cast(ck, dtype, keep=keep, only=only, allow_unmatched=several))
+        path, keys, trust_pickle, lambda ck: cast(ck, dtype, keep=keep, only=only, allow_unmatched=several),
+        write=write)
     if several:  # a --keep pattern is unmatched when it matched in none of the state dicts
         subs = list(report["state_dicts"].values())
         missing = [p for p in subs[0]["unmatched_keep"] if all(p in r["unmatched_keep"] for r in subs)]

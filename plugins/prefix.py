@@ -164,7 +164,7 @@ def strip_cmd(path, prefix, partial, keys, trust_pickle, as_json, **write):
                 del rep["notes"]
         return new, rep
 
-    new, report = cliutil.on_each_state_dict(path, keys, trust_pickle, op)
+    new, report = cliutil.on_each_state_dict(path, keys, trust_pickle, op, write=write)
     report["save"] = cliutil.save(new, **write)
     cliutil.emit_each(report, as_json, _human)
 
@@ -182,7 +182,8 @@ def add_cmd(path, prefix, keys, trust_pickle, as_json, **write):
     Example:
       ckpt-surgeon add-prefix model.pt -o model_dp.pt --prefix module.
     """
-    new, report = cliutil.on_each_state_dict(path, keys, trust_pickle, lambda ck: add_prefix(ck, prefix))
+    new, report = cliutil.on_each_state_dict(path, keys, trust_pickle, lambda ck: add_prefix(ck, prefix),
+                                             write=write)
     report["save"] = cliutil.save(new, **write)
     cliutil.emit_each(report, as_json, _human)
 

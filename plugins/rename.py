@@ -192,7 +192,8 @@ def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, keys, trust_
     if several and save_inverse:
         raise SelectionError("--save-inverse undoes the renames of one state dict", hint="give one --key with it")
     new, report = cliutil.on_each_state_dict(
-        path, keys, trust_pickle, lambda ck: rename(ck, rules, allow_unmatched=allow_unmatched or several))
+        path, keys, trust_pickle, lambda ck: rename(ck, rules, allow_unmatched=allow_unmatched or several),
+        write=write)
     if several:  # a rule is unmatched when it matched nothing in every state dict it was applied to
         subs = list(report["state_dicts"].values())
         unmatched = [p for p in subs[0]["unmatched_rules"] if all(p in r["unmatched_rules"] for r in subs)]

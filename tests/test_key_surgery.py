@@ -508,6 +508,11 @@ def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     assert code == 2 and "state dict nope:" in err and not (tmp_path / "e.pt").exists(), err
     code, _, err = cli("strip-prefix", tmp_path / "gan.pt", "--key", "G", "--key", "G", "-o", tmp_path / "e.pt")
     assert code == 2 and "--key G is given twice" in err, err
+    # an output that holds one state dict would keep the last alone: refused up front
+    for out, extra in (("e.safetensors", []), ("e.pt", ["--state-dict-only"]), ("e_dir", ["--max-shard-size", "1MB"])):
+        code, _, err = cli("strip-prefix", tmp_path / "gan.pt", "--key", "G", "--key", "D", "-o", tmp_path / out,
+                           *extra)
+        assert code == 2 and "several --key" in err and not (tmp_path / out).exists(), (out, err)
     code, _, err = cli("rename", tmp_path / "gan.pt", "--key", "G", "--key", "D", "--map", "a=>b", "--save-inverse",
                        tmp_path / "inv.json", "-o", tmp_path / "e.pt")
     assert code == 2 and "--save-inverse" in err, err
