@@ -179,6 +179,27 @@ class Checkpoint:
         new = from_object(self.assemble(), source, key=key, transforms=self.transforms)
         return new.replace(source=self.source, notes=self.notes + tuple(n for n in new.notes if n not in self.notes))
 
+    def each(self, keys, op) -> tuple["Checkpoint", dict]:
+        """Apply ``op(ck) -> (ck, report)`` to the state dict at each of ``keys`` in turn, each
+        change kept as the next is chosen (see :meth:`select`); returns the last checkpoint and
+        ``{key: report}``. An error names the state dict it is about.
+
+        Example::
+
+            ck, reports = load("gan.pt", key="G").each(["G", "D"], strip_prefix)
+        """
+        from .errors import CkptSurgeonError
+
+        ck, reports = self, {}
+        for key in keys:
+            try:
+                ck, reports[key] = op(ck.select(key))
+            except CkptSurgeonError as e:
+                e.message = f"state dict {key}: {e.message}"
+                e.args = (e.message,)
+                raise
+        return ck, reports
+
     def torch_state_dict(self) -> "OrderedDict[str, Any]":
         """name -> real torch tensor (zero-copy over the file where possible), with _metadata."""
         out = OrderedDict((k, v.to_torch() if isinstance(v, TensorRef) else v) for k, v in self.state.items())

@@ -54,7 +54,7 @@ def on_each_state_dict(path: str, keys, trust_pickle, op: Callable, write: dict 
     turn (none given: to the one the loader finds). One key: ``op``'s own report; several:
     ``{"operation": ..., "state_dicts": {key: report}}``. ``write`` (the command's write options):
     several state dicts are refused up front where the output could hold only one of them."""
-    from .errors import CkptSurgeonError, SelectionError
+    from .errors import SelectionError
 
     keys = tuple(keys or ())
     if len(set(keys)) != len(keys):
@@ -65,17 +65,7 @@ def on_each_state_dict(path: str, keys, trust_pickle, op: Callable, write: dict 
         return op(ck)
     if write:
         _one_file_for_several(ck, write)
-
-    reports = {}
-    for i, key in enumerate(keys):
-        try:
-            if i:
-                ck = ck.select(key)
-            ck, reports[key] = op(ck)
-        except CkptSurgeonError as e:  # say which of the state dicts
-            e.message = f"state dict {key}: {e.message}"
-            e.args = (e.message,)
-            raise
+    ck, reports = ck.each(keys, op)
     return ck, {"operation": next(iter(reports.values()))["operation"], "state_dicts": reports}
 
 

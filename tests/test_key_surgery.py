@@ -516,11 +516,14 @@ def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     code, _, err = cli("rename", tmp_path / "gan.pt", "--key", "G", "--key", "D", "--map", "a=>b", "--save-inverse",
                        tmp_path / "inv.json", "-o", tmp_path / "e.pt")
     assert code == 2 and "--save-inverse" in err, err
-    # the API: select puts the changed state dict back before choosing the next
+    # the API: select puts the changed state dict back before choosing the next; each loops
     ck, _ = cs.strip_prefix(cs.load(tmp_path / "gan.pt", key="G"))
     ck, _ = cs.strip_prefix(ck.select("D"))
     assert ck.sd_path == ("D",) and list(ck.state) == ["fc.weight", "fc.bias"]
     assert list(ck.assemble()["G"]) == ["conv.weight", "conv.bias"]
+    ck2, reports = cs.load(tmp_path / "gan.pt", key="G").each(["G", "D"], cs.strip_prefix)
+    assert list(reports) == ["G", "D"] and ck2.assemble()["G"].keys() == ck.assemble()["G"].keys()
+    assert list(ck2.assemble()["D"]) == ["fc.weight", "fc.bias"]
     with pytest.raises(CkptSurgeonError, match="no wrapper"):
         cs.load(tmp_path / "s.pt", key="G").replace(wrapper=None, sd_path=()).select("D")
 
