@@ -173,7 +173,7 @@ class Checkpoint:
         if self.wrapper is None:
             raise SelectionError(f"no wrapper around the state dict to choose {key!r} from",
                                  hint="--key picks a state dict inside a wrapper dict (state_dict, model/ema, G)")
-        from .formats.torchfile import from_object
+        from .graph import from_object
 
         source = dc_replace(self.source, notes=()) if self.source is not None else Source(path="", format="memory")
         new = from_object(self.assemble(), source, key=key, transforms=self.transforms)

@@ -49,7 +49,7 @@ def sniff(path: str, head: bytes) -> bool:
 
 
 def load(path: str, *, key=None, trust_pickle=False, **_):
-    from .torchfile import from_object
+    from ..graph import from_object
 
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     meta_path = os.path.join(folder, METADATA)

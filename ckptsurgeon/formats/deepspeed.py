@@ -93,7 +93,7 @@ def sniff(path: str, head: bytes) -> bool:
 
 def load(path: str, *, key=None, trust_pickle=False, **_) -> Checkpoint:
     from ..loading import load_file
-    from .torchfile import ZeRO3Placeholders
+    from ..graph import ZeRO3Placeholders
 
     folder = tag_folder(path)
     if folder is None:

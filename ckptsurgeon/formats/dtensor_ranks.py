@@ -65,7 +65,7 @@ def sniff(path: str, head: bytes) -> bool:
 
 
 def load(path: str, *, key=None, trust_pickle=False, **_):
-    from .torchfile import from_object
+    from ..graph import from_object
 
     files = _files(path)
     graphs = []

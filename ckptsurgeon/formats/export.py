@@ -47,7 +47,8 @@ def load(path: str, *, key: str | None = None, trust_pickle=False, **_):
 
 
 def load_program(z: TorchZip, path: str, *, key=None, trust_pickle=False):
-    from .torchfile import _load_zip, from_object
+    from ..graph import from_object
+    from .torchfile import _load_zip
 
     models = sorted(n[len("models/"):-len(".json")] for n in z.infos if n.startswith("models/") and n.endswith(".json"))
     hint = _AOTI_HINT if any(n.startswith("data/aotinductor/") for n in z.infos) else None  # (for the errors)

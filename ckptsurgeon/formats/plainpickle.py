@@ -20,19 +20,13 @@ from typing import Any
 from ..checkpoint import Source
 from ..dtypes import count
 from ..errors import CkptSurgeonError, CorruptCheckpointError, UnsafePickleError
+from ..graph import array_ref, from_object
 from ..pickle_io import NotFastPath, load_refs
-from ..byteranges import MemoryBytes
-from ..refs import StorageRef, TensorRef, contiguous_stride
 from ..safety import INERT, TRUST_HINT, unsafe_in
-from .torchfile import from_object, sniff_legacy
+from .torchfile import sniff_legacy
 
 MAX_BYTES = 8 << 30  # the whole pickle is read into memory
 _TORCH_STORAGE = "torch.storage._load_from_bytes"
-
-# numpy (kind, itemsize) -> dtype name
-_DTYPES = {("f", 2): "float16", ("f", 4): "float32", ("f", 8): "float64", ("i", 1): "int8", ("i", 2): "int16",
-           ("i", 4): "int32", ("i", 8): "int64", ("u", 1): "uint8", ("u", 2): "uint16", ("u", 4): "uint32",
-           ("u", 8): "uint64", ("b", 1): "bool", ("c", 8): "complex64", ("c", 16): "complex128"}
 
 
 def sniff(path: str, head: bytes) -> bool:
@@ -117,7 +111,7 @@ def _arrays_to_tensors(root: Any) -> tuple[Any, int]:
         if isinstance(o, numpy.ndarray):
             got = memo.get(id(o))
             if got is None:
-                got = memo[id(o)] = _tensor(numpy, o)
+                got = memo[id(o)] = array_ref(o)
                 count += got is not o
             return got
         if isinstance(o, dict):
@@ -145,26 +139,3 @@ def _arrays_to_tensors(root: Any) -> tuple[Any, int]:
         return o
 
     return convert(root), count
-
-
-def numeric_array(arr) -> bool:
-    """A numpy array of a dtype torch has (not strings, dates, objects): what array_ref makes a tensor."""
-    return type(arr).__name__ == "ndarray" and (arr.dtype.kind, arr.dtype.itemsize) in _DTYPES
-
-
-def array_ref(arr) -> Any:
-    """A TensorRef over a numeric numpy array's bytes (little-endian, contiguous); the array
-    itself when it holds no numbers (strings, dates, objects)."""
-    import numpy
-
-    return _tensor(numpy, arr)
-
-
-def _tensor(numpy, arr):
-    name = _DTYPES.get((arr.dtype.kind, arr.dtype.itemsize))
-    if name is None:  # strings, dates, objects: not weights
-        return arr
-    arr = numpy.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-    shape = tuple(int(s) for s in arr.shape)
-    storage = StorageRef(name, arr.size, MemoryBytes(arr))
-    return TensorRef(storage, 0, shape, contiguous_stride(shape), name)

@@ -1,4 +1,6 @@
-"""torch checkpoints: the zip format (lazy, torch-free) and the legacy pickle format (torch.load)."""
+"""torch checkpoints: the zip format (lazy, torch-free), the legacy pickle format (torch.load), the
+weights of TorchScript archives and of .nemo tarballs; writing torch zips. What an unpickled graph
+becomes is :mod:`ckptsurgeon.graph`'s."""
 
 from __future__ import annotations
 
@@ -10,18 +12,17 @@ from typing import Any, Mapping
 
 from .. import dtypes
 from ..atomic import atomic_output, atomic_path, fsync_wanted
-from ..checkpoint import Checkpoint, Source, flatten
-from ..locate import choose_state_dict, is_tensor_tree, path_str
-from ..values import materialize
-from ..errors import (AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError, NotACheckpointError,
-                      UnsafePickleError, UnsupportedError)
+from ..byteranges import FileRange
+from ..checkpoint import Checkpoint, Source
+from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..graph import detached, from_object, module_visit
 from ..keys import name_list
 from ..pickle_io import NotFastPath, load_legacy_refs, load_refs, load_refs_naming, refuse_built
 from ..pickle_scan import scan_globals
 from ..pickle_write import dump_refs
-from ..byteranges import FileRange
 from ..refs import InertObject, TensorRef
 from ..safety import INERT, TRUST_HINT, only_nameable, torch_load, unsafe_globals, unsafe_in
+from ..values import materialize
 from ..zipfmt import TorchZip, write_torch_zip
 
 SURGEON_RECORD = ".data/ckpt_surgeon.json"
@@ -182,13 +183,13 @@ def _script_state_dict(module, declared: dict, prefix: str = "", out=None, visit
     its buffers (as its class declares them, see :func:`_script_declarations`; without a
     declaration every tensor attribute, in attribute order), then its submodules', depth first."""
     out = OrderedDict() if out is None else out
-    visits = _visit(visits, "scripted")
+    visits = module_visit(visits, "scripted")
     state = module._inert["state"]
     names = declared.get(f"{type(module).inert_module}.{type(module).inert_name}")
     for name in (names if names is not None else state):
         v = state.get(name)
         if isinstance(v, TensorRef):
-            out[prefix + str(name)] = _detached(v)
+            out[prefix + str(name)] = detached(v)
     above = above + (id(module),)
     for name, v in state.items():
         if _is_script_module(v):
@@ -394,206 +395,6 @@ def _named_note(names) -> str:
     return (f"{', '.join(names)}: outside the weights-only allowlist but only named, never built (a class as a "
             "value or a key: hyper-parameters like act=nn.ReLU, old Lightning callback states): kept as names, nothing "
             "imported or run; outputs in torch format carry them unchanged")
-
-
-def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms=()) -> Checkpoint:
-    notes = list(source.notes)
-    if trusted:
-        obj, converted = _modules_to_state_dicts(obj)
-        if converted:
-            notes.append(f"whole-model pickle: took the state dict of {', '.join(converted)}")
-    else:  # modules read with --inert-pickle: their state dicts, from the recorded attributes
-        obj, converted = _modules_to_state_dicts(obj, is_module=_is_inert_module, state_dict=_inert_state_dict)
-        if converted:
-            notes.append(f"whole-model pickle read inert: took the state dict of {', '.join(converted)} "
-                         "(parameters and persistent buffers, in torch's order)")
-    try:
-        try:
-            path, candidates = choose_state_dict(obj, key)
-        except NoStateDictError:
-            arrays = _arrays_as_tensors(obj)
-            if arrays is None:
-                raise
-            obj, n = arrays
-            notes.append(f"{dtypes.count(n, 'numpy array')} where a state dict holds tensors: read as torch tensors of the same "
-                         "dtype and shape (outputs hold them as tensors)")
-            path, candidates = choose_state_dict(obj, key)
-        _refuse_zero3_placeholders(obj, path)
-    except (AmbiguousStateDictError, NoStateDictError) as e:
-        e.overview = Checkpoint(state=OrderedDict(), wrapper=obj, source=source, candidates=tuple(getattr(e, "candidates", ())),
-                                transforms=tuple(transforms), notes=tuple(notes))
-        raise
-    sd = obj
-    for p in path:
-        sd = sd[p]
-    nested = ()
-    if is_tensor_tree(sd):
-        flat, nested = flatten(sd)
-        notes.append(f"nested state dict at {path_str(path)}: {len(nested) - 1} nested mappings, held with "
-                     "\".\"-joined names; torch outputs nest them again")
-        sd = flat
-    return Checkpoint(
-        state=OrderedDict(sd.items()), wrapper=obj if path else None, sd_path=path,
-        metadata=None if nested else getattr(sd, "_metadata", None), source=source,
-        candidates=tuple(path_str(c) for c in candidates), transforms=tuple(transforms), notes=tuple(notes),
-        plain_dict=type(sd) is dict, nested=nested)
-
-
-def _is_array(v) -> bool:
-    from .plainpickle import numeric_array
-
-    return type(v).__module__ == "numpy" and numeric_array(v)
-
-
-def _arrays_as_tensors(obj: Any, depth: int = 3, seen: set | None = None) -> tuple[Any, int] | None:
-    """``obj`` with each mapping of names to mostly numpy arrays (weights saved as numpy: a
-    converted Caffe/TensorFlow/JAX model) holding torch tensors in their place, and how many were
-    converted; None when there is no such mapping. Only the mappings on the way are copied. A
-    mapping the pickle puts in many places is looked at once (a 99 KB file of 2,000 keys each
-    pointing at one 2,000-key mapping, three deep, was 8 * 10^9 steps)."""
-    seen = set() if seen is None else seen
-    if not isinstance(obj, Mapping) or not obj or depth <= 0 or id(obj) in seen:
-        return None
-    seen.add(id(obj))
-    if not all(isinstance(k, str) for k in obj):
-        return None
-    n_arrays = sum(1 for v in obj.values() if _is_array(v))
-    if n_arrays and n_arrays * 2 >= len(obj):
-        from .plainpickle import array_ref
-
-        new = type(obj)() if type(obj) in (dict, OrderedDict) else OrderedDict()
-        for k, v in obj.items():
-            new[k] = array_ref(v) if _is_array(v) else v
-        return new, sum(1 for v in new.values() if isinstance(v, TensorRef))
-    new, total = None, 0
-    for k, v in obj.items():
-        got = _arrays_as_tensors(v, depth - 1, seen)
-        if got is not None:
-            if new is None:
-                new = type(obj)() if type(obj) in (dict, OrderedDict) else OrderedDict()
-                new.update(obj)
-            new[k], n = got
-            total += n
-    return (new, total) if new is not None else None
-
-
-class ZeRO3Placeholders(NoStateDictError):
-    """DeepSpeed ZeRO-3 model states: the weights are in the folder's optimizer-state files."""
-
-
-def _refuse_zero3_placeholders(obj, path) -> None:
-    """DeepSpeed ZeRO-3 model states hold empty placeholders: the weights are partitioned into
-    the optimizer-state files. Writing them out would be silently empty; say so instead."""
-    if not path or not isinstance(obj, Mapping) or "ds_version" not in obj:
-        return
-    sd = obj
-    for p in path:
-        sd = sd[p]
-    sizes = [v.numel for v in sd.values() if isinstance(v, TensorRef)]
-    empty = sum(1 for n in sizes if n == 0)
-    if sizes and empty * 2 >= len(sizes):
-        raise ZeRO3Placeholders(
-            f"DeepSpeed ZeRO-3 model states: {empty} of {len(sizes)} tensors under {'/'.join(map(str, path))!r} "
-            "are empty placeholders (the weights are partitioned into the *optim_states.pt files)",
-            hint="pass the checkpoint folder (the one with 'latest', or the tag folder) instead: its ranks' "
-                 "partitions are put together as zero_to_fp32.py does")
-
-
-def _modules_to_state_dicts(obj, is_module=None, state_dict=None):
-    """A whole pickled module (or modules as wrapper values) replaced by its state dict."""
-    if is_module is None:
-        import torch
-
-        def is_module(v):
-            return isinstance(v, torch.nn.Module)
-
-        def state_dict(v):
-            return v.state_dict()
-
-    def name(v):
-        return getattr(type(v), "inert_name", type(v).__name__)
-
-    if is_module(obj):
-        return state_dict(obj), [name(obj)]
-    if isinstance(obj, Mapping):
-        converted, out = [], type(obj)() if type(obj) in (dict, OrderedDict) else dict()
-        for k, v in obj.items():
-            if is_module(v):
-                out[k] = state_dict(v)
-                converted.append(f"{k} ({name(v)})")
-            else:
-                out[k] = v
-        return (out, converted) if converted else (obj, [])
-    return obj, []
-
-
-_MODULE_ATTRS = ("_parameters", "_buffers", "_modules")
-
-
-def _is_inert_module(v) -> bool:
-    """An nn.Module read inert: its recorded state is the module's __dict__ (or it is
-    torch.compile's wrapper around one, see :func:`_compiled_inner`)."""
-    if not isinstance(v, InertObject):
-        return False
-    if _compiled_inner(v) is not None:
-        return True
-    state = v._inert["state"]
-    return isinstance(state, Mapping) and all(isinstance(state.get(a), Mapping) for a in _MODULE_ATTRS)
-
-
-_COMPILED = ("torch._dynamo.eval_frame", "OptimizedModule")
-
-
-def _compiled_inner(v):
-    """``torch.save(torch.compile(model))``: the wrapper pickles as a call
-    ``OptimizedModule(model, dynamo_ctx)``; the model is the first argument. Its state dict, as
-    the wrapper's own ``state_dict()`` gives it, is the model's under ``_orig_mod.``."""
-    if (getattr(type(v), "inert_module", None), getattr(type(v), "inert_name", None)) != _COMPILED:
-        return None
-    args = v._inert["args"]
-    return args[0] if args and _is_inert_module(args[0]) else None
-
-
-_MAX_MODULE_VISITS = 100_000  # big LLMs have ~10^3-10^4 modules
-
-
-def _visit(visits: list | None, what: str) -> list:
-    """One more module walked (``visits``: the walk's counter, [0] to start); a model sharing its
-    modules without end is refused rather than walked."""
-    visits = [0] if visits is None else visits
-    visits[0] += 1
-    if visits[0] > _MAX_MODULE_VISITS:
-        raise CorruptCheckpointError(f"the {what} model names over {_MAX_MODULE_VISITS:,} submodules "
-                                     "(shared without end?)")
-    return visits
-
-
-def _inert_state_dict(module, prefix: str = "", out=None, visits=None) -> "OrderedDict[str, Any]":
-    """What module.state_dict() returns, from an inert module's recorded attributes: each
-    module's parameters, then its persistent buffers, then its children, depth first. (A module
-    shared under two names appears under both, as in torch; a file sharing them without end --
-    one module under 1000 names, 3 levels: 10^9 entries -- is refused rather than walked.)"""
-    out = OrderedDict() if out is None else out
-    visits = _visit(visits, "pickled")
-    inner = _compiled_inner(module)
-    if inner is not None:
-        return _inert_state_dict(inner, f"{prefix}_orig_mod.", out, visits)
-    state = module._inert["state"]
-    skip = state.get("_non_persistent_buffers_set") or ()
-    for kind in ("_parameters", "_buffers"):
-        for name, t in state[kind].items():
-            if t is not None and not (kind == "_buffers" and name in skip):
-                out[prefix + name] = _detached(t)
-    for name, child in state["_modules"].items():
-        if _is_inert_module(child):
-            _inert_state_dict(child, f"{prefix}{name}.", out, visits)
-    return out
-
-
-def _detached(t):
-    if isinstance(t, TensorRef) and (t.param is not None or t.requires_grad):
-        return TensorRef(t.storage, t.offset, t.shape, t.stride, t.dtype, hooks=None, metadata=t.metadata)
-    return t
 
 
 def save_torch(ck: Checkpoint, path: str, *, dry_run: bool = False, progress=None, **_) -> dict:
