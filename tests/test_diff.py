@@ -140,7 +140,7 @@ def test_large_or_self_similar_other_content_is_itemised_within_a_budget(tmp_pat
     note; an equal 50,000-entry mapping beside it costs nothing; a 2 KB "billion laughs" pickle
     (one dict shared by both slots of the next, forty levels) against its variant finishes with
     the difference found and a note that the rest was counted, not itemised (both took minutes)."""
-    from ckptsurgeon.plugins.diff import LONG_LIST
+    from ckptsurgeon.plugins.diff_content import LONG_LIST
 
     sd = {"w": torch.ones(3)}
     hist = [i / 7 for i in range(100_000)]
