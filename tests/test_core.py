@@ -316,7 +316,7 @@ def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
 def test_copy_range_is_exact_and_starts_kernel_copies_on_64k_boundaries(tmp_path, monkeypatch):
     """copy_range splits off the head up to the next 64 KiB destination boundary (calls starting
     elsewhere measured ~30% slower on ext4); the bytes land exactly, whatever the offsets."""
-    import ckptsurgeon.zipfmt as zf
+    import ckptsurgeon.zipwrite as zf
 
     data = os.urandom(600_000)
     (tmp_path / "src").write_bytes(data)
@@ -346,7 +346,7 @@ def test_copy_range_is_exact_and_starts_kernel_copies_on_64k_boundaries(tmp_path
 def test_early_writeback_only_when_fsyncing(tmp_path, monkeypatch):
     """With fsync on (the default) finished copies are handed to the disk early (fadvise
     DONTNEED on dirty pages); with CKPT_SURGEON_FSYNC=0 nothing is. Output is the same."""
-    import ckptsurgeon.zipfmt as zf
+    import ckptsurgeon.zipwrite as zf
     from safetensors.torch import load_file
 
     sd = OrderedDict((f"module.w{i}", torch.randn(200, 200)) for i in range(4))  # 160 KiB: kernel-copied
@@ -731,13 +731,13 @@ def test_zip64_records_are_read_by_torch(tmp_path, cli, monkeypatch, threshold):
     in memory, from safetensors) must still give a file torch and zipfile read."""
     from safetensors.torch import save_file
 
-    from ckptsurgeon import zipfmt
+    from ckptsurgeon import zipwrite
 
     sd = OrderedDict((f"module.l{i}.weight", torch.randn(40, 30, generator=torch.Generator().manual_seed(i)))
                      for i in range(6))
     torch.save(sd, tmp_path / "in.pt")
     save_file({k: v for k, v in sd.items()}, tmp_path / "in.safetensors")
-    monkeypatch.setattr(zipfmt, "ZIP64_AT", threshold)
+    monkeypatch.setattr(zipwrite, "ZIP64_AT", threshold)
     runs = {"strip.pt": ("strip-prefix", tmp_path / "in.pt"), "st.pt": ("strip-prefix", tmp_path / "in.safetensors"),
             "cast.pt": ("cast", tmp_path / "in.pt", "--dtype", "float64")}
     for out, (cmd, *args) in runs.items():

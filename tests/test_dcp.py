@@ -449,11 +449,11 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
     """A tensor whose row blocks lie in other files (ranks' records, bigger than the small-record
     cut-off): .pt and .safetensors outputs copy each block's file range and check its CRC (in
     the read-back of the output when CRCs can be combined, from the sources when not)."""
-    from ckptsurgeon import zipfmt
+    from ckptsurgeon import zipwrite
 
     if not combine:
-        monkeypatch.setattr(zipfmt, "crc32_combine", None)
-    elif zipfmt.crc32_combine is None:
+        monkeypatch.setattr(zipwrite, "crc32_combine", None)
+    elif zipwrite.crc32_combine is None:
         pytest.skip("no ISA-L crc32_combine here")
     from safetensors.torch import load_file
 

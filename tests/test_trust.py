@@ -720,7 +720,7 @@ def test_output_through_links_and_never_over_special_files(tmp_path, sample_dir,
 
 def test_disk_full_leaves_nothing(tmp_path, sample_dir, cli, monkeypatch):
     """A writer that runs out of space mid-file: a clean error, no output, no temp file."""
-    import ckptsurgeon.zipfmt as zf
+    import ckptsurgeon.zipwrite as zf
 
     real_write, real_copy = os.pwrite, os.copy_file_range
     written = {"n": 0}
@@ -918,7 +918,7 @@ def test_damaged_zip_headers_never_give_other_tensors(tmp_path):
     tensors of the undamaged file (headers torch's reader refuses but whose data is intact), and
     so does a copy written from it (kernel-copied records, CRC-checked). A zip64 file (writer
     threshold lowered) carries the zip64 records too."""
-    from ckptsurgeon import zipfmt
+    from ckptsurgeon import zipwrite
 
     torch.manual_seed(0)
     sd = OrderedDict((f"l{i}.weight", torch.randn(6 + i, 3)) for i in range(3))
@@ -926,12 +926,12 @@ def test_damaged_zip_headers_never_give_other_tensors(tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save(sd, plain)
     z64 = tmp_path / "z64.pt"
-    old = zipfmt.ZIP64_AT
-    zipfmt.ZIP64_AT = 0
+    old = zipwrite.ZIP64_AT
+    zipwrite.ZIP64_AT = 0
     try:
         cs.save(cs.load(plain), z64)
     finally:
-        zipfmt.ZIP64_AT = old
+        zipwrite.ZIP64_AT = old
     want = {k: v.clone() for k, v in sd.items()}
     damaged, out = tmp_path / "d.pt", tmp_path / "o.pt"
     outcomes = {"error": 0, "same": 0}

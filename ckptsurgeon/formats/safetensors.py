@@ -14,7 +14,7 @@ from ..keys import name_list
 from ..byteranges import FileRange, crc32, file_pieces
 from ..refs import TensorRef, as_ref, check_dense_fits, holds_tensors, is_tensor_like, plain_form, special_kind, tie_key
 from ..stfmt import build_header, load_entries
-from ..zipfmt import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
+from ..zipwrite import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
 
 TRANSFORMS_KEY = "ckpt_surgeon.transforms"
 

@@ -23,7 +23,8 @@ from ..pickle_write import dump_refs
 from ..refs import InertObject, TensorRef
 from ..safety import INERT, TRUST_HINT, only_nameable, torch_load, unsafe_globals, unsafe_in
 from ..values import materialize
-from ..zipfmt import TorchZip, write_torch_zip
+from ..zipfmt import TorchZip
+from ..zipwrite import write_torch_zip
 
 SURGEON_RECORD = ".data/ckpt_surgeon.json"
 
