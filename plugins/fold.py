@@ -320,7 +320,7 @@ def _check(ck, new, model, input_shape) -> dict:
     import torch
 
     from ckptsurgeon.inputs import infer_sample_shape, random_inputs, relative_error
-    from ckptsurgeon.keys import load_into_model
+    from ckptsurgeon.modelload import load_into_model
 
     ref = copy.deepcopy(model).eval()
     load_into_model(ref, ck)

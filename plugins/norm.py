@@ -193,7 +193,7 @@ def bn_to_gn(ck: Checkpoint, *, groups: int = 32, policy: str = "strict", model=
 def _models(ck, model, plan):
     import copy
 
-    from ckptsurgeon.keys import load_into_model
+    from ckptsurgeon.modelload import load_into_model
 
     ref = copy.deepcopy(model).eval()
     load_into_model(ref, ck)

@@ -7,7 +7,8 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, SelectionError
-from ckptsurgeon.keys import align_to_model, detect_prefix, parse_patterns, select, transformers_convert
+from ckptsurgeon.keys import align_to_model, detect_prefix, parse_patterns, select
+from ckptsurgeon.modelload import transformers_convert
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import Operation
 

@@ -372,7 +372,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
 
     from ckptsurgeon.compare import check_tolerances
     from ckptsurgeon.dtypes import torch_dtype
-    from ckptsurgeon.keys import load_into_model
+    from ckptsurgeon.modelload import load_into_model
     from ckptsurgeon.loading import load
 
     check_tolerances(atol, rtol)

@@ -297,7 +297,7 @@ def test_per_block_compile_and_wrappers_inside_keys(tmp_path, cli):
     blocks = _Blocks()
     for i in range(2):
         blocks.layers[i] = torch.compile(blocks.layers[i])
-    from ckptsurgeon.keys import load_into_model
+    from ckptsurgeon.modelload import load_into_model
 
     assert load_into_model(blocks, cs.load(tmp_path / "blocks.pt")) == "as is"
 

@@ -372,7 +372,7 @@ def test_verify_and_fold_pass_module_versions(tmp_path):
     assert built[0][0].seen == [1] and built[1][0].seen == [2]  # the file's version; the model's own
     ck = cs.load(tmp_path / "plain.safetensors")
     assert ck.metadata is None
-    from ckptsurgeon.keys import load_into_model
+    from ckptsurgeon.modelload import load_into_model
 
     fresh = _versioned_net()
     load_into_model(fresh, cs.load(tmp_path / "ddp.pt"))
