@@ -7,7 +7,7 @@ import os
 from .atomic import check_output_path
 from .checkpoint import Checkpoint
 from .errors import OutputError, PluginError
-from .formats.hf import model_folder
+from .formats.hf_write import model_folder
 from .manager import get_manager
 
 

@@ -160,7 +160,7 @@ def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, c
     checkpoint uses is replaced before every new byte is written, and the switch is one rename.
     (Before, a re-shard with the same shard count read a tensor from a shard it had already
     replaced: 'source ended early', and the folder was left broken.)"""
-    from ckptsurgeon.formats import hf
+    from ckptsurgeon.formats import hf, hf_write
 
     model, folder = _llama(tmp_path, shard="20KB")
     expected = {k: v.clone() for k, v in model.state_dict().items()}
@@ -172,7 +172,7 @@ def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, c
         assert set(sd) == set(expected) and all(torch.equal(sd[k], expected[k]) for k in expected)
 
     # a crash while the second new shard is written: the earlier checkpoint is whole, nothing left over
-    real = hf.st.write_data
+    real = hf_write.st.write_data
     calls = []
 
     def crash_on_second(*a, **k):
@@ -181,7 +181,7 @@ def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, c
             raise OSError(28, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(hf.st, "write_data", crash_on_second)
+    monkeypatch.setattr(hf_write.st, "write_data", crash_on_second)
     code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", "30KB")
     assert code == 2 and "no space left" in err.lower()
     # into a new folder: the folder made for it is gone again, and the error names the shard as
@@ -191,7 +191,7 @@ def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, c
     assert code == 2 and "no space left" in err.lower() and "ckpt-surgeon-" not in err, err
     assert re.search(r"new_out/model-00002-of-\d{5}\.safetensors$", err.strip()), err
     assert not (tmp_path / "new_out").exists()
-    monkeypatch.setattr(hf.st, "write_data", real)
+    monkeypatch.setattr(hf_write.st, "write_data", real)
     assert sorted(p.name for p in folder.iterdir()) == before
     loads_as_expected()
 
@@ -207,7 +207,7 @@ def test_rewriting_a_sharded_folder_in_place_never_mixes_old_and_new(tmp_path, c
         assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
 
     # no hard links on this file system: the shards keep their interim names, the index names them
-    monkeypatch.setattr(hf.os, "link", lambda *a: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    monkeypatch.setattr(hf_write.os, "link", lambda *a: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
     code, _, err = cli("convert", folder, "-o", folder, "--in-place", "--max-shard-size", "30KB")
     assert code == 0, err
     loads_as_expected()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from ..types import FormatSpec
-from . import dcp, deepspeed, dtensor_ranks, export, hf, plainpickle, safetensors, torchfile
+from . import dcp, deepspeed, dtensor_ranks, export, hf, hf_write, plainpickle, safetensors, torchfile
 
 
 @hookimpl
@@ -31,6 +31,6 @@ def ckptsurgeon_formats():
                    description="folder of per-rank torch.save files of DTensors (FSDP2/TP), put together; read-only"),
         FormatSpec("deepspeed", (), deepspeed.sniff, deepspeed.load, None, priority=2,
                    description="DeepSpeed checkpoint folder (model states; ZeRO-3 partitions put together); read-only"),
-        FormatSpec("hf-folder", (), hf.sniff, hf.load, hf.save_sharded, priority=0,
+        FormatSpec("hf-folder", (), hf.sniff, hf.load, hf_write.save_sharded, priority=0,
                    description="Hugging Face folder: single file or sharded with *.index.json"),
     ]
