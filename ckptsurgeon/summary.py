@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping
 
-from .checkpoint import Checkpoint, tensor_info
-from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, node_at
+from .checkpoint import Checkpoint, flatten, tensor_info
+from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, is_tensor_tree, node_at
 from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
@@ -157,7 +157,8 @@ def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
         except (KeyError, TypeError, IndexError, ValueError):
             continue
         if id(node) not in sizes:
-            infos = [tensor_info(v) for v in node.values() if is_tensor_like(v)]
+            values = flatten(node)[0].values() if is_tensor_tree(node) else node.values()  # (Megatron's nesting)
+            infos = [tensor_info(v) for v in values if is_tensor_like(v)]
             sizes[id(node)] = (len(infos), sum(i["nbytes"] for i in infos))
         n, nbytes = sizes[id(node)]
         out.append({"at": name, "tensors": n, "bytes": nbytes})

@@ -648,6 +648,11 @@ def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
     with pytest.raises(AmbiguousStateDictError):
         cs.load(tmp_path / "ed.pt")
     assert list(cs.load(tmp_path / "ed.pt", key="<bare>").state) == ["encoder.w", "decoder.w"]
+    # a nested candidate beside another: inspect counts all its tensors (said "0 tensors, 0 B")
+    torch.save({"mg": obj["model"], "other": OrderedDict(w=torch.ones(3))}, tmp_path / "two.pt")
+    code, text, err = cli("inspect", tmp_path / "two.pt", "--json")
+    sizes = {c["at"]: (c["tensors"], c["bytes"]) for c in json.loads(text)["candidate_sizes"]}
+    assert code == 0 and sizes == {"mg": (6, 4 * (32 + 24 + 16 + 64 + 4 + 32)), "other": (1, 12)}, (text, err)
 
 def test_transformer_engine_extra_state_counts_as_module_state(tmp_path, cli):
     """Transformer Engine saves one ``_extra_state`` per layer (a BytesIO, or None): a Megatron
