@@ -1,7 +1,8 @@
 """Loading a checkpoint into a built model (verify, check, fold-bn, bn-to-gn): its names aligned
-to the model's (:func:`keys.align_to_model`), the modules' saved versions passed on, and
-transformers' own renames of old checkpoints (``gamma``/``beta``, LayerNorm names) applied as
-``from_pretrained`` would.
+to the model's (:func:`keys.align_to_model`: wrapper prefixes, re-rooting), the modules' saved
+versions passed on, and -- for a transformers model whose checkpoint another transformers version
+wrote -- the tensors put in as transformers' own loading would (its key renames, fused or split
+weights, ``gamma``/``beta``).
 """
 
 from __future__ import annotations
