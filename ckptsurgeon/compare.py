@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import SelectionError
 from .byteranges import crc32, file_pieces
+from .errors import SelectionError
 from .refs import TensorRef, check_dense_fits, special_kind, tensor_bytes
 
 CHUNK = 1 << 22  # elements per chunk: 32 MiB per float64 working array

@@ -10,10 +10,10 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from . import dtypes
+from .byteranges import MemoryBytes
 from .checkpoint import Checkpoint, Source, flatten
 from .errors import AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError
 from .locate import choose_state_dict, is_tensor_tree, path_str
-from .byteranges import MemoryBytes
 from .refs import InertObject, StorageRef, TensorRef, contiguous_stride
 
 #: numpy (kind, itemsize) -> torch dtype name: the arrays read as tensors

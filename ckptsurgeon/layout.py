@@ -12,8 +12,8 @@ from __future__ import annotations
 import bisect
 
 from . import dtypes
-from .errors import CorruptCheckpointError
 from .byteranges import AssembledBytes, MemoryBytes
+from .errors import CorruptCheckpointError
 from .refs import StorageRef, TensorRef, check_dense_fits, contiguous_stride
 
 

@@ -307,3 +307,11 @@ def describe_training_state(obj: Any) -> str | None:
     if keys <= _RNG_KEYS and {"python", "cpu"} <= keys:  # transformers' rng_state.pth
         return RNG_NOTE
     return None
+
+
+def refuse_key(key: str | None, path: str, what: str) -> None:
+    """A --key given for a file that holds a state dict alone, with no wrapper around it (a
+    safetensors file, a sharded folder): nothing to choose, so said rather than ignored."""
+    if key not in (None, "", "<bare>"):
+        raise SelectionError(f"--key {key!r}: {path} is {what}: one state dict, no wrapper to choose it from",
+                             hint="leave --key out; --key picks a state dict inside a torch file's wrapper dict")

@@ -13,8 +13,8 @@ import struct
 from typing import Iterable
 
 from . import dtypes
-from .errors import CorruptCheckpointError, UnsupportedError
 from .byteranges import FileRange
+from .errors import CorruptCheckpointError, UnsupportedError
 from .refs import StorageRef, TensorRef, contiguous_stride
 
 MAX_HEADER = 100_000_000

@@ -12,10 +12,10 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from .checkpoint import Checkpoint, flatten, tensor_info
-from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, is_tensor_tree, node_at
 from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
+from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, is_tensor_tree, node_at
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
 
 

@@ -526,6 +526,14 @@ def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     assert list(ck2.assemble()["D"]) == ["fc.weight", "fc.bias"]
     with pytest.raises(CkptSurgeonError, match="no wrapper"):
         cs.load(tmp_path / "s.pt", key="G").replace(wrapper=None, sd_path=()).select("D")
+    # a --key for a file with no wrapper (safetensors, a sharded folder) is said, not ignored
+    cs.save(cs.load(tmp_path / "s.pt", key="G"), tmp_path / "g.safetensors")
+    code, _, err = cli("strip-prefix", tmp_path / "g.safetensors", "--key", "G", "-o", tmp_path / "e.safetensors")
+    assert code == 2 and "a safetensors file: one state dict, no wrapper" in err, err
+    cs.save(cs.load(tmp_path / "s.pt", key="G"), tmp_path / "sharded", max_shard_size="40B")
+    code, _, err = cli("inspect", tmp_path / "sharded", "--key", "G")
+    assert code == 2 and "no wrapper to choose it from" in err and len(err.strip().splitlines()) == 1, err
+    assert cli("inspect", tmp_path / "g.safetensors", "--key", "<bare>")[0] == 0
 
 
 def test_rename_of_a_large_model_prints_a_sample_and_a_dry_run_every_rename(tmp_path, cli):

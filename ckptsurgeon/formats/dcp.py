@@ -27,9 +27,9 @@ from .. import dtypes
 from ..checkpoint import Source
 from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
                       UnsupportedError)
+from ..layout import assembled_ref, deferred_ref
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs
 from ..pickle_scan import scan_globals
-from ..layout import assembled_ref, deferred_ref
 from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..zipfmt import TorchZip
 

@@ -42,8 +42,8 @@ from dataclasses import replace
 from ..checkpoint import Checkpoint, Source
 from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
-from ..pickle_io import InertPrefix, NotFastPath, load_refs
 from ..layout import concat_ref
+from ..pickle_io import InertPrefix, NotFastPath, load_refs
 from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..safety import TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip

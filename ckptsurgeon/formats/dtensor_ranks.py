@@ -23,8 +23,8 @@ from typing import Any
 from ..checkpoint import Source
 from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
-from ..pickle_io import DTensorShard, NotFastPath, load_refs
 from ..layout import assembled_ref
+from ..pickle_io import DTensorShard, NotFastPath, load_refs
 from ..safety import INERT, TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 from ..checkpoint import Checkpoint, Source
 from ..dtypes import count
 from ..errors import CorruptCheckpointError, InputNotFoundError, NotACheckpointError
+from ..locate import refuse_key
 
 WEIGHT_EXT = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -205,6 +206,7 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
                 return load_file(os.path.join(path, weights[0]), key=key, trust_pickle=trust_pickle)
             shards = _indexless_shards(weights)
             if shards:
+                refuse_key(key, path, "a folder of shards")
                 return _load_shards(path, shards, trust_pickle)
             parts = _component_folders(path)
             if parts and not weights:  # a diffusers pipeline, a Trainer output dir: models in sub-folders
@@ -226,6 +228,7 @@ def _load(path: str, key, trust_pickle) -> Checkpoint:
         return load_file(path, key=key, trust_pickle=trust_pickle)
     else:
         index = path
+    refuse_key(key, path, "a sharded checkpoint")
     return load_index(index, trust_pickle=trust_pickle)
 
 

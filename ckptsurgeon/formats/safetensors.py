@@ -7,11 +7,12 @@ import os
 from collections import OrderedDict
 
 from ..atomic import atomic_output, fsync_wanted
+from ..byteranges import FileRange, crc32, file_pieces
 from ..checkpoint import Checkpoint, Source
 from ..dtypes import count
 from ..errors import UnsupportedError
 from ..keys import name_list
-from ..byteranges import FileRange, crc32, file_pieces
+from ..locate import refuse_key
 from ..refs import TensorRef, as_ref, check_dense_fits, holds_tensors, is_tensor_like, plain_form, special_kind, tie_key
 from ..stfmt import build_header, load_entries
 from ..zipwrite import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
@@ -26,7 +27,8 @@ def sniff(path: str, head: bytes) -> bool:
     return 2 <= n <= 100_000_000 and head[8:9] == b"{"
 
 
-def load(path: str, **_) -> Checkpoint:
+def load(path: str, *, key=None, **_) -> Checkpoint:
+    refuse_key(key, path, "a safetensors file")
     entries, meta = load_entries(path)
     transforms = ()
     if TRANSFORMS_KEY in meta:
