@@ -66,6 +66,9 @@ def on_each_state_dict(path: str, keys, trust_pickle, op: Callable, write: dict 
     if write:
         _one_file_for_several(ck, write)
     ck, reports = ck.each(keys, op)
+    for rep in reports.values():  # the other state dicts given are changed too, not "kept as they are"
+        if isinstance(rep.get("wrapper_untouched"), list):
+            rep["wrapper_untouched"] = [w for w in rep["wrapper_untouched"] if w not in keys]
     return ck, {"operation": next(iter(reports.values()))["operation"], "state_dicts": reports}
 
 

@@ -494,6 +494,7 @@ def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     code, out, err = cli("cast", tmp_path / "gan.pt", "--key", "G", "--key", "D", "--dtype", "bf16", "--keep", "*fc.bias",
                          "-o", tmp_path / "c.pt")
     assert code == 0 and out.startswith("[G]\n") and "\n[D]\n" in out, out + err
+    assert out.count("kept as they are (optimizer state included): epoch, opt_G\n") == 2, out  # not D or G
     got = torch.load(tmp_path / "c.pt", weights_only=True)
     assert [v.dtype for v in got["G"].values()] == [torch.bfloat16] * 2
     assert [v.dtype for v in got["D"].values()] == [torch.bfloat16, torch.float32]
