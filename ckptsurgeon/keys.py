@@ -104,7 +104,11 @@ def unmatched_hint(missing, keys, strip: str = "") -> str:
         close += [c for c in difflib.get_close_matches(text, list(paths), n=3, cutoff=0.75) if c not in close]
     if close:
         return "did you mean " + " or ".join(map(repr, close[:3])) + "?"
-    return f"top-level modules: {', '.join(top_modules(keys, strip)[:12])}"
+    tops = top_modules(keys, strip)
+    if tops:
+        return f"top-level modules: {', '.join(tops[:12])}"
+    keys = list(keys)  # names with no module path (a bare 'weight', 'module.bias'): the names themselves
+    return f"its keys: {name_list(keys, 8)}" if keys else "the state dict is empty"
 
 
 def name_list(names, limit: int = 10) -> str:

@@ -187,6 +187,11 @@ def test_extract_layers_buffers_reroot(sample_dir, tmp_path, models):
     with pytest.raises(SelectionError) as e:
         cs.extract(ck, ["decoder"])
     assert e.value.hint.startswith("top-level modules: conv1, bn1")
+    # names with no module path (a Linear's own 'weight', under DataParallel): the names (the hint was empty)
+    bare = cs.Checkpoint(state=OrderedDict([("module.weight", torch.ones(2)), ("module.bias", torch.ones(1))]))
+    with pytest.raises(SelectionError) as e:
+        cs.extract(bare, ["conv"])
+    assert e.value.hint == "its keys: module.weight, module.bias"
     new, _ = cs.extract(ck, ["*.running_*"])
     assert all("running" in k or k.endswith(("weight", "bias", "num_batches_tracked")) for k in new.state)
     # the model's own top-level tensors (a ViT's cls_token, pos_embed) belong to no one module:
