@@ -186,7 +186,7 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                 node, path = node_at(obj, parts)
             except (KeyError, TypeError, IndexError, ValueError):
                 continue
-            if is_state_dict(node) or is_tensor_tree(node) or _names_tensors(node):
+            if is_state_dict(node) or is_tensor_tree(node) or _names_tensors(node) or _empty_mapping(node):
                 return path, candidates
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
@@ -194,6 +194,10 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                              hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
     if not candidates and isinstance(obj, Mapping) and not obj:
         return (), candidates  # an empty state dict (a module without parameters): nothing to choose
+    if not candidates and isinstance(obj, Mapping):
+        empty = [k for k in PRIMARY_KEYS if _empty_mapping(obj.get(k))]
+        if len(empty) == 1:  # {"state_dict": {}, "epoch": 1}: the same, inside a wrapper
+            return (empty[0],), candidates
     if not candidates:
         hint = None
         what = describe_training_state(obj)
@@ -247,6 +251,11 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
         f"several state dicts in the checkpoint: {', '.join(names)}",
         candidates=names, hint="choose one with --key (API: key=...); strip-prefix, add-prefix, rename and cast "
                                "change several when --key is given once for each")
+
+
+def _empty_mapping(obj: Any) -> bool:
+    """An empty dict or OrderedDict: the state dict of a module without parameters."""
+    return isinstance(obj, Mapping) and not obj
 
 
 def _in_optimizer_state(obj: Any, path: tuple) -> bool:

@@ -1084,6 +1084,13 @@ def test_empty_state_dict_is_a_state_dict(tmp_path, cli):
     assert code == 0 and "state dict at: none" in out and "epoch: 1" in out, err
     code, _, err = cli("convert", tmp_path / "none.pt", "-o", tmp_path / "none.safetensors")
     assert code == 2 and "no state dict" in err
+    # the same empty state dict inside a wrapper (was "no state dict found"), found or named by --key
+    torch.save({"state_dict": torch.nn.ReLU().state_dict(), "epoch": 3}, tmp_path / "wrapped.pt")
+    for key in (None, "state_dict"):
+        ck = cs.load(tmp_path / "wrapped.pt", key=key)
+        assert ck.sd_path == ("state_dict",) and len(ck.state) == 0 and ck.wrapper["epoch"] == 3
+    code, _, err = cli("add-prefix", tmp_path / "wrapped.pt", "--prefix", "module.", "-o", tmp_path / "w2.pt")
+    assert code == 0 and torch.load(tmp_path / "w2.pt", weights_only=True) == {"state_dict": {}, "epoch": 3}, err
 
 
 def test_whole_model_pickle_needs_trust(tmp_path, models):
