@@ -8,6 +8,7 @@ from __future__ import annotations
 from .cliutil import count, echo_notes, human_bytes
 
 MAX_MODULE_ROWS = 200  # the module tree printed; --json has every row
+MAX_WRAPPER_ROWS = 40  # the wrapper's entries printed (a file of 2,000 models side by side printed 2,000 lines)
 
 
 def fold_candidates(names: list[str], most: int = 8) -> str:
@@ -55,9 +56,13 @@ def print_inspect(info: dict) -> None:
     at = info["state_dict_at"]
     if info["wrapper"]:
         c.print("wrapper:")
-        for k, v in info["wrapper"].items():
-            mark = "  <- state dict" if at is not None and k == at.split("/")[0] else ""
-            c.print(f"  {k}: {v}{mark}")
+        entries = list(info["wrapper"].items())
+        top = at.split("/")[0] if at is not None else None
+        shown = entries[:MAX_WRAPPER_ROWS] + [e for e in entries[MAX_WRAPPER_ROWS:] if e[0] == top]
+        for k, v in shown:
+            c.print(f"  {k}: {v}" + ("  <- state dict" if k == top else ""))
+        if len(entries) > len(shown):
+            c.print(f"  ... and {len(entries) - len(shown)} more entries (all of them: --json)")
     if at is None:
         if info["candidates"]:
             c.print(f"state dict at: not chosen ({len(info['candidates'])} candidates; pick one with --key):")

@@ -248,7 +248,8 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                                       f"{' ...' if len(names) > 8 else ''}",
                                       candidates=names, hint="choose one with --key (e.g. --key state/0)")
     raise AmbiguousStateDictError(
-        f"several state dicts in the checkpoint: {', '.join(names)}",
+        f"several state dicts in the checkpoint: {', '.join(names[:12])}"
+        + (f" ... and {len(names) - 12} more" if len(names) > 12 else ""),
         candidates=names, hint="choose one with --key (API: key=...); strip-prefix, add-prefix, rename and cast "
                                "change several when --key is given once for each")
 

@@ -138,6 +138,22 @@ def test_library_warnings_are_one_line(tmp_path):
     assert len(lines) == len(set(lines)) and all(line.startswith("ckpt-surgeon: ") for line in lines), lines
 
 
+def test_a_file_of_many_state_dicts_is_reported_in_bounded_lines(tmp_path, cli):
+    """2,000 models side by side (a hostile or just odd file): the ambiguity error was one 13 KB
+    line and inspect printed a line per wrapper entry. Now both are bounded; --json keeps all."""
+    import torch
+
+    torch.save({f"m{i}": {"w": torch.ones(1)} for i in range(300)}, tmp_path / "many.pt")
+    code, _, err = cli("strip-prefix", tmp_path / "many.pt", "-o", tmp_path / "o.pt")
+    assert code == 2 and "m0, m1" in err and "... and 288 more" in err and len(err) < 600, err
+    code, out, err = cli("inspect", tmp_path / "many.pt")
+    assert code == 0 and "... and 260 more entries (all of them: --json)" in out and len(out.splitlines()) < 80, out
+    code, out, _ = cli("inspect", tmp_path / "many.pt", "--key", "m299")
+    assert "  m299: dict (1 key)  <- state dict" in out  # the chosen one is shown even past the cut
+    code, text, _ = cli("inspect", tmp_path / "many.pt", "--json")
+    assert code == 0 and len(json.loads(text)["wrapper"]) == 300
+
+
 def test_an_install_without_torch_says_so_in_one_line(tmp_path):
     """torch is imported only by the commands that compute, so an environment that lacks it (a
     broken install, a torch-less container) failed in the middle of a command: an internal error
