@@ -9,6 +9,7 @@ import os
 import sys
 
 from .errors import ModelError, SelectionError
+from .keys import name_list
 
 
 class NoModelSource(SelectionError):
@@ -191,7 +192,7 @@ def build_from_archive(ck, trust_pickle=False):
     if unsafe:
         raise UnsafePickleError(
             f"building the model from {src.path} would have torch.export.load unpickle globals outside the "
-            f"weights-only allowlist: {', '.join(unsafe)}", globals_=unsafe,
+            f"weights-only allowlist: {name_list(unsafe, 20)}", globals_=unsafe,
             hint="pass --model, or --trust-pickle only if you trust where the file came from")
     try:
         program = torch.export.load(src.path)

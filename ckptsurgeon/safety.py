@@ -11,6 +11,7 @@ import functools
 import os
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
+from .keys import name_list
 from .pickle_io import OTHER_OS_PATHS, is_dtensor_global
 from .pickle_scan import scan_globals
 
@@ -292,7 +293,7 @@ def torch_load(path: str, *, trust_pickle: bool = False, mmap: bool = True):
         if unsafe:
             if not trust_pickle:
                 raise UnsafePickleError(
-                    f"{path} would import globals outside the weights-only allowlist: {', '.join(unsafe)}; "
+                    f"{path} would import globals outside the weights-only allowlist: {name_list(unsafe, 20)}; "
                     "nothing was executed", globals_=unsafe, hint=TRUST_HINT) from None
             try:
                 return _load(torch, path, False, mmap)

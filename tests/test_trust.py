@@ -1506,6 +1506,34 @@ def test_a_file_saved_without_crcs_is_read_and_written_with_them(tmp_path, cli):
     assert "CRC" not in cli("inspect", tmp_path / "crc.pt")[1]
 
 
+def test_many_foreign_globals_are_named_in_a_bounded_line(tmp_path, cli, monkeypatch):
+    """A pickle naming thousands of foreign globals (hostile, or a huge config) made a 36 KB
+    note or error line. The line names 20 and counts the rest; the error keeps them all
+    (``globals_``), and ``scan`` still lists every one."""
+    import types
+
+    classes = []
+    for i in range(60):
+        mod = types.ModuleType(f"farlib{i}")
+        cls = type(f"Cfg{i}", (), {})
+        cls.__module__ = mod.__name__
+        setattr(mod, cls.__name__, cls)
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        classes.append(cls)
+    torch.save({"w": torch.ones(2), "cfg": classes}, tmp_path / "named.pt")  # classes as values: named only
+    torch.save({"w": torch.ones(2), "cfg": [c() for c in classes]}, tmp_path / "built.pt")  # instances: unsafe
+    code, out, err = cli("inspect", tmp_path / "named.pt")
+    note = [line for line in out.splitlines() if "farlib0.Cfg0" in line]
+    assert code == 0 and len(note) == 1 and "... and 40 more" in note[0] and len(note[0]) < 1000, out + err
+    code, _, err = cli("convert", tmp_path / "built.pt", "-o", tmp_path / "o.safetensors")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "... and 40 more" in err and len(err) < 1500, err
+    with pytest.raises(UnsafePickleError) as e:
+        cs.load(tmp_path / "built.pt")
+    assert len(e.value.globals) == 60
+    code, out, _ = cli("scan", tmp_path / "built.pt")
+    assert code == 1 and all(f"farlib{i}.Cfg{i}" in out for i in range(60))
+
+
 def test_meta_tensors_are_named_as_holding_no_values(tmp_path, cli):
     """A state dict saved from a model never materialised (meta device, init_empty_weights) is a
     file of shapes: every command says so; a torch output keeps them, safetensors refuses in one line."""

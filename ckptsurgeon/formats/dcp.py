@@ -27,6 +27,7 @@ from .. import dtypes
 from ..checkpoint import Source
 from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
                       UnsupportedError)
+from ..keys import name_list
 from ..layout import assembled_ref, deferred_ref
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs
 from ..pickle_scan import scan_globals
@@ -326,7 +327,7 @@ def _read_bytes_item(folder, fqn, info, files, trust_pickle):
         z.close()
     if unsafe:
         raise UnsafePickleError(f"{path}: the value {fqn!r} would import globals outside the weights-only "
-                                f"allowlist: {', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                f"allowlist: {name_list(unsafe, 20)}; nothing was executed", globals_=unsafe,
                                 hint=TRUST_HINT)
     import io
 

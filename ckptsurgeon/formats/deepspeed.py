@@ -42,6 +42,7 @@ from dataclasses import replace
 from ..checkpoint import Checkpoint, Source
 from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..keys import name_list
 from ..layout import concat_ref
 from ..pickle_io import InertPrefix, NotFastPath, load_refs
 from ..refs import CallRef, GlobalRef, InertObject, TensorRef
@@ -319,7 +320,7 @@ def _graph(path: str, trust_pickle):
             unsafe = [g for g in unsafe_in(data) if not g.startswith("deepspeed.")]
             if unsafe and trust_pickle is not True:
                 raise UnsafePickleError(f"{path} would import globals outside the weights-only allowlist: "
-                                        f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                        f"{name_list(unsafe, 20)}; nothing was executed", globals_=unsafe,
                                         hint=TRUST_HINT) from None
             raise UnsupportedError(f"{path}: uses {e}, which only torch.load rebuilds", hint=_HINT) from None
     finally:

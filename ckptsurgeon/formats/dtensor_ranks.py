@@ -23,6 +23,7 @@ from typing import Any
 from ..checkpoint import Source
 from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
+from ..keys import name_list
 from ..layout import assembled_ref
 from ..pickle_io import DTensorShard, NotFastPath, load_refs
 from ..safety import INERT, TRUST_HINT, unsafe_in
@@ -94,7 +95,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
                                                "put together from the torch-free reader only") from None
                     if trust_pickle != INERT:
                         raise UnsafePickleError(f"{f} would import globals outside the weights-only allowlist: "
-                                                f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe,
+                                                f"{name_list(unsafe, 20)}; nothing was executed", globals_=unsafe,
                                                 hint=TRUST_HINT) from None
                     try:  # --inert-pickle: what no allowlist allows is recorded
                         graphs.append(load_refs(data, source, inert=unsafe, dtensor_shards=True))

@@ -21,6 +21,7 @@ from ..checkpoint import Source
 from ..dtypes import count
 from ..errors import CkptSurgeonError, CorruptCheckpointError, UnsafePickleError
 from ..graph import array_ref, from_object
+from ..keys import name_list
 from ..pickle_io import NotFastPath, load_refs
 from ..safety import INERT, TRUST_HINT, unsafe_in
 from .torchfile import sniff_legacy
@@ -77,7 +78,7 @@ def _read(path: str, data: bytes, trust_pickle):
                      "result as .safetensors or .pt") from None
         if unsafe:
             raise UnsafePickleError(
-                f"{path} would import globals outside the weights-only allowlist: {', '.join(unsafe)}; "
+                f"{path} would import globals outside the weights-only allowlist: {name_list(unsafe, 20)}; "
                 "nothing was executed", globals_=unsafe, hint=TRUST_HINT) from None
         raise CorruptCheckpointError(f"a pickle this reader does not take ({e})") from None
 

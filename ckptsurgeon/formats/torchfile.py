@@ -266,16 +266,16 @@ def _load_zip(z: TorchZip, path: str, key, trust_pickle, embedded: str = "") -> 
             except NotFastPath as other:
                 raise UnsafePickleError(
                     f"{path}: cannot be read inert (it also uses {other}, which only torch.load rebuilds) and "
-                    f"would import globals outside the weights-only allowlist: {', '.join(inert)}",
+                    f"would import globals outside the weights-only allowlist: {name_list(inert, 20)}",
                     globals_=inert, hint="only if you trust where the file came from, re-run with --trust-pickle"
                 ) from None
-            notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing imported "
+            notes.append(f"read inert (--inert-pickle): {name_list(inert, 20)} recorded as they are, nothing imported "
                          "or run; outputs in torch format carry them unchanged")
         elif embedded:  # torch.load reads whole files only
             if unsafe:
                 raise UnsafePickleError(
                     f"{path} ({embedded}) would import globals outside the weights-only allowlist: "
-                    f"{', '.join(unsafe)}; nothing was executed", globals_=unsafe, hint=TRUST_HINT)
+                    f"{name_list(unsafe, 20)}; nothing was executed", globals_=unsafe, hint=TRUST_HINT)
             raise UnsupportedError(f"{path}: {embedded} uses {e}, which only torch.load rebuilds",
                                    hint="extract the archive and pass the file itself")
         else:
@@ -378,7 +378,7 @@ def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str =
             try:
                 graph, _ = load_legacy_refs(path, inert=inert)
                 lazy = True
-                notes.append(f"read inert (--inert-pickle): {', '.join(inert)} recorded as they are, nothing "
+                notes.append(f"read inert (--inert-pickle): {name_list(inert, 20)} recorded as they are, nothing "
                              "imported or run; outputs in torch format carry them unchanged")
             except NotFastPath:
                 graph = None
@@ -393,7 +393,7 @@ def load_legacy(path: str, *, key: str | None = None, trust_pickle: bool | str =
 
 
 def _named_note(names) -> str:
-    return (f"{', '.join(names)}: outside the weights-only allowlist but only named, never built (a class as a "
+    return (f"{name_list(names, 20)}: outside the weights-only allowlist but only named, never built (a class as a "
             "value or a key: hyper-parameters like act=nn.ReLU, old Lightning callback states): kept as names, nothing "
             "imported or run; outputs in torch format carry them unchanged")
 
