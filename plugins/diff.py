@@ -322,6 +322,16 @@ def _value_change(x: dict) -> str:
     return f" (max|a-b| {x['max_abs']:.3g}, rel L2 {100 * x['rel_l2']:.3g}%)"
 
 
+#: rows of each list the printed report shows (a diff of two 3,000-module models printed 3,000
+#: module rows); --json has every one
+ROWS = 30
+
+
+def _more(c, items: list, what: str) -> None:
+    if len(items) > ROWS:
+        c.print(f"... and {len(items) - ROWS} more {what} (every one: --json)")
+
+
 def _human(r: dict) -> None:
     from rich.table import Table
 
@@ -337,10 +347,12 @@ def _human(r: dict) -> None:
         if items:
             c.print(f"tied in {side}, stored once in {other} ({len(items)}): " + ", ".join(
                 f"{x['name']} = {x['tied_to']}" for x in items[:20]) + (" ..." if len(items) > 20 else ""))
-    for x in r["renamed"]:
+    for x in r["renamed"][:ROWS]:
         c.print(f"renamed: {x['a']} -> {x['b']} (same content)")
-    for x in r["shape_changed"]:
+    _more(c, r["renamed"], "renames")
+    for x in r["shape_changed"][:ROWS]:
         c.print(f"shape: {x['name']}: {x['a']} -> {x['b']}")
+    _more(c, r["shape_changed"], "shape changes")
     by_change: "OrderedDict[tuple, list]" = OrderedDict()
     for x in r["dtype_changed"]:
         by_change.setdefault((x["a"], x["b"]), []).append(x)
@@ -358,23 +370,24 @@ def _human(r: dict) -> None:
         t.columns[0].overflow = "fold"  # a narrow terminal wraps the name, never cuts it
         for col in t.columns[1:]:
             col.min_width = len(str(col.header))
-        for e in r["changed"][:30]:
+        for e in r["changed"][:ROWS]:
             t.add_row(e["name"], f"{e['max_abs']:.3g}", f"{e['mean_abs']:.3g}",
                       "n/a" if e["rel_l2"] is None else f"{100 * e['rel_l2']:.3g}%",
                       f"{e['cosine']:.6f}", f"{e['n_diff']}/{e['numel']}")
         c.print(t)
-        if len(r["changed"]) > 30:
-            c.print(f"... and {len(r['changed']) - 30} more")
+        _more(c, r["changed"], "changed tensors")
     touched = [m for m in r["modules"] if m["changed"]]
     if touched:
         t = Table("module", "changed", "rel L2", title="per module")
         t.columns[0].overflow = "fold"
-        for m in touched:
+        for m in touched[:ROWS]:
             t.add_row(m["module"], f"{m['changed']}/{m['tensors']}",
                       "n/a" if m["rel_l2"] is None else f"{100 * m['rel_l2']:.3g}%")
         c.print(t)
-    for x in r["nonfinite"]:
+        _more(c, touched, "changed modules")
+    for x in r["nonfinite"][:ROWS]:
         c.print(f"NaN/Inf: {x['name']}: " + ", ".join(f"{s} nan={v['nan']} inf={v['inf']}" for s, v in x.items() if s != "name"))
+    _more(c, r["nonfinite"], "tensors with NaN/Inf")
     if r["metadata"]:
         c.print("other content:")
         for kind, items in r["metadata"].items():

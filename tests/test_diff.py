@@ -94,6 +94,27 @@ def test_planted_changes_exactly(sample_dir, tmp_path, cli):
     assert set(SCHEMA_KEYS) <= set(parsed)
 
 
+def test_printed_report_of_a_large_difference_is_bounded(tmp_path, cli):
+    """Two 400-module models that differ everywhere (plus renames and reshapes): the printed
+    report printed every module row (3,000 lines for 3,000 modules); each list now stops at 30
+    rows and counts the rest, and --json keeps every entry."""
+    a = OrderedDict((f"l{i}.w", torch.ones(2)) for i in range(400))
+    b = OrderedDict((f"l{i}.w", torch.full((2,), float(i + 2))) for i in range(400))
+    a.update((f"s{i}.w", torch.ones(4)) for i in range(40))
+    b.update((f"s{i}.w", torch.ones(2, 2)) for i in range(40))
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    code, out, err = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert code == 1 and len(out.splitlines()) < 130, out
+    assert "... and 370 more changed tensors (every one: --json)" in out
+    assert "... and 410 more changed modules (every one: --json)" in out  # (the reshaped ones too)
+    assert "... and 10 more shape changes (every one: --json)" in out
+    code, text, _ = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt", "--json")
+    rep = json.loads(text)
+    assert len(rep["changed"]) == 400 and len(rep["shape_changed"]) == 40
+    assert sum(1 for m in rep["modules"] if m["changed"]) == 440
+
+
 def test_nan_reported(tmp_path):
     torch.save({"w": torch.ones(3)}, tmp_path / "a.pt")
     torch.save({"w": torch.tensor([1.0, float("nan"), 1.0])}, tmp_path / "b.pt")
