@@ -471,6 +471,7 @@ def test_key_surgery_on_several_state_dicts_of_one_wrapper(tmp_path, cli):
     torch.save({"G": g, "D": d, "epoch": 7, "opt_G": {"lr": 0.1}}, tmp_path / "gan.pt")
     code, _, err = cli("strip-prefix", tmp_path / "gan.pt", "-o", tmp_path / "x.pt")
     assert code == 2 and "several state dicts" in err and "given once for each" in err, err
+    assert "--key '<bare>' takes them together as one nested state dict (their names joined: G.<name>)" in err
     code, out, err = cli("strip-prefix", tmp_path / "gan.pt", "--key", "G", "--key", "D", "-o", tmp_path / "s.pt")
     assert code == 0 and out.startswith("[G]\n") and "\n[D]\n" in out and out.count("wrote ") == 1, out + err
     got = torch.load(tmp_path / "s.pt", weights_only=True)
