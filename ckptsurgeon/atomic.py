@@ -97,7 +97,9 @@ def _atomic(path: str, label: str | None = None) -> Iterator[tuple[int, str]]:
     parent = os.path.dirname(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if os.path.isdir(parent or "."):  # (a pseudo-filesystem such as /proc answers ENOENT)
+            raise OutputError(f"cannot create a file in {parent}: {e.strerror}") from None
         raise OutputError(f"output directory {parent} does not exist") from None
     except OSError as e:
         raise OutputError(f"cannot create a file in {parent}: {e.strerror}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -200,9 +201,14 @@ def test_dry_run_writes_nothing(sample_dir, tmp_path, cli, args):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_missing_output_is_an_error(sample_dir, cli):
+def test_missing_output_is_an_error(sample_dir, cli, tmp_path):
     code, out, err = cli("strip-prefix", sample_dir / "seednet_dp.pt")
     assert code == 2 and "-o" in err and err.count("\n") == 1
+    code, _, err = cli("convert", sample_dir / "seednet.pt", "-o", tmp_path / "no" / "dir" / "x.pt")
+    assert code == 2 and f"output directory {tmp_path / 'no' / 'dir'} does not exist" in err
+    if os.path.isdir("/proc/self"):  # a directory that refuses new files with ENOENT: not "does not exist"
+        code, _, err = cli("convert", sample_dir / "seednet.pt", "-o", "/proc/x.pt")
+        assert code == 2 and "cannot create a file in /proc" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("args,says", [
