@@ -190,10 +190,13 @@ class Checkpoint:
         """
         from .errors import CkptSurgeonError
 
+        from .locate import path_str
+
         ck, reports = self, {}
         for key in keys:
             try:
-                ck, reports[key] = op(ck.select(key))
+                chosen = ck if not reports and path_str(ck.sd_path) == key else ck.select(key)  # (loaded at it)
+                ck, reports[key] = op(chosen)
             except CkptSurgeonError as e:
                 e.message = f"state dict {key}: {e.message}"
                 e.args = (e.message,)

@@ -72,6 +72,16 @@ def on_each_state_dict(path: str, keys, trust_pickle, op: Callable, write: dict 
     return ck, {"operation": next(iter(reports.values()))["operation"], "state_dicts": reports}
 
 
+def unmatched_in_every(report: dict, field: str) -> list:
+    """For a report of several state dicts (see on_each_state_dict): the patterns that each
+    sub-report lists under ``field`` as having matched nothing -- unmatched only when they match
+    in none of them. Empty for a report of one state dict (its own check applies)."""
+    subs = list(report.get("state_dicts", {}).values())
+    if not subs:
+        return []
+    return [p for p in subs[0][field] if all(p in r[field] for r in subs[1:])]
+
+
 def _one_file_for_several(ck, write: dict) -> None:
     """Several changed state dicts go out in their wrapper, in a torch file: --state-dict-only, a
     safetensors file or a Hugging Face folder would keep the last one alone."""

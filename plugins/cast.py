@@ -137,12 +137,10 @@ def cast_cmd(path, dtype, keep, only, keys, trust_pickle, as_json, **write):
     new, report = cliutil.on_each_state_dict(
         path, keys, trust_pickle, lambda ck: cast(ck, dtype, keep=keep, only=only, allow_unmatched=several),
         write=write)
-    if several:  # a --keep pattern is unmatched when it matched in none of the state dicts
-        subs = list(report["state_dicts"].values())
-        missing = [p for p in subs[0]["unmatched_keep"] if all(p in r["unmatched_keep"] for r in subs)]
-        if missing:
-            raise SelectionError(f"--keep pattern{'s' if len(missing) > 1 else ''} matched nothing in "
-                                 f"{', '.join(keys)}: {', '.join(map(repr, missing))}")
+    missing = cliutil.unmatched_in_every(report, "unmatched_keep")
+    if missing:
+        raise SelectionError(f"--keep pattern{'s' if len(missing) > 1 else ''} matched nothing in "
+                             f"{', '.join(keys)}: {', '.join(map(repr, missing))}")
     report["save"] = cliutil.save(new, **write)
     cliutil.emit_each(report, as_json, _human)
 

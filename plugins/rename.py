@@ -194,15 +194,13 @@ def rename_cmd(path, maps, map_file, allow_unmatched, save_inverse, keys, trust_
     new, report = cliutil.on_each_state_dict(
         path, keys, trust_pickle, lambda ck: rename(ck, rules, allow_unmatched=allow_unmatched or several),
         write=write)
-    if several:  # a rule is unmatched when it matched nothing in every state dict it was applied to
-        subs = list(report["state_dicts"].values())
-        unmatched = [p for p in subs[0]["unmatched_rules"] if all(p in r["unmatched_rules"] for r in subs)]
-        if unmatched and not allow_unmatched:
-            raise SelectionError(f"rename rule{'s' if len(unmatched) > 1 else ''} matched no key in "
-                                 f"{', '.join(keys)}: {', '.join(map(repr, unmatched))}",
-                                 hint="check the pattern, or pass --allow-unmatched")
-        for r in subs:
-            r["dry_run"] = write["dry_run"]
+    unmatched = cliutil.unmatched_in_every(report, "unmatched_rules")
+    if unmatched and not allow_unmatched:
+        raise SelectionError(f"rename rule{'s' if len(unmatched) > 1 else ''} matched no key in "
+                             f"{', '.join(keys)}: {', '.join(map(repr, unmatched))}",
+                             hint="check the pattern, or pass --allow-unmatched")
+    for r in report.get("state_dicts", {}).values():
+        r["dry_run"] = write["dry_run"]
     report["save"] = cliutil.save(new, **write)
     if save_inverse and not write["dry_run"]:
         from ckptsurgeon.atomic import atomic_output
