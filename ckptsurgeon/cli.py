@@ -240,9 +240,32 @@ def convert_cmd(path, key, trust_pickle, as_json, **write):
       ckpt-surgeon convert big.pt -o big_hf/ --max-shard-size 2GB
     """
     from . import cliutil
+    from .errors import AmbiguousStateDictError
+    from .keys import name_list
 
-    ck = cliutil.load(path, key, trust_pickle)
+    try:
+        ck = cliutil.load(path, key, trust_pickle)
+        kept = None
+    except AmbiguousStateDictError as e:
+        # a torch file keeps the whole wrapper whichever state dict is chosen: nothing to choose
+        kept = e.candidates
+        if key is not None or not kept:
+            raise
+        if not cliutil.keeps_wrapper(write, e.overview):
+            if write.get("output") and e.message.startswith("several state dicts"):
+                keep = ("leave out --state-dict-only" if write.get("state_dict_only")
+                        else "write a torch file (.pt)")
+                together = e.hint.find("; --key '<bare>'") if e.hint else -1
+                e.hint = (f"choose one with --key, or {keep} to keep them all in their wrapper"
+                          + (e.hint[together:] if together >= 0 else ""))
+            raise
+        ck = cliutil.load(path, kept[0], trust_pickle)
+        said = (f"several state dicts ({name_list(kept)}): all kept in their wrapper as they are"
+                if e.message.startswith("several state dicts") else f"{e.message}: the whole file kept as it is")
     rep = cliutil.save(ck, **write)
+    if kept:
+        rep["state_dicts"] = kept
+        rep.setdefault("notes", []).insert(0, said)
     emit(rep, as_json, cliutil.echo_save)
 
 

@@ -82,6 +82,19 @@ def unmatched_in_every(report: dict, field: str) -> list:
     return [p for p in subs[0][field] if all(p in r[field] for r in subs[1:])]
 
 
+def keeps_wrapper(write: dict, ck=None) -> bool:
+    """Whether the output write_options describe keeps the whole wrapper, every state dict in it:
+    a torch file without --state-dict-only (not a safetensors file or a Hugging Face folder)."""
+    from .saving import output_format
+
+    output = write.get("output")
+    if not output or write.get("state_dict_only"):
+        return False
+    source = getattr(ck, "source", None)
+    return output_format(output, write.get("out_format"), write.get("max_shard_size"),
+                         input_format=source.format if source else None) == "torch-zip"
+
+
 def _one_file_for_several(ck, write: dict) -> None:
     """Several changed state dicts go out in their wrapper, in a torch file: --state-dict-only, a
     safetensors file or a Hugging Face folder would keep the last one alone."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import OrderedDict
 
@@ -592,3 +593,28 @@ def test_report_lines_count_one_in_the_singular(tmp_path, cli):
     assert code == 0 and "dropped inner wrapper component '_orig_mod' (1 key)" in out, out + err
     count = cs.dtypes.count
     assert (count(0, "key"), count(1, "key"), count(12345, "tensor")) == ("0 keys", "1 key", "12,345 tensors")
+
+
+def test_convert_of_several_state_dicts_to_a_torch_file_keeps_them_all(tmp_path, cli):
+    """A torch output keeps the whole wrapper whichever state dict is chosen, so convert (legacy
+    to zip, a GPU save re-written) needs no --key there. An output that holds one state dict
+    (safetensors, a folder, --state-dict-only) still asks, and says how to keep them all."""
+    g = OrderedDict([("net.0.weight", torch.randn(4, 3)), ("net.0.bias", torch.randn(4))])
+    d = OrderedDict([("fc.weight", torch.randn(1, 4))])
+    torch.save({"G": g, "D": d, "epoch": 7}, tmp_path / "gan.pt", _use_new_zipfile_serialization=False)
+    code, out, err = cli("convert", tmp_path / "gan.pt", "-o", tmp_path / "z.pt", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["state_dicts"] == ["G", "D"] and "all kept in their wrapper" in rep["notes"][0], rep
+    got = torch.load(tmp_path / "z.pt", weights_only=True, mmap=True)  # a zip file now
+    assert list(got) == ["G", "D", "epoch"] and got["epoch"] == 7
+    assert all(torch.equal(got["G"][k], v) for k, v in g.items()) and torch.equal(got["D"]["fc.weight"], d["fc.weight"])
+    for args, keep in ((["-o", tmp_path / "x.safetensors"], "write a torch file (.pt)"),
+                       (["-o", tmp_path / "x.pt", "--state-dict-only"], "leave out --state-dict-only")):
+        code, _, err = cli("convert", tmp_path / "gan.pt", *args)
+        assert code == 2 and "several state dicts in the checkpoint: G, D" in err and keep in err, err
+        assert not os.path.exists(args[1])
+    from safetensors.torch import load_file
+
+    code, _, err = cli("convert", tmp_path / "gan.pt", "--key", "D", "-o", tmp_path / "d.safetensors")
+    assert code == 0 and list(load_file(tmp_path / "d.safetensors")) == ["fc.weight"], err
