@@ -75,7 +75,8 @@ def plan(ck: Checkpoint, *, dedupe_tied: bool = False):
     if tied:
         how = "kept once (dropped aliases)" if dedupe_tied else "written as separate copies"
         notes.append(f"{count(len(tied), 'tied tensor')} {how}: " + ", ".join(f"{a} = {b}" for a, b in tied[:8])
-                     + (f" ... and {len(tied) - 8} more" if len(tied) > 8 else ""))
+                     + (f" ... and {len(tied) - 8} more" if len(tied) > 8 else "")
+                     + ("" if dedupe_tied else " (--dedupe-tied keeps one, as save_pretrained does)"))
     other = ck.wrapper_keys()
     if other:
         notes.append(f"safetensors holds only tensors: wrapper content not carried: {name_list(other, 12)}")
