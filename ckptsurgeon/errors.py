@@ -13,6 +13,11 @@ EXIT_FINDING = 1
 EXIT_ERROR = 2
 
 
+class NotFastPath(Exception):
+    """Not a user error: a pickle uses something outside the torch-free subset that
+    :mod:`ckptsurgeon.pickle_io` reads, so the reader hands the file to ``torch.load`` instead."""
+
+
 class CkptSurgeonError(Exception):
     """Base class: a problem the user can understand and fix."""
 

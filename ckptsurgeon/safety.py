@@ -12,7 +12,8 @@ import os
 
 from .errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError
 from .keys import name_list
-from .pickle_io import OTHER_OS_PATHS, is_dtensor_global
+from .pickle_dist import is_dtensor_global
+from .pickle_io import OTHER_OS_PATHS
 from .pickle_scan import scan_globals
 
 TRUST_HINT = ("allow just these globals with CKPT_SURGEON_SAFE_GLOBALS=module.Name,... if they are harmless data "

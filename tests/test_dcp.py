@@ -428,7 +428,7 @@ def test_dtensor_pieces_are_checked_before_they_are_read():
     """dtensor-ranks checks the pieces' shapes, dtypes and coordinates when the folder is read
     and concatenates them only when the tensor's bytes are needed."""
     from ckptsurgeon.formats.dtensor_ranks import _assemble
-    from ckptsurgeon.pickle_io import DTensorShard
+    from ckptsurgeon.pickle_dist import DTensorShard
     from ckptsurgeon.refs import TensorRef
 
     a, b = torch.arange(9.0).reshape(3, 3), torch.arange(6.0).reshape(2, 3)
@@ -458,7 +458,7 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
     from safetensors.torch import load_file
 
     from ckptsurgeon.formats.dtensor_ranks import _assemble
-    from ckptsurgeon.pickle_io import DTensorShard
+    from ckptsurgeon.pickle_dist import DTensorShard
     whole = torch.randn(300, 257)
     for r, rows in enumerate(whole.split([160, 140])):
         torch.save({"w": rows.clone(), "b": torch.ones(3)}, tmp_path / f"r{r}.pt")

@@ -3,7 +3,7 @@
 (SHARDED_STATE_DICT saved the same way), put back together.
 
 Each file is read on the fast path (nothing imported, the DTensor's spec and mesh recorded
-inert); a DTensor holding one rank's piece becomes a :class:`~ckptsurgeon.pickle_io.DTensorShard`
+inert); a DTensor holding one rank's piece becomes a :class:`~ckptsurgeon.pickle_dist.DTensorShard`
 (local tensor, global shape, sharded dimension, the rank's coordinate on the mesh). The files
 must have the same structure; each sharded tensor is then assembled from its pieces in
 coordinate order along its sharded dimension (checked at once from the pieces' shapes, put
@@ -25,7 +25,8 @@ from ..dtypes import count
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..keys import name_list
 from ..layout import assembled_ref
-from ..pickle_io import DTensorShard, NotFastPath, load_refs
+from ..pickle_dist import DTensorShard
+from ..pickle_io import NotFastPath, load_refs
 from ..safety import INERT, TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 
