@@ -99,9 +99,9 @@ def plain_check(factory, path_a, path_b, shape, device) -> float:
 def _tf32_state():
     import importlib
 
-    v = importlib.import_module("ckptsurgeon.plugins.verify")
-    get, _ = v._precision_api()
-    return ([get(b, o) for b, o in v._PRECISION_SLOTS] if get else None), v._legacy_flags()
+    v = importlib.import_module("ckptsurgeon.plugins.verify_numerics")
+    get, _ = v.precision_api()
+    return ([get(b, o) for b, o in v.PRECISION_SLOTS] if get else None), v.legacy_flags()
 
 
 def tf32_rows(models, tmp: Path, device):
@@ -125,7 +125,7 @@ def tf32_rows(models, tmp: Path, device):
         setup()
         before = _tf32_state()
         err_on = ((a @ a).double() - exact).abs().max().item()
-        from ckptsurgeon.plugins.verify import no_tf32
+        from ckptsurgeon.plugins.verify_numerics import no_tf32
 
         with no_tf32():
             err_off = ((a @ a).double() - exact).abs().max().item()
@@ -136,14 +136,14 @@ def tf32_rows(models, tmp: Path, device):
         r["check"] += f"; matmul err {err_on:.2g} on / {err_off:.2g} in check; restored: {restored}"
         r["equivalent"] = r["equivalent"] and restored
         out.append(r)
-        from ckptsurgeon.plugins.verify import _PRECISION_SLOTS, _precision_api
+        from ckptsurgeon.plugins.verify_numerics import PRECISION_SLOTS, precision_api
 
-        _, put = _precision_api()  # back to torch's defaults for the next setup
+        _, put = precision_api()  # back to torch's defaults for the next setup
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("highest")
         if put:
-            for (b, o) in _PRECISION_SLOTS:
+            for (b, o) in PRECISION_SLOTS:
                 put(b, o, "tf32" if b == "cuda" and o in ("conv", "rnn") else "none")
     return out
 

@@ -140,11 +140,11 @@ def test_verify_turns_tf32_off_through_either_api_and_restores_it(setup, sample_
     whichever one the caller (or the model's own module) used, and leave the settings as found."""
     import importlib
 
-    verify_mod = importlib.import_module("ckptsurgeon.plugins.verify")
-    get, put = verify_mod._precision_api()
+    verify_mod = importlib.import_module("ckptsurgeon.plugins.verify_numerics")
+    get, put = verify_mod.precision_api()
 
     def state():
-        return [get(b, o) for b, o in verify_mod._PRECISION_SLOTS], verify_mod._legacy_flags()
+        return [get(b, o) for b, o in verify_mod.PRECISION_SLOTS], verify_mod.legacy_flags()
 
     before = state()
     try:
@@ -164,17 +164,17 @@ def test_verify_turns_tf32_off_through_either_api_and_restores_it(setup, sample_
         with verify_mod.no_tf32():
             inside.append(state())
         assert inside[0][1] == ("highest", False)
-        assert all(v == "ieee" for (b, o), v in zip(verify_mod._PRECISION_SLOTS, inside[0][0]) if o != "all")
+        assert all(v == "ieee" for (b, o), v in zip(verify_mod.PRECISION_SLOTS, inside[0][0]) if o != "all")
         r = cs.verify(sample_dir / "seednet_dp.pt", sample_dir / "seednet_dp.pt", model=f"{models_py}:seednet")
         assert r["equivalent"]
         assert state() == set_up
     finally:
-        for (b, o), v in zip(verify_mod._PRECISION_SLOTS, before[0]):
+        for (b, o), v in zip(verify_mod.PRECISION_SLOTS, before[0]):
             put(b, o, v)
         if before[1] is not None:
             torch.set_float32_matmul_precision(before[1][0])
             torch.backends.cudnn.allow_tf32 = before[1][1]
-            for (b, o), v in zip(verify_mod._PRECISION_SLOTS, before[0]):
+            for (b, o), v in zip(verify_mod.PRECISION_SLOTS, before[0]):
                 put(b, o, v)
     assert state() == before
 
@@ -293,12 +293,12 @@ def test_compare_on_awkward_outputs():
     """The one-pass device-side statistics and the careful path agree on what is equivalent."""
     import importlib
 
-    v = importlib.import_module("ckptsurgeon.plugins.verify")
+    v = importlib.import_module("ckptsurgeon.plugins.verify_numerics")
 
     def judge(a, b, dtype="float32"):
-        st = v._gather([v._stats(a, b)])[0]
-        fast = v._compare(a, b, dtype, stats=st)
-        careful = v._compare(a, b, dtype)
+        st = v.gather([v.output_stats(a, b)])[0]
+        fast = v.compare(a, b, dtype, stats=st)
+        careful = v.compare(a, b, dtype)
         assert fast["ok"] == careful["ok"] and fast["max_abs"] == pytest.approx(careful["max_abs"]), (fast, careful)
         return fast
 
@@ -318,9 +318,9 @@ def test_compare_on_awkward_outputs():
     assert judge(x.bfloat16(), (x * 1.001).bfloat16(), "bfloat16")["ok"]
     c = torch.randn(4, dtype=torch.complex64)
     assert judge(c, c.clone())["ok"] and not judge(c, c * 1j)["ok"]
-    assert v._stats(torch.zeros(0), torch.zeros(0)) is None and v._compare(torch.zeros(0), torch.zeros(0),
+    assert v.output_stats(torch.zeros(0), torch.zeros(0)) is None and v.compare(torch.zeros(0), torch.zeros(0),
                                                                          "float32")["ok"]
-    assert v._compare(torch.arange(3), torch.arange(3), "float32")["ok"]
+    assert v.compare(torch.arange(3), torch.arange(3), "float32")["ok"]
 
 
 class _Versioned(nn.Module):
