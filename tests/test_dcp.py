@@ -489,7 +489,7 @@ def test_pieces_in_files_are_copied_in_the_kernel(tmp_path, monkeypatch, combine
 def test_dcp_chunks_must_tile_the_tensor(monkeypatch):
     """Chunks whose sizes add up to the tensor's but overlap would leave part of it unwritten
     (garbage from torch.empty): refused when the folder is read."""
-    from ckptsurgeon.formats.dcp import _assemble
+    from ckptsurgeon.formats.dcp_chunks import assemble as _assemble
     from ckptsurgeon.refs import TensorRef
 
     ref = lambda *s: TensorRef.from_torch(torch.zeros(s))  # noqa: E731
@@ -507,9 +507,9 @@ def test_dcp_chunks_must_tile_the_tensor(monkeypatch):
     # a grid is checked without comparing chunks pair by pair; an irregular layout with too many
     # chunks to compare is refused rather than checked in quadratic time
     from ckptsurgeon.errors import UnsupportedError
-    from ckptsurgeon.formats import dcp
+    from ckptsurgeon.formats import dcp_chunks
 
-    monkeypatch.setattr(dcp, "_PAIRWISE", 2)
+    monkeypatch.setattr(dcp_chunks, "_PAIRWISE", 2)
     assert _assemble("w", (4, 4), "float32", grid).shape == (4, 4)
     irregular = [((0, 0), ref(2, 4)), ((2, 0), ref(2, 1)), ((2, 1), ref(2, 3))]
     with pytest.raises(UnsupportedError, match="do not form a grid"):

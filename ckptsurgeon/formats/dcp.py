@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
 from typing import Any, Mapping
 
 from .. import dtypes
@@ -28,11 +27,12 @@ from ..checkpoint import Source
 from ..errors import (CkptSurgeonError, CorruptCheckpointError, NotACheckpointError, UnsafePickleError,
                       UnsupportedError)
 from ..keys import name_list
-from ..layout import assembled_ref, deferred_ref
+from ..layout import deferred_ref
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs
 from ..pickle_scan import scan_globals
 from ..refs import CallRef, GlobalRef, InertObject, TensorRef
 from ..zipfmt import TorchZip
+from .dcp_chunks import assemble, unflatten
 
 METADATA = ".metadata"
 LIGHTNING_META = "meta.pt"
@@ -83,7 +83,7 @@ def load(path: str, *, key=None, trust_pickle=False, **_):
         else:
             raise UnsupportedError(f"{meta_path}: entry {fqn!r} is a {kind or type(entry).__name__}, "
                                    "which this DCP reader does not know")
-    obj = _unflatten(flat, meta.get("planner_data"))
+    obj = unflatten(flat, meta.get("planner_data"))
     notes = []
     extra = os.path.join(folder, LIGHTNING_META)
     if os.path.isfile(extra) and isinstance(obj, dict):
@@ -364,7 +364,7 @@ def _read_tensor(folder, fqn, entry, chunks, files, st_cache):
         if t.dtype != dtype:
             raise CorruptCheckpointError(f"DCP chunk of {fqn!r} is {t.dtype}, the metadata says {dtype}")
         return t, True
-    return _assemble(fqn, shape, dtype, pieces), False
+    return assemble(fqn, shape, dtype, pieces), False
 
 
 def _safetensors_chunk(path: str, offset: int, fqn: str, cache: dict) -> TensorRef:
@@ -398,103 +398,3 @@ def _sizes_by_offset(entry: dict) -> dict:
         f = _fields(chunk)
         out.setdefault(_size(f.get("offsets")), f.get("sizes"))
     return out
-
-
-def _assemble(fqn, shape, dtype, pieces):
-    """A tensor sharded over ranks: checked now against the chunks' shapes (no bytes read),
-    put together chunk by chunk only when its bytes are needed, and not kept (see
-    :class:`~ckptsurgeon.byteranges.AssembledBytes`)."""
-    covered = 0
-    total = 1
-    for d in shape:
-        total *= d
-    for offsets, ref in pieces:
-        if len(offsets) != len(shape) or any(o < 0 or o + s > d for o, s, d in zip(offsets, ref.shape, shape)):
-            raise CorruptCheckpointError(f"DCP chunk of {fqn!r} at {list(offsets)} does not fit {list(shape)}")
-        if ref.dtype != dtype:
-            raise CorruptCheckpointError(f"DCP chunk of {fqn!r} is {ref.dtype}, the metadata says {dtype}")
-        covered += ref.numel
-    if covered != total:
-        raise CorruptCheckpointError(f"DCP tensor {fqn!r}: its chunks cover {covered} of {total} elements "
-                                     "(a rank's file missing from the folder?)")
-    _check_disjoint(fqn, pieces)  # the right total from overlapping chunks would leave a gap unwritten
-
-    def build():
-        import torch
-
-        out = torch.empty(shape, dtype=dtypes.torch_dtype(dtype))
-        for offsets, ref in pieces:
-            out[tuple(slice(o, o + s) for o, s in zip(offsets, ref.shape))] = ref.to_torch()
-        return out
-
-    return assembled_ref(shape, dtype, build, label=f"DCP tensor {fqn!r}", pieces=pieces)
-
-
-def _check_disjoint(fqn, pieces) -> None:
-    """No two chunks overlap. Sharding lays chunks out as a grid: along every dimension the
-    chunks' intervals partition it, and each cell of the grid is one chunk -- checked in
-    O(n log n). Anything else (no layout torch writes) is compared pair by pair, with a
-    sort-and-break sweep along the first dimension, for up to _PAIRWISE chunks."""
-    boxes = [(tuple(o), tuple(o[i] + n for i, n in enumerate(ref.shape))) for o, ref in pieces if ref.numel]
-    if not boxes or not boxes[0][0]:
-        if len(boxes) > 1:  # 0-d: one chunk at most
-            raise CorruptCheckpointError(f"DCP tensor {fqn!r}: {len(boxes)} chunks of a scalar")
-        return
-    ndim = len(boxes[0][0])
-    axes = [sorted({(lo[d], hi[d]) for lo, hi in boxes}) for d in range(ndim)]
-    tiles = all(a[1] == b[0] for ax in axes for a, b in zip(ax, ax[1:]))
-    cells = 1
-    for ax in axes:
-        cells *= len(ax)
-    if tiles and cells == len(boxes) and len(set(boxes)) == len(boxes):
-        return  # a grid (the coverage count was checked by the caller)
-    if len(boxes) > _PAIRWISE:
-        raise UnsupportedError(f"DCP tensor {fqn!r}: {len(boxes)} chunks that do not form a grid")
-    boxes.sort()
-    for i, (lo, hi) in enumerate(boxes):
-        for lo2, hi2 in boxes[i + 1:]:
-            if lo2[0] >= hi[0]:
-                break
-            if all(a2 < b and a < b2 for a, b, a2, b2 in zip(lo, hi, lo2, hi2)):
-                raise CorruptCheckpointError(f"DCP tensor {fqn!r}: chunks at {list(lo)} and {list(lo2)} overlap")
-
-
-_PAIRWISE = 4096
-
-
-def _unflatten(flat: dict, mapping) -> Any:
-    """DCP's nested structure back from the planner's key paths (ints index lists)."""
-    if not isinstance(mapping, Mapping) or not mapping:
-        return OrderedDict(flat)
-    root: dict = {}
-    for fqn, value in flat.items():
-        path = mapping.get(fqn, (fqn,))
-        if not isinstance(path, tuple) or not path:
-            path = (fqn,)
-        node = root
-        for i, part in enumerate(path[:-1]):
-            nxt = path[i + 1]
-            node = _child(node, part, list if isinstance(nxt, int) else dict)
-        _set(node, path[-1], value)
-    return root
-
-
-def _child(node, part, kind):
-    if isinstance(node, list):
-        while len(node) <= part:
-            node.append(None)
-        if node[part] is None:
-            node[part] = kind()
-        return node[part]
-    if part not in node:
-        node[part] = kind()
-    return node[part]
-
-
-def _set(node, part, value):
-    if isinstance(node, list):
-        while len(node) <= part:
-            node.append(None)
-        node[part] = value
-    else:
-        node[part] = value
