@@ -514,7 +514,7 @@ def test_dcp_chunks_must_tile_the_tensor(monkeypatch):
     irregular = [((0, 0), ref(2, 4)), ((2, 0), ref(2, 1)), ((2, 1), ref(2, 3))]
     with pytest.raises(UnsupportedError, match="do not form a grid"):
         _assemble("w", (4, 4), "float32", irregular)
-    monkeypatch.setattr(dcp, "_PAIRWISE", 4096)
+    monkeypatch.setattr(dcp_chunks, "_PAIRWISE", 4096)
     assert _assemble("w", (4, 4), "float32", irregular).to_torch().shape == (4, 4)
 
 
