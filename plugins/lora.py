@@ -1,6 +1,6 @@
 """merge-lora: fold a PEFT LoRA adapter into its base model's weights, tensor by tensor (and the
 plugin's registration of extract-lora, the reverse, which lives in :mod:`.lora_extract`; adapters
-are read by :mod:`.lora_adapters`).
+are read by :mod:`.lora_adapters`; MoE weights saved one per expert are merged by :mod:`.lora_experts`).
 
 PEFT's own way (``PeftModel.from_pretrained(base).merge_and_unload()``) builds the whole model in
 memory. Here the base checkpoint stays where it is: each weight the adapter touches is computed
@@ -35,8 +35,9 @@ from ckptsurgeon.layout import assembled_ref, cast_ref
 from ckptsurgeon.refs import TensorRef, as_ref, is_tensor_like, tie_key
 from ckptsurgeon.types import Operation
 
-from .lora_adapters import (ALPHA_IS_RANK, MODULE_ALPHAS, OTHER_PARTS, PEFT_PREFIX, REFUSED, WEIGHT_OF, adapter_component,
-                            check_config, from_kohya, lora_key, pattern_value, read_adapter)
+from .lora_adapters import (ALPHA_IS_RANK, OTHER_PARTS, PEFT_PREFIX, REFUSED, WEIGHT_OF, adapter_component, check_config,
+                            from_kohya, lora_key, rank_alpha_scaling, read_adapter)
+from .lora_experts import merge_split_experts, split_experts
 from .lora_extract import accumulation_dtype, extract_lora, extract_lora_cmd, save_adapter
 
 
@@ -125,7 +126,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         if to_common[f"{mod}.weight"] in base_of and not mod.endswith(".base_layer"):
             continue  # a module's weight (target_modules): the usual merge
         present = [base_of[to_common[c]] for c in cands if to_common[c] in base_of]
-        split = None if present else _split_experts(mod, mods[mod], cands, base.state)
+        split = None if present else split_experts(mod, mods[mod], cands, base.state)
         params[mod] = ("", "experts_split", split) if split else \
             _parameter_target(mod, mods[mod], present, refs_of=base.state) + (None,)
         wanted.remove(f"{mod}.weight")
@@ -163,7 +164,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
         wkey, layout, split = params[mod] if mod in params else \
             (base_of[to_common[weight_of.get(mod, f"{mod}.weight")]], None, None)
         if split:  # fused in memory, one weight per expert (and per part) in the file
-            entry = _merge_split_experts(mod, parts, split, refs, put, config, scale)
+            entry = merge_split_experts(mod, parts, split, refs, put, config, scale)
             kinds["experts"] = kinds.get("experts", 0) + 1
             merged.append(entry)
             continue
@@ -172,7 +173,7 @@ def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=Fa
             raise UnsupportedError(f"{wkey} is {w.dtype}: merge-lora merges into floating-point weights")
         kind, a, b = _kind(mod, parts, w) if layout is None else (layout, as_ref(parts["A"]), as_ref(parts["B"]))
         experts = w.shape[0] if layout in ("experts", "experts_transposed") else 1
-        r, alpha, scaling = _rank_alpha_scaling(mod, a, experts, config, scale)
+        r, alpha, scaling = rank_alpha_scaling(mod, a, experts, config, scale)
         if layout is None:
             _check_shapes(mod, kind, a, b, w, fan_in_fan_out)
         put(wkey, assembled_ref(w.shape, w.dtype, _merged(w, a, b, kind, scaling, fan_in_fan_out), label=wkey))
@@ -254,108 +255,6 @@ def _parameter_target(mod: str, parts: dict, keys: list[str], refs_of) -> tuple[
     raise UnsupportedError(f"{mod}: {shapes} fit more than one way ({', '.join(f'{k} as {v}' for k, v in fits)}): "
                            "which one depends on the module (is_transposed), not on the file",
                            hint="merge it with PEFT: PeftModel.from_pretrained(base, path).merge_and_unload()")
-
-
-# How files name the experts transformers >= 5 fuses in memory: ((module path in memory, in the
-# file), {part: name in the file}). Qwen2/3-MoE, OLMoE, DeepSeek...: experts.{e}.gate_proj /
-# up_proj / down_proj under the same path; Mixtral, PhiMoE: block_sparse_moe.experts.{e}.w1 / w3 / w2.
-_EXPERT_FILES = ((("", ""), {}),
-                 ((".mlp.experts", ".block_sparse_moe.experts"), {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}))
-
-
-def _split_experts(mod: str, parts: dict, cands: list[str], state) -> dict | None:
-    """Where a LoRA on a fused experts parameter goes when the file holds one weight per expert:
-    transformers >= 5 fuses ``experts.{e}.gate_proj.weight`` + ``experts.{e}.up_proj.weight``
-    into ``experts.gate_up_proj`` (E, out, in) -- the parts concatenated along ``out`` in the
-    order the name gives them -- and ``experts.{e}.down_proj.weight`` into ``experts.down_proj``,
-    and saves them split again. {"param", "experts": E, "pieces": [(e, key, row0, row1)]} for
-    the one candidate whose per-expert weights exist and fit the LoRA's shapes; None otherwise."""
-    if not {"A", "B"} <= set(parts) or "B.bias" in parts:
-        return None
-    a, b = as_ref(parts["A"]), as_ref(parts["B"])
-    if len(a.shape) != 2 or len(b.shape) != 2:
-        return None
-    found = []
-    for cand, scheme in ((c, sch) for c in cands for sch in _EXPERT_FILES):
-        owner, _, pname = cand.rpartition(".")
-        if not pname.endswith("_proj"):
-            continue
-        (mem_path, file_path), part_names = scheme
-        if mem_path:
-            if not owner.endswith(mem_path):
-                continue
-            owner = owner[: -len(mem_path)] + file_path
-        names = [part_names.get(f"{n}_proj", f"{n}_proj") for n in pname[: -len("_proj")].split("_")]
-        experts = 0
-        while all(f"{owner}.{experts}.{n}.weight" in state for n in names):
-            experts += 1
-        if not experts:
-            continue
-        pieces, ok = [], True
-        for e in range(experts):
-            row = 0
-            for n in names:
-                key = f"{owner}.{e}.{n}.weight"
-                shape = tuple(as_ref(state[key]).shape)
-                ok = ok and len(shape) == 2 and shape[1] == a.shape[1]
-                pieces.append((e, key, row, row + (shape[0] if shape else 0)))
-                row += shape[0] if shape else 0
-            ok = ok and row == b.shape[0]  # every expert: the fused rows lora_B gives
-        if ok and a.shape[0] == b.shape[1] and a.shape[0] % experts == 0:
-            found.append({"param": cand, "experts": experts, "pieces": pieces})
-    return found[0] if len(found) == 1 else None
-
-
-def _rank_alpha_scaling(mod: str, a: TensorRef, experts: int, config: dict, scale: float):
-    """(r, alpha, scaling) of one module's update: r and alpha from the config (its patterns by
-    PEFT's rule), or from lora_A's rows where the adapter records no alpha (alpha = r) or its own
-    per module (a kohya file); ``experts`` updates share lora_A's rows."""
-    r = pattern_value(config.get("rank_pattern") or {}, mod, config.get("r"))
-    alpha = pattern_value(config.get("alpha_pattern") or {}, mod, config.get("lora_alpha"))
-    if config.get(ALPHA_IS_RANK):
-        r = alpha = None  # both from lora_A's rank below
-    if mod in config.get(MODULE_ALPHAS, {}):
-        r, alpha = None, config[MODULE_ALPHAS][mod]
-    if r is None:
-        r = a.shape[0] // experts
-    if alpha is None and config.get(ALPHA_IS_RANK):
-        alpha = r
-    if alpha is None:
-        raise UnsupportedError("the adapter config names no lora_alpha")
-    if a.shape[0] != r * experts:
-        raise SelectionError(f"{mod}: lora_A has rank {a.shape[0] // experts} but the config says r={r}",
-                             hint="the adapter_config.json does not belong to these weights")
-    return r, alpha, float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r) * scale
-
-
-def _merge_split_experts(mod, parts, split, refs, put, config, scale):
-    """Merge PEFT's update of a fused experts parameter into the per-expert weights of the file
-    (see _split_experts): expert e's update is lora_B[:, :, e] @ lora_A[e] (B's r*E axis ordered
-    (r, E), A's (E, r)), its rows split among the parts."""
-    a, b = as_ref(parts["A"]), as_ref(parts["B"])
-    experts = split["experts"]
-    r, alpha, scaling = _rank_alpha_scaling(mod, a, experts, config, scale)
-    keys = []
-    for e, key, row0, row1 in split["pieces"]:
-        w = refs[key]
-        if w.dtype not in PLAIN_FLOATS:
-            raise UnsupportedError(f"{key} is {w.dtype}: merge-lora merges into floating-point weights")
-        put(key, assembled_ref(w.shape, w.dtype, _expert_piece(w, a, b, e, experts, row0, row1, scaling), label=key))
-        keys.append(key)
-    return {"module": mod, "weight": keys[0], "weights": keys, "kind": "experts",
-            "parameter": split["param"], "experts": experts, "r": int(r), "alpha": alpha, "scaling": scaling}
-
-
-def _expert_piece(w: TensorRef, a: TensorRef, b: TensorRef, e: int, experts: int, row0: int, row1: int,
-                  scaling: float):
-    def build():
-        base = w.to_torch()
-        acc = accumulation_dtype(base.dtype)
-        A = a.to_torch().to(acc).reshape(experts, -1, a.shape[1])[e]
-        B = b.to_torch().to(acc).reshape(b.shape[0], -1, experts)[row0:row1, :, e]
-        delta = (B @ A).mul_(scaling).add_(base)
-        return delta if delta.dtype == base.dtype else delta.to(base.dtype)
-    return build
 
 
 def _kind(mod: str, parts: dict, w: TensorRef):

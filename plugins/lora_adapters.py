@@ -17,7 +17,7 @@ from collections import OrderedDict
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import NotACheckpointError, SelectionError, UnsupportedError
-from ckptsurgeon.refs import as_ref, is_tensor_like
+from ckptsurgeon.refs import TensorRef, as_ref, is_tensor_like
 
 PEFT_PREFIX = "base_model.model."
 _PARTS = ("A", "B", "embedding_A", "embedding_B")
@@ -444,3 +444,25 @@ def _number(value, what: str, positive: bool) -> float:
     if not ok or (positive and value <= 0):
         raise SelectionError(f"{what} is {value!r}, not a {'positive' if positive else 'finite'} number")
     return float(value)
+
+
+def rank_alpha_scaling(mod: str, a: TensorRef, experts: int, config: dict, scale: float):
+    """(r, alpha, scaling) of one module's update: r and alpha from the config (its patterns by
+    PEFT's rule), or from lora_A's rows where the adapter records no alpha (alpha = r) or its own
+    per module (a kohya file); ``experts`` updates share lora_A's rows."""
+    r = pattern_value(config.get("rank_pattern") or {}, mod, config.get("r"))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, mod, config.get("lora_alpha"))
+    if config.get(ALPHA_IS_RANK):
+        r = alpha = None  # both from lora_A's rank below
+    if mod in config.get(MODULE_ALPHAS, {}):
+        r, alpha = None, config[MODULE_ALPHAS][mod]
+    if r is None:
+        r = a.shape[0] // experts
+    if alpha is None and config.get(ALPHA_IS_RANK):
+        alpha = r
+    if alpha is None:
+        raise UnsupportedError("the adapter config names no lora_alpha")
+    if a.shape[0] != r * experts:
+        raise SelectionError(f"{mod}: lora_A has rank {a.shape[0] // experts} but the config says r={r}",
+                             hint="the adapter_config.json does not belong to these weights")
+    return r, alpha, float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r) * scale
