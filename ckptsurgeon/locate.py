@@ -154,6 +154,24 @@ def node_at(obj: Any, parts) -> tuple[Any, tuple]:
     return node, tuple(path)
 
 
+def key_paths(obj: Any, key: str):
+    """Every (object, path) the text of a --key can name inside ``obj``, in the order tried: the
+    whole text as one key (a name holding '/' or '.': ``{"gen/ema": sd}``), then its parts split
+    on '/', then on '.'; ``''`` or ``'<bare>'`` names ``obj`` itself."""
+    if key in ("", "<bare>"):
+        yield obj, ()
+        return
+    tried = []
+    for parts in ((key,), tuple(p for p in key.split("/") if p), tuple(p for p in key.split(".") if p)):
+        if parts in tried or not parts:
+            continue
+        tried.append(parts)
+        try:
+            yield node_at(obj, parts)
+        except (KeyError, TypeError, IndexError, ValueError):
+            continue
+
+
 def _actual_key(node: Any, part: str):
     """The key or index that ``part`` (text from --key) names in ``node``: optimizer states are
     keyed by int parameter ids, Lightning keeps optimizer states in a list."""
@@ -180,14 +198,12 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
     """(chosen path, all candidates). ``key`` ('state_dict', 'model/ema', 'a.b') chooses explicitly."""
     candidates = find_candidates(obj)
     if key is not None:
-        for sep in ("/", "."):
-            parts = tuple(p for p in key.split(sep) if p) if key not in ("", "<bare>") else ()
-            try:
-                node, path = node_at(obj, parts)
-            except (KeyError, TypeError, IndexError, ValueError):
-                continue
+        named = False
+        for node, path in key_paths(obj, key):
             if is_state_dict(node) or is_tensor_tree(node) or _names_tensors(node) or _empty_mapping(node):
                 return path, candidates
+            named = True
+        if named:
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
                                  hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
         raise SelectionError(f"--key {key!r} is not in the checkpoint",

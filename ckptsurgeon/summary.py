@@ -15,7 +15,7 @@ from .checkpoint import Checkpoint, flatten, tensor_info
 from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
-from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, is_tensor_tree, node_at
+from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, is_tensor_tree, key_paths
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
 
 
@@ -152,9 +152,8 @@ def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
     paths is counted once (a 66 KB file naming one 2,000-tensor mapping 2,000 times took 4 s)."""
     out, sizes = [], {}
     for name in candidates:
-        try:
-            node, _ = node_at(wrapper, name.split("/"))
-        except (KeyError, TypeError, IndexError, ValueError):
+        node, _ = next(key_paths(wrapper, name), (None, None))
+        if not isinstance(node, Mapping):
             continue
         if id(node) not in sizes:
             values = flatten(node)[0].values() if is_tensor_tree(node) else node.values()  # (Megatron's nesting)

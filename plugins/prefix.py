@@ -83,16 +83,13 @@ def _other_state_dicts_with(ck: Checkpoint, prefix: str) -> list[str]:
     """The wrapper's other state dicts (ck.candidates, as paths) whose every key starts with ``prefix``."""
     from collections.abc import Mapping
 
-    from ckptsurgeon.locate import node_at, path_str
+    from ckptsurgeon.locate import key_paths, path_str
 
     out = []
     for cand in ck.candidates:
         if cand in (path_str(ck.sd_path), "<bare>"):
             continue
-        try:
-            node, _ = node_at(ck.wrapper, cand.split("/"))
-        except (KeyError, IndexError, TypeError, ValueError):
-            continue
+        node, _ = next(key_paths(ck.wrapper, cand), (None, None))
         keys = [k for k in node if isinstance(k, str)] if isinstance(node, Mapping) else []
         if keys and all(k.startswith(prefix) for k in keys):
             out.append(cand)

@@ -428,6 +428,14 @@ def test_wrapper_detection_and_key(tmp_path):
     assert list(cs.load(tmp_path / "gan.pt", key="discriminator").state) == ["v"]
     with pytest.raises(SelectionError):
         cs.load(tmp_path / "gan.pt", key="nothere")
+    # names with '/' or '.' in them: the whole name is a key before it is a path
+    torch.save({"gen/ema": OrderedDict(g=torch.ones(3)), "gen": {"ema": OrderedDict(n=torch.ones(2))},
+                "disc.x": OrderedDict(d=torch.ones(1))}, tmp_path / "odd.pt")
+    assert list(cs.load(tmp_path / "odd.pt", key="gen/ema").state) == ["g"]
+    assert list(cs.load(tmp_path / "odd.pt", key="gen.ema").state) == ["n"]
+    assert list(cs.load(tmp_path / "odd.pt", key="disc.x").state) == ["d"]
+    sizes = {c["at"]: c["tensors"] for c in cs.inspect(tmp_path / "odd.pt")["candidate_sizes"]}
+    assert sizes == {"gen/ema": 1, "gen": 1, "disc.x": 1}, sizes  # the one named with "/" counted too
 
 
 
