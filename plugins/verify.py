@@ -14,7 +14,7 @@ from ckptsurgeon.errors import EXIT_FINDING, CkptSurgeonError, ModelError, Selec
 from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
 
-from .verify_numerics import compare, gather, no_tf32, output_stats, resolve_device
+from .verify_numerics import TOLERANCES, compare, gather, no_tf32, output_stats, resolve_device
 
 NON_PRESERVING = {"bn-to-gn": "a plain BatchNorm->GroupNorm swap changes the function (calibration only narrows it)"}
 
@@ -306,6 +306,11 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
                      + (f" (--dtype {dtype} not applied)" if dtype != "float32" else ""))
     if localize and (rec_a.unsupported or rec_b.unsupported):
         notes.append("a TorchScript model takes no forward hooks: its outputs are compared, not each module's")
+    narrow = _narrower_weights(ca, cb, dtype)
+    if narrow and not equivalent:
+        notes.append(f"{narrow[0]}'s floating-point weights are {narrow[1]}, {narrow[2]}'s {narrow[3]}: rounding to "
+                     f"{narrow[1]} alone can exceed {dtype}'s tolerance; --dtype {narrow[1]} checks the function "
+                     f"within {narrow[1]}'s")
     for t in cb.transforms:
         if t["name"] in NON_PRESERVING and not equivalent:
             notes.append(f"{t['name']}: {NON_PRESERVING[t['name']]}; measured divergence reported, not hidden")
@@ -322,6 +327,25 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         "modules": modules, "notes": notes,
         "seconds": {"build_and_load": round(t_build, 4), "forward_both": round(t_run, 4)},
     }
+
+
+def _float_dtypes(ck: Checkpoint) -> set:
+    from ckptsurgeon.checkpoint import tensor_info
+
+    return {d for d in (tensor_info(v)["dtype"] for _k, v in ck.tensor_items()) if d in PLAIN_FLOATS}
+
+
+def _narrower_weights(ca: Checkpoint, cb: Checkpoint, dtype: str):
+    """(side, its dtype, other side, the other's dtypes) when one checkpoint holds its floating-point
+    weights in one dtype that tolerates more than ``dtype`` (A float32, B cast to bfloat16) and
+    the other's differ; None otherwise."""
+    fa, fb = _float_dtypes(ca), _float_dtypes(cb)
+    for side, mine, other, theirs in (("B", fb, "A", fa), ("A", fa, "B", fb)):
+        if len(mine) == 1 and mine != theirs and theirs:
+            (narrow,) = mine
+            if TOLERANCES.get(narrow, (0, 0))[1] > TOLERANCES.get(dtype, (0, 0))[1]:
+                return side, narrow, other, "/".join(sorted(theirs))
+    return None
 
 
 def _human(r: dict) -> None:

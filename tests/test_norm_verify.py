@@ -216,6 +216,20 @@ def test_verify_bn_to_gn_reports_divergence(sample_dir, tmp_path, models_py, cli
     assert r["notes"] and r["outputs"][0]["max_abs"] > 0
 
 
+def test_verify_of_a_cast_names_the_dtype_to_check_it_in(sample_dir, tmp_path, models_py):
+    """A bfloat16 cast rounds every weight: at float32's tolerance it is not equivalent, and the
+    report says which --dtype checks the function within the cast's precision (which passes)."""
+    new, _ = cs.cast(cs.load(sample_dir / "seednet.pt"), "bfloat16")
+    cs.save(new, tmp_path / "bf16.safetensors")
+    r = cs.verify(sample_dir / "seednet.pt", tmp_path / "bf16.safetensors", model=f"{models_py}:seednet")
+    assert not r["equivalent"] and any("--dtype bfloat16 checks the function" in n for n in r["notes"]), r["notes"]
+    r = cs.verify(sample_dir / "seednet.pt", tmp_path / "bf16.safetensors", model=f"{models_py}:seednet",
+                  dtype="bfloat16")
+    assert r["equivalent"] and not any("--dtype" in n for n in r["notes"])
+    same = cs.verify(sample_dir / "seednet.pt", sample_dir / "seednet.safetensors", model=f"{models_py}:seednet")
+    assert same["equivalent"] and not same["notes"]
+
+
 def test_verify_dtype_and_device_errors(sample_dir, models_py, cli):
     r = cs.verify(sample_dir / "seednet.pt", sample_dir / "seednet.safetensors", model=f"{models_py}:seednet",
                   dtype="bfloat16")
