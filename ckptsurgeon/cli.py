@@ -212,17 +212,23 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 @json_option
 @click.option("--depth", default=2, show_default=True, type=click.IntRange(min=1), help="Module tree depth.")
 @click.option("--values", is_flag=True, help="Also read tensors and report NaN/Inf (reads all data).")
-def inspect_cmd(path, key, trust_pickle, as_json, depth, values):
+@click.option("--tensors", "list_tensors", is_flag=True,
+              help="List every tensor: name, dtype, shape, size (instead of the module table).")
+@click.option("--match", multiple=True, metavar="PATTERN",
+              help="List only the tensors a module path, glob or re:regex names (repeatable; implies --tensors).")
+def inspect_cmd(path, key, trust_pickle, as_json, depth, values, list_tensors, match):
     """Summarise a checkpoint without reading tensor data.
 
     \b
     Example:
       ckpt-surgeon inspect samples/out/seednet_dp.pt --json
+      ckpt-surgeon inspect model.safetensors --match '*norm*'
     """
     from .inspect_view import print_inspect
     from .summary import inspect
 
-    info = inspect(path, depth=depth, values=values, key=key, trust_pickle=trust_pickle)
+    info = inspect(path, depth=depth, values=values, key=key, trust_pickle=trust_pickle, tensors=list_tensors,
+                   match=match)
     emit(info, as_json, print_inspect)
 
 

@@ -112,6 +112,10 @@ def print_inspect(info: dict) -> None:
         bad = info["nonfinite"]
         c.print("NaN/Inf: none" if not bad else "NaN/Inf in: " + ", ".join(
             f"{b['tensor']} (nan {b['nan']}, inf {b['inf']})" for b in bad))
+    if info.get("tensor_list") is not None:
+        print_tensors(info["tensor_list"], c)
+        echo_notes(info["notes"], c.print)
+        return
     label = f"module (below {info['modules_below']})" if info.get("modules_below") else "module"
     t = Table(label, "tensors", "parameters", box=None, pad_edge=False)
     t.columns[0].overflow = "fold"
@@ -122,6 +126,21 @@ def print_inspect(info: dict) -> None:
     if len(rows) > MAX_MODULE_ROWS:
         c.print(f"... and {len(rows) - MAX_MODULE_ROWS} more module rows (all of them: --json)")
     echo_notes(info["notes"], c.print)
+
+
+def print_tensors(rows: list[dict], c) -> None:
+    """inspect --tensors: one line per tensor, every one (the user asked for the list)."""
+    from rich.table import Table
+
+    t = Table("tensor", "dtype", "shape", "size", box=None, pad_edge=False)
+    t.columns[0].overflow = "fold"
+    for r in rows:
+        what = f"[{', '.join(map(str, r['shape']))}]" + (f" {r['layout']}" if r.get("layout") else "")
+        t.add_row(r["name"] + (f" = {r['tied_to']}" if r.get("tied_to") else ""), r["dtype"], what,
+                  human_bytes(r["bytes"]))
+    c.print(t, markup=False)
+    if len(rows) > 1:
+        c.print(f"{count(len(rows), 'tensor')} listed, {human_bytes(sum(r['bytes'] for r in rows))}")
 
 
 def module_rows(nodes: list[dict]) -> list[tuple[int, str, int, int]]:

@@ -70,9 +70,18 @@ def describe_value(v: Any) -> str:
     return type(v).__name__
 
 
-def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pickle=False) -> dict:
+def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pickle=False, tensors: bool = False,
+            match=()) -> dict:
     """A JSON-able summary of a checkpoint (path or Checkpoint). ``values=True`` also reads the
-    tensors to count NaN/Inf (the only option that touches tensor bytes)."""
+    tensors to count NaN/Inf (the only option that touches tensor bytes). ``tensors=True`` adds
+    ``tensor_list``: every tensor's name, dtype, shape and size (from the headers); ``match``
+    (module paths, globs or ``re:`` regexes, as for extract) keeps the tensors it names, and a
+    pattern that names none is an error.
+
+    Example::
+
+        inspect("model.safetensors", match=["*norm*"])["tensor_list"][0]["shape"]
+    """
     from .loading import load
 
     chosen, why = True, ""
@@ -134,9 +143,38 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "notes": list(ck.notes) + ([why] if why else []) + ([RNG_NOTE] if chosen and looks_like_rng_state(infos, ck.state)
                                                              else []),
     }
+    if tensors or match:
+        out["tensor_list"] = tensor_list(infos, tied, match, prefix)
     if values:
         out["nonfinite"] = nonfinite(ck)
     return out
+
+
+def tensor_list(infos: Mapping, tied, match=(), strip: str = "") -> list[dict]:
+    """One row per tensor (name, dtype, shape, numel, bytes; ``tied_to`` for a second name of a
+    tensor), in the state dict's order, kept to those ``match`` names when given."""
+    from .errors import SelectionError
+    from .keys import parse_patterns, select, unmatched_hint
+
+    names = list(infos)
+    patterns = parse_patterns(match)
+    if patterns:
+        names, counts = select(names, patterns, strip)
+        missing = [t for t, n in counts.items() if not n]
+        if missing:
+            raise SelectionError(f"--match pattern{'s' if len(missing) > 1 else ''} matched no tensor: "
+                                 f"{', '.join(map(repr, missing))}", hint=unmatched_hint(missing, list(infos), strip))
+    alias_of = dict(tied)
+    rows = []
+    for name in names:
+        i = infos[name]
+        row = {"name": name, "dtype": i["dtype"], "shape": i["shape"], "numel": i["numel"], "bytes": i["nbytes"]}
+        if i.get("layout"):
+            row["layout"] = i["layout"]
+        if name in alias_of:
+            row["tied_to"] = alias_of[name]
+        rows.append(row)
+    return rows
 
 
 def looks_like_rng_state(infos: Mapping, state: Mapping) -> bool:

@@ -236,6 +236,38 @@ def test_inspect_human_output(sample_dir, cli):
     assert "state dict at: model_state_dict" in out and "optimizer_state_dict" in out
 
 
+def test_inspect_lists_tensors_and_filters_them(tmp_path, cli):
+    """--tensors lists every tensor (name, dtype, shape, size) from the headers alone; --match keeps
+    the ones a module path, glob or regex names (also without the wrapper prefix), and a pattern
+    naming none is one line, exit 2. The API returns the same rows."""
+    import torch
+    from safetensors.torch import save_file
+
+    import ckptsurgeon as cs
+
+    emb = torch.zeros(10, 4)
+    sd = {"module.embed.weight": emb, "module.lm_head.weight": emb, "module.norm.weight": torch.ones(4, dtype=torch.bfloat16),
+          "module.blocks.0.fc.weight": torch.zeros(3, 4), "module.blocks.1.fc.weight": torch.zeros(3, 4)}
+    torch.save(sd, tmp_path / "m.pt")
+    code, out, err = cli("inspect", tmp_path / "m.pt", "--tensors")
+    assert code == 0, err
+    lines = [line.split() for line in out.splitlines()]
+    assert ["module.norm.weight", "bfloat16", "[4]", "8", "B"] in lines, out
+    assert ["module.lm_head.weight", "=", "module.embed.weight", "float32", "[10,", "4]", "160", "B"] in lines, out
+    assert "5 tensors listed" in out and "module (below module.)" not in out  # the list replaces the module table
+    code, out, err = cli("inspect", tmp_path / "m.pt", "--match", "blocks.1", "--match", "re:norm", "--json")
+    rows = json.loads(out)["tensor_list"]
+    assert code == 0 and [r["name"] for r in rows] == ["module.norm.weight", "module.blocks.1.fc.weight"], out + err
+    assert rows[1] == {"name": "module.blocks.1.fc.weight", "dtype": "float32", "shape": [3, 4], "numel": 12, "bytes": 48}
+    code, out, err = cli("inspect", tmp_path / "m.pt", "--match", "blocks.7")
+    assert code == 2 and err.startswith("ckpt-surgeon: error: --match pattern matched no tensor: 'blocks.7'"), err
+    assert len(err.strip().splitlines()) == 1
+    save_file({k[len("module."):]: v.contiguous().clone() for k, v in sd.items()}, tmp_path / "m.safetensors")
+    rows = cs.inspect(tmp_path / "m.safetensors", match=["*fc*"])["tensor_list"]
+    assert [r["name"] for r in rows] == ["blocks.0.fc.weight", "blocks.1.fc.weight"]
+    assert "tensor_list" not in cs.inspect(tmp_path / "m.safetensors")
+
+
 def test_fold_and_bn_to_gn_cli(sample_dir, tmp_path, cli, models_py):
     code, out, err = cli("fold-bn", sample_dir / "bnnet.pt", "-o", tmp_path / "f.safetensors", "--model",
                          f"{models_py}:bnnet", "--json")
