@@ -132,12 +132,13 @@ def print_tensors(rows: list[dict], c) -> None:
     """inspect --tensors: one line per tensor, every one (the user asked for the list)."""
     from rich.table import Table
 
-    t = Table("tensor", "dtype", "shape", "size", box=None, pad_edge=False)
+    files = any("file" in r for r in rows)
+    t = Table("tensor", "dtype", "shape", "size", *(("file",) if files else ()), box=None, pad_edge=False)
     t.columns[0].overflow = "fold"
     for r in rows:
         what = f"[{', '.join(map(str, r['shape']))}]" + (f" {r['layout']}" if r.get("layout") else "")
         t.add_row(r["name"] + (f" = {r['tied_to']}" if r.get("tied_to") else ""), r["dtype"], what,
-                  human_bytes(r["bytes"]))
+                  human_bytes(r["bytes"]), *((r.get("file", ""),) if files else ()))
     c.print(t, markup=False)
     if len(rows) > 1:
         c.print(f"{count(len(rows), 'tensor')} listed, {human_bytes(sum(r['bytes'] for r in rows))}")

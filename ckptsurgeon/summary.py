@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any, Mapping
 
@@ -145,9 +146,22 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
     }
     if tensors or match:
         out["tensor_list"] = tensor_list(infos, tied, match, prefix)
+        if src and len(src.files) > 1:  # a sharded folder: which file holds each tensor
+            folder = os.path.dirname(src.path) if os.path.isfile(src.path) else src.path
+            for row in out["tensor_list"]:
+                where = _file_of(ck.state[row["name"]])
+                if where:
+                    row["file"] = os.path.relpath(where, folder) if folder else where
     if values:
         out["nonfinite"] = nonfinite(ck)
     return out
+
+
+def _file_of(v) -> str | None:
+    """The file a lazily read tensor's bytes are in (None: in memory, or put together from pieces)."""
+    source = getattr(getattr(v, "storage", None), "source", None)
+    path = getattr(source, "path", None)
+    return path if isinstance(path, str) else None
 
 
 def tensor_list(infos: Mapping, tied, match=(), strip: str = "") -> list[dict]:

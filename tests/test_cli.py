@@ -266,6 +266,14 @@ def test_inspect_lists_tensors_and_filters_them(tmp_path, cli):
     rows = cs.inspect(tmp_path / "m.safetensors", match=["*fc*"])["tensor_list"]
     assert [r["name"] for r in rows] == ["blocks.0.fc.weight", "blocks.1.fc.weight"]
     assert "tensor_list" not in cs.inspect(tmp_path / "m.safetensors")
+    assert all("file" not in r for r in rows)  # one file: no column
+    code, _, err = cli("convert", tmp_path / "m.safetensors", "-o", tmp_path / "shards/", "--max-shard-size", "100B")
+    assert code == 0, err
+    rows = cs.inspect(tmp_path / "shards", tensors=True)["tensor_list"]
+    assert len({r["file"] for r in rows}) > 1 and all(os.path.isfile(tmp_path / "shards" / r["file"]) for r in rows)
+    code, out, err = cli("inspect", tmp_path / "shards", "--match", "norm")
+    row = next(line.split() for line in out.splitlines() if line.startswith("norm.weight"))
+    assert code == 0 and row[-1].endswith(".safetensors"), out + err  # the file column
 
 
 def test_fold_and_bn_to_gn_cli(sample_dir, tmp_path, cli, models_py):
