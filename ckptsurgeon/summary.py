@@ -172,6 +172,9 @@ def tensor_list(infos: Mapping, tied, match=(), strip: str = "") -> list[dict]:
 
     names = list(infos)
     patterns = parse_patterns(match)
+    if match and not patterns:
+        raise SelectionError(f"--match {', '.join(map(repr, match))} names no pattern",
+                             hint="give a module path, a glob or re:regex, or leave --match out to list every tensor")
     if patterns:
         names, counts = select(names, patterns, strip)
         missing = [t for t, n in counts.items() if not n]

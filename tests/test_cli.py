@@ -262,6 +262,8 @@ def test_inspect_lists_tensors_and_filters_them(tmp_path, cli):
     code, out, err = cli("inspect", tmp_path / "m.pt", "--match", "blocks.7")
     assert code == 2 and err.startswith("ckpt-surgeon: error: --match pattern matched no tensor: 'blocks.7'"), err
     assert len(err.strip().splitlines()) == 1
+    code, out, err = cli("inspect", tmp_path / "m.pt", "--match", ",")
+    assert code == 2 and "names no pattern" in err, out + err
     save_file({k[len("module."):]: v.contiguous().clone() for k, v in sd.items()}, tmp_path / "m.safetensors")
     rows = cs.inspect(tmp_path / "m.safetensors", match=["*fc*"])["tensor_list"]
     assert [r["name"] for r in rows] == ["blocks.0.fc.weight", "blocks.1.fc.weight"]
