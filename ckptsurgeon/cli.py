@@ -32,6 +32,12 @@ class LazyGroup(click.Group):
         """click's main, with its own errors (a missing or invalid option, an unknown command) in
         one line on stderr like every other error, instead of a usage block; exit code 2 as click's."""
         extra.pop("standalone_mode", None)
+        from .safeout import safe_output
+
+        with safe_output():
+            self._main(args, prog_name, **extra)
+
+    def _main(self, args, prog_name, **extra):
         try:
             rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
         except click.UsageError as e:

@@ -193,8 +193,11 @@ def progress_bar(total: int, description: str):
 
     from rich.console import Console
 
+    from .safeout import raw
+
+    # the bar moves the cursor: it writes to the stream beneath safeout's escaping
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=Console(stderr=True), transient=True) as prog:
+                  TransferSpeedColumn(), console=Console(file=raw(sys.stderr)), transient=True) as prog:
         task = prog.add_task(description, total=total)
         yield lambda n: prog.advance(task, n)
 
@@ -247,7 +250,9 @@ def console():
     width = None
     if not os.environ.get("COLUMNS") and not sys.stdout.isatty():
         width = 400
-    return Console(highlight=False, soft_wrap=True, width=width)
+    # no markup (a tensor named 'a[/]b' is text) and no colours (stdout escapes control characters:
+    # see safeout)
+    return Console(highlight=False, soft_wrap=True, width=width, markup=False, color_system=None)
 
 
 def echo_notes(notes, out: Callable | None = None, indent: str = "") -> None:

@@ -51,7 +51,7 @@ def print_inspect(info: dict) -> None:
     c = console()
     program = {"torchscript": " (a TorchScript archive: its weights)",
                "torch.export": " (a torch.export program: its weights)"}.get(info.get("program") or "", "")
-    c.print(f"[bold]{info['path']}[/bold]  {info['format']}{program}, {human_bytes(info['file_size'] or 0)}"
+    c.print(f"{info['path']}  {info['format']}{program}, {human_bytes(info['file_size'] or 0)}"
             + ("" if info["lazy"] else " (loaded fully)"))
     at = info["state_dict_at"]
     if info["wrapper"]:
@@ -95,7 +95,7 @@ def print_inspect(info: dict) -> None:
                 "written dense outside a torch zip", markup=False)
     c.print("by dtype: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in info["bytes_by_dtype"].items()))
     if info["prefix"]:
-        c.print(f"wrapper prefix on every key: [bold]{info['prefix']}[/bold]  (strip with: ckpt-surgeon strip-prefix)")
+        c.print(f"wrapper prefix on every key: {info['prefix']}  (strip with: ckpt-surgeon strip-prefix)")
     elif info["prefixes_seen"]:
         c.print("prefixes on some keys: " + ", ".join(f"{p['prefix']} ({p['keys']}/{p['of']})" for p in info["prefixes_seen"]))
     if info["norm_layers"]:

@@ -397,7 +397,7 @@ def _human(r: dict) -> None:
             else:
                 c.print(f"  {kind}: {json.dumps(items, default=str)[:200]}")
     cliutil.echo_notes(r.get("notes"), c.print)
-    c.print(f"[bold]{r['verdict']}[/bold]")
+    c.print(r["verdict"])
 
 
 @click.command("diff")

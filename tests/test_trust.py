@@ -1694,3 +1694,34 @@ def test_a_tiny_file_holding_a_huge_broadcast_view(tmp_path, cli):
     code, out, err = cli("average", src, other, "-o", tmp_path / "avg.pt")
     assert code == 2 and err.startswith("ckpt-surgeon: error: out of memory: ") and "internal" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ex.pt", "ex2.pt", "kept.pt"]
+
+
+def test_names_from_a_file_are_printed_as_text_never_obeyed(tmp_path, cli):
+    """A hostile file's tensor names or wrapper keys holding a terminal escape sequence, a carriage
+    return, a right-to-left override or rich markup: every command prints them escaped (\\x1b) and
+    as written, never as control codes or markup (a name 'a[/]b' was an internal error in inspect)."""
+    exe = str(Path(sys.executable).with_name("ckpt-surgeon"))
+
+    def run_cli(*args):  # the installed entry point: the streams a terminal would get
+        return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    esc, markup = "module.c\x1b[2J\x1b]0;pwned\x07d", "module.a[/]b"
+    sd = {esc: torch.ones(2), markup: torch.ones(2), "module.r\rr": torch.ones(1), "module.x\u202ey": torch.ones(1),
+          "module.[bold]z": torch.ones(1)}
+    torch.save({"state_dict": sd, "\x1b[31mkey": 1}, tmp_path / "h.pt")
+    other = dict(sd)
+    other[esc] = torch.zeros(2)
+    torch.save({"state_dict": other, "\x1b[31mkey": 2}, tmp_path / "h2.pt")
+    runs = [("inspect", tmp_path / "h.pt"), ("inspect", tmp_path / "h.pt", "--tensors"),
+            ("rename", tmp_path / "h.pt", "--map", "^module\\.=>m.", "-o", tmp_path / "r.pt"),
+            ("extract", tmp_path / "h.pt", "--layers", "re:.", "-o", tmp_path / "e.pt"),
+            ("diff", tmp_path / "h.pt", tmp_path / "h2.pt"), ("strip-prefix", tmp_path / "h.pt", "--prefix", "nope.",
+                                                               "-o", tmp_path / "n.pt")]
+    for args in runs:
+        for code, out, err in (cli(*args), (lambda p: (p.returncode, p.stdout, p.stderr))(run_cli(*args))):
+            assert code in (0, 1, 2) and "internal error" not in err, (args, out, err)
+            for text in (out, err):
+                assert not any(c in text for c in "\x1b\x07\r\u202e"), (args, text)
+            if args[0] == "inspect":
+                assert "c\\x1b[2J\\x1b]0;pwned" in out and "a[/]b" in out and "[bold]z" in out, out
+    assert torch.load(tmp_path / "r.pt", weights_only=True)["state_dict"].keys() == {"m." + k[7:] for k in sd}
