@@ -265,11 +265,8 @@ def convert_cmd(path, key, trust_pickle, as_json, **write):
             raise
         if not cliutil.keeps_wrapper(write, e.overview):
             if write.get("output") and e.message.startswith("several state dicts"):
-                keep = ("leave out --state-dict-only" if write.get("state_dict_only")
-                        else "write a torch file (.pt)")
-                together = e.hint.find("; --key '<bare>'") if e.hint else -1
-                e.hint = (f"choose one with --key, or {keep} to keep them all in their wrapper"
-                          + (e.hint[together:] if together >= 0 else ""))
+                keep = "leave out --state-dict-only" if write.get("state_dict_only") else "write a torch file (.pt)"
+                e.hint = f"choose one with --key, or {keep} to keep them all in their wrapper{e.together}"
             raise
         ck = cliutil.load(path, kept[0], trust_pickle)
         said = (f"several state dicts ({name_list(kept)}): all kept in their wrapper as they are"

@@ -70,6 +70,8 @@ class AmbiguousStateDictError(CkptSurgeonError):
     def __init__(self, message: str, *, candidates: list[str] | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)
         self.candidates = list(candidates or [])
+        #: for several model state dicts side by side: how --key '<bare>' takes them as one ("" if it cannot)
+        self.together = ""
         #: the whole file read, without a state dict chosen (``state`` empty, ``wrapper`` the
         #: top-level object): what ``inspect`` shows instead of failing
         self.overview = None

@@ -265,11 +265,13 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
                                       candidates=names, hint="choose one with --key (e.g. --key state/0)")
     together = ("; --key '<bare>' takes them together as one nested state dict (their names joined: "
                 f"{path_str(pool[0])}.<name>)" if is_tensor_tree(obj) else "")
-    raise AmbiguousStateDictError(
+    e = AmbiguousStateDictError(
         f"several state dicts in the checkpoint: {', '.join(names[:12])}"
         + (f" ... and {len(names) - 12} more" if len(names) > 12 else ""),
         candidates=names, hint="choose one with --key (API: key=...); strip-prefix, add-prefix, rename and cast "
                                "change several when --key is given once for each" + together)
+    e.together = together
+    raise e
 
 
 def _empty_mapping(obj: Any) -> bool:
