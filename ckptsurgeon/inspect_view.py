@@ -129,19 +129,21 @@ def print_inspect(info: dict) -> None:
 
 
 def print_tensors(rows: list[dict], c) -> None:
-    """inspect --tensors: one line per tensor, every one (the user asked for the list)."""
-    from rich.table import Table
+    """inspect --tensors: one line per tensor, every one (the user asked for the list). Plain
+    padded columns, not a rich Table: rich measured every cell of 50,000 rows for 20 s."""
+    import click
+
+    from .safeout import one_line
 
     files = any("file" in r for r in rows)
-    t = Table("tensor", "dtype", "shape", "size", *(("file",) if files else ()), box=None, pad_edge=False)
-    t.columns[0].overflow = "fold"
-    for r in rows:
-        what = f"[{', '.join(map(str, r['shape']))}]" + (f" {r['layout']}" if r.get("layout") else "")
-        t.add_row(r["name"] + (f" = {r['tied_to']}" if r.get("tied_to") else ""), r["dtype"], what,
-                  human_bytes(r["bytes"]), *((r.get("file", ""),) if files else ()))
-    c.print(t, markup=False)
+    head = ("tensor", "dtype", "shape", "size") + (("file",) if files else ())
+    table = [head] + [(one_line(r["name"]) + (f" = {one_line(r['tied_to'])}" if r.get("tied_to") else ""), r["dtype"],
+                       f"[{', '.join(map(str, r['shape']))}]" + (f" {r['layout']}" if r.get("layout") else ""),
+                       human_bytes(r["bytes"])) + ((one_line(r.get("file", "")),) if files else ()) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    click.echo("\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table))
     if len(rows) > 1:
-        c.print(f"{count(len(rows), 'tensor')} listed, {human_bytes(sum(r['bytes'] for r in rows))}")
+        click.echo(f"{count(len(rows), 'tensor')} listed, {human_bytes(sum(r['bytes'] for r in rows))}")
 
 
 def module_rows(nodes: list[dict]) -> list[tuple[int, str, int, int]]:

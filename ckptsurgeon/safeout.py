@@ -26,6 +26,14 @@ def escape_controls(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+_ONE_LINE = {**_ESCAPES, ord("\n"): "\\n", ord("\t"): "\\t"}
+
+
+def one_line(text: str) -> str:
+    """``escape_controls`` with newlines and tabs escaped too: a name as one cell of one line."""
+    return text.translate(_ONE_LINE)
+
+
 class SafeText:
     """A text stream that writes ``escape_controls`` of what it is given; everything else (fileno,
     isatty, encoding, buffer, flush) is the stream's own."""
