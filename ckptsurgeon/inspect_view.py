@@ -6,6 +6,7 @@ tree as a rich table. The numbers themselves come from :func:`ckptsurgeon.summar
 from __future__ import annotations
 
 from .cliutil import count, echo_notes, human_bytes
+from .safeout import one_line
 
 MAX_MODULE_ROWS = 200  # the module tree printed; --json has every row
 MAX_WRAPPER_ROWS = 40  # the wrapper's entries printed (a file of 2,000 models side by side printed 2,000 lines)
@@ -60,7 +61,7 @@ def print_inspect(info: dict) -> None:
         top = at.split("/")[0] if at is not None else None
         shown = entries[:MAX_WRAPPER_ROWS] + [e for e in entries[MAX_WRAPPER_ROWS:] if e[0] == top]
         for k, v in shown:
-            c.print(f"  {k}: {v}" + ("  <- state dict" if k == top else ""))
+            c.print(f"  {one_line(k)}: {one_line(v)}" + ("  <- state dict" if k == top else ""))
         if len(entries) > len(shown):
             c.print(f"  ... and {len(entries) - len(shown)} more entries (all of them: --json)")
     if at is None:
@@ -69,7 +70,7 @@ def print_inspect(info: dict) -> None:
         else:
             c.print("state dict at: none")
         for cand in info["candidate_sizes"][:20]:
-            c.print(f"  {cand['at']}: {count(cand['tensors'], 'tensor')}, {human_bytes(cand['bytes'])}")
+            c.print(f"  {one_line(cand['at'])}: {count(cand['tensors'], 'tensor')}, {human_bytes(cand['bytes'])}")
         if len(info["candidate_sizes"]) > 20:
             c.print(f"  ... and {len(info['candidate_sizes']) - 20} more")
         echo_notes(info["notes"], c.print)
@@ -121,7 +122,7 @@ def print_inspect(info: dict) -> None:
     t.columns[0].overflow = "fold"
     rows = module_rows(info["modules"])
     for depth, name, tensors, params in rows[:MAX_MODULE_ROWS]:
-        t.add_row("  " * (depth - 1) + name, str(tensors), f"{params:,}")
+        t.add_row("  " * (depth - 1) + one_line(name), str(tensors), f"{params:,}")
     c.print(t)
     if len(rows) > MAX_MODULE_ROWS:
         c.print(f"... and {len(rows) - MAX_MODULE_ROWS} more module rows (all of them: --json)")
@@ -132,8 +133,6 @@ def print_tensors(rows: list[dict], c) -> None:
     """inspect --tensors: one line per tensor, every one (the user asked for the list). Plain
     padded columns, not a rich Table: rich measured every cell of 50,000 rows for 20 s."""
     import click
-
-    from .safeout import one_line
 
     files = any("file" in r for r in rows)
     head = ("tensor", "dtype", "shape", "size") + (("file",) if files else ())
