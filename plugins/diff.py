@@ -124,6 +124,9 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
     tied_b = _tied_copies(cb, only_b, {kb for _, _, kb in common})
     only_a = [k for k in only_a if k not in tied_a]
     only_b = [k for k in only_b if k not in tied_b]
+    # the same values under a second name, stored as a copy (a tied weight written without sharing)
+    copies_a = _copies(ta, only_a, [ka for ka, _, _ in common], digest)
+    copies_b = _copies(tb, only_b, [kb for _, _, kb in common], digest)
 
     shape_changed, dtype_changed, changed, close, nonfinite = [], [], [], [], []
     equal = 0
@@ -247,6 +250,8 @@ def diff(a, b, *, atol: float = 0.0, rtol: float = 0.0, align: bool = True, key_
         "only_in_a": only_a, "only_in_b": only_b, "renamed": renamed,
         "tied_only_in_a": [{"name": k, "tied_to": m} for k, m in tied_a.items()],
         "tied_only_in_b": [{"name": k, "tied_to": m} for k, m in tied_b.items()],
+        "copies_only_in_a": [{"name": k, "same_as": m} for k, m in copies_a.items()],
+        "copies_only_in_b": [{"name": k, "same_as": m} for k, m in copies_b.items()],
         "shape_changed": shape_changed, "dtype_changed": dtype_changed,
         "equal": equal, "close": close, "changed": changed,
         "modules": modules, "nonfinite": nonfinite, "metadata": meta,
@@ -268,6 +273,34 @@ def _tied_copies(ck: Checkpoint, only: list, compared: set) -> "OrderedDict[str,
         m = next((x for x in partners.get(k, ()) if x != k and x in compared), None)
         if m is not None:
             out[k] = m
+    return out
+
+
+_COPY_CHECKS = 16  # names on one side only checked for a copy of a compared tensor (each a hash or two)
+
+
+def _copies(tensors: dict, only: list, compared: list, digest) -> "OrderedDict[str, str]":
+    """{name on one side only: a compared name on that side holding the same values}: a tied weight
+    written as two copies (a safetensors file made without --dedupe-tied) beside a file that stores
+    it once. Only tensors of the same shape and dtype are hashed, for the first _COPY_CHECKS names."""
+    out: "OrderedDict[str, str]" = OrderedDict()
+    if not only or not compared:
+        return out
+    by_kind: dict = {}
+    for k in compared:
+        by_kind.setdefault(shape_dtype(tensors[k]), []).append(k)
+    hashes: dict = {}
+    for k in only[:_COPY_CHECKS]:
+        cands = by_kind.get(shape_dtype(tensors[k]))
+        if not cands or len(cands) > _COPY_CHECKS:  # (many alike: a bias among biases says little)
+            continue
+        h = digest(tensors[k])
+        for c in cands:
+            if c not in hashes:
+                hashes[c] = digest(tensors[c])
+            if hashes[c] == h:
+                out[k] = c
+                break
     return out
 
 
@@ -343,6 +376,10 @@ def _human(r: dict) -> None:
     for label, items in (("only in A", r["only_in_a"]), ("only in B", r["only_in_b"])):
         if items:
             c.print(f"{label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+    for side, items in (("A", r.get("copies_only_in_a", ())), ("B", r.get("copies_only_in_b", ()))):
+        for x in items[:ROWS]:
+            c.print(f"  {x['name']} (only in {side}) holds the same values as {x['same_as']}: a tied weight "
+                    "stored as a copy?")
     for side, other, items in (("A", "B", r["tied_only_in_a"]), ("B", "A", r["tied_only_in_b"])):
         if items:
             c.print(f"tied in {side}, stored once in {other} ({len(items)}): " + ", ".join(

@@ -429,6 +429,12 @@ def test_a_tied_name_one_side_stores_once_is_compared_through_its_partner(tmp_pa
     torch.save({"model.embed.weight": emb, "lm_head.weight": emb.clone(), "x.w": torch.ones(2)}, tmp_path / "untied.bin")
     rep = cs.diff(tmp_path / "untied.bin", tmp_path / "st.safetensors")
     assert rep["only_in_a"] == ["lm_head.weight"] and not rep["tied_only_in_a"]
+    # ... but the copy is named as holding its partner's values (not when the values differ)
+    assert rep["copies_only_in_a"] == [{"name": "lm_head.weight", "same_as": "model.embed.weight"}], rep
+    code, out, _ = cli("diff", tmp_path / "untied.bin", tmp_path / "st.safetensors")
+    assert code == 1 and "lm_head.weight (only in A) holds the same values as model.embed.weight" in out, out
+    torch.save({"model.embed.weight": emb, "lm_head.weight": emb + 1, "x.w": torch.ones(2)}, tmp_path / "other.bin")
+    assert cs.diff(tmp_path / "other.bin", tmp_path / "st.safetensors")["copies_only_in_a"] == []
     save_file({"x.w": torch.ones(2)}, tmp_path / "x.safetensors")
     rep = cs.diff(tmp_path / "tied.bin", tmp_path / "x.safetensors")
     assert rep["only_in_a"] == ["model.embed.weight", "lm_head.weight"] and not rep["tied_only_in_a"]
