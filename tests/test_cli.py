@@ -153,6 +153,11 @@ def test_a_file_of_many_state_dicts_is_reported_in_bounded_lines(tmp_path, cli):
     assert "  m299: dict (1 key)  <- state dict" in out  # the chosen one is shown even past the cut
     code, text, _ = cli("inspect", tmp_path / "many.pt", "--json")
     assert code == 0 and len(json.loads(text)["wrapper"]) == 300
+    # a rename rule mapping 3,000 keys onto one name: the collision error names four of them
+    torch.save({f"layers.{i}.w": torch.ones(1) for i in range(3000)}, tmp_path / "wide.pt")
+    code, _, err = cli("rename", tmp_path / "wide.pt", "--map", "^.*=>x", "-o", tmp_path / "x.pt")
+    assert code == 2 and "layers.0.w + layers.1.w + layers.2.w + layers.3.w + 2996 more -> x" in err, err
+    assert len(err) < 300 and not (tmp_path / "x.pt").exists()
 
 
 def test_an_install_without_torch_says_so_in_one_line(tmp_path):
