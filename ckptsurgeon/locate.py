@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from . import dtypes
 from .errors import AmbiguousStateDictError, NoStateDictError, SelectionError
+from .keys import name_list
 from .refs import is_tensor_like
 
 # Where people put the model's weights inside a wrapper dict, most specific first.
@@ -205,9 +206,9 @@ def choose_state_dict(obj: Any, key: str | None = None) -> tuple[tuple, list[tup
             named = True
         if named:
             raise SelectionError(f"--key {key!r} does not hold a state dict (a mapping of names to tensors)",
-                                 hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
+                                 hint=f"candidates: {name_list(map(path_str, candidates), 12) or 'none'}")
         raise SelectionError(f"--key {key!r} is not in the checkpoint",
-                             hint=f"candidates: {', '.join(map(path_str, candidates)) or 'none'}")
+                             hint=f"candidates: {name_list(map(path_str, candidates), 12) or 'none'}")
     if not candidates and isinstance(obj, Mapping) and not obj:
         return (), candidates  # an empty state dict (a module without parameters): nothing to choose
     if not candidates and isinstance(obj, Mapping):

@@ -7,6 +7,7 @@ import os
 from .atomic import check_output_path
 from .checkpoint import Checkpoint
 from .errors import OutputError, PluginError
+from .keys import name_list
 from .formats.hf_write import model_folder
 from .manager import get_manager
 
@@ -99,7 +100,7 @@ def save(ck: Checkpoint, path, *, format: str | None = None, in_place: bool = Fa
         options["max_shard_size"] = max_shard_size
     report = formats[fmt][0].save(ck, path, **options)
     if dropped:
-        report.setdefault("notes", []).insert(0, f"state dict only: the wrapper around it not written ({', '.join(dropped)})")
+        report.setdefault("notes", []).insert(0, f"state dict only: the wrapper around it not written ({name_list(dropped)})")
     ext = os.path.splitext(path)[1]
     if not format and fmt != "hf-folder" and not _claimed(ext.lower(), formats):
         why = f"its extension {ext!r} names no format" if ext else "it has no extension"

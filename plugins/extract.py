@@ -8,7 +8,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import SelectionError
-from ckptsurgeon.keys import detect_prefix, module_of, parse_patterns, select, unmatched_hint
+from ckptsurgeon.keys import detect_prefix, module_of, name_list, parse_patterns, select, unmatched_hint
 from ckptsurgeon.transform import keep_keys, rename_keys
 from ckptsurgeon.types import Operation
 
@@ -76,7 +76,7 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
                 dropped_wrapper.append(str(k))
         new = new.replace(wrapper=wrapper)
         if dropped_wrapper:
-            notes.append(f"dropped optimizer state ({', '.join(dropped_wrapper)}): it no longer matches a partial model")
+            notes.append(f"dropped optimizer state ({name_list(dropped_wrapper)}): it no longer matches a partial model")
     summ = new.summary()
     left = [k for k in keys if k not in chosen_set]
     report = {

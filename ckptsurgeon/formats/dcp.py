@@ -203,7 +203,7 @@ def _read_metadata(meta_path: str, data: bytes | None = None):
         raise CorruptCheckpointError(f"{meta_path}: unexpected DCP metadata ({e})") from None
     foreign = _foreign(names)
     if foreign:  # then refused all the same: what else would such a file be for
-        raise UnsafePickleError(f"{meta_path}: DCP metadata that would import {', '.join(foreign)}; "
+        raise UnsafePickleError(f"{meta_path}: DCP metadata that would import {name_list(foreign, 20)}; "
                                 "nothing was executed", globals_=foreign,
                                 hint="a DCP .metadata holds only torch.distributed.checkpoint's own classes")
     return meta

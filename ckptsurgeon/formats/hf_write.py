@@ -14,6 +14,7 @@ from ..atomic import _fsync_dir, atomic_output, fsync_wanted
 from ..checkpoint import Checkpoint
 from ..dtypes import PLAIN_FLOATS
 from ..errors import OutputError
+from ..keys import name_list
 from . import safetensors as st
 from .hf import DIFFUSERS_STEM, is_diffusers_config, read_config, training_state_files
 
@@ -65,9 +66,9 @@ def save_sharded(ck: Checkpoint, out_dir: str, *, max_shard_size="5GB", dry_run:
     if n > 1:
         stale.discard(_index(stem))
     if side:
-        report["notes"] = report["notes"] + [f"from the source folder too: {', '.join(side)}"]
+        report["notes"] = report["notes"] + [f"from the source folder too: {name_list(side)}"]
     if stale:
-        report["notes"] = report["notes"] + [f"replaces the earlier weights here: {', '.join(sorted(stale))}"]
+        report["notes"] = report["notes"] + [f"replaces the earlier weights here: {name_list(sorted(stale))}"]
     config = _config_with_dtype(src_folder if "config.json" in side else out_dir, items)
     if config is not None:
         report["notes"] = report["notes"] + [config[1]]
