@@ -73,6 +73,8 @@ def print_inspect(info: dict) -> None:
             c.print(f"  {one_line(cand['at'])}: {count(cand['tensors'], 'tensor')}, {human_bytes(cand['bytes'])}")
         if len(info["candidate_sizes"]) > 20:
             c.print(f"  ... and {len(info['candidate_sizes']) - 20} more")
+        if info.get("tensor_list") is not None:  # --tensors: every candidate's, named <candidate>/<name>
+            print_tensors(info["tensor_list"], c)
         echo_notes(info["notes"], c.print)
         return
     c.print(f"state dict at: {at}"

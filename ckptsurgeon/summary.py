@@ -144,7 +144,9 @@ def inspect(source, *, depth: int = 2, values: bool = False, key=None, trust_pic
         "notes": list(ck.notes) + ([why] if why else []) + ([RNG_NOTE] if chosen and looks_like_rng_state(infos, ck.state)
                                                              else []),
     }
-    if tensors or match:
+    if (tensors or match) and not chosen:
+        out["tensor_list"] = candidate_tensor_list(ck.wrapper, ck.candidates, match)
+    elif tensors or match:
         out["tensor_list"] = tensor_list(infos, tied, match, prefix)
         if src and len(src.files) > 1:  # a sharded folder: which file holds each tensor
             folder = os.path.dirname(src.path) if os.path.isfile(src.path) else src.path
@@ -167,21 +169,64 @@ def _file_of(v) -> str | None:
 def tensor_list(infos: Mapping, tied, match=(), strip: str = "") -> list[dict]:
     """One row per tensor (name, dtype, shape, numel, bytes; ``tied_to`` for a second name of a
     tensor), in the state dict's order, kept to those ``match`` names when given."""
-    from .errors import SelectionError
-    from .keys import parse_patterns, select, unmatched_hint
+    patterns = _patterns(match)
+    names, counts = _matching(list(infos), patterns, strip)
+    _refuse_unmatched(counts, list(infos), strip)
+    return _rows(infos, names, dict(tied))
 
-    names = list(infos)
+
+def candidate_tensor_list(wrapper: Any, candidates, match=()) -> list[dict]:
+    """tensor_list for a file whose state dict is not chosen (a GAN's G and D, an optimizer state):
+    every candidate's tensors, named ``<candidate>/<name>``; a mapping under several paths is
+    listed once. A pattern is unmatched only when it names a tensor in none of them."""
+    patterns = _patterns(match)
+    rows, seen, every = [], set(), []
+    counts = {p.text: 0 for p in patterns}
+    for cand in candidates:
+        node, _ = next(key_paths(wrapper, cand), (None, None))
+        if not isinstance(node, Mapping) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        items = flatten(node)[0] if is_tensor_tree(node) else node
+        infos = OrderedDict((str(k), tensor_info(v)) for k, v in items.items() if is_tensor_like(v))
+        prefix = detect_prefix(infos.keys())
+        names, found = _matching(list(infos), patterns, prefix)
+        for text, n in found.items():
+            counts[text] += n
+        every += list(infos)
+        rows += [dict(r, name=f"{cand}/{r['name']}") for r in _rows(infos, names, {})]
+    _refuse_unmatched(counts, every, "")
+    return rows
+
+
+def _patterns(match) -> list:
+    from .errors import SelectionError
+    from .keys import parse_patterns
+
     patterns = parse_patterns(match)
     if match and not patterns:
         raise SelectionError(f"--match {', '.join(map(repr, match))} names no pattern",
                              hint="give a module path, a glob or re:regex, or leave --match out to list every tensor")
-    if patterns:
-        names, counts = select(names, patterns, strip)
-        missing = [t for t, n in counts.items() if not n]
-        if missing:
-            raise SelectionError(f"--match pattern{'s' if len(missing) > 1 else ''} matched no tensor: "
-                                 f"{', '.join(map(repr, missing))}", hint=unmatched_hint(missing, list(infos), strip))
-    alias_of = dict(tied)
+    return patterns
+
+
+def _matching(names: list, patterns: list, strip: str) -> tuple[list, dict]:
+    from .keys import select
+
+    return select(names, patterns, strip) if patterns else (names, {})
+
+
+def _refuse_unmatched(counts: dict, names: list, strip: str) -> None:
+    from .errors import SelectionError
+    from .keys import unmatched_hint
+
+    missing = [t for t, n in counts.items() if not n]
+    if missing:
+        raise SelectionError(f"--match pattern{'s' if len(missing) > 1 else ''} matched no tensor: "
+                             f"{', '.join(map(repr, missing))}", hint=unmatched_hint(missing, names, strip))
+
+
+def _rows(infos: Mapping, names: list, alias_of: dict) -> list[dict]:
     rows = []
     for name in names:
         i = infos[name]

@@ -277,6 +277,15 @@ def test_inspect_lists_tensors_and_filters_them(tmp_path, cli):
     rows = cs.inspect(tmp_path / "m.safetensors", match=["*fc*"])["tensor_list"]
     assert [r["name"] for r in rows] == ["blocks.0.fc.weight", "blocks.1.fc.weight"]
     assert "tensor_list" not in cs.inspect(tmp_path / "m.safetensors")
+    # no state dict chosen (G and D side by side): every candidate's tensors, named <candidate>/<name>
+    torch.save({"G": {"net.0.weight": torch.zeros(2, 2)}, "D": {"fc.weight": torch.zeros(1, 2)}, "epoch": 1},
+               tmp_path / "gan.pt")
+    rows = cs.inspect(tmp_path / "gan.pt", tensors=True)["tensor_list"]
+    assert [r["name"] for r in rows] == ["G/net.0.weight", "D/fc.weight"] and rows[1]["shape"] == [1, 2]
+    code, out, err = cli("inspect", tmp_path / "gan.pt", "--match", "fc")
+    assert code == 0 and "D/fc.weight" in out and "G/net.0.weight" not in out and "pick one with --key" in out, out
+    code, _, err = cli("inspect", tmp_path / "gan.pt", "--match", "fc", "--match", "head")
+    assert code == 2 and "matched no tensor: 'head'" in err, err
     # many tensors: plain columns, not a rich table that measured every cell (50,000 rows: 20 s)
     save_file({f"layers.{i // 100}.experts.{i % 100}.w": torch.zeros(1) for i in range(20000)}, tmp_path / "moe.safetensors")
     code, out, err = cli("inspect", tmp_path / "moe.safetensors", "--tensors")
