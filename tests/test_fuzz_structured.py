@@ -105,7 +105,8 @@ TREE_COMMANDS = [["inspect"], ["inspect", "--json", "--values"], ["strip-prefix"
                  ["convert", "-o", "{o}.pt"], ["diff", "{p}"], ["diff", "{prev}"], ["extract", "--layers", "re:.*", "-o", "{o}.pt"],
                  ["cast", "--dtype", "float16", "-o", "{o}.pt"], ["add-prefix", "--prefix", "m.", "-o", "{o}.safetensors"],
                  ["scan"], ["average", "{p}", "-o", "{o}.pt"], ["convert", "-o", "{o}_shards/", "--max-shard-size", "1KB"],
-                 ["rename", "--map", "a=>b", "--allow-unmatched", "-o", "{o}.pt"]]
+                 ["rename", "--map", "a=>b", "--allow-unmatched", "-o", "{o}.pt"], ["inspect", "--tensors"],
+                 ["inspect", "--match", "re:l[01]", "--json"]]
 
 
 def _promise_kept(args, code, out, err):
