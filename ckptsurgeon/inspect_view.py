@@ -79,7 +79,7 @@ def print_inspect(info: dict) -> None:
         return
     c.print(f"state dict at: {at}"
             + (f" (candidates: {fold_candidates(info['candidates'])})" if len(info["candidates"]) > 1 else ""))
-    c.print(f"tensors: {info['tensors']}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
+    c.print(f"tensors: {info['tensors']:,}   parameters: {info['parameters']:,}   bytes: {human_bytes(info['bytes'])}")
     if info["tied"]:
         shown = ", ".join(f"{a} = {b}" for a, b in info["tied"][:4]) + (" ..." if len(info["tied"]) > 4 else "")
         c.print(f"tied: {shown} ({info['unique_parameters']:,} parameters counting each tensor once)",
