@@ -49,6 +49,24 @@ def test_inspect_and_strip_read_no_torch_on_zip(sample_dir, tmp_path):
     assert out.stdout.strip() == "NO-TORCH", out.stderr
 
 
+def test_small_writes_make_no_checking_thread(tmp_path):
+    """A file of small records is read and checked inline: writing it (torch zip or safetensors)
+    neither starts the checking thread nor imports concurrent.futures and logging (~7 ms, a
+    quarter of such a run); a large record does."""
+    torch.save({"module.w": torch.randn(3, 4), "module.b": torch.randn(4)}, tmp_path / "small.pt")
+    torch.save({"module.w": torch.randn(1 << 18)}, tmp_path / "large.pt")  # 1 MiB: kernel-copied
+    code = ("import sys, ckptsurgeon as cs\n"
+            "new, _ = cs.strip_prefix(cs.load(sys.argv[1]))\n"
+            "cs.save(new, sys.argv[2] + '.pt'); cs.save(new, sys.argv[2] + '.safetensors')\n"
+            "print('POOL' if 'concurrent.futures' in sys.modules else 'NO-POOL')")
+    for name, want in (("small", "NO-POOL"), ("large", "POOL")):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.pt"), str(tmp_path / f"o_{name}")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == want, (name, out.stdout, out.stderr)
+        assert torch.equal(torch.load(tmp_path / f"o_{name}.pt", weights_only=True)["w"],
+                           torch.load(tmp_path / f"{name}.pt", weights_only=True)["module.w"])
+
+
 def test_zip_is_lazy_and_knows_shapes(sample_dir, seednet_sd):
     ck = cs.load(sample_dir / "seednet.pt")
     assert ck.source.format == "torch-zip" and ck.source.lazy

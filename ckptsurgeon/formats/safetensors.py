@@ -15,7 +15,7 @@ from ..keys import name_list
 from ..locate import refuse_key
 from ..refs import TensorRef, as_ref, check_dense_fits, holds_tensors, is_tensor_like, plain_form, special_kind, tie_key
 from ..stfmt import build_header, load_entries
-from ..zipwrite import PENDING_MAX, SMALL_RECORD, EarlyWriteback, copy_range, pwrite_all
+from ..zipwrite import PENDING_MAX, SMALL_RECORD, EarlyWriteback, LazyPool, copy_range, pwrite_all
 
 TRANSFORMS_KEY = "ckpt_surgeon.transforms"
 
@@ -142,10 +142,8 @@ def write_data(fd: int, header: bytes, order, *, progress=None, start: int = 0, 
         else:
             checks.update((id(r), r) for r, _, _ in pieces or () if r.crc is not None)
         where.append(pieces)
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with LazyPool() as pool:
             pending = pool.submit(_check_all, list(checks.values())) if checks else None
             run = None  # [source fd, source offset, output offset, length] of a pending copy
             small = bytearray()  # small records read here, written at small_at in one go
