@@ -74,7 +74,7 @@ def print_inspect(info: dict) -> None:
         if len(info["candidate_sizes"]) > 20:
             c.print(f"  ... and {len(info['candidate_sizes']) - 20} more")
         if info.get("tensor_list") is not None:  # --tensors: every candidate's, named <candidate>/<name>
-            print_tensors(info["tensor_list"], c)
+            print_tensors(info["tensor_list"])
         echo_notes(info["notes"], c.print)
         return
     c.print(f"state dict at: {at}"
@@ -116,7 +116,7 @@ def print_inspect(info: dict) -> None:
         c.print("NaN/Inf: none" if not bad else "NaN/Inf in: " + ", ".join(
             f"{b['tensor']} (nan {b['nan']}, inf {b['inf']})" for b in bad))
     if info.get("tensor_list") is not None:
-        print_tensors(info["tensor_list"], c)
+        print_tensors(info["tensor_list"])
         echo_notes(info["notes"], c.print)
         return
     label = f"module (below {info['modules_below']})" if info.get("modules_below") else "module"
@@ -131,7 +131,7 @@ def print_inspect(info: dict) -> None:
     echo_notes(info["notes"], c.print)
 
 
-def print_tensors(rows: list[dict], c) -> None:
+def print_tensors(rows: list[dict]) -> None:
     """inspect --tensors: one line per tensor, every one (the user asked for the list). Plain
     padded columns, not a rich Table: rich measured every cell of 50,000 rows for 20 s."""
     import click

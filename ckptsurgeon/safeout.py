@@ -43,7 +43,7 @@ class SafeText:
 
     def write(self, s):
         if isinstance(s, str):
-            self.raw.write(s.translate(_ESCAPES))
+            self.raw.write(escape_controls(s))
             return len(s)
         return self.raw.write(s)  # bytes: what the stream does with them (click probes with b"")
 
