@@ -21,6 +21,7 @@ from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import EXIT_FINDING, SelectionError
 from ckptsurgeon.keys import align_keys
 from ckptsurgeon.refs import TensorRef, check_dense_fits, is_tensor_like
+from ckptsurgeon.safeout import one_line
 from ckptsurgeon.types import Operation
 
 from .diff_content import deep_diff, has_header, other_content, same_content, shape_dtype
@@ -375,20 +376,20 @@ def _human(r: dict) -> None:
         cliutil.echo_notes([r["alignment"]["note"]], c.print)
     for label, items in (("only in A", r["only_in_a"]), ("only in B", r["only_in_b"])):
         if items:
-            c.print(f"{label} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+            c.print(f"{label} ({len(items)}): " + ", ".join(map(one_line, items[:20])) + (" ..." if len(items) > 20 else ""))
     for side, items in (("A", r.get("copies_only_in_a", ())), ("B", r.get("copies_only_in_b", ()))):
         for x in items[:ROWS]:
-            c.print(f"  {x['name']} (only in {side}) holds the same values as {x['same_as']}: a tied weight "
+            c.print(f"  {one_line(x['name'])} (only in {side}) holds the same values as {one_line(x['same_as'])}: a tied weight "
                     "stored as a copy?")
     for side, other, items in (("A", "B", r["tied_only_in_a"]), ("B", "A", r["tied_only_in_b"])):
         if items:
             c.print(f"tied in {side}, stored once in {other} ({len(items)}): " + ", ".join(
-                f"{x['name']} = {x['tied_to']}" for x in items[:20]) + (" ..." if len(items) > 20 else ""))
+                f"{one_line(x['name'])} = {one_line(x['tied_to'])}" for x in items[:20]) + (" ..." if len(items) > 20 else ""))
     for x in r["renamed"][:ROWS]:
-        c.print(f"renamed: {x['a']} -> {x['b']} (same content)")
+        c.print(f"renamed: {one_line(x['a'])} -> {one_line(x['b'])} (same content)")
     _more(c, r["renamed"], "renames")
     for x in r["shape_changed"][:ROWS]:
-        c.print(f"shape: {x['name']}: {x['a']} -> {x['b']}")
+        c.print(f"shape: {one_line(x['name'])}: {x['a']} -> {x['b']}")
     _more(c, r["shape_changed"], "shape changes")
     by_change: "OrderedDict[tuple, list]" = OrderedDict()
     for x in r["dtype_changed"]:
@@ -396,7 +397,7 @@ def _human(r: dict) -> None:
     for (da, db), xs in by_change.items():
         if len(xs) <= 3:
             for x in xs:
-                c.print(f"dtype: {x['name']}: {da} -> {db}{_value_change(x)}")
+                c.print(f"dtype: {one_line(x['name'])}: {da} -> {db}{_value_change(x)}")
         else:  # a whole model cast: one line, the largest change named
             worst = max(xs, key=lambda x: x.get("rel_l2") or 0)
             c.print(f"dtype: {count(len(xs), 'tensor')} {da} -> {db}" + (
@@ -408,7 +409,7 @@ def _human(r: dict) -> None:
         for col in t.columns[1:]:
             col.min_width = len(str(col.header))
         for e in r["changed"][:ROWS]:
-            t.add_row(e["name"], f"{e['max_abs']:.3g}", f"{e['mean_abs']:.3g}",
+            t.add_row(one_line(e["name"]), f"{e['max_abs']:.3g}", f"{e['mean_abs']:.3g}",
                       "n/a" if e["rel_l2"] is None else f"{100 * e['rel_l2']:.3g}%",
                       f"{e['cosine']:.6f}", f"{e['n_diff']}/{e['numel']}")
         c.print(t)
@@ -418,12 +419,12 @@ def _human(r: dict) -> None:
         t = Table("module", "changed", "rel L2", title="per module")
         t.columns[0].overflow = "fold"
         for m in touched[:ROWS]:
-            t.add_row(m["module"], f"{m['changed']}/{m['tensors']}",
+            t.add_row(one_line(m["module"]), f"{m['changed']}/{m['tensors']}",
                       "n/a" if m["rel_l2"] is None else f"{100 * m['rel_l2']:.3g}%")
         c.print(t)
         _more(c, touched, "changed modules")
     for x in r["nonfinite"][:ROWS]:
-        c.print(f"NaN/Inf: {x['name']}: " + ", ".join(f"{s} nan={v['nan']} inf={v['inf']}" for s, v in x.items() if s != "name"))
+        c.print(f"NaN/Inf: {one_line(x['name'])}: " + ", ".join(f"{s} nan={v['nan']} inf={v['inf']}" for s, v in x.items() if s != "name"))
     _more(c, r["nonfinite"], "tensors with NaN/Inf")
     if r["metadata"]:
         c.print("other content:")

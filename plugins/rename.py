@@ -12,6 +12,7 @@ from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.dtypes import count
 from ckptsurgeon.errors import SelectionError
+from ckptsurgeon.safeout import one_line
 from ckptsurgeon.transform import rename_keys
 from ckptsurgeon.types import Operation
 
@@ -158,7 +159,7 @@ def _human(report: dict) -> None:
     dry_run = report["save"].get("dry_run") if "save" in report else report.get("dry_run")
     shown = mapping if dry_run or len(mapping) <= LIST_MAX else mapping[:LIST_MAX // 2]
     for old, new in shown:
-        click.echo(f"  {old} -> {new}")
+        click.echo(f"  {one_line(old)} -> {one_line(new)}")
     if len(shown) < len(mapping):
         click.echo(f"  ... and {len(mapping) - len(shown)} more (every rename: --dry-run, or --json)")
     click.echo(f"{count(report['renamed'], 'key')} renamed")

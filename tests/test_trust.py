@@ -1707,10 +1707,11 @@ def test_names_from_a_file_are_printed_as_text_never_obeyed(tmp_path, cli):
 
     esc, markup = "module.c\x1b[2J\x1b]0;pwned\x07d", "module.a[/]b"
     sd = {esc: torch.ones(2), markup: torch.ones(2), "module.r\rr": torch.ones(1), "module.x\u202ey": torch.ones(1),
-          "module.[bold]z": torch.ones(1)}
+          "module.[bold]z": torch.ones(1), "module.e\nf": torch.ones(3)}
     torch.save({"state_dict": sd, "\x1b[31mkey": 1}, tmp_path / "h.pt")
     other = dict(sd)
     other[esc] = torch.zeros(2)
+    other["module.e\nf"] = torch.zeros(3)
     torch.save({"state_dict": other, "\x1b[31mkey": 2}, tmp_path / "h2.pt")
     runs = [("inspect", tmp_path / "h.pt"), ("inspect", tmp_path / "h.pt", "--tensors"),
             ("rename", tmp_path / "h.pt", "--map", "^module\\.=>m.", "-o", tmp_path / "r.pt"),
@@ -1724,4 +1725,6 @@ def test_names_from_a_file_are_printed_as_text_never_obeyed(tmp_path, cli):
                 assert not any(c in text for c in "\x1b\x07\r\u202e"), (args, text)
             if args[0] == "inspect":
                 assert "c\\x1b[2J\\x1b]0;pwned" in out and "a[/]b" in out and "[bold]z" in out, out
+            if args[0] in ("inspect", "rename", "diff"):  # a newline in a name: escaped, the line kept whole
+                assert "e\\nf" in out, (args, out)
     assert torch.load(tmp_path / "r.pt", weights_only=True)["state_dict"].keys() == {"m." + k[7:] for k in sd}
