@@ -262,6 +262,29 @@ def flatten(tree: Mapping) -> tuple["OrderedDict[str, Any]", tuple]:
     return flat, tuple(nodes)
 
 
+def rename_nested(nodes: tuple, renamed: Mapping[str, str]) -> tuple:
+    """The tree's mappings after a rename (``renamed``: every flat name in the state dict -> its new
+    name): a mapping whose names all moved together (``language_model.encoder.*`` renamed to
+    ``language_model.decoder.*``, a prefix added or stripped) moves with them, so writing back
+    nests them under their new path instead of flat under the deepest old one; its parents are
+    made as needed. A mapping whose names went different ways, or to the top, stays where it was
+    (unflatten then places each name as it says); so do paths whose parts hold dots or are not text."""
+    out = []
+    for path, plain, meta, leaves in nodes:
+        targets = set()
+        if path and all(isinstance(p, str) and "." not in p for p in path):
+            prefix = "".join(f"{p}." for p in path)
+            for k in leaves:
+                new = renamed.get(prefix + k)
+                if new is None:  # no longer in the state dict (extract left it out)
+                    continue
+                targets.add(tuple(new[:-len(k) - 1].split(".")) if new.endswith("." + k) else None)
+        if len(targets) == 1 and None not in targets:
+            path = targets.pop()
+        out.append((path, plain, meta, leaves))
+    return tuple(out)
+
+
 def unflatten(state: Mapping[str, Any], nodes: tuple) -> Any:
     """Nest flat names again: each goes under the deepest mapping of the original tree whose
     dotted path starts it (so renamed or stripped names land where their new name says, and a
@@ -274,7 +297,7 @@ def unflatten(state: Mapping[str, Any], nodes: tuple) -> Any:
 
     def node(path):
         if path not in made:
-            plain, meta = info[path]
+            plain, meta = info.get(path, (False, None))  # (a parent a rename made: rename_nested)
             made[path] = {} if plain else OrderedDict()
             if meta is not None and not plain:
                 made[path]._metadata = meta
@@ -291,5 +314,5 @@ def unflatten(state: Mapping[str, Any], nodes: tuple) -> Any:
             if hit is not None:
                 where, rest = hit, ".".join(parts[i:])
                 break
-        node(where)[names[where].get(rest, rest)] = value
+        node(where)[names.get(where, {}).get(rest, rest)] = value
     return made[()]

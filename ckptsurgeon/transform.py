@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Iterable
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, rename_nested
 from .dtypes import count
 from .errors import KeyCollisionError
 from .keys import filter_metadata, module_of, rename_metadata
@@ -42,7 +42,8 @@ def rename_keys(ck: Checkpoint, fn: Callable[[str], str]) -> tuple[Checkpoint, "
         more = f" (and {len(collisions) - 5} more)" if len(collisions) > 5 else ""
         raise KeyCollisionError(f"{count(len(collisions), 'key collision')}, nothing written: {sample}{more}",
                                 collisions=collisions)
-    return ck.replace(state=new_state, metadata=rename_metadata(ck.metadata, fn)), changed
+    nested = rename_nested(ck.nested, {k: changed.get(k, k) for k in ck.state}) if ck.nested and changed else ck.nested
+    return ck.replace(state=new_state, metadata=rename_metadata(ck.metadata, fn), nested=nested), changed
 
 
 def keep_keys(ck: Checkpoint, keys: Iterable[str]) -> Checkpoint:

@@ -661,12 +661,29 @@ def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
     assert code == 0, err
     assert list(torch.load(tmp_path / "enc2.pt", weights_only=True)["model"]) == list(
         obj["model"]["language_model"]["encoder"])
-    # a rename into another nested module's path lands there
+    # a rename into another nested module's path lands there (a mapping moved whole: still a mapping)
     code, _, err = cli("rename", tmp_path / "mg.pt", "--map", r"^word_embeddings_for_head\.=>language_model.embedding.head.",
                        "-o", tmp_path / "r.pt")
     assert code == 0, err
     emb = torch.load(tmp_path / "r.pt", weights_only=True)["model"]["language_model"]["embedding"]
-    assert list(emb) == ["word_embeddings", "position_embeddings", "head.weight"]
+    assert list(emb) == ["word_embeddings", "position_embeddings", "head"] and list(emb["head"]) == ["weight"]
+    # a mapping whose names all move together moves with them (before: written flat, as
+    # "decoder.layers.0..." inside language_model, a tree Megatron cannot load)
+    enc_names = list(obj["model"]["language_model"]["encoder"])
+    for args, where in ((["rename", "--map", r"\.encoder\.=>.decoder."], ("language_model", "decoder")),
+                        (["add-prefix", "--prefix", "module."], ("module", "language_model", "encoder")),
+                        (["strip-prefix", "--prefix", "language_model.", "--partial"], ("encoder",))):
+        code, _, err = cli(args[0], tmp_path / "mg.pt", *args[1:], "-o", tmp_path / "moved.pt")
+        assert code == 0, (args, err)
+        node = torch.load(tmp_path / "moved.pt", weights_only=True)["model"]
+        for part in where:
+            node = node[part]
+        assert list(node) == enc_names and type(node) is OrderedDict, (args, list(node))
+        moved = cs.load(tmp_path / "moved.pt")
+        assert len(moved.state) == 6 and all(torch.equal(moved.state[k].to_torch(), v.to_torch())
+                                             for k, v in zip(moved.state, ck.state.values()))
+    top = torch.load(tmp_path / "moved.pt", weights_only=True)["model"]  # (the strip-prefix one)
+    assert list(top) == ["embedding", "encoder", "word_embeddings_for_head"], list(top)
 
     # one part of it still by --key; side-by-side models stay ambiguous
     assert len(cs.load(tmp_path / "mg.pt", key="model/language_model/encoder").state) == 3
