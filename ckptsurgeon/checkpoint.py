@@ -150,7 +150,15 @@ class Checkpoint:
     # ---- assembling the object to write
     def state_dict_object(self) -> dict:
         if self.nested:
-            return unflatten(self.state, self.nested)
+            from .locate import is_state_dict
+
+            tree = unflatten(self.state, self.nested)
+            # a top level that mixes tensors and mappings, mostly tensors, would read back as a flat
+            # state dict whose mappings are opaque values (locate.is_state_dict): written flat
+            # instead, so every name stays visible to the next surgery
+            if not (is_state_dict(tree) and any(isinstance(v, Mapping) for v in tree.values())):
+                return tree
+            return OrderedDict(self.state)
         if self.plain_dict and self.metadata is None:
             return dict(self.state)
         sd = OrderedDict(self.state)
@@ -272,15 +280,20 @@ def rename_nested(nodes: tuple, renamed: Mapping[str, str]) -> tuple:
     out = []
     for path, plain, meta, leaves in nodes:
         targets = set()
-        if path and all(isinstance(p, str) and "." not in p for p in path):
+        if all(isinstance(p, str) and "." not in p for p in path):
             prefix = "".join(f"{p}." for p in path)
             for k in leaves:
                 new = renamed.get(prefix + k)
                 if new is None:  # no longer in the state dict (extract left it out)
                     continue
-                targets.add(tuple(new[:-len(k) - 1].split(".")) if new.endswith("." + k) else None)
+                parts = tuple(new[:-len(k) - 1].split(".")) if new.endswith("." + k) else ()
+                targets.add(parts if parts and all(parts) else None)
         if len(targets) == 1 and None not in targets:
-            path = targets.pop()
+            moved = targets.pop()
+            if not path:  # the top's own names (add-prefix): the top stays, its names move below it
+                out.append(((), plain, meta, {}))
+                plain, meta = False, None
+            path = moved
         out.append((path, plain, meta, leaves))
     return tuple(out)
 

@@ -684,6 +684,19 @@ def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
                                              for k, v in zip(moved.state, ck.state.values()))
     top = torch.load(tmp_path / "moved.pt", weights_only=True)["model"]  # (the strip-prefix one)
     assert list(top) == ["embedding", "encoder", "word_embeddings_for_head"], list(top)
+    # names at the top move too (add-prefix: the whole tree under "module"); a top that would mix
+    # tensors and mappings, mostly tensors, would read back as a flat state dict hiding the
+    # mappings' tensors: written flat instead, every name read back
+    torch.save({"model": {"enc": {"a": torch.ones(1)}, "dec": {"w": torch.ones(2)}, "scale": torch.ones(3)}},
+               tmp_path / "mix.pt")
+    new, _ = cs.add_prefix(cs.load(tmp_path / "mix.pt"), "module.")
+    cs.save(new, tmp_path / "mix2.pt")
+    assert list(torch.load(tmp_path / "mix2.pt", weights_only=True)["model"]) == ["module"]
+    assert list(cs.load(tmp_path / "mix2.pt").state) == ["module.enc.a", "module.dec.w", "module.scale"]
+    torch.save({"model": {"b": {"enc": {"a": torch.ones(1), "w": torch.ones(2)}, "v": torch.ones(3)}}}, tmp_path / "mix3.pt")
+    new, _ = cs.strip_prefix(cs.load(tmp_path / "mix3.pt"), prefix="b.")
+    cs.save(new, tmp_path / "mix4.pt")
+    assert sorted(cs.load(tmp_path / "mix4.pt").state) == ["enc.a", "enc.w", "v"]
 
     # one part of it still by --key; side-by-side models stay ambiguous
     assert len(cs.load(tmp_path / "mg.pt", key="model/language_model/encoder").state) == 3
