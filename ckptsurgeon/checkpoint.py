@@ -153,10 +153,12 @@ class Checkpoint:
             from .locate import is_state_dict
 
             tree = unflatten(self.state, self.nested)
-            # a top level that mixes tensors and mappings, mostly tensors, would read back as a flat
-            # state dict whose mappings are opaque values (locate.is_state_dict): written flat
-            # instead, so every name stays visible to the next surgery
-            if not (is_state_dict(tree) and any(isinstance(v, Mapping) for v in tree.values())):
+            # written flat instead when nesting would lose a name -- one that is both a tensor and
+            # a mapping's path ("b.dec" beside a renamed "b.dec.a") -- or when a top level that
+            # mixes tensors and mappings, mostly tensors, would read back as a flat state dict whose
+            # mappings are opaque values (locate.is_state_dict): every name stays visible
+            if _leaves(tree) == len(self.state) and not (
+                    is_state_dict(tree) and any(isinstance(v, Mapping) for v in tree.values())):
                 return tree
             return OrderedDict(self.state)
         if self.plain_dict and self.metadata is None:
@@ -268,6 +270,18 @@ def flatten(tree: Mapping) -> tuple["OrderedDict[str, Any]", tuple]:
 
     walk(tree, ())
     return flat, tuple(nodes)
+
+
+def _leaves(tree: Mapping) -> int:
+    """How many values that are not mappings a tree holds, through all its mappings."""
+    count, stack = 0, [tree]
+    while stack:
+        for v in stack.pop().values():
+            if isinstance(v, Mapping):
+                stack.append(v)
+            else:
+                count += 1
+    return count
 
 
 def rename_nested(nodes: tuple, renamed: Mapping[str, str]) -> tuple:

@@ -697,6 +697,13 @@ def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
     new, _ = cs.strip_prefix(cs.load(tmp_path / "mix3.pt"), prefix="b.")
     cs.save(new, tmp_path / "mix4.pt")
     assert sorted(cs.load(tmp_path / "mix4.pt").state) == ["enc.a", "enc.w", "v"]
+    # a name that would be both a tensor and a mapping's path ("b.dec" beside "b.enc.a" renamed to
+    # "b.dec.a"): nesting would drop one, so the whole is written flat
+    torch.save({"model": {"b": {"enc": {"a": torch.ones(1)}, "dec": torch.ones(2)}}}, tmp_path / "col.pt")
+    new, _ = cs.rename(cs.load(tmp_path / "col.pt"), [(r"\benc\b", "dec")])
+    cs.save(new, tmp_path / "col2.pt")
+    back = cs.load(tmp_path / "col2.pt").state
+    assert sorted(back) == ["b.dec", "b.dec.a"] and back["b.dec"].shape == (2,) and back["b.dec.a"].shape == (1,)
 
     # one part of it still by --key; side-by-side models stay ambiguous
     assert len(cs.load(tmp_path / "mg.pt", key="model/language_model/encoder").state) == 3
