@@ -82,35 +82,35 @@ def unmatched_in_every(report: dict, field: str) -> list:
     return [p for p in subs[0][field] if all(p in r[field] for r in subs[1:])]
 
 
+def _written_format(write: dict, ck=None) -> str | None:
+    """The format write_options' output asks for (None without -o)."""
+    from .saving import output_format
+
+    if not write.get("output"):
+        return None
+    source = getattr(ck, "source", None)
+    return output_format(write["output"], write.get("out_format"), write.get("max_shard_size"),
+                         input_format=source.format if source else None)
+
+
 def keeps_wrapper(write: dict, ck=None) -> bool:
     """Whether the output write_options describe keeps the whole wrapper, every state dict in it:
     a torch file without --state-dict-only (not a safetensors file or a Hugging Face folder)."""
-    from .saving import output_format
-
-    output = write.get("output")
-    if not output or write.get("state_dict_only"):
-        return False
-    source = getattr(ck, "source", None)
-    return output_format(output, write.get("out_format"), write.get("max_shard_size"),
-                         input_format=source.format if source else None) == "torch-zip"
+    return not write.get("state_dict_only") and _written_format(write, ck) == "torch-zip"
 
 
 def _one_file_for_several(ck, write: dict) -> None:
     """Several changed state dicts go out in their wrapper, in a torch file: --state-dict-only, a
     safetensors file or a Hugging Face folder would keep the last one alone."""
     from .errors import SelectionError
-    from .saving import output_format
 
     if write.get("state_dict_only"):
         raise SelectionError("--state-dict-only writes one state dict, and several --key were given",
                              hint="give one --key with --state-dict-only, or leave it out to keep the wrapper")
-    output = write.get("output")
-    if output:
-        fmt = output_format(output, write.get("out_format"), write.get("max_shard_size"),
-                            input_format=ck.source.format if ck.source else None)
-        if fmt != "torch-zip":
-            raise SelectionError(f"a {fmt} output holds one state dict, and several --key were given",
-                                 hint="write a torch file (.pt) to keep them all in their wrapper, or give one --key")
+    fmt = _written_format(write, ck)
+    if fmt not in (None, "torch-zip"):
+        raise SelectionError(f"a {fmt} output holds one state dict, and several --key were given",
+                             hint="write a torch file (.pt) to keep them all in their wrapper, or give one --key")
 
 
 def emit_each(report: dict, as_json: bool, human: Callable[[dict], None]) -> None:

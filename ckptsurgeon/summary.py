@@ -180,17 +180,12 @@ def candidate_tensor_list(wrapper: Any, candidates, match=()) -> list[dict]:
     every candidate's tensors, named ``<candidate>/<name>``; a mapping under several paths is
     listed once. A pattern is unmatched only when it names a tensor in none of them."""
     patterns = _patterns(match)
-    rows, seen, every = [], set(), []
+    rows, every = [], []
     counts = {p.text: 0 for p in patterns}
-    for cand in candidates:
-        node, _ = next(key_paths(wrapper, cand), (None, None))
-        if not isinstance(node, Mapping) or id(node) in seen:
+    for cand, infos, again in candidate_infos(wrapper, candidates):
+        if again:
             continue
-        seen.add(id(node))
-        items = flatten(node)[0] if is_tensor_tree(node) else node
-        infos = OrderedDict((str(k), tensor_info(v)) for k, v in items.items() if is_tensor_like(v))
-        prefix = detect_prefix(infos.keys())
-        names, found = _matching(list(infos), patterns, prefix)
+        names, found = _matching(list(infos), patterns, detect_prefix(infos.keys()))
         for text, n in found.items():
             counts[text] += n
         every += list(infos)
@@ -247,21 +242,27 @@ def looks_like_rng_state(infos: Mapping, state: Mapping) -> bool:
         i["dtype"] == "uint8" and len(i["shape"]) == 1 for i in infos.values())
 
 
-def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
-    """Tensors and bytes under each candidate path (from the pickle only). One mapping under many
-    paths is counted once (a 66 KB file naming one 2,000-tensor mapping 2,000 times took 4 s)."""
-    out, sizes = [], {}
-    for name in candidates:
-        node, _ = next(key_paths(wrapper, name), (None, None))
+def candidate_infos(wrapper: Any, candidates):
+    """(candidate, its tensors' infos by name, whether this mapping was met under an earlier
+    candidate) for each candidate path that names a mapping; a mapping named under many paths is
+    read once (a 66 KB file naming one 2,000-tensor mapping 2,000 times took 4 s). From the
+    pickle only: no tensor data."""
+    seen: dict = {}
+    for cand in candidates:
+        node, _ = next(key_paths(wrapper, cand), (None, None))
         if not isinstance(node, Mapping):
             continue
-        if id(node) not in sizes:
-            values = flatten(node)[0].values() if is_tensor_tree(node) else node.values()  # (Megatron's nesting)
-            infos = [tensor_info(v) for v in values if is_tensor_like(v)]
-            sizes[id(node)] = (len(infos), sum(i["nbytes"] for i in infos))
-        n, nbytes = sizes[id(node)]
-        out.append({"at": name, "tensors": n, "bytes": nbytes})
-    return out
+        again = id(node) in seen
+        if not again:
+            items = flatten(node)[0] if is_tensor_tree(node) else node  # (Megatron's nesting)
+            seen[id(node)] = OrderedDict((str(k), tensor_info(v)) for k, v in items.items() if is_tensor_like(v))
+        yield cand, seen[id(node)], again
+
+
+def candidate_sizes(wrapper: Any, candidates) -> list[dict]:
+    """Tensors and bytes under each candidate path (see candidate_infos)."""
+    return [{"at": cand, "tensors": len(infos), "bytes": sum(i["nbytes"] for i in infos.values())}
+            for cand, infos, _again in candidate_infos(wrapper, candidates)]
 
 
 def nonfinite(ck: Checkpoint) -> list[dict]:

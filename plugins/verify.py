@@ -306,8 +306,8 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
                      + (f" (--dtype {dtype} not applied)" if dtype != "float32" else ""))
     if localize and (rec_a.unsupported or rec_b.unsupported):
         notes.append("a TorchScript model takes no forward hooks: its outputs are compared, not each module's")
-    narrow = _narrower_weights(ca, cb, dtype)
-    if narrow and not equivalent:
+    narrow = None if equivalent else _narrower_weights(ca, cb, dtype)
+    if narrow:
         notes.append(f"{narrow[0]}'s floating-point weights are {narrow[1]}, {narrow[2]}'s {narrow[3]}: rounding to "
                      f"{narrow[1]} alone can exceed {dtype}'s tolerance; --dtype {narrow[1]} checks the function "
                      f"within {narrow[1]}'s")
