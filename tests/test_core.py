@@ -424,6 +424,46 @@ def test_copied_data_keeps_its_offset_within_a_page(sample_dir, tmp_path):
               OrderedDict(sorted((k[len("module."):], v) for k, v in ref.items())))
 
 
+def test_extract_keeps_large_records_on_their_input_page_offsets(tmp_path, monkeypatch):
+    """Records left out shift the rest: each large kept record is padded to keep its input's
+    offset within a page (whole-page kernel copies), and .format_version -- torch's promise of
+    minimal padding -- is left out, so torch's offset arithmetic (calculate_storage_offsets, the
+    meta device) reads headers instead of computing wrong offsets. Where nothing moves (the
+    first layers kept), the layout stays torch's own, .format_version included."""
+    from ckptsurgeon.zipfmt import TorchZip
+
+    g = torch.Generator().manual_seed(3)
+    sd = OrderedDict((f"layer{i}.w{j}", torch.randn(300, 1001 + i + j, generator=g))  # ~1.2 MB, not page-sized
+                     for i in range(4) for j in range(2))
+    sd["layer0.tiny"] = torch.arange(5.0)
+    torch.save(sd, tmp_path / "a.pt")
+    monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")  # torch asserts its offset arithmetic holds
+
+    def offsets(path):  # tensor name -> offset of its bytes, as torch places them on the meta device
+        loaded = torch.load(path, map_location="meta", weights_only=True)
+        return {k: v.untyped_storage()._checkpoint_offset for k, v in loaded.items()}
+
+    before = offsets(tmp_path / "a.pt")
+    for layers, moves in ((["layer1", "layer3"], True), (["layer0", "layer1"], False)):
+        new, _ = cs.extract(cs.load(tmp_path / "a.pt"), layers)
+        out = tmp_path / f"{'-'.join(layers)}.pt"
+        cs.save(new, out)
+        names = zipfile.ZipFile(out).namelist()
+        assert any(n.endswith("/.format_version") for n in names) is not moves
+        after = offsets(out)
+        z = TorchZip(str(out))
+        real = [z.data_offset(info) for n, info in z.infos.items() if n.startswith("data/")]
+        assert sorted(after.values()) == sorted(real)  # the meta device's offsets are the real ones
+        kept = [k for k in sd if k.split(".")[0] in layers and k != "layer0.tiny"]
+        assert set(after) >= set(kept)
+        for k in kept:
+            assert (after[k] - before[k]) % 4096 == 0, k
+        for mmap, calc in ((False, False), (True, False), (True, True)):
+            got = _torch_load(out, mmap=mmap, calculate_storage_offsets=calc)
+            assert set(got) == {k for k in sd if k.split(".")[0] in layers}
+            assert all(torch.equal(v, sd[k]) for k, v in got.items())
+
+
 def test_sharded_output_streams_shards(sample_dir, tmp_path):
     ck = cs.load(sample_dir / "seednet.pt")
     rep = cs.save(ck, tmp_path / "hf", max_shard_size="40KB")

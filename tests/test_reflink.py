@@ -198,3 +198,37 @@ def test_diff_of_tensors_on_the_same_blocks_reads_one_side(reflink_dir, cli, mon
     hashed.clear()
     code, stdout, err = cli("diff", src, out)
     assert code == 1 and "layer2.weight" in stdout, stdout + err
+
+
+def test_extract_shares_the_inputs_blocks_though_records_move(reflink_dir, cli):
+    """An extract leaves records out, so the kept ones move; padded to keep their offset within a
+    page, their whole blocks can still be the input's own."""
+    d = reflink_dir
+    src, out = os.path.join(d, "in_x.pt"), os.path.join(d, "out_x.pt")
+    torch.manual_seed(1)
+    sd = {f"layer{i}.weight": torch.randn(256, 1100 + 3 * i) for i in range(6)}  # > 1 MiB, not page-sized
+    torch.save(sd, src)
+    with open(src, "rb+") as f:
+        os.fsync(f.fileno())
+    code, stdout, err = cli("extract", src, "--layers", "layer1,layer3,layer5", "-o", out)
+    assert code == 0 and "on the input's own disk blocks" in stdout, stdout + err
+
+    def offsets(path):  # tensor name -> (offset of its bytes, size), as torch finds them
+        loaded = torch.load(path, map_location="meta", weights_only=True)
+        return {k: (v.untyped_storage()._checkpoint_offset, v.untyped_storage().nbytes()) for k, v in loaded.items()}
+
+    a, b = offsets(src), offsets(out)
+    assert sorted(b) == ["layer1.weight", "layer3.weight", "layer5.weight"]
+    back = torch.load(out, weights_only=True, mmap=True)
+    assert all(torch.equal(v, sd[k]) for k, v in back.items())
+    del back
+    fa, fb = os.open(src, os.O_RDONLY), os.open(out, os.O_RDONLY)
+    try:
+        for k, (at, n) in b.items():
+            assert (at - a[k][0]) % 4096 == 0, k
+            assert same_bytes(fa, a[k][0], fb, at, n), k
+    finally:
+        os.close(fa)
+        os.close(fb)
+    os.unlink(src)
+    os.unlink(out)
