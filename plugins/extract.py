@@ -90,11 +90,21 @@ def extract(ck: Checkpoint, layers, *, exclude=(), reroot: str | None = None,
     return new, report
 
 
+PATTERNS_SHOWN = 8  # how many --layers patterns the summary lists one by one (--json has them all)
+
+
 def _human(r: dict) -> None:
     click.echo(f"kept {count(r['kept'], 'tensor')} ({count(r['parameters'], 'parameter')}, {cliutil.human_bytes(r['bytes'])}); "
                f"left out {r['left_out']}")
-    for p, n in r["patterns"].items():
+    shown = list(r["patterns"].items())
+    if len(shown) > PATTERNS_SHOWN:  # a generated list of 50 layers: the first few, then a sum
+        rest, shown = shown[PATTERNS_SHOWN - 1:], shown[:PATTERNS_SHOWN - 1]
+    else:
+        rest = []
+    for p, n in shown:
         click.echo(f"  {p!r}: {count(n, 'key')}")
+    if rest:
+        click.echo(f"  and {count(len(rest), 'more pattern')}: {count(sum(n for _, n in rest), 'key')}")
     cliutil.echo_notes(r["notes"])
     cliutil.echo_save(r["save"])
 

@@ -205,6 +205,22 @@ def test_extract_layers_buffers_reroot(sample_dir, tmp_path, models):
         assert set(new.state) == {f"{pre}cls_token", f"{pre}patch_embed.proj.weight", f"{pre}patch_embed.proj.bias"}
 
 
+def test_extract_summary_of_many_patterns_stays_short(tmp_path, cli):
+    """A generated --layers list (every other of 40 layers) is summed up after the first few
+    patterns; --json still has every pattern's count."""
+    torch.save(OrderedDict((f"layer{i}.{p}", torch.zeros(2)) for i in range(40) for p in ("weight", "bias")),
+               tmp_path / "m.pt")
+    layers = ",".join(f"layer{i}" for i in range(0, 40, 2))
+    code, out, err = cli("extract", tmp_path / "m.pt", "--layers", layers, "-o", tmp_path / "o.pt")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("kept 40 tensors") and "  'layer0': 2 keys" in lines
+    assert "  and 13 more patterns: 26 keys" in lines and "  'layer38': 2 keys" not in lines
+    assert len(lines) < 12
+    code, out, _ = cli("extract", tmp_path / "m.pt", "--layers", layers, "-o", tmp_path / "o.pt", "--json")
+    assert code == 0 and len(json.loads(out)["patterns"]) == 20
+
+
 def test_extract_reroot_loads_into_submodel(tmp_path, models):
     class Net(nn.Module):
         def __init__(self):
