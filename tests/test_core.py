@@ -334,7 +334,7 @@ def test_zip_crcs_are_right_whether_copied_or_computed(sample_dir, tmp_path):
 def test_copy_range_is_exact_and_starts_kernel_copies_on_64k_boundaries(tmp_path, monkeypatch):
     """copy_range splits off the head up to the next 64 KiB destination boundary (calls starting
     elsewhere measured ~30% slower on ext4); the bytes land exactly, whatever the offsets."""
-    import ckptsurgeon.zipwrite as zf
+    import ckptsurgeon.kernelcopy as zf
 
     data = os.urandom(600_000)
     (tmp_path / "src").write_bytes(data)

@@ -15,7 +15,7 @@ from ..keys import name_list
 from ..locate import refuse_key
 from ..refs import TensorRef, as_ref, check_dense_fits, holds_tensors, is_tensor_like, plain_form, special_kind, tie_key
 from ..stfmt import build_header, load_entries
-from ..zipwrite import PENDING_MAX, SMALL_RECORD, EarlyWriteback, LazyPool, copy_range, pwrite_all
+from ..kernelcopy import PENDING_MAX, SMALL_RECORD, EarlyWriteback, LazyPool, copy_range, pwrite_all
 
 TRANSFORMS_KEY = "ckpt_surgeon.transforms"
 
