@@ -10,25 +10,26 @@ unless the user asked for ``--inert-pickle``: then globals outside every allowli
 :class:`~ckptsurgeon.refs.InertObject` records, never imported or called.
 
 :mod:`ckptsurgeon.pickle_write` pickles such a graph back (``dump_refs``); :mod:`ckptsurgeon.pickle_scan`
-lists every global a pickle would import, by reading opcodes only (``scan_globals``).
+lists every global a pickle would import, by reading opcodes only (``scan_globals``);
+:mod:`ckptsurgeon.pickle_guard` checks a pickle before the C unpickler reads it;
+:mod:`ckptsurgeon.pickle_legacy` reads legacy (non-zip) torch files with this unpickler.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
-import contextlib
 import functools
 import io
 import os
 import pickle
 import sys
-import threading
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from . import dtypes
 from .errors import CorruptCheckpointError, NotFastPath
 from .pickle_dist import DTensorType, dtensor, is_dtensor_global, is_sharded_tensor_class, sharded_tensor
+from .pickle_guard import check_memo, no_stray_bytearray_error
 from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
 
 
@@ -337,68 +338,6 @@ class InertPrefix(_Everything):
 
 # Each opcode's argument, for walking a pickle without building anything (pickletools' table,
 # protocols 0-5): a fixed number of bytes, a length prefix of 1/4/8 bytes, or newline-ended lines.
-_ARG: list = [None] * 256
-for _n, _codes in ((0, b"\x97\x98N\x88\x89]ael)t\x85\x86\x87}dsu\x8f\x90\x9102(1\x94\x93Rbo\x81\x92.Q"),
-                   (1, b"Khq\x82\x80"), (2, b"M\x83"), (4, b"Jjr\x84"), (8, b"G\x95")):
-    for _c in _codes:
-        _ARG[_c] = (0, _n)
-for _n, _codes in ((1, b"\x8aUC\x8c"), (4, b"\x8bTBX"), (8, b"\x8e\x96\x8d")):
-    for _c in _codes:
-        _ARG[_c] = (1, _n)
-for _c in b"ILSVFgpP":
-    _ARG[_c] = (2, 1)
-for _c in b"ci":
-    _ARG[_c] = (2, 2)
-_SIGNED_LENGTH = b"\x8bT"  # LONG4, BINSTRING: a negative length is an error
-
-
-def check_memo(data, start: int = 0, limit: int | None = None) -> int:
-    """Walk the opcodes of the pickle at ``data[start:]`` (bytes or an mmap) up to its STOP,
-    building nothing, and return where it ends; CorruptCheckpointError when a memo index
-    (LONG_BINPUT, PUT) is beyond ``limit`` (default: the data's length, which no real pickle's
-    memo reaches: one entry per object) or the stream breaks off. CPython's C unpickler sizes its
-    memo table by the largest index it is given: a 1 KB file asking for index 2^31 made it
-    allocate and zero 32 GB (gh-115952, fixed in CPython only in 2025). ~0.35 us per opcode."""
-    n = len(data)
-    limit = n if limit is None else limit
-    arg, frb, i = _ARG, int.from_bytes, start
-    try:
-        while True:
-            op = data[i]
-            kind = arg[op]
-            if kind is None:
-                raise CorruptCheckpointError(f"not a pickle: unknown opcode {op:#04x} at byte {i}")
-            how, m = kind
-            if op == 0x72:  # LONG_BINPUT
-                if frb(data[i + 1:i + 5], "little") > limit:
-                    raise CorruptCheckpointError(f"pickle memo index {frb(data[i + 1:i + 5], 'little'):,} at byte {i} "
-                                                 "is beyond anything the pickle could hold (a damaged or hostile file)")
-                i += 5
-            elif how == 0:
-                if op == 0x2E:  # STOP
-                    return i + 1
-                i += 1 + m
-            elif how == 1:
-                length = frb(data[i + 1:i + 1 + m], "little", signed=op in _SIGNED_LENGTH)
-                if length < 0:
-                    raise CorruptCheckpointError(f"pickle: negative length at byte {i}")
-                i += 1 + m + length
-            else:
-                j = i + 1
-                for _ in range(m):
-                    j = data.find(b"\n", j) + 1
-                    if not j:
-                        raise IndexError
-                if op == 0x70 and int(data[i + 1:j - 1] or b"0") > limit:  # PUT
-                    raise CorruptCheckpointError(f"pickle memo index at byte {i} is beyond anything the pickle "
-                                                 "could hold (a damaged or hostile file)")
-                i = j
-            if i > n:
-                raise IndexError
-    except (IndexError, ValueError):  # an argument or line past the end, a PUT that is no number
-        raise CorruptCheckpointError("the pickle breaks off before its end (truncated or damaged)") from None
-
-
 def load_refs(data: bytes, storage_source: Callable[[str, str, int], Any], *, inert=frozenset(),
               seen: set | None = None, dtensor_shards: bool = False) -> Any:
     """Unpickle ``data`` into a graph of stand-ins. Raises NotFastPath or CorruptCheckpointError.
@@ -440,42 +379,9 @@ def refuse_built(root: Any, names) -> None:
                 raise NotFastPath(f"{name} (built, not only named)")
 
 
-_HOOK_LOCK = threading.Lock()
-_HOOK_DEPTH = 0
-_HOOK_PREVIOUS = None
-
-
-def _quiet_excepthook(kind, value, tb):
-    if kind is SystemError and str(value) == "deallocated bytearray object has exported buffers":
-        return
-    (_HOOK_PREVIOUS or sys.__excepthook__)(kind, value, tb)
-
-
-@contextlib.contextmanager
-def _no_stray_bytearray_error():
-    """A damaged BYTEARRAY8 length (terabytes) makes CPython < 3.12 fail the allocation and then
-    free a half-built bytearray whose export count was never set: it prints a SystemError through
-    sys.excepthook beside the MemoryError we report (two lines on stderr where one belongs). That
-    one message is dropped while a pickle loads; any other goes to the hook that was there."""
-    global _HOOK_DEPTH, _HOOK_PREVIOUS
-    with _HOOK_LOCK:
-        if _HOOK_DEPTH == 0:
-            _HOOK_PREVIOUS, sys.excepthook = sys.excepthook, _quiet_excepthook
-        _HOOK_DEPTH += 1
-    try:
-        yield
-    finally:
-        with _HOOK_LOCK:
-            _HOOK_DEPTH -= 1
-            if _HOOK_DEPTH == 0:
-                if sys.excepthook is _quiet_excepthook:
-                    sys.excepthook = _HOOK_PREVIOUS
-                _HOOK_PREVIOUS = None
-
-
 def _load_with(unpickler: _RefUnpickler, inert=frozenset(), seen: set | None = None) -> Any:
     try:
-        with _no_stray_bytearray_error():
+        with no_stray_bytearray_error():
             obj = unpickler.load()
         if seen is not None:
             seen |= unpickler.inert_seen
@@ -489,96 +395,3 @@ def _load_with(unpickler: _RefUnpickler, inert=frozenset(), seen: set | None = N
         raise CorruptCheckpointError(f"the pickle is malformed ({type(e).__name__}: {e})") from None
     except (RecursionError, MemoryError) as e:
         raise CorruptCheckpointError(f"the pickle is too deeply nested or too large ({type(e).__name__})") from None
-
-
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module, name):
-        raise NotFastPath(f"{module}.{name}")
-
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
-_LEGACY_PROTOCOL = 1001
-
-
-def load_legacy_refs(path: str, *, inert=frozenset()) -> tuple[Any, list[StorageRef]]:
-    """A legacy (non-zip, torch < 1.6) torch file read lazily and without torch: its pickles
-    (magic number, protocol, system info, the object, the storage keys) then each storage as an
-    int64 element count and its raw bytes, in key order. Each StorageRef gets a FileRange over
-    its bytes (the format has no checksums). NotFastPath for anything unusual (big-endian, views)."""
-    from .byteranges import FileRange
-
-    import mmap
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"") as mm:
-        def checked(f):  # each pickle's memo checked before the C unpickler sizes its table by it
-            check_memo(mm, f.tell(), size)
-            return f
-
-        if _plain_load(checked(f)) != _LEGACY_MAGIC or _plain_load(checked(f)) != _LEGACY_PROTOCOL:
-            raise NotFastPath("not a legacy torch file")
-        info = _plain_load(checked(f))
-        if not isinstance(info, dict) or info.get("little_endian") is not True:
-            raise NotFastPath("legacy file written on a big-endian machine")
-        unpickler = _RefUnpickler(_Bounded(checked(f), size), lambda key, dtype, nbytes: None,
-                                  inert if isinstance(inert, _Everything) else frozenset(inert))
-        unpickler.legacy = True
-        obj = _load_with(unpickler, inert)
-        keys = _plain_load(_Bounded(checked(f), size))
-        offset = f.tell()
-    storages = unpickler._storages
-    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
-        raise CorruptCheckpointError(f"{path}: the storage list does not match the storages the pickle uses")
-    ordered = []
-    with open(path, "rb") as f:
-        for key in keys:
-            ref = storages[key]
-            head = os.pread(f.fileno(), 8, offset)
-            if len(head) != 8:
-                raise CorruptCheckpointError(f"{path}: storage {key} is truncated (the file ended early)")
-            numel = int.from_bytes(head, "little", signed=True)
-            if numel != ref.numel:
-                raise CorruptCheckpointError(f"{path}: storage {key} holds {numel} elements, the pickle expects {ref.numel}")
-            if offset + 8 + ref.nbytes > size:
-                raise CorruptCheckpointError(f"{path}: storage {key} is truncated (the file ended early)")
-            ref.source = FileRange(path, offset + 8, ref.nbytes, label=f"storage {key}")
-            ordered.append(ref)
-            offset += 8 + ref.nbytes
-    return obj, ordered
-
-
-class _Bounded:
-    """A file as the unpickler reads it, never asked for more than the file holds: a damaged
-    length (BINBYTES8, BYTEARRAY8) of terabytes otherwise made the buffered reader try to allocate
-    it (a MemoryError, or gigabytes of address space); now the pickle just ends early. Small reads
-    (every opcode's argument) go straight through."""
-
-    _SMALL = 1 << 20
-
-    def __init__(self, f, size: int):
-        self._f, self._size = f, size
-        self.readline = f.readline  # a line ends at a newline or the end of the file
-        self.peek = f.peek  # the unpickler prefetches through it: one read per buffer, not per opcode
-
-    def _left(self, n) -> int:
-        left = max(0, self._size - self._f.tell())
-        return left if n is None or n < 0 else min(n, left)
-
-    def read(self, n=-1) -> bytes:
-        return self._f.read(n if 0 <= n <= self._SMALL else self._left(n))
-
-    def readinto(self, buf) -> int:
-        view = memoryview(buf).cast("B")
-        return self._f.readinto(view if len(view) <= self._SMALL else view[:self._left(len(view))])
-
-
-def _plain_load(f) -> Any:
-    """One small pickle of a legacy file (numbers, a dict, a list): no globals allowed."""
-    try:
-        with _no_stray_bytearray_error():
-            return _NoGlobals(f).load()
-    except NotFastPath:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            UnicodeDecodeError, OverflowError, RecursionError, MemoryError) as e:
-        raise CorruptCheckpointError(f"a legacy header pickle is malformed ({type(e).__name__}: {e})") from None

@@ -308,14 +308,14 @@ def test_absurd_lengths_in_a_pickle_end_in_one_line(tmp_path, monkeypatch):
             assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
             assert str(path) in res.stderr and "Traceback" not in res.stderr, res.stderr
     # the filter drops that one message only; anything else reaches the hook that was set
-    from ckptsurgeon import pickle_io
+    from ckptsurgeon import pickle_guard
 
     got = []
     monkeypatch.setattr(sys, "excepthook", lambda *a: got.append(a[1]))
-    with pickle_io._no_stray_bytearray_error():
+    with pickle_guard.no_stray_bytearray_error():
         sys.excepthook(SystemError, SystemError("deallocated bytearray object has exported buffers"), None)
         sys.excepthook(ValueError, ValueError("other"), None)
-    assert [str(e) for e in got] == ["other"] and sys.excepthook is not pickle_io._quiet_excepthook
+    assert [str(e) for e in got] == ["other"] and sys.excepthook is not pickle_guard._quiet_excepthook
 
 
 def test_a_huge_memo_index_is_refused_before_unpickling(tmp_path, cli):
@@ -344,7 +344,7 @@ def test_a_huge_memo_index_is_refused_before_unpickling(tmp_path, cli):
         res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "memo index" in res.stderr and res.stderr.count("\n") == 1, (path, res.stderr)
     # a real pickle's memo passes, whatever its size (every index is below the pickle's length)
-    from ckptsurgeon.pickle_io import check_memo
+    from ckptsurgeon.pickle_guard import check_memo
 
     big = pickle.dumps([[i, str(i)] for i in range(100_000)], protocol=2)
     assert check_memo(big) == len(big) and check_memo(pickle.dumps({"a": [1.5]}, protocol=0)) > 0

@@ -17,7 +17,8 @@ from ..checkpoint import Checkpoint, Source
 from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleError, UnsupportedError
 from ..graph import detached, from_object, module_visit
 from ..keys import name_list
-from ..pickle_io import NotFastPath, load_legacy_refs, load_refs, load_refs_naming, refuse_built
+from ..pickle_io import NotFastPath, load_refs, load_refs_naming, refuse_built
+from ..pickle_legacy import load_legacy_refs
 from ..pickle_scan import scan_globals
 from ..pickle_write import dump_refs
 from ..refs import InertObject, TensorRef
