@@ -89,8 +89,8 @@ def _only_named(path: str, unsafe: list[str]) -> bool:
 def _torchscript_read(path: str, entry: dict) -> bool:
     """Whether a torch zip is a TorchScript archive whose weights ckpt-surgeon reads by default:
     its outside-the-allowlist globals are the archive's own compiled classes (``__torch__.``),
-    names with no Python module behind them, recorded inert (see torchfile._load_torchscript)."""
-    from ckptsurgeon.formats.torchfile import script_name
+    names with no Python module behind them, recorded inert (see formats.torchscript.load_torchscript)."""
+    from ckptsurgeon.formats.torchscript import script_name
     from ckptsurgeon.loading import load
 
     if entry["format"] != "torch-zip" or not any(p.endswith("constants.pkl") for p in entry["pickles"]):
