@@ -36,9 +36,10 @@ from ckptsurgeon.refs import TensorRef, as_ref, is_tensor_like, tie_key
 from ckptsurgeon.types import Operation
 
 from .lora_adapters import (ALPHA_IS_RANK, OTHER_PARTS, PEFT_PREFIX, REFUSED, WEIGHT_OF, adapter_component, check_config,
-                            from_kohya, lora_key, rank_alpha_scaling, read_adapter)
+                            lora_key, rank_alpha_scaling, read_adapter)
 from .lora_experts import merge_split_experts, split_experts
 from .lora_extract import accumulation_dtype, extract_lora, extract_lora_cmd, save_adapter
+from .lora_kohya import from_kohya
 
 
 def merge_lora(base: Checkpoint, adapter, *, scale: float = 1.0, trust_pickle=False) -> tuple[Checkpoint, dict]:
