@@ -150,15 +150,14 @@ class Checkpoint:
     # ---- assembling the object to write
     def state_dict_object(self) -> dict:
         if self.nested:
-            from .locate import is_state_dict
+            from .locate import nests_tensors
 
             tree = unflatten(self.state, self.nested)
             # written flat instead when nesting would lose a name -- one that is both a tensor and
-            # a mapping's path ("b.dec" beside a renamed "b.dec.a") -- or when a top level that
-            # mixes tensors and mappings, mostly tensors, would read back as a flat state dict whose
-            # mappings are opaque values (locate.is_state_dict): every name stays visible
-            if _leaves(tree) == len(self.state) and not (
-                    is_state_dict(tree) and any(isinstance(v, Mapping) for v in tree.values())):
+            # a mapping's path ("b.dec" beside a renamed "b.dec.a") -- or when the tree would not
+            # read back nested (locate.nests_tensors): every name stays visible
+            if _leaves(tree) == len(self.state) and (
+                    not any(isinstance(v, Mapping) for v in tree.values()) or nests_tensors(tree)):
                 return tree
             return OrderedDict(self.state)
         if self.plain_dict and self.metadata is None:
@@ -284,13 +283,19 @@ def _leaves(tree: Mapping) -> int:
     return count
 
 
-def rename_nested(nodes: tuple, renamed: Mapping[str, str]) -> tuple:
+def rename_nested(nodes: tuple, renamed: Mapping[str, str], bare: bool = False) -> tuple:
     """The tree's mappings after a rename (``renamed``: every flat name in the state dict -> its new
     name): a mapping whose names all moved together (``language_model.encoder.*`` renamed to
     ``language_model.decoder.*``, a prefix added or stripped) moves with them, so writing back
     nests them under their new path instead of flat under the deepest old one; its parents are
     made as needed. A mapping whose names went different ways, or to the top, stays where it was
-    (unflatten then places each name as it says); so do paths whose parts hold dots or are not text."""
+    (unflatten then places each name as it says); so do paths whose parts hold dots or are not text.
+    ``bare``: the tree is the file's top level, where a new top-level mapping named as wrappers
+    name a state dict (add-prefix's ``module``) would read back as a wrapper around it, dropping
+    that name: there nothing moves under one (the names are written as they say, flat)."""
+    from .locate import EMA_KEYS, PRIMARY_KEYS
+
+    tops = {path[0] for path, *_ in nodes if path}
     out = []
     for path, plain, meta, leaves in nodes:
         targets = set()
@@ -304,6 +309,9 @@ def rename_nested(nodes: tuple, renamed: Mapping[str, str]) -> tuple:
                 targets.add(parts if parts and all(parts) else None)
         if len(targets) == 1 and None not in targets:
             moved = targets.pop()
+            if bare and moved[0] not in tops and moved[0] in PRIMARY_KEYS + EMA_KEYS:
+                out.append((path, plain, meta, leaves))
+                continue
             if not path:  # the top's own names (add-prefix): the top stays, its names move below it
                 out.append(((), plain, meta, {}))
                 plain, meta = False, None

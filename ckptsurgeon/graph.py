@@ -13,7 +13,7 @@ from . import dtypes
 from .byteranges import MemoryBytes
 from .checkpoint import Checkpoint, Source, flatten
 from .errors import AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError
-from .locate import choose_state_dict, is_tensor_tree, path_str
+from .locate import choose_state_dict, nests_tensors, path_str
 from .refs import InertObject, StorageRef, TensorRef, contiguous_stride
 
 #: numpy (kind, itemsize) -> torch dtype name: the arrays read as tensors
@@ -53,7 +53,7 @@ def from_object(obj: Any, source: Source, *, key=None, trusted=False, transforms
     for p in path:
         sd = sd[p]
     nested = ()
-    if is_tensor_tree(sd):
+    if nests_tensors(sd):
         flat, nested = flatten(sd)
         notes.append(f"nested state dict at {path_str(path)}: {len(nested) - 1} nested mappings, held with "
                      "\".\"-joined names; torch outputs nest them again")

@@ -31,6 +31,16 @@ def _tree_tensors(obj: Any, max_depth: int = 8) -> int | None:
     """The tensors of a tensor tree (see is_tensor_tree), None when ``obj`` is not one."""
     if not isinstance(obj, Mapping) or not obj or is_state_dict(obj):
         return None
+    walked = _walk_tree(obj, max_depth)
+    if walked is None:
+        return None
+    tensors, leaves, extra, nested = walked
+    return tensors if nested and tensors > 0 and (tensors + extra) * 2 >= leaves else None
+
+
+def _walk_tree(obj: Mapping, max_depth: int = 8) -> tuple[int, int, int, bool] | None:
+    """(tensors, leaves, module extra states, whether it nests) of a mapping whose nested mappings
+    could be held with "."-joined names; None when one could not (see is_tensor_tree)."""
     leaves = tensors = extra = 0
     nested = False
     stack = [(obj, 0)]
@@ -52,7 +62,41 @@ def _tree_tensors(obj: Any, max_depth: int = 8) -> int | None:
                 leaves += 1
                 tensors += is_tensor_like(v)
                 extra += _is_extra_state(k, v)
-    return tensors if nested and tensors > 0 and (tensors + extra) * 2 >= leaves else None
+    return tensors, leaves, extra, nested
+
+
+def nests_tensors(obj: Any) -> bool:
+    """A state dict held with "."-joined names: a tensor tree (see is_tensor_tree), or a flat state
+    dict some of whose modules were saved as mappings of their own ({"encoder.weight": T, ...,
+    "decoder": {"weight": T, ...}}) -- every mapping among its values holds tensors, under names a
+    tree can hold. A mapping of other things ({"config": {"lr": 0.1}}) keeps it flat, the mapping
+    one opaque value, as a module's ``_extra_state`` does; so does one that holds at least as many
+    tensors as the top level itself, which makes the whole a wrapper (see _wraps_weights)."""
+    if is_tensor_tree(obj):
+        return True
+    if not is_state_dict(obj) or _wraps_weights(obj):  # (then a wrapper: its mapping is the state dict)
+        return False
+    parts = [(k, v) for k, v in obj.items() if isinstance(v, Mapping)]
+    walked = _walk_tree(obj)
+    if not parts or any(_is_extra_state(k, v) for k, v in parts) or walked is None:
+        return False
+    tensors, leaves, extra, _ = walked
+    if (tensors + extra) * 2 < leaves:  # held flat, it would be no state dict (mostly other values)
+        return False
+    if not all((_walk_tree(v) or (0,))[0] > 0 for _, v in parts):
+        return False
+    # and no name twice once joined ("decoder.w" beside "decoder": {"w": ...}): then it stays flat
+    names, stack = set(), [("", obj)]
+    while stack:
+        prefix, node = stack.pop()
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                stack.append((f"{prefix}{k}.", v))
+            elif prefix + k in names:
+                return False
+            else:
+                names.add(prefix + k)
+    return True
 
 
 def _names_tensors(obj: Any) -> bool:
@@ -92,8 +136,12 @@ def _wraps_weights(obj: Mapping) -> bool:
     """A wrapper that passes for a state dict by its own values -- as many tensors (an RNG state,
     a mask, a step count) as other entries, ``{"state_dict": sd, "rng_state": t}`` -- but holds
     the weights in a mapping one or two levels down: under a name training scripts give a state
-    dict, or at least as many tensors as its own. A module's ``_extra_state`` is part of it."""
-    direct = sum(1 for v in obj.values() if is_tensor_like(v))
+    dict, or at least as many tensors as its own -- unless its own tensors all have module paths
+    for names ("encoder.weight"): those are weights, and the mapping a module saved nested (see
+    nests_tensors). A module's ``_extra_state`` is part of it."""
+    own = [k for k, v in obj.items() if is_tensor_like(v)]
+    direct = len(own)
+    weights = bool(own) and all("." in str(k) for k in own)
     seen: set[int] = set()
     level = list(obj.items())
     for depth in range(2):
@@ -105,7 +153,7 @@ def _wraps_weights(obj: Mapping) -> bool:
             held = sum(1 for x in v.values() if is_tensor_like(x)) if is_state_dict(v) else _tree_tensors(v)
             if held is None:
                 below.extend(v.items())
-            elif (depth == 0 and (k in PRIMARY_KEYS or k in EMA_KEYS)) or held >= direct:
+            elif (depth == 0 and (k in PRIMARY_KEYS or k in EMA_KEYS)) or (held >= direct and not weights):
                 return True
         level = below
     return False

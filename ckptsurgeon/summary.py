@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, flatten, tensor_info
 from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_norms, detect_prefix, module_tree, prefix_report
-from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, is_tensor_tree, key_paths
+from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, key_paths, nests_tensors
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
 
 
@@ -254,7 +254,7 @@ def candidate_infos(wrapper: Any, candidates):
             continue
         again = id(node) in seen
         if not again:
-            items = flatten(node)[0] if is_tensor_tree(node) else node  # (Megatron's nesting)
+            items = flatten(node)[0] if nests_tensors(node) else node  # (Megatron's nesting)
             seen[id(node)] = OrderedDict((str(k), tensor_info(v)) for k, v in items.items() if is_tensor_like(v))
         yield cand, seen[id(node)], again
 

@@ -42,7 +42,8 @@ def rename_keys(ck: Checkpoint, fn: Callable[[str], str]) -> tuple[Checkpoint, "
         more = f" (and {len(collisions) - 5} more)" if len(collisions) > 5 else ""
         raise KeyCollisionError(f"{count(len(collisions), 'key collision')}, nothing written: {sample}{more}",
                                 collisions=collisions)
-    nested = rename_nested(ck.nested, {k: changed.get(k, k) for k in ck.state}) if ck.nested and changed else ck.nested
+    nested = (rename_nested(ck.nested, {k: changed.get(k, k) for k in ck.state}, bare=not ck.sd_path)
+              if ck.nested and changed else ck.nested)
     return ck.replace(state=new_state, metadata=rename_metadata(ck.metadata, fn), nested=nested), changed
 
 

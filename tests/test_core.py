@@ -654,6 +654,51 @@ def _megatron_like():
     return {"model": model, "iteration": 100, "checkpoint_version": 3.0}
 
 
+def test_state_dict_with_a_module_saved_as_a_mapping(tmp_path, cli):
+    """A flat state dict with one module's weights saved as a mapping of their own ({"encoder.w":
+    ..., "decoder": {"w": ...}}): the mapping's tensors are the state dict's too ("decoder.w"), for
+    inspect, extract and the prefix surgeries, and torch outputs nest them again. A mapping of
+    other things (a config) or one whose joined names would clash stays an opaque value."""
+    sd = {"encoder.w": torch.ones(2), "encoder.b": torch.ones(2), "head.w": torch.ones(2),
+          "decoder": {"w": torch.zeros(2), "b": torch.zeros(2), "c": torch.full((2,), 3.0)}}
+    torch.save(sd, tmp_path / "m.pt")
+    ck = cs.load(tmp_path / "m.pt")
+    assert ck.sd_path == () and list(ck.state) == ["encoder.w", "encoder.b", "head.w", "decoder.w", "decoder.b", "decoder.c"]
+    code, out, err = cli("inspect", tmp_path / "m.pt")
+    assert code == 0 and "tensors: 6" in out and "non-tensor" not in out, out + err
+    new, rep = cs.extract(ck, ["decoder"])
+    cs.save(new, tmp_path / "dec.pt")
+    got = torch.load(tmp_path / "dec.pt", weights_only=True)
+    assert list(got) == ["decoder"] and torch.equal(got["decoder"]["c"], sd["decoder"]["c"])
+    # a rename moves the mapping with its names
+    new, _ = cs.rename(ck, [(r"^decoder\.", "head2.")])
+    cs.save(new, tmp_path / "ren.pt")
+    ren = torch.load(tmp_path / "ren.pt", weights_only=True)
+    assert list(ren) == ["encoder.w", "encoder.b", "head.w", "head2"] and torch.equal(ren["head2"]["c"], sd["decoder"]["c"])
+    # add-prefix: DataParallel's names, flat ({"module": {...}} would read back as a wrapper
+    # around the whole, dropping the prefix); strip-prefix takes it back name for name
+    new, _ = cs.add_prefix(ck, "module.")
+    cs.save(new, tmp_path / "dp.pt")
+    dp = torch.load(tmp_path / "dp.pt", weights_only=True)
+    assert list(dp) == [f"module.{k}" for k in ck.state] and list(cs.load(tmp_path / "dp.pt").state) == list(dp)
+    back, _ = cs.strip_prefix(cs.load(tmp_path / "dp.pt"))
+    cs.save(back, tmp_path / "back.pt")
+    again = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert list(again) == list(ck.state) and torch.equal(again["decoder.c"], sd["decoder"]["c"])
+    cs.save(ck, tmp_path / "m.safetensors")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(tmp_path / "m.safetensors")) == sorted(ck.state)
+    # a config mapping, or joined names that would clash, leave the mapping opaque (as before)
+    for odd in ({"encoder.w": torch.ones(2), "head.w": torch.ones(2), "config": {"lr": 0.1}},
+                {"decoder.w": torch.ones(2), "head.w": torch.ones(2), "decoder": {"w": torch.zeros(2)}}):
+        torch.save(odd, tmp_path / "odd.pt")
+        ck = cs.load(tmp_path / "odd.pt")
+        assert list(ck.state) == list(odd) and not ck.nested
+        cs.save(cs.strip_prefix(cs.add_prefix(ck, "module.")[0])[0], tmp_path / "odd2.pt")
+        assert list(torch.load(tmp_path / "odd2.pt", weights_only=True)) == list(odd)
+
+
 def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
     """A nested state dict is one candidate (before: the only flat part within reach, the encoder,
     was chosen silently and a safetensors output lost the embeddings). It is held flat with
@@ -724,9 +769,9 @@ def test_nested_state_dict_is_one_flat_state_dict(tmp_path, cli):
                                              for k, v in zip(moved.state, ck.state.values()))
     top = torch.load(tmp_path / "moved.pt", weights_only=True)["model"]  # (the strip-prefix one)
     assert list(top) == ["embedding", "encoder", "word_embeddings_for_head"], list(top)
-    # names at the top move too (add-prefix: the whole tree under "module"); a top that would mix
-    # tensors and mappings, mostly tensors, would read back as a flat state dict hiding the
-    # mappings' tensors: written flat instead, every name read back
+    # names at the top move too (add-prefix: the whole tree under "module"); a top whose mapping
+    # holds at least as many tensors as its own (un-dotted) ones would read back as a wrapper
+    # around that mapping (locate._wraps_weights): written flat instead, every name read back
     torch.save({"model": {"enc": {"a": torch.ones(1)}, "dec": {"w": torch.ones(2)}, "scale": torch.ones(3)}},
                tmp_path / "mix.pt")
     new, _ = cs.add_prefix(cs.load(tmp_path / "mix.pt"), "module.")
