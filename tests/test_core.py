@@ -691,10 +691,12 @@ def test_state_dict_with_a_module_saved_as_a_mapping(tmp_path, cli):
     assert sorted(load_file(tmp_path / "m.safetensors")) == sorted(ck.state)
     # the same for a bare tensor tree: its add-prefix names read back as written (inside a
     # "module" mapping they read back as a wrapper's state dict, without the prefix)
-    torch.save({"lm": {"emb": {"weight": torch.ones(2)}, "enc": {"layers.0.w": torch.ones(3)}}}, tmp_path / "tree.pt")
-    new, _ = cs.add_prefix(cs.load(tmp_path / "tree.pt"), "module.")
+    torch.save({"emb": {"weight": torch.ones(2)}, "enc": {"layers.0.w": torch.ones(3)}}, tmp_path / "tree.pt")
+    tree = cs.load(tmp_path / "tree.pt", key="<bare>")  # (two parts: which one, or both, is asked)
+    assert tree.sd_path == () and list(tree.state) == ["emb.weight", "enc.layers.0.w"]
+    new, _ = cs.add_prefix(tree, "module.")
     cs.save(new, tmp_path / "tree2.pt")
-    assert list(cs.load(tmp_path / "tree2.pt").state) == ["module.lm.emb.weight", "module.lm.enc.layers.0.w"]
+    assert list(cs.load(tmp_path / "tree2.pt").state) == ["module.emb.weight", "module.enc.layers.0.w"]
     # a config mapping, or joined names that would clash, leave the mapping opaque (as before)
     for odd in ({"encoder.w": torch.ones(2), "head.w": torch.ones(2), "config": {"lr": 0.1}},
                 {"decoder.w": torch.ones(2), "head.w": torch.ones(2), "decoder": {"w": torch.zeros(2)}}):
