@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from .checkpoint import Checkpoint, flatten, tensor_info
 from .dtypes import count
 from .errors import AmbiguousStateDictError, NoStateDictError
-from .keys import detect_norms, detect_prefix, module_tree, prefix_report
+from .keys import detect_prefix, module_tree, prefix_report
+from .norms import detect_norms
 from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, key_paths, nests_tensors
 from .refs import InertObject, TensorRef, is_tensor_like, tie_key
 

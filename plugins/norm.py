@@ -10,7 +10,8 @@ import click
 from ckptsurgeon import cliutil, hookimpl
 from ckptsurgeon.checkpoint import Checkpoint
 from ckptsurgeon.errors import CkptSurgeonError, ModelError, SelectionError
-from ckptsurgeon.keys import align_to_model, detect_norms, detect_prefix, parse_patterns, select
+from ckptsurgeon.keys import align_to_model, detect_prefix, parse_patterns, select
+from ckptsurgeon.norms import detect_norms
 from ckptsurgeon.layers import group_norm_for, norm_output_module
 from ckptsurgeon.refs import is_tensor_like
 from ckptsurgeon.types import ModelTransform, Operation

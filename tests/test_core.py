@@ -1327,7 +1327,7 @@ def test_inspect_reports(sample_dir):
     kinds = {n["module"]: n["kind"] for n in info["norm_layers"]}
     assert kinds["module.bn1"] == "BatchNorm" and kinds["module.in2"] == "InstanceNorm"
     assert kinds["module.gn3"] == "GroupNorm" and kinds["module.ln"] == "LayerNorm"
-    from ckptsurgeon.keys import detect_norms
+    from ckptsurgeon.norms import detect_norms
 
     llama = {"model.layers.0.input_layernorm.weight": (32,), "model.norm.weight": (32,),
              "encoder.final_rms_norm.weight": (8,), "ln_f.weight": (16,), "ln_f.bias": (16,)}
