@@ -15,6 +15,7 @@ from ckptsurgeon.inputs import output_leaves
 from ckptsurgeon.types import Operation
 
 from .verify_numerics import TOLERANCES, compare, gather, no_tf32, output_stats, resolve_device
+from .verify_run import Recorder, make_inputs, moved, program_inputs, run
 
 NON_PRESERVING = {"bn-to-gn": "a plain BatchNorm->GroupNorm swap changes the function (calibration only narrows it)"}
 
@@ -75,124 +76,6 @@ def apply_transforms(model, transforms, side: str = ""):
     return model
 
 
-class _Recorder:
-    """Forward hooks on every submodule: first tensor output per (module, call)."""
-
-    def __init__(self, model):
-        self.outputs: dict = {}
-        self.order: list = []
-        self.calls: dict = {}
-        self.hooks = []
-        self.unsupported = False
-        for name, mod in model.named_modules():
-            if name:
-                try:
-                    self.hooks.append(mod.register_forward_hook(self._hook(name, type(mod).__name__)))
-                except RuntimeError:  # a TorchScript module takes no Python hooks: outputs compared only
-                    self.unsupported = True
-                    self.remove()
-                    self.hooks = []
-                    break
-
-    def _hook(self, name, kind):
-        def fn(_m, _i, out):
-            leaves = output_leaves(out)
-            if not leaves:
-                return
-            calls = self.calls.get(name, 0)
-            self.calls[name] = calls + 1
-            key = (name, calls)
-            self.order.append(key)
-            self.outputs[key] = (kind, leaves[0][1].detach())
-        return fn
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
-
-
-def _program_inputs(model):
-    """A torch.export program's own example inputs, as one argument tuple or keyword dict (None:
-    the model is no program's, it kept none, or it takes both kinds)."""
-    from ckptsurgeon.modelspec import EXAMPLE_INPUTS
-
-    example = getattr(model, EXAMPLE_INPUTS, None)
-    if example is None or (example[0] and example[1]):
-        return None
-    return example[1] if example[1] else tuple(example[0])
-
-
-def _make_inputs(model, inputs, input_shape, batch, seed, device, dtype):
-    import torch
-
-    from ckptsurgeon.inputs import infer_sample_shape, load_inputs, random_inputs, with_required_arguments
-
-    example = _program_inputs(model) if inputs is None and input_shape is None else None
-    if inputs is not None:
-        x = load_inputs(inputs) if isinstance(inputs, str) else inputs
-    elif example is not None:
-        x = example
-    elif hasattr(model, "config") and getattr(model.config, "vocab_size", None):
-        g = torch.Generator().manual_seed(seed)
-        shape = tuple(input_shape) if input_shape else (batch, 16)
-        x = {"input_ids": torch.randint(0, model.config.vocab_size, shape, generator=g)}
-    else:
-        shape = tuple(input_shape) if input_shape else (batch,) + tuple(infer_sample_shape(model))
-        x = with_required_arguments(model, random_inputs(shape, seed=seed), seed=seed)
-
-    def move(v):
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            return v.to(dtype) if v.is_floating_point() and dtype is not None else v
-        if isinstance(v, dict):
-            return {k: move(t) for k, t in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(move(t) for t in v)
-        return v
-
-    return move(x)
-
-
-def _moved(model, device, dtype):
-    """The model on ``device`` in ``dtype``, in eval mode; the dtype is passed only when some
-    floating-point tensor has another (diffusers warns on any ``.to(dtype)``, "modules that should
-    be kept in float32: []", for a model already in it)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in tensors):
-        model = model.to(device=device, dtype=dtype)
-    else:
-        model = model.to(device=device)
-    try:
-        return model.eval()
-    except NotImplementedError:  # torch.export's module(): captured in the mode it was exported in
-        return model
-
-
-def _describe(x) -> str:
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in x.items()) + "}"
-    if isinstance(x, (list, tuple)):
-        return "(" + ", ".join(_describe(v) for v in x) + ")"
-    shape = getattr(x, "shape", None)
-    return f"{str(getattr(x, 'dtype', '')).replace('torch.', '')}{list(shape)}" if shape is not None else type(x).__name__
-
-
-def _run(model, x, which: str = "A"):
-    import torch
-
-    try:
-        with torch.no_grad():
-            if isinstance(x, dict):
-                return model(**x)
-            if isinstance(x, (list, tuple)):
-                return model(*x)
-            return model(x)
-    except Exception as e:  # noqa: BLE001 - the inputs do not fit the model: a user error, said in one line
-        raise ModelError(f"model {which}'s forward failed on the inputs {_describe(x)}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:240]}",
-                         hint="check --input-shape (batch included) or --inputs") from None
-
-
 def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, batch: int = 2, device="auto",
            dtype: str = "float32", atol=None, rtol=None, key_a=None, key_b=None, trust_pickle=False, seed: int = 0,
            localize: bool = True, cross_device: bool = False) -> dict:
@@ -243,16 +126,16 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
 
     program = hasattr(model_a, EXAMPLE_INPUTS)  # a torch.export program: its dtypes are part of its graph,
     run_dtype = None if program else tdtype     # so it runs as exported
-    model_a = _moved(model_a, dev, run_dtype)
-    model_b = _moved(model_b, dev_b, run_dtype)
-    x_a = _make_inputs(model_a, inputs, input_shape, batch, seed, dev, run_dtype)
-    x_b = _make_inputs(model_a, inputs, input_shape, batch, seed, dev_b, run_dtype)
+    model_a = moved(model_a, dev, run_dtype)
+    model_b = moved(model_b, dev_b, run_dtype)
+    x_a = make_inputs(model_a, inputs, input_shape, batch, seed, dev, run_dtype)
+    x_b = make_inputs(model_a, inputs, input_shape, batch, seed, dev_b, run_dtype)
     t_build = time.perf_counter() - t0
     with no_tf32():
-        rec_a, rec_b = (_Recorder(model_a), _Recorder(model_b)) if localize else (None, None)
+        rec_a, rec_b = (Recorder(model_a), Recorder(model_b)) if localize else (None, None)
         t1 = time.perf_counter()
-        out_a = _run(model_a, x_a, "A")
-        out_b = _run(model_b, x_b, "B")
+        out_a = run(model_a, x_a, "A")
+        out_b = run(model_b, x_b, "B")
         if dev.type == "cuda" or dev_b.type == "cuda":
             torch.cuda.synchronize()
         t_run = time.perf_counter() - t1
@@ -321,7 +204,7 @@ def verify(a, b, *, model=None, model_args=None, inputs=None, input_shape=None, 
         "dtype": "as exported" if program else dtype,
         "alignment": {"a": how_a, "b": how_b}, "transforms_b": [t["name"] for t in cb.transforms],
         "inputs": inputs if isinstance(inputs, str) else ("the program's example inputs" if inputs is None and input_shape
-                                                          is None and _program_inputs(model_a) is not None else
+                                                          is None and program_inputs(model_a) is not None else
                                                           "seeded random" if inputs is None else "given"),
         "outputs": outputs, "equivalent": equivalent, "first_divergent": first,
         "modules": modules, "notes": notes,
