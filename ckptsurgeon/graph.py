@@ -14,7 +14,8 @@ from .byteranges import MemoryBytes
 from .checkpoint import Checkpoint, Source, flatten
 from .errors import AmbiguousStateDictError, CorruptCheckpointError, NoStateDictError
 from .locate import choose_state_dict, nests_tensors, path_str
-from .refs import InertObject, StorageRef, TensorRef, contiguous_stride
+from .inert import InertObject
+from .refs import StorageRef, TensorRef, contiguous_stride
 
 #: numpy (kind, itemsize) -> torch dtype name: the arrays read as tensors
 _NUMPY_DTYPES = {("f", 2): "float16", ("f", 4): "float32", ("f", 8): "float64", ("i", 1): "int8", ("i", 2): "int16",

@@ -8,7 +8,8 @@ puts together. :mod:`ckptsurgeon.pickle_io`'s unpickler hands them here.
 from __future__ import annotations
 
 from .errors import CorruptCheckpointError, NotFastPath, UnsupportedError
-from .refs import CallRef, GlobalRef, InertObject, TensorRef
+from .inert import CallRef, GlobalRef, InertObject
+from .refs import TensorRef
 
 
 #: What a DTensor (FSDP2, tensor parallel) pickles besides torch's own rebuild functions: the

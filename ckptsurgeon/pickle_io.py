@@ -2,12 +2,12 @@
 
 ``load_refs`` unpickles with an allowlist that is a subset of what our ``torch.load`` call
 allows (torch's weights-only allowlist plus ``safety``'s plain data types): torch globals become
-inert :class:`~ckptsurgeon.refs.GlobalRef` stand-ins, tensor rebuild calls become
+inert :class:`~ckptsurgeon.inert.GlobalRef` stand-ins, tensor rebuild calls become
 :class:`~ckptsurgeon.refs.TensorRef`, and persistent ids become
 :class:`~ckptsurgeon.refs.StorageRef`. Anything outside the subset raises :class:`NotFastPath`,
 and the caller hands the file to ``torch.load(weights_only=True)``, which has the final say --
 unless the user asked for ``--inert-pickle``: then globals outside every allowlist become
-:class:`~ckptsurgeon.refs.InertObject` records, never imported or called.
+:class:`~ckptsurgeon.inert.InertObject` records, never imported or called.
 
 :mod:`ckptsurgeon.pickle_write` pickles such a graph back (``dump_refs``); :mod:`ckptsurgeon.pickle_scan`
 lists every global a pickle would import, by reading opcodes only (``scan_globals``);
@@ -30,7 +30,8 @@ from . import dtypes
 from .errors import CorruptCheckpointError, NotFastPath
 from .pickle_dist import DTensorType, dtensor, is_dtensor_global, is_sharded_tensor_class, sharded_tensor
 from .pickle_guard import check_memo, no_stray_bytearray_error
-from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
+from .inert import CallRef, GlobalRef, InertCall, InertObject, inert_class
+from .refs import StorageRef, TensorRef
 
 
 def _latin1_encode(text, encoding="latin1"):

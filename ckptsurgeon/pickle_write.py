@@ -19,7 +19,8 @@ from . import dtypes
 from .errors import OutputError, UnsupportedError
 from .layout import compact_storages
 from .pickle_io import NotFastPath
-from .refs import CallRef, GlobalRef, InertCall, InertObject, StorageRef, TensorRef, inert_class
+from .inert import CallRef, GlobalRef, InertCall, InertObject, inert_class
+from .refs import StorageRef, TensorRef
 
 _PLAIN_TENSOR = GlobalRef("torch", "Tensor")
 _V2 = GlobalRef("torch._utils", "_rebuild_tensor_v2")

@@ -18,7 +18,8 @@ from .errors import AmbiguousStateDictError, NoStateDictError
 from .keys import detect_prefix, module_tree, prefix_report
 from .norms import detect_norms
 from .locate import _RNG_KEYS, RNG_NOTE, describe_optimizer, describe_training_state, key_paths, nests_tensors
-from .refs import InertObject, TensorRef, is_tensor_like, tie_key
+from .inert import InertObject
+from .refs import TensorRef, is_tensor_like, tie_key
 
 
 def shared_storages(ck: Checkpoint) -> list[dict]:

@@ -12,7 +12,8 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from .checkpoint import tensor_info
-from .refs import CallRef, GlobalRef, InertCall, InertObject, TensorRef, is_tensor_like
+from .inert import CallRef, GlobalRef, InertCall, InertObject
+from .refs import TensorRef, is_tensor_like
 
 
 def materialize(obj: Any, memo: dict | None = None) -> Any:

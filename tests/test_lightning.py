@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parent / "data" / "lightning"
 def _plain(o, seen=None):
     """An inert graph as plain nested data, to compare two of them by content (OmegaConf nodes
     point back at their parents: a node met again is its first-visit number)."""
-    from ckptsurgeon.refs import GlobalRef, InertObject
+    from ckptsurgeon.inert import GlobalRef, InertObject
 
     seen = {} if seen is None else seen
     if isinstance(o, (InertObject, dict, list)):

@@ -6,7 +6,7 @@ plus ``__<rank>_<n>.distcp`` files holding each chunk as a complete ``torch.save
 byte offset, and each non-tensor value as the ``torch.save`` bytes of that value.
 
 torch's own reader ``pickle.load``\\ s ``.metadata`` (anything in it runs). Here its globals are
-checked against DCP's own classes first and then unpickled inert (:class:`~ckptsurgeon.refs.InertObject`):
+checked against DCP's own classes first and then unpickled inert (:class:`~ckptsurgeon.inert.InertObject`):
 nothing in the file is imported or called. A tensor saved in one chunk stays on disk (a lazy
 :class:`~ckptsurgeon.refs.TensorRef` into the ``.distcp`` file, copied zero-copy by the
 writers); a tensor sharded over ranks is checked against its chunks' shapes and assembled
@@ -30,7 +30,8 @@ from ..keys import name_list
 from ..layout import deferred_ref
 from ..pickle_io import INERT_ALL, NotFastPath, load_refs
 from ..pickle_scan import scan_globals
-from ..refs import CallRef, GlobalRef, InertObject, TensorRef
+from ..inert import CallRef, GlobalRef, InertObject
+from ..refs import TensorRef
 from ..zipfmt import TorchZip
 from .dcp_chunks import assemble, unflatten
 

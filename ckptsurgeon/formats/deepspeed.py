@@ -45,7 +45,8 @@ from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleEr
 from ..keys import name_list
 from ..layout import concat_ref
 from ..pickle_io import InertPrefix, NotFastPath, load_refs
-from ..refs import CallRef, GlobalRef, InertObject, TensorRef
+from ..inert import CallRef, GlobalRef, InertObject
+from ..refs import TensorRef
 from ..safety import TRUST_HINT, unsafe_in
 from ..zipfmt import TorchZip
 

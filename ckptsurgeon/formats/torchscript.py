@@ -12,7 +12,8 @@ from ..errors import CorruptCheckpointError, NotACheckpointError, UnsafePickleEr
 from ..graph import detached, from_object, module_visit
 from ..pickle_io import NotFastPath, load_refs
 from ..pickle_scan import scan_globals
-from ..refs import InertObject, TensorRef
+from ..inert import InertObject
+from ..refs import TensorRef
 from ..safety import unsafe_in
 from ..zipfmt import TorchZip
 
